@@ -1,0 +1,132 @@
+//! NeuroShard's model side: Llama-family decoder shards in burn and how their tensors travel.
+//!
+//! - [`LlamaConfig`] reads a Hugging Face `config.json`.
+//! - [`Shard`] loads a contiguous layer range from the directory's `*.safetensors` files (only
+//!   that range's tensors are read) and runs it, RMSNorm → grouped-query attention with RoPE →
+//!   SwiGLU, against a per-session [`KvCache`]. Tensors are burn's device-dispatched tensors:
+//!   the CPU backend (burn-flex) by default, wgpu with the `wgpu` feature.
+//! - [`codec`] is the wire format of activations and logits.
+//! - [`init`] writes the built-in deterministic model; [`TextTokenizer`] turns text into ids.
+
+pub mod codec;
+mod config;
+pub mod init;
+mod kv;
+mod shard;
+mod tokenizer;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use burn::tensor::Device;
+pub use config::LlamaConfig;
+pub use kv::KvCache;
+pub use shard::{Shard, ShardInput, ShardOutput};
+pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, TextTokenizer};
+
+/// Why loading or running a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `config.json` is missing, malformed or describes an impossible model.
+    #[error("bad model config: {0}")]
+    Config(String),
+    /// The safetensors files disagree with the config or are corrupt.
+    #[error("bad model weights: {0}")]
+    Weights(String),
+    /// The tokenizer could not be loaded or failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Layers outside what the shard or model holds.
+    #[error("wrong layers: {0}")]
+    LayerRange(String),
+    /// A request the shard cannot run (bad ids, bad hidden-state width, too long).
+    #[error("bad request: {0}")]
+    Request(String),
+    /// New tokens would leave a hole in the cache.
+    #[error("position gap: layer {layer} holds {held} positions but the request starts at {start}")]
+    PositionGap {
+        /// First layer with the gap.
+        layer: usize,
+        /// Positions it holds.
+        held: usize,
+        /// Where the request starts.
+        start: usize,
+    },
+}
+
+impl ModelError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A model directory's config and content id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The parsed `config.json`.
+    pub config: LlamaConfig,
+    /// Hex id of the model: a hash of `config.json` and every safetensors header, so nodes
+    /// serving different weights layouts or seeds never chain together.
+    pub id: String,
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl ModelInfo {
+    /// Reads and validates `dir/config.json` and fingerprints the safetensors headers.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let config = LlamaConfig::from_json(&text)?;
+        let mut hash = Sha256::new();
+        hash.update(text.as_bytes());
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        for file in files {
+            hash.update(safetensors_header(&file)?);
+        }
+        let digest = hash.finalize();
+        Ok(Self {
+            config,
+            id: hex::encode(&digest[..8]),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| ModelError::io(path, e))?;
+    let len = u64::from_le_bytes(len).min(100_000_000);
+    let mut header = Vec::new();
+    file.take(len)
+        .read_to_end(&mut header)
+        .map_err(|e| ModelError::io(path, e))?;
+    Ok(header)
+}
+
+/// The device compute runs on: burn's default (wgpu when built with it and a GPU is found,
+/// otherwise the CPU backend); `BURN_DEVICE` overrides it.
+pub fn default_device() -> Device {
+    Device::default()
+}

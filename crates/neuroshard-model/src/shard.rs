@@ -1,0 +1,665 @@
+//! A contiguous range of Llama decoder layers, loaded from a Hugging Face directory.
+//!
+//! The first shard also holds the token embeddings; the last one holds the final norm and the
+//! LM head. Every call runs a sub-range of the shard's layers on the hidden states of the new
+//! tokens of one session, reading and extending that session's [`KvCache`].
+
+use std::ops::Range;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::kv::KvCache;
+use crate::weights::WeightFiles;
+use crate::{LlamaConfig, ModelError, ModelInfo};
+
+/// What a shard is asked to run on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardInput {
+    /// Token ids of the new tokens (only for a shard starting at layer 0).
+    Tokens(Vec<u32>),
+    /// Hidden states of the new tokens, row-major `[tokens, hidden]`.
+    Hidden(Vec<f32>),
+}
+
+impl ShardInput {
+    /// Number of new tokens, given the model's hidden size.
+    pub fn tokens(&self, hidden: usize) -> usize {
+        match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden(values) => values.len() / hidden.max(1),
+        }
+    }
+}
+
+/// What a shard returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardOutput {
+    /// Hidden states after the last requested layer, row-major `[tokens, hidden]`.
+    Hidden(Vec<f32>),
+    /// Logits of the last new token, `[vocab]` (the request ran the final layer).
+    Logits(Vec<f32>),
+}
+
+/// One decoder block: pre-norm attention with grouped-query heads, then a SwiGLU MLP.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    input_norm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_norm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// Head geometry shared by every layer.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    query: usize,
+    kv: usize,
+    dim: usize,
+}
+
+/// The layers `[range.start, range.end)` of a model, plus embeddings and head where they belong.
+#[derive(Debug)]
+pub struct Shard {
+    info: ModelInfo,
+    range: Range<usize>,
+    embed: Option<Embedding>,
+    layers: Vec<DecoderLayer>,
+    final_norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    heads: Heads,
+    device: Device,
+}
+
+impl Shard {
+    /// Loads layers `range` of the model in `dir` onto `device`.
+    pub fn load(dir: &Path, range: Range<usize>, device: &Device) -> Result<Self, ModelError> {
+        let info = ModelInfo::read(dir)?;
+        let config = &info.config;
+        if range.start >= range.end || range.end > config.num_hidden_layers {
+            return Err(ModelError::LayerRange(format!(
+                "layers {}..{} are not a non-empty part of the model's 0..{}",
+                range.start, range.end, config.num_hidden_layers
+            )));
+        }
+        let weights = WeightFiles::open(dir)?;
+        let loader = Loader {
+            weights: &weights,
+            config,
+            device,
+        };
+        let embed = (range.start == 0).then(|| loader.embedding()).transpose()?;
+        let layers = range
+            .clone()
+            .map(|i| loader.layer(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let last = range.end == config.num_hidden_layers;
+        let final_norm = last.then(|| loader.norm("model.norm.weight")).transpose()?;
+        let lm_head = last.then(|| loader.lm_head()).transpose()?;
+        let heads = Heads {
+            query: config.num_attention_heads,
+            kv: config.kv_heads(),
+            dim: config.head_dim(),
+        };
+        Ok(Self {
+            info,
+            range,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            heads,
+            device: device.clone(),
+        })
+    }
+
+    /// The model this shard belongs to.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The layers this shard holds.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Runs `layers` (absolute indices inside [`Self::range`]) on the new tokens at `start_pos`.
+    ///
+    /// The cache must hold exactly `start_pos` positions for each of those layers; a cache that
+    /// holds more is cut back first, so a retried call is idempotent.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        start_pos: usize,
+        layers: Range<usize>,
+        input: &ShardInput,
+    ) -> Result<ShardOutput, ModelError> {
+        let config = &self.info.config;
+        self.check_request(&layers, input)?;
+        let tokens = input.tokens(config.hidden_size);
+        if start_pos + tokens > config.max_position_embeddings {
+            return Err(ModelError::Request(format!(
+                "positions {start_pos}..{} exceed max_position_embeddings {}",
+                start_pos + tokens,
+                config.max_position_embeddings
+            )));
+        }
+        cache.prepare(layers.clone(), start_pos)?;
+        let mut hidden = self.embed_input(input, tokens)?;
+        let rope = Rope::new(config, start_pos, tokens, &self.device);
+        let mask = causal_mask(start_pos, tokens, &self.device);
+        for index in layers.clone() {
+            let layer = &self.layers[index - self.range.start];
+            let entry = cache.layer_mut(index);
+            hidden = layer.forward(hidden, entry, &rope, mask.as_ref(), self.heads);
+        }
+        cache.advance(layers.clone(), tokens);
+        if layers.end == config.num_hidden_layers {
+            let last = hidden.narrow(1, tokens - 1, 1);
+            let norm = self
+                .final_norm
+                .as_ref()
+                .expect("last shard has a final norm");
+            let head = self.lm_head.as_ref().expect("last shard has an LM head");
+            let logits = head.forward(norm.forward(last));
+            return Ok(ShardOutput::Logits(to_vec(logits)));
+        }
+        Ok(ShardOutput::Hidden(to_vec(hidden)))
+    }
+
+    fn check_request(&self, layers: &Range<usize>, input: &ShardInput) -> Result<(), ModelError> {
+        let hidden = self.info.config.hidden_size;
+        if layers.start >= layers.end
+            || layers.start < self.range.start
+            || layers.end > self.range.end
+        {
+            return Err(ModelError::LayerRange(format!(
+                "layers {}..{} are not inside this shard's {}..{}",
+                layers.start, layers.end, self.range.start, self.range.end
+            )));
+        }
+        match input {
+            ShardInput::Tokens(ids) => {
+                if layers.start != 0 {
+                    return Err(ModelError::Request(format!(
+                        "token ids can only enter at layer 0, not layer {}",
+                        layers.start
+                    )));
+                }
+                if ids.is_empty() {
+                    return Err(ModelError::Request("no token ids".into()));
+                }
+                let vocab = self.info.config.vocab_size;
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ModelError::Request(format!(
+                        "token id {bad} is outside the vocabulary of {vocab}"
+                    )));
+                }
+            }
+            ShardInput::Hidden(values) => {
+                if layers.start == 0 {
+                    return Err(ModelError::Request(
+                        "layer 0 takes token ids, not hidden states".into(),
+                    ));
+                }
+                if values.is_empty() || values.len() % hidden != 0 {
+                    return Err(ModelError::Request(format!(
+                        "hidden states of {} values are not a whole number of {hidden}-wide rows",
+                        values.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Input as `[1, tokens, hidden]`.
+    fn embed_input(&self, input: &ShardInput, tokens: usize) -> Result<Tensor<3>, ModelError> {
+        let hidden = self.info.config.hidden_size;
+        match input {
+            ShardInput::Tokens(ids) => {
+                let embed = self.embed.as_ref().ok_or_else(|| {
+                    ModelError::LayerRange("this shard does not hold the embeddings".into())
+                })?;
+                let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(ids, [1, tokens]), &self.device);
+                Ok(embed.forward(ids))
+            }
+            ShardInput::Hidden(values) => Ok(Tensor::from_data(
+                TensorData::new(values.clone(), [1, tokens, hidden]),
+                &self.device,
+            )),
+        }
+    }
+}
+
+impl DecoderLayer {
+    /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        rope: &Rope,
+        mask: Option<&Tensor<2>>,
+        heads: Heads,
+    ) -> Tensor<3> {
+        let attended = self.attention(self.input_norm.forward(x.clone()), cache, rope, mask, heads);
+        let x = x + attended;
+        let h = self.post_attention_norm.forward(x.clone());
+        let mlp = self
+            .down_proj
+            .forward(silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h));
+        x + mlp
+    }
+
+    /// Grouped-query attention over the cached and new positions: `[1, n, hidden]` → same.
+    ///
+    /// Queries are grouped as `[1, kv_heads, group * n, dim]` so that each key/value head is used
+    /// by its group of query heads without copying keys and values per query head.
+    fn attention(
+        &self,
+        x: Tensor<3>,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        rope: &Rope,
+        mask: Option<&Tensor<2>>,
+        heads: Heads,
+    ) -> Tensor<3> {
+        let [_, n, _] = x.dims();
+        let Heads { query, kv, dim } = heads;
+        let group = query / kv;
+        // [1, heads, n, dim]
+        let split = |t: Tensor<3>, h: usize| t.reshape([1, n, h, dim]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), query));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), kv));
+        let v = split(self.v_proj.forward(x), kv);
+        let (k, v) = match cache.take() {
+            Some((past_k, past_v)) => (
+                Tensor::cat(vec![past_k, k], 2),
+                Tensor::cat(vec![past_v, v], 2),
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let total = k.dims()[2];
+        // [1, kv, group * n, dim]
+        let q = q.reshape([1, kv, group * n, dim]);
+        let mut scores = q.matmul(k.swap_dims(2, 3)) / (dim as f64).sqrt();
+        if let Some(mask) = mask {
+            // The mask is [n, total]; rows of the grouped queries repeat every n.
+            let mask = mask
+                .clone()
+                .repeat_dim(0, group)
+                .reshape([1, 1, group * n, total]);
+            scores = scores + mask;
+        }
+        let out = softmax(scores, 3)
+            .matmul(v)
+            .reshape([1, query, n, dim])
+            .swap_dims(1, 2)
+            .reshape([1, n, query * dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Rotary position embedding in the Hugging Face (rotate-half) layout, for positions
+/// `start..start + n`.
+struct Rope {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    half: usize,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
+        let dim = config.head_dim();
+        let half = dim / 2;
+        let mut cos = Vec::with_capacity(n * dim);
+        let mut sin = Vec::with_capacity(n * dim);
+        for pos in start..start + n {
+            let angles: Vec<f64> = (0..half)
+                .map(|i| pos as f64 * config.rope_theta.powf(-((2 * i) as f64) / dim as f64))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let table = |values| Tensor::from_data(TensorData::new(values, [1, 1, n, dim]), device);
+        Self {
+            cos: table(cos),
+            sin: table(sin),
+            half,
+        }
+    }
+
+    /// `[1, heads, n, dim]` → same, rotated by position.
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, _, dim] = x.dims();
+        let first = x.clone().narrow(3, 0, self.half);
+        let second = x.clone().narrow(3, self.half, dim - self.half);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// Additive causal mask `[n, start + n]` for a prefill; `None` for a single new token, which may
+/// attend to every cached position.
+fn causal_mask(start: usize, n: usize, device: &Device) -> Option<Tensor<2>> {
+    if n == 1 {
+        return None;
+    }
+    let total = start + n;
+    let values: Vec<f32> = (0..n)
+        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { -1e9 }))
+        .collect();
+    Some(Tensor::from_data(
+        TensorData::new(values, [n, total]),
+        device,
+    ))
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor data converts to a Vec<f32>")
+}
+
+/// Builds burn modules from named safetensors tensors, checking each shape against the config.
+struct Loader<'a> {
+    weights: &'a WeightFiles,
+    config: &'a LlamaConfig,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<D>, ModelError> {
+        let values = self.weights.read_f32(name, &shape)?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            self.device,
+        ))
+    }
+
+    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear, ModelError> {
+        let values = self
+            .weights
+            .read_f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let weight = transpose(&values, d_out, d_in);
+        let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
+        let bias_name = format!("{prefix}.bias");
+        let bias = if self.weights.contains(&bias_name) {
+            Some(Param::from_tensor(self.tensor(&bias_name, [d_out])?))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(self.tensor(name, [self.config.hidden_size])?),
+            epsilon: self.config.rms_norm_eps,
+        })
+    }
+
+    fn embedding(&self) -> Result<Embedding, ModelError> {
+        let shape = [self.config.vocab_size, self.config.hidden_size];
+        Ok(Embedding {
+            weight: Param::from_tensor(self.tensor("model.embed_tokens.weight", shape)?),
+        })
+    }
+
+    fn lm_head(&self) -> Result<Linear, ModelError> {
+        let name = if self.config.tie_word_embeddings {
+            "model.embed_tokens"
+        } else {
+            "lm_head"
+        };
+        self.linear(name, self.config.hidden_size, self.config.vocab_size)
+    }
+
+    fn layer(&self, index: usize) -> Result<DecoderLayer, ModelError> {
+        let c = self.config;
+        let p = format!("model.layers.{index}");
+        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+        let q_width = c.num_attention_heads * c.head_dim();
+        let kv_width = c.kv_heads() * c.head_dim();
+        Ok(DecoderLayer {
+            input_norm: self.norm(&format!("{p}.input_layernorm.weight"))?,
+            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), hidden, q_width)?,
+            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), hidden, kv_width)?,
+            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), hidden, kv_width)?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), q_width, hidden)?,
+            post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hidden, inter)?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), hidden, inter)?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), inter, hidden)?,
+        })
+    }
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{ModelSpec, write_model};
+
+    fn tiny_model() -> (tempfile::TempDir, Device) {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &ModelSpec::tiny()).unwrap();
+        (dir, Device::default())
+    }
+
+    fn logits(out: ShardOutput) -> Vec<f32> {
+        match out {
+            ShardOutput::Logits(l) => l,
+            ShardOutput::Hidden(_) => panic!("expected logits"),
+        }
+    }
+
+    fn hidden(out: ShardOutput) -> Vec<f32> {
+        match out {
+            ShardOutput::Hidden(h) => h,
+            ShardOutput::Logits(_) => panic!("expected hidden states"),
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn split_shards_match_the_whole_model() {
+        let (dir, device) = tiny_model();
+        let whole = Shard::load(dir.path(), 0..4, &device).unwrap();
+        let front = Shard::load(dir.path(), 0..2, &device).unwrap();
+        let back = Shard::load(dir.path(), 2..4, &device).unwrap();
+        let prompt = ShardInput::Tokens(vec![72, 101, 108, 108, 111]);
+        let expected = logits(
+            whole
+                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .unwrap(),
+        );
+        let mid = hidden(
+            front
+                .forward(&mut KvCache::new(), 0, 0..2, &prompt)
+                .unwrap(),
+        );
+        assert_eq!(mid.len(), 5 * 64);
+        let got = logits(
+            back.forward(&mut KvCache::new(), 0, 2..4, &ShardInput::Hidden(mid))
+                .unwrap(),
+        );
+        assert_eq!(got.len(), crate::BYTE_VOCAB);
+        assert!(max_diff(&expected, &got) < 1e-5);
+    }
+
+    #[test]
+    fn cached_decoding_matches_a_full_prefill() {
+        let (dir, device) = tiny_model();
+        let shard = Shard::load(dir.path(), 0..4, &device).unwrap();
+        let ids = vec![3, 14, 15, 92, 65, 35];
+        let full = logits(
+            shard
+                .forward(
+                    &mut KvCache::new(),
+                    0,
+                    0..4,
+                    &ShardInput::Tokens(ids.clone()),
+                )
+                .unwrap(),
+        );
+        let mut cache = KvCache::new();
+        shard
+            .forward(&mut cache, 0, 0..4, &ShardInput::Tokens(ids[..4].to_vec()))
+            .unwrap();
+        shard
+            .forward(&mut cache, 4, 0..4, &ShardInput::Tokens(vec![ids[4]]))
+            .unwrap();
+        let step = logits(
+            shard
+                .forward(&mut cache, 5, 0..4, &ShardInput::Tokens(vec![ids[5]]))
+                .unwrap(),
+        );
+        assert!(max_diff(&full, &step) < 1e-4, "{}", max_diff(&full, &step));
+        assert_eq!(cache.len(3), 6);
+        // A replayed call at an earlier position cuts the cache back and gives the same result.
+        let again = logits(
+            shard
+                .forward(&mut cache, 5, 0..4, &ShardInput::Tokens(vec![ids[5]]))
+                .unwrap(),
+        );
+        assert_eq!(step, again);
+    }
+
+    #[test]
+    fn rejects_gaps_wrong_layers_and_bad_inputs() {
+        let (dir, device) = tiny_model();
+        let shard = Shard::load(dir.path(), 0..2, &device).unwrap();
+        let mut cache = KvCache::new();
+        let one = ShardInput::Tokens(vec![1]);
+        let err = shard.forward(&mut cache, 3, 0..2, &one).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::PositionGap {
+                    held: 0,
+                    start: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = shard.forward(&mut cache, 0, 1..3, &one).unwrap_err();
+        assert!(matches!(err, ModelError::LayerRange(_)), "{err}");
+        let err = shard
+            .forward(&mut cache, 0, 0..2, &ShardInput::Tokens(vec![9999]))
+            .unwrap_err();
+        assert!(err.to_string().contains("9999"), "{err}");
+        let err = shard
+            .forward(&mut cache, 0, 0..2, &ShardInput::Hidden(vec![0.0; 64]))
+            .unwrap_err();
+        assert!(matches!(err, ModelError::Request(_)), "{err}");
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn loads_half_precision_weights() {
+        let device = Device::default();
+        let f32_dir = tempfile::tempdir().unwrap();
+        let bf16_dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::tiny();
+        write_model(f32_dir.path(), &spec).unwrap();
+        write_model(
+            bf16_dir.path(),
+            &ModelSpec {
+                dtype: crate::codec::WireDType::BF16,
+                files: 3,
+                ..spec
+            },
+        )
+        .unwrap();
+        let prompt = ShardInput::Tokens(vec![5, 6, 7]);
+        let a = logits(
+            Shard::load(f32_dir.path(), 0..4, &device)
+                .unwrap()
+                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .unwrap(),
+        );
+        let b = logits(
+            Shard::load(bf16_dir.path(), 0..4, &device)
+                .unwrap()
+                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .unwrap(),
+        );
+        let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_diff(&a, &b) < 0.05 * spread,
+            "{} vs spread {spread}",
+            max_diff(&a, &b)
+        );
+    }
+
+    #[test]
+    fn rejects_a_config_that_disagrees_with_the_tensors() {
+        let (dir, device) = tiny_model();
+        let path = dir.path().join("config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 192"),
+        )
+        .unwrap();
+        let err = Shard::load(dir.path(), 0..2, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mlp.gate_proj.weight") && err.contains("[192, 64]"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            text.replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5"),
+        )
+        .unwrap();
+        let err = Shard::load(dir.path(), 3..5, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.layers.4") && err.contains("missing"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The only crate that compiles `proto/neuroshard.proto`.
+//!
+//! It is compiled with `protox` (a pure-Rust protobuf compiler), so no `protoc` is needed.
+//! Other crates convert these generated types to domain types at their edges.
+
+/// Generated messages and services of package `neuroshard.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("neuroshard.v1");
+}
+
+pub use v1::*;
