@@ -1,0 +1,548 @@
+//! The client side of swarm inference: a session planned over a chain of peers, with failover.
+//!
+//! Each hop of a [`SwarmSession`] keeps a replay log of the inputs it was sent, with their
+//! absolute positions. When a hop fails or misses its deadline, the peer is banned, the hop's
+//! layer span is re-planned (possibly over several peers), and the log is replayed to the
+//! replacement before the current input is sent. Hops downstream keep their caches: the
+//! replacement recomputes exactly the states they already consumed.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use neuroshard_base::LayerRange;
+use neuroshard_model::codec::{self, WireDType, WireTensor};
+use neuroshard_proto as pb;
+use pb::tracker_client::TrackerClient;
+use prost::Message;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::NodeError;
+use crate::convert::{
+    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_to_proto,
+};
+use crate::generate::Pipeline;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::pool::{ConnectionPool, PoolConfig};
+use crate::router::{Hop, Router, RouterConfig};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Tracker URL.
+    pub tracker: String,
+    /// Model to use; `None` picks the model the swarm serves (it must serve exactly one).
+    pub model_id: Option<String>,
+    /// Connection pool limits.
+    pub pool: PoolConfig,
+    /// Routing and failover tuning.
+    pub router: RouterConfig,
+    /// Dtype of hidden states on the wire. Default f16: half of f32's bytes, and its 11-bit
+    /// mantissa keeps greedy tokens identical on the models tested (bf16 has only 8 bits).
+    pub wire_dtype: WireDType,
+    /// Failovers allowed within one step before it fails. Default 4.
+    pub max_failovers_per_step: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for a swarm whose tracker is at `tracker`.
+    pub fn new(tracker: impl Into<String>) -> Self {
+        Self {
+            tracker: tracker.into(),
+            model_id: None,
+            pool: PoolConfig::default(),
+            router: RouterConfig::default(),
+            wire_dtype: WireDType::F16,
+            max_failovers_per_step: 4,
+        }
+    }
+}
+
+/// A connection to a swarm: tracker, pooled peer channels, and the router's measurements.
+#[derive(Debug)]
+pub struct SwarmClient {
+    config: ClientConfig,
+    tracker: TrackerClient<Channel>,
+    pool: Arc<ConnectionPool>,
+    router: Mutex<Router>,
+    metrics: Arc<Metrics>,
+    model_id: String,
+    total_layers: u32,
+    rng: Mutex<StdRng>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl SwarmClient {
+    /// Connects to the tracker and learns the swarm's peers and model.
+    pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
+        let endpoint = Endpoint::from_shared(config.tracker.clone())
+            .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10));
+        let metrics = Arc::new(Metrics::default());
+        let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone()));
+        pool.spawn_reaper();
+        let mut client = Self {
+            router: Mutex::new(Router::new(config.router)),
+            tracker: TrackerClient::new(endpoint.connect_lazy()),
+            pool,
+            metrics,
+            model_id: String::new(),
+            total_layers: 0,
+            rng: Mutex::new(StdRng::from_os_rng()),
+            next_session: std::sync::atomic::AtomicU64::new(0),
+            config,
+        };
+        let peers = client.fetch_peers().await?;
+        let (model_id, total_layers) = pick_model(&peers, client.config.model_id.as_deref())?;
+        client.model_id = model_id;
+        client.total_layers = total_layers;
+        client.install_peers(peers);
+        Ok(client)
+    }
+
+    async fn fetch_peers(&self) -> Result<Vec<PeerRecord>, NodeError> {
+        let request = pb::ListPeersRequest {
+            model_id: self.config.model_id.clone().unwrap_or_default(),
+        };
+        let reply = self
+            .tracker
+            .clone()
+            .list_peers(request)
+            .await
+            .map_err(|status| NodeError::Remote {
+                peer: format!("tracker {}", self.config.tracker),
+                status,
+            })?;
+        Ok(reply
+            .into_inner()
+            .peers
+            .into_iter()
+            .filter_map(|p| peer_from_proto(p).ok())
+            .collect())
+    }
+
+    fn install_peers(&self, peers: Vec<PeerRecord>) {
+        let peers = peers
+            .into_iter()
+            .filter(|p| p.model_id == self.model_id)
+            .collect();
+        let mut router = self.router.lock().expect("router lock");
+        router.set_peers(peers);
+        self.update_peer_gauges(&router);
+    }
+
+    fn update_peer_gauges(&self, router: &Router) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (known, healthy) = router.peer_counts(Instant::now());
+        self.metrics.peer_count.store(known as u64, Relaxed);
+        self.metrics.healthy_peers.store(healthy as u64, Relaxed);
+    }
+
+    /// Re-reads the peer list from the tracker, keeping measurements of known peers.
+    pub async fn refresh(&self) -> Result<(), NodeError> {
+        let peers = self.fetch_peers().await?;
+        self.install_peers(peers);
+        Ok(())
+    }
+
+    /// Id of the model the client generates with.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Client-side counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot(0, 0)
+    }
+
+    /// A new inference session; its chain is planned on the first step.
+    pub fn session(&self) -> SwarmSession<'_> {
+        let n = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        SwarmSession {
+            client: self,
+            id: format!("{:016x}-{n}", rand::random::<u64>()),
+            chain: Vec::new(),
+            timings: BTreeMap::new(),
+            events: Vec::new(),
+            failovers_left: 0,
+        }
+    }
+
+    fn plan(&self, span: LayerRange, tokens: usize) -> Option<Vec<Hop>> {
+        let router = self.router.lock().expect("router lock");
+        let mut rng = self.rng.lock().expect("rng lock");
+        let hops = router.plan(span, tokens, Instant::now(), &mut *rng)?;
+        drop(rng);
+        drop(router);
+        let mut router = self.router.lock().expect("router lock");
+        for hop in &hops {
+            router.adjust_sessions(&hop.addr, 1);
+        }
+        Some(hops)
+    }
+}
+
+fn pick_model(peers: &[PeerRecord], wanted: Option<&str>) -> Result<(String, u32), NodeError> {
+    let mut models: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in peers {
+        models.insert(&p.model_id, p.total_layers);
+    }
+    match wanted {
+        Some(id) => models
+            .get(id)
+            .map(|&layers| (id.to_string(), layers))
+            .ok_or_else(|| NodeError::NoRoute(format!("no peer serves model {id}"))),
+        None => match models.len() {
+            0 => Err(NodeError::NoRoute("the tracker lists no peers".into())),
+            1 => {
+                let (id, layers) = models.into_iter().next().expect("one model");
+                Ok((id.to_string(), layers))
+            }
+            _ => Err(NodeError::NoRoute(format!(
+                "the swarm serves several models ({}); pick one",
+                models.keys().copied().collect::<Vec<_>>().join(", ")
+            ))),
+        },
+    }
+}
+
+/// What a hop is sent.
+#[derive(Debug, Clone)]
+enum HopInput {
+    Tokens(Vec<u32>),
+    Hidden(WireTensor),
+}
+
+impl HopInput {
+    fn tokens(&self) -> usize {
+        match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden(t) => t.shape.get(1).copied().unwrap_or(0),
+        }
+    }
+
+    fn to_proto(&self) -> pb::forward_request::Input {
+        match self {
+            Self::Tokens(ids) => {
+                pb::forward_request::Input::Tokens(pb::TokenIds { ids: ids.clone() })
+            }
+            Self::Hidden(t) => pb::forward_request::Input::Hidden(tensor_to_proto(t.clone())),
+        }
+    }
+}
+
+/// What a hop returns.
+enum HopOutput {
+    Hidden(WireTensor),
+    Logits(Vec<f32>),
+}
+
+/// One hop of a session's chain and the inputs it has been sent.
+#[derive(Debug)]
+struct ChainHop {
+    hop: Hop,
+    log: Vec<(usize, HopInput)>,
+}
+
+/// Latency figures of one hop over a session.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct HopTiming {
+    /// Node id of the peer.
+    pub node_id: String,
+    /// Its address.
+    pub addr: String,
+    /// Layers it ran.
+    pub layers: String,
+    /// Calls made (replays included).
+    pub calls: u64,
+    /// Wall time of those calls, ms.
+    pub total_ms: f64,
+    /// Compute the peer reported, ms.
+    pub compute_ms: f64,
+}
+
+impl HopTiming {
+    /// Mean wall time of a call, ms.
+    pub fn mean_ms(&self) -> f64 {
+        self.total_ms / self.calls.max(1) as f64
+    }
+
+    /// Mean network-and-codec overhead of a call (wall minus compute), ms.
+    pub fn mean_overhead_ms(&self) -> f64 {
+        (self.total_ms - self.compute_ms) / self.calls.max(1) as f64
+    }
+}
+
+type StepFuture<'s> = Pin<Box<dyn Future<Output = Result<HopOutput, NodeError>> + Send + 's>>;
+
+/// One generation over the swarm.
+#[derive(Debug)]
+pub struct SwarmSession<'c> {
+    client: &'c SwarmClient,
+    id: String,
+    chain: Vec<ChainHop>,
+    timings: BTreeMap<(LayerRange, String), HopTiming>,
+    events: Vec<String>,
+    failovers_left: usize,
+}
+
+impl SwarmSession<'_> {
+    /// The session id peers key their caches on.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current chain.
+    pub fn chain(&self) -> Vec<Hop> {
+        self.chain.iter().map(|h| h.hop.clone()).collect()
+    }
+
+    /// Per-hop latency, ordered by layer.
+    pub fn timings(&self) -> Vec<HopTiming> {
+        self.timings.values().cloned().collect()
+    }
+
+    /// Failovers that happened, as readable lines.
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+
+    /// Runs the new tokens at `start_pos` through the whole chain; logits of the last one.
+    pub async fn forward(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        if self.chain.is_empty() {
+            let all = LayerRange::new(0, self.client.total_layers)
+                .map_err(|e| NodeError::NoRoute(e.to_string()))?;
+            let hops = self.plan_or_refresh(all, ids.len()).await?;
+            self.chain = hops
+                .into_iter()
+                .map(|hop| ChainHop {
+                    hop,
+                    log: Vec::new(),
+                })
+                .collect();
+        }
+        self.failovers_left = self.client.config.max_failovers_per_step;
+        match self
+            .run_from(
+                0,
+                self.client.total_layers,
+                start_pos,
+                HopInput::Tokens(ids.to_vec()),
+            )
+            .await?
+        {
+            HopOutput::Logits(logits) => Ok(logits),
+            HopOutput::Hidden(_) => Err(NodeError::BadRequest(
+                "the chain ended without logits".into(),
+            )),
+        }
+    }
+
+    async fn plan_or_refresh(
+        &self,
+        span: LayerRange,
+        tokens: usize,
+    ) -> Result<Vec<Hop>, NodeError> {
+        if let Some(hops) = self.client.plan(span, tokens) {
+            return Ok(hops);
+        }
+        self.client.refresh().await?;
+        self.client
+            .plan(span, tokens)
+            .ok_or_else(|| NodeError::NoRoute(format!("no live peers cover layers {span}")))
+    }
+
+    /// Sends `input` through hops from index `i` until the hop ending at layer `stop`.
+    fn run_from(
+        &mut self,
+        mut i: usize,
+        stop: u32,
+        pos: usize,
+        mut input: HopInput,
+    ) -> StepFuture<'_> {
+        Box::pin(async move {
+            loop {
+                match self.call(i, pos, &input).await {
+                    Ok(output) => {
+                        self.chain[i].log.push((pos, input.clone()));
+                        let end = self.chain[i].hop.layers.end;
+                        match output {
+                            out @ HopOutput::Logits(_) if end == self.client.total_layers => {
+                                return Ok(out);
+                            }
+                            HopOutput::Hidden(t) if end == stop => return Ok(HopOutput::Hidden(t)),
+                            HopOutput::Hidden(t) if end < stop => {
+                                input = HopInput::Hidden(t);
+                                i += 1;
+                            }
+                            _ => {
+                                let addr = self.chain[i].hop.addr.clone();
+                                let status = tonic::Status::internal(
+                                    "reply does not fit the requested layers",
+                                );
+                                self.chain[i].log.pop();
+                                self.fail_over(i, NodeError::Remote { peer: addr, status })
+                                    .await?;
+                            }
+                        }
+                    }
+                    Err(err) => self.fail_over(i, err).await?,
+                }
+            }
+        })
+    }
+
+    /// Replaces hop `i` after `err`: ban, re-plan its span, replay its log to the replacement.
+    async fn fail_over(&mut self, i: usize, err: NodeError) -> Result<(), NodeError> {
+        if self.failovers_left == 0 {
+            return Err(err);
+        }
+        self.failovers_left -= 1;
+        let broken = self.chain.remove(i);
+        let addr = broken.hop.addr.clone();
+        {
+            let mut router = self.client.router.lock().expect("router lock");
+            router.record_failure(&addr, Instant::now());
+            router.adjust_sessions(&addr, -1);
+            self.client.update_peer_gauges(&router);
+        }
+        self.client.pool.evict(&addr);
+        let span = broken.hop.layers;
+        let hops = self.plan_or_refresh(span, 1).await?;
+        self.events.push(format!(
+            "hop {span} on {addr} failed ({err}); replaying {} calls to {}",
+            broken.log.len(),
+            hops.iter()
+                .map(|h| format!("{} [{}]", h.addr, h.layers))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        tracing::warn!("{}", self.events.last().expect("just pushed"));
+        for (offset, hop) in hops.into_iter().enumerate() {
+            self.chain.insert(
+                i + offset,
+                ChainHop {
+                    hop,
+                    log: Vec::new(),
+                },
+            );
+        }
+        for (pos, input) in broken.log {
+            self.run_from(i, span.end, pos, input).await?;
+        }
+        Ok(())
+    }
+
+    /// One Forward call to hop `i`, under that peer's adaptive deadline.
+    async fn call(
+        &mut self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+    ) -> Result<HopOutput, NodeError> {
+        let client = self.client;
+        let hop = self.chain[i].hop.clone();
+        let tokens = input.tokens();
+        let deadline = client
+            .router
+            .lock()
+            .expect("router lock")
+            .deadline(&hop.addr, tokens);
+        let request = pb::ForwardRequest {
+            session_id: self.id.clone(),
+            start_pos: pos as u64,
+            layers: Some(span_to_proto(hop.layers)),
+            input: Some(input.to_proto()),
+            model_id: client.model_id.clone(),
+            reply_dtype: dtype_to_proto(client.config.wire_dtype) as i32,
+        };
+        let sent = request.encoded_len();
+        let started = Instant::now();
+        let remote = |status: tonic::Status| NodeError::Remote {
+            peer: hop.addr.clone(),
+            status,
+        };
+        let reply = async {
+            let mut pooled = client.pool.client(&hop.addr).await?;
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(deadline);
+            pooled.client.forward(request).await.map_err(remote)
+        };
+        let result = match tokio::time::timeout(deadline, reply).await {
+            Ok(result) => result,
+            Err(_) => Err(remote(tonic::Status::deadline_exceeded(format!(
+                "no reply within the {deadline:?} deadline"
+            )))),
+        };
+        let wall = started.elapsed();
+        client.metrics.record_rpc(wall, result.is_ok());
+        let reply = result?.into_inner();
+        client.metrics.record_bytes(sent, reply.encoded_len());
+        let compute = Duration::from_micros(reply.compute_us);
+        client
+            .router
+            .lock()
+            .expect("router lock")
+            .record_success(&hop.addr, wall, compute, tokens);
+        let timing = self
+            .timings
+            .entry((hop.layers, hop.node_id.clone()))
+            .or_insert_with(|| HopTiming {
+                node_id: hop.node_id.clone(),
+                addr: hop.addr.clone(),
+                layers: hop.layers.to_string(),
+                ..HopTiming::default()
+            });
+        timing.calls += 1;
+        timing.total_ms += wall.as_secs_f64() * 1000.0;
+        timing.compute_ms += compute.as_secs_f64() * 1000.0;
+        let bad_reply = |e: NodeError| remote(tonic::Status::internal(format!("bad reply: {e}")));
+        match reply.output {
+            Some(pb::forward_response::Output::Hidden(t)) => {
+                Ok(HopOutput::Hidden(tensor_from_proto(t).map_err(bad_reply)?))
+            }
+            Some(pb::forward_response::Output::Logits(t)) => {
+                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
+                Ok(HopOutput::Logits(
+                    codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?,
+                ))
+            }
+            None => Err(bad_reply(NodeError::BadRequest("empty reply".into()))),
+        }
+    }
+
+    /// Frees the session's caches on every hop (best effort) and its router placements.
+    pub async fn close(self) {
+        for hop in &self.chain {
+            self.client
+                .router
+                .lock()
+                .expect("router lock")
+                .adjust_sessions(&hop.hop.addr, -1);
+            if let Ok(mut pooled) = self.client.pool.client(&hop.hop.addr).await {
+                let request = pb::EndSessionRequest {
+                    session_id: self.id.clone(),
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    pooled.client.end_session(request),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+impl Pipeline for SwarmSession<'_> {
+    async fn step(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        self.forward(start_pos, ids).await
+    }
+}

@@ -1,0 +1,203 @@
+//! `neuroshard demo`: a tracker and a few nodes on this machine, generating through the chain.
+
+use std::path::PathBuf;
+
+use neuroshard_base::LayerRange;
+use neuroshard_model::TextTokenizer;
+use neuroshard_model::init::{ModelSpec, write_model};
+
+use crate::NodeError;
+use crate::client::{ClientConfig, HopTiming, SwarmClient};
+use crate::generate::{GenerationReport, LocalPipeline, generate};
+use crate::node::{NodeConfig, NodeHandle, start_node};
+use crate::tracker::{TrackerConfig, start_tracker};
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Nodes splitting the layers between them.
+    pub nodes: usize,
+    /// Stop the middle node of the chain halfway through, to show failover (a spare replica of
+    /// its layers is started so the swarm can recover).
+    pub kill_one: bool,
+    /// Prompt text.
+    pub prompt: String,
+    /// Tokens to generate.
+    pub max_new_tokens: usize,
+    /// Model directory; `None` writes the built-in model to a temporary directory.
+    pub model_dir: Option<PathBuf>,
+}
+
+/// A node of the demo swarm.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoNode {
+    /// Short node id.
+    pub id: String,
+    /// Address.
+    pub addr: String,
+    /// Layers served.
+    pub layers: String,
+    /// Whether the demo killed it.
+    pub killed: bool,
+}
+
+/// What the demo saw.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoReport {
+    /// The swarm.
+    pub nodes: Vec<DemoNode>,
+    /// Generated text.
+    pub text: String,
+    /// The swarm generation.
+    pub swarm: GenerationReport,
+    /// The same generation in one process.
+    pub local: GenerationReport,
+    /// Per-hop latency.
+    pub hops: Vec<HopTiming>,
+    /// Failovers.
+    pub events: Vec<String>,
+}
+
+impl DemoReport {
+    /// Whether the swarm produced the local reference's tokens.
+    pub fn matches_local(&self) -> bool {
+        self.swarm.generated_ids == self.local.generated_ids
+    }
+}
+
+/// Splits `total` layers into `parts` contiguous ranges of near-equal size.
+pub fn split_layers(total: u32, parts: u32) -> Vec<LayerRange> {
+    let parts = parts.clamp(1, total);
+    (0..parts)
+        .map(|i| LayerRange {
+            start: total * i / parts,
+            end: total * (i + 1) / parts,
+        })
+        .collect()
+}
+
+/// Runs the demo, reporting progress lines through `progress`.
+pub async fn run_demo(
+    options: DemoOptions,
+    progress: impl Fn(&str),
+) -> Result<DemoReport, NodeError> {
+    let scratch =
+        tempfile::tempdir().map_err(|e| NodeError::io("creating a temporary directory", e))?;
+    let model_dir = match &options.model_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            progress("writing the built-in model (6 layers, hidden 512)...");
+            let dir = scratch.path().join("model");
+            write_model(&dir, &ModelSpec::demo())?;
+            dir
+        }
+    };
+    let info = neuroshard_model::ModelInfo::read(&model_dir)?;
+    let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
+    let mut prompt = Vec::new();
+    prompt.extend(info.config.bos_token_id);
+    prompt.extend(tokenizer.encode(&options.prompt)?);
+
+    let tracker = start_tracker(TrackerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal address"),
+        ..TrackerConfig::default()
+    })
+    .await?;
+    let mut ranges = split_layers(info.config.num_hidden_layers as u32, options.nodes as u32);
+    let victim_range = ranges[ranges.len() / 2];
+    if options.kill_one {
+        ranges.push(victim_range);
+    }
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for (i, range) in ranges.iter().enumerate() {
+        progress(&format!("starting node {} with layers {range}...", i + 1));
+        let mut config = NodeConfig::new(&model_dir, *range);
+        config.tracker = Some(tracker.url());
+        nodes.push(start_node(config).await?);
+    }
+
+    progress("generating in one process (the reference)...");
+    let mut local = LocalPipeline::load(&model_dir)?;
+    let local_report = generate(
+        &mut local,
+        &prompt,
+        options.max_new_tokens,
+        info.config.eos_token_id,
+        |_, _| {},
+    )
+    .await?;
+    drop(local);
+
+    progress("generating through the swarm...");
+    let client = SwarmClient::connect(ClientConfig::new(tracker.url())).await?;
+    let mut session = client.session();
+    let mut killed: Option<String> = None;
+    let kill_at = (options.max_new_tokens / 2).max(1);
+    let swarm = generate(
+        &mut session,
+        &prompt,
+        options.max_new_tokens,
+        info.config.eos_token_id,
+        |s, n| {
+            if options.kill_one && n == kill_at && killed.is_none() {
+                let chain = s.chain();
+                let middle = chain
+                    .iter()
+                    .find(|h| h.layers == victim_range)
+                    .or(chain.get(chain.len() / 2));
+                if let Some(node) =
+                    middle.and_then(|hop| nodes.iter().find(|n| n.advertised() == hop.addr))
+                {
+                    progress(&format!(
+                        "killing node {} (layers {}) after token {n}",
+                        node.id().short(),
+                        node.layers()
+                    ));
+                    node.kill();
+                    killed = Some(node.advertised().to_string());
+                }
+            }
+        },
+    )
+    .await?;
+    let hops = session.timings();
+    let events = session.events().to_vec();
+    session.close().await;
+    let report = DemoReport {
+        nodes: nodes
+            .iter()
+            .map(|n| DemoNode {
+                id: n.id().short(),
+                addr: n.advertised().to_string(),
+                layers: n.layers().to_string(),
+                killed: killed.as_deref() == Some(n.advertised()),
+            })
+            .collect(),
+        text: tokenizer.decode(&swarm.generated_ids)?,
+        swarm,
+        local: local_report,
+        hops,
+        events,
+    };
+    for node in nodes {
+        node.shutdown().await;
+    }
+    tracker.shutdown().await;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_layers_evenly_and_contiguously() {
+        let ranges = split_layers(6, 3);
+        assert_eq!(
+            ranges.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>(),
+            vec![(0, 2), (2, 4), (4, 6)]
+        );
+        assert_eq!(split_layers(7, 3).last().unwrap().end, 7);
+        assert_eq!(split_layers(2, 5).len(), 2);
+    }
+}

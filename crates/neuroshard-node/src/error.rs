@@ -1,0 +1,95 @@
+//! Errors of the node runtime and how they map to gRPC statuses.
+
+use neuroshard_model::ModelError;
+use neuroshard_model::codec::CodecError;
+
+/// Everything a node, tracker or client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A tensor from the network failed validation.
+    #[error("malformed tensor: {0}")]
+    Tensor(#[from] CodecError),
+    /// A request field is missing or out of bounds.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The session is not on this node (never started here, or expired).
+    #[error("unknown session {0:?}: it expired or never started on this node")]
+    UnknownSession(String),
+    /// Another call of the same session is still running.
+    #[error("session {0:?} is busy with another call")]
+    SessionBusy(String),
+    /// The KV cache budget cannot take the request.
+    #[error("{0}")]
+    CacheFull(String),
+    /// The model refused or failed the request.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A settings value is invalid; names the field.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// No chain of peers covers the model's layers.
+    #[error("no route: {0}")]
+    NoRoute(String),
+    /// A remote peer or tracker failed.
+    #[error("{peer}: {status}")]
+    Remote {
+        /// Who failed.
+        peer: String,
+        /// What it answered.
+        status: tonic::Status,
+    },
+    /// A network or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Connecting to a peer failed.
+    #[error("connecting to {peer}: {message}")]
+    Connect {
+        /// Who.
+        peer: String,
+        /// Why.
+        message: String,
+    },
+    /// The node is shutting down.
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+impl NodeError {
+    /// Shorthand for an IO error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<NodeError> for tonic::Status {
+    fn from(err: NodeError) -> Self {
+        use tonic::Code;
+        let code = match &err {
+            NodeError::Tensor(_) | NodeError::BadRequest(_) | NodeError::Config(_) => {
+                Code::InvalidArgument
+            }
+            NodeError::UnknownSession(_) => Code::NotFound,
+            NodeError::SessionBusy(_) => Code::Aborted,
+            NodeError::CacheFull(_) => Code::ResourceExhausted,
+            NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,
+            NodeError::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => {
+                Code::InvalidArgument
+            }
+            NodeError::Model(_) => Code::Internal,
+            NodeError::NoRoute(_) | NodeError::Connect { .. } | NodeError::ShuttingDown => {
+                Code::Unavailable
+            }
+            NodeError::Remote { status, .. } => status.code(),
+            NodeError::Io { .. } => Code::Internal,
+        };
+        tonic::Status::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,394 @@
+//! `neuroshard`: the headless runtime's command line. Parses arguments and calls the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use neuroshard_base::LayerRange;
+use neuroshard_model::TextTokenizer;
+use neuroshard_model::codec::WireDType;
+use neuroshard_model::init::{ModelSpec, write_model};
+use neuroshard_node::client::{ClientConfig, HopTiming, SwarmClient};
+use neuroshard_node::demo::{DemoOptions, run_demo};
+use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_node::node::{NodeConfig, start_node};
+use neuroshard_node::tracker::{TrackerConfig, start_tracker};
+use neuroshard_proto as pb;
+
+#[derive(Parser)]
+#[command(name = "neuroshard", version, about = "Run and use a NeuroShard swarm")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a tracker: the bootstrap list of live nodes.
+    Tracker {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7700")]
+        listen: SocketAddr,
+    },
+    /// Serve a layer range of a model.
+    Node(NodeArgs),
+    /// Generate text through the swarm, or locally with --local.
+    Generate(GenerateArgs),
+    /// Write the built-in deterministic model (Hugging Face layout) to DIR.
+    InitModel {
+        /// Target directory.
+        dir: PathBuf,
+        /// Which built-in size.
+        #[arg(long, value_enum, default_value_t = Size::Demo)]
+        size: Size,
+    },
+    /// Start a tracker and nodes on this machine and generate through them.
+    Demo {
+        /// Nodes splitting the model's layers.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Stop the middle node mid-generation to show failover.
+        #[arg(long)]
+        kill_one: bool,
+        /// Prompt text.
+        #[arg(long, default_value = "The swarm computes")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Use this model directory instead of the built-in model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Print a node's metrics (via Ping) or a tracker's stats as JSON.
+    Status {
+        /// Node address host:port.
+        #[arg(long, conflicts_with = "tracker")]
+        node: Option<String>,
+        /// Tracker URL.
+        #[arg(long)]
+        tracker: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Size {
+    Demo,
+    Bench,
+    Tiny,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Layers to serve, as A..B.
+    #[arg(long)]
+    layers: LayerRange,
+    /// Tracker URL, e.g. http://tracker-host:7700.
+    #[arg(long)]
+    tracker: String,
+    /// Port to listen on (0 picks one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Interface to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// host:port other machines should dial (defaults to the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// KV cache budget in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_budget_mib: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Tracker URL of the swarm.
+    #[arg(long, required_unless_present = "local")]
+    tracker: Option<String>,
+    /// Model directory: required with --local; otherwise used for its tokenizer and model id.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Run the whole model in this process (the reference).
+    #[arg(long, requires = "model")]
+    local: bool,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Print JSON: generated ids and each step's top-5 logits.
+    #[arg(long)]
+    json: bool,
+    /// Dtype of hidden states on the wire: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    wire_dtype: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "neuroshard_node=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Tracker { listen } => {
+            let tracker = start_tracker(TrackerConfig {
+                listen,
+                ..TrackerConfig::default()
+            })
+            .await?;
+            eprintln!("tracker listening on {}", tracker.addr);
+            tokio::signal::ctrl_c().await?;
+            tracker.shutdown().await;
+        }
+        Command::Node(args) => run_node(args).await?,
+        Command::Generate(args) => run_generate(args).await?,
+        Command::InitModel { dir, size } => {
+            let spec = match size {
+                Size::Demo => ModelSpec::demo(),
+                Size::Bench => ModelSpec::bench(),
+                Size::Tiny => ModelSpec::tiny(),
+            };
+            write_model(&dir, &spec)?;
+            println!("wrote model to {}", dir.display());
+        }
+        Command::Demo {
+            nodes,
+            kill_one,
+            prompt,
+            max_new_tokens,
+            model,
+        } => {
+            let options = DemoOptions {
+                nodes,
+                kill_one,
+                prompt,
+                max_new_tokens,
+                model_dir: model,
+            };
+            let report = run_demo(options, |line| eprintln!("{line}")).await?;
+            print_demo(&report);
+            if !report.matches_local() {
+                bail!("the swarm's tokens differ from the local reference");
+            }
+        }
+        Command::Status { node, tracker } => print_status(node, tracker).await?,
+    }
+    Ok(())
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let mut config = NodeConfig::new(&args.model, args.layers);
+    config.listen = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not a socket address",
+                args.host, args.port
+            )
+        })?;
+    config.advertise = args.advertise;
+    config.tracker = Some(args.tracker);
+    config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
+    eprintln!(
+        "loading layers {} of {}...",
+        args.layers,
+        args.model.display()
+    );
+    let node = start_node(config).await?;
+    eprintln!(
+        "node {} serving layers {} at {}",
+        node.id().short(),
+        node.layers(),
+        node.advertised()
+    );
+    tokio::signal::ctrl_c().await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let tokenizer = match &args.model {
+        Some(dir) => TextTokenizer::for_model_dir(dir)?,
+        None => TextTokenizer::Bytes,
+    };
+    let info = args
+        .model
+        .as_deref()
+        .map(neuroshard_model::ModelInfo::read)
+        .transpose()?;
+    let prompt = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let mut ids: Vec<u32> = info
+                .as_ref()
+                .and_then(|i| i.config.bos_token_id)
+                .into_iter()
+                .collect();
+            ids.extend(tokenizer.encode(text)?);
+            ids
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let eos = info.as_ref().and_then(|i| i.config.eos_token_id);
+    let show_progress = |n: usize| {
+        if !args.json {
+            eprint!("\rgenerated {n}/{} tokens", args.max_new_tokens);
+        }
+    };
+    let (report, hops) = if args.local {
+        let dir = args.model.as_ref().context("--local needs --model")?;
+        let mut local = LocalPipeline::load(dir)?;
+        (
+            generate(&mut local, &prompt, args.max_new_tokens, eos, |_, n| {
+                show_progress(n)
+            })
+            .await?,
+            Vec::new(),
+        )
+    } else {
+        let mut config = ClientConfig::new(args.tracker.clone().context("--tracker is required")?);
+        config.model_id = info.as_ref().map(|i| i.id.clone());
+        config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
+        let client = SwarmClient::connect(config).await?;
+        let mut session = client.session();
+        let report = generate(&mut session, &prompt, args.max_new_tokens, eos, |_, n| {
+            show_progress(n)
+        })
+        .await?;
+        let hops = session.timings();
+        for event in session.events() {
+            eprintln!("\nfailover: {event}");
+        }
+        session.close().await;
+        (report, hops)
+    };
+    if args.json {
+        let json = serde_json::json!({
+            "prompt_ids": report.prompt_ids,
+            "generated_ids": report.generated_ids,
+            "steps": report.steps.iter().map(|s| serde_json::json!({
+                "token": s.token,
+                "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "prefill_ms": report.prefill_ms,
+            "decode_tokens_per_s": report.decode_tokens_per_s,
+            "hops": hops,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        eprintln!();
+        println!("{}", tokenizer.decode(&report.generated_ids)?);
+        print_speed(&report);
+        print_hops(&hops);
+    }
+    Ok(())
+}
+
+fn print_speed(report: &GenerationReport) {
+    println!(
+        "prefill {:.1} ms for {} tokens; decode {:.1} tokens/s",
+        report.prefill_ms,
+        report.prompt_ids.len(),
+        report.decode_tokens_per_s
+    );
+}
+
+fn print_hops(hops: &[HopTiming]) {
+    if hops.is_empty() {
+        return;
+    }
+    println!(
+        "{:<10} {:<22} {:<8} {:>6} {:>10} {:>12}",
+        "node", "address", "layers", "calls", "mean ms", "overhead ms"
+    );
+    for h in hops {
+        println!(
+            "{:<10} {:<22} {:<8} {:>6} {:>10.2} {:>12.2}",
+            &h.node_id[..8.min(h.node_id.len())],
+            h.addr,
+            h.layers,
+            h.calls,
+            h.mean_ms(),
+            h.mean_overhead_ms()
+        );
+    }
+}
+
+fn print_demo(report: &neuroshard_node::demo::DemoReport) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nnodes:");
+    for n in &report.nodes {
+        let _ = writeln!(
+            out,
+            "  {} at {} serves layers {}{}",
+            n.id,
+            n.addr,
+            n.layers,
+            if n.killed { " (killed)" } else { "" }
+        );
+    }
+    let _ = writeln!(out, "\ngenerated text: {:?}", report.text);
+    let _ = writeln!(out, "generated ids:  {:?}", report.swarm.generated_ids);
+    drop(out);
+    print!("swarm: ");
+    print_speed(&report.swarm);
+    print!("local: ");
+    print_speed(&report.local);
+    for event in &report.events {
+        println!("failover: {event}");
+    }
+    println!("\nper-hop latency (which node served which layers):");
+    print_hops(&report.hops);
+    println!(
+        "\nswarm tokens {} the local reference",
+        if report.matches_local() {
+            "match"
+        } else {
+            "DIFFER FROM"
+        }
+    );
+}
+
+async fn print_status(node: Option<String>, tracker: Option<String>) -> anyhow::Result<()> {
+    let json = if let Some(addr) = node {
+        let mut client = pb::node_client::NodeClient::connect(format!("http://{addr}")).await?;
+        let reply = client.ping(pb::PingRequest {}).await?.into_inner();
+        let metrics: neuroshard_node::metrics::MetricsSnapshot =
+            reply.metrics.unwrap_or_default().into();
+        let node = reply
+            .node
+            .map(neuroshard_node::convert::peer_from_proto)
+            .transpose()?;
+        serde_json::json!({ "node": node, "metrics": metrics })
+    } else if let Some(url) = tracker {
+        let mut client = pb::tracker_client::TrackerClient::connect(url).await?;
+        let stats = client.stats(pb::StatsRequest {}).await?.into_inner();
+        serde_json::json!({
+            "nodes": stats.nodes,
+            "layers_covered": stats.layers_covered,
+            "total_layers": stats.total_layers,
+            "requests": stats.requests,
+        })
+    } else {
+        bail!("give --node HOST:PORT or --tracker URL");
+    };
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}

@@ -1,0 +1,597 @@
+//! A node: one layer range of one model served over gRPC, with its session store, metrics and
+//! tracker heartbeat.
+//!
+//! [`start_node`] loads the shard (off the reactor), binds, and returns a [`NodeHandle`]; the
+//! server, the session sweeper and the heartbeat run as tasks tied to the handle's cancellation
+//! token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use neuroshard_base::{LayerRange, NodeId};
+use neuroshard_model::codec::{self, WireDType};
+use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
+use neuroshard_proto as pb;
+use pb::node_server::{Node, NodeServer};
+use pb::tracker_client::TrackerClient;
+use prost::Message;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{
+    PeerRecord, dtype_from_proto, peer_from_proto, peer_to_proto, span_from_proto,
+    tensor_from_proto, tensor_to_proto,
+};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::sessions::{SessionLimits, SessionStore};
+use crate::{MAX_MESSAGE_BYTES, NodeError};
+
+/// Longest session id accepted: ids are client-chosen keys, not payloads.
+const MAX_SESSION_ID_BYTES: usize = 128;
+
+/// Everything a node needs to start; checked by [`NodeConfig::validate`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Hugging Face model directory.
+    pub model_dir: PathBuf,
+    /// Layers to serve.
+    pub layers: LayerRange,
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// `host:port` peers should dial; defaults to the bound address (127.0.0.1 when bound to
+    /// all interfaces).
+    pub advertise: Option<String>,
+    /// Tracker URL (`http://host:port`) to register with; none runs the node unlisted.
+    pub tracker: Option<String>,
+    /// KV cache budget. Default 1 GiB: room for tens of long sessions of a 7B model's layer
+    /// third without swapping a 16 GiB home PC.
+    pub kv_budget_bytes: u64,
+    /// Idle time after which a session's cache is dropped. Default 5 min: longer than a user
+    /// pauses between chat turns, short enough to free memory of abandoned sessions.
+    pub session_idle: Duration,
+    /// Heartbeat period. Default 10 s (the design's; the tracker drops nodes after 30 s).
+    pub heartbeat: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for serving `layers` of the model in `model_dir`.
+    pub fn new(model_dir: impl Into<PathBuf>, layers: LayerRange) -> Self {
+        Self {
+            model_dir: model_dir.into(),
+            layers,
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            advertise: None,
+            tracker: None,
+            kv_budget_bytes: 1 << 30,
+            session_idle: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+
+    /// Names the first invalid field.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |field: &str, why: &str| Err(NodeError::Config(format!("{field}: {why}")));
+        if self.layers.is_empty() {
+            return bad("layers", "must not be empty");
+        }
+        if self.kv_budget_bytes == 0 {
+            return bad("kv_budget_bytes", "must be positive");
+        }
+        if self.session_idle.is_zero() {
+            return bad("session_idle", "must be positive");
+        }
+        if self.heartbeat.is_zero() {
+            return bad("heartbeat", "must be positive");
+        }
+        if let Some(url) = &self.tracker
+            && Endpoint::from_shared(url.clone()).is_err()
+        {
+            return bad("tracker", "is not a valid URL (expected http://host:port)");
+        }
+        Ok(())
+    }
+}
+
+/// Shared state of a running node.
+#[derive(Debug)]
+pub struct NodeState {
+    shard: Arc<Mutex<Shard>>,
+    model: ModelInfo,
+    range: LayerRange,
+    sessions: SessionStore,
+    metrics: Arc<Metrics>,
+    record: PeerRecord,
+    peers: RwLock<Vec<PeerRecord>>,
+    busy: AtomicUsize,
+    stopped: AtomicBool,
+}
+
+impl NodeState {
+    /// Load in [0, 1]: calls computing now (one compute slot per node).
+    fn load(&self) -> f32 {
+        self.busy.load(Ordering::Relaxed).min(1) as f32
+    }
+
+    /// What this node announces.
+    pub fn record(&self) -> PeerRecord {
+        PeerRecord {
+            load: self.load(),
+            ..self.record.clone()
+        }
+    }
+
+    /// Counters with the session figures filled in.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let (sessions, bytes) = self.sessions.usage();
+        self.metrics.snapshot(sessions, bytes)
+    }
+
+    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardResponse, NodeError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(NodeError::ShuttingDown);
+        }
+        if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID_BYTES {
+            return Err(NodeError::BadRequest(format!(
+                "session_id must be 1..={MAX_SESSION_ID_BYTES} bytes"
+            )));
+        }
+        if !req.model_id.is_empty() && req.model_id != self.model.id {
+            return Err(NodeError::BadRequest(format!(
+                "model {} requested, this node serves model {}",
+                req.model_id, self.model.id
+            )));
+        }
+        let layers = span_from_proto(req.layers)?;
+        if !self.range.covers(&layers) {
+            return Err(neuroshard_model::ModelError::LayerRange(format!(
+                "layers {layers} requested, this node serves {}",
+                self.range
+            ))
+            .into());
+        }
+        let input = self.decode_input(req.input)?;
+        let reply_dtype = match req.reply_dtype {
+            0 => WireDType::F16,
+            v => dtype_from_proto(v)?,
+        };
+        let start_pos = usize::try_from(req.start_pos)
+            .map_err(|_| NodeError::BadRequest("start_pos is out of range".into()))?;
+        let tokens = input.tokens(self.model.config.hidden_size);
+        let (mut checkout, created) = self.sessions.checkout(
+            &req.session_id,
+            start_pos,
+            tokens,
+            layers.len() as usize,
+            Instant::now(),
+        )?;
+        if created {
+            self.metrics
+                .sessions_started
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let shard = self.shard.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let shard = shard.lock().expect("shard lock");
+            let out = shard.forward(&mut checkout.cache, start_pos, layers.to_range(), &input);
+            (checkout, out, started.elapsed())
+        })
+        .await;
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        let Ok((checkout, out, compute)) = joined else {
+            // The compute task panicked and took the cache with it.
+            self.sessions.end(&req.session_id);
+            return Err(NodeError::BadRequest(
+                "compute failed; the session was dropped".into(),
+            ));
+        };
+        self.sessions.checkin(checkout, Instant::now());
+        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        let output = match out? {
+            ShardOutput::Hidden(values) => {
+                let shape = [1, tokens, self.model.config.hidden_size];
+                pb::forward_response::Output::Hidden(tensor_to_proto(codec::encode(
+                    &values,
+                    &shape,
+                    reply_dtype,
+                )))
+            }
+            ShardOutput::Logits(values) => {
+                let shape = [1, values.len()];
+                pb::forward_response::Output::Logits(tensor_to_proto(codec::encode(
+                    &values,
+                    &shape,
+                    WireDType::F32,
+                )))
+            }
+        };
+        Ok(pb::ForwardResponse {
+            output: Some(output),
+            compute_us: compute.as_micros() as u64,
+        })
+    }
+
+    fn decode_input(
+        &self,
+        input: Option<pb::forward_request::Input>,
+    ) -> Result<ShardInput, NodeError> {
+        use pb::forward_request::Input;
+        let hidden = self.model.config.hidden_size;
+        match input {
+            None => Err(NodeError::BadRequest("request has no input".into())),
+            Some(Input::Tokens(t)) => Ok(ShardInput::Tokens(t.ids)),
+            Some(Input::Hidden(t)) => {
+                let tensor = tensor_from_proto(t)?;
+                let shape = tensor.shape.clone();
+                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
+                    return Err(NodeError::BadRequest(format!(
+                        "hidden states must have shape [1, tokens, {hidden}], got {shape:?}"
+                    )));
+                }
+                Ok(ShardInput::Hidden(codec::decode(&tensor)?))
+            }
+        }
+    }
+}
+
+/// The gRPC face of a node.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    state: Arc<NodeState>,
+}
+
+impl NodeService {
+    fn unimplemented(method: &str, issue: &str) -> Status {
+        Status::unimplemented(format!(
+            "{method} is not implemented yet: it arrives with {issue}"
+        ))
+    }
+}
+
+type CheckpointStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::CheckpointChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let started = std::time::Instant::now();
+        let received = request.get_ref().encoded_len();
+        let result = self.state.forward(request.into_inner()).await;
+        let sent = result.as_ref().map_or(0, |r| r.encoded_len());
+        self.state.metrics.record_bytes(sent, received);
+        self.state
+            .metrics
+            .record_rpc(started.elapsed(), result.is_ok());
+        if let Err(e) = &result {
+            tracing::debug!("forward refused: {e}");
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn end_session(
+        &self,
+        request: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        let existed = self.state.sessions.end(&request.into_inner().session_id);
+        Ok(Response::new(pb::EndSessionResponse { existed }))
+    }
+
+    async fn backward(
+        &self,
+        _: Request<pb::BackwardRequest>,
+    ) -> Result<Response<pb::BackwardResponse>, Status> {
+        Err(Self::unimplemented("Backward", "distributed training"))
+    }
+
+    async fn exchange_gradient(
+        &self,
+        _: Request<pb::ExchangeGradientRequest>,
+    ) -> Result<Response<pb::ExchangeGradientResponse>, Status> {
+        Err(Self::unimplemented(
+            "ExchangeGradient",
+            "distributed training",
+        ))
+    }
+
+    type GetCheckpointStream = CheckpointStream;
+
+    async fn get_checkpoint(
+        &self,
+        _: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<Self::GetCheckpointStream>, Status> {
+        Err(Self::unimplemented(
+            "GetCheckpoint",
+            "distributed training (checkpoint streaming)",
+        ))
+    }
+
+    async fn put_checkpoint(
+        &self,
+        _: Request<tonic::Streaming<pb::CheckpointChunk>>,
+    ) -> Result<Response<pb::PutCheckpointResponse>, Status> {
+        Err(Self::unimplemented(
+            "PutCheckpoint",
+            "distributed training (checkpoint streaming)",
+        ))
+    }
+
+    async fn ping(
+        &self,
+        _: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Ok(Response::new(pb::PingResponse {
+            node: Some(peer_to_proto(&self.state.record())),
+            metrics: Some(self.state.metrics().into()),
+            server_time_ms: now_ms,
+        }))
+    }
+
+    async fn get_peers(
+        &self,
+        _: Request<pb::GetPeersRequest>,
+    ) -> Result<Response<pb::GetPeersResponse>, Status> {
+        let peers = self.state.peers.read().expect("peers lock");
+        Ok(Response::new(pb::GetPeersResponse {
+            peers: peers.iter().map(peer_to_proto).collect(),
+        }))
+    }
+}
+
+/// A running node; dropping it does not stop the node, [`NodeHandle::shutdown`] does.
+#[derive(Debug)]
+pub struct NodeHandle {
+    id: NodeId,
+    addr: SocketAddr,
+    state: Arc<NodeState>,
+    cancel: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The advertised `host:port`.
+    pub fn advertised(&self) -> &str {
+        &self.state.record.addr
+    }
+
+    /// Layers served.
+    pub fn layers(&self) -> LayerRange {
+        self.state.range
+    }
+
+    /// Id of the model served.
+    pub fn model_id(&self) -> &str {
+        &self.state.model.id
+    }
+
+    /// Current counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.state.metrics()
+    }
+
+    /// Stops taking calls at once (calls in flight fail) and begins shutting the server down,
+    /// without waiting: what a crash looks like to peers.
+    pub fn kill(&self) {
+        self.state.stopped.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
+    }
+
+    /// Stops the node and waits for its server to end.
+    pub async fn shutdown(self) {
+        self.kill();
+        let _ = self.server.await;
+    }
+}
+
+/// Loads the shard, binds, registers with the tracker (if any) and starts serving.
+pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    config.validate()?;
+    let model = ModelInfo::read(&config.model_dir)?;
+    let dir = config.model_dir.clone();
+    let range = config.layers;
+    let shard = tokio::task::spawn_blocking(move || {
+        Shard::load(&dir, range.to_range(), &neuroshard_model::default_device())
+    })
+    .await
+    .map_err(|e| NodeError::Config(format!("loading the shard panicked: {e}")))??;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| NodeError::io(format!("binding {}", config.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| NodeError::io("local address", e))?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        let ip = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        format!("{ip}:{}", addr.port())
+    });
+    let id = NodeId::random();
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(NodeState {
+        sessions: SessionStore::new(SessionLimits {
+            budget_bytes: config.kv_budget_bytes,
+            idle_timeout: config.session_idle,
+            bytes_per_token_layer: model.config.kv_bytes_per_token_layer() as u64,
+        }),
+        record: PeerRecord {
+            node_id: id.to_string(),
+            addr: advertise,
+            model_id: model.id.clone(),
+            layers: range,
+            total_layers: model.config.num_hidden_layers as u32,
+            load: 0.0,
+        },
+        shard: Arc::new(Mutex::new(shard)),
+        model,
+        range,
+        metrics,
+        peers: RwLock::new(Vec::new()),
+        busy: AtomicUsize::new(0),
+        stopped: AtomicBool::new(false),
+    });
+    let cancel = CancellationToken::new();
+    tokio::spawn(sweep_sessions(
+        state.clone(),
+        config.session_idle / 4,
+        cancel.clone(),
+    ));
+    if let Some(url) = &config.tracker {
+        let mut heartbeat = Heartbeat::new(state.clone(), url)?;
+        heartbeat.beat().await;
+        tokio::spawn(heartbeat.run(config.heartbeat, cancel.clone()));
+    }
+    let service = NodeServer::new(NodeService {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let shutdown = cancel.clone();
+    let server = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(crate::incoming(listener), shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!("node server failed: {e}");
+        }
+    });
+    tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
+    Ok(NodeHandle {
+        id,
+        addr,
+        state,
+        cancel,
+        server,
+    })
+}
+
+async fn sweep_sessions(state: Arc<NodeState>, period: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let expired = state.sessions.expire(Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "expired idle sessions");
+                }
+            }
+        }
+    }
+}
+
+/// The node's side of the tracker protocol: register, heartbeat, register again when the
+/// tracker has forgotten the node (it restarted), and keep the peer list fresh.
+struct Heartbeat {
+    state: Arc<NodeState>,
+    tracker: TrackerClient<Channel>,
+    registered: bool,
+}
+
+impl Heartbeat {
+    fn new(state: Arc<NodeState>, url: &str) -> Result<Self, NodeError> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5));
+        Ok(Self {
+            state,
+            tracker: TrackerClient::new(endpoint.connect_lazy()),
+            registered: false,
+        })
+    }
+
+    /// One heartbeat period until cancelled.
+    async fn run(mut self, period: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => self.beat().await,
+            }
+        }
+    }
+
+    async fn beat(&mut self) {
+        let record = self.state.record();
+        if self.registered {
+            let request = pb::HeartbeatRequest {
+                node_id: record.node_id.clone(),
+                layers: Some(crate::convert::span_to_proto(record.layers)),
+                load: record.load,
+            };
+            match self.tracker.heartbeat(request).await {
+                Ok(reply) if reply.get_ref().known => {}
+                Ok(_) => {
+                    tracing::info!("tracker forgot this node (restarted?); registering again");
+                    self.registered = false;
+                }
+                Err(status) => tracing::warn!("heartbeat failed: {}", status.message()),
+            }
+        }
+        if !self.registered {
+            let request = pb::RegisterRequest {
+                node: Some(peer_to_proto(&record)),
+            };
+            match self.tracker.register(request).await {
+                Ok(_) => self.registered = true,
+                Err(status) => {
+                    tracing::warn!("registering with the tracker failed: {}", status.message())
+                }
+            }
+        }
+        self.refresh_peers(&record.model_id).await;
+    }
+
+    async fn refresh_peers(&mut self, model_id: &str) {
+        let request = pb::ListPeersRequest {
+            model_id: model_id.to_string(),
+        };
+        let Ok(reply) = self.tracker.list_peers(request).await else {
+            return;
+        };
+        let peers: Vec<PeerRecord> = reply
+            .into_inner()
+            .peers
+            .into_iter()
+            .filter_map(|p| peer_from_proto(p).ok())
+            .filter(|p| p.node_id != self.state.record.node_id)
+            .collect();
+        let count = peers.len() as u64;
+        self.state
+            .metrics
+            .peer_count
+            .store(count, Ordering::Relaxed);
+        self.state
+            .metrics
+            .healthy_peers
+            .store(count, Ordering::Relaxed);
+        *self.state.peers.write().expect("peers lock") = peers;
+    }
+}

@@ -1,0 +1,204 @@
+//! Client connections to peers: reused, at most a few per peer, closed when idle.
+//!
+//! A tonic `Channel` multiplexes calls over one HTTP/2 connection; a second or third one is
+//! opened only when every pooled channel to that peer already has a call in flight, so large
+//! prefills do not queue behind each other on one TCP stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use neuroshard_proto::node_client::NodeClient;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::Metrics;
+use crate::{MAX_MESSAGE_BYTES, NodeError};
+
+/// Pool limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Channels per peer. Default 3 (the seed design's).
+    pub max_per_peer: usize,
+    /// A peer unused this long has its channels closed. Default 60 s (the seed design's).
+    pub idle_timeout: Duration,
+    /// Limit on establishing a TCP + HTTP/2 connection. Default 3 s: a home peer that takes
+    /// longer is better replaced.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_per_peer: 3,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pooled {
+    channel: Channel,
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Default)]
+struct PeerChannels {
+    channels: Vec<Pooled>,
+    last_used: Option<Instant>,
+}
+
+/// A client to one peer, counted as in flight until dropped.
+#[derive(Debug)]
+pub struct PooledClient {
+    /// The gRPC client.
+    pub client: NodeClient<Channel>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for PooledClient {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Channels to peers, keyed by `host:port`.
+#[derive(Debug)]
+pub struct ConnectionPool {
+    config: PoolConfig,
+    peers: Mutex<HashMap<String, PeerChannels>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionPool {
+    /// An empty pool reporting into `metrics`.
+    pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            peers: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// A client to `addr`: an idle pooled channel, else a new one while under the cap, else the
+    /// least busy pooled channel.
+    pub async fn client(&self, addr: &str) -> Result<PooledClient, NodeError> {
+        if let Some(client) = self.reuse(addr, false) {
+            return Ok(client);
+        }
+        let channel = self.connect(addr).await?;
+        let mut peers = self.peers.lock().expect("pool lock");
+        let peer = peers.entry(addr.to_string()).or_default();
+        if peer.channels.len() >= self.config.max_per_peer {
+            // Another task filled the pool meanwhile; use what is there.
+            drop(peers);
+            return Ok(self.reuse(addr, true).expect("pool holds channels"));
+        }
+        peer.channels.push(Pooled {
+            channel,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        });
+        drop(peers);
+        self.update_gauges();
+        Ok(self.reuse(addr, true).expect("channel just added"))
+    }
+
+    /// The least busy channel to `addr`; with `any` false only one with no call in flight, or
+    /// any when the peer is at its cap.
+    fn reuse(&self, addr: &str, any: bool) -> Option<PooledClient> {
+        let mut peers = self.peers.lock().expect("pool lock");
+        let peer = peers.get_mut(addr)?;
+        let full = peer.channels.len() >= self.config.max_per_peer;
+        let best = peer
+            .channels
+            .iter()
+            .min_by_key(|p| p.in_flight.load(Ordering::Relaxed))?;
+        if !any && !full && best.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        let client = PooledClient {
+            client: NodeClient::new(best.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            in_flight: best.in_flight.clone(),
+        };
+        peer.last_used = Some(Instant::now());
+        Some(client)
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Channel, NodeError> {
+        let err = |message: String| NodeError::Connect {
+            peer: addr.to_string(),
+            message,
+        };
+        Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// Closes every channel to `addr` (after a transport failure), so the next call reconnects.
+    pub fn evict(&self, addr: &str) {
+        self.peers.lock().expect("pool lock").remove(addr);
+        self.update_gauges();
+    }
+
+    /// Closes channels of peers idle longer than the idle timeout; how many peers.
+    pub fn reap(&self, now: Instant) -> usize {
+        let idle = self.config.idle_timeout;
+        let mut peers = self.peers.lock().expect("pool lock");
+        let before = peers.len();
+        peers.retain(|_, p| {
+            let busy = p
+                .channels
+                .iter()
+                .any(|c| c.in_flight.load(Ordering::Relaxed) > 0);
+            busy || p.last_used.is_some_and(|t| now.duration_since(t) <= idle)
+        });
+        let reaped = before - peers.len();
+        drop(peers);
+        self.update_gauges();
+        reaped
+    }
+
+    /// Channels to `addr` now pooled.
+    pub fn channels_to(&self, addr: &str) -> usize {
+        self.peers
+            .lock()
+            .expect("pool lock")
+            .get(addr)
+            .map_or(0, |p| p.channels.len())
+    }
+
+    fn update_gauges(&self) {
+        let peers = self.peers.lock().expect("pool lock");
+        let channels: usize = peers.values().map(|p| p.channels.len()).sum();
+        self.metrics
+            .active_connections
+            .store(channels as u64, Ordering::Relaxed);
+        self.metrics
+            .pool_size
+            .store(peers.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Reaps idle peers every quarter idle-timeout until the pool is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        let period = self.config.idle_timeout / 4;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.reap(Instant::now());
+            }
+        });
+    }
+}

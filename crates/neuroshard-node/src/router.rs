@@ -1,0 +1,401 @@
+//! Chain planning and peer health, without IO.
+//!
+//! The router keeps, per peer, a smoothed RTT (RFC 6298's estimator), recent compute times,
+//! success history, sessions placed there and a ban deadline. [`Router::plan`] finds the chain of
+//! lowest expected latency over layer boundaries (Dijkstra), so it also re-plans a broken span.
+//! Callers pass `now` and the RNG.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use neuroshard_base::LayerRange;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::convert::PeerRecord;
+
+/// Router tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterConfig {
+    /// Floor of the failover deadline. Default 200 ms: the seed's fixed deadline, kept as a floor.
+    pub min_deadline: Duration,
+    /// Deadline of calls to a peer with no RTT sample yet. Default 30 s: a first prefill on a
+    /// slow CPU can take seconds, and a dead peer fails fast by refusing the connection anyway.
+    pub first_call_deadline: Duration,
+    /// How long a failed peer is skipped. Default 60 s: long enough to finish a generation
+    /// without retrying it.
+    pub ban: Duration,
+    /// Cost in ms added per session this router already placed on a peer, which spreads
+    /// sessions over replicas. Default 5 ms: more than loopback jitter, less than a real hop.
+    pub session_spread_ms: f64,
+    /// Cost in ms of a fully loaded peer. Default 50 ms.
+    pub load_penalty_ms: f64,
+    /// Cost in ms of a peer that always failed. Default 200 ms.
+    pub failure_penalty_ms: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            min_deadline: Duration::from_millis(200),
+            first_call_deadline: Duration::from_secs(30),
+            ban: Duration::from_secs(60),
+            session_spread_ms: 5.0,
+            load_penalty_ms: 50.0,
+            failure_penalty_ms: 200.0,
+        }
+    }
+}
+
+/// Compute samples kept per peer; the deadline uses their maximum as its p99.
+const COMPUTE_WINDOW: usize = 64;
+
+/// Measured behaviour of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerHealth {
+    /// Smoothed RTT in ms (network only: wall time minus the peer's reported compute).
+    pub srtt_ms: Option<f64>,
+    /// RTT variation in ms.
+    pub rttvar_ms: f64,
+    /// Recent compute times of single-token calls, ms.
+    decode_ms: VecDeque<f64>,
+    /// Recent compute time per token of multi-token calls, ms.
+    per_token_ms: VecDeque<f64>,
+    /// Calls that succeeded / failed.
+    pub successes: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Sessions this router placed here and has not closed.
+    pub sessions: u64,
+    /// Skipped until then.
+    pub banned_until: Option<Instant>,
+}
+
+impl PeerHealth {
+    /// Folds in one successful call (RFC 6298: α = 1/8, β = 1/4).
+    fn observe(&mut self, rtt_ms: f64, compute_ms: f64, tokens: usize) {
+        match self.srtt_ms {
+            None => {
+                self.srtt_ms = Some(rtt_ms);
+                self.rttvar_ms = rtt_ms / 2.0;
+            }
+            Some(srtt) => {
+                self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * (srtt - rtt_ms).abs();
+                self.srtt_ms = Some(0.875 * srtt + 0.125 * rtt_ms);
+            }
+        }
+        let (window, value) = if tokens <= 1 {
+            (&mut self.decode_ms, compute_ms)
+        } else {
+            (&mut self.per_token_ms, compute_ms / tokens as f64)
+        };
+        if window.len() == COMPUTE_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(value);
+        self.successes += 1;
+    }
+
+    fn max(window: &VecDeque<f64>) -> Option<f64> {
+        window.iter().copied().reduce(f64::max)
+    }
+
+    /// Expected compute for `tokens` new tokens, ms.
+    fn expected_compute_ms(&self, tokens: usize) -> f64 {
+        let decode = Self::max(&self.decode_ms);
+        let per_token = Self::max(&self.per_token_ms).or(decode).unwrap_or(0.0);
+        decode.unwrap_or(per_token) + per_token * tokens.saturating_sub(1) as f64
+    }
+
+    fn is_banned(&self, now: Instant) -> bool {
+        self.banned_until.is_some_and(|t| now < t)
+    }
+}
+
+/// One hop of a planned chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hop {
+    /// The peer's `host:port`.
+    pub addr: String,
+    /// Its node id.
+    pub node_id: String,
+    /// Layers it runs for this chain.
+    pub layers: LayerRange,
+}
+
+/// Peers of one model and what the router has measured of them.
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    peers: HashMap<String, (PeerRecord, PeerHealth)>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Frontier {
+    cost: f64,
+    layer: u32,
+}
+
+impl Eq for Frontier {}
+
+impl Ord for Frontier {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .cost
+            .total_cmp(&self.cost)
+            .then(other.layer.cmp(&self.layer))
+    }
+}
+
+impl PartialOrd for Frontier {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Router {
+    /// A router with no peers.
+    pub fn new(config: RouterConfig) -> Self {
+        Self {
+            config,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Replaces the peer list, keeping the health of peers still present.
+    pub fn set_peers(&mut self, records: Vec<PeerRecord>) {
+        let mut old = std::mem::take(&mut self.peers);
+        for record in records {
+            let health = old.remove(&record.addr).map(|(_, h)| h).unwrap_or_default();
+            self.peers.insert(record.addr.clone(), (record, health));
+        }
+    }
+
+    /// Peers known, and those not banned at `now`.
+    pub fn peer_counts(&self, now: Instant) -> (usize, usize) {
+        let healthy = self
+            .peers
+            .values()
+            .filter(|(_, h)| !h.is_banned(now))
+            .count();
+        (self.peers.len(), healthy)
+    }
+
+    /// Health of a peer.
+    pub fn health(&self, addr: &str) -> Option<&PeerHealth> {
+        self.peers.get(addr).map(|(_, h)| h)
+    }
+
+    /// Plans the cheapest chain of unbanned peers covering `span` for a call of `tokens` tokens.
+    /// A little random jitter breaks ties between equal replicas.
+    pub fn plan(
+        &self,
+        span: LayerRange,
+        tokens: usize,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Option<Vec<Hop>> {
+        let width = (span.end - span.start) as usize + 1;
+        let mut best = vec![f64::INFINITY; width];
+        let mut via: Vec<Option<(String, u32)>> = vec![None; width];
+        let mut heap = BinaryHeap::new();
+        best[0] = 0.0;
+        heap.push(Frontier {
+            cost: 0.0,
+            layer: span.start,
+        });
+        while let Some(Frontier { cost, layer }) = heap.pop() {
+            if layer == span.end {
+                break;
+            }
+            if cost > best[(layer - span.start) as usize] {
+                continue;
+            }
+            for (addr, (record, health)) in &self.peers {
+                if health.is_banned(now) || !record.layers.contains(layer) {
+                    continue;
+                }
+                let end = record.layers.end.min(span.end);
+                let next =
+                    cost + self.hop_cost(record, health, tokens) + rng.random::<f64>() * 0.01;
+                let slot = (end - span.start) as usize;
+                if next < best[slot] {
+                    best[slot] = next;
+                    via[slot] = Some((addr.clone(), layer));
+                    heap.push(Frontier {
+                        cost: next,
+                        layer: end,
+                    });
+                }
+            }
+        }
+        let mut hops = Vec::new();
+        let mut at = span.end;
+        while at != span.start {
+            let (addr, from) = via[(at - span.start) as usize].clone()?;
+            let node_id = self.peers[&addr].0.node_id.clone();
+            hops.push(Hop {
+                addr,
+                node_id,
+                layers: LayerRange {
+                    start: from,
+                    end: at,
+                },
+            });
+            at = from;
+        }
+        hops.reverse();
+        Some(hops)
+    }
+
+    /// Expected ms of one hop: RTT, compute, and penalties for load, failures and sessions.
+    fn hop_cost(&self, record: &PeerRecord, health: &PeerHealth, tokens: usize) -> f64 {
+        let c = &self.config;
+        let rtt = health.srtt_ms.unwrap_or(1.0);
+        let calls = (health.successes + health.failures).max(1) as f64;
+        rtt + health.expected_compute_ms(tokens)
+            + c.load_penalty_ms * record.load as f64
+            + c.failure_penalty_ms * health.failures as f64 / calls
+            + c.session_spread_ms * health.sessions as f64
+    }
+
+    /// The failover deadline of a `tokens`-token call to `addr`:
+    /// max(min, srtt + 4·rttvar + compute p99).
+    pub fn deadline(&self, addr: &str, tokens: usize) -> Duration {
+        let Some((_, health)) = self.peers.get(addr) else {
+            return self.config.first_call_deadline;
+        };
+        match health.srtt_ms {
+            None => self.config.first_call_deadline,
+            Some(srtt) => {
+                let ms = srtt + 4.0 * health.rttvar_ms + health.expected_compute_ms(tokens);
+                self.config
+                    .min_deadline
+                    .max(Duration::from_secs_f64(ms / 1000.0))
+            }
+        }
+    }
+
+    /// Records a successful call: wall time, the peer's reported compute, and token count.
+    pub fn record_success(&mut self, addr: &str, wall: Duration, compute: Duration, tokens: usize) {
+        if let Some((_, health)) = self.peers.get_mut(addr) {
+            let wall_ms = wall.as_secs_f64() * 1000.0;
+            let compute_ms = compute.as_secs_f64() * 1000.0;
+            health.observe((wall_ms - compute_ms).max(0.0), compute_ms, tokens);
+        }
+    }
+
+    /// Records a failed call and bans the peer for a while.
+    pub fn record_failure(&mut self, addr: &str, now: Instant) {
+        if let Some((_, health)) = self.peers.get_mut(addr) {
+            health.failures += 1;
+            health.banned_until = Some(now + self.config.ban);
+        }
+    }
+
+    /// Counts a session placed on (or removed from) a peer.
+    pub fn adjust_sessions(&mut self, addr: &str, delta: i64) {
+        if let Some((_, health)) = self.peers.get_mut(addr) {
+            health.sessions = health.sessions.saturating_add_signed(delta);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn peer(addr: &str, start: u32, end: u32) -> PeerRecord {
+        PeerRecord {
+            node_id: format!("id-{addr}"),
+            addr: addr.into(),
+            model_id: "m".into(),
+            layers: LayerRange::new(start, end).unwrap(),
+            total_layers: 6,
+            load: 0.0,
+        }
+    }
+
+    fn all() -> LayerRange {
+        LayerRange::new(0, 6).unwrap()
+    }
+
+    #[test]
+    fn plans_a_covering_chain_and_routes_around_bans() {
+        let mut r = Router::new(RouterConfig::default());
+        r.set_peers(vec![
+            peer("a", 0, 2),
+            peer("b", 2, 4),
+            peer("b2", 2, 4),
+            peer("c", 4, 6),
+        ]);
+        let mut rng = StdRng::seed_from_u64(1);
+        let now = Instant::now();
+        let chain = r.plan(all(), 1, now, &mut rng).unwrap();
+        assert_eq!(chain.len(), 3);
+        assert_eq!(chain.iter().map(|h| h.layers.len()).sum::<u32>(), 6);
+        r.record_failure("b", now);
+        r.record_failure("b2", now);
+        assert!(r.plan(all(), 1, now, &mut rng).is_none());
+        let later = now + Duration::from_secs(61);
+        assert!(r.plan(all(), 1, later, &mut rng).is_some());
+    }
+
+    #[test]
+    fn uses_part_of_a_wider_peer_to_repair_a_span() {
+        let mut r = Router::new(RouterConfig::default());
+        r.set_peers(vec![peer("wide", 0, 6)]);
+        let chain = r
+            .plan(
+                LayerRange::new(2, 4).unwrap(),
+                1,
+                Instant::now(),
+                &mut StdRng::seed_from_u64(2),
+            )
+            .unwrap();
+        assert_eq!(
+            chain,
+            vec![Hop {
+                addr: "wide".into(),
+                node_id: "id-wide".into(),
+                layers: LayerRange::new(2, 4).unwrap()
+            }]
+        );
+    }
+
+    #[test]
+    fn deadline_follows_measured_rtt_and_compute() {
+        let mut r = Router::new(RouterConfig::default());
+        r.set_peers(vec![peer("a", 0, 6)]);
+        assert_eq!(r.deadline("a", 1), Duration::from_secs(30));
+        for _ in 0..20 {
+            r.record_success("a", Duration::from_millis(10), Duration::from_millis(8), 1);
+        }
+        assert_eq!(r.deadline("a", 1), Duration::from_millis(200));
+        for _ in 0..20 {
+            r.record_success(
+                "a",
+                Duration::from_millis(900),
+                Duration::from_millis(400),
+                1,
+            );
+        }
+        let d = r.deadline("a", 1);
+        assert!(d > Duration::from_millis(800), "{d:?}");
+    }
+
+    #[test]
+    fn sessions_spread_over_replicas() {
+        let mut r = Router::new(RouterConfig::default());
+        r.set_peers(vec![peer("x", 0, 6), peer("y", 0, 6)]);
+        let mut rng = StdRng::seed_from_u64(3);
+        let now = Instant::now();
+        let first = r.plan(all(), 1, now, &mut rng).unwrap()[0].addr.clone();
+        r.adjust_sessions(&first, 1);
+        let second = r.plan(all(), 1, now, &mut rng).unwrap()[0].addr.clone();
+        assert_ne!(first, second);
+    }
+}

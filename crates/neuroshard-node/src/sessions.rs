@@ -1,0 +1,211 @@
+//! Inference sessions on a node: one KV cache each, within a memory budget, expiring when idle.
+//!
+//! A call checks its session's cache out of the store (reserving the bytes its new tokens will
+//! take), computes off the reactor, and checks it back in. The store only does bookkeeping
+//! under a short lock; time comes in as `now`, so expiry is testable with paused time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use neuroshard_model::KvCache;
+use tokio::time::Instant;
+
+use crate::NodeError;
+
+/// Budget and lifetime of sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Bytes of KV cache all sessions together may hold.
+    pub budget_bytes: u64,
+    /// A session untouched this long is dropped.
+    pub idle_timeout: Duration,
+    /// KV bytes one token takes in one layer (keys and values).
+    pub bytes_per_token_layer: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// `None` while a call has it checked out.
+    cache: Option<KvCache>,
+    /// Token-layers held, or reserved while checked out.
+    token_layers: u64,
+    last_used: Instant,
+}
+
+/// A session's cache, out of the store for one call.
+#[derive(Debug)]
+pub struct Checkout {
+    /// The session.
+    pub id: String,
+    /// Its cache.
+    pub cache: KvCache,
+}
+
+/// All sessions of a node.
+#[derive(Debug)]
+pub struct SessionStore {
+    limits: SessionLimits,
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+impl SessionStore {
+    /// An empty store.
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            limits,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes session `id`'s cache for a call adding `tokens` positions at `start_pos` to
+    /// `layers` layers. A session is created by a call at position 0; a later position for an
+    /// unknown session is an error, and so is a call that would overflow the budget.
+    pub fn checkout(
+        &self,
+        id: &str,
+        start_pos: usize,
+        tokens: usize,
+        layers: usize,
+        now: Instant,
+    ) -> Result<(Checkout, bool), NodeError> {
+        let mut sessions = self.sessions.lock().expect("session lock");
+        let need = (tokens * layers) as u64;
+        let created = match sessions.get(id) {
+            None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
+            None => true,
+            Some(entry) if entry.cache.is_none() => {
+                return Err(NodeError::SessionBusy(id.to_string()));
+            }
+            Some(_) => false,
+        };
+        if self.held(&sessions) + need > self.budget_token_layers() {
+            Self::expire_locked(&mut sessions, self.limits.idle_timeout, now);
+            let held = self.held(&sessions);
+            if held + need > self.budget_token_layers() {
+                let mib = |t: u64| (t * self.limits.bytes_per_token_layer) as f64 / 1048576.0;
+                return Err(NodeError::CacheFull(format!(
+                    "KV cache budget of {:.1} MiB is full: {} sessions hold {:.1} MiB and this call needs {:.1} MiB more",
+                    self.limits.budget_bytes as f64 / 1048576.0,
+                    sessions.len(),
+                    mib(held),
+                    mib(need)
+                )));
+            }
+        }
+        let entry = sessions.entry(id.to_string()).or_insert_with(|| Entry {
+            cache: Some(KvCache::new()),
+            token_layers: 0,
+            last_used: now,
+        });
+        entry.token_layers += need;
+        entry.last_used = now;
+        let cache = entry.cache.take().expect("checked above");
+        Ok((
+            Checkout {
+                id: id.to_string(),
+                cache,
+            },
+            created,
+        ))
+    }
+
+    /// Returns a cache after a call (successful or not); an empty new session is dropped.
+    pub fn checkin(&self, checkout: Checkout, now: Instant) {
+        let mut sessions = self.sessions.lock().expect("session lock");
+        if checkout.cache.is_empty() {
+            sessions.remove(&checkout.id);
+            return;
+        }
+        if let Some(entry) = sessions.get_mut(&checkout.id) {
+            entry.token_layers = checkout.cache.token_layers() as u64;
+            entry.cache = Some(checkout.cache);
+            entry.last_used = now;
+        }
+    }
+
+    /// Drops a session; whether it existed.
+    pub fn end(&self, id: &str) -> bool {
+        self.sessions
+            .lock()
+            .expect("session lock")
+            .remove(id)
+            .is_some()
+    }
+
+    /// Drops sessions idle longer than the timeout; how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut sessions = self.sessions.lock().expect("session lock");
+        Self::expire_locked(&mut sessions, self.limits.idle_timeout, now)
+    }
+
+    fn expire_locked(sessions: &mut HashMap<String, Entry>, idle: Duration, now: Instant) -> usize {
+        let before = sessions.len();
+        sessions.retain(|_, e| e.cache.is_none() || now.duration_since(e.last_used) <= idle);
+        before - sessions.len()
+    }
+
+    /// Sessions held and their KV bytes.
+    pub fn usage(&self) -> (u64, u64) {
+        let sessions = self.sessions.lock().expect("session lock");
+        (
+            sessions.len() as u64,
+            self.held(&sessions) * self.limits.bytes_per_token_layer,
+        )
+    }
+
+    fn held(&self, sessions: &HashMap<String, Entry>) -> u64 {
+        sessions.values().map(|e| e.token_layers).sum()
+    }
+
+    fn budget_token_layers(&self) -> u64 {
+        self.limits.budget_bytes / self.limits.bytes_per_token_layer.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> SessionStore {
+        SessionStore::new(SessionLimits {
+            budget_bytes: 100 * 8,
+            idle_timeout: Duration::from_secs(60),
+            bytes_per_token_layer: 8,
+        })
+    }
+
+    #[test]
+    fn unknown_sessions_and_busy_sessions_are_refused() {
+        let s = store();
+        let now = Instant::now();
+        assert!(matches!(
+            s.checkout("a", 3, 1, 1, now),
+            Err(NodeError::UnknownSession(_))
+        ));
+        let (_held, created) = s.checkout("a", 0, 1, 1, now).unwrap();
+        assert!(created);
+        assert!(matches!(
+            s.checkout("a", 1, 1, 1, now),
+            Err(NodeError::SessionBusy(_))
+        ));
+    }
+
+    #[test]
+    fn budget_is_enforced_and_idle_sessions_make_room() {
+        let s = store();
+        let t0 = Instant::now();
+        let (c, _) = s.checkout("a", 0, 30, 3, t0).unwrap();
+        assert_eq!(s.usage().1, 90 * 8);
+        let err = s.checkout("b", 0, 20, 1, t0).unwrap_err();
+        assert!(matches!(err, NodeError::CacheFull(_)), "{err}");
+        assert!(err.to_string().contains("budget"));
+        // Give "a" back holding what it reserved, then let it go idle past the timeout.
+        let mut cache = c.cache;
+        cache.advance(0..3, 30);
+        s.checkin(Checkout { id: c.id, cache }, t0);
+        let later = t0 + Duration::from_secs(61);
+        assert!(s.checkout("b", 0, 20, 1, later).is_ok());
+        assert_eq!(s.usage().0, 1);
+    }
+}
