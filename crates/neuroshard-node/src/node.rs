@@ -193,7 +193,6 @@ impl NodeState {
             ));
         };
         self.sessions.checkin(checkout, Instant::now());
-        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
         let output = match out? {
             ShardOutput::Hidden(values) => {
                 let shape = [1, tokens, self.model.config.hidden_size];
@@ -212,6 +211,7 @@ impl NodeState {
                 )))
             }
         };
+        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
         Ok(pb::ForwardResponse {
             output: Some(output),
             compute_us: compute.as_micros() as u64,

@@ -1,0 +1,97 @@
+//! Helpers for NeuroShard's loopback tests: a model on disk, a tracker and nodes on ephemeral
+//! ports, and raw gRPC clients.
+
+use std::path::{Path, PathBuf};
+
+use neuroshard_base::LayerRange;
+use neuroshard_model::init::{ModelSpec, write_model};
+use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
+use neuroshard_node::tracker::{TrackerConfig, TrackerHandle, start_tracker};
+use neuroshard_proto::node_client::NodeClient;
+use tonic::transport::Channel;
+
+/// A model written to a temporary directory.
+pub struct TestModel {
+    dir: tempfile::TempDir,
+}
+
+impl TestModel {
+    /// Writes `spec` to a fresh temporary directory.
+    pub fn new(spec: &ModelSpec) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        write_model(dir.path(), spec).expect("model written");
+        Self { dir }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The directory, owned.
+    pub fn path_buf(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+/// A tracker and nodes on loopback.
+pub struct Swarm {
+    /// The tracker.
+    pub tracker: TrackerHandle,
+    /// The nodes, in start order.
+    pub nodes: Vec<NodeHandle>,
+}
+
+impl Swarm {
+    /// Starts a tracker and one node per range.
+    pub async fn start(model: &Path, ranges: &[(u32, u32)]) -> Self {
+        let tracker = start_tracker(TrackerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..TrackerConfig::default()
+        })
+        .await
+        .expect("tracker starts");
+        let mut swarm = Self {
+            tracker,
+            nodes: Vec::new(),
+        };
+        for &(start, end) in ranges {
+            swarm.add_node(model, start, end).await;
+        }
+        swarm
+    }
+
+    /// Starts one more node serving `start..end`.
+    pub async fn add_node(&mut self, model: &Path, start: u32, end: u32) -> &NodeHandle {
+        let mut config = NodeConfig::new(model, LayerRange::new(start, end).unwrap());
+        config.tracker = Some(self.tracker.url());
+        self.nodes
+            .push(start_node(config).await.expect("node starts"));
+        self.nodes.last().unwrap()
+    }
+
+    /// The node advertised at `addr`.
+    pub fn node_at(&self, addr: &str) -> &NodeHandle {
+        self.nodes
+            .iter()
+            .find(|n| n.advertised() == addr)
+            .expect("node with that address")
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
+        self.tracker.shutdown().await;
+    }
+}
+
+/// A raw gRPC client to a node.
+pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
+    NodeClient::connect(format!("http://{}", node.advertised()))
+        .await
+        .expect("connects")
+        .max_decoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(512 * 1024 * 1024)
+}

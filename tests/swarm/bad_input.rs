@@ -1,0 +1,253 @@
+//! Bad requests get clear gRPC errors, and the node keeps serving.
+
+use bytes::Bytes;
+use neuroshard_model::codec::{WireDType, encode};
+use neuroshard_model::init::ModelSpec;
+use neuroshard_node::convert::{span_to_proto, tensor_to_proto};
+use neuroshard_proto as pb;
+use neuroshard_tests::{Swarm, TestModel, node_client};
+use pb::forward_request::Input;
+use tonic::Code;
+
+const HIDDEN: usize = 64;
+
+fn request(session: &str, pos: u64, start: u32, end: u32, input: Input) -> pb::ForwardRequest {
+    pb::ForwardRequest {
+        session_id: session.into(),
+        start_pos: pos,
+        layers: Some(span_to_proto(
+            neuroshard_base::LayerRange::new(start, end).unwrap(),
+        )),
+        input: Some(input),
+        model_id: String::new(),
+        reply_dtype: 0,
+    }
+}
+
+fn hidden(tokens: usize) -> Input {
+    let values: Vec<f32> = (0..tokens * HIDDEN)
+        .map(|i| (i as f32 * 0.01).sin())
+        .collect();
+    Input::Hidden(tensor_to_proto(encode(
+        &values,
+        &[1, tokens, HIDDEN],
+        WireDType::F16,
+    )))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(2, 4)]).await;
+    let node = &swarm.nodes[0];
+    let mut client = node_client(node).await;
+
+    // A session that works, before and after every bad call.
+    let ok = client
+        .forward(request("good", 0, 2, 4, hidden(3)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        ok.output,
+        Some(pb::forward_response::Output::Logits(_))
+    ));
+
+    let expect = |result: Result<tonic::Response<pb::ForwardResponse>, tonic::Status>,
+                  code: Code,
+                  words: &str| {
+        let status = result.expect_err("the call must fail");
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(words),
+            "{:?} lacks {words:?}",
+            status.message()
+        );
+    };
+
+    // Malformed tensor: the payload is shorter than shape x dtype.
+    let Input::Hidden(mut t) = hidden(2) else {
+        unreachable!()
+    };
+    t.payload = Bytes::from_static(&[1, 2, 3]);
+    expect(
+        client
+            .forward(request("bad1", 0, 2, 4, Input::Hidden(t)))
+            .await,
+        Code::InvalidArgument,
+        "malformed tensor",
+    );
+
+    // Malformed tensor: a shape the model cannot take.
+    let Input::Hidden(mut t) = hidden(2) else {
+        unreachable!()
+    };
+    t.shape = vec![1, 4, 32];
+    expect(
+        client
+            .forward(request("bad2", 0, 2, 4, Input::Hidden(t)))
+            .await,
+        Code::InvalidArgument,
+        "[1, tokens, 64]",
+    );
+
+    // Oversized tensor, declared: rejected from its header, before any allocation.
+    let Input::Hidden(mut t) = hidden(1) else {
+        unreachable!()
+    };
+    t.shape = vec![1, 1 << 20, HIDDEN as u64];
+    t.raw_len = (1u64 << 20) * HIDDEN as u64 * 2;
+    expect(
+        client
+            .forward(request("bad3", 0, 2, 4, Input::Hidden(t)))
+            .await,
+        Code::InvalidArgument,
+        "cap",
+    );
+
+    // Oversized message, actually sent: tonic's decode limit refuses it.
+    let Input::Hidden(mut t) = hidden(1) else {
+        unreachable!()
+    };
+    t.payload = Bytes::from(vec![0u8; neuroshard_node::MAX_MESSAGE_BYTES + 1]);
+    let status = client
+        .forward(request("bad4", 0, 2, 4, Input::Hidden(t)))
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("message length too large"),
+        "{status:?}"
+    );
+
+    // Unknown session: a later position for a session this node never saw.
+    expect(
+        client.forward(request("ghost", 5, 2, 4, hidden(1))).await,
+        Code::NotFound,
+        "unknown session",
+    );
+
+    // Wrong layer: this node serves 2..4.
+    expect(
+        client.forward(request("good", 3, 0, 2, hidden(1))).await,
+        Code::InvalidArgument,
+        "this node serves 2..4",
+    );
+    expect(
+        client.forward(request("good", 3, 2, 5, hidden(1))).await,
+        Code::InvalidArgument,
+        "this node serves 2..4",
+    );
+
+    // Position gap: "good" holds 3 positions, so position 5 would leave a hole.
+    expect(
+        client.forward(request("good", 5, 2, 4, hidden(1))).await,
+        Code::OutOfRange,
+        "position gap",
+    );
+
+    // Token ids where hidden states belong.
+    let tokens = Input::Tokens(pb::TokenIds { ids: vec![1, 2] });
+    expect(
+        client.forward(request("bad5", 0, 2, 4, tokens)).await,
+        Code::InvalidArgument,
+        "layer 0",
+    );
+
+    // Still serving, with the good session intact at position 3.
+    let ok = client
+        .forward(request("good", 3, 2, 4, hidden(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        ok.output,
+        Some(pb::forward_response::Output::Logits(_))
+    ));
+    let ping = client.ping(pb::PingRequest {}).await.unwrap().into_inner();
+    let metrics = ping.metrics.unwrap();
+    assert_eq!(metrics.sessions, 1, "no bad call left a session behind");
+    assert_eq!(metrics.forward_calls, 2);
+    assert!(metrics.rpc_failures >= 8);
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_budget_answers_resource_exhausted() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let mut config = neuroshard_node::node::NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(2, 4).unwrap(),
+    );
+    // Tiny config: 2 kv heads x 16 dims x 2 (k, v) x 4 bytes = 256 bytes per token-layer;
+    // room for 40 token-layers, i.e. 20 tokens over this node's two layers.
+    config.kv_budget_bytes = 40 * 256;
+    let node = neuroshard_node::node::start_node(config).await.unwrap();
+    let mut client = node_client(&node).await;
+    client
+        .forward(request("a", 0, 2, 4, hidden(15)))
+        .await
+        .unwrap();
+    let status = client
+        .forward(request("b", 0, 2, 4, hidden(10)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("KV cache budget"), "{status:?}");
+    // Ending "a" frees its room.
+    client
+        .end_session(pb::EndSessionRequest {
+            session_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .forward(request("b", 0, 2, 4, hidden(10)))
+        .await
+        .unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_features_answer_unimplemented() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let mut client = node_client(&swarm.nodes[0]).await;
+    let status = client
+        .backward(pb::BackwardRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("training"), "{status:?}");
+    let status = client
+        .get_checkpoint(pb::CheckpointRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_config_and_tensors_disagree_is_refused() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let path = model.path().join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"hidden_size\": 64", "\"hidden_size\": 96");
+    std::fs::write(&path, text).unwrap();
+    let config = neuroshard_node::node::NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(0, 2).unwrap(),
+    );
+    let err = neuroshard_node::node::start_node(config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad model weights") && err.contains("config.json implies"),
+        "{err}"
+    );
+}

@@ -1,0 +1,142 @@
+//! Generation through a swarm against the local reference, with failover and replicas.
+
+use neuroshard_model::init::ModelSpec;
+use neuroshard_node::client::{ClientConfig, SwarmClient};
+use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_tests::{Swarm, TestModel};
+
+/// Largest difference allowed between a swarm logit and the local one. Hidden states cross
+/// each hop as f16 (11-bit mantissa, relative error ≤ 2^-11); over two hops of a model whose
+/// logits span about ±10 that moves logits by well under 0.05.
+const LOGIT_TOLERANCE: f32 = 0.05;
+
+const PROMPT: &[u32] = &[256, 84, 104, 101, 32, 115, 119, 97, 114, 109];
+
+async fn local_reference(model: &TestModel, tokens: usize) -> GenerationReport {
+    let mut local = LocalPipeline::load(model.path()).unwrap();
+    generate(&mut local, PROMPT, tokens, None, |_, _| {})
+        .await
+        .unwrap()
+}
+
+fn assert_same_generation(swarm: &GenerationReport, local: &GenerationReport) {
+    assert_eq!(swarm.generated_ids, local.generated_ids);
+    for (s, l) in swarm.steps.iter().zip(&local.steps) {
+        for ((sid, slogit), (lid, llogit)) in s.top5.iter().zip(&l.top5) {
+            assert_eq!(sid, lid, "top-5 ids differ");
+            assert!(
+                (slogit - llogit).abs() <= LOGIT_TOLERANCE,
+                "logit {slogit} vs {llogit}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_swarm_matches_local_generation() {
+    let model = TestModel::new(&ModelSpec::demo());
+    let expected = local_reference(&model, 24).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)]).await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, 24, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    let chain = session.chain();
+    assert_eq!(chain.len(), 3);
+    assert!(session.events().is_empty());
+    let timings = session.timings();
+    assert_eq!(timings.len(), 3);
+    assert!(timings.iter().all(|t| t.calls == 24));
+    session.close().await;
+    // Every node served each step once, and says so through Ping's metrics.
+    for node in &swarm.nodes {
+        let m = node.metrics();
+        assert_eq!(m.forward_calls, 24);
+        assert!(m.bytes_received > 0 && m.bytes_sent > 0);
+        assert_eq!(m.sessions, 0, "closing the session frees the caches");
+    }
+    let client_metrics = client.metrics();
+    assert_eq!(client_metrics.rpc_count, 72);
+    assert_eq!(client_metrics.pool_size, 3);
+    assert_eq!(
+        client_metrics.active_connections, 3,
+        "one reused channel per peer"
+    );
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_middle_node_mid_generation_keeps_the_tokens() {
+    let model = TestModel::new(&ModelSpec::demo());
+    let expected = local_reference(&model, 20).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)]).await;
+    swarm.add_node(model.path(), 2, 4).await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let mut victim = None;
+    let got = generate(&mut session, PROMPT, 20, None, |s, n| {
+        if n == 8 {
+            let middle = s.chain()[1].clone();
+            assert_eq!((middle.layers.start, middle.layers.end), (2, 4));
+            swarm.node_at(&middle.addr).kill();
+            victim = Some(middle.addr);
+        }
+    })
+    .await
+    .unwrap();
+    assert_same_generation(&got, &expected);
+    let victim = victim.unwrap();
+    assert_eq!(session.events().len(), 1, "{:?}", session.events());
+    assert!(session.events()[0].contains(&victim));
+    assert!(session.chain().iter().all(|h| h.addr != victim));
+    // Downstream kept its cache: the last node was never replayed to.
+    let last = swarm.nodes.iter().find(|n| n.layers().start == 4).unwrap();
+    assert_eq!(last.metrics().forward_calls, 20);
+    // The replacement got the whole history replayed with its positions, then the new steps.
+    let spare = swarm
+        .nodes
+        .iter()
+        .find(|n| n.layers().start == 2 && n.advertised() != victim)
+        .unwrap();
+    assert_eq!(spare.metrics().forward_calls, 8 + 12);
+    session.close().await;
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_replicas() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)]).await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let mut session = client.session();
+        generate(&mut session, PROMPT, 2, None, |_, _| {})
+            .await
+            .unwrap();
+        sessions.push(session);
+    }
+    let replicas: Vec<u64> = swarm
+        .nodes
+        .iter()
+        .filter(|n| n.layers().start == 2)
+        .map(|n| n.metrics().sessions_started)
+        .collect();
+    assert_eq!(
+        replicas,
+        vec![2, 2],
+        "four open sessions split evenly over two replicas"
+    );
+    for session in sessions {
+        session.close().await;
+    }
+    swarm.shutdown().await;
+}

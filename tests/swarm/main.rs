@@ -1,0 +1,5 @@
+//! Loopback swarm tests: one binary, one module per area.
+
+mod bad_input;
+mod generation;
+mod tracker;
