@@ -140,3 +140,56 @@ async fn sessions_spread_over_replicas() {
     }
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let expected = local_reference(&model, 6).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    // A peer that accepts connections and never says a word, announced for layers 2..4.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = black_hole.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            open.push(socket);
+        }
+    });
+    let mut tracker = neuroshard_proto::tracker_client::TrackerClient::connect(swarm.tracker.url())
+        .await
+        .unwrap();
+    let nodes = tracker
+        .list_peers(neuroshard_proto::ListPeersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
+    let mut fake = nodes[0].clone();
+    fake.node_id = "ff".repeat(32);
+    fake.addr = hole_addr.clone();
+    fake.layers = Some(neuroshard_proto::LayerSpan { start: 2, end: 4 });
+    tracker
+        .register(neuroshard_proto::RegisterRequest { node: Some(fake) })
+        .await
+        .unwrap();
+
+    let mut config = ClientConfig::new(swarm.tracker.url());
+    config.router.first_call_deadline = std::time::Duration::from_millis(300);
+    let client = SwarmClient::connect(config).await.unwrap();
+    // The real replica of 2..4 joins only now: the first plan can only use the silent peer.
+    swarm.add_node(model.path(), 2, 4).await;
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, 6, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    assert_eq!(session.events().len(), 1);
+    assert!(
+        session.events()[0].contains(&hole_addr) && session.events()[0].contains("deadline"),
+        "{:?}",
+        session.events()
+    );
+    session.close().await;
+    held.abort();
+    swarm.shutdown().await;
+}

@@ -472,8 +472,6 @@ impl SwarmSession<'_> {
         };
         let reply = async {
             let mut pooled = client.pool.client(&hop.addr).await?;
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(deadline);
             pooled.client.forward(request).await.map_err(remote)
         };
         let result = match tokio::time::timeout(deadline, reply).await {
