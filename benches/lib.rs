@@ -1,1 +1,47 @@
+//! Shared set-up of NeuroShard's benchmarks: models on disk, nodes on loopback, raw requests.
 
+use neuroshard_base::LayerRange;
+use neuroshard_model::codec::{WireDType, encode};
+use neuroshard_model::init::{ModelSpec, write_model};
+use neuroshard_node::convert::{span_to_proto, tensor_to_proto};
+use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
+use neuroshard_proto as pb;
+
+/// A model with hidden size 2048 and three thin layers: the benchmark serves the middle one, so a
+/// call takes and returns hidden states of the decode-step width at little compute.
+pub fn hop_model_spec() -> ModelSpec {
+    ModelSpec {
+        hidden: 2048,
+        intermediate: 256,
+        layers: 3,
+        heads: 16,
+        kv_heads: 4,
+        max_positions: 1024,
+        ..ModelSpec::demo()
+    }
+}
+
+/// Writes `spec` into a temporary directory.
+pub fn write_temp_model(spec: &ModelSpec) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    write_model(dir.path(), spec).expect("model written");
+    dir
+}
+
+/// Starts an unlisted node serving `start..end` of the model in `dir`.
+pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> NodeHandle {
+    start_node(NodeConfig::new(dir, LayerRange::new(start, end).unwrap())).await.expect("node starts")
+}
+
+/// A Forward request carrying `tokens` fp16 hidden states of width `hidden` at `pos`.
+pub fn hidden_request(session: &str, pos: u64, layers: LayerRange, tokens: usize, hidden: usize) -> pb::ForwardRequest {
+    let values: Vec<f32> = (0..tokens * hidden).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    pb::ForwardRequest {
+        session_id: session.into(),
+        start_pos: pos,
+        layers: Some(span_to_proto(layers)),
+        input: Some(pb::forward_request::Input::Hidden(tensor_to_proto(encode(&values, &[1, tokens, hidden], WireDType::F16)))),
+        model_id: String::new(),
+        reply_dtype: pb::Dtype::F16 as i32,
+    }
+}

@@ -1,1 +1,64 @@
-fn main() {}
+//! Per-hop Forward overhead on loopback, beside codec-only time.
+//!
+//! `rpc_overhead` is the wall time of a Forward call minus the compute time the node reports:
+//! client and server codec, protobuf, HTTP/2 and loopback TCP. `codec_only` is the tensor
+//! codec's share: encoding and decoding the request tensor and the reply tensor.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use neuroshard_base::LayerRange;
+use neuroshard_benches::{hidden_request, hop_model_spec, start_bench_node, write_temp_model};
+use neuroshard_model::codec::{WireDType, decode, encode};
+use neuroshard_proto::node_client::NodeClient;
+
+fn hop_overhead(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = write_temp_model(&hop_model_spec());
+    let hidden = hop_model_spec().hidden;
+    let middle = LayerRange::new(1, 2).unwrap();
+    let node = runtime.block_on(start_bench_node(dir.path(), 1, 2));
+    let mut client = runtime.block_on(async {
+        NodeClient::connect(format!("http://{}", node.advertised()))
+            .await
+            .unwrap()
+            .max_decoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
+    });
+    // A 16-token history so the decode step attends over a real cache.
+    runtime.block_on(client.forward(hidden_request("decode", 0, middle, 16, hidden))).unwrap();
+
+    let mut group = c.benchmark_group("hop");
+    group.sample_size(30).measurement_time(Duration::from_secs(8));
+    for (name, session, pos, tokens) in [("decode_1x2048_f16", "decode", 16, 1), ("prefill_512x2048_f16", "prefill", 0, 512)] {
+        let request = hidden_request(session, pos, middle, tokens, hidden);
+        group.bench_function(format!("{name}/rpc_overhead"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut overhead = Duration::ZERO;
+                    for _ in 0..iters {
+                        let started = Instant::now();
+                        let reply = client.forward(request.clone()).await.unwrap().into_inner();
+                        overhead += started.elapsed().saturating_sub(Duration::from_micros(reply.compute_us));
+                    }
+                    overhead
+                })
+            })
+        });
+        let values: Vec<f32> = (0..tokens * hidden).map(|i| (i as f32 * 0.001).sin()).collect();
+        let shape = [1, tokens, hidden];
+        group.bench_function(format!("{name}/codec_only"), |b| {
+            b.iter(|| {
+                for _ in 0..2 {
+                    let wire = encode(&values, &shape, WireDType::F16);
+                    std::hint::black_box(decode(&wire).unwrap());
+                }
+            })
+        });
+    }
+    group.finish();
+    runtime.block_on(node.shutdown());
+}
+
+criterion_group!(benches, hop_overhead);
+criterion_main!(benches);
