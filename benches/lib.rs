@@ -30,17 +30,31 @@ pub fn write_temp_model(spec: &ModelSpec) -> tempfile::TempDir {
 
 /// Starts an unlisted node serving `start..end` of the model in `dir`.
 pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> NodeHandle {
-    start_node(NodeConfig::new(dir, LayerRange::new(start, end).unwrap())).await.expect("node starts")
+    start_node(NodeConfig::new(dir, LayerRange::new(start, end).unwrap()))
+        .await
+        .expect("node starts")
 }
 
 /// A Forward request carrying `tokens` fp16 hidden states of width `hidden` at `pos`.
-pub fn hidden_request(session: &str, pos: u64, layers: LayerRange, tokens: usize, hidden: usize) -> pb::ForwardRequest {
-    let values: Vec<f32> = (0..tokens * hidden).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+pub fn hidden_request(
+    session: &str,
+    pos: u64,
+    layers: LayerRange,
+    tokens: usize,
+    hidden: usize,
+) -> pb::ForwardRequest {
+    let values: Vec<f32> = (0..tokens * hidden)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
     pb::ForwardRequest {
         session_id: session.into(),
         start_pos: pos,
         layers: Some(span_to_proto(layers)),
-        input: Some(pb::forward_request::Input::Hidden(tensor_to_proto(encode(&values, &[1, tokens, hidden], WireDType::F16)))),
+        input: Some(pb::forward_request::Input::Hidden(tensor_to_proto(encode(
+            &values,
+            &[1, tokens, hidden],
+            WireDType::F16,
+        )))),
         model_id: String::new(),
         reply_dtype: pb::Dtype::F16 as i32,
     }

@@ -26,11 +26,18 @@ fn hop_overhead(c: &mut Criterion) {
             .max_encoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
     });
     // A 16-token history so the decode step attends over a real cache.
-    runtime.block_on(client.forward(hidden_request("decode", 0, middle, 16, hidden))).unwrap();
+    runtime
+        .block_on(client.forward(hidden_request("decode", 0, middle, 16, hidden)))
+        .unwrap();
 
     let mut group = c.benchmark_group("hop");
-    group.sample_size(30).measurement_time(Duration::from_secs(8));
-    for (name, session, pos, tokens) in [("decode_1x2048_f16", "decode", 16, 1), ("prefill_512x2048_f16", "prefill", 0, 512)] {
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(8));
+    for (name, session, pos, tokens) in [
+        ("decode_1x2048_f16", "decode", 16, 1),
+        ("prefill_512x2048_f16", "prefill", 0, 512),
+    ] {
         let request = hidden_request(session, pos, middle, tokens, hidden);
         group.bench_function(format!("{name}/rpc_overhead"), |b| {
             b.iter_custom(|iters| {
@@ -39,13 +46,17 @@ fn hop_overhead(c: &mut Criterion) {
                     for _ in 0..iters {
                         let started = Instant::now();
                         let reply = client.forward(request.clone()).await.unwrap().into_inner();
-                        overhead += started.elapsed().saturating_sub(Duration::from_micros(reply.compute_us));
+                        overhead += started
+                            .elapsed()
+                            .saturating_sub(Duration::from_micros(reply.compute_us));
                     }
                     overhead
                 })
             })
         });
-        let values: Vec<f32> = (0..tokens * hidden).map(|i| (i as f32 * 0.001).sin()).collect();
+        let values: Vec<f32> = (0..tokens * hidden)
+            .map(|i| (i as f32 * 0.001).sin())
+            .collect();
         let shape = [1, tokens, hidden];
         group.bench_function(format!("{name}/codec_only"), |b| {
             b.iter(|| {

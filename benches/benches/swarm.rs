@@ -22,16 +22,26 @@ fn swarm_vs_local(c: &mut Criterion) {
     let dir = write_temp_model(&ModelSpec::bench());
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| 65 + i % 26).collect();
     let (tracker, nodes) = runtime.block_on(async {
-        let tracker = start_tracker(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() }).await.unwrap();
+        let tracker = start_tracker(TrackerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..TrackerConfig::default()
+        })
+        .await
+        .unwrap();
         let mut nodes = Vec::new();
         for (start, end) in [(0, 2), (2, 4), (4, 6)] {
-            let mut config = NodeConfig::new(dir.path(), neuroshard_base::LayerRange::new(start, end).unwrap());
+            let mut config = NodeConfig::new(
+                dir.path(),
+                neuroshard_base::LayerRange::new(start, end).unwrap(),
+            );
             config.tracker = Some(tracker.url());
             nodes.push(start_node(config).await.unwrap());
         }
         (tracker, nodes)
     });
-    let client = runtime.block_on(SwarmClient::connect(ClientConfig::new(tracker.url()))).unwrap();
+    let client = runtime
+        .block_on(SwarmClient::connect(ClientConfig::new(tracker.url())))
+        .unwrap();
     let mut session = client.session();
     let mut local = LocalPipeline::load(dir.path()).unwrap();
     runtime.block_on(async {
@@ -40,9 +50,15 @@ fn swarm_vs_local(c: &mut Criterion) {
     });
 
     let mut group = c.benchmark_group("decode_token");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
-    group.bench_function("local", |b| b.iter(|| runtime.block_on(local.step(PROMPT_LEN, &[66])).unwrap()));
-    group.bench_function("swarm_3_nodes", |b| b.iter(|| runtime.block_on(session.step(PROMPT_LEN, &[66])).unwrap()));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("local", |b| {
+        b.iter(|| runtime.block_on(local.step(PROMPT_LEN, &[66])).unwrap())
+    });
+    group.bench_function("swarm_3_nodes", |b| {
+        b.iter(|| runtime.block_on(session.step(PROMPT_LEN, &[66])).unwrap())
+    });
     group.finish();
 
     let (mut local_time, mut swarm_time) = (Duration::ZERO, Duration::ZERO);
