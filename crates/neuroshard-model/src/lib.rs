@@ -93,12 +93,7 @@ impl ModelInfo {
         let config = LlamaConfig::from_json(&text)?;
         let mut hash = Sha256::new();
         hash.update(text.as_bytes());
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| ModelError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
+        let files = weights::safetensors_files(dir)?;
         for file in files {
             hash.update(safetensors_header(&file)?);
         }

@@ -16,6 +16,17 @@ use crate::codec::{WireDType, widen_le};
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// The `*.safetensors` files of a model directory, sorted by name.
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// One `*.safetensors` file: its handle and where its data section starts.
 #[derive(Debug)]
 struct WeightFile {
@@ -34,12 +45,7 @@ pub struct WeightFiles {
 impl WeightFiles {
     /// Indexes every `*.safetensors` file in `dir` (reading headers only).
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| ModelError::io(dir, e))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
-            .collect();
-        paths.sort();
+        let paths = safetensors_files(dir)?;
         if paths.is_empty() {
             return Err(ModelError::Weights(format!(
                 "{} holds no *.safetensors file",

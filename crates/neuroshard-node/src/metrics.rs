@@ -136,49 +136,44 @@ impl Metrics {
     }
 }
 
-impl From<MetricsSnapshot> for pb::Metrics {
-    fn from(m: MetricsSnapshot) -> Self {
-        pb::Metrics {
-            active_connections: m.active_connections,
-            pool_size: m.pool_size,
-            bytes_sent: m.bytes_sent,
-            bytes_received: m.bytes_received,
-            rpc_count: m.rpc_count,
-            rpc_failures: m.rpc_failures,
-            rpc_success_rate: m.rpc_success_rate,
-            rpc_latency_p50_ms: m.rpc_latency_p50_ms,
-            rpc_latency_p99_ms: m.rpc_latency_p99_ms,
-            peer_count: m.peer_count,
-            healthy_peers: m.healthy_peers,
-            sessions: m.sessions,
-            kv_cache_bytes: m.kv_cache_bytes,
-            forward_calls: m.forward_calls,
-            sessions_started: m.sessions_started,
+/// Converts between two structs with the same metric fields, both ways.
+macro_rules! convert_fields {
+    ($a:ty, $b:ty, [$($field:ident),* $(,)?]) => {
+        impl From<$a> for $b {
+            fn from(m: $a) -> Self {
+                Self { $($field: m.$field),* }
+            }
         }
-    }
+
+        impl From<$b> for $a {
+            fn from(m: $b) -> Self {
+                Self { $($field: m.$field),* }
+            }
+        }
+    };
 }
 
-impl From<pb::Metrics> for MetricsSnapshot {
-    fn from(m: pb::Metrics) -> Self {
-        MetricsSnapshot {
-            active_connections: m.active_connections,
-            pool_size: m.pool_size,
-            bytes_sent: m.bytes_sent,
-            bytes_received: m.bytes_received,
-            rpc_count: m.rpc_count,
-            rpc_failures: m.rpc_failures,
-            rpc_success_rate: m.rpc_success_rate,
-            rpc_latency_p50_ms: m.rpc_latency_p50_ms,
-            rpc_latency_p99_ms: m.rpc_latency_p99_ms,
-            peer_count: m.peer_count,
-            healthy_peers: m.healthy_peers,
-            sessions: m.sessions,
-            kv_cache_bytes: m.kv_cache_bytes,
-            forward_calls: m.forward_calls,
-            sessions_started: m.sessions_started,
-        }
-    }
-}
+convert_fields!(
+    MetricsSnapshot,
+    pb::Metrics,
+    [
+        active_connections,
+        pool_size,
+        bytes_sent,
+        bytes_received,
+        rpc_count,
+        rpc_failures,
+        rpc_success_rate,
+        rpc_latency_p50_ms,
+        rpc_latency_p99_ms,
+        peer_count,
+        healthy_peers,
+        sessions,
+        kv_cache_bytes,
+        forward_calls,
+        sessions_started,
+    ]
+);
 
 #[cfg(test)]
 mod tests {
