@@ -26,6 +26,15 @@ cargo fmt --all -- --check
 echo "== clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== demo with failover"
-cargo run --locked -q -p neuroshard-node --bin neuroshard -- demo --kill-one --max-new-tokens 16
+cargo build --locked -q -p neuroshard-node --bin neuroshard
+"$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 16
+echo "== separate processes: tracker, nodes, generate"
+./scripts/cli-smoke.sh "$CARGO_TARGET_DIR/debug/neuroshard"
 echo "== tests"
-cargo test --workspace --locked
+log="$(mktemp)"
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

@@ -2,4 +2,5 @@
 
 mod bad_input;
 mod generation;
+mod pool;
 mod tracker;

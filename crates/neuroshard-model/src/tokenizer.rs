@@ -71,4 +71,21 @@ mod tests {
         with_special.push(BYTE_EOS);
         assert_eq!(t.decode(&with_special).unwrap(), "héllo");
     }
+
+    #[test]
+    fn reads_a_hugging_face_tokenizer_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel",
+            "vocab":{"[UNK]":0,"hello":1,"swarm":2},"unk_token":"[UNK]"}}"#;
+        std::fs::write(dir.path().join("tokenizer.json"), json).unwrap();
+        let t = TextTokenizer::for_model_dir(dir.path()).unwrap();
+        assert!(matches!(t, TextTokenizer::HuggingFace(_)));
+        assert_eq!(t.encode("hello swarm nope").unwrap(), vec![1, 2, 0]);
+        assert_eq!(t.decode(&[1, 2]).unwrap(), "hello swarm");
+        std::fs::write(dir.path().join("tokenizer.json"), "{broken").unwrap();
+        let err = TextTokenizer::for_model_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
 }

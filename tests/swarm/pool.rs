@@ -1,0 +1,55 @@
+//! The connection pool: reuse, a cap per peer, idle close, reconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use neuroshard_model::init::ModelSpec;
+use neuroshard_node::metrics::Metrics;
+use neuroshard_node::pool::{ConnectionPool, PoolConfig};
+use neuroshard_proto as pb;
+use neuroshard_tests::{Swarm, TestModel};
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_reused_capped_closed_when_idle_and_reopened() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let addr = swarm.nodes[0].advertised().to_string();
+    let metrics = Arc::new(Metrics::default());
+    let pool = ConnectionPool::new(PoolConfig::default(), metrics.clone());
+
+    // Sequential calls share one channel.
+    for _ in 0..3 {
+        let mut c = pool.client(&addr).await.unwrap();
+        c.client.ping(pb::PingRequest {}).await.unwrap();
+    }
+    assert_eq!(pool.channels_to(&addr), 1);
+
+    // Calls held open at once get more channels, never more than three.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.client(&addr).await.unwrap());
+    }
+    assert_eq!(pool.channels_to(&addr), 3);
+    for c in &mut held {
+        c.client.ping(pb::PingRequest {}).await.unwrap();
+    }
+    let snapshot = metrics.snapshot(0, 0);
+    assert_eq!((snapshot.active_connections, snapshot.pool_size), (3, 1));
+
+    // Busy channels survive the reaper; idle ones are closed after the idle timeout.
+    let later = Instant::now() + Duration::from_secs(61);
+    assert_eq!(pool.reap(later), 0);
+    drop(held);
+    assert_eq!(pool.reap(Instant::now() + Duration::from_secs(30)), 0);
+    assert_eq!(pool.reap(later), 1);
+    assert_eq!(pool.channels_to(&addr), 0);
+    assert_eq!(metrics.snapshot(0, 0).active_connections, 0);
+
+    // The next call reconnects.
+    let mut c = pool.client(&addr).await.unwrap();
+    c.client.ping(pb::PingRequest {}).await.unwrap();
+    assert_eq!(pool.channels_to(&addr), 1);
+    drop(c);
+    swarm.shutdown().await;
+}
