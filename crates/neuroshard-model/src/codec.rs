@@ -223,45 +223,53 @@ pub fn decode(tensor: &WireTensor) -> Result<Vec<f32>, CodecError> {
 pub(crate) fn narrow_le(values: &[f32], dtype: WireDType) -> Vec<u8> {
     match dtype {
         WireDType::F32 => bytemuck::cast_slice(values).to_vec(),
-        WireDType::F16 => {
-            let mut half = vec![f16::ZERO; values.len()];
-            half.convert_from_f32_slice(values);
-            bytemuck::cast_slice(&half).to_vec()
-        }
-        WireDType::BF16 => {
-            let mut half = vec![bf16::ZERO; values.len()];
-            half.convert_from_f32_slice(values);
-            bytemuck::cast_slice(&half).to_vec()
-        }
+        WireDType::F16 => narrow_half::<f16>(values),
+        WireDType::BF16 => narrow_half::<bf16>(values),
     }
+}
+
+fn narrow_half<H: bytemuck::Pod>(values: &[f32]) -> Vec<u8>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut half = vec![H::zeroed(); values.len()];
+    half.convert_from_f32_slice(values);
+    bytemuck::cast_slice(&half).to_vec()
 }
 
 /// Widens little-endian `dtype` bytes to f32 (shared by the codec and the weight loader).
 pub(crate) fn widen_le(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
     match dtype {
-        WireDType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        WireDType::F16 => {
-            let half: Vec<f16> = bytes
+        WireDType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(values) => values.to_vec(),
+            Err(_) => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        },
+        WireDType::F16 => widen_half(bytes, f16::from_le_bytes),
+        WireDType::BF16 => widen_half(bytes, bf16::from_le_bytes),
+    }
+}
+
+/// Half-precision bytes to f32: in place when the buffer is aligned (it almost always is),
+/// through a copy otherwise.
+fn widen_half<H: bytemuck::Pod>(bytes: &[u8], from_le: fn([u8; 2]) -> H) -> Vec<f32>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut out = vec![0f32; bytes.len() / 2];
+    match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(halves) => halves.convert_to_f32_slice(&mut out),
+        Err(_) => {
+            let halves: Vec<H> = bytes
                 .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .map(|c| from_le([c[0], c[1]]))
                 .collect();
-            let mut out = vec![0f32; half.len()];
-            half.convert_to_f32_slice(&mut out);
-            out
-        }
-        WireDType::BF16 => {
-            let half: Vec<bf16> = bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            let mut out = vec![0f32; half.len()];
-            half.convert_to_f32_slice(&mut out);
-            out
+            halves.convert_to_f32_slice(&mut out);
         }
     }
+    out
 }
 
 #[cfg(test)]
