@@ -35,6 +35,14 @@ pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> No
         .expect("node starts")
 }
 
+/// `n` values spread like activations: uniform noise in [-2, 2), which (like real hidden
+/// states) lz4 cannot shrink, so the codec's probe keeps them raw.
+pub fn activations(n: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+}
+
 /// A Forward request carrying `tokens` fp16 hidden states of width `hidden` at `pos`.
 pub fn hidden_request(
     session: &str,
@@ -43,9 +51,7 @@ pub fn hidden_request(
     tokens: usize,
     hidden: usize,
 ) -> pb::ForwardRequest {
-    let values: Vec<f32> = (0..tokens * hidden)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
+    let values = activations(tokens * hidden);
     pb::ForwardRequest {
         session_id: session.into(),
         start_pos: pos,

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use neuroshard_base::LayerRange;
-use neuroshard_benches::{hidden_request, hop_model_spec, start_bench_node, write_temp_model};
+use neuroshard_benches::{
+    activations, hidden_request, hop_model_spec, start_bench_node, write_temp_model,
+};
 use neuroshard_model::codec::{WireDType, decode, encode};
 use neuroshard_proto::node_client::NodeClient;
 
@@ -55,9 +57,7 @@ fn hop_overhead(c: &mut Criterion) {
                 })
             })
         });
-        let values: Vec<f32> = (0..tokens * hidden)
-            .map(|i| (i as f32 * 0.001).sin())
-            .collect();
+        let values = activations(tokens * hidden);
         let shape = [1, tokens, hidden];
         let payload = vec![1u8; tokens * hidden * 2];
         group.bench_function(format!("{name}/memcpy"), |b| {

@@ -193,3 +193,46 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
     held.abort();
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_request_fails_without_banning_healthy_peers() {
+    let model = TestModel::new(&ModelSpec {
+        max_positions: 1024,
+        ..ModelSpec::tiny()
+    });
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let err = session.forward(0, &[9999]).await.unwrap_err().to_string();
+    assert!(err.contains("9999") && err.contains("vocabulary"), "{err}");
+    assert!(
+        session.events().is_empty(),
+        "no failover for the caller's own mistake"
+    );
+    let m = client.metrics();
+    assert_eq!((m.peer_count, m.healthy_peers), (2, 2));
+    // The same session goes on at the same position with a valid token.
+    let logits = session.forward(0, &[1, 2, 3]).await.unwrap();
+    assert_eq!(logits.len(), neuroshard_model::BYTE_VOCAB);
+    // A prompt longer than one call is sent in chunks and matches the local model.
+    let long: Vec<u32> = (0..neuroshard_node::client::PREFILL_CHUNK_TOKENS as u32 + 40)
+        .map(|i| i % 250)
+        .collect();
+    let mut local = LocalPipeline::load(model.path()).unwrap();
+    let expected = neuroshard_node::generate::Pipeline::step(&mut local, 0, &long)
+        .await
+        .unwrap();
+    let mut chunked = client.session();
+    let got = chunked.forward(0, &long).await.unwrap();
+    let worst = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= LOGIT_TOLERANCE, "{worst}");
+    session.close().await;
+    chunked.close().await;
+    swarm.shutdown().await;
+}

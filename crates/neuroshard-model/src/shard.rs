@@ -145,10 +145,10 @@ impl Shard {
         let config = &self.info.config;
         self.check_request(&layers, input)?;
         let tokens = input.tokens(config.hidden_size);
-        if start_pos + tokens > config.max_position_embeddings {
+        if start_pos.saturating_add(tokens) > config.max_position_embeddings {
             return Err(ModelError::Request(format!(
                 "positions {start_pos}..{} exceed max_position_embeddings {}",
-                start_pos + tokens,
+                start_pos.saturating_add(tokens),
                 config.max_position_embeddings
             )));
         }

@@ -31,6 +31,13 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
 
+/// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
+const MAX_TRACKER_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Tokens sent per Forward call when a prompt is longer: under the node's per-call cap, and
+/// small enough that a prefill streams through the chain in pieces.
+pub const PREFILL_CHUNK_TOKENS: usize = 512;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -89,7 +96,8 @@ impl SwarmClient {
         pool.spawn_reaper();
         let mut client = Self {
             router: Mutex::new(Router::new(config.router)),
-            tracker: TrackerClient::new(endpoint.connect_lazy()),
+            tracker: TrackerClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_TRACKER_REPLY_BYTES),
             pool,
             metrics,
             model_id: String::new(),
@@ -173,6 +181,7 @@ impl SwarmClient {
             timings: BTreeMap::new(),
             events: Vec::new(),
             failovers_left: 0,
+            broken: None,
         }
     }
 
@@ -292,6 +301,8 @@ pub struct SwarmSession<'c> {
     timings: BTreeMap<(LayerRange, String), HopTiming>,
     events: Vec<String>,
     failovers_left: usize,
+    /// Set when a failover could not restore the chain; the session cannot continue.
+    broken: Option<String>,
 }
 
 impl SwarmSession<'_> {
@@ -316,7 +327,17 @@ impl SwarmSession<'_> {
     }
 
     /// Runs the new tokens at `start_pos` through the whole chain; logits of the last one.
+    /// Long inputs go in chunks of [`PREFILL_CHUNK_TOKENS`].
     pub async fn forward(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        if let Some(why) = &self.broken {
+            return Err(NodeError::NoRoute(format!(
+                "session {} is broken: {why}",
+                self.id
+            )));
+        }
+        if ids.is_empty() {
+            return Err(NodeError::BadRequest("no tokens to run".into()));
+        }
         if self.chain.is_empty() {
             let all = LayerRange::new(0, self.client.total_layers)
                 .map_err(|e| NodeError::NoRoute(e.to_string()))?;
@@ -329,21 +350,29 @@ impl SwarmSession<'_> {
                 })
                 .collect();
         }
-        self.failovers_left = self.client.config.max_failovers_per_step;
-        match self
-            .run_from(
-                0,
-                self.client.total_layers,
-                start_pos,
-                HopInput::Tokens(ids.to_vec()),
-            )
-            .await?
-        {
-            HopOutput::Logits(logits) => Ok(logits),
-            HopOutput::Hidden(_) => Err(NodeError::BadRequest(
-                "the chain ended without logits".into(),
-            )),
+        let mut logits = Vec::new();
+        for (n, chunk) in ids.chunks(PREFILL_CHUNK_TOKENS).enumerate() {
+            let pos = start_pos + n * PREFILL_CHUNK_TOKENS;
+            self.failovers_left = self.client.config.max_failovers_per_step;
+            let input = HopInput::Tokens(chunk.to_vec());
+            let out = self.run_from(0, self.client.total_layers, pos, input).await;
+            match out {
+                Ok(HopOutput::Logits(l)) => logits = l,
+                Ok(HopOutput::Hidden(_)) => {
+                    return Err(NodeError::BadRequest(
+                        "the chain ended without logits".into(),
+                    ));
+                }
+                Err(err) => {
+                    if self.broken.is_none() && !is_peer_fault(&err) {
+                        return Err(err);
+                    }
+                    self.broken.get_or_insert_with(|| err.to_string());
+                    return Err(err);
+                }
+            }
         }
+        Ok(logits)
     }
 
     async fn plan_or_refresh(
@@ -394,29 +423,43 @@ impl SwarmSession<'_> {
                             }
                         }
                     }
-                    Err(err) => self.fail_over(i, err).await?,
+                    Err(err) if is_peer_fault(&err) => self.fail_over(i, err).await?,
+                    Err(err) => return Err(err),
                 }
             }
         })
     }
 
     /// Replaces hop `i` after `err`: ban, re-plan its span, replay its log to the replacement.
+    /// On failure the session is marked broken, since its chain no longer holds every cache.
     async fn fail_over(&mut self, i: usize, err: NodeError) -> Result<(), NodeError> {
+        let result = self.try_fail_over(i, err).await;
+        if let Err(e) = &result {
+            self.broken.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+
+    async fn try_fail_over(&mut self, i: usize, err: NodeError) -> Result<(), NodeError> {
         if self.failovers_left == 0 {
             return Err(err);
         }
         self.failovers_left -= 1;
-        let broken = self.chain.remove(i);
-        let addr = broken.hop.addr.clone();
+        let addr = self.chain[i].hop.addr.clone();
+        let span = self.chain[i].hop.layers;
         {
             let mut router = self.client.router.lock().expect("router lock");
             router.record_failure(&addr, Instant::now());
-            router.adjust_sessions(&addr, -1);
             self.client.update_peer_gauges(&router);
         }
         self.client.pool.evict(&addr);
-        let span = broken.hop.layers;
         let hops = self.plan_or_refresh(span, 1).await?;
+        let broken = self.chain.remove(i);
+        self.client
+            .router
+            .lock()
+            .expect("router lock")
+            .adjust_sessions(&addr, -1);
         self.events.push(format!(
             "hop {span} on {addr} failed ({err}); replaying {} calls to {}",
             broken.log.len(),
@@ -518,24 +561,71 @@ impl SwarmSession<'_> {
     }
 
     /// Frees the session's caches on every hop (best effort) and its router placements.
-    pub async fn close(self) {
-        for hop in &self.chain {
-            self.client
-                .router
-                .lock()
-                .expect("router lock")
-                .adjust_sessions(&hop.hop.addr, -1);
-            if let Ok(mut pooled) = self.client.pool.client(&hop.hop.addr).await {
-                let request = pb::EndSessionRequest {
-                    session_id: self.id.clone(),
-                };
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    pooled.client.end_session(request),
-                )
-                .await;
-            }
+    pub async fn close(mut self) {
+        let chain = self.release();
+        for hop in chain {
+            end_remote_session(&self.client.pool, &hop.addr, &self.id).await;
         }
+    }
+
+    /// Takes the chain and removes its placements from the router.
+    fn release(&mut self) -> Vec<Hop> {
+        let chain: Vec<Hop> = std::mem::take(&mut self.chain)
+            .into_iter()
+            .map(|h| h.hop)
+            .collect();
+        let mut router = self.client.router.lock().expect("router lock");
+        for hop in &chain {
+            router.adjust_sessions(&hop.addr, -1);
+        }
+        chain
+    }
+}
+
+/// A session dropped without [`SwarmSession::close`] (an error, an early return) still frees
+/// its router placements, and its remote caches in the background.
+impl Drop for SwarmSession<'_> {
+    fn drop(&mut self) {
+        let chain = self.release();
+        if chain.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = self.client.pool.clone();
+            let id = self.id.clone();
+            runtime.spawn(async move {
+                for hop in chain {
+                    end_remote_session(&pool, &hop.addr, &id).await;
+                }
+            });
+        }
+    }
+}
+
+/// Asks `addr` to drop session `id`'s cache, giving up after a second.
+async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
+    if let Ok(mut pooled) = pool.client(addr).await {
+        let request = pb::EndSessionRequest {
+            session_id: id.to_string(),
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), pooled.client.end_session(request)).await;
+    }
+}
+
+/// Whether an error is the peer's (so another peer may do better) rather than the request's.
+fn is_peer_fault(err: &NodeError) -> bool {
+    use tonic::Code;
+    match err {
+        NodeError::Connect { .. } => true,
+        NodeError::Remote { status, .. } => !matches!(
+            status.code(),
+            Code::InvalidArgument
+                | Code::OutOfRange
+                | Code::FailedPrecondition
+                | Code::PermissionDenied
+        ),
+        _ => false,
     }
 }
 

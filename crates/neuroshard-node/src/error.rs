@@ -18,9 +18,9 @@ pub enum NodeError {
     /// Another call of the same session is still running.
     #[error("session {0:?} is busy with another call")]
     SessionBusy(String),
-    /// The KV cache budget cannot take the request.
+    /// A capacity limit is reached (KV cache budget, tracker size).
     #[error("{0}")]
-    CacheFull(String),
+    Full(String),
     /// The model refused or failed the request.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -78,7 +78,7 @@ impl From<NodeError> for tonic::Status {
             }
             NodeError::UnknownSession(_) => Code::NotFound,
             NodeError::SessionBusy(_) => Code::Aborted,
-            NodeError::CacheFull(_) => Code::ResourceExhausted,
+            NodeError::Full(_) => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,
             NodeError::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => {
                 Code::InvalidArgument

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use neuroshard_base::{LayerRange, NodeId};
@@ -31,6 +31,14 @@ use crate::convert::{
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::{MAX_MESSAGE_BYTES, NodeError};
+
+/// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
+/// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
+pub const MAX_TOKENS_PER_CALL: usize = 2048;
+
+/// Calls one connection may have in flight; a client pools up to three connections, so this
+/// bounds what one peer can make the node decode at once.
+const MAX_CALLS_PER_CONNECTION: usize = 16;
 
 /// Longest session id accepted: ids are client-chosen keys, not payloads.
 const MAX_SESSION_ID_BYTES: usize = 128;
@@ -132,7 +140,10 @@ impl NodeState {
         self.metrics.snapshot(sessions, bytes)
     }
 
-    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardResponse, NodeError> {
+    async fn forward(
+        self: Arc<Self>,
+        req: pb::ForwardRequest,
+    ) -> Result<pb::ForwardResponse, NodeError> {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
         }
@@ -163,6 +174,11 @@ impl NodeState {
         let start_pos = usize::try_from(req.start_pos)
             .map_err(|_| NodeError::BadRequest("start_pos is out of range".into()))?;
         let tokens = input.tokens(self.model.config.hidden_size);
+        if tokens > MAX_TOKENS_PER_CALL {
+            return Err(NodeError::BadRequest(format!(
+                "{tokens} tokens in one call; send at most {MAX_TOKENS_PER_CALL} per call"
+            )));
+        }
         let (mut checkout, created) = self.sessions.checkout(
             &req.session_id,
             start_pos,
@@ -176,23 +192,33 @@ impl NodeState {
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.busy.fetch_add(1, Ordering::Relaxed);
-        let shard = self.shard.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        // The blocking task owns the whole call, check-in included, so a caller that gives up
+        // (and drops this future) cannot leave the session checked out.
+        let state = self.clone();
+        let computed = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let shard = shard.lock().expect("shard lock");
-            let out = shard.forward(&mut checkout.cache, start_pos, layers.to_range(), &input);
-            (checkout, out, started.elapsed())
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
+                shard.forward(&mut checkout.cache, start_pos, layers.to_range(), &input)
+            }));
+            let compute = started.elapsed();
+            state.busy.fetch_sub(1, Ordering::Relaxed);
+            match out {
+                Ok(out) => {
+                    state.sessions.checkin(checkout, Instant::now());
+                    Ok((out, compute))
+                }
+                Err(_) => {
+                    state.sessions.abandon(checkout);
+                    Err(NodeError::BadRequest(
+                        "compute failed; the session was dropped".into(),
+                    ))
+                }
+            }
         })
-        .await;
-        self.busy.fetch_sub(1, Ordering::Relaxed);
-        let Ok((checkout, out, compute)) = joined else {
-            // The compute task panicked and took the cache with it.
-            self.sessions.end(&req.session_id);
-            return Err(NodeError::BadRequest(
-                "compute failed; the session was dropped".into(),
-            ));
-        };
-        self.sessions.checkin(checkout, Instant::now());
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?;
+        let (out, compute) = computed?;
         let output = match out? {
             ShardOutput::Hidden(values) => {
                 let shape = [1, tokens, self.model.config.hidden_size];
@@ -266,7 +292,7 @@ impl Node for NodeService {
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         let started = std::time::Instant::now();
         let received = request.get_ref().encoded_len();
-        let result = self.state.forward(request.into_inner()).await;
+        let result = self.state.clone().forward(request.into_inner()).await;
         let sent = result.as_ref().map_or(0, |r| r.encoded_len());
         self.state.metrics.record_bytes(sent, received);
         self.state
@@ -473,6 +499,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let shutdown = cancel.clone();
     let server = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
             .add_service(service)
             .serve_with_incoming_shutdown(crate::incoming(listener), shutdown.cancelled_owned())
             .await;

@@ -85,32 +85,35 @@ impl ConnectionPool {
     /// A client to `addr`: an idle pooled channel, else a new one while under the cap, else the
     /// least busy pooled channel.
     pub async fn client(&self, addr: &str) -> Result<PooledClient, NodeError> {
-        if let Some(client) = self.reuse(addr, false) {
+        if let Some(client) = self.reuse(addr) {
             return Ok(client);
         }
         let channel = self.connect(addr).await?;
-        let mut peers = self.peers.lock().expect("pool lock");
-        let peer = peers.entry(addr.to_string()).or_default();
-        if peer.channels.len() >= self.config.max_per_peer {
-            // Another task filled the pool meanwhile; use what is there.
-            drop(peers);
-            return Ok(self.reuse(addr, true).expect("pool holds channels"));
-        }
-        peer.channels.push(Pooled {
-            channel,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-        });
-        drop(peers);
+        let client = {
+            let mut peers = self.peers.lock().expect("pool lock");
+            let peer = peers.entry(addr.to_string()).or_default();
+            if peer.channels.len() < self.config.max_per_peer {
+                peer.channels.push(Pooled {
+                    channel,
+                    in_flight: Arc::new(AtomicUsize::new(0)),
+                });
+            }
+            // Another task may have filled the pool meanwhile; then its channels serve.
+            Self::pick(peer, true, self.config.max_per_peer).expect("the peer holds a channel")
+        };
         self.update_gauges();
-        Ok(self.reuse(addr, true).expect("channel just added"))
+        Ok(client)
     }
 
-    /// The least busy channel to `addr`; with `any` false only one with no call in flight, or
-    /// any when the peer is at its cap.
-    fn reuse(&self, addr: &str, any: bool) -> Option<PooledClient> {
+    /// A channel to `addr` with no call in flight, or the least busy one when at the cap.
+    fn reuse(&self, addr: &str) -> Option<PooledClient> {
         let mut peers = self.peers.lock().expect("pool lock");
-        let peer = peers.get_mut(addr)?;
-        let full = peer.channels.len() >= self.config.max_per_peer;
+        Self::pick(peers.get_mut(addr)?, false, self.config.max_per_peer)
+    }
+
+    /// The least busy channel of `peer`; unless `any`, only an idle one or one at the cap.
+    fn pick(peer: &mut PeerChannels, any: bool, max_per_peer: usize) -> Option<PooledClient> {
+        let full = peer.channels.len() >= max_per_peer;
         let best = peer
             .channels
             .iter()

@@ -26,6 +26,9 @@ pub struct SessionLimits {
 
 #[derive(Debug)]
 struct Entry {
+    /// Distinguishes this session from an earlier one of the same id that was ended while a
+    /// call still had it checked out.
+    generation: u64,
     /// `None` while a call has it checked out.
     cache: Option<KvCache>,
     /// Token-layers held, or reserved while checked out.
@@ -40,6 +43,7 @@ pub struct Checkout {
     pub id: String,
     /// Its cache.
     pub cache: KvCache,
+    generation: u64,
 }
 
 /// All sessions of a node.
@@ -47,6 +51,7 @@ pub struct Checkout {
 pub struct SessionStore {
     limits: SessionLimits,
     sessions: Mutex<HashMap<String, Entry>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl SessionStore {
@@ -55,6 +60,7 @@ impl SessionStore {
         Self {
             limits,
             sessions: Mutex::new(HashMap::new()),
+            generations: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -84,7 +90,7 @@ impl SessionStore {
             let held = self.held(&sessions);
             if held + need > self.budget_token_layers() {
                 let mib = |t: u64| (t * self.limits.bytes_per_token_layer) as f64 / 1048576.0;
-                return Err(NodeError::CacheFull(format!(
+                return Err(NodeError::Full(format!(
                     "KV cache budget of {:.1} MiB is full: {} sessions hold {:.1} MiB and this call needs {:.1} MiB more",
                     self.limits.budget_bytes as f64 / 1048576.0,
                     sessions.len(),
@@ -94,6 +100,9 @@ impl SessionStore {
             }
         }
         let entry = sessions.entry(id.to_string()).or_insert_with(|| Entry {
+            generation: self
+                .generations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cache: Some(KvCache::new()),
             token_layers: 0,
             last_used: now,
@@ -105,6 +114,7 @@ impl SessionStore {
             Checkout {
                 id: id.to_string(),
                 cache,
+                generation: entry.generation,
             },
             created,
         ))
@@ -113,14 +123,30 @@ impl SessionStore {
     /// Returns a cache after a call (successful or not); an empty new session is dropped.
     pub fn checkin(&self, checkout: Checkout, now: Instant) {
         let mut sessions = self.sessions.lock().expect("session lock");
+        let Some(entry) = sessions.get_mut(&checkout.id) else {
+            return;
+        };
+        if entry.generation != checkout.generation {
+            // Ended (and maybe restarted) while this call ran: the cache is stale.
+            return;
+        }
         if checkout.cache.is_empty() {
             sessions.remove(&checkout.id);
             return;
         }
-        if let Some(entry) = sessions.get_mut(&checkout.id) {
-            entry.token_layers = checkout.cache.token_layers() as u64;
-            entry.cache = Some(checkout.cache);
-            entry.last_used = now;
+        entry.token_layers = checkout.cache.token_layers() as u64;
+        entry.cache = Some(checkout.cache);
+        entry.last_used = now;
+    }
+
+    /// Drops a checked-out session whose call failed without a usable cache.
+    pub fn abandon(&self, checkout: Checkout) {
+        let mut sessions = self.sessions.lock().expect("session lock");
+        if sessions
+            .get(&checkout.id)
+            .is_some_and(|e| e.generation == checkout.generation)
+        {
+            sessions.remove(&checkout.id);
         }
     }
 
@@ -198,14 +224,44 @@ mod tests {
         let (c, _) = s.checkout("a", 0, 30, 3, t0).unwrap();
         assert_eq!(s.usage().1, 90 * 8);
         let err = s.checkout("b", 0, 20, 1, t0).unwrap_err();
-        assert!(matches!(err, NodeError::CacheFull(_)), "{err}");
+        assert!(matches!(err, NodeError::Full(_)), "{err}");
         assert!(err.to_string().contains("budget"));
         // Give "a" back holding what it reserved, then let it go idle past the timeout.
         let mut cache = c.cache;
         cache.advance(0..3, 30);
-        s.checkin(Checkout { id: c.id, cache }, t0);
+        s.checkin(Checkout { cache, ..c }, t0);
         let later = t0 + Duration::from_secs(61);
         assert!(s.checkout("b", 0, 20, 1, later).is_ok());
         assert_eq!(s.usage().0, 1);
+    }
+
+    #[test]
+    fn a_call_finishing_after_its_session_ended_does_not_resurrect_it() {
+        let s = store();
+        let now = Instant::now();
+        let (old, _) = s.checkout("a", 0, 1, 1, now).unwrap();
+        assert!(s.end("a"));
+        let (fresh, created) = s.checkout("a", 0, 2, 1, now).unwrap();
+        assert!(created);
+        let mut stale = old.cache;
+        stale.advance(0..1, 1);
+        s.checkin(
+            Checkout {
+                cache: stale,
+                ..old
+            },
+            now,
+        );
+        assert!(
+            matches!(
+                s.checkout("a", 0, 1, 1, now),
+                Err(NodeError::SessionBusy(_))
+            ),
+            "the new call still owns it"
+        );
+        let mut cache = fresh.cache;
+        cache.advance(0..1, 2);
+        s.checkin(Checkout { cache, ..fresh }, now);
+        assert_eq!(s.usage(), (1, 2 * 8));
     }
 }

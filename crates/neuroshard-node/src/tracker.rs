@@ -29,6 +29,9 @@ pub struct TrackerConfig {
     pub max_peers: usize,
     /// Heartbeat interval told to nodes. Default 10 s (the design's).
     pub heartbeat_interval: Duration,
+    /// Live nodes tracked at most; registrations beyond it are refused. Default 10 000: a
+    /// large public swarm, and a bound on what one flooding client can make the tracker hold.
+    pub max_nodes: usize,
 }
 
 impl Default for TrackerConfig {
@@ -38,9 +41,17 @@ impl Default for TrackerConfig {
             node_timeout: Duration::from_secs(30),
             max_peers: 50,
             heartbeat_interval: Duration::from_secs(10),
+            max_nodes: 10_000,
         }
     }
 }
+
+/// Peers one ListPeers reply carries at most (about 100 KiB of announcements).
+pub const MAX_LISTED_PEERS: usize = 1000;
+
+/// Largest request the tracker decodes: announcements are small, so a flood of huge ones is
+/// refused before it is read.
+const MAX_TRACKER_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct Tracked {
@@ -55,6 +66,7 @@ pub struct TrackerState {
     requests: u64,
     timeout: Duration,
     max_peers: usize,
+    max_nodes: usize,
 }
 
 /// Tracker-wide figures.
@@ -72,19 +84,42 @@ pub struct TrackerStats {
 
 impl TrackerState {
     /// No nodes yet.
-    pub fn new(timeout: Duration, max_peers: usize) -> Self {
+    pub fn new(config: &TrackerConfig) -> Self {
         Self {
             nodes: HashMap::new(),
             requests: 0,
-            timeout,
-            max_peers,
+            timeout: config.node_timeout,
+            max_peers: config.max_peers,
+            max_nodes: config.max_nodes,
         }
     }
 
     /// Adds or refreshes a node; returns up to `max_peers` other live nodes, same model first.
-    pub fn register(&mut self, record: PeerRecord, now: Instant) -> Vec<PeerRecord> {
+    /// Refused when the tracker is full, or when the node's layer count contradicts live nodes
+    /// of the same model.
+    pub fn register(
+        &mut self,
+        record: PeerRecord,
+        now: Instant,
+    ) -> Result<Vec<PeerRecord>, NodeError> {
         self.requests += 1;
         self.expire(now);
+        if !self.nodes.contains_key(&record.node_id) && self.nodes.len() >= self.max_nodes {
+            return Err(NodeError::Full(format!(
+                "the tracker holds its maximum of {} nodes",
+                self.max_nodes
+            )));
+        }
+        if let Some(other) = self.nodes.values().find(|t| {
+            t.record.model_id == record.model_id
+                && t.record.total_layers != record.total_layers
+                && t.record.node_id != record.node_id
+        }) {
+            return Err(NodeError::BadRequest(format!(
+                "model {} has {} layers on live nodes, not {}",
+                record.model_id, other.record.total_layers, record.total_layers
+            )));
+        }
         let model = record.model_id.clone();
         let id = record.node_id.clone();
         self.nodes.insert(
@@ -102,7 +137,7 @@ impl TrackerState {
             .collect();
         peers.sort_by_key(|p| (p.model_id != model, p.layers.start, p.node_id.clone()));
         peers.truncate(self.max_peers);
-        peers
+        Ok(peers)
     }
 
     /// Refreshes a node's layers and load; false when the node is unknown (register again).
@@ -141,6 +176,7 @@ impl TrackerState {
             .map(|t| t.record.clone())
             .collect();
         peers.sort_by_key(|p| (p.layers.start, p.node_id.clone()));
+        peers.truncate(MAX_LISTED_PEERS);
         peers
     }
 
@@ -211,10 +247,7 @@ impl TrackerService {
     /// A tracker with no nodes.
     pub fn new(config: &TrackerConfig) -> Self {
         Self {
-            state: Arc::new(Mutex::new(TrackerState::new(
-                config.node_timeout,
-                config.max_peers,
-            ))),
+            state: Arc::new(Mutex::new(TrackerState::new(config))),
             nodes_tx: Arc::new(watch::channel(0).0),
             heartbeat_interval: config.heartbeat_interval,
         }
@@ -265,7 +298,7 @@ impl Tracker for TrackerService {
             .ok_or_else(|| NodeError::BadRequest("register without node info".into()))?;
         let record = peer_from_proto(node)?;
         tracing::info!(node = %record.node_id, addr = %record.addr, layers = %record.layers, "node registered");
-        let peers = self.with_state(|s, now| s.register(record, now));
+        let peers = self.with_state(|s, now| s.register(record, now))?;
         Ok(Response::new(pb::RegisterResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
             heartbeat_interval_s: self.heartbeat_interval.as_secs() as u32,
@@ -347,7 +380,7 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
             .sweep(config.node_timeout / 3, cancel.clone()),
     );
     let server = TrackerServer::new(service.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_TRACKER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let shutdown = cancel.clone();
     let task = tokio::spawn(async move {
@@ -386,27 +419,50 @@ mod tests {
 
     #[test]
     fn register_returns_at_most_the_cap_and_never_the_caller() {
-        let mut s = TrackerState::new(Duration::from_secs(30), 50);
+        let mut s = TrackerState::new(&TrackerConfig::default());
         let now = Instant::now();
         for i in 0..60 {
-            s.register(record(&format!("n{i}"), 0, 2), now);
+            s.register(record(&format!("n{i}"), 0, 2), now).unwrap();
         }
-        let peers = s.register(record("me", 2, 4), now);
+        let peers = s.register(record("me", 2, 4), now).unwrap();
         assert_eq!(peers.len(), 50);
         assert!(peers.iter().all(|p| p.node_id != "me"));
     }
 
     #[test]
     fn heartbeats_update_layers_and_stats_count_coverage() {
-        let mut s = TrackerState::new(Duration::from_secs(30), 50);
+        let mut s = TrackerState::new(&TrackerConfig::default());
         let now = Instant::now();
-        s.register(record("a", 0, 2), now);
-        s.register(record("b", 2, 4), now);
+        s.register(record("a", 0, 2), now).unwrap();
+        s.register(record("b", 2, 4), now).unwrap();
         assert!(s.heartbeat("b", Some(LayerRange::new(2, 6).unwrap()), 0.5, now));
         assert!(!s.heartbeat("ghost", None, 0.0, now));
         let stats = s.stats(now);
         assert_eq!(stats.nodes, 2);
         assert_eq!(stats.layers_covered["m"], 6);
         assert_eq!(stats.requests, 5);
+    }
+
+    #[test]
+    fn refuses_contradicting_layer_counts_and_floods() {
+        let config = TrackerConfig {
+            max_nodes: 2,
+            ..TrackerConfig::default()
+        };
+        let mut s = TrackerState::new(&config);
+        let now = Instant::now();
+        s.register(record("a", 0, 2), now).unwrap();
+        let mut liar = record("b", 2, 4);
+        liar.total_layers = 4000;
+        let err = s.register(liar, now).unwrap_err().to_string();
+        assert!(err.contains("6 layers"), "{err}");
+        s.register(record("b", 2, 4), now).unwrap();
+        assert!(matches!(
+            s.register(record("c", 4, 6), now),
+            Err(NodeError::Full(_))
+        ));
+        // A known node may always refresh itself.
+        s.register(record("b", 2, 6), now).unwrap();
+        assert_eq!(s.len(), 2);
     }
 }
