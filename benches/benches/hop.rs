@@ -5,6 +5,7 @@
 //! codec's share: encoding and decoding the request tensor and the reply tensor. `memcpy` copies
 //! the same fp16 payloads twice, the floor any codec is measured against.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -13,7 +14,8 @@ use neuroshard_benches::{
     activations, hidden_request, hop_model_spec, start_bench_node, write_temp_model,
 };
 use neuroshard_model::codec::{WireDType, decode, encode};
-use neuroshard_proto::node_client::NodeClient;
+use neuroshard_node::metrics::Metrics;
+use neuroshard_node::pool::{ConnectionPool, PoolConfig};
 
 fn hop_overhead(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -21,13 +23,10 @@ fn hop_overhead(c: &mut Criterion) {
     let hidden = hop_model_spec().hidden;
     let middle = LayerRange::new(1, 2).unwrap();
     let node = runtime.block_on(start_bench_node(dir.path(), 1, 2));
-    let mut client = runtime.block_on(async {
-        NodeClient::connect(format!("http://{}", node.advertised()))
-            .await
-            .unwrap()
-            .max_decoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
-    });
+    // The client's own connection pool, so the channel is configured as in a swarm.
+    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()));
+    let mut pooled = runtime.block_on(pool.client(node.advertised())).unwrap();
+    let client = &mut pooled.client;
     // A 16-token history so the decode step attends over a real cache.
     runtime
         .block_on(client.forward(hidden_request("decode", 0, middle, 16, hidden)))

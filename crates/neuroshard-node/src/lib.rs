@@ -27,6 +27,10 @@ pub use error::NodeError;
 /// envelope (ids, shape, receipt), so a tensor at the cap still fits and nothing larger does.
 pub const MAX_MESSAGE_BYTES: usize = neuroshard_model::codec::MAX_TENSOR_BYTES + 1024 * 1024;
 
+/// HTTP/2 frame size both ends accept: 1 MiB, so a megabyte of activations crosses in a frame
+/// or two instead of 64 of the 16 KiB default.
+pub(crate) const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
 /// Accepted connections of a server, with Nagle's algorithm off: a decode step is one small
 /// message each way, and delayed ACKs would add tens of milliseconds per hop.
 pub(crate) fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {

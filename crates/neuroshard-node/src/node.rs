@@ -500,6 +500,8 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let server = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+            .http2_adaptive_window(Some(true))
+            .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES)
             .add_service(service)
             .serve_with_incoming_shutdown(crate::incoming(listener), shutdown.cancelled_owned())
             .await;

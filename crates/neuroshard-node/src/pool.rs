@@ -141,6 +141,10 @@ impl ConnectionPool {
             .map_err(|e| err(e.to_string()))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
+            // Megabyte activations would otherwise stall on HTTP/2's 64 KiB default window;
+            // the adaptive window grows it to the link's bandwidth-delay product.
+            .http2_adaptive_window(true)
+            .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES)
             .connect()
             .await
             .map_err(|e| err(e.to_string()))
