@@ -106,6 +106,17 @@ impl NodeConfig {
     }
 }
 
+/// A validated Forward request.
+#[derive(Debug)]
+struct ForwardCall {
+    session_id: String,
+    start_pos: usize,
+    layers: LayerRange,
+    input: ShardInput,
+    tokens: usize,
+    reply_dtype: WireDType,
+}
+
 /// Shared state of a running node.
 #[derive(Debug)]
 pub struct NodeState {
@@ -140,6 +151,7 @@ impl NodeState {
         self.metrics.snapshot(sessions, bytes)
     }
 
+    /// Serves one Forward call: validate, compute off the reactor, encode the reply.
     async fn forward(
         self: Arc<Self>,
         req: pb::ForwardRequest,
@@ -147,6 +159,18 @@ impl NodeState {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
         }
+        let call = self.parse_call(req)?;
+        let (tokens, reply_dtype) = (call.tokens, call.reply_dtype);
+        let (out, compute) = self.clone().compute(call).await?;
+        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(pb::ForwardResponse {
+            output: Some(self.encode_output(out, tokens, reply_dtype)),
+            compute_us: compute.as_micros() as u64,
+        })
+    }
+
+    /// Checks every field of a Forward request against this node, before any session work.
+    fn parse_call(&self, req: pb::ForwardRequest) -> Result<ForwardCall, NodeError> {
         if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID_BYTES {
             return Err(NodeError::BadRequest(format!(
                 "session_id must be 1..={MAX_SESSION_ID_BYTES} bytes"
@@ -179,11 +203,29 @@ impl NodeState {
                 "{tokens} tokens in one call; send at most {MAX_TOKENS_PER_CALL} per call"
             )));
         }
-        let (mut checkout, created) = self.sessions.checkout(
-            &req.session_id,
+        Ok(ForwardCall {
+            session_id: req.session_id,
             start_pos,
+            layers,
+            input,
             tokens,
-            layers.len() as usize,
+            reply_dtype,
+        })
+    }
+
+    /// Runs the call on the shard in a blocking task against the session's checked-out cache.
+    ///
+    /// The blocking task owns the whole call, check-in included, so a caller that gives up (and
+    /// drops this future) cannot leave the session checked out.
+    async fn compute(
+        self: Arc<Self>,
+        call: ForwardCall,
+    ) -> Result<(ShardOutput, Duration), NodeError> {
+        let (mut checkout, created) = self.sessions.checkout(
+            &call.session_id,
+            call.start_pos,
+            call.tokens,
+            call.layers.len() as usize,
             Instant::now(),
         )?;
         if created {
@@ -192,21 +234,20 @@ impl NodeState {
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.busy.fetch_add(1, Ordering::Relaxed);
-        // The blocking task owns the whole call, check-in included, so a caller that gives up
-        // (and drops this future) cannot leave the session checked out.
-        let state = self.clone();
-        let computed = tokio::task::spawn_blocking(move || {
+        let state = self;
+        tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
-                shard.forward(&mut checkout.cache, start_pos, layers.to_range(), &input)
+                let layers = call.layers.to_range();
+                shard.forward(&mut checkout.cache, call.start_pos, layers, &call.input)
             }));
             let compute = started.elapsed();
             state.busy.fetch_sub(1, Ordering::Relaxed);
             match out {
                 Ok(out) => {
                     state.sessions.checkin(checkout, Instant::now());
-                    Ok((out, compute))
+                    Ok((out?, compute))
                 }
                 Err(_) => {
                     state.sessions.abandon(checkout);
@@ -217,31 +258,31 @@ impl NodeState {
             }
         })
         .await
-        .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?;
-        let (out, compute) = computed?;
-        let output = match out? {
+        .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?
+    }
+
+    /// The reply tensor: hidden states in the caller's dtype, logits always as f32.
+    fn encode_output(
+        &self,
+        out: ShardOutput,
+        tokens: usize,
+        reply_dtype: WireDType,
+    ) -> pb::forward_response::Output {
+        use pb::forward_response::Output;
+        match out {
             ShardOutput::Hidden(values) => {
                 let shape = [1, tokens, self.model.config.hidden_size];
-                pb::forward_response::Output::Hidden(tensor_to_proto(codec::encode(
-                    &values,
-                    &shape,
-                    reply_dtype,
-                )))
+                Output::Hidden(tensor_to_proto(codec::encode(&values, &shape, reply_dtype)))
             }
             ShardOutput::Logits(values) => {
                 let shape = [1, values.len()];
-                pb::forward_response::Output::Logits(tensor_to_proto(codec::encode(
+                Output::Logits(tensor_to_proto(codec::encode(
                     &values,
                     &shape,
                     WireDType::F32,
                 )))
             }
-        };
-        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
-        Ok(pb::ForwardResponse {
-            output: Some(output),
-            compute_us: compute.as_micros() as u64,
-        })
+        }
     }
 
     fn decode_input(
