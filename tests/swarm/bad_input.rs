@@ -24,15 +24,15 @@ fn request(session: &str, pos: u64, start: u32, end: u32, input: Input) -> pb::F
     }
 }
 
-fn hidden(tokens: usize) -> Input {
+fn hidden_tensor(tokens: usize) -> pb::Tensor {
     let values: Vec<f32> = (0..tokens * HIDDEN)
         .map(|i| (i as f32 * 0.01).sin())
         .collect();
-    Input::Hidden(tensor_to_proto(encode(
-        &values,
-        &[1, tokens, HIDDEN],
-        WireDType::F16,
-    )))
+    tensor_to_proto(encode(&values, &[1, tokens, HIDDEN], WireDType::F16))
+}
+
+fn hidden(tokens: usize) -> Input {
+    Input::Hidden(hidden_tensor(tokens))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,9 +66,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     };
 
     // Malformed tensor: the payload is shorter than shape x dtype.
-    let Input::Hidden(mut t) = hidden(2) else {
-        unreachable!()
-    };
+    let mut t = hidden_tensor(2);
     t.payload = Bytes::from_static(&[1, 2, 3]);
     expect(
         client
@@ -79,9 +77,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     );
 
     // Malformed tensor: a shape the model cannot take.
-    let Input::Hidden(mut t) = hidden(2) else {
-        unreachable!()
-    };
+    let mut t = hidden_tensor(2);
     t.shape = vec![1, 4, 32];
     expect(
         client
@@ -92,9 +88,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     );
 
     // Oversized tensor, declared: rejected from its header, before any allocation.
-    let Input::Hidden(mut t) = hidden(1) else {
-        unreachable!()
-    };
+    let mut t = hidden_tensor(1);
     t.shape = vec![1, 1 << 20, HIDDEN as u64];
     t.raw_len = (1u64 << 20) * HIDDEN as u64 * 2;
     expect(
@@ -106,9 +100,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     );
 
     // Oversized message, actually sent: tonic's decode limit refuses it.
-    let Input::Hidden(mut t) = hidden(1) else {
-        unreachable!()
-    };
+    let mut t = hidden_tensor(1);
     t.payload = Bytes::from(vec![0u8; neuroshard_node::MAX_MESSAGE_BYTES + 1]);
     let status = client
         .forward(request("bad4", 0, 2, 4, Input::Hidden(t)))

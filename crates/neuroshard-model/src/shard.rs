@@ -140,10 +140,10 @@ impl Shard {
         cache: &mut KvCache,
         start_pos: usize,
         layers: Range<usize>,
-        input: &ShardInput,
+        input: ShardInput,
     ) -> Result<ShardOutput, ModelError> {
         let config = &self.info.config;
-        self.check_request(&layers, input)?;
+        self.check_request(&layers, &input)?;
         let tokens = input.tokens(config.hidden_size);
         if start_pos.saturating_add(tokens) > config.max_position_embeddings {
             return Err(ModelError::Request(format!(
@@ -222,7 +222,7 @@ impl Shard {
     }
 
     /// Input as `[1, tokens, hidden]`.
-    fn embed_input(&self, input: &ShardInput, tokens: usize) -> Result<Tensor<3>, ModelError> {
+    fn embed_input(&self, input: ShardInput, tokens: usize) -> Result<Tensor<3>, ModelError> {
         let hidden = self.info.config.hidden_size;
         match input {
             ShardInput::Tokens(ids) => {
@@ -235,7 +235,7 @@ impl Shard {
                 Ok(embed.forward(ids))
             }
             ShardInput::Hidden(values) => Ok(Tensor::from_data(
-                TensorData::new(values.clone(), [1, tokens, hidden]),
+                TensorData::new(values, [1, tokens, hidden]),
                 &self.device,
             )),
         }
@@ -324,10 +324,11 @@ impl Rope {
         let half = dim / 2;
         let mut cos = Vec::with_capacity(n * dim);
         let mut sin = Vec::with_capacity(n * dim);
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| config.rope_theta.powf(-((2 * i) as f64) / dim as f64))
+            .collect();
         for pos in start..start + n {
-            let angles: Vec<f64> = (0..half)
-                .map(|i| pos as f64 * config.rope_theta.powf(-((2 * i) as f64) / dim as f64))
-                .collect();
+            let angles: Vec<f64> = inv_freq.iter().map(|f| pos as f64 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos() as f32));
                 sin.extend(angles.iter().map(|a| a.sin() as f32));
@@ -509,17 +510,17 @@ mod tests {
         let prompt = ShardInput::Tokens(vec![72, 101, 108, 108, 111]);
         let expected = logits(
             whole
-                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .forward(&mut KvCache::new(), 0, 0..4, prompt.clone())
                 .unwrap(),
         );
         let mid = hidden(
             front
-                .forward(&mut KvCache::new(), 0, 0..2, &prompt)
+                .forward(&mut KvCache::new(), 0, 0..2, prompt.clone())
                 .unwrap(),
         );
         assert_eq!(mid.len(), 5 * 64);
         let got = logits(
-            back.forward(&mut KvCache::new(), 0, 2..4, &ShardInput::Hidden(mid))
+            back.forward(&mut KvCache::new(), 0, 2..4, ShardInput::Hidden(mid))
                 .unwrap(),
         );
         assert_eq!(got.len(), crate::BYTE_VOCAB);
@@ -537,20 +538,20 @@ mod tests {
                     &mut KvCache::new(),
                     0,
                     0..4,
-                    &ShardInput::Tokens(ids.clone()),
+                    ShardInput::Tokens(ids.clone()),
                 )
                 .unwrap(),
         );
         let mut cache = KvCache::new();
         shard
-            .forward(&mut cache, 0, 0..4, &ShardInput::Tokens(ids[..4].to_vec()))
+            .forward(&mut cache, 0, 0..4, ShardInput::Tokens(ids[..4].to_vec()))
             .unwrap();
         shard
-            .forward(&mut cache, 4, 0..4, &ShardInput::Tokens(vec![ids[4]]))
+            .forward(&mut cache, 4, 0..4, ShardInput::Tokens(vec![ids[4]]))
             .unwrap();
         let step = logits(
             shard
-                .forward(&mut cache, 5, 0..4, &ShardInput::Tokens(vec![ids[5]]))
+                .forward(&mut cache, 5, 0..4, ShardInput::Tokens(vec![ids[5]]))
                 .unwrap(),
         );
         assert!(max_diff(&full, &step) < 1e-4, "{}", max_diff(&full, &step));
@@ -558,7 +559,7 @@ mod tests {
         // A replayed call at an earlier position cuts the cache back and gives the same result.
         let again = logits(
             shard
-                .forward(&mut cache, 5, 0..4, &ShardInput::Tokens(vec![ids[5]]))
+                .forward(&mut cache, 5, 0..4, ShardInput::Tokens(vec![ids[5]]))
                 .unwrap(),
         );
         assert_eq!(step, again);
@@ -570,7 +571,7 @@ mod tests {
         let shard = Shard::load(dir.path(), 0..2, &device).unwrap();
         let mut cache = KvCache::new();
         let one = ShardInput::Tokens(vec![1]);
-        let err = shard.forward(&mut cache, 3, 0..2, &one).unwrap_err();
+        let err = shard.forward(&mut cache, 3, 0..2, one.clone()).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -582,14 +583,14 @@ mod tests {
             ),
             "{err}"
         );
-        let err = shard.forward(&mut cache, 0, 1..3, &one).unwrap_err();
+        let err = shard.forward(&mut cache, 0, 1..3, one.clone()).unwrap_err();
         assert!(matches!(err, ModelError::LayerRange(_)), "{err}");
         let err = shard
-            .forward(&mut cache, 0, 0..2, &ShardInput::Tokens(vec![9999]))
+            .forward(&mut cache, 0, 0..2, ShardInput::Tokens(vec![9999]))
             .unwrap_err();
         assert!(err.to_string().contains("9999"), "{err}");
         let err = shard
-            .forward(&mut cache, 0, 0..2, &ShardInput::Hidden(vec![0.0; 64]))
+            .forward(&mut cache, 0, 0..2, ShardInput::Hidden(vec![0.0; 64]))
             .unwrap_err();
         assert!(matches!(err, ModelError::Request(_)), "{err}");
         assert!(cache.is_empty());
@@ -615,13 +616,13 @@ mod tests {
         let a = logits(
             Shard::load(f32_dir.path(), 0..4, &device)
                 .unwrap()
-                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .forward(&mut KvCache::new(), 0, 0..4, prompt.clone())
                 .unwrap(),
         );
         let b = logits(
             Shard::load(bf16_dir.path(), 0..4, &device)
                 .unwrap()
-                .forward(&mut KvCache::new(), 0, 0..4, &prompt)
+                .forward(&mut KvCache::new(), 0, 0..4, prompt.clone())
                 .unwrap(),
         );
         let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));

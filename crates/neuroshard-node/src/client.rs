@@ -186,12 +186,9 @@ impl SwarmClient {
     }
 
     fn plan(&self, span: LayerRange, tokens: usize) -> Option<Vec<Hop>> {
-        let router = self.router.lock().expect("router lock");
+        let mut router = self.router.lock().expect("router lock");
         let mut rng = self.rng.lock().expect("rng lock");
         let hops = router.plan(span, tokens, Instant::now(), &mut *rng)?;
-        drop(rng);
-        drop(router);
-        let mut router = self.router.lock().expect("router lock");
         for hop in &hops {
             router.adjust_sessions(&hop.addr, 1);
         }

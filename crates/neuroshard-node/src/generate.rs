@@ -52,7 +52,7 @@ impl Pipeline for LocalPipeline {
         let input = ShardInput::Tokens(ids.to_vec());
         match self
             .shard
-            .forward(&mut self.cache, start_pos, self.shard.range(), &input)?
+            .forward(&mut self.cache, start_pos, self.shard.range(), input)?
         {
             ShardOutput::Logits(logits) => Ok(logits),
             ShardOutput::Hidden(_) => unreachable!("a shard holding every layer returns logits"),

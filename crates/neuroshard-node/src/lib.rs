@@ -27,12 +27,35 @@ pub use error::NodeError;
 /// envelope (ids, shape, receipt), so a tensor at the cap still fits and nothing larger does.
 pub const MAX_MESSAGE_BYTES: usize = neuroshard_model::codec::MAX_TENSOR_BYTES + 1024 * 1024;
 
+/// Calls one connection may have in flight; a client pools up to three connections, so this
+/// bounds what one peer can make a server decode at once.
+const MAX_CALLS_PER_CONNECTION: usize = 16;
+
 /// HTTP/2 frame size both ends accept: 1 MiB, so a megabyte of activations crosses in a frame
 /// or two instead of 64 of the 16 KiB default.
 pub(crate) const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
-/// Accepted connections of a server, with Nagle's algorithm off: a decode step is one small
-/// message each way, and delayed ACKs would add tens of milliseconds per hop.
-pub(crate) fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Serves `routes` on `listener` until `cancel` fires, with the transport settings every
+/// NeuroShard server shares: Nagle off on accepted sockets (a decode step is one small message
+/// each way, and delayed ACKs would add tens of milliseconds per hop), adaptive HTTP/2 windows
+/// and 1 MiB frames for megabyte activations, and a cap on calls in flight per connection.
+pub(crate) fn spawn_server(
+    routes: tonic::service::Routes,
+    listener: tokio::net::TcpListener,
+    cancel: tokio_util::sync::CancellationToken,
+    name: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+            .http2_adaptive_window(Some(true))
+            .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!("{name} server failed: {e}");
+        }
+    })
 }

@@ -36,10 +36,6 @@ use crate::{MAX_MESSAGE_BYTES, NodeError};
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
 pub const MAX_TOKENS_PER_CALL: usize = 2048;
 
-/// Calls one connection may have in flight; a client pools up to three connections, so this
-/// bounds what one peer can make the node decode at once.
-const MAX_CALLS_PER_CONNECTION: usize = 16;
-
 /// Longest session id accepted: ids are client-chosen keys, not payloads.
 const MAX_SESSION_ID_BYTES: usize = 128;
 
@@ -240,7 +236,7 @@ impl NodeState {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
                 let layers = call.layers.to_range();
-                shard.forward(&mut checkout.cache, call.start_pos, layers, &call.input)
+                shard.forward(&mut checkout.cache, call.start_pos, layers, call.input)
             }));
             let compute = started.elapsed();
             state.busy.fetch_sub(1, Ordering::Relaxed);
@@ -537,19 +533,12 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let shutdown = cancel.clone();
-    let server = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
-            .http2_adaptive_window(Some(true))
-            .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES)
-            .add_service(service)
-            .serve_with_incoming_shutdown(crate::incoming(listener), shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!("node server failed: {e}");
-        }
-    });
+    let server = crate::spawn_server(
+        tonic::service::Routes::new(service),
+        listener,
+        cancel.clone(),
+        "node",
+    );
     tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
     Ok(NodeHandle {
         id,

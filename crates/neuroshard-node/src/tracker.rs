@@ -382,16 +382,12 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let server = TrackerServer::new(service.clone())
         .max_decoding_message_size(MAX_TRACKER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let shutdown = cancel.clone();
-    let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming_shutdown(crate::incoming(listener), shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!("tracker server failed: {e}");
-        }
-    });
+    let task = crate::spawn_server(
+        tonic::service::Routes::new(server),
+        listener,
+        cancel.clone(),
+        "tracker",
+    );
     tracing::info!(%addr, "tracker listening");
     Ok(TrackerHandle {
         addr,
