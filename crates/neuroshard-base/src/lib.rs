@@ -91,6 +91,12 @@ impl FromStr for LayerRange {
 pub struct NodeId(pub [u8; 32]);
 
 impl NodeId {
+    /// The id of a public key: its SHA-256, so an id cannot be claimed without the key.
+    pub fn of_key(key: &PublicKey) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(key.0).into())
+    }
+
     /// A fresh random id.
     pub fn random() -> Self {
         Self(rand::random())
@@ -118,6 +124,109 @@ impl FromStr for NodeId {
     }
 }
 
+/// Why a key or signature was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The bytes are not an ed25519 public key.
+    #[error("{0} is not a valid ed25519 public key")]
+    BadPublicKey(String),
+    /// The signature does not verify under the key.
+    #[error("the signature does not match the message and key of {0}")]
+    BadSignature(String),
+    /// A node claimed an id that is not the hash of its key.
+    #[error("node id {claimed} does not belong to the key presented (its id is {actual})")]
+    IdMismatch {
+        /// The id claimed.
+        claimed: String,
+        /// The id of the key.
+        actual: String,
+    },
+}
+
+/// An ed25519 public key, as carried on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Reads a key from wire bytes, checking its length and that it is a curve point.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| KeyError::BadPublicKey(format!("a {}-byte value", bytes.len())))?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| KeyError::BadPublicKey(hex::encode(bytes)))?;
+        Ok(Self(bytes))
+    }
+
+    /// The id this key owns.
+    pub fn id(&self) -> NodeId {
+        NodeId::of_key(self)
+    }
+
+    /// Checks that `claimed` is this key's id.
+    pub fn check_id(&self, claimed: &str) -> Result<NodeId, KeyError> {
+        let actual = self.id();
+        if claimed.eq_ignore_ascii_case(&actual.to_string()) {
+            Ok(actual)
+        } else {
+            Err(KeyError::IdMismatch {
+                claimed: claimed.chars().take(80).collect(),
+                actual: actual.to_string(),
+            })
+        }
+    }
+
+    /// Verifies an ed25519 signature of `message` (strict: no malleable signatures).
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), KeyError> {
+        let bad = || KeyError::BadSignature(self.id().short());
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| bad())?;
+        let signature = ed25519_dalek::Signature::from_slice(signature).map_err(|_| bad())?;
+        key.verify_strict(message, &signature).map_err(|_| bad())
+    }
+}
+
+/// A node's private signing key. Made once per install and never copied between machines.
+pub struct NodeKey(ed25519_dalek::SigningKey);
+
+impl NodeKey {
+    /// A new random key.
+    pub fn generate() -> Self {
+        Self::from_bytes(&rand::random())
+    }
+
+    /// The key with this 32-byte secret.
+    pub fn from_bytes(secret: &[u8; 32]) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(secret))
+    }
+
+    /// The 32-byte secret, for storing.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key().to_bytes())
+    }
+
+    /// The id of this key.
+    pub fn id(&self) -> NodeId {
+        self.public().id()
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.0.sign(message).to_bytes()
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeKey({})", self.id().short())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +245,25 @@ mod tests {
             "6-2".parse::<LayerRange>(),
             Err(LayerRangeError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn ids_belong_to_keys_and_signatures_verify() {
+        let key = NodeKey::generate();
+        let public = key.public();
+        assert_eq!(public.check_id(&key.id().to_string()), Ok(key.id()));
+        let other = NodeKey::generate();
+        assert!(matches!(
+            public.check_id(&other.id().to_string()),
+            Err(KeyError::IdMismatch { .. })
+        ));
+        let signature = key.sign(b"hello");
+        assert_eq!(public.verify(b"hello", &signature), Ok(()));
+        assert!(public.verify(b"hellO", &signature).is_err());
+        assert!(other.public().verify(b"hello", &signature).is_err());
+        assert!(PublicKey::from_slice(&[1, 2, 3]).is_err());
+        let restored = NodeKey::from_bytes(&key.to_bytes());
+        assert_eq!(restored.id(), key.id());
     }
 
     #[test]

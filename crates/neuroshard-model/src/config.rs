@@ -81,6 +81,32 @@ impl LlamaConfig {
         2 * self.kv_heads() * self.head_dim() * std::mem::size_of::<f32>()
     }
 
+    /// Floating-point operations of running `layers` on `tokens` new tokens after `start_pos`
+    /// cached ones, counting a multiply-add as two: 2 × the weights of each layer per token, the
+    /// attention scores and weighted sum (4 × query width per visible position), and the LM
+    /// head on the last token when `layers` ends the model. Embedding lookups are free.
+    pub fn forward_flops(
+        &self,
+        layers: std::ops::Range<usize>,
+        start_pos: u64,
+        tokens: u64,
+    ) -> u64 {
+        let hidden = self.hidden_size as u64;
+        let q_width = (self.num_attention_heads * self.head_dim()) as u64;
+        let kv_width = (self.kv_heads() * self.head_dim()) as u64;
+        let weights = hidden * q_width * 2
+            + hidden * kv_width * 2
+            + 3 * hidden * self.intermediate_size as u64;
+        // Positions each new token attends to, summed: start+1, start+2, ... start+tokens.
+        let visible = tokens * start_pos + tokens * (tokens + 1) / 2;
+        let per_layer = 2 * weights * tokens + 4 * q_width * visible;
+        let mut flops = per_layer.saturating_mul(layers.len() as u64);
+        if layers.end == self.num_hidden_layers {
+            flops += 2 * hidden * self.vocab_size as u64;
+        }
+        flops
+    }
+
     /// Checks that the numbers describe a model this crate can run, naming the bad field.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |field: &str, why: &str| Err(ModelError::Config(format!("{field}: {why}")));

@@ -12,6 +12,8 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use sha2::{Digest, Sha256};
+
 use crate::kv::KvCache;
 use crate::weights::WeightFiles;
 use crate::{LlamaConfig, ModelError, ModelInfo};
@@ -77,6 +79,15 @@ pub struct Shard {
     lm_head: Option<Linear>,
     heads: Heads,
     device: Device,
+    digests: WeightDigests,
+}
+
+/// SHA-256 of the f32 values of each part of a shard, in load order.
+#[derive(Debug, Default)]
+struct WeightDigests {
+    embed: Option<[u8; 32]>,
+    layers: Vec<[u8; 32]>,
+    head: Option<[u8; 32]>,
 }
 
 impl Shard {
@@ -95,15 +106,22 @@ impl Shard {
             weights: &weights,
             config,
             device,
+            digest: Default::default(),
         };
         let embed = (range.start == 0).then(|| loader.embedding()).transpose()?;
-        let layers = range
-            .clone()
-            .map(|i| loader.layer(i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut digests = WeightDigests {
+            embed: embed.as_ref().map(|_| loader.take_digest()),
+            ..WeightDigests::default()
+        };
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            layers.push(loader.layer(i)?);
+            digests.layers.push(loader.take_digest());
+        }
         let last = range.end == config.num_hidden_layers;
         let final_norm = last.then(|| loader.norm("model.norm.weight")).transpose()?;
         let lm_head = last.then(|| loader.lm_head()).transpose()?;
+        digests.head = last.then(|| loader.take_digest());
         let heads = Heads {
             query: config.num_attention_heads,
             kv: config.kv_heads(),
@@ -118,7 +136,35 @@ impl Shard {
             lm_head,
             heads,
             device: device.clone(),
+            digests,
         })
+    }
+
+    /// Hash of the weights that running `layers` uses: the embeddings when it starts at layer 0,
+    /// each layer's tensors, and the final norm and head when it ends the model. Any holder of
+    /// those layers computes the same value, so a requester can check a worker's claim.
+    pub fn weights_hash(&self, layers: Range<usize>) -> Result<[u8; 32], ModelError> {
+        let inside = self.range.start <= layers.start && layers.end <= self.range.end;
+        if layers.start >= layers.end || !inside {
+            return Err(ModelError::LayerRange(format!(
+                "layers {}..{} are not inside this shard's {}..{}",
+                layers.start, layers.end, self.range.start, self.range.end
+            )));
+        }
+        let mut hash = Sha256::new();
+        hash.update(b"neuroshard-weights-v1");
+        if layers.start == 0 {
+            hash.update(self.digests.embed.unwrap_or_default());
+        }
+        for digest in
+            &self.digests.layers[layers.start - self.range.start..layers.end - self.range.start]
+        {
+            hash.update(digest);
+        }
+        if layers.end == self.info.config.num_hidden_layers {
+            hash.update(self.digests.head.unwrap_or_default());
+        }
+        Ok(hash.finalize().into())
     }
 
     /// The model this shard belongs to.
@@ -380,15 +426,33 @@ struct Loader<'a> {
     weights: &'a WeightFiles,
     config: &'a LlamaConfig,
     device: &'a Device,
+    /// Hash of the values read since the last [`Loader::take_digest`].
+    digest: std::cell::RefCell<Sha256>,
 }
 
 impl Loader<'_> {
+    /// Reads a tensor as f32 and folds its values into the running digest.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let values = self.weights.read_f32(name, shape)?;
+        let mut digest = self.digest.borrow_mut();
+        digest.update(name.as_bytes());
+        digest.update(bytemuck::cast_slice::<f32, u8>(&values));
+        Ok(values)
+    }
+
+    /// The digest of the values read since the last call.
+    fn take_digest(&self) -> [u8; 32] {
+        std::mem::take(&mut *self.digest.borrow_mut())
+            .finalize()
+            .into()
+    }
+
     fn tensor<const D: usize>(
         &self,
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<D>, ModelError> {
-        let values = self.weights.read_f32(name, &shape)?;
+        let values = self.read(name, &shape)?;
         Ok(Tensor::from_data(
             TensorData::new(values, shape),
             self.device,
@@ -397,9 +461,7 @@ impl Loader<'_> {
 
     /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer.
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear, ModelError> {
-        let values = self
-            .weights
-            .read_f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let weight = transpose(&values, d_out, d_in);
         let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
         let bias_name = format!("{prefix}.bias");
@@ -594,6 +656,52 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ModelError::Request(_)), "{err}");
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn weight_hashes_agree_across_shards_and_tell_models_apart() {
+        let device = Device::default();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        write_model(a.path(), &ModelSpec::tiny()).unwrap();
+        write_model(
+            b.path(),
+            &ModelSpec {
+                seed: 9,
+                ..ModelSpec::tiny()
+            },
+        )
+        .unwrap();
+        let whole = Shard::load(a.path(), 0..4, &device).unwrap();
+        let part = Shard::load(a.path(), 1..4, &device).unwrap();
+        let other = Shard::load(b.path(), 1..4, &device).unwrap();
+        for range in [1..3, 2..4, 3..4] {
+            assert_eq!(
+                whole.weights_hash(range.clone()).unwrap(),
+                part.weights_hash(range.clone()).unwrap()
+            );
+            assert_ne!(
+                part.weights_hash(range.clone()).unwrap(),
+                other.weights_hash(range).unwrap()
+            );
+        }
+        assert_ne!(
+            whole.weights_hash(0..2).unwrap(),
+            whole.weights_hash(1..2).unwrap()
+        );
+        assert!(part.weights_hash(0..2).is_err());
+    }
+
+    #[test]
+    fn flops_grow_with_layers_tokens_and_context() {
+        let config = ModelSpec::tiny().config();
+        let one = config.forward_flops(1..2, 0, 1);
+        assert!(one > 0);
+        assert_eq!(config.forward_flops(1..3, 0, 1), 2 * one);
+        assert!(config.forward_flops(1..2, 100, 1) > one);
+        assert!(
+            config.forward_flops(3..4, 0, 1) > one,
+            "the last shard runs the head"
+        );
     }
 
     #[test]

@@ -1,0 +1,615 @@
+//! The receipt ledger: an embedded SQLite database in WAL mode.
+//!
+//! A worker records each receipt it signs as pending, and settles it when the requester's
+//! countersignature arrives: verified (earning credit) or voided. Settling commits with
+//! `synchronous=FULL` before the worker acknowledges it, so an acknowledged countersignature
+//! survives `kill -9` and power loss. A file that is not a ledger is refused with an error and
+//! left as it is.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::receipt::{Countersignature, Receipt, Verdict};
+use crate::reputation::credit;
+
+/// Schema version stored in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a writer waits for another connection's lock. 5 s: the CLI reading a busy node's
+/// ledger waits for a commit rather than failing.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most rows one page query returns.
+pub const MAX_PAGE: u32 = 1000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS receipts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    layer_start INTEGER NOT NULL,
+    layer_end INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    start_pos INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    flops INTEGER NOT NULL,
+    requester TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'verified', 'voided')),
+    spot_checked INTEGER NOT NULL DEFAULT 0,
+    reliability REAL,
+    credit REAL NOT NULL DEFAULT 0,
+    settled_ms INTEGER,
+    receipt BLOB NOT NULL,
+    countersignature BLOB
+);
+CREATE INDEX IF NOT EXISTS receipts_by_time ON receipts (created_ms);
+CREATE INDEX IF NOT EXISTS receipts_by_status ON receipts (status, created_ms);
+";
+
+/// Why the ledger failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// SQLite refused an operation.
+    #[error("ledger {what}: {source}")]
+    Sqlite {
+        /// What was being done.
+        what: String,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The file is a database of another kind or a newer version.
+    #[error("ledger schema: {0}")]
+    Schema(String),
+    /// Writing an export failed.
+    #[error("ledger export: {0}")]
+    Export(String),
+}
+
+fn sql(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> LedgerError {
+    let what = what.into();
+    move |source| LedgerError::Sqlite { what, source }
+}
+
+/// Where a receipt stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Signed by this node; no countersignature yet.
+    Pending,
+    /// Countersigned as accepted: earns credit.
+    Verified,
+    /// Countersigned as voided: a failed check.
+    Voided,
+}
+
+impl Status {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Verified => "verified",
+            Self::Voided => "voided",
+        }
+    }
+
+    /// Parses a stored or typed name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "pending" => Ok(Self::Pending),
+            "verified" => Ok(Self::Verified),
+            "voided" => Ok(Self::Voided),
+            other => Err(format!(
+                "receipt status {other:?} is not pending, verified or voided"
+            )),
+        }
+    }
+}
+
+/// One receipt as the app lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReceiptRow {
+    /// Receipt id (hex).
+    pub id: String,
+    /// forward or backward.
+    pub kind: String,
+    /// Model id.
+    pub model_id: String,
+    /// First layer.
+    pub layer_start: u32,
+    /// End of the layer range.
+    pub layer_end: u32,
+    /// Session id.
+    pub session_id: String,
+    /// First position.
+    pub start_pos: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// FLOPs.
+    pub flops: u64,
+    /// Requester node id (hex).
+    pub requester: String,
+    /// When the work was done, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Status.
+    pub status: Status,
+    /// Whether the requester re-executed the work.
+    pub spot_checked: bool,
+    /// The requester's reliability estimate when it countersigned.
+    pub reliability: Option<f64>,
+    /// Credit earned.
+    pub credit: f64,
+    /// When the countersignature was stored.
+    pub settled_ms: Option<u64>,
+}
+
+/// Sums over verified receipts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Totals {
+    /// Verified receipts.
+    pub receipts: u64,
+    /// Tokens they cover.
+    pub tokens: u64,
+    /// FLOPs.
+    pub flops: u64,
+    /// Credit.
+    pub credit: f64,
+}
+
+/// Totals of one model over the periods the app shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelTotals {
+    /// Model id.
+    pub model_id: String,
+    /// Since the start of today.
+    pub today: Totals,
+    /// The last 7 days.
+    pub week: Totals,
+    /// Ever.
+    pub lifetime: Totals,
+}
+
+/// Receipts per status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatusCounts {
+    /// Pending.
+    pub pending: u64,
+    /// Verified.
+    pub verified: u64,
+    /// Voided.
+    pub voided: u64,
+}
+
+/// What settling one countersignature did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Stored now.
+    Stored,
+    /// It was settled before (a resent batch): nothing changed.
+    AlreadySettled,
+}
+
+/// The ledger of one node.
+#[derive(Debug)]
+pub struct Ledger {
+    conn: Connection,
+}
+
+const MS_PER_DAY: u64 = 24 * 3600 * 1000;
+
+impl Ledger {
+    /// Opens (or creates) the ledger at `path`.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let conn = Connection::open(path).map_err(sql(format!("opening {}", path.display())))?;
+        Self::setup(conn, true)
+    }
+
+    /// A ledger in memory, for nodes without a data directory.
+    pub fn in_memory() -> Result<Self, LedgerError> {
+        Self::setup(
+            Connection::open_in_memory().map_err(sql("opening in memory"))?,
+            false,
+        )
+    }
+
+    fn setup(conn: Connection, wal: bool) -> Result<Self, LedgerError> {
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("setting the busy timeout"))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| LedgerError::Schema(format!("the file is not a SQLite ledger ({e})")))?;
+        if version > SCHEMA_VERSION {
+            return Err(LedgerError::Schema(format!(
+                "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+            )));
+        }
+        if wal {
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(sql("switching to WAL"))?;
+            if mode != "wal" {
+                return Err(LedgerError::Schema(format!(
+                    "journal mode is {mode}, not wal"
+                )));
+            }
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(sql("setting pragmas"))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(sql("creating the schema"))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("writing the schema version"))?;
+        Ok(Self { conn })
+    }
+
+    /// Records receipts this node signed, as pending (one transaction).
+    pub fn record_issued(&mut self, receipts: &[Receipt]) -> Result<(), LedgerError> {
+        let tx = self.conn.transaction().map_err(sql("beginning"))?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO receipts (id, kind, model_id, layer_start, layer_end,
+                     session_id, start_pos, tokens, flops, requester, created_ms, status, receipt)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12)",
+                )
+                .map_err(sql("preparing the insert"))?;
+            for receipt in receipts {
+                let b = receipt.body();
+                let requester = neuroshard_base::PublicKey(b.requester).id().to_string();
+                insert
+                    .execute(params![
+                        receipt.id().to_string(),
+                        b.kind.to_string(),
+                        b.model_id,
+                        b.layers.start,
+                        b.layers.end,
+                        b.session_id,
+                        b.start_pos as i64,
+                        b.tokens,
+                        b.flops as i64,
+                        requester,
+                        b.replied_ms as i64,
+                        receipt.to_wire(),
+                    ])
+                    .map_err(sql("recording a receipt"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing receipts"))
+    }
+
+    /// Stores countersignatures (checked by [`Countersignature::from_wire`]) in one durable
+    /// transaction. A receipt settles once: a second countersignature of it changes nothing.
+    pub fn settle(
+        &mut self,
+        batch: &[Countersignature],
+        now_ms: u64,
+    ) -> Result<Vec<Settlement>, LedgerError> {
+        let issued: Vec<Receipt> = batch.iter().map(|cs| cs.receipt.clone()).collect();
+        self.record_issued(&issued)?;
+        let tx = self.conn.transaction().map_err(sql("beginning"))?;
+        let mut out = Vec::with_capacity(batch.len());
+        {
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE receipts SET status = ?2, spot_checked = ?3, reliability = ?4,
+                     credit = ?5, settled_ms = ?6, countersignature = ?7
+                     WHERE id = ?1 AND status = 'pending'",
+                )
+                .map_err(sql("preparing the update"))?;
+            for cs in batch {
+                let flops = cs.receipt.body().flops;
+                let (status, checked, earned) = match cs.verdict {
+                    Verdict::Accepted { spot_checked } => (
+                        Status::Verified,
+                        spot_checked,
+                        credit(flops, cs.reliability),
+                    ),
+                    Verdict::Voided => (Status::Voided, true, 0.0),
+                };
+                let changed = update
+                    .execute(params![
+                        cs.receipt.id().to_string(),
+                        status.as_str(),
+                        checked,
+                        cs.reliability as f64,
+                        earned,
+                        now_ms as i64,
+                        cs.to_wire(),
+                    ])
+                    .map_err(sql("settling a receipt"))?;
+                out.push(if changed == 1 {
+                    Settlement::Stored
+                } else {
+                    Settlement::AlreadySettled
+                });
+            }
+        }
+        tx.commit().map_err(sql("committing settlements"))?;
+        Ok(out)
+    }
+
+    /// Verified totals per model: since `day_start_ms`, over the 7 days before `now_ms`, and ever.
+    pub fn totals(&self, now_ms: u64, day_start_ms: u64) -> Result<Vec<ModelTotals>, LedgerError> {
+        let week_start = now_ms.saturating_sub(7 * MS_PER_DAY);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT model_id,
+                   SUM(created_ms >= ?1), SUM(CASE WHEN created_ms >= ?1 THEN tokens END),
+                   SUM(CASE WHEN created_ms >= ?1 THEN flops END), SUM(CASE WHEN created_ms >= ?1 THEN credit END),
+                   SUM(created_ms >= ?2), SUM(CASE WHEN created_ms >= ?2 THEN tokens END),
+                   SUM(CASE WHEN created_ms >= ?2 THEN flops END), SUM(CASE WHEN created_ms >= ?2 THEN credit END),
+                   COUNT(*), SUM(tokens), SUM(flops), SUM(credit)
+                 FROM receipts WHERE status = 'verified' GROUP BY model_id ORDER BY model_id",
+            )
+            .map_err(sql("preparing totals"))?;
+        let totals = |r: &rusqlite::Row, at: usize| -> rusqlite::Result<Totals> {
+            Ok(Totals {
+                receipts: r.get::<_, Option<i64>>(at)?.unwrap_or(0) as u64,
+                tokens: r.get::<_, Option<i64>>(at + 1)?.unwrap_or(0) as u64,
+                flops: r.get::<_, Option<i64>>(at + 2)?.unwrap_or(0) as u64,
+                credit: r.get::<_, Option<f64>>(at + 3)?.unwrap_or(0.0),
+            })
+        };
+        let rows = stmt
+            .query_map(params![day_start_ms as i64, week_start as i64], |r| {
+                Ok(ModelTotals {
+                    model_id: r.get(0)?,
+                    today: totals(r, 1)?,
+                    week: totals(r, 5)?,
+                    lifetime: totals(r, 9)?,
+                })
+            })
+            .map_err(sql("reading totals"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("reading totals"))
+    }
+
+    /// Receipts per status.
+    pub fn status_counts(&self) -> Result<StatusCounts, LedgerError> {
+        let mut counts = StatusCounts::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT status, COUNT(*) FROM receipts GROUP BY status")
+            .map_err(sql("preparing counts"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(sql("counting"))?;
+        for row in rows {
+            let (status, n) = row.map_err(sql("counting"))?;
+            match Status::parse(&status) {
+                Ok(Status::Pending) => counts.pending = n,
+                Ok(Status::Verified) => counts.verified = n,
+                Ok(Status::Voided) => counts.voided = n,
+                Err(e) => return Err(LedgerError::Schema(e)),
+            }
+        }
+        Ok(counts)
+    }
+
+    /// A page of receipts, newest first, optionally of one status.
+    pub fn page(
+        &self,
+        status: Option<Status>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Vec<ReceiptRow>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
+                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
+                 FROM receipts WHERE (?1 IS NULL OR status = ?1)
+                 ORDER BY created_ms DESC, id LIMIT ?2 OFFSET ?3",
+            )
+            .map_err(sql("preparing the page"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    status.map(Status::as_str),
+                    limit.min(MAX_PAGE),
+                    offset.min(i64::MAX as u64) as i64
+                ],
+                row_from_sql,
+            )
+            .map_err(sql("reading a page"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("reading a page"))
+    }
+
+    /// The receipt with this id, if stored.
+    pub fn get(&self, id: &str) -> Result<Option<ReceiptRow>, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
+                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
+                 FROM receipts WHERE id = ?1",
+                [id],
+                row_from_sql,
+            )
+            .optional()
+            .map_err(sql("reading a receipt"))
+    }
+
+    /// Every receipt, oldest first, as CSV with a header row.
+    pub fn export_csv(&self, out: impl std::io::Write) -> Result<(), LedgerError> {
+        let mut writer = csv::Writer::from_writer(out);
+        for row in self.all()? {
+            writer
+                .serialize(row)
+                .map_err(|e| LedgerError::Export(e.to_string()))?;
+        }
+        writer
+            .flush()
+            .map_err(|e| LedgerError::Export(e.to_string()))
+    }
+
+    /// Every receipt, oldest first, as a JSON array.
+    pub fn export_json(&self, out: impl std::io::Write) -> Result<(), LedgerError> {
+        serde_json::to_writer_pretty(out, &self.all()?)
+            .map_err(|e| LedgerError::Export(e.to_string()))
+    }
+
+    fn all(&self) -> Result<Vec<ReceiptRow>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
+                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
+                 FROM receipts ORDER BY created_ms, id",
+            )
+            .map_err(sql("preparing the export"))?;
+        let rows = stmt.query_map([], row_from_sql).map_err(sql("exporting"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("exporting"))
+    }
+
+    /// SQLite's own consistency check: `Ok` when it answers "ok".
+    pub fn integrity_check(&self) -> Result<(), LedgerError> {
+        let answer: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(sql("checking integrity"))?;
+        if answer == "ok" {
+            Ok(())
+        } else {
+            Err(LedgerError::Schema(format!("integrity check: {answer}")))
+        }
+    }
+}
+
+fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
+    let status: String = r.get(11)?;
+    Ok(ReceiptRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        model_id: r.get(2)?,
+        layer_start: r.get(3)?,
+        layer_end: r.get(4)?,
+        session_id: r.get(5)?,
+        start_pos: r.get::<_, i64>(6)? as u64,
+        tokens: r.get::<_, i64>(7)? as u64,
+        flops: r.get::<_, i64>(8)? as u64,
+        requester: r.get(9)?,
+        created_ms: r.get::<_, i64>(10)? as u64,
+        status: Status::parse(&status).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, e.into())
+        })?,
+        spot_checked: r.get(12)?,
+        reliability: r.get(13)?,
+        credit: r.get(14)?,
+        settled_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipt::tests::body;
+    use neuroshard_base::NodeKey;
+
+    fn receipt(w: &NodeKey, r: &NodeKey, nonce: u8, at: u64) -> Receipt {
+        let mut b = body(w, r, nonce);
+        b.received_ms = at;
+        b.replied_ms = at;
+        b.sign(w)
+    }
+
+    #[test]
+    fn settles_once_and_sums_by_period_and_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let (w, r) = (NodeKey::generate(), NodeKey::generate());
+        let now = 100 * MS_PER_DAY;
+        let today = receipt(&w, &r, 1, now - 1000);
+        let last_week = receipt(&w, &r, 2, now - 3 * MS_PER_DAY);
+        let long_ago = receipt(&w, &r, 3, now - 30 * MS_PER_DAY);
+        let cheated = receipt(&w, &r, 4, now - 500);
+        let unsettled = receipt(&w, &r, 5, now - 400);
+        {
+            let mut ledger = Ledger::open(&path).unwrap();
+            ledger
+                .record_issued(&[today.clone(), unsettled.clone(), cheated.clone()])
+                .unwrap();
+            let accept = |rc: &Receipt| {
+                rc.countersign(
+                    &r,
+                    Verdict::Accepted {
+                        spot_checked: false,
+                    },
+                    1.0,
+                    now,
+                )
+            };
+            let batch = vec![
+                accept(&today),
+                accept(&last_week),
+                accept(&long_ago),
+                cheated.countersign(&r, Verdict::Voided, 0.2, now),
+            ];
+            assert_eq!(
+                ledger.settle(&batch, now).unwrap(),
+                vec![Settlement::Stored; 4]
+            );
+            assert_eq!(
+                ledger.settle(&batch[..1], now).unwrap(),
+                vec![Settlement::AlreadySettled]
+            );
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        ledger.integrity_check().unwrap();
+        assert_eq!(
+            ledger.status_counts().unwrap(),
+            StatusCounts {
+                pending: 1,
+                verified: 3,
+                voided: 1
+            }
+        );
+        let totals = ledger.totals(now, now - 3600 * 1000).unwrap();
+        assert_eq!(totals.len(), 1);
+        let t = &totals[0];
+        assert_eq!(
+            (t.today.receipts, t.week.receipts, t.lifetime.receipts),
+            (1, 2, 3)
+        );
+        assert_eq!(t.lifetime.flops, 3_000_000);
+        assert!((t.lifetime.credit - 0.003).abs() < 1e-12);
+        let voided = ledger.page(Some(Status::Voided), 0, 10).unwrap();
+        assert_eq!(voided.len(), 1);
+        assert_eq!(voided[0].id, cheated.id().to_string());
+        assert_eq!(voided[0].credit, 0.0);
+        let page = ledger.page(None, 1, 2).unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!(
+            page[0].id,
+            cheated.id().to_string(),
+            "newest first, after skipping one"
+        );
+        let mut csv = Vec::new();
+        ledger.export_csv(&mut csv).unwrap();
+        let csv = String::from_utf8(csv).unwrap();
+        assert_eq!(csv.lines().count(), 6);
+        assert!(csv.starts_with("id,kind,model_id"));
+        let mut json = Vec::new();
+        ledger.export_json(&mut json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(parsed.as_array().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_ledger_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        std::fs::write(&path, b"this is not a database at all, just some text").unwrap();
+        let err = Ledger::open(&path).unwrap_err();
+        assert!(err.to_string().contains("not a SQLite ledger"), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"this is not a database at all, just some text"
+        );
+    }
+}
