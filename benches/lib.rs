@@ -63,5 +63,6 @@ pub fn hidden_request(
         )))),
         model_id: String::new(),
         reply_dtype: pb::Dtype::F16 as i32,
+        ..Default::default()
     }
 }

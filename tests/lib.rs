@@ -95,3 +95,42 @@ pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
         .max_decoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(512 * 1024 * 1024)
 }
+
+/// A registration of `info` signed by `key` now; `info` gets the key's id and public key.
+pub fn signed_register(
+    key: &neuroshard_base::NodeKey,
+    mut info: neuroshard_proto::PeerInfo,
+) -> neuroshard_proto::RegisterRequest {
+    info.node_id = key.id().to_string();
+    info.public_key = key.public().0.to_vec();
+    let record = neuroshard_node::convert::peer_from_proto(info.clone()).expect("valid peer");
+    let timestamp_ms = neuroshard_node::now_ms();
+    let message = neuroshard_node::tracker::announcement("register", &record, timestamp_ms);
+    neuroshard_proto::RegisterRequest {
+        node: Some(info),
+        timestamp_ms,
+        signature: key.sign(&message).to_vec(),
+    }
+}
+
+/// A heartbeat of the node `info` describes (registered by [`signed_register`]), signed now.
+pub fn signed_heartbeat(
+    key: &neuroshard_base::NodeKey,
+    info: &neuroshard_proto::PeerInfo,
+    load: f32,
+) -> neuroshard_proto::HeartbeatRequest {
+    let mut info = info.clone();
+    info.node_id = key.id().to_string();
+    info.public_key = key.public().0.to_vec();
+    info.load = load;
+    let record = neuroshard_node::convert::peer_from_proto(info.clone()).expect("valid peer");
+    let timestamp_ms = neuroshard_node::now_ms();
+    let message = neuroshard_node::tracker::announcement("heartbeat", &record, timestamp_ms);
+    neuroshard_proto::HeartbeatRequest {
+        node_id: info.node_id,
+        layers: info.layers,
+        load,
+        timestamp_ms,
+        signature: key.sign(&message).to_vec(),
+    }
+}

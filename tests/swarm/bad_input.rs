@@ -21,6 +21,7 @@ fn request(session: &str, pos: u64, start: u32, end: u32, input: Input) -> pb::F
         input: Some(input),
         model_id: String::new(),
         reply_dtype: 0,
+        ..Default::default()
     }
 }
 

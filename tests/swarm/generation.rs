@@ -165,11 +165,11 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
         .into_inner()
         .peers;
     let mut fake = nodes[0].clone();
-    fake.node_id = "ff".repeat(32);
     fake.addr = hole_addr.clone();
     fake.layers = Some(neuroshard_proto::LayerSpan { start: 2, end: 4 });
+    let fake_key = neuroshard_base::NodeKey::generate();
     tracker
-        .register(neuroshard_proto::RegisterRequest { node: Some(fake) })
+        .register(neuroshard_tests::signed_register(&fake_key, fake))
         .await
         .unwrap();
 

@@ -2,22 +2,22 @@
 
 use std::time::Duration;
 
+use neuroshard_base::NodeKey;
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_node::tracker::{TrackerConfig, TrackerService, start_tracker};
 use neuroshard_proto as pb;
-use neuroshard_tests::TestModel;
+use neuroshard_tests::{TestModel, signed_heartbeat, signed_register};
 use pb::tracker_server::Tracker;
 use tonic::Request;
 
-fn peer(id: &str) -> pb::PeerInfo {
+fn peer() -> pb::PeerInfo {
     pb::PeerInfo {
-        node_id: id.into(),
         addr: "127.0.0.1:1".into(),
         model_id: "m".into(),
         layers: Some(pb::LayerSpan { start: 0, end: 2 }),
         total_layers: 4,
-        load: 0.0,
+        ..Default::default()
     }
 }
 
@@ -31,30 +31,21 @@ async fn the_tracker_drops_a_silent_node_after_its_timeout() {
             .sweep(Duration::from_secs(10), cancel.clone()),
     );
     let mut count = tracker.node_count();
-    tracker
-        .register(Request::new(pb::RegisterRequest {
-            node: Some(peer("quiet")),
-        }))
-        .await
-        .unwrap();
-    tracker
-        .register(Request::new(pb::RegisterRequest {
-            node: Some(peer("chatty")),
-        }))
-        .await
-        .unwrap();
+    let (quiet, chatty) = (NodeKey::generate(), NodeKey::generate());
+    for key in [&quiet, &chatty] {
+        tracker
+            .register(Request::new(signed_register(key, peer())))
+            .await
+            .unwrap();
+    }
     assert_eq!(*count.borrow_and_update(), 2);
 
     // 25 s in, both are alive; only "chatty" heartbeats.
     tokio::time::advance(Duration::from_secs(25)).await;
-    let beat = |id: &str| pb::HeartbeatRequest {
-        node_id: id.into(),
-        layers: None,
-        load: 0.2,
-    };
+    let beat = |key: &NodeKey| signed_heartbeat(key, &peer(), 0.2);
     assert!(
         tracker
-            .heartbeat(Request::new(beat("chatty")))
+            .heartbeat(Request::new(beat(&chatty)))
             .await
             .unwrap()
             .into_inner()
@@ -78,11 +69,11 @@ async fn the_tracker_drops_a_silent_node_after_its_timeout() {
         .peers;
     assert_eq!(
         peers.iter().map(|p| p.node_id.as_str()).collect::<Vec<_>>(),
-        vec!["chatty"]
+        vec![chatty.id().to_string()]
     );
     assert!(
         !tracker
-            .heartbeat(Request::new(beat("quiet")))
+            .heartbeat(Request::new(beat(&quiet)))
             .await
             .unwrap()
             .into_inner()
@@ -137,4 +128,51 @@ async fn a_node_registers_again_after_a_tracker_restart() {
     assert_eq!(stats.layers_covered[node.model_id()], 4);
     node.shutdown().await;
     restarted.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_tracker_rejects_ids_that_do_not_match_their_key_and_warns_of_clones() {
+    let tracker = TrackerService::new(&TrackerConfig::default());
+    let (key, thief) = (NodeKey::generate(), NodeKey::generate());
+    // An id that is not the hash of the key presented.
+    let mut request = signed_register(&key, peer());
+    request.node.as_mut().unwrap().node_id = thief.id().to_string();
+    let status = tracker.register(Request::new(request)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("does not belong to the key"),
+        "{status:?}"
+    );
+    // The right id, but signed by another key.
+    let mut request = signed_register(&key, peer());
+    request.signature = thief.sign(b"something else").to_vec();
+    let status = tracker.register(Request::new(request)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // A registration captured long ago.
+    let mut request = signed_register(&key, peer());
+    request.timestamp_ms -= 3_600_000;
+    assert!(tracker.register(Request::new(request)).await.is_err());
+    // A heartbeat signed by someone else cannot move the node's layers.
+    tracker
+        .register(Request::new(signed_register(&key, peer())))
+        .await
+        .unwrap();
+    let mut beat = signed_heartbeat(&key, &peer(), 0.1);
+    beat.signature = thief.sign(b"x").to_vec();
+    assert!(tracker.heartbeat(Request::new(beat)).await.is_err());
+    // The same key announced from a second live address is a clone.
+    let mut elsewhere = peer();
+    elsewhere.addr = "10.1.2.3:7000".into();
+    let reply = tracker
+        .register(Request::new(signed_register(&key, elsewhere)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.warnings.len(), 1, "{:?}", reply.warnings);
+    let stats = tracker
+        .stats(Request::new(pb::StatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.clone_warnings, 1);
 }

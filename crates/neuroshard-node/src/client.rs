@@ -5,6 +5,11 @@
 //! layer span is re-planned (possibly over several peers), and the log is replayed to the
 //! replacement before the current input is sent. Hops downstream keep their caches: the
 //! replacement recomputes exactly the states they already consumed.
+//!
+//! Every reply carries a receipt. The session checks it against the call (signature, worker
+//! id, nonce, hashes, fields), re-executes a sample of hops when it holds the model
+//! ([`LocalVerifier`]), and countersigns it through the [`ReceiptOutbox`]. A failed check voids
+//! the receipt, bans the worker for an escalating time, and redoes the hop elsewhere.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,8 +17,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_model::ShardInput;
 use neuroshard_model::codec::{self, WireDType, WireTensor};
+use neuroshard_proof::{
+    Expectation, Fingerprint, PeerRecord as Reputation, Receipt, Tolerance, Verdict,
+};
 use neuroshard_proto as pb;
 use pb::tracker_client::TrackerClient;
 use prost::Message;
@@ -24,12 +33,15 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::NodeError;
 use crate::convert::{
-    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_to_proto,
+    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
+    tensor_to_proto, tokens_hash,
 };
 use crate::generate::Pipeline;
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::outbox::{OutboxReport, ReceiptOutbox};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
+use crate::verify::LocalVerifier;
 
 /// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
 const MAX_TRACKER_REPLY_BYTES: usize = 1024 * 1024;
@@ -54,6 +66,13 @@ pub struct ClientConfig {
     pub wire_dtype: WireDType,
     /// Failovers allowed within one step before it fails. Default 4.
     pub max_failovers_per_step: usize,
+    /// The key that countersigns receipts. None: a fresh key for this client.
+    pub key: Option<Arc<NodeKey>>,
+    /// A directory holding the model, to re-execute sampled hops (spot checks). None: receipts
+    /// are still checked and countersigned, but no work is re-executed.
+    pub verify_with: Option<std::path::PathBuf>,
+    /// How close a re-executed hop must be to the worker's output.
+    pub tolerance: Tolerance,
 }
 
 impl ClientConfig {
@@ -66,6 +85,9 @@ impl ClientConfig {
             router: RouterConfig::default(),
             wire_dtype: WireDType::F16,
             max_failovers_per_step: 4,
+            key: None,
+            verify_with: None,
+            tolerance: Tolerance::default(),
         }
     }
 }
@@ -82,6 +104,9 @@ pub struct SwarmClient {
     total_layers: u32,
     rng: Mutex<StdRng>,
     next_session: std::sync::atomic::AtomicU64,
+    key: Arc<NodeKey>,
+    verifier: Option<Arc<LocalVerifier>>,
+    outbox: ReceiptOutbox,
 }
 
 impl SwarmClient {
@@ -92,9 +117,29 @@ impl SwarmClient {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10));
         let metrics = Arc::new(Metrics::default());
+        config
+            .router
+            .weights
+            .validate()
+            .map_err(|e| NodeError::Config(format!("router.{e}")))?;
+        config
+            .router
+            .spot_checks
+            .validate()
+            .map_err(|e| NodeError::Config(format!("router.spot_checks.{e}")))?;
         let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone()));
         pool.spawn_reaper();
+        let verifier = match config.verify_with.clone() {
+            Some(dir) => Some(Arc::new(
+                tokio::task::spawn_blocking(move || LocalVerifier::load(&dir))
+                    .await
+                    .map_err(|e| NodeError::Config(format!("loading the verifier: {e}")))??,
+            )),
+            None => None,
+        };
+        let outbox = ReceiptOutbox::spawn(pool.clone());
         let mut client = Self {
+            outbox,
             router: Mutex::new(Router::new(config.router)),
             tracker: TrackerClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(MAX_TRACKER_REPLY_BYTES),
@@ -104,10 +149,23 @@ impl SwarmClient {
             total_layers: 0,
             rng: Mutex::new(StdRng::from_os_rng()),
             next_session: std::sync::atomic::AtomicU64::new(0),
+            key: config
+                .key
+                .clone()
+                .unwrap_or_else(|| Arc::new(NodeKey::generate())),
+            verifier,
             config,
         };
         let peers = client.fetch_peers().await?;
         let (model_id, total_layers) = pick_model(&peers, client.config.model_id.as_deref())?;
+        if let Some(verifier) = &client.verifier
+            && verifier.model_id() != model_id
+        {
+            return Err(NodeError::Config(format!(
+                "verify_with holds model {}, the swarm serves model {model_id}",
+                verifier.model_id()
+            )));
+        }
         client.model_id = model_id;
         client.total_layers = total_layers;
         client.install_peers(peers);
@@ -162,6 +220,25 @@ impl SwarmClient {
     /// Id of the model the client generates with.
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The key this client countersigns with.
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public()
+    }
+
+    /// Verified results of a node, as this client has seen them.
+    pub fn reputation(&self, node_id: &str) -> Reputation {
+        self.router
+            .lock()
+            .expect("router lock")
+            .reputation()
+            .record(node_id)
+    }
+
+    /// Sends every queued countersigned receipt and reports the totals delivered so far.
+    pub async fn flush_receipts(&self) -> OutboxReport {
+        self.outbox.flush().await
     }
 
     /// Client-side counters.
@@ -235,6 +312,21 @@ impl HopInput {
         }
     }
 
+    /// SHA-256 of the input as sent (what the worker hashes on receipt).
+    fn hash(&self) -> [u8; 32] {
+        match self {
+            Self::Tokens(ids) => tokens_hash(ids),
+            Self::Hidden(t) => tensor_hash(t),
+        }
+    }
+
+    fn to_shard_input(&self) -> Result<ShardInput, NodeError> {
+        Ok(match self {
+            Self::Tokens(ids) => ShardInput::Tokens(ids.clone()),
+            Self::Hidden(t) => ShardInput::Hidden(codec::decode(t)?),
+        })
+    }
+
     fn to_proto(&self) -> pb::forward_request::Input {
         match self {
             Self::Tokens(ids) => {
@@ -249,6 +341,20 @@ impl HopInput {
 enum HopOutput {
     Hidden(WireTensor),
     Logits(Vec<f32>),
+}
+
+impl HopOutput {
+    /// The row the worker fingerprinted: the last token's hidden state, or the logits.
+    fn last_row(&self) -> Result<Vec<f32>, NodeError> {
+        match self {
+            Self::Hidden(t) => {
+                let width = t.shape.last().copied().unwrap_or(0);
+                let values = codec::decode(t)?;
+                Ok(values[values.len().saturating_sub(width)..].to_vec())
+            }
+            Self::Logits(values) => Ok(values.clone()),
+        }
+    }
 }
 
 /// One hop of a session's chain and the inputs it has been sent.
@@ -396,7 +502,14 @@ impl SwarmSession<'_> {
     ) -> StepFuture<'_> {
         Box::pin(async move {
             loop {
-                match self.call(i, pos, &input).await {
+                let result = match self.call(i, pos, &input).await {
+                    Ok((output, receipt)) => self
+                        .settle_hop(i, pos, &input, &output, receipt)
+                        .await
+                        .map(|()| output),
+                    Err(err) => Err(err),
+                };
+                match result {
                     Ok(output) => {
                         self.chain[i].log.push((pos, input.clone()));
                         let end = self.chain[i].hop.layers.end;
@@ -481,13 +594,133 @@ impl SwarmSession<'_> {
         Ok(())
     }
 
-    /// One Forward call to hop `i`, under that peer's adaptive deadline.
+    /// Spot-checks hop `i`'s reply if the sample says so, then countersigns its receipt. A
+    /// failed check voids the receipt, bans the worker and returns the error to fail over.
+    async fn settle_hop(
+        &mut self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+        output: &HopOutput,
+        receipt: Receipt,
+    ) -> Result<(), NodeError> {
+        let client = self.client;
+        let hop = self.chain[i].hop.clone();
+        let spot_checked = match self.spot_check(i, pos, input, output, &receipt).await {
+            Ok(checked) => checked,
+            Err(reason) => {
+                let reliability = {
+                    let mut router = client.router.lock().expect("router lock");
+                    let ban = router.reputation_mut().record_failure(&hop.node_id);
+                    router.ban(&hop.addr, Instant::now() + ban);
+                    client.update_peer_gauges(&router);
+                    router.reputation().reliability(&hop.node_id)
+                };
+                let voided = receipt.countersign(
+                    &client.key,
+                    Verdict::Voided,
+                    reliability as f32,
+                    crate::now_ms(),
+                );
+                client.outbox.push(&hop.addr, voided).await;
+                return Err(NodeError::Verification {
+                    peer: format!(
+                        "{} ({})",
+                        hop.addr,
+                        &hop.node_id[..hop.node_id.len().min(8)]
+                    ),
+                    reason,
+                });
+            }
+        };
+        let reliability = {
+            let mut router = client.router.lock().expect("router lock");
+            if spot_checked {
+                router.reputation_mut().record_pass(&hop.node_id);
+            }
+            router.reputation().reliability(&hop.node_id)
+        };
+        let accepted = receipt.countersign(
+            &client.key,
+            Verdict::Accepted { spot_checked },
+            reliability as f32,
+            crate::now_ms(),
+        );
+        client.outbox.push(&hop.addr, accepted).await;
+        Ok(())
+    }
+
+    /// Re-executes hop `i` if this client holds the model and the worker's sample is drawn.
+    /// Ok(true) when checked and matching, Ok(false) when not checked, Err with the mismatch.
+    async fn spot_check(
+        &self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+        output: &HopOutput,
+        receipt: &Receipt,
+    ) -> Result<bool, String> {
+        let client = self.client;
+        let hop = &self.chain[i].hop;
+        let Some(verifier) = client.verifier.clone() else {
+            return Ok(false);
+        };
+        let uniform: f64 = rand::random();
+        let sampled = {
+            let router = client.router.lock().expect("router lock");
+            router.reputation().should_check(&hop.node_id, uniform)
+        };
+        if !sampled {
+            return Ok(false);
+        }
+        let inputs = (|| {
+            let history = self.chain[i]
+                .log
+                .iter()
+                .filter(|(p, _)| *p < pos)
+                .map(|(p, input)| Ok((*p, input.to_shard_input()?)))
+                .collect::<Result<Vec<_>, NodeError>>()?;
+            Ok::<_, NodeError>((history, input.to_shard_input()?, output.last_row()?))
+        })();
+        let (history, current, received) = match inputs {
+            Ok(inputs) => inputs,
+            Err(e) => return Err(format!("its output does not decode: {e}")),
+        };
+        let layers = hop.layers;
+        let truth =
+            tokio::task::spawn_blocking(move || verifier.recompute(layers, history, pos, current))
+                .await;
+        let truth = match truth {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) => {
+                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
+                return Ok(false);
+            }
+        };
+        let tolerance = client.config.tolerance;
+        receipt
+            .body()
+            .fingerprint
+            .check(&truth, &tolerance)
+            .map_err(|e| format!("its receipt's fingerprint: {e}"))?;
+        Fingerprint::of(&received)
+            .check(&truth, &tolerance)
+            .map_err(|e| format!("its output: {e}"))?;
+        Ok(true)
+    }
+
+    /// One Forward call to hop `i`, under that peer's adaptive deadline, with its receipt
+    /// checked against the call.
     async fn call(
         &mut self,
         i: usize,
         pos: usize,
         input: &HopInput,
-    ) -> Result<HopOutput, NodeError> {
+    ) -> Result<(HopOutput, Receipt), NodeError> {
         let client = self.client;
         let hop = self.chain[i].hop.clone();
         let tokens = input.tokens();
@@ -503,7 +736,29 @@ impl SwarmSession<'_> {
             input: Some(input.to_proto()),
             model_id: client.model_id.clone(),
             reply_dtype: dtype_to_proto(client.config.wire_dtype) as i32,
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+            requester_key: client.key.public().0.to_vec(),
         };
+        let mut expected = Expectation {
+            worker_id: hop.node_id.clone(),
+            requester: client.key.public(),
+            nonce: request.nonce.as_slice().try_into().expect("16-byte nonce"),
+            model_id: client.model_id.clone(),
+            layers: hop.layers,
+            session_id: self.id.clone(),
+            start_pos: pos as u64,
+            tokens: tokens as u32,
+            input_hash: input.hash(),
+            output_hash: [0; 32],
+            weights_hash: None,
+            flops: None,
+            sent_ms: crate::now_ms(),
+            now_ms: 0,
+        };
+        if let Some(verifier) = &client.verifier {
+            expected.weights_hash = Some(verifier.weights_hash(hop.layers)?);
+            expected.flops = Some(verifier.flops(hop.layers, pos, tokens));
+        }
         let sent = request.encoded_len();
         let started = Instant::now();
         let remote = |status: tonic::Status| NodeError::Remote {
@@ -543,18 +798,23 @@ impl SwarmSession<'_> {
         timing.total_ms += wall.as_secs_f64() * 1000.0;
         timing.compute_ms += compute.as_secs_f64() * 1000.0;
         let bad_reply = |e: NodeError| remote(tonic::Status::internal(format!("bad reply: {e}")));
-        match reply.output {
+        let output = match reply.output {
             Some(pb::forward_response::Output::Hidden(t)) => {
-                Ok(HopOutput::Hidden(tensor_from_proto(t).map_err(bad_reply)?))
+                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
+                expected.output_hash = tensor_hash(&tensor);
+                HopOutput::Hidden(tensor)
             }
             Some(pb::forward_response::Output::Logits(t)) => {
                 let tensor = tensor_from_proto(t).map_err(bad_reply)?;
-                Ok(HopOutput::Logits(
-                    codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?,
-                ))
+                expected.output_hash = tensor_hash(&tensor);
+                HopOutput::Logits(codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?)
             }
-            None => Err(bad_reply(NodeError::BadRequest("empty reply".into()))),
-        }
+            None => return Err(bad_reply(NodeError::BadRequest("empty reply".into()))),
+        };
+        expected.now_ms = crate::now_ms();
+        let receipt = Receipt::from_wire(&reply.receipt)?;
+        expected.check(&receipt)?;
+        Ok((output, receipt))
     }
 
     /// Frees the session's caches on every hop (best effort) and its router placements.
@@ -614,7 +874,10 @@ async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
 fn is_peer_fault(err: &NodeError) -> bool {
     use tonic::Code;
     match err {
-        NodeError::Connect { .. } => true,
+        NodeError::Connect { .. }
+        | NodeError::Receipt(_)
+        | NodeError::Verification { .. }
+        | NodeError::Identity(_) => true,
         NodeError::Remote { status, .. } => !matches!(
             status.code(),
             Code::InvalidArgument

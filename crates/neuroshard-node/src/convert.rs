@@ -1,6 +1,6 @@
 //! The one place generated protobuf types meet domain types.
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, PublicKey};
 use neuroshard_model::codec::{WireDType, WireTensor};
 use neuroshard_proto as pb;
 
@@ -21,6 +21,9 @@ pub struct PeerRecord {
     pub total_layers: u32,
     /// 0 idle .. 1 saturated.
     pub load: f32,
+    /// Its ed25519 key; `node_id` is the key's hash.
+    #[serde(skip)]
+    pub public_key: PublicKey,
 }
 
 /// A wire dtype from its protobuf enum value.
@@ -84,6 +87,29 @@ pub fn tensor_to_proto(t: WireTensor) -> pb::Tensor {
     }
 }
 
+/// SHA-256 of a tensor as it travels: dtype, shape, compression and payload. Worker and
+/// requester hash the same bytes, so neither decodes anything to compare.
+pub fn tensor_hash(t: &WireTensor) -> [u8; 32] {
+    let shape: Vec<u8> = t
+        .shape
+        .iter()
+        .flat_map(|&d| (d as u64).to_le_bytes())
+        .collect();
+    neuroshard_proof::content_hash(&[
+        b"tensor",
+        &[dtype_to_proto(t.dtype) as u8, t.lz4 as u8],
+        &shape,
+        &(t.raw_len as u64).to_le_bytes(),
+        &t.payload,
+    ])
+}
+
+/// SHA-256 of token ids as sent.
+pub fn tokens_hash(ids: &[u32]) -> [u8; 32] {
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    neuroshard_proof::content_hash(&[b"tokens", &bytes])
+}
+
 /// A layer span from the wire.
 pub fn span_from_proto(span: Option<pb::LayerSpan>) -> Result<LayerRange, NodeError> {
     let span = span.ok_or_else(|| NodeError::BadRequest("layer span is missing".into()))?;
@@ -105,6 +131,8 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
             "peer info lacks node_id or addr".into(),
         ));
     }
+    let public_key = PublicKey::from_slice(&p.public_key)?;
+    public_key.check_id(&p.node_id)?;
     let layers = span_from_proto(p.layers)?;
     if layers.end > p.total_layers {
         return Err(NodeError::BadRequest(format!(
@@ -123,6 +151,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         } else {
             1.0
         },
+        public_key,
     })
 }
 
@@ -135,5 +164,6 @@ pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
         layers: Some(span_to_proto(p.layers)),
         total_layers: p.total_layers,
         load: p.load,
+        public_key: p.public_key.0.to_vec(),
     }
 }

@@ -57,6 +57,23 @@ pub enum NodeError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     ShuttingDown,
+    /// A key, signature or claimed id did not check out.
+    #[error("identity: {0}")]
+    Identity(#[from] neuroshard_base::KeyError),
+    /// A receipt was missing, malformed or did not match the call.
+    #[error("receipt: {0}")]
+    Receipt(#[from] neuroshard_proof::ReceiptError),
+    /// A spot check re-executed a hop and the worker's output did not match.
+    #[error("spot check of {peer} failed: {reason}")]
+    Verification {
+        /// The worker.
+        peer: String,
+        /// What differed.
+        reason: String,
+    },
+    /// The receipt ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] neuroshard_proof::LedgerError),
 }
 
 impl NodeError {
@@ -88,7 +105,10 @@ impl From<NodeError> for tonic::Status {
                 Code::Unavailable
             }
             NodeError::Remote { status, .. } => status.code(),
-            NodeError::Io { .. } => Code::Internal,
+            NodeError::Io { .. } | NodeError::Ledger(_) => Code::Internal,
+            NodeError::Identity(_) => Code::Unauthenticated,
+            NodeError::Receipt(_) => Code::InvalidArgument,
+            NodeError::Verification { .. } => Code::DataLoss,
         };
         tonic::Status::new(code, err.to_string())
     }

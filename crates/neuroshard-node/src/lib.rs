@@ -14,14 +14,25 @@ pub mod convert;
 pub mod demo;
 mod error;
 pub mod generate;
+pub mod identity;
+pub mod ledger;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
 pub mod pool;
 pub mod router;
 pub mod sessions;
 pub mod tracker;
+pub mod verify;
 
 pub use error::NodeError;
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Largest gRPC message sent or accepted: the codec's 100 MiB tensor cap plus 1 MiB for the
 /// envelope (ids, shape, receipt), so a tensor at the cap still fits and nothing larger does.

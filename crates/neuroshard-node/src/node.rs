@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use neuroshard_base::{LayerRange, NodeId};
+use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_model::codec::{self, WireDType};
 use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
+use neuroshard_proof::{Countersignature, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind};
 use neuroshard_proto as pb;
 use pb::node_server::{Node, NodeServer};
 use pb::tracker_client::TrackerClient;
@@ -26,8 +27,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{
     PeerRecord, dtype_from_proto, peer_from_proto, peer_to_proto, span_from_proto,
-    tensor_from_proto, tensor_to_proto,
+    tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
+use crate::ledger::LedgerHandle;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::{MAX_MESSAGE_BYTES, NodeError};
@@ -38,6 +40,28 @@ pub const MAX_TOKENS_PER_CALL: usize = 2048;
 
 /// Longest session id accepted: ids are client-chosen keys, not payloads.
 const MAX_SESSION_ID_BYTES: usize = 128;
+
+/// Countersignatures one SubmitReceipts call may carry: a few seconds of a busy client's hops.
+pub const MAX_RECEIPTS_PER_SUBMIT: usize = 1024;
+
+/// File name of the ledger inside the data directory.
+pub const LEDGER_FILE: &str = "ledger.sqlite";
+
+/// Misbehaviours a test node can be told to show, to prove that requesters catch them. Not
+/// reachable from the CLI or settings.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Adds Gaussian noise of `scale` × the output's RMS to every output.
+    Noise {
+        /// Noise relative to the output's RMS.
+        scale: f32,
+    },
+    /// Skips the first layer of every call that runs two or more layers after layer 0.
+    SkipLayer,
+    /// Computes with the weights of the model in this directory while claiming its own.
+    WrongWeights(PathBuf),
+}
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].
 #[derive(Debug, Clone)]
@@ -61,6 +85,12 @@ pub struct NodeConfig {
     pub session_idle: Duration,
     /// Heartbeat period. Default 10 s (the design's; the tracker drops nodes after 30 s).
     pub heartbeat: Duration,
+    /// Where the node keeps its key (`node.key`) and receipt ledger (`ledger.sqlite`). None
+    /// makes a fresh key and keeps the ledger in memory: for tests and throwaway nodes.
+    pub data_dir: Option<PathBuf>,
+    /// Test-only misbehaviour.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
 }
 
 impl NodeConfig {
@@ -75,6 +105,8 @@ impl NodeConfig {
             kv_budget_bytes: 1 << 30,
             session_idle: Duration::from_secs(300),
             heartbeat: Duration::from_secs(10),
+            data_dir: None,
+            fault: None,
         }
     }
 
@@ -111,6 +143,10 @@ struct ForwardCall {
     input: ShardInput,
     tokens: usize,
     reply_dtype: WireDType,
+    /// SHA-256 of the input as received.
+    input_hash: [u8; 32],
+    /// Nonce and requester key, when the caller wants a receipt.
+    proof: Option<([u8; 16], PublicKey)>,
 }
 
 /// Shared state of a running node.
@@ -125,6 +161,11 @@ pub struct NodeState {
     peers: RwLock<Vec<PeerRecord>>,
     busy: AtomicUsize,
     stopped: AtomicBool,
+    key: NodeKey,
+    ledger: LedgerHandle,
+    fault: Option<Fault>,
+    /// The shard that computes under [`Fault::WrongWeights`].
+    wrong_shard: Option<Mutex<Shard>>,
 }
 
 impl NodeState {
@@ -155,13 +196,93 @@ impl NodeState {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
         }
+        let received_ms = crate::now_ms();
         let call = self.parse_call(req)?;
-        let (tokens, reply_dtype) = (call.tokens, call.reply_dtype);
-        let (out, compute) = self.clone().compute(call).await?;
+        let receipt = ReceiptBody {
+            version: neuroshard_proof::receipt::BODY_VERSION,
+            kind: WorkKind::Forward,
+            worker: self.key.public().0,
+            requester: call.proof.map_or([0; 32], |(_, key)| key.0),
+            model_id: self.model.id.clone(),
+            weights_hash: [0; 32],
+            layers: call.layers,
+            session_id: call.session_id.clone(),
+            start_pos: call.start_pos as u64,
+            tokens: call.tokens as u32,
+            flops: self.model.config.forward_flops(
+                call.layers.to_range(),
+                call.start_pos as u64,
+                call.tokens as u64,
+            ),
+            input_hash: call.input_hash,
+            output_hash: [0; 32],
+            fingerprint: Fingerprint::of(&[]),
+            nonce: call.proof.map_or([0; 16], |(nonce, _)| nonce),
+            received_ms,
+            replied_ms: 0,
+        };
+        let (tokens, reply_dtype, wants_receipt) =
+            (call.tokens, call.reply_dtype, call.proof.is_some());
+        let (out, compute, weights_hash) = self.clone().compute(call).await?;
         self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
+        let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
+        let receipt = wants_receipt.then(|| {
+            let receipt = ReceiptBody {
+                weights_hash,
+                output_hash: tensor_hash(&tensor),
+                fingerprint,
+                replied_ms: crate::now_ms().max(received_ms),
+                ..receipt
+            }
+            .sign(&self.key);
+            self.ledger.issued(receipt.clone());
+            receipt
+        });
+        use pb::forward_response::Output;
+        let tensor = tensor_to_proto(tensor);
         Ok(pb::ForwardResponse {
-            output: Some(self.encode_output(out, tokens, reply_dtype)),
+            output: Some(if logits {
+                Output::Logits(tensor)
+            } else {
+                Output::Hidden(tensor)
+            }),
             compute_us: compute.as_micros() as u64,
+            receipt: receipt.map(|r| r.to_wire()).unwrap_or_default(),
+        })
+    }
+
+    /// Checks and stores countersigned receipts of this node's work.
+    async fn submit_receipts(
+        self: Arc<Self>,
+        batch: Vec<Vec<u8>>,
+    ) -> Result<pb::SubmitReceiptsResponse, NodeError> {
+        if batch.len() > MAX_RECEIPTS_PER_SUBMIT {
+            return Err(NodeError::BadRequest(format!(
+                "{} countersigned receipts in one call; send at most {MAX_RECEIPTS_PER_SUBMIT}",
+                batch.len()
+            )));
+        }
+        let own = self.key.public();
+        let (valid, rejected) = tokio::task::spawn_blocking(move || {
+            let mut valid = Vec::new();
+            let mut rejected = Vec::new();
+            for bytes in batch {
+                match Countersignature::from_wire(&bytes, &own) {
+                    Ok(cs) => valid.push(cs),
+                    Err(e) => rejected.push(e.to_string()),
+                }
+            }
+            (valid, rejected)
+        })
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("checking receipts failed: {e}")))?;
+        let settled = self.ledger.settle(valid).await?;
+        let stored = settled.iter().filter(|s| **s == Settlement::Stored).count();
+        Ok(pb::SubmitReceiptsResponse {
+            stored: stored as u32,
+            already_settled: (settled.len() - stored) as u32,
+            rejected,
         })
     }
 
@@ -186,7 +307,12 @@ impl NodeState {
             ))
             .into());
         }
-        let input = self.decode_input(req.input)?;
+        let proof = parse_proof(&req.nonce, &req.requester_key)?;
+        let input_hash = match &req.input {
+            Some(pb::forward_request::Input::Tokens(t)) => tokens_hash(&t.ids),
+            _ => [0; 32],
+        };
+        let (input, input_hash) = self.decode_input(req.input, input_hash)?;
         let reply_dtype = match req.reply_dtype {
             0 => WireDType::F16,
             v => dtype_from_proto(v)?,
@@ -206,6 +332,8 @@ impl NodeState {
             input,
             tokens,
             reply_dtype,
+            input_hash,
+            proof,
         })
     }
 
@@ -216,7 +344,7 @@ impl NodeState {
     async fn compute(
         self: Arc<Self>,
         call: ForwardCall,
-    ) -> Result<(ShardOutput, Duration), NodeError> {
+    ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
         let (mut checkout, created) = self.sessions.checkout(
             &call.session_id,
             call.start_pos,
@@ -235,15 +363,23 @@ impl NodeState {
             let started = std::time::Instant::now();
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
-                let layers = call.layers.to_range();
-                shard.forward(&mut checkout.cache, call.start_pos, layers, call.input)
+                let weights_hash = shard.weights_hash(call.layers.to_range())?;
+                let out = state.run(
+                    &shard,
+                    &mut checkout.cache,
+                    call.start_pos,
+                    call.layers,
+                    call.input,
+                )?;
+                Ok::<_, NodeError>((out, weights_hash))
             }));
             let compute = started.elapsed();
             state.busy.fetch_sub(1, Ordering::Relaxed);
             match out {
                 Ok(out) => {
                     state.sessions.checkin(checkout, Instant::now());
-                    Ok((out?, compute))
+                    let (out, weights_hash) = out?;
+                    Ok((out, compute, weights_hash))
                 }
                 Err(_) => {
                     state.sessions.abandon(checkout);
@@ -257,39 +393,69 @@ impl NodeState {
         .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?
     }
 
-    /// The reply tensor: hidden states in the caller's dtype, logits always as f32.
+    /// Runs the call on `shard` (or misbehaves, for a test node with a [`Fault`]).
+    fn run(
+        &self,
+        shard: &Shard,
+        cache: &mut neuroshard_model::KvCache,
+        start_pos: usize,
+        layers: LayerRange,
+        input: ShardInput,
+    ) -> Result<ShardOutput, NodeError> {
+        let mut layers = layers.to_range();
+        let out = match (&self.fault, &self.wrong_shard) {
+            (Some(Fault::WrongWeights(_)), Some(wrong)) => {
+                let wrong = wrong.lock().unwrap_or_else(PoisonError::into_inner);
+                wrong.forward(cache, start_pos, layers, input)?
+            }
+            (Some(Fault::SkipLayer), _) if layers.start > 0 && layers.len() >= 2 => {
+                layers.start += 1;
+                shard.forward(cache, start_pos, layers, input)?
+            }
+            _ => shard.forward(cache, start_pos, layers, input)?,
+        };
+        Ok(match (&self.fault, out) {
+            (Some(Fault::Noise { scale }), ShardOutput::Hidden(v)) => {
+                ShardOutput::Hidden(add_noise(v, *scale))
+            }
+            (Some(Fault::Noise { scale }), ShardOutput::Logits(v)) => {
+                ShardOutput::Logits(add_noise(v, *scale))
+            }
+            (_, out) => out,
+        })
+    }
+
+    /// The reply tensor, and whether it is logits: hidden states in the caller's dtype, logits
+    /// always as f32.
     fn encode_output(
         &self,
         out: ShardOutput,
         tokens: usize,
         reply_dtype: WireDType,
-    ) -> pb::forward_response::Output {
-        use pb::forward_response::Output;
+    ) -> (codec::WireTensor, bool) {
         match out {
             ShardOutput::Hidden(values) => {
                 let shape = [1, tokens, self.model.config.hidden_size];
-                Output::Hidden(tensor_to_proto(codec::encode(&values, &shape, reply_dtype)))
+                (codec::encode(&values, &shape, reply_dtype), false)
             }
             ShardOutput::Logits(values) => {
                 let shape = [1, values.len()];
-                Output::Logits(tensor_to_proto(codec::encode(
-                    &values,
-                    &shape,
-                    WireDType::F32,
-                )))
+                (codec::encode(&values, &shape, WireDType::F32), true)
             }
         }
     }
 
+    /// The input, and its hash (`tokens_hash` passes through for token input).
     fn decode_input(
         &self,
         input: Option<pb::forward_request::Input>,
-    ) -> Result<ShardInput, NodeError> {
+        tokens_hash: [u8; 32],
+    ) -> Result<(ShardInput, [u8; 32]), NodeError> {
         use pb::forward_request::Input;
         let hidden = self.model.config.hidden_size;
         match input {
             None => Err(NodeError::BadRequest("request has no input".into())),
-            Some(Input::Tokens(t)) => Ok(ShardInput::Tokens(t.ids)),
+            Some(Input::Tokens(t)) => Ok((ShardInput::Tokens(t.ids), tokens_hash)),
             Some(Input::Hidden(t)) => {
                 let tensor = tensor_from_proto(t)?;
                 let shape = tensor.shape.clone();
@@ -298,10 +464,43 @@ impl NodeState {
                         "hidden states must have shape [1, tokens, {hidden}], got {shape:?}"
                     )));
                 }
-                Ok(ShardInput::Hidden(codec::decode(&tensor)?))
+                let hash = tensor_hash(&tensor);
+                Ok((ShardInput::Hidden(codec::decode(&tensor)?), hash))
             }
         }
     }
+}
+
+/// The nonce and requester key of a call that wants a receipt; none when both are empty.
+fn parse_proof(nonce: &[u8], requester: &[u8]) -> Result<Option<([u8; 16], PublicKey)>, NodeError> {
+    if nonce.is_empty() && requester.is_empty() {
+        return Ok(None);
+    }
+    let nonce: [u8; 16] = nonce.try_into().map_err(|_| {
+        NodeError::BadRequest(format!("nonce must be 16 bytes, got {}", nonce.len()))
+    })?;
+    Ok(Some((nonce, PublicKey::from_slice(requester)?)))
+}
+
+/// The row a receipt fingerprints: the last token's hidden state, or the logits.
+pub fn last_row(out: &ShardOutput, hidden: usize) -> &[f32] {
+    match out {
+        ShardOutput::Hidden(v) => &v[v.len().saturating_sub(hidden)..],
+        ShardOutput::Logits(v) => v,
+    }
+}
+
+/// `values` plus Gaussian noise of `scale` × their RMS.
+fn add_noise(mut values: Vec<f32>, scale: f32) -> Vec<f32> {
+    use rand_distr::Distribution;
+    let rms = (values.iter().map(|v| v * v).sum::<f32>() / values.len().max(1) as f32).sqrt();
+    let normal = rand_distr::Normal::new(0.0, (scale * rms).max(f32::MIN_POSITIVE))
+        .expect("finite standard deviation");
+    let mut rng = rand::rng();
+    for v in &mut values {
+        *v += normal.sample(&mut rng);
+    }
+    values
 }
 
 /// The gRPC face of a node.
@@ -402,6 +601,15 @@ impl Node for NodeService {
         }))
     }
 
+    async fn submit_receipts(
+        &self,
+        request: Request<pb::SubmitReceiptsRequest>,
+    ) -> Result<Response<pb::SubmitReceiptsResponse>, Status> {
+        let batch = request.into_inner().countersigned;
+        let result = self.state.clone().submit_receipts(batch).await;
+        result.map(Response::new).map_err(Status::from)
+    }
+
     async fn get_peers(
         &self,
         _: Request<pb::GetPeersRequest>,
@@ -454,6 +662,16 @@ impl NodeHandle {
         self.state.metrics()
     }
 
+    /// The node's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.state.key.public()
+    }
+
+    /// The receipt ledger.
+    pub fn ledger(&self) -> &LedgerHandle {
+        &self.state.ledger
+    }
+
     /// Stops taking calls at once (calls in flight fail) and begins shutting the server down,
     /// without waiting: what a crash looks like to peers.
     pub fn kill(&self) {
@@ -479,6 +697,22 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })
     .await
     .map_err(|e| NodeError::Config(format!("loading the shard panicked: {e}")))??;
+    let wrong_shard = match &config.fault {
+        Some(Fault::WrongWeights(dir)) => Some(Mutex::new(Shard::load(
+            dir,
+            range.to_range(),
+            &neuroshard_model::default_device(),
+        )?)),
+        _ => None,
+    };
+    let (key, ledger) = match &config.data_dir {
+        Some(dir) => (
+            crate::identity::load_or_create(dir)?,
+            Ledger::open(&dir.join(LEDGER_FILE))?,
+        ),
+        None => (NodeKey::generate(), Ledger::in_memory()?),
+    };
+    let ledger = LedgerHandle::spawn(ledger)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| NodeError::io(format!("binding {}", config.listen), e))?;
@@ -493,7 +727,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         };
         format!("{ip}:{}", addr.port())
     });
-    let id = NodeId::random();
+    let id = key.id();
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(NodeState {
         sessions: SessionStore::new(SessionLimits {
@@ -508,6 +742,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             layers: range,
             total_layers: model.config.num_hidden_layers as u32,
             load: 0.0,
+            public_key: key.public(),
         },
         shard: Arc::new(Mutex::new(shard)),
         model,
@@ -516,6 +751,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         peers: RwLock::new(Vec::new()),
         busy: AtomicUsize::new(0),
         stopped: AtomicBool::new(false),
+        key,
+        ledger,
+        fault: config.fault.clone(),
+        wrong_shard,
     });
     let cancel = CancellationToken::new();
     tokio::spawn(sweep_sessions(
@@ -600,10 +839,14 @@ impl Heartbeat {
     async fn beat(&mut self) {
         let record = self.state.record();
         if self.registered {
+            let timestamp_ms = crate::now_ms();
+            let message = crate::tracker::announcement("heartbeat", &record, timestamp_ms);
             let request = pb::HeartbeatRequest {
                 node_id: record.node_id.clone(),
                 layers: Some(crate::convert::span_to_proto(record.layers)),
                 load: record.load,
+                timestamp_ms,
+                signature: self.state.key.sign(&message).to_vec(),
             };
             match self.tracker.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().known => {}
@@ -615,11 +858,20 @@ impl Heartbeat {
             }
         }
         if !self.registered {
+            let timestamp_ms = crate::now_ms();
+            let message = crate::tracker::announcement("register", &record, timestamp_ms);
             let request = pb::RegisterRequest {
                 node: Some(peer_to_proto(&record)),
+                timestamp_ms,
+                signature: self.state.key.sign(&message).to_vec(),
             };
             match self.tracker.register(request).await {
-                Ok(_) => self.registered = true,
+                Ok(reply) => {
+                    for warning in &reply.get_ref().warnings {
+                        tracing::warn!("tracker: {warning}");
+                    }
+                    self.registered = true;
+                }
                 Err(status) => {
                     tracing::warn!("registering with the tracker failed: {}", status.message())
                 }

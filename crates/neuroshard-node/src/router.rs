@@ -1,15 +1,18 @@
 //! Chain planning and peer health, without IO.
 //!
 //! The router keeps, per peer, a smoothed RTT (RFC 6298's estimator), recent compute times,
-//! success history, sessions placed there and a ban deadline. [`Router::plan`] finds the chain of
-//! lowest expected latency over layer boundaries (Dijkstra), so it also re-plans a broken span.
-//! Callers pass `now` and the RNG.
+//! success history, sessions placed there and a ban deadline, and a [`Reputation`] book of
+//! verified results per node. Each candidate hop gets a score in [0, 1] that weighs capability
+//! match, load, latency and reliability ([`ScoreWeights`]); [`Router::plan`] finds the chain of
+//! lowest total cost (1 − score per hop) over layer boundaries (Dijkstra), so it also re-plans a
+//! broken span. Callers pass `now` and the RNG.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use neuroshard_base::LayerRange;
+use neuroshard_proof::{Reputation, SpotCheckPolicy};
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -26,14 +29,67 @@ pub struct RouterConfig {
     /// How long a failed peer is skipped. Default 60 s: long enough to finish a generation
     /// without retrying it.
     pub ban: Duration,
-    /// Cost in ms added per session this router already placed on a peer, which spreads
-    /// sessions over replicas. Default 5 ms: more than loopback jitter, less than a real hop.
-    pub session_spread_ms: f64,
-    /// Cost in ms of a fully loaded peer. Default 50 ms.
-    pub load_penalty_ms: f64,
-    /// Cost in ms of a peer that always failed. Default 200 ms.
+    /// Load added per session this router already placed on a peer, which spreads sessions
+    /// over replicas. Default 0.1: ten of our own sessions make a peer look saturated.
+    pub session_load: f64,
+    /// Expected ms added for a peer whose calls always failed. Default 200 ms.
     pub failure_penalty_ms: f64,
+    /// Expected hop time that scores 0.5 on latency. Default 100 ms: a WAN hop plus a token's
+    /// compute on a mid-range GPU.
+    pub latency_reference_ms: f64,
+    /// Weights of the peer score.
+    pub weights: ScoreWeights,
+    /// Spot-check sampling and bans for failed checks.
+    pub spot_checks: SpotCheckPolicy,
 }
+
+/// Weights of a peer's score terms; they need not sum to 1 (the score divides by their sum).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreWeights {
+    /// Share of the remaining layers the peer covers. Default 0.40: fewer hops matter most.
+    pub capability: f64,
+    /// 1 − load (its own report plus our sessions there). Default 0.25.
+    pub load: f64,
+    /// ref / (ref + expected hop ms). Default 0.20.
+    pub latency: f64,
+    /// Reliability from verified results ([`Reputation`]). Default 0.15.
+    pub reliability: f64,
+}
+
+impl Default for ScoreWeights {
+    fn default() -> Self {
+        Self {
+            capability: 0.40,
+            load: 0.25,
+            latency: 0.20,
+            reliability: 0.15,
+        }
+    }
+}
+
+impl ScoreWeights {
+    /// Names the first bad weight.
+    pub fn validate(&self) -> Result<(), String> {
+        let all = [
+            ("capability", self.capability),
+            ("load", self.load),
+            ("latency", self.latency),
+            ("reliability", self.reliability),
+        ];
+        if let Some((name, w)) = all.iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
+            return Err(format!(
+                "weights.{name}: {w} is not a finite non-negative number"
+            ));
+        }
+        if all.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
+            return Err("weights: at least one must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Cost added per hop, so that of two chains with equal scores the shorter wins.
+const HOP_COST: f64 = 0.01;
 
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -41,9 +97,11 @@ impl Default for RouterConfig {
             min_deadline: Duration::from_millis(200),
             first_call_deadline: Duration::from_secs(30),
             ban: Duration::from_secs(60),
-            session_spread_ms: 5.0,
-            load_penalty_ms: 50.0,
+            session_load: 0.1,
             failure_penalty_ms: 200.0,
+            latency_reference_ms: 100.0,
+            weights: ScoreWeights::default(),
+            spot_checks: SpotCheckPolicy::default(),
         }
     }
 }
@@ -129,6 +187,7 @@ pub struct Hop {
 pub struct Router {
     config: RouterConfig,
     peers: HashMap<String, (PeerRecord, PeerHealth)>,
+    reputation: Reputation,
 }
 
 #[derive(Debug, PartialEq)]
@@ -160,6 +219,7 @@ impl Router {
         Self {
             config,
             peers: HashMap::new(),
+            reputation: Reputation::new(config.spot_checks),
         }
     }
 
@@ -217,8 +277,9 @@ impl Router {
                     continue;
                 }
                 let end = record.layers.end.min(span.end);
-                let next =
-                    cost + self.hop_cost(record, health, tokens) + rng.random::<f64>() * 0.01;
+                let capability = (end - layer) as f64 / (span.end - layer) as f64;
+                let score = self.score(record, health, capability, tokens);
+                let next = cost + (1.0 - score) + HOP_COST + rng.random::<f64>() * 0.001;
                 let slot = (end - span.start) as usize;
                 if next < best[slot] {
                     best[slot] = next;
@@ -249,15 +310,47 @@ impl Router {
         Some(hops)
     }
 
-    /// Expected ms of one hop: RTT, compute, and penalties for load, failures and sessions.
-    fn hop_cost(&self, record: &PeerRecord, health: &PeerHealth, tokens: usize) -> f64 {
+    /// Score in [0, 1] of a hop on `record` covering `capability` of the remaining layers:
+    /// the weighted mean of capability, 1 − load, latency and verified reliability.
+    pub fn score(
+        &self,
+        record: &PeerRecord,
+        health: &PeerHealth,
+        capability: f64,
+        tokens: usize,
+    ) -> f64 {
         let c = &self.config;
-        let rtt = health.srtt_ms.unwrap_or(1.0);
+        let w = &c.weights;
         let calls = (health.successes + health.failures).max(1) as f64;
-        rtt + health.expected_compute_ms(tokens)
-            + c.load_penalty_ms * record.load as f64
-            + c.failure_penalty_ms * health.failures as f64 / calls
-            + c.session_spread_ms * health.sessions as f64
+        let expected_ms = health.srtt_ms.unwrap_or(1.0)
+            + health.expected_compute_ms(tokens)
+            + c.failure_penalty_ms * health.failures as f64 / calls;
+        let latency = c.latency_reference_ms / (c.latency_reference_ms + expected_ms);
+        let load = 1.0 - (record.load as f64 + c.session_load * health.sessions as f64).min(1.0);
+        let reliability = self.reputation.reliability(&record.node_id);
+        let total = w.capability + w.load + w.latency + w.reliability;
+        (w.capability * capability
+            + w.load * load
+            + w.latency * latency
+            + w.reliability * reliability)
+            / total.max(f64::MIN_POSITIVE)
+    }
+
+    /// Verified results per node.
+    pub fn reputation(&self) -> &Reputation {
+        &self.reputation
+    }
+
+    /// Verified results per node, to record a check.
+    pub fn reputation_mut(&mut self) -> &mut Reputation {
+        &mut self.reputation
+    }
+
+    /// Bans the peer at `addr` until `until` (a ban already longer stays).
+    pub fn ban(&mut self, addr: &str, until: Instant) {
+        if let Some((_, health)) = self.peers.get_mut(addr) {
+            health.banned_until = Some(health.banned_until.map_or(until, |t| t.max(until)));
+        }
     }
 
     /// The failover deadline of a `tokens`-token call to `addr`:
@@ -290,8 +383,8 @@ impl Router {
     pub fn record_failure(&mut self, addr: &str, now: Instant) {
         if let Some((_, health)) = self.peers.get_mut(addr) {
             health.failures += 1;
-            health.banned_until = Some(now + self.config.ban);
         }
+        self.ban(addr, now + self.config.ban);
     }
 
     /// Counts a session placed on (or removed from) a peer.
@@ -316,6 +409,7 @@ mod tests {
             layers: LayerRange::new(start, end).unwrap(),
             total_layers: 6,
             load: 0.0,
+            public_key: neuroshard_base::NodeKey::generate().public(),
         }
     }
 
@@ -385,6 +479,43 @@ mod tests {
         }
         let d = r.deadline("a", 1);
         assert!(d > Duration::from_millis(800), "{d:?}");
+    }
+
+    #[test]
+    fn verified_reliability_steers_routing_and_weights_are_configurable() {
+        let mut r = Router::new(RouterConfig::default());
+        r.set_peers(vec![peer("good", 0, 6), peer("cheat", 0, 6)]);
+        let mut rng = StdRng::seed_from_u64(4);
+        let now = Instant::now();
+        for _ in 0..5 {
+            r.reputation_mut().record_pass("id-good");
+        }
+        // A check failed long ago: no ban left, but the record remains.
+        r.reputation_mut().record_failure("id-cheat");
+        for _ in 0..10 {
+            assert_eq!(r.plan(all(), 1, now, &mut rng).unwrap()[0].addr, "good");
+        }
+        let good = r.peers["good"].clone();
+        let cheat = r.peers["cheat"].clone();
+        assert!(r.score(&good.0, &good.1, 1.0, 1) > r.score(&cheat.0, &cheat.1, 1.0, 1));
+        // With reliability weighted zero, the two are equal but for jitter.
+        let mut config = RouterConfig::default();
+        config.weights.reliability = 0.0;
+        let mut r2 = Router::new(config);
+        r2.set_peers(vec![peer("good", 0, 6), peer("cheat", 0, 6)]);
+        r2.reputation_mut().record_failure("id-cheat");
+        let picked: std::collections::HashSet<String> = (0..40)
+            .map(|_| r2.plan(all(), 1, now, &mut rng).unwrap()[0].addr.clone())
+            .collect();
+        assert_eq!(picked.len(), 2);
+        assert!(
+            ScoreWeights {
+                load: f64::NAN,
+                ..ScoreWeights::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]

@@ -46,6 +46,43 @@ impl Default for TrackerConfig {
     }
 }
 
+/// Registrations and heartbeats signed further than this from the tracker's clock are refused,
+/// so a captured one cannot be replayed later. 5 min: home PCs' clocks drift.
+pub const ANNOUNCE_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// What a node signs to register (`kind` "register") or heartbeat ("heartbeat"): its id, the
+/// address, model, layers and load it announces, and the time.
+pub fn announcement(kind: &str, record: &PeerRecord, timestamp_ms: u64) -> [u8; 32] {
+    let layers = record.layers.to_string();
+    neuroshard_proof::content_hash(&[
+        b"neuroshard-announce-v1",
+        kind.as_bytes(),
+        record.node_id.as_bytes(),
+        record.addr.as_bytes(),
+        record.model_id.as_bytes(),
+        layers.as_bytes(),
+        &record.load.to_le_bytes(),
+        &timestamp_ms.to_le_bytes(),
+    ])
+}
+
+/// Checks a signed announcement: a fresh timestamp and the record's key.
+fn check_announcement(
+    kind: &str,
+    record: &PeerRecord,
+    timestamp_ms: u64,
+    signature: &[u8],
+) -> Result<(), NodeError> {
+    let now = crate::now_ms();
+    if now.abs_diff(timestamp_ms) > ANNOUNCE_SKEW_MS {
+        return Err(NodeError::BadRequest(format!(
+            "{kind} signed at {timestamp_ms} ms, the tracker's clock reads {now} ms"
+        )));
+    }
+    let message = announcement(kind, record, timestamp_ms);
+    Ok(record.public_key.verify(&message, signature)?)
+}
+
 /// Peers one ListPeers reply carries at most (about 100 KiB of announcements).
 pub const MAX_LISTED_PEERS: usize = 1000;
 
@@ -67,6 +104,7 @@ pub struct TrackerState {
     timeout: Duration,
     max_peers: usize,
     max_nodes: usize,
+    clone_warnings: u64,
 }
 
 /// Tracker-wide figures.
@@ -80,6 +118,8 @@ pub struct TrackerStats {
     pub total_layers: BTreeMap<String, u32>,
     /// Requests served.
     pub requests: u64,
+    /// Registrations of an id live at another address.
+    pub clone_warnings: u64,
 }
 
 impl TrackerState {
@@ -91,17 +131,19 @@ impl TrackerState {
             timeout: config.node_timeout,
             max_peers: config.max_peers,
             max_nodes: config.max_nodes,
+            clone_warnings: 0,
         }
     }
 
-    /// Adds or refreshes a node; returns up to `max_peers` other live nodes, same model first.
-    /// Refused when the tracker is full, or when the node's layer count contradicts live nodes
-    /// of the same model.
+    /// Adds or refreshes a node; returns up to `max_peers` other live nodes, same model first,
+    /// and warnings for the node's operator. Refused when the tracker is full, or when the
+    /// node's layer count contradicts live nodes of the same model. An id live at another
+    /// address is a copied identity: the newer announcement wins and both are warned about.
     pub fn register(
         &mut self,
         record: PeerRecord,
         now: Instant,
-    ) -> Result<Vec<PeerRecord>, NodeError> {
+    ) -> Result<(Vec<PeerRecord>, Vec<String>), NodeError> {
         self.requests += 1;
         self.expire(now);
         if !self.nodes.contains_key(&record.node_id) && self.nodes.len() >= self.max_nodes {
@@ -120,6 +162,19 @@ impl TrackerState {
                 record.model_id, other.record.total_layers, record.total_layers
             )));
         }
+        let mut warnings = Vec::new();
+        if let Some(live) = self.nodes.get(&record.node_id)
+            && live.record.addr != record.addr
+        {
+            self.clone_warnings += 1;
+            let warning = format!(
+                "node id {} is live at {} and now announced from {}: the identity was copied; \
+                 run `neuroshard identity --regenerate` on one of the machines",
+                record.node_id, live.record.addr, record.addr
+            );
+            tracing::warn!("{warning}");
+            warnings.push(warning);
+        }
         let model = record.model_id.clone();
         let id = record.node_id.clone();
         self.nodes.insert(
@@ -137,7 +192,7 @@ impl TrackerState {
             .collect();
         peers.sort_by_key(|p| (p.model_id != model, p.layers.start, p.node_id.clone()));
         peers.truncate(self.max_peers);
-        Ok(peers)
+        Ok((peers, warnings))
     }
 
     /// Refreshes a node's layers and load; false when the node is unknown (register again).
@@ -221,7 +276,13 @@ impl TrackerState {
                 .collect(),
             total_layers: total,
             requests: self.requests,
+            clone_warnings: self.clone_warnings,
         }
+    }
+
+    /// The announcement of a live node.
+    pub fn record(&self, id: &str) -> Option<PeerRecord> {
+        self.nodes.get(id).map(|t| t.record.clone())
     }
 
     /// Number of live nodes (as of the last call).
@@ -292,16 +353,18 @@ impl Tracker for TrackerService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let node = request
-            .into_inner()
+        let req = request.into_inner();
+        let node = req
             .node
             .ok_or_else(|| NodeError::BadRequest("register without node info".into()))?;
         let record = peer_from_proto(node)?;
+        check_announcement("register", &record, req.timestamp_ms, &req.signature)?;
         tracing::info!(node = %record.node_id, addr = %record.addr, layers = %record.layers, "node registered");
-        let peers = self.with_state(|s, now| s.register(record, now))?;
+        let (peers, warnings) = self.with_state(|s, now| s.register(record, now))?;
         Ok(Response::new(pb::RegisterResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
             heartbeat_interval_s: self.heartbeat_interval.as_secs() as u32,
+            warnings,
         }))
     }
 
@@ -310,8 +373,15 @@ impl Tracker for TrackerService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let layers = req.layers.map(|l| span_from_proto(Some(l))).transpose()?;
-        let known = self.with_state(|s, now| s.heartbeat(&req.node_id, layers, req.load, now));
+        let layers = span_from_proto(req.layers)?;
+        let Some(mut record) = self.with_state(|s, _| s.record(&req.node_id)) else {
+            return Ok(Response::new(pb::HeartbeatResponse { known: false }));
+        };
+        record.layers = layers;
+        record.load = req.load;
+        check_announcement("heartbeat", &record, req.timestamp_ms, &req.signature)?;
+        let known =
+            self.with_state(|s, now| s.heartbeat(&req.node_id, Some(layers), req.load, now));
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
@@ -336,6 +406,7 @@ impl Tracker for TrackerService {
             layers_covered: stats.layers_covered.into_iter().collect(),
             total_layers: stats.total_layers.into_iter().collect(),
             requests: stats.requests,
+            clone_warnings: stats.clone_warnings,
         }))
     }
 }
@@ -410,7 +481,29 @@ mod tests {
             layers: LayerRange::new(start, end).unwrap(),
             total_layers: 6,
             load: 0.0,
+            public_key: neuroshard_base::NodeKey::generate().public(),
         }
+    }
+
+    #[test]
+    fn an_id_live_at_two_addresses_is_a_clone() {
+        let mut s = TrackerState::new(&TrackerConfig::default());
+        let now = Instant::now();
+        let home = record("a", 0, 2);
+        let mut copy = home.clone();
+        copy.addr = "10.0.0.9:7000".into();
+        assert!(s.register(home.clone(), now).unwrap().1.is_empty());
+        assert!(
+            s.register(home.clone(), now).unwrap().1.is_empty(),
+            "a re-registration is not a clone"
+        );
+        let warnings = s.register(copy.clone(), now).unwrap().1;
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("--regenerate"), "{}", warnings[0]);
+        assert_eq!(s.stats(now).clone_warnings, 1);
+        // Once the first address has gone silent, moving is not cloning.
+        let later = now + Duration::from_secs(31);
+        assert!(s.register(home, later).unwrap().1.is_empty());
     }
 
     #[test]
@@ -420,7 +513,7 @@ mod tests {
         for i in 0..60 {
             s.register(record(&format!("n{i}"), 0, 2), now).unwrap();
         }
-        let peers = s.register(record("me", 2, 4), now).unwrap();
+        let (peers, _) = s.register(record("me", 2, 4), now).unwrap();
         assert_eq!(peers.len(), 50);
         assert!(peers.iter().all(|p| p.node_id != "me"));
     }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::fingerprint::Fingerprint;
 
 /// Version of the body layout; bumped when fields change.
-const BODY_VERSION: u8 = 1;
+pub const BODY_VERSION: u8 = 1;
 
 /// Largest envelope accepted: a body is a few hundred bytes plus the ids it names.
 pub const MAX_RECEIPT_BYTES: usize = 4096;

@@ -1,0 +1,112 @@
+//! The ledger actor: one thread owns the SQLite connection; the node talks to it through a
+//! bounded channel. Pending receipts are batched into one transaction; settling replies only
+//! after its transaction is durable.
+
+use neuroshard_proof::{Countersignature, Ledger, LedgerError, Receipt, Settlement};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::NodeError;
+
+/// Commands queued at most. 4096 pending receipts cover seconds of decode traffic; beyond
+/// that a receipt is not recorded as pending (it is still stored when countersigned).
+const LEDGER_QUEUE: usize = 4096;
+
+/// Pending receipts written per transaction at most.
+const ISSUE_BATCH: usize = 256;
+
+type ReadFn = Box<dyn FnOnce(&Ledger) + Send>;
+
+enum Command {
+    Issued(Box<Receipt>),
+    Settle(
+        Vec<Countersignature>,
+        oneshot::Sender<Result<Vec<Settlement>, LedgerError>>,
+    ),
+    Read(ReadFn),
+}
+
+/// A cheap handle to the ledger thread.
+#[derive(Debug, Clone)]
+pub struct LedgerHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl LedgerHandle {
+    /// Moves `ledger` onto its own thread; it ends when every handle is dropped.
+    pub fn spawn(ledger: Ledger) -> Result<Self, NodeError> {
+        let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
+        std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || run(ledger, rx))
+            .map_err(|e| NodeError::io("starting the ledger thread", e))?;
+        Ok(Self { tx })
+    }
+
+    /// Records a receipt this node signed, as pending, without waiting.
+    pub fn issued(&self, receipt: Receipt) {
+        if self
+            .tx
+            .try_send(Command::Issued(Box::new(receipt)))
+            .is_err()
+        {
+            tracing::warn!("ledger queue full; a receipt is not recorded until countersigned");
+        }
+    }
+
+    /// Stores countersignatures; returns once they are durable.
+    pub async fn settle(&self, batch: Vec<Countersignature>) -> Result<Vec<Settlement>, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Settle(batch, reply)).await?;
+        Ok(answer.await.map_err(|_| NodeError::ShuttingDown)??)
+    }
+
+    /// Runs a read on the ledger thread (after every write queued before it).
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Read(Box::new(move |ledger| {
+            let _ = reply.send(f(ledger));
+        })))
+        .await?;
+        Ok(answer.await.map_err(|_| NodeError::ShuttingDown)??)
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NodeError> {
+        self.tx
+            .send(command)
+            .await
+            .map_err(|_| NodeError::ShuttingDown)
+    }
+}
+
+/// The thread: batch pending receipts, answer settles and reads in queue order.
+fn run(mut ledger: Ledger, mut rx: mpsc::Receiver<Command>) {
+    let mut batch = Vec::new();
+    while let Some(command) = rx.blocking_recv() {
+        let mut next = Some(command);
+        while let Some(Command::Issued(receipt)) = next {
+            batch.push(*receipt);
+            next = if batch.len() < ISSUE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            if let Err(e) = ledger.record_issued(&batch) {
+                tracing::error!("recording {} receipts failed: {e}", batch.len());
+            }
+            batch.clear();
+        }
+        match next {
+            Some(Command::Settle(items, reply)) => {
+                let now = crate::now_ms();
+                let _ = reply.send(ledger.settle(&items, now));
+            }
+            Some(Command::Read(f)) => f(&ledger),
+            Some(Command::Issued(_)) | None => {}
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The receipt outbox: countersigned receipts on their way back to their workers.
+//!
+//! One task batches countersignatures per worker and sends them with `SubmitReceipts` when a
+//! batch fills, on a timer, or when asked to flush. A batch that fails is retried on the next
+//! rounds and given up after a few, counted as undelivered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use neuroshard_proof::Countersignature;
+use neuroshard_proto as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::pool::ConnectionPool;
+
+/// Countersignatures queued at most before pushing waits.
+const OUTBOX_QUEUE: usize = 4096;
+
+/// Countersignatures per SubmitReceipts call: a few KiB each, so a call stays well under a
+/// megabyte.
+const OUTBOX_BATCH: usize = 64;
+
+/// Longest a countersignature waits before it is sent. 250 ms: receipts reach the worker's
+/// ledger while the user still watches the generation.
+const OUTBOX_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Rounds a failing batch is retried before it is given up.
+const OUTBOX_ATTEMPTS: u32 = 5;
+
+/// Deadline of one SubmitReceipts call.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the outbox has delivered since it started.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct OutboxReport {
+    /// Stored by their workers.
+    pub stored: u64,
+    /// Already stored before (a resent batch).
+    pub already_settled: u64,
+    /// Refused by workers, with their reasons.
+    pub rejected: Vec<String>,
+    /// Given up after repeated failures.
+    pub undelivered: u64,
+}
+
+enum Command {
+    Push(String, Box<Countersignature>),
+    Flush(oneshot::Sender<OutboxReport>),
+}
+
+/// A cheap handle to the outbox task.
+#[derive(Debug, Clone)]
+pub struct ReceiptOutbox {
+    tx: mpsc::Sender<Command>,
+}
+
+struct Pending {
+    items: Vec<Countersignature>,
+    failures: u32,
+}
+
+impl ReceiptOutbox {
+    /// Starts the outbox task; it ends when every handle is dropped, after a last flush.
+    pub fn spawn(pool: Arc<ConnectionPool>) -> Self {
+        let (tx, rx) = mpsc::channel(OUTBOX_QUEUE);
+        tokio::spawn(run(pool, rx));
+        Self { tx }
+    }
+
+    /// Queues a countersignature for the worker at `addr`.
+    pub async fn push(&self, addr: &str, cs: Countersignature) {
+        let _ = self
+            .tx
+            .send(Command::Push(addr.to_string(), Box::new(cs)))
+            .await;
+    }
+
+    /// Sends everything queued and reports the totals so far.
+    pub async fn flush(&self) -> OutboxReport {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Command::Flush(reply)).await.is_err() {
+            return OutboxReport::default();
+        }
+        answer.await.unwrap_or_default()
+    }
+}
+
+/// The task: one `select!` over commands and the send timer.
+async fn run(pool: Arc<ConnectionPool>, mut rx: mpsc::Receiver<Command>) {
+    let mut queues: HashMap<String, Pending> = HashMap::new();
+    let mut report = OutboxReport::default();
+    let mut tick = tokio::time::interval(OUTBOX_INTERVAL);
+    loop {
+        tokio::select! {
+            command = rx.recv() => match command {
+                Some(Command::Push(addr, cs)) => {
+                    let queue = queues.entry(addr.clone()).or_insert(Pending { items: Vec::new(), failures: 0 });
+                    queue.items.push(*cs);
+                    if queue.items.len() >= OUTBOX_BATCH {
+                        send(&pool, &addr, queue, &mut report).await;
+                    }
+                }
+                Some(Command::Flush(reply)) => {
+                    send_all(&pool, &mut queues, &mut report).await;
+                    let _ = reply.send(report.clone());
+                }
+                None => {
+                    send_all(&pool, &mut queues, &mut report).await;
+                    return;
+                }
+            },
+            _ = tick.tick() => send_all(&pool, &mut queues, &mut report).await,
+        }
+    }
+}
+
+async fn send_all(
+    pool: &ConnectionPool,
+    queues: &mut HashMap<String, Pending>,
+    report: &mut OutboxReport,
+) {
+    for (addr, queue) in queues.iter_mut() {
+        send(pool, addr, queue, report).await;
+    }
+    queues.retain(|_, q| !q.items.is_empty());
+}
+
+/// Sends `queue` to `addr` in batches; keeps what failed for a later round.
+async fn send(pool: &ConnectionPool, addr: &str, queue: &mut Pending, report: &mut OutboxReport) {
+    while !queue.items.is_empty() {
+        let n = queue.items.len().min(OUTBOX_BATCH);
+        let request = pb::SubmitReceiptsRequest {
+            countersigned: queue.items[..n].iter().map(|cs| cs.to_wire()).collect(),
+        };
+        let reply = async {
+            let mut pooled = pool.client(addr).await.map_err(|e| e.to_string())?;
+            pooled
+                .client
+                .submit_receipts(request)
+                .await
+                .map_err(|s| s.message().to_string())
+        };
+        match tokio::time::timeout(SUBMIT_TIMEOUT, reply).await {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                report.stored += reply.stored as u64;
+                report.already_settled += reply.already_settled as u64;
+                report.rejected.extend(reply.rejected);
+                queue.items.drain(..n);
+                queue.failures = 0;
+            }
+            failed => {
+                queue.failures += 1;
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => "timed out".into(),
+                };
+                if queue.failures >= OUTBOX_ATTEMPTS {
+                    tracing::warn!(%addr, "giving up {} countersigned receipts: {why}", queue.items.len());
+                    report.undelivered += queue.items.len() as u64;
+                    queue.items.clear();
+                }
+                return;
+            }
+        }
+    }
+}
