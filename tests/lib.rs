@@ -63,8 +63,20 @@ impl Swarm {
 
     /// Starts one more node serving `start..end`.
     pub async fn add_node(&mut self, model: &Path, start: u32, end: u32) -> &NodeHandle {
+        self.add_node_with(model, start, end, |_| {}).await
+    }
+
+    /// Starts one more node serving `start..end`, its config adjusted by `configure`.
+    pub async fn add_node_with(
+        &mut self,
+        model: &Path,
+        start: u32,
+        end: u32,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> &NodeHandle {
         let mut config = NodeConfig::new(model, LayerRange::new(start, end).unwrap());
         config.tracker = Some(self.tracker.url());
+        configure(&mut config);
         self.nodes
             .push(start_node(config).await.expect("node starts"));
         self.nodes.last().unwrap()

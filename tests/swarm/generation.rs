@@ -10,16 +10,16 @@ use neuroshard_tests::{Swarm, TestModel};
 /// logits span about ±10 that moves logits by well under 0.05.
 const LOGIT_TOLERANCE: f32 = 0.05;
 
-const PROMPT: &[u32] = &[256, 84, 104, 101, 32, 115, 119, 97, 114, 109];
+pub(crate) const PROMPT: &[u32] = &[256, 84, 104, 101, 32, 115, 119, 97, 114, 109];
 
-async fn local_reference(model: &TestModel, tokens: usize) -> GenerationReport {
+pub(crate) async fn local_reference(model: &TestModel, tokens: usize) -> GenerationReport {
     let mut local = LocalPipeline::load(model.path()).unwrap();
     generate(&mut local, PROMPT, tokens, None, |_, _| {})
         .await
         .unwrap()
 }
 
-fn assert_same_generation(swarm: &GenerationReport, local: &GenerationReport) {
+pub(crate) fn assert_same_generation(swarm: &GenerationReport, local: &GenerationReport) {
     assert_eq!(swarm.generated_ids, local.generated_ids);
     for (s, l) in swarm.steps.iter().zip(&local.steps) {
         for ((sid, slogit), (lid, llogit)) in s.top5.iter().zip(&l.top5) {

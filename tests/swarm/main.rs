@@ -3,4 +3,5 @@
 mod bad_input;
 mod generation;
 mod pool;
+mod proofs;
 mod tracker;

@@ -1,0 +1,316 @@
+//! Proof of Neural Work across a swarm: receipts earned by honest work, cheaters caught and
+//! routed around, and a ledger that keeps every acknowledged receipt through `kill -9`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use neuroshard_base::{LayerRange, NodeKey};
+use neuroshard_model::init::ModelSpec;
+use neuroshard_model::{LlamaConfig, ModelInfo};
+use neuroshard_node::client::{ClientConfig, SwarmClient};
+use neuroshard_node::generate::generate;
+use neuroshard_node::node::{Fault, NodeHandle};
+use neuroshard_proof::{Receipt, Status, Verdict};
+use neuroshard_proto as pb;
+use neuroshard_tests::{Swarm, TestModel};
+
+use crate::generation::{PROMPT, assert_same_generation, local_reference};
+
+const NEW_TOKENS: usize = 8;
+
+/// FLOPs a node serving `layers` did for one generation of `NEW_TOKENS` after `PROMPT`: the
+/// prompt in one call, then one call per further token.
+fn generation_flops(config: &LlamaConfig, layers: LayerRange) -> u64 {
+    let prompt = PROMPT.len() as u64;
+    let mut flops = config.forward_flops(layers.to_range(), 0, prompt);
+    for pos in prompt..prompt + NEW_TOKENS as u64 - 1 {
+        flops += config.forward_flops(layers.to_range(), pos, 1);
+    }
+    flops
+}
+
+async fn status_counts(node: &NodeHandle) -> neuroshard_proof::StatusCounts {
+    node.ledger().read(|l| l.status_counts()).await.unwrap()
+}
+
+fn verifying_client(swarm: &Swarm, model: &TestModel) -> ClientConfig {
+    let mut config = ClientConfig::new(swarm.tracker.url());
+    config.verify_with = Some(model.path_buf());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let config = ModelInfo::read(model.path()).unwrap().config;
+    let expected = local_reference(&model, NEW_TOKENS).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 3), (3, 4)]).await;
+    let client = SwarmClient::connect(verifying_client(&swarm, &model))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    assert!(session.events().is_empty(), "{:?}", session.events());
+    session.close().await;
+    let report = client.flush_receipts().await;
+    assert_eq!(report.stored, 3 * NEW_TOKENS as u64, "{report:?}");
+    assert!(
+        report.rejected.is_empty() && report.undelivered == 0,
+        "{report:?}"
+    );
+    for node in &swarm.nodes {
+        assert_eq!(
+            status_counts(node).await,
+            neuroshard_proof::StatusCounts {
+                pending: 0,
+                verified: NEW_TOKENS as u64,
+                voided: 0
+            },
+            "node {}",
+            node.layers()
+        );
+        let totals = node
+            .ledger()
+            .read(|l| l.totals(neuroshard_node::now_ms(), 0))
+            .await
+            .unwrap();
+        assert_eq!(totals.len(), 1);
+        let t = totals[0].lifetime;
+        assert_eq!(totals[0].model_id, node.model_id());
+        assert_eq!(t, totals[0].today, "all of it was done today");
+        assert_eq!(t.receipts, NEW_TOKENS as u64);
+        assert_eq!(t.tokens, (PROMPT.len() + NEW_TOKENS - 1) as u64);
+        assert_eq!(t.flops, generation_flops(&config, node.layers()));
+        // Credit is FLOPs in GFLOP times the reliability the client vouched for: above half
+        // (new peers start at 0.5 and every checked hop passed), never above the work.
+        let gflop = t.flops as f64 / 1e9;
+        assert!(t.credit > 0.5 * gflop && t.credit <= gflop, "{t:?}");
+        let rows = node.ledger().read(|l| l.page(None, 0, 100)).await.unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.requester == client.public_key().id().to_string())
+        );
+        assert!(
+            rows.iter().any(|r| r.spot_checked),
+            "new peers are re-executed"
+        );
+    }
+    swarm.shutdown().await;
+}
+
+/// Starts an honest 0..2, a cheater on 2..4, connects a verifying client (which then knows
+/// only those two), adds an honest 2..4, and generates.
+async fn catch(fault: Fault, model: &TestModel) {
+    let expected = local_reference(model, NEW_TOKENS).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    let cheater = swarm
+        .add_node_with(model.path(), 2, 4, |c| c.fault = Some(fault.clone()))
+        .await
+        .id()
+        .to_string();
+    let client = SwarmClient::connect(verifying_client(&swarm, model))
+        .await
+        .unwrap();
+    swarm.add_node(model.path(), 2, 4).await;
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    let events = session.events().to_vec();
+    assert!(
+        events.len() == 1 && events[0].contains("spot check"),
+        "{fault:?}: {events:?}"
+    );
+    assert!(
+        session.chain().iter().all(|h| h.node_id != cheater),
+        "routed around"
+    );
+    session.close().await;
+    let record = client.reputation(&cheater);
+    assert_eq!((record.failures, record.passes), (1, 0), "{fault:?}");
+    // Caught on its first call: the prompt.
+    let cheat = &swarm.nodes[1];
+    assert_eq!(cheat.metrics().forward_calls, 1, "{fault:?}");
+    client.flush_receipts().await;
+    let counts = status_counts(cheat).await;
+    assert_eq!((counts.verified, counts.voided), (0, 1), "{fault:?}");
+    let honest = status_counts(&swarm.nodes[2]).await;
+    assert_eq!(honest.verified, NEW_TOKENS as u64);
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_adding_noise_is_caught_and_routed_around() {
+    catch(
+        Fault::Noise { scale: 0.1 },
+        &TestModel::new(&ModelSpec::tiny()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_skipping_a_layer_is_caught_and_routed_around() {
+    catch(Fault::SkipLayer, &TestModel::new(&ModelSpec::tiny())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_wrong_weights_is_caught_and_routed_around() {
+    let other = TestModel::new(&ModelSpec {
+        seed: 99,
+        ..ModelSpec::tiny()
+    });
+    catch(
+        Fault::WrongWeights(other.path_buf()),
+        &TestModel::new(&ModelSpec::tiny()),
+    )
+    .await;
+}
+
+/// Set in the child process that runs the node this test kills.
+const CHILD_ENV: &str = "NEUROSHARD_TEST_CHILD_NODE";
+
+/// Receipts acknowledged before the kill is sent.
+const ACKED_BEFORE_KILL: usize = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return run_child_node(&spec).await;
+    }
+    use tokio::io::AsyncBufReadExt;
+    let model = TestModel::new(&ModelSpec::tiny());
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "proofs::kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(
+            CHILD_ENV,
+            format!("{}\n{}", model.path().display(), data.path().display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the child prints its address");
+        if let Some(addr) = line.strip_prefix("CHILD-NODE ") {
+            break addr.to_string();
+        }
+    };
+    let node = pb::node_client::NodeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let requester = Arc::new(NodeKey::generate());
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (enough_tx, mut enough) = tokio::sync::watch::channel(false);
+    let enough_tx = Arc::new(enough_tx);
+    let mut burst = Vec::new();
+    for worker in 0..3 {
+        let (mut node, requester, acked, enough_tx) = (
+            node.clone(),
+            requester.clone(),
+            acked.clone(),
+            enough_tx.clone(),
+        );
+        burst.push(tokio::spawn(async move {
+            for round in 0.. {
+                let mut batch = Vec::new();
+                for n in 0..4 {
+                    let Ok(receipt) =
+                        forward(&mut node, &requester, &format!("{worker}-{round}-{n}")).await
+                    else {
+                        return;
+                    };
+                    batch.push(receipt);
+                }
+                let request = pb::SubmitReceiptsRequest {
+                    countersigned: batch
+                        .iter()
+                        .map(|r| {
+                            r.countersign(
+                                &requester,
+                                Verdict::Accepted {
+                                    spot_checked: false,
+                                },
+                                1.0,
+                                1,
+                            )
+                            .to_wire()
+                        })
+                        .collect(),
+                };
+                let Ok(reply) = node.submit_receipts(request).await else {
+                    return;
+                };
+                assert_eq!(reply.get_ref().stored, 4, "{:?}", reply.get_ref());
+                let mut acked = acked.lock().unwrap();
+                acked.extend(batch.iter().map(|r| r.id().to_string()));
+                if acked.len() >= ACKED_BEFORE_KILL {
+                    enough_tx.send_replace(true);
+                }
+            }
+        }));
+    }
+    enough.wait_for(|&e| e).await.unwrap();
+    // SIGKILL while the workers are still forwarding and submitting.
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for task in burst {
+        task.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= ACKED_BEFORE_KILL);
+    let ledger = neuroshard_proof::Ledger::open(&data.path().join("ledger.sqlite")).unwrap();
+    ledger.integrity_check().unwrap();
+    for id in &acked {
+        let row = ledger
+            .get(id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("receipt {id} lost"));
+        assert_eq!(row.status, Status::Verified);
+    }
+}
+
+/// One Forward of three tokens in a fresh session, with a receipt.
+async fn forward(
+    node: &mut pb::node_client::NodeClient<tonic::transport::Channel>,
+    requester: &NodeKey,
+    session: &str,
+) -> Result<Receipt, tonic::Status> {
+    let reply = node
+        .forward(pb::ForwardRequest {
+            session_id: session.into(),
+            start_pos: 0,
+            layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+            input: Some(pb::forward_request::Input::Tokens(pb::TokenIds {
+                ids: vec![1, 2, 3],
+            })),
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+            requester_key: requester.public().0.to_vec(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(Receipt::from_wire(&reply.get_ref().receipt).expect("a valid receipt"))
+}
+
+/// The child side: a node with a data directory, until it is killed.
+async fn run_child_node(spec: &str) {
+    let (model, data) = spec.split_once('\n').unwrap();
+    let mut config = neuroshard_node::node::NodeConfig::new(model, LayerRange::new(0, 4).unwrap());
+    config.data_dir = Some(data.into());
+    let node = neuroshard_node::node::start_node(config).await.unwrap();
+    println!("CHILD-NODE {}", node.advertised());
+    std::future::pending::<()>().await;
+}
