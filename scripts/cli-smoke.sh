@@ -28,18 +28,33 @@ await_line "$work/tracker.log" "tracker listening on"
 tracker="http://$(sed -n 's/.*tracker listening on \([0-9.:]*\).*/\1/p' "$work/tracker.log" | head -1)"
 for layers in 0..2 2..4 4..6; do
   "$bin" node --model "$work/model" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
-    2>"$work/node-$layers.log" & pids+=($!)
+    --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)
   await_line "$work/node-$layers.log" "serving layers"
 done
 
 "$bin" status --tracker "$tracker" >"$work/stats.json"
 "$bin" generate --tracker "$tracker" --model "$work/model" --prompt "hello swarm" \
-  --max-new-tokens 12 --json >"$work/swarm.json"
+  --max-new-tokens 12 --spot-check --json >"$work/swarm.json"
 "$bin" generate --model "$work/model" --local --prompt "hello swarm" \
   --max-new-tokens 12 --json >"$work/local.json"
+# Each node's ledger holds one verified receipt per generated token (receipts are delivered
+# before `generate` exits); the CLI reads it while the node runs, and exports it.
+for layers in 0..2 2..4 4..6; do
+  "$bin" proofs --data-dir "$work/data-$layers" --json >"$work/proofs-$layers.json"
+done
+"$bin" proofs --data-dir "$work/data-0..2" --export "$work/receipts.csv" >/dev/null
+id_node="$(sed -n 's/.*node \([0-9a-f]*\) serving.*/\1/p' "$work/node-0..2.log")"
+id_cli="$("$bin" identity --data-dir "$work/data-0..2")"
+[[ "$id_cli" == "$id_node"* ]] || { echo "identity $id_cli is not the node's $id_node"; exit 1; }
 python3 - "$work" <<'PY'
-import json, sys
+import csv, json, sys
 work = sys.argv[1]
+for layers in ["0..2", "2..4", "4..6"]:
+    proofs = json.load(open(f"{work}/proofs-{layers}.json"))
+    assert proofs["counts"] == {"pending": 0, "verified": 12, "voided": 0}, (layers, proofs["counts"])
+    assert proofs["totals"][0]["lifetime"]["credit"] > 0, proofs["totals"]
+rows = list(csv.DictReader(open(f"{work}/receipts.csv")))
+assert len(rows) == 12 and all(r["status"] == "verified" for r in rows), rows[:2]
 stats = json.load(open(f"{work}/stats.json"))
 swarm = json.load(open(f"{work}/swarm.json"))
 local = json.load(open(f"{work}/local.json"))

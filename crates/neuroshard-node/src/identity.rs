@@ -12,6 +12,20 @@ use crate::NodeError;
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "node.key";
 
+/// Where a node keeps its key and ledger unless told otherwise: `$NEUROSHARD_HOME`, else
+/// `$XDG_DATA_HOME/neuroshard`, else `~/.local/share/neuroshard`, else `./neuroshard-data`.
+pub fn default_data_dir() -> PathBuf {
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("NEUROSHARD_HOME")
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("neuroshard")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/neuroshard")))
+        .unwrap_or_else(|| PathBuf::from("neuroshard-data"))
+}
+
 /// Path of the key in `dir`.
 pub fn key_path(dir: &Path) -> PathBuf {
     dir.join(KEY_FILE)

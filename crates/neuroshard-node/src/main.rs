@@ -62,6 +62,17 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Show this install's node id, or make a new key with --regenerate (for a copied install).
+    Identity {
+        /// Data directory holding node.key.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Replace the key (the old file is kept as node.key.replaced-<ms>).
+        #[arg(long)]
+        regenerate: bool,
+    },
+    /// Show the Proof of Neural Work receipts in a node's ledger.
+    Proofs(ProofsArgs),
     /// Print a node's metrics (via Ping) or a tracker's stats as JSON.
     Status {
         /// Node address host:port.
@@ -103,6 +114,32 @@ struct NodeArgs {
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: u64,
+    /// Where the node keeps its key and receipt ledger (default: $NEUROSHARD_HOME or
+    /// ~/.local/share/neuroshard).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProofsArgs {
+    /// Data directory holding ledger.sqlite.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print totals, counts and the listed receipts as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write every receipt to FILE: CSV, or JSON when FILE ends in .json.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// List only receipts of this status: pending, verified or voided.
+    #[arg(long)]
+    status: Option<String>,
+    /// Receipts to list, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    /// Receipts to skip before listing.
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
 }
 
 #[derive(Args)]
@@ -135,6 +172,9 @@ struct GenerateArgs {
     /// Dtype of hidden states on the wire: f32, f16 or bf16.
     #[arg(long, default_value = "f16")]
     wire_dtype: String,
+    /// Re-execute a sample of hops with the weights in --model (spot checks).
+    #[arg(long, requires = "model")]
+    spot_check: bool,
 }
 
 #[tokio::main]
@@ -189,6 +229,19 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status { node, tracker } => print_status(node, tracker).await?,
+        Command::Identity {
+            data_dir,
+            regenerate,
+        } => {
+            let dir = data_dir.unwrap_or_else(neuroshard_node::identity::default_data_dir);
+            let key = if regenerate {
+                neuroshard_node::identity::regenerate(&dir)?
+            } else {
+                neuroshard_node::identity::load_or_create(&dir)?
+            };
+            println!("{}", key.id());
+        }
+        Command::Proofs(args) => print_proofs(args)?,
     }
     Ok(())
 }
@@ -206,6 +259,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.tracker = Some(args.tracker);
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
+    config.data_dir = Some(
+        args.data_dir
+            .unwrap_or_else(neuroshard_node::identity::default_data_dir),
+    );
     eprintln!(
         "loading layers {} of {}...",
         args.layers,
@@ -266,6 +323,9 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         let mut config = ClientConfig::new(args.tracker.clone().context("--tracker is required")?);
         config.model_id = info.as_ref().map(|i| i.id.clone());
         config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
+        if args.spot_check {
+            config.verify_with = args.model.clone();
+        }
         let client = SwarmClient::connect(config).await?;
         let mut session = client.session();
         let report = generate(&mut session, &prompt, args.max_new_tokens, eos, |_, n| {
@@ -277,6 +337,15 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             eprintln!("\nfailover: {event}");
         }
         session.close().await;
+        let receipts = client.flush_receipts().await;
+        if !args.json {
+            eprintln!(
+                "\nreceipts: {} countersigned and stored by their workers, {} refused, {} undelivered",
+                receipts.stored,
+                receipts.rejected.len(),
+                receipts.undelivered
+            );
+        }
         (report, hops)
     };
     if args.json {
@@ -385,10 +454,90 @@ async fn print_status(node: Option<String>, tracker: Option<String>) -> anyhow::
             "layers_covered": stats.layers_covered,
             "total_layers": stats.total_layers,
             "requests": stats.requests,
+            "clone_warnings": stats.clone_warnings,
         })
     } else {
         bail!("give --node HOST:PORT or --tracker URL");
     };
     println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
+    use neuroshard_proof::{Ledger, Status};
+    let dir = args
+        .data_dir
+        .unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    let path = dir.join(neuroshard_node::node::LEDGER_FILE);
+    if !path.exists() {
+        bail!(
+            "no ledger at {}: has a node run with this data directory?",
+            path.display()
+        );
+    }
+    let ledger = Ledger::open(&path)?;
+    if let Some(file) = &args.export {
+        let out =
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+        let out = std::io::BufWriter::new(out);
+        if file.extension().is_some_and(|e| e == "json") {
+            ledger.export_json(out)?;
+        } else {
+            ledger.export_csv(out)?;
+        }
+        eprintln!("exported every receipt to {}", file.display());
+    }
+    let status = args
+        .status
+        .as_deref()
+        .map(Status::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let now = neuroshard_node::now_ms();
+    let day_start = now - now % (24 * 3600 * 1000);
+    let totals = ledger.totals(now, day_start)?;
+    let counts = ledger.status_counts()?;
+    let rows = ledger.page(status, args.offset, args.limit)?;
+    if args.json {
+        let json = serde_json::json!({ "totals": totals, "counts": counts, "receipts": rows });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "receipts: {} verified, {} pending, {} voided",
+        counts.verified, counts.pending, counts.voided
+    );
+    println!(
+        "{:<18} {:>26} {:>26} {:>26}",
+        "model", "today (UTC)", "last 7 days", "lifetime"
+    );
+    for t in &totals {
+        let cell = |t: &neuroshard_proof::Totals| format!("{} rcpt {:.3} cr", t.receipts, t.credit);
+        println!(
+            "{:<18} {:>26} {:>26} {:>26}",
+            t.model_id,
+            cell(&t.today),
+            cell(&t.week),
+            cell(&t.lifetime)
+        );
+    }
+    if !rows.is_empty() {
+        println!(
+            "\n{:<12} {:<9} {:<8} {:>6} {:>8} {:>12} {:>9}",
+            "receipt", "status", "layers", "pos", "tokens", "GFLOP", "credit"
+        );
+    }
+    for r in &rows {
+        println!(
+            "{:<12} {:<9} {:<8} {:>6} {:>8} {:>12.4} {:>9.4}",
+            &r.id[..12],
+            r.status.as_str(),
+            format!("{}..{}", r.layer_start, r.layer_end),
+            r.start_pos,
+            r.tokens,
+            r.flops as f64 / 1e9,
+            r.credit
+        );
+    }
     Ok(())
 }
