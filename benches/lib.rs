@@ -35,6 +35,42 @@ pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> No
         .expect("node starts")
 }
 
+/// A tracker and nodes serving `ranges` of the model in `dir`, on loopback.
+pub struct BenchSwarm {
+    /// The tracker.
+    pub tracker: neuroshard_node::tracker::TrackerHandle,
+    /// The nodes.
+    pub nodes: Vec<NodeHandle>,
+}
+
+impl BenchSwarm {
+    /// Starts the tracker and the nodes.
+    pub async fn start(dir: &std::path::Path, ranges: &[(u32, u32)]) -> Self {
+        use neuroshard_node::tracker::{TrackerConfig, start_tracker};
+        let tracker = start_tracker(TrackerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..TrackerConfig::default()
+        })
+        .await
+        .expect("tracker starts");
+        let mut nodes = Vec::new();
+        for &(start, end) in ranges {
+            let mut config = NodeConfig::new(dir, LayerRange::new(start, end).unwrap());
+            config.tracker = Some(tracker.url());
+            nodes.push(start_node(config).await.expect("node starts"));
+        }
+        Self { tracker, nodes }
+    }
+
+    /// Stops every node and the tracker.
+    pub async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
+        self.tracker.shutdown().await;
+    }
+}
+
 /// `n` values spread like activations: uniform noise in [-2, 2), which (like real hidden
 /// states) lz4 cannot shrink, so the codec's probe keeps them raw.
 pub fn activations(n: usize) -> Vec<f32> {

@@ -8,12 +8,10 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
-use neuroshard_benches::write_temp_model;
+use neuroshard_benches::{BenchSwarm, write_temp_model};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::client::{ClientConfig, SwarmClient};
 use neuroshard_node::generate::{LocalPipeline, Pipeline};
-use neuroshard_node::node::{NodeConfig, start_node};
-use neuroshard_node::tracker::{TrackerConfig, start_tracker};
 
 const PROMPT_LEN: usize = 32;
 
@@ -21,26 +19,9 @@ fn swarm_vs_local(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = write_temp_model(&ModelSpec::bench());
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| 65 + i % 26).collect();
-    let (tracker, nodes) = runtime.block_on(async {
-        let tracker = start_tracker(TrackerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..TrackerConfig::default()
-        })
-        .await
-        .unwrap();
-        let mut nodes = Vec::new();
-        for (start, end) in [(0, 2), (2, 4), (4, 6)] {
-            let mut config = NodeConfig::new(
-                dir.path(),
-                neuroshard_base::LayerRange::new(start, end).unwrap(),
-            );
-            config.tracker = Some(tracker.url());
-            nodes.push(start_node(config).await.unwrap());
-        }
-        (tracker, nodes)
-    });
+    let swarm = runtime.block_on(BenchSwarm::start(dir.path(), &[(0, 2), (2, 4), (4, 6)]));
     let client = runtime
-        .block_on(SwarmClient::connect(ClientConfig::new(tracker.url())))
+        .block_on(SwarmClient::connect(ClientConfig::new(swarm.tracker.url())))
         .unwrap();
     let mut session = client.session();
     let mut local = LocalPipeline::load(dir.path()).unwrap();
@@ -81,10 +62,7 @@ fn swarm_vs_local(c: &mut Criterion) {
     );
     runtime.block_on(async {
         session.close().await;
-        for node in nodes {
-            node.shutdown().await;
-        }
-        tracker.shutdown().await;
+        swarm.shutdown().await;
     });
 }
 

@@ -673,11 +673,12 @@ impl SwarmSession<'_> {
         if !sampled {
             return Ok(false);
         }
+        let done = verifier.verified_up_to(&self.id, hop.layers);
         let inputs = (|| {
             let history = self.chain[i]
                 .log
                 .iter()
-                .filter(|(p, _)| *p < pos)
+                .filter(|(p, _)| *p < pos && *p >= done)
                 .map(|(p, input)| Ok((*p, input.to_shard_input()?)))
                 .collect::<Result<Vec<_>, NodeError>>()?;
             Ok::<_, NodeError>((history, input.to_shard_input()?, output.last_row()?))
@@ -686,10 +687,11 @@ impl SwarmSession<'_> {
             Ok(inputs) => inputs,
             Err(e) => return Err(format!("its output does not decode: {e}")),
         };
-        let layers = hop.layers;
-        let truth =
-            tokio::task::spawn_blocking(move || verifier.recompute(layers, history, pos, current))
-                .await;
+        let (layers, session) = (hop.layers, self.id.clone());
+        let truth = tokio::task::spawn_blocking(move || {
+            verifier.recompute(&session, layers, history, pos, current)
+        })
+        .await;
         let truth = match truth {
             Ok(Ok(row)) => row,
             Ok(Err(e)) => {
@@ -825,8 +827,11 @@ impl SwarmSession<'_> {
         }
     }
 
-    /// Takes the chain and removes its placements from the router.
+    /// Takes the chain and removes its placements from the router and its verifier caches.
     fn release(&mut self) -> Vec<Hop> {
+        if let Some(verifier) = &self.client.verifier {
+            verifier.forget(&self.id);
+        }
         let chain: Vec<Hop> = std::mem::take(&mut self.chain)
             .into_iter()
             .map(|h| h.hop)

@@ -267,8 +267,8 @@ impl NodeState {
         let (valid, rejected) = tokio::task::spawn_blocking(move || {
             let mut valid = Vec::new();
             let mut rejected = Vec::new();
-            for bytes in batch {
-                match Countersignature::from_wire(&bytes, &own) {
+            for checked in Countersignature::from_wire_batch(&batch, &own) {
+                match checked {
                     Ok(cs) => valid.push(cs),
                     Err(e) => rejected.push(e.to_string()),
                 }

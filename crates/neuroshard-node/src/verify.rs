@@ -1,10 +1,13 @@
 //! Spot checks: re-executing a hop locally to check a worker's output.
 //!
 //! The requester holds the model's weights and recomputes a sampled hop from that hop's replay
-//! log: the earlier inputs are run as one prefill to rebuild the cache, then the checked input
-//! alone, which gives exactly the row the worker fingerprinted. Cost grows with the session's
-//! length, which is why hops are sampled ([`neuroshard_proof::Reputation::check_rate`]).
+//! log: the inputs since its last check of that hop are run as one prefill to bring its own
+//! cache up to date, then the checked input alone, which gives exactly the row the worker
+//! fingerprinted. Caches are kept per (session, layers), so over a session each position is
+//! recomputed at most once per checked span, in batches; the sample rate
+//! ([`neuroshard_proof::Reputation::check_rate`]) decides how soon a bad hop is seen.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -19,7 +22,19 @@ use crate::node::{MAX_TOKENS_PER_CALL, last_row};
 pub struct LocalVerifier {
     shard: Mutex<Shard>,
     config: LlamaConfig,
+    caches: Mutex<HashMap<(String, LayerRange), VerifiedPrefix>>,
 }
+
+/// The verifier's cache of one hop of one session: positions `0..next` are computed.
+#[derive(Debug)]
+struct VerifiedPrefix {
+    cache: KvCache,
+    next: usize,
+}
+
+/// Hop caches kept at most; beyond it all are dropped (a check then starts over). 64 covers
+/// the hops of a handful of concurrent sessions.
+const MAX_CACHES: usize = 64;
 
 impl LocalVerifier {
     /// Loads every layer of the model in `dir`.
@@ -30,6 +45,7 @@ impl LocalVerifier {
         Ok(Self {
             shard: Mutex::new(shard),
             config: info.config,
+            caches: Mutex::new(HashMap::new()),
         })
     }
 
@@ -49,19 +65,56 @@ impl LocalVerifier {
             .forward_flops(layers.to_range(), start_pos as u64, tokens as u64)
     }
 
-    /// The last output row of running `layers` on `input` at `pos`, after `history` (the hop's
-    /// earlier inputs with their positions, in order, covering 0..pos).
+    /// Positions of `session`'s hop over `layers` already recomputed: history before it need
+    /// not be passed again.
+    pub fn verified_up_to(&self, session: &str, layers: LayerRange) -> usize {
+        let caches = self
+            .caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        caches
+            .get(&(session.to_string(), layers))
+            .map_or(0, |c| c.next)
+    }
+
+    /// Drops the caches of a finished session.
+    pub fn forget(&self, session: &str) {
+        let mut caches = self
+            .caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        caches.retain(|(s, _), _| s != session);
+    }
+
+    /// The last output row of running `layers` on `input` at `pos` in `session`, after
+    /// `history`: the hop's inputs with their positions, in order, from
+    /// [`Self::verified_up_to`] to `pos`.
     pub fn recompute(
         &self,
+        session: &str,
         layers: LayerRange,
         history: Vec<(usize, ShardInput)>,
         pos: usize,
         input: ShardInput,
     ) -> Result<Vec<f32>, NodeError> {
+        let key = (session.to_string(), layers);
+        let taken = {
+            let mut caches = self
+                .caches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            caches.remove(&key)
+        };
+        let VerifiedPrefix {
+            mut cache,
+            mut next,
+        } = taken.filter(|c| c.next <= pos).unwrap_or(VerifiedPrefix {
+            cache: KvCache::new(),
+            next: 0,
+        });
         let shard = self.lock();
         let hidden = self.config.hidden_size;
-        let mut cache = KvCache::new();
-        let mut next = 0;
+        let history = history.into_iter().filter(|(p, _)| *p >= next).collect();
         for (start, batch) in merge_history(history, hidden) {
             if start != next {
                 return Err(NodeError::BadRequest(format!(
@@ -76,8 +129,24 @@ impl LocalVerifier {
                 "replay log ends at position {next}, the checked call starts at {pos}"
             )));
         }
+        let tokens = input.tokens(hidden);
         let out = shard.forward(&mut cache, pos, layers.to_range(), input)?;
-        Ok(last_row(&out, hidden).to_vec())
+        let row = last_row(&out, hidden).to_vec();
+        let mut caches = self
+            .caches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if caches.len() >= MAX_CACHES {
+            caches.clear();
+        }
+        caches.insert(
+            key,
+            VerifiedPrefix {
+                cache,
+                next: pos + tokens,
+            },
+        );
+        Ok(row)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shard> {

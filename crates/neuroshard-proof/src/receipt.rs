@@ -168,6 +168,15 @@ impl ReceiptBody {
 impl Receipt {
     /// Reads an envelope from the network: bounds, signature by the key inside, then fields.
     pub fn from_wire(bytes: &[u8]) -> Result<Self, ReceiptError> {
+        let receipt = Self::parse(bytes)?;
+        receipt
+            .worker()
+            .verify(&receipt.bytes, &receipt.signature)?;
+        Ok(receipt)
+    }
+
+    /// Decodes and bounds-checks an envelope without checking its signature.
+    fn parse(bytes: &[u8]) -> Result<Self, ReceiptError> {
         if bytes.len() > MAX_RECEIPT_BYTES {
             return Err(ReceiptError::Malformed(format!(
                 "{} bytes (at most {MAX_RECEIPT_BYTES})",
@@ -179,7 +188,7 @@ impl Receipt {
         let body: ReceiptBody = postcard::from_bytes(&envelope.body)
             .map_err(|e| ReceiptError::Malformed(format!("body: {e}")))?;
         body.check_bounds()?;
-        PublicKey::from_slice(&body.worker)?.verify(&envelope.body, &envelope.signature)?;
+        PublicKey::from_slice(&body.worker)?;
         Ok(Self {
             body,
             bytes: envelope.body,
@@ -280,6 +289,40 @@ impl Countersignature {
     /// Reads a countersigned receipt from the network, checking both signatures, and that the
     /// receipt is `worker`'s.
     pub fn from_wire(bytes: &[u8], worker: &PublicKey) -> Result<Self, ReceiptError> {
+        let cs = Self::parse(bytes, worker)?;
+        cs.receipt
+            .worker()
+            .verify(&cs.receipt.bytes, &cs.receipt.signature)?;
+        cs.requester().verify(&cs.signed_bytes(), &cs.signature)?;
+        Ok(cs)
+    }
+
+    /// Reads a batch of countersigned receipts for `worker`, checking all their signatures
+    /// with one ed25519 batch verification (about twice as fast as one by one); when the batch
+    /// fails, each is checked alone to tell which are bad.
+    pub fn from_wire_batch(
+        items: &[Vec<u8>],
+        worker: &PublicKey,
+    ) -> Vec<Result<Self, ReceiptError>> {
+        let parsed: Vec<Result<Self, ReceiptError>> = items
+            .iter()
+            .map(|bytes| Self::parse(bytes, worker))
+            .collect();
+        let good: Vec<&Self> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+        if good.is_empty() || batch_verify(&good).is_ok() {
+            return parsed;
+        }
+        items
+            .iter()
+            .map(|bytes| Self::from_wire(bytes, worker))
+            .collect()
+    }
+
+    fn requester(&self) -> PublicKey {
+        PublicKey(self.receipt.body.requester)
+    }
+
+    fn parse(bytes: &[u8], worker: &PublicKey) -> Result<Self, ReceiptError> {
         if bytes.len() > 2 * MAX_RECEIPT_BYTES {
             return Err(ReceiptError::Malformed(format!(
                 "countersignature of {} bytes",
@@ -288,7 +331,7 @@ impl Countersignature {
         }
         let wire: CountersignatureWire = postcard::from_bytes(bytes)
             .map_err(|e| ReceiptError::Malformed(format!("countersignature: {e}")))?;
-        let receipt = Receipt::from_wire(&wire.receipt)?;
+        let receipt = Receipt::parse(&wire.receipt)?;
         if receipt.worker() != *worker {
             return Err(ReceiptError::WrongWorker {
                 signer: receipt.worker().id().to_string(),
@@ -301,16 +344,14 @@ impl Countersignature {
                 wire.reliability
             )));
         }
-        let cs = Self {
+        PublicKey::from_slice(&receipt.body.requester)?;
+        Ok(Self {
             receipt,
             verdict: wire.verdict,
             reliability: wire.reliability,
             signed_ms: wire.signed_ms,
             signature: wire.signature,
-        };
-        PublicKey::from_slice(&cs.receipt.body.requester)?
-            .verify(&cs.signed_bytes(), &cs.signature)?;
-        Ok(cs)
+        })
     }
 
     /// The bytes to send.
@@ -324,6 +365,29 @@ impl Countersignature {
         })
         .expect("countersignatures serialize")
     }
+}
+
+/// Verifies the worker's and the requester's signatures of every countersignature at once.
+fn batch_verify(batch: &[&Countersignature]) -> Result<(), ()> {
+    let signed: Vec<Vec<u8>> = batch.iter().map(|cs| cs.signed_bytes()).collect();
+    let mut messages: Vec<&[u8]> = Vec::with_capacity(2 * batch.len());
+    let mut signatures = Vec::with_capacity(2 * batch.len());
+    let mut keys = Vec::with_capacity(2 * batch.len());
+    for (cs, signed) in batch.iter().zip(&signed) {
+        for (message, signature, key) in [
+            (
+                &cs.receipt.bytes[..],
+                &cs.receipt.signature,
+                cs.receipt.body.worker,
+            ),
+            (&signed[..], &cs.signature, cs.receipt.body.requester),
+        ] {
+            messages.push(message);
+            signatures.push(ed25519_dalek::Signature::from_slice(signature).map_err(|_| ())?);
+            keys.push(ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| ())?);
+        }
+    }
+    ed25519_dalek::verify_batch(&messages, &signatures, &keys).map_err(|_| ())
 }
 
 /// What the requester knows about a call, to check its receipt against.
@@ -550,6 +614,33 @@ pub(crate) mod tests {
             Receipt::from_wire(&vec![0; MAX_RECEIPT_BYTES + 1]),
             Err(ReceiptError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn batches_verify_at_once_and_still_name_the_bad_one() {
+        let (w, r, thief) = (
+            NodeKey::generate(),
+            NodeKey::generate(),
+            NodeKey::generate(),
+        );
+        let good: Vec<Vec<u8>> = (0..5)
+            .map(|n| {
+                body(&w, &r, n)
+                    .sign(&w)
+                    .countersign(&r, Verdict::Voided, 0.5, 9)
+                    .to_wire()
+            })
+            .collect();
+        let all = Countersignature::from_wire_batch(&good, &w.public());
+        assert!(all.iter().all(|c| c.is_ok()));
+        let mut mixed = good.clone();
+        mixed[2] = body(&w, &r, 7)
+            .sign(&w)
+            .countersign(&thief, Verdict::Voided, 0.5, 9)
+            .to_wire();
+        let checked = Countersignature::from_wire_batch(&mixed, &w.public());
+        let bad: Vec<usize> = (0..5).filter(|&i| checked[i].is_err()).collect();
+        assert_eq!(bad, vec![2]);
     }
 
     #[test]
