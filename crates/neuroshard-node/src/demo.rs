@@ -39,6 +39,10 @@ pub struct DemoNode {
     pub layers: String,
     /// Whether the demo killed it.
     pub killed: bool,
+    /// Receipts in its ledger by status, after the generation.
+    pub receipts: neuroshard_proof::StatusCounts,
+    /// Credit its verified receipts earned.
+    pub credit: f64,
 }
 
 /// What the demo saw.
@@ -129,7 +133,10 @@ pub async fn run_demo(
     drop(local);
 
     progress("generating through the swarm...");
-    let client = SwarmClient::connect(ClientConfig::new(tracker.url())).await?;
+    let mut client_config = ClientConfig::new(tracker.url());
+    // The demo holds the model, so it spot-checks the nodes it uses.
+    client_config.verify_with = Some(model_dir.clone());
+    let client = SwarmClient::connect(client_config).await?;
     let mut session = client.session();
     let mut killed: Option<String> = None;
     let kill_at = (options.max_new_tokens / 2).max(1);
@@ -163,16 +170,22 @@ pub async fn run_demo(
     let hops = session.timings();
     let events = session.events().to_vec();
     session.close().await;
+    client.flush_receipts().await;
+    let mut demo_nodes = Vec::new();
+    for n in &nodes {
+        let receipts = n.ledger().read(|l| l.status_counts()).await?;
+        let totals = n.ledger().read(|l| l.totals(crate::now_ms(), 0)).await?;
+        demo_nodes.push(DemoNode {
+            id: n.id().short(),
+            addr: n.advertised().to_string(),
+            layers: n.layers().to_string(),
+            killed: killed.as_deref() == Some(n.advertised()),
+            receipts,
+            credit: totals.iter().map(|t| t.lifetime.credit).sum(),
+        });
+    }
     let report = DemoReport {
-        nodes: nodes
-            .iter()
-            .map(|n| DemoNode {
-                id: n.id().short(),
-                addr: n.advertised().to_string(),
-                layers: n.layers().to_string(),
-                killed: killed.as_deref() == Some(n.advertised()),
-            })
-            .collect(),
+        nodes: demo_nodes,
         text: tokenizer.decode(&swarm.generated_ids)?,
         swarm,
         local: local_report,

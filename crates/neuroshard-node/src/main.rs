@@ -406,11 +406,15 @@ fn print_demo(report: &neuroshard_node::demo::DemoReport) {
     for n in &report.nodes {
         let _ = writeln!(
             out,
-            "  {} at {} serves layers {}{}",
+            "  {} at {} serves layers {}{}: receipts {} verified, {} pending, {} voided; credit {:.4}",
             n.id,
             n.addr,
             n.layers,
-            if n.killed { " (killed)" } else { "" }
+            if n.killed { " (killed)" } else { "" },
+            n.receipts.verified,
+            n.receipts.pending,
+            n.receipts.voided,
+            n.credit
         );
     }
     let _ = writeln!(out, "\ngenerated text: {:?}", report.text);
