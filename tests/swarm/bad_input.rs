@@ -244,3 +244,91 @@ async fn a_model_whose_config_and_tensors_disagree_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(2, 4)]).await;
+    let node = &swarm.nodes[0];
+    let mut client = node_client(node).await;
+    let requester = neuroshard_base::NodeKey::generate();
+    let with_proof = |nonce: Vec<u8>, key: Vec<u8>| pb::ForwardRequest {
+        nonce,
+        requester_key: key,
+        ..request("proof", 0, 2, 4, hidden(2))
+    };
+
+    let status = client
+        .forward(with_proof(vec![1, 2, 3], requester.public().0.to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("nonce must be 16 bytes"),
+        "{status:?}"
+    );
+    let status = client
+        .forward(with_proof(vec![7; 16], vec![9; 5]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("public key"), "{status:?}");
+
+    // A good call; then its receipt countersigned by a stranger, garbage, and a replay.
+    let reply = client
+        .forward(with_proof(vec![7; 16], requester.public().0.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    let receipt = neuroshard_proof::Receipt::from_wire(&reply.receipt).unwrap();
+    assert_eq!(receipt.worker(), node.public_key());
+    let accept = neuroshard_proof::Verdict::Accepted {
+        spot_checked: false,
+    };
+    let stranger = neuroshard_base::NodeKey::generate();
+    let submit = |items: Vec<Vec<u8>>| pb::SubmitReceiptsRequest {
+        countersigned: items,
+    };
+    let reply = client
+        .submit_receipts(submit(vec![
+            receipt.countersign(&stranger, accept, 1.0, 1).to_wire(),
+            vec![1, 2, 3],
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stored, 0);
+    assert!(
+        reply.rejected[0].contains("bad signature"),
+        "{:?}",
+        reply.rejected
+    );
+    assert!(
+        reply.rejected[1].contains("malformed"),
+        "{:?}",
+        reply.rejected
+    );
+    let good = receipt.countersign(&requester, accept, 1.0, 1).to_wire();
+    let first = client
+        .submit_receipts(submit(vec![good.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .submit_receipts(submit(vec![good]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first.stored, again.stored, again.already_settled),
+        (1, 0, 1)
+    );
+    let status = client
+        .submit_receipts(submit(vec![vec![0]; 1025]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let counts = node.ledger().read(|l| l.status_counts()).await.unwrap();
+    assert_eq!((counts.verified, counts.pending), (1, 0));
+    swarm.shutdown().await;
+}

@@ -25,6 +25,15 @@ async fn channels_are_reused_capped_closed_when_idle_and_reopened() {
     }
     assert_eq!(pool.channels_to(&addr), 1);
 
+    // Control calls ride the existing channel and never make it busy.
+    let mut control = pool.control_client(&addr).await.unwrap();
+    let busy = pool.client(&addr).await.unwrap();
+    control.client.ping(pb::PingRequest {}).await.unwrap();
+    let mut second = pool.control_client(&addr).await.unwrap();
+    second.client.ping(pb::PingRequest {}).await.unwrap();
+    assert_eq!(pool.channels_to(&addr), 1);
+    drop((control, busy, second));
+
     // Calls held open at once get more channels, never more than three.
     let mut held = Vec::new();
     for _ in 0..5 {

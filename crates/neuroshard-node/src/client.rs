@@ -866,7 +866,7 @@ impl Drop for SwarmSession<'_> {
 
 /// Asks `addr` to drop session `id`'s cache, giving up after a second.
 async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
-    if let Ok(mut pooled) = pool.client(addr).await {
+    if let Ok(mut pooled) = pool.control_client(addr).await {
         let request = pb::EndSessionRequest {
             session_id: id.to_string(),
         };

@@ -134,7 +134,7 @@ async fn send(pool: &ConnectionPool, addr: &str, queue: &mut Pending, report: &m
             countersigned: queue.items[..n].iter().map(|cs| cs.to_wire()).collect(),
         };
         let reply = async {
-            let mut pooled = pool.client(addr).await.map_err(|e| e.to_string())?;
+            let mut pooled = pool.control_client(addr).await.map_err(|e| e.to_string())?;
             pooled
                 .client
                 .submit_receipts(request)

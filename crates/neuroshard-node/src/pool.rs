@@ -50,17 +50,31 @@ struct PeerChannels {
     last_used: Option<Instant>,
 }
 
-/// A client to one peer, counted as in flight until dropped.
+/// A client to one peer, counted as in flight on its channel until dropped (unless it is a
+/// control client, which never makes a channel busy).
 #[derive(Debug)]
 pub struct PooledClient {
     /// The gRPC client.
     pub client: NodeClient<Channel>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Option<Arc<AtomicUsize>>,
+}
+
+impl PooledClient {
+    fn new(channel: Channel, in_flight: Option<Arc<AtomicUsize>>) -> Self {
+        Self {
+            client: NodeClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            in_flight,
+        }
+    }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -105,6 +119,24 @@ impl ConnectionPool {
         Ok(client)
     }
 
+    /// A client to `addr` for small control calls (receipts, session ends). It rides an
+    /// existing channel, busy or not, since HTTP/2 multiplexes it beside a Forward, and it does
+    /// not count as in flight, so it never makes the next Forward open a connection. A new
+    /// connection is made only when the peer has none.
+    pub async fn control_client(&self, addr: &str) -> Result<PooledClient, NodeError> {
+        let pooled = {
+            let mut peers = self.peers.lock().expect("pool lock");
+            peers.get_mut(addr).and_then(|peer| {
+                peer.last_used = Some(Instant::now());
+                Some(peer.channels.first()?.channel.clone())
+            })
+        };
+        match pooled {
+            Some(channel) => Ok(PooledClient::new(channel, None)),
+            None => self.client(addr).await,
+        }
+    }
+
     /// A channel to `addr` with no call in flight, or the least busy one when at the cap.
     fn reuse(&self, addr: &str) -> Option<PooledClient> {
         let mut peers = self.peers.lock().expect("pool lock");
@@ -122,12 +154,7 @@ impl ConnectionPool {
             return None;
         }
         best.in_flight.fetch_add(1, Ordering::Relaxed);
-        let client = PooledClient {
-            client: NodeClient::new(best.channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            in_flight: best.in_flight.clone(),
-        };
+        let client = PooledClient::new(best.channel.clone(), Some(best.in_flight.clone()));
         peer.last_used = Some(Instant::now());
         Some(client)
     }
