@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the model's tests on the wgpu backend, and checks receipt fingerprints CPU against wgpu. Without a GPU it uses Mesa's software Vulkan
-# driver (llvmpipe). Not part of .ci/run: building wgpu and CubeCL adds about 20 minutes cold.
+# Runs the model's tests on the wgpu backend, and checks receipt fingerprints CPU against wgpu.
+# Without a GPU it uses Mesa's software Vulkan driver (llvmpipe). Not part of .ci/run: building
+# wgpu and CubeCL adds about 20 minutes cold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neuroshard/target}"
