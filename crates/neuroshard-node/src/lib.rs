@@ -22,6 +22,7 @@ pub mod outbox;
 pub mod pool;
 pub mod router;
 pub mod sessions;
+pub mod settings;
 pub mod tracker;
 pub mod verify;
 
