@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod generation;
+mod lifecycle;
 mod pool;
 mod proofs;
 mod tracker;

@@ -57,6 +57,12 @@ pub enum NodeError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     ShuttingDown,
+    /// The node's owner paused it, or it is finishing its calls before pausing.
+    #[error("node is not serving: {}", match .0 {
+        crate::lifecycle::RunState::Draining => "finishing its current requests, then pausing",
+        _ => "paused by its owner",
+    })]
+    NotServing(crate::lifecycle::RunState),
     /// A key, signature or claimed id did not check out.
     #[error("identity: {0}")]
     Identity(#[from] neuroshard_base::KeyError),
@@ -101,9 +107,10 @@ impl From<NodeError> for tonic::Status {
                 Code::InvalidArgument
             }
             NodeError::Model(_) => Code::Internal,
-            NodeError::NoRoute(_) | NodeError::Connect { .. } | NodeError::ShuttingDown => {
-                Code::Unavailable
-            }
+            NodeError::NoRoute(_)
+            | NodeError::Connect { .. }
+            | NodeError::ShuttingDown
+            | NodeError::NotServing(_) => Code::Unavailable,
             NodeError::Remote { status, .. } => status.code(),
             NodeError::Io { .. } | NodeError::Ledger(_) => Code::Internal,
             NodeError::Identity(_) => Code::Unauthenticated,

@@ -16,6 +16,7 @@ mod error;
 pub mod generate;
 pub mod identity;
 pub mod ledger;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use crate::convert::{
     tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
 use crate::ledger::LedgerHandle;
+use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::{MAX_MESSAGE_BYTES, NodeError};
@@ -160,7 +161,7 @@ pub struct NodeState {
     record: PeerRecord,
     peers: RwLock<Vec<PeerRecord>>,
     busy: AtomicUsize,
-    stopped: AtomicBool,
+    lifecycle: Lifecycle,
     key: NodeKey,
     ledger: LedgerHandle,
     fault: Option<Fault>,
@@ -169,8 +170,12 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    /// Load in [0, 1]: calls computing now (one compute slot per node).
+    /// Load in [0, 1]: calls computing now (one compute slot per node); full when not serving,
+    /// so routers that still list the node plan around it.
     fn load(&self) -> f32 {
+        if self.lifecycle.state() != RunState::Serving {
+            return 1.0;
+        }
         self.busy.load(Ordering::Relaxed).min(1) as f32
     }
 
@@ -193,9 +198,7 @@ impl NodeState {
         self: Arc<Self>,
         req: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, NodeError> {
-        if self.stopped.load(Ordering::Relaxed) {
-            return Err(NodeError::ShuttingDown);
-        }
+        let _admitted = self.lifecycle.admit()?;
         let received_ms = crate::now_ms();
         let call = self.parse_call(req)?;
         let receipt = ReceiptBody {
@@ -675,8 +678,36 @@ impl NodeHandle {
     /// Stops taking calls at once (calls in flight fail) and begins shutting the server down,
     /// without waiting: what a crash looks like to peers.
     pub fn kill(&self) {
-        self.state.stopped.store(true, Ordering::Relaxed);
+        self.state.lifecycle.set(RunState::Stopped);
         self.cancel.cancel();
+    }
+
+    /// Refuses calls from now on (UNAVAILABLE, so clients fail over to replicas) until
+    /// [`NodeHandle::resume`]; calls in flight finish. Sessions keep their caches until they
+    /// expire, so a short pause costs a client no replay.
+    pub fn pause(&self) {
+        self.state.lifecycle.set(RunState::Paused);
+    }
+
+    /// Takes calls again after a pause or drain.
+    pub fn resume(&self) {
+        self.state.lifecycle.set(RunState::Serving);
+    }
+
+    /// Refuses new calls, waits for the calls in flight to finish, then pauses: "finish
+    /// current requests, then pause".
+    pub async fn drain(&self) {
+        self.state.lifecycle.drain().await;
+    }
+
+    /// A watch of the run state and calls in flight.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<NodeStatus> {
+        self.state.lifecycle.watch()
+    }
+
+    /// Events from now on (state changes).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
+        self.state.lifecycle.subscribe()
     }
 
     /// Stops the node and waits for its server to end.
@@ -750,7 +781,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         metrics,
         peers: RwLock::new(Vec::new()),
         busy: AtomicUsize::new(0),
-        stopped: AtomicBool::new(false),
+        lifecycle: Lifecycle::new(RunState::Serving),
         key,
         ledger,
         fault: config.fault.clone(),
