@@ -3,6 +3,7 @@
 mod bad_input;
 mod generation;
 mod lifecycle;
+mod limits;
 mod pool;
 mod proofs;
 mod tracker;

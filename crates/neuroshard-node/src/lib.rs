@@ -9,6 +9,7 @@
 //! Layers: generated protobuf types stay in [`convert`] and the service impls; everything else
 //! works on domain types ([`convert::PeerRecord`], `WireTensor`, `LayerRange`).
 
+pub mod bandwidth;
 pub mod client;
 pub mod convert;
 pub mod demo;
@@ -52,13 +53,19 @@ pub(crate) const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 /// NeuroShard server shares: Nagle off on accepted sockets (a decode step is one small message
 /// each way, and delayed ACKs would add tens of milliseconds per hop), adaptive HTTP/2 windows
 /// and 1 MiB frames for megabyte activations, and a cap on calls in flight per connection.
+///
+/// Every accepted connection keeps to `caps`.
 pub(crate) fn spawn_server(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
+    caps: std::sync::Arc<bandwidth::BandwidthCaps>,
     cancel: tokio_util::sync::CancellationToken,
     name: &'static str,
 ) -> tokio::task::JoinHandle<()> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use futures::StreamExt;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|tcp| bandwidth::Throttled::new(tcp, caps.clone())));
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::bandwidth::BandwidthCaps;
 use crate::convert::{
     PeerRecord, dtype_from_proto, peer_from_proto, peer_to_proto, span_from_proto,
     tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
@@ -89,6 +90,11 @@ pub struct NodeConfig {
     /// Where the node keeps its key (`node.key`) and receipt ledger (`ledger.sqlite`). None
     /// makes a fresh key and keeps the ledger in memory: for tests and throwaway nodes.
     pub data_dir: Option<PathBuf>,
+    /// Upload cap in KB/s (1 KB = 1000 bytes), 0 for none; on every byte the server sends.
+    /// Default none.
+    pub upload_kbps: u32,
+    /// Download cap in KB/s, 0 for none; on every byte the server receives. Default none.
+    pub download_kbps: u32,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -107,6 +113,8 @@ impl NodeConfig {
             session_idle: Duration::from_secs(300),
             heartbeat: Duration::from_secs(10),
             data_dir: None,
+            upload_kbps: 0,
+            download_kbps: 0,
             fault: None,
         }
     }
@@ -162,6 +170,7 @@ pub struct NodeState {
     peers: RwLock<Vec<PeerRecord>>,
     busy: AtomicUsize,
     lifecycle: Lifecycle,
+    caps: Arc<BandwidthCaps>,
     key: NodeKey,
     ledger: LedgerHandle,
     fault: Option<Fault>,
@@ -705,6 +714,12 @@ impl NodeHandle {
         self.state.lifecycle.watch()
     }
 
+    /// Changes the upload and download caps (KB/s, 0 for none) of the running node; open
+    /// connections follow from their next read or write.
+    pub fn set_bandwidth(&self, upload_kbps: u32, download_kbps: u32) {
+        self.state.caps.set(upload_kbps, download_kbps);
+    }
+
     /// Events from now on (state changes).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
         self.state.lifecycle.subscribe()
@@ -782,6 +797,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         peers: RwLock::new(Vec::new()),
         busy: AtomicUsize::new(0),
         lifecycle: Lifecycle::new(RunState::Serving),
+        caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
         key,
         ledger,
         fault: config.fault.clone(),
@@ -806,6 +822,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let server = crate::spawn_server(
         tonic::service::Routes::new(service),
         listener,
+        state.caps.clone(),
         cancel.clone(),
         "node",
     );

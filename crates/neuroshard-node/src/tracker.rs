@@ -456,6 +456,8 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let task = crate::spawn_server(
         tonic::service::Routes::new(server),
         listener,
+        // Trackers run on servers, not on volunteers' lines: no caps.
+        crate::bandwidth::BandwidthCaps::new(0, 0),
         cancel.clone(),
         "tracker",
     );
