@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod client;
 pub mod convert;
 pub mod demo;
+pub mod duty;
 mod error;
 pub mod generate;
 pub mod identity;

@@ -30,6 +30,7 @@ use crate::convert::{
     PeerRecord, dtype_from_proto, peer_from_proto, peer_to_proto, span_from_proto,
     tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
+use crate::duty::DutyCycle;
 use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -95,6 +96,9 @@ pub struct NodeConfig {
     pub upload_kbps: u32,
     /// Download cap in KB/s, 0 for none; on every byte the server receives. Default none.
     pub download_kbps: u32,
+    /// Share of wall time the node computes, 1–100 %, as a duty cycle. Default 100: a headless
+    /// server gives everything; the desktop app passes its owner's setting.
+    pub compute_share_percent: u8,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -115,6 +119,7 @@ impl NodeConfig {
             data_dir: None,
             upload_kbps: 0,
             download_kbps: 0,
+            compute_share_percent: 100,
             fault: None,
         }
     }
@@ -130,6 +135,9 @@ impl NodeConfig {
         }
         if self.session_idle.is_zero() {
             return bad("session_idle", "must be positive");
+        }
+        if !(1..=100).contains(&self.compute_share_percent) {
+            return bad("compute_share_percent", "must be between 1 and 100");
         }
         if self.heartbeat.is_zero() {
             return bad("heartbeat", "must be positive");
@@ -171,6 +179,7 @@ pub struct NodeState {
     busy: AtomicUsize,
     lifecycle: Lifecycle,
     caps: Arc<BandwidthCaps>,
+    duty: DutyCycle,
     key: NodeKey,
     ledger: LedgerHandle,
     fault: Option<Fault>,
@@ -357,6 +366,8 @@ impl NodeState {
         self: Arc<Self>,
         call: ForwardCall,
     ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
+        // Waited for before the session is checked out, so giving up here leaves nothing behind.
+        let turn = self.duty.turn().await;
         let (mut checkout, created) = self.sessions.checkout(
             &call.session_id,
             call.start_pos,
@@ -386,6 +397,7 @@ impl NodeState {
                 Ok::<_, NodeError>((out, weights_hash))
             }));
             let compute = started.elapsed();
+            turn.finish(compute);
             state.busy.fetch_sub(1, Ordering::Relaxed);
             match out {
                 Ok(out) => {
@@ -720,6 +732,11 @@ impl NodeHandle {
         self.state.caps.set(upload_kbps, download_kbps);
     }
 
+    /// Changes the share of wall time the node computes (1–100 %); the next call follows it.
+    pub fn set_compute_share(&self, percent: u8) {
+        self.state.duty.set_share(percent);
+    }
+
     /// Events from now on (state changes).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
         self.state.lifecycle.subscribe()
@@ -798,6 +815,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         busy: AtomicUsize::new(0),
         lifecycle: Lifecycle::new(RunState::Serving),
         caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
+        duty: DutyCycle::new(config.compute_share_percent),
         key,
         ledger,
         fault: config.fault.clone(),
