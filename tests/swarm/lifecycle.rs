@@ -58,3 +58,37 @@ async fn a_paused_node_is_failed_over_and_serves_again_when_resumed() {
     assert_eq!((status.state, status.in_flight), (RunState::Serving, 0));
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stays_paused_until_its_owner_finishes_the_first_run() {
+    use neuroshard_node::settings::{Preset, Settings, SettingsStore};
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let node = &swarm.nodes[0];
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SettingsStore::open(dir.path().join("settings.json")).unwrap();
+    node.apply_settings(store.get());
+    assert_eq!(
+        node.status().borrow().state,
+        RunState::Paused,
+        "fresh install"
+    );
+
+    // The first run: a name and a preset, through one patch, as the app sends it.
+    let light = serde_json::to_value(Settings::default().with_preset(Preset::Light)).unwrap();
+    let patch = serde_json::json!({
+        "profile": {"display_name": "Ada", "onboarded": true},
+        "compute": light["compute"],
+        "bandwidth": light["bandwidth"],
+    });
+    node.apply_settings(store.update(&patch).unwrap());
+    node.resume();
+    assert_eq!(node.status().borrow().state, RunState::Serving);
+    assert_eq!(store.get().compute.gpu_share_percent, 25);
+    let expected = local_reference(&model, NEW_TOKENS).await;
+    generate_with_a_new_client(&swarm, &expected).await;
+    // Onboarded settings applied again (a later change) leave a serving node serving.
+    node.apply_settings(store.get());
+    assert_eq!(node.status().borrow().state, RunState::Serving);
+    swarm.shutdown().await;
+}

@@ -737,6 +737,20 @@ impl NodeHandle {
         self.state.duty.set_share(percent);
     }
 
+    /// Applies what a running node changes without a restart: bandwidth caps, compute share,
+    /// and the first-run rule: paused while the owner has not picked a name (or anonymity) and
+    /// a preset. It never resumes by itself, so an owner's pause outlasts a settings change;
+    /// the app resumes when the first run ends. Layers, device and threads take a shard reload
+    /// and are not applied here.
+    pub fn apply_settings(&self, settings: &crate::settings::Settings) {
+        let bandwidth = &settings.bandwidth;
+        self.set_bandwidth(bandwidth.upload_kbps, bandwidth.download_kbps);
+        self.set_compute_share(settings.compute.gpu_share_percent);
+        if !settings.profile.onboarded {
+            self.pause();
+        }
+    }
+
     /// Events from now on (state changes).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
         self.state.lifecycle.subscribe()
