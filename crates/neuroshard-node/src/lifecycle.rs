@@ -104,8 +104,14 @@ impl Lifecycle {
 
     /// Moves to `state` unless stopped (which is final); announces a change.
     pub fn set(&self, state: RunState) {
+        self.transition(state, |s| s.state != RunState::Stopped);
+    }
+
+    /// Moves to `state` when `allowed` holds for the status now and the state differs;
+    /// announces the change.
+    fn transition(&self, state: RunState, allowed: impl Fn(&NodeStatus) -> bool) {
         let changed = self.status.send_if_modified(|s| {
-            let change = s.state != state && s.state != RunState::Stopped;
+            let change = s.state != state && allowed(s);
             if change {
                 s.state = state;
             }
@@ -124,18 +130,9 @@ impl Lifecycle {
         let _ = status
             .wait_for(|s| s.in_flight == 0 || s.state != RunState::Draining)
             .await;
-        let finished = self.status.send_if_modified(|s| {
-            let finish = s.state == RunState::Draining && s.in_flight == 0;
-            if finish {
-                s.state = RunState::Paused;
-            }
-            finish
+        self.transition(RunState::Paused, |s| {
+            s.state == RunState::Draining && s.in_flight == 0
         });
-        if finished {
-            let _ = self.events.send(NodeEvent::StateChanged {
-                state: RunState::Paused,
-            });
-        }
     }
 }
 
