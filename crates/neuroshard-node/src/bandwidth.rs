@@ -29,6 +29,7 @@ const BURST_DIVISOR: u32 = 100;
 pub struct BandwidthCaps {
     upload: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
     download: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
+    kbps: RwLock<(u32, u32)>,
 }
 
 impl BandwidthCaps {
@@ -43,6 +44,12 @@ impl BandwidthCaps {
     pub fn set(&self, upload_kbps: u32, download_kbps: u32) {
         *self.upload.write().expect("caps lock") = limiter(upload_kbps);
         *self.download.write().expect("caps lock") = limiter(download_kbps);
+        *self.kbps.write().expect("caps lock") = (upload_kbps, download_kbps);
+    }
+
+    /// The caps in force, KB/s (upload, download); 0 for none.
+    pub fn kbps(&self) -> (u32, u32) {
+        *self.kbps.read().expect("caps lock")
     }
 
     fn upload(&self) -> Option<Arc<DefaultDirectRateLimiter>> {

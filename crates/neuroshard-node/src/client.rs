@@ -109,13 +109,46 @@ pub struct SwarmClient {
     outbox: ReceiptOutbox,
 }
 
+/// A client of the tracker at `url` (connected on first use), with the timeouts and reply cap
+/// every caller shares.
+pub fn tracker_client(url: &str) -> Result<TrackerClient<Channel>, NodeError> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10));
+    Ok(TrackerClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_TRACKER_REPLY_BYTES))
+}
+
+/// The live peers the tracker lists, of `model_id` or of every model; records that do not
+/// check out (bad key, bad layers) are left out.
+pub async fn list_peers(
+    mut tracker: TrackerClient<Channel>,
+    url: &str,
+    model_id: Option<&str>,
+) -> Result<Vec<PeerRecord>, NodeError> {
+    let request = pb::ListPeersRequest {
+        model_id: model_id.unwrap_or_default().to_string(),
+    };
+    let reply = tracker
+        .list_peers(request)
+        .await
+        .map_err(|status| NodeError::Remote {
+            peer: format!("tracker {url}"),
+            status,
+        })?;
+    Ok(reply
+        .into_inner()
+        .peers
+        .into_iter()
+        .filter_map(|p| peer_from_proto(p).ok())
+        .collect())
+}
+
 impl SwarmClient {
     /// Connects to the tracker and learns the swarm's peers and model.
     pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
-        let endpoint = Endpoint::from_shared(config.tracker.clone())
-            .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10));
+        let tracker = tracker_client(&config.tracker)?;
         let metrics = Arc::new(Metrics::default());
         config
             .router
@@ -141,8 +174,7 @@ impl SwarmClient {
         let mut client = Self {
             outbox,
             router: Mutex::new(Router::new(config.router)),
-            tracker: TrackerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(MAX_TRACKER_REPLY_BYTES),
+            tracker,
             pool,
             metrics,
             model_id: String::new(),
@@ -173,24 +205,12 @@ impl SwarmClient {
     }
 
     async fn fetch_peers(&self) -> Result<Vec<PeerRecord>, NodeError> {
-        let request = pb::ListPeersRequest {
-            model_id: self.config.model_id.clone().unwrap_or_default(),
-        };
-        let reply = self
-            .tracker
-            .clone()
-            .list_peers(request)
-            .await
-            .map_err(|status| NodeError::Remote {
-                peer: format!("tracker {}", self.config.tracker),
-                status,
-            })?;
-        Ok(reply
-            .into_inner()
-            .peers
-            .into_iter()
-            .filter_map(|p| peer_from_proto(p).ok())
-            .collect())
+        list_peers(
+            self.tracker.clone(),
+            &self.config.tracker,
+            self.config.model_id.as_deref(),
+        )
+        .await
     }
 
     fn install_peers(&self, peers: Vec<PeerRecord>) {

@@ -48,6 +48,11 @@ impl DutyCycle {
             .store(share_percent.clamp(1, 100), Ordering::Relaxed);
     }
 
+    /// The share in force, 1–100 %.
+    pub fn share(&self) -> u8 {
+        self.share_percent.load(Ordering::Relaxed)
+    }
+
     /// Waits for the previous call's compute and rest to end.
     pub async fn turn(&self) -> Turn {
         let next_start = self.next_start.clone().lock_owned().await;

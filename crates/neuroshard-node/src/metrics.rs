@@ -33,6 +33,8 @@ pub struct Metrics {
     pub forward_calls: AtomicU64,
     /// Inference sessions opened.
     pub sessions_started: AtomicU64,
+    /// Token positions computed by Forward calls served.
+    pub tokens_served: AtomicU64,
     latencies_us: Mutex<VecDeque<u64>>,
 }
 
@@ -69,6 +71,8 @@ pub struct MetricsSnapshot {
     pub forward_calls: u64,
     /// Sessions opened.
     pub sessions_started: u64,
+    /// Token positions computed by Forward calls served.
+    pub tokens_served: u64,
 }
 
 impl Metrics {
@@ -132,6 +136,7 @@ impl Metrics {
             kv_cache_bytes,
             forward_calls: load(&self.forward_calls),
             sessions_started: load(&self.sessions_started),
+            tokens_served: load(&self.tokens_served),
         }
     }
 }
@@ -172,6 +177,7 @@ convert_fields!(
         kv_cache_bytes,
         forward_calls,
         sessions_started,
+        tokens_served,
     ]
 );
 

@@ -246,6 +246,9 @@ impl NodeState {
             (call.tokens, call.reply_dtype, call.proof.is_some());
         let (out, compute, weights_hash) = self.clone().compute(call).await?;
         self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .tokens_served
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
         let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
         let receipt = wants_receipt.then(|| {
@@ -735,6 +738,12 @@ impl NodeHandle {
     /// Changes the share of wall time the node computes (1–100 %); the next call follows it.
     pub fn set_compute_share(&self, percent: u8) {
         self.state.duty.set_share(percent);
+    }
+
+    /// The limits in force: upload and download caps (KB/s, 0 for none) and compute share (%).
+    pub fn limits(&self) -> (u32, u32, u8) {
+        let (up, down) = self.state.caps.kbps();
+        (up, down, self.state.duty.share())
     }
 
     /// Applies what a running node changes without a restart: bandwidth caps, compute share,

@@ -182,6 +182,17 @@ pub struct StatusCounts {
     pub voided: u64,
 }
 
+/// Work done in one bucket of a time series, for the app's chart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    /// Start of the bucket, ms since the Unix epoch.
+    pub start_ms: u64,
+    /// Token positions computed (pending and verified receipts; voided work does not count).
+    pub tokens: u64,
+    /// Credit of the verified receipts.
+    pub credit: f64,
+}
+
 /// What settling one countersignature did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
@@ -365,6 +376,49 @@ impl Ledger {
             .map_err(sql("reading totals"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("reading totals"))
+    }
+
+    /// `buckets` consecutive buckets of `bucket_ms` each, the first starting at `since_ms`; a
+    /// bucket without work is there with zeros, so a chart's x axis is the bucket index.
+    pub fn series(
+        &self,
+        since_ms: u64,
+        bucket_ms: u64,
+        buckets: usize,
+    ) -> Result<Vec<SeriesPoint>, LedgerError> {
+        let bucket_ms = bucket_ms.max(1);
+        let mut points: Vec<SeriesPoint> = (0..buckets as u64)
+            .map(|i| SeriesPoint {
+                start_ms: since_ms + i * bucket_ms,
+                ..SeriesPoint::default()
+            })
+            .collect();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT (created_ms - ?1) / ?2 AS bucket, SUM(tokens),
+                   SUM(CASE WHEN status = 'verified' THEN credit ELSE 0 END)
+                 FROM receipts WHERE created_ms >= ?1 AND status != 'voided'
+                 GROUP BY bucket",
+            )
+            .map_err(sql("preparing the series"))?;
+        let rows = stmt
+            .query_map(params![since_ms as i64, bucket_ms as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
+                    r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                ))
+            })
+            .map_err(sql("reading the series"))?;
+        for row in rows {
+            let (bucket, tokens, credit) = row.map_err(sql("reading the series"))?;
+            if let Some(point) = usize::try_from(bucket).ok().and_then(|b| points.get_mut(b)) {
+                point.tokens = tokens;
+                point.credit = credit;
+            }
+        }
+        Ok(points)
     }
 
     /// Receipts per status.
@@ -578,6 +632,19 @@ mod tests {
         );
         assert_eq!(t.lifetime.flops, 3_000_000);
         assert!((t.lifetime.credit - 0.003).abs() < 1e-12);
+        let per_receipt = t.lifetime.tokens / 3;
+        let series = ledger.series(now - 4 * MS_PER_DAY, MS_PER_DAY, 4).unwrap();
+        let tokens: Vec<u64> = series.iter().map(|p| p.tokens).collect();
+        assert_eq!(
+            tokens,
+            [0, per_receipt, 0, 2 * per_receipt],
+            "pending work counts, voided work does not"
+        );
+        assert!(
+            (series[3].credit - 0.001).abs() < 1e-12,
+            "only verified credit"
+        );
+        assert_eq!(series[2].start_ms, now - 2 * MS_PER_DAY);
         let voided = ledger.page(Some(Status::Voided), 0, 10).unwrap();
         assert_eq!(voided.len(), 1);
         assert_eq!(voided[0].id, cheated.id().to_string());
