@@ -1,0 +1,882 @@
+//! The app's core, free of any window: the embedded node, the settings store, the owner's
+//! holds (pause, snooze), the transfer meter and the status snapshot. Tauri commands and the
+//! tray are thin over this, and the tests drive it directly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{Datelike, Local, TimeZone, Timelike};
+use neuroshard_model::ModelInfo;
+use neuroshard_node::NodeError;
+use neuroshard_node::lifecycle::RunState;
+use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, start_node};
+use neuroshard_node::settings::{
+    LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore, Weekday,
+};
+use neuroshard_proof::ledger::{Ledger, LedgerError, ReceiptRow, SeriesPoint, Status, Totals};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{RwLock, watch};
+
+use crate::layers::{self, LayerPlan};
+use crate::status::{AppState, BandwidthStatus, DesktopStatus, Rates};
+
+const MS_PER_HOUR: u64 = 3600 * 1000;
+const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
+const MIB: u64 = 1024 * 1024;
+
+/// How long a layer change waits for calls in flight before the node restarts anyway.
+const RESTART_DRAIN: Duration = Duration::from_secs(10);
+
+/// Receipts a page of the receipts table may hold.
+pub const MAX_PAGE: u32 = 200;
+
+/// A failed command, as the front end receives it: a stable code, a sentence, and for a bad
+/// setting the dotted path of the field, so the form can show the message beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    /// `invalid_setting`, `settings_unreadable`, `io`, `node`, `bad_request`.
+    pub code: &'static str,
+    /// What is wrong, for people.
+    pub message: String,
+    /// The setting at fault, such as `bandwidth.upload_kbps`.
+    pub field: Option<String>,
+}
+
+impl CommandError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// A request the app cannot act on (an unknown snooze, a page too large).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new("bad_request", message)
+    }
+}
+
+impl From<SettingsError> for CommandError {
+    fn from(e: SettingsError) -> Self {
+        match &e {
+            SettingsError::Invalid { field, message } => Self {
+                code: "invalid_setting",
+                message: message.clone(),
+                field: Some(field.clone()),
+            },
+            SettingsError::Unreadable { .. } => Self::new("settings_unreadable", e.to_string()),
+            SettingsError::Io { .. } => Self::new("io", e.to_string()),
+        }
+    }
+}
+
+impl From<NodeError> for CommandError {
+    fn from(e: NodeError) -> Self {
+        Self::new("node", e.to_string())
+    }
+}
+
+impl From<LedgerError> for CommandError {
+    fn from(e: LedgerError) -> Self {
+        Self::new("ledger", e.to_string())
+    }
+}
+
+/// Where the app keeps things and how its node listens; from the environment, so tests and
+/// packagers can move every path.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Identity key, ledger, transfer meter: the CLI's data dir (`$NEUROSHARD_HOME`, else
+    /// `~/.local/share/neuroshard`), so `neuroshard proofs` reads the app's ledger.
+    pub data_dir: PathBuf,
+    /// The settings file (`$NEUROSHARD_CONFIG`/settings.json, else the OS config dir).
+    pub settings_path: PathBuf,
+    /// The model (`$NEUROSHARD_MODEL_DIR`); none for the demo model, written on first start.
+    pub model_dir: Option<PathBuf>,
+    /// Where the node listens (`$NEUROSHARD_LISTEN`, default `0.0.0.0:7420`).
+    pub listen: SocketAddr,
+    /// `host:port` announced to peers (`$NEUROSHARD_ADVERTISE`); none to derive it.
+    pub advertise: Option<String>,
+}
+
+/// The port a desktop node listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7420;
+
+impl Launch {
+    /// From the environment, with the OS directories as defaults.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let data_dir = neuroshard_node::identity::default_data_dir();
+        let listen = match var("NEUROSHARD_LISTEN") {
+            Some(v) => v.to_string_lossy().parse().map_err(|e| {
+                format!("NEUROSHARD_LISTEN {v:?} is not an address such as 127.0.0.1:7420: {e}")
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+        };
+        Ok(Self {
+            data_dir,
+            settings_path: SettingsStore::default_path(),
+            model_dir: var("NEUROSHARD_MODEL_DIR").map(PathBuf::from),
+            listen,
+            advertise: var("NEUROSHARD_ADVERTISE").map(|v| v.to_string_lossy().into_owned()),
+        })
+    }
+}
+
+/// Why the owner holds the node back.
+#[derive(Debug, Default)]
+struct Holds {
+    /// Paused from the tray or the dashboard.
+    paused: bool,
+    /// Snoozed until then, ms since the Unix epoch.
+    snoozed_until_ms: Option<u64>,
+}
+
+/// Bytes moved in the current transfer-cap period, kept across restarts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Usage {
+    period_start_ms: u64,
+    bytes: u64,
+    /// The node's byte counters at the last sample (not persisted: a new node starts at 0).
+    #[serde(skip)]
+    last_counter: u64,
+    #[serde(skip)]
+    last_saved_ms: u64,
+}
+
+const USAGE_FILE: &str = "transfer.json";
+const CLOSE_NOTICE_FILE: &str = "close-notice-shown";
+
+/// Totals of verified work over the periods the receipts view shows, all models together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PeriodTotals {
+    /// Since local midnight.
+    pub today: Totals,
+    /// The last 7 days.
+    pub week: Totals,
+    /// Ever.
+    pub lifetime: Totals,
+}
+
+/// One page of the receipts table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReceiptPage {
+    /// Newest first.
+    pub rows: Vec<ReceiptRow>,
+    /// Receipts matching the filter, on every page.
+    pub total: u64,
+    /// This page, from 0.
+    pub page: u32,
+    /// Rows per page.
+    pub per_page: u32,
+}
+
+/// Snooze lengths the tray offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Snooze {
+    /// One hour.
+    OneHour,
+    /// Three hours.
+    ThreeHours,
+    /// Until 08:00 tomorrow, local time.
+    Tomorrow,
+}
+
+/// The app's core; shared as `Arc<Desktop>`.
+#[derive(Debug)]
+pub struct Desktop {
+    launch: Launch,
+    model: ModelInfo,
+    settings: Mutex<SettingsStore>,
+    node: RwLock<Option<NodeHandle>>,
+    node_error: Mutex<Option<String>>,
+    /// The address the first node bound; a restart binds it again, so peers and the tracker
+    /// see the same node at the same address, not a copied identity at a new one.
+    bound: Mutex<Option<SocketAddr>>,
+    holds: Mutex<Holds>,
+    rates: Mutex<Rates>,
+    usage: Mutex<Usage>,
+    status: watch::Sender<DesktopStatus>,
+}
+
+impl Desktop {
+    /// Opens the settings and the model (writing the demo model on first start). The node is
+    /// started by [`Desktop::start_node`]. A corrupt settings file is an error and is left as
+    /// it is on disk.
+    pub async fn open(launch: Launch) -> Result<Arc<Self>, CommandError> {
+        let store = SettingsStore::open(&launch.settings_path)?;
+        std::fs::create_dir_all(&launch.data_dir).map_err(|e| {
+            CommandError::new("io", format!("creating {}: {e}", launch.data_dir.display()))
+        })?;
+        let model_dir = match &launch.model_dir {
+            Some(dir) => dir.clone(),
+            None => demo_model(&launch.data_dir).await?,
+        };
+        let model = ModelInfo::read(&model_dir)
+            .map_err(|e| CommandError::new("model", format!("{}: {e}", model_dir.display())))?;
+        let usage = std::fs::read(launch.data_dir.join(USAGE_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        Ok(Arc::new(Self {
+            launch,
+            model,
+            settings: Mutex::new(store),
+            node: RwLock::new(None),
+            node_error: Mutex::new(None),
+            bound: Mutex::new(None),
+            holds: Mutex::new(Holds::default()),
+            rates: Mutex::new(Rates::default()),
+            usage: Mutex::new(usage),
+            status: watch::Sender::new(DesktopStatus::starting()),
+        }))
+    }
+
+    /// The status, as it changes.
+    pub fn watch(&self) -> watch::Receiver<DesktopStatus> {
+        self.status.subscribe()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Settings {
+        self.settings.lock().expect("settings lock").get().clone()
+    }
+
+    /// Where the app keeps its data.
+    pub fn data_dir(&self) -> &Path {
+        &self.launch.data_dir
+    }
+
+    /// The address the running node is bound to.
+    pub async fn node_addr(&self) -> Option<SocketAddr> {
+        self.node.read().await.as_ref().map(NodeHandle::addr)
+    }
+
+    /// What the running node enforces: caps (KB/s) and compute share (%), and its run state.
+    pub async fn node_limits(&self) -> Option<((u32, u32, u8), RunState)> {
+        let node = self.node.read().await;
+        let node = node.as_ref()?;
+        let state = node.status().borrow().state;
+        Some((node.limits(), state))
+    }
+
+    /// Plans the layers for `choice` with the current settings and the swarm's coverage.
+    pub async fn plan_layers(&self, choice: LayerChoice) -> Result<LayerPlan, CommandError> {
+        let settings = self.settings();
+        let own = self.node.read().await.as_ref().map(|n| n.id().to_string());
+        let coverage = self.coverage(&settings, own).await;
+        layers::plan(
+            &self.model.config,
+            choice,
+            &coverage,
+            settings.compute.vram_budget_mib.saturating_mul(MIB),
+        )
+        .map_err(|message| CommandError {
+            code: "invalid_setting",
+            message,
+            field: Some("layers".into()),
+        })
+    }
+
+    /// Replicas per layer among the tracker's peers; none known (all zero) without a tracker
+    /// or when it does not answer, so Auto fills from the first layer.
+    async fn coverage(&self, settings: &Settings, own: Option<String>) -> Vec<u32> {
+        let total = self.model.config.num_hidden_layers as u32;
+        let mut peers = Vec::new();
+        if let Some(url) = &settings.network.tracker {
+            match neuroshard_node::client::tracker_client(url) {
+                Ok(client) => {
+                    match neuroshard_node::client::list_peers(client, url, Some(&self.model.id))
+                        .await
+                    {
+                        Ok(list) => peers = list,
+                        Err(e) => tracing::warn!("layer coverage unknown: {e}"),
+                    }
+                }
+                Err(e) => tracing::warn!("layer coverage unknown: {e}"),
+            }
+        }
+        peers.retain(|p| Some(&p.node_id) != own.as_ref());
+        layers::coverage(&peers, &self.model.id, total)
+    }
+
+    /// Starts the node with the layers the settings choose (stopping the one running, after
+    /// its calls in flight or 10 s); on failure the status says why.
+    pub async fn start_node(self: &Arc<Self>) -> Result<(), CommandError> {
+        let settings = self.settings();
+        let result = match self.plan_layers(settings.layers).await {
+            Ok(plan) => {
+                let mut slot = self.node.write().await;
+                if let Some(old) = slot.take() {
+                    tokio::time::timeout(RESTART_DRAIN, old.drain()).await.ok();
+                    old.shutdown().await;
+                }
+                self.launch_node(&settings, plan).await.map(|node| {
+                    *slot = Some(node);
+                })
+            }
+            Err(e) => Err(e),
+        };
+        *self.node_error.lock().expect("error lock") =
+            result.as_ref().err().map(|e| e.message.clone());
+        self.refresh().await;
+        result
+    }
+
+    async fn launch_node(
+        &self,
+        settings: &Settings,
+        plan: LayerPlan,
+    ) -> Result<NodeHandle, CommandError> {
+        let mut config = NodeConfig::new(self.model.dir.clone(), plan.range);
+        config.listen = self
+            .bound
+            .lock()
+            .expect("bound lock")
+            .unwrap_or(self.launch.listen);
+        config.advertise = self.launch.advertise.clone();
+        config.tracker = settings.network.tracker.clone();
+        config.data_dir = Some(self.launch.data_dir.clone());
+        config.upload_kbps = settings.bandwidth.upload_kbps;
+        config.download_kbps = settings.bandwidth.download_kbps;
+        config.compute_share_percent = settings.compute.gpu_share_percent;
+        let node = start_node(config).await?;
+        *self.bound.lock().expect("bound lock") = Some(node.addr());
+        node.apply_settings(settings);
+        tracing::info!("node {} serving layers {}", node.id(), plan.range);
+        Ok(node)
+    }
+
+    /// Applies a JSON merge patch to the settings. A bad value is refused with its field named
+    /// and nothing changes. Caps and compute share reach the running node at once; a change of
+    /// layers, memory budget or tracker restarts the node with the new plan.
+    pub async fn update_settings(
+        self: &Arc<Self>,
+        patch: &Value,
+    ) -> Result<Settings, CommandError> {
+        if let Some(choice) = patch.get("layers")
+            && !choice.is_null()
+        {
+            let choice: LayerChoice =
+                serde_json::from_value(choice.clone()).map_err(|e| CommandError {
+                    code: "invalid_setting",
+                    message: e.to_string(),
+                    field: Some("layers".into()),
+                })?;
+            self.plan_layers(choice).await?;
+        }
+        let (before, after) = {
+            let mut store = self.settings.lock().expect("settings lock");
+            let before = store.get().clone();
+            let after = store.update(patch)?.clone();
+            (before, after)
+        };
+        self.apply(&before, &after).await;
+        Ok(after)
+    }
+
+    /// The first run: a display name (or anonymity) and a preset; the node starts serving.
+    pub async fn finish_first_run(
+        self: &Arc<Self>,
+        display_name: Option<String>,
+        anonymous: bool,
+        preset: Preset,
+    ) -> Result<Settings, CommandError> {
+        let (before, after) = {
+            let mut store = self.settings.lock().expect("settings lock");
+            let before = store.get().clone();
+            let mut next = before.clone().with_preset(preset);
+            next.profile.anonymous = anonymous;
+            next.profile.display_name = if anonymous {
+                None
+            } else {
+                display_name.map(|n| n.trim().to_string())
+            };
+            if !anonymous
+                && next
+                    .profile
+                    .display_name
+                    .as_deref()
+                    .unwrap_or("")
+                    .is_empty()
+            {
+                return Err(CommandError {
+                    code: "invalid_setting",
+                    message: "pick a display name, or choose to stay anonymous".into(),
+                    field: Some("profile.display_name".into()),
+                });
+            }
+            next.profile.onboarded = true;
+            let after = store.replace(next)?.clone();
+            (before, after)
+        };
+        self.apply(&before, &after).await;
+        Ok(after)
+    }
+
+    async fn apply(self: &Arc<Self>, before: &Settings, after: &Settings) {
+        let restart = before.layers != after.layers
+            || before.network.tracker != after.network.tracker
+            || (after.layers == LayerChoice::Auto
+                && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
+        if let Some(node) = self.node.read().await.as_ref() {
+            node.apply_settings(after);
+        }
+        if restart {
+            let desktop = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = desktop.start_node().await {
+                    tracing::error!("restarting the node with new layers failed: {e}");
+                }
+            });
+        }
+        self.refresh().await;
+    }
+
+    /// Pauses now (calls in flight finish) or resumes, clearing any snooze.
+    pub async fn set_paused(&self, paused: bool) -> DesktopStatus {
+        {
+            let mut holds = self.holds.lock().expect("holds lock");
+            holds.paused = paused;
+            holds.snoozed_until_ms = None;
+        }
+        if let Some(node) = self.node.read().await.as_ref() {
+            if paused {
+                node.pause();
+            } else {
+                node.resume();
+            }
+        }
+        self.refresh().await
+    }
+
+    /// "Finish current requests, then pause": refuses new calls at once; the node pauses when
+    /// the calls in flight are done.
+    pub async fn drain(self: &Arc<Self>) -> DesktopStatus {
+        self.holds.lock().expect("holds lock").paused = true;
+        let desktop = self.clone();
+        tokio::spawn(async move {
+            if let Some(node) = desktop.node.read().await.as_ref() {
+                node.drain().await;
+            }
+            desktop.refresh().await;
+        });
+        // The drain has begun once the node leaves Serving.
+        if let Some(node) = self.node.read().await.as_ref() {
+            let mut watch = node.status();
+            let _ = watch.wait_for(|s| s.state != RunState::Serving).await;
+        }
+        self.refresh().await
+    }
+
+    /// Pauses until the snooze ends; the next tick after that resumes.
+    pub async fn snooze(&self, length: Snooze, now_ms: u64) -> DesktopStatus {
+        let until = match length {
+            Snooze::OneHour => now_ms + MS_PER_HOUR,
+            Snooze::ThreeHours => now_ms + 3 * MS_PER_HOUR,
+            Snooze::Tomorrow => tomorrow_at(now_ms, 8),
+        };
+        self.holds.lock().expect("holds lock").snoozed_until_ms = Some(until);
+        self.refresh().await
+    }
+
+    /// Receipts, newest first, `per_page` at a time, optionally of one status.
+    pub async fn receipts(
+        &self,
+        status: Option<&str>,
+        page: u32,
+        per_page: u32,
+    ) -> Result<ReceiptPage, CommandError> {
+        if per_page == 0 || per_page > MAX_PAGE {
+            return Err(CommandError::bad_request(format!(
+                "per_page is {per_page}; ask for 1 to {MAX_PAGE} rows"
+            )));
+        }
+        let status = status
+            .map(Status::parse)
+            .transpose()
+            .map_err(CommandError::bad_request)?;
+        let offset = u64::from(page) * u64::from(per_page);
+        let (rows, counts) = self
+            .ledger(move |l| Ok((l.page(status, offset, per_page)?, l.status_counts()?)))
+            .await?;
+        let total = match status {
+            None => counts.pending + counts.verified + counts.voided,
+            Some(Status::Pending) => counts.pending,
+            Some(Status::Verified) => counts.verified,
+            Some(Status::Voided) => counts.voided,
+        };
+        Ok(ReceiptPage {
+            rows,
+            total,
+            page,
+            per_page,
+        })
+    }
+
+    /// Verified totals for today, the last 7 days and ever.
+    pub async fn totals(&self, now_ms: u64) -> Result<PeriodTotals, CommandError> {
+        let midnight = local_midnight(now_ms);
+        let per_model = self.ledger(move |l| l.totals(now_ms, midnight)).await?;
+        let mut sum = PeriodTotals::default();
+        for m in per_model {
+            for (into, from) in [
+                (&mut sum.today, m.today),
+                (&mut sum.week, m.week),
+                (&mut sum.lifetime, m.lifetime),
+            ] {
+                into.receipts += from.receipts;
+                into.tokens += from.tokens;
+                into.flops += from.flops;
+                into.credit += from.credit;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Tokens and credit per hour over the last 24 hours (`"24h"`) or per day over the last 7
+    /// days (`"7d"`), oldest first, ending with the current hour or day.
+    pub async fn series(&self, range: &str, now_ms: u64) -> Result<Vec<SeriesPoint>, CommandError> {
+        let (since, bucket, count) = match range {
+            "24h" => (
+                now_ms / MS_PER_HOUR * MS_PER_HOUR - 23 * MS_PER_HOUR,
+                MS_PER_HOUR,
+                24,
+            ),
+            "7d" => (
+                local_midnight(now_ms).saturating_sub(6 * MS_PER_DAY),
+                MS_PER_DAY,
+                7,
+            ),
+            other => {
+                return Err(CommandError::bad_request(format!(
+                    "range {other:?} is not 24h or 7d"
+                )));
+            }
+        };
+        self.ledger(move |l| l.series(since, bucket, count)).await
+    }
+
+    /// Writes every receipt as CSV into `dir` (the Downloads folder when none) and returns the
+    /// file's path.
+    pub async fn export_csv(
+        &self,
+        dir: Option<PathBuf>,
+        now_ms: u64,
+    ) -> Result<PathBuf, CommandError> {
+        let dir = dir
+            .or_else(dirs::download_dir)
+            .or_else(dirs::home_dir)
+            .unwrap_or_else(|| self.launch.data_dir.clone());
+        let day = Local
+            .timestamp_millis_opt(now_ms as i64)
+            .single()
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default();
+        let path = dir.join(format!("neuroshard-receipts-{day}.csv"));
+        let target = path.clone();
+        self.ledger(move |l| {
+            let file = std::fs::File::create(&target)
+                .map_err(|e| LedgerError::Export(format!("{}: {e}", target.display())))?;
+            l.export_csv(std::io::BufWriter::new(file))
+        })
+        .await?;
+        Ok(path)
+    }
+
+    /// Runs `f` on the node's ledger, or on the ledger file when no node runs.
+    async fn ledger<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, CommandError> {
+        if let Some(node) = self.node.read().await.as_ref() {
+            return Ok(node.ledger().read(f).await?);
+        }
+        let path = self.launch.data_dir.join(LEDGER_FILE);
+        tokio::task::spawn_blocking(move || f(&Ledger::open(&path)?))
+            .await
+            .map_err(|e| CommandError::new("ledger", e.to_string()))?
+            .map_err(CommandError::from)
+    }
+
+    /// True the first time the window is closed to the tray, so the notice shows once ever.
+    pub fn first_close(&self) -> bool {
+        let marker = self.launch.data_dir.join(CLOSE_NOTICE_FILE);
+        if marker.exists() {
+            return false;
+        }
+        std::fs::write(&marker, b"").is_ok()
+    }
+
+    /// Samples the node, applies the holds (snooze ends, transfer cap, schedule), and publishes
+    /// the status. The app calls it every second and after every command.
+    pub async fn refresh(&self) -> DesktopStatus {
+        let now = neuroshard_node::now_ms();
+        let settings = self.settings();
+        let guard = self.node.read().await;
+        let Some(node) = guard.as_ref() else {
+            let error = self.node_error.lock().expect("error lock").clone();
+            let mut status = DesktopStatus::starting();
+            if let Some(e) = error {
+                status.state = AppState::Error;
+                status.detail = Some(e);
+            }
+            return self.publish(status);
+        };
+        let metrics = node.metrics();
+        let rate = self
+            .rates
+            .lock()
+            .expect("rates lock")
+            .sample(now, metrics.clone());
+        let bandwidth = self.meter(&settings, metrics.bytes_sent + metrics.bytes_received, now);
+        let (state, detail) = self.decide(&settings, &bandwidth, now);
+        let running = node.status().borrow().to_owned();
+        let want = state == AppState::Serving;
+        let state = match running.state {
+            RunState::Serving if !want => {
+                node.pause();
+                state
+            }
+            RunState::Paused if want => {
+                node.resume();
+                state
+            }
+            RunState::Draining => AppState::Draining,
+            RunState::Stopped => AppState::Offline,
+            _ => state,
+        };
+        let today = local_midnight(now);
+        let (today_totals, pending) = node
+            .ledger()
+            .read(move |l| {
+                let totals = l.totals(now, today)?;
+                let counts = l.status_counts()?;
+                Ok((totals, counts.pending))
+            })
+            .await
+            .unwrap_or_default();
+        let status = DesktopStatus {
+            state,
+            detail,
+            node_id: Some(node.id().to_string()),
+            model_id: Some(node.model_id().to_string()),
+            layers: Some(node.layers()),
+            total_layers: Some(self.model.config.num_hidden_layers as u32),
+            tokens_per_s: rate.tokens,
+            sessions: metrics.sessions,
+            in_flight: running.in_flight,
+            latency_ms: metrics.rpc_latency_p50_ms,
+            peers: metrics.peer_count,
+            bandwidth: BandwidthStatus {
+                up_bps: rate.sent,
+                down_bps: rate.received,
+                ..bandwidth
+            },
+            address: Some(node.advertised().to_string()),
+            reachability: "untested".into(),
+            receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
+            credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
+            receipts_pending: pending,
+        };
+        drop(guard);
+        self.publish(status)
+    }
+
+    fn publish(&self, status: DesktopStatus) -> DesktopStatus {
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            if changed {
+                *current = status.clone();
+            }
+            changed
+        });
+        status
+    }
+
+    /// What the owner's holds and the settings want, before looking at the node.
+    fn decide(
+        &self,
+        settings: &Settings,
+        bandwidth: &BandwidthStatus,
+        now: u64,
+    ) -> (AppState, Option<String>) {
+        if !settings.profile.onboarded {
+            return (AppState::Setup, None);
+        }
+        {
+            let mut holds = self.holds.lock().expect("holds lock");
+            if holds.paused {
+                return (AppState::Paused, None);
+            }
+            match holds.snoozed_until_ms {
+                Some(until) if until > now => {
+                    return (
+                        AppState::Snoozed,
+                        Some(format!("until {}", clock(until, now))),
+                    );
+                }
+                Some(_) => holds.snoozed_until_ms = None,
+                None => {}
+            }
+        }
+        if let (Some(cap), Some(ends)) = (bandwidth.period_cap_bytes, bandwidth.period_ends_ms)
+            && bandwidth.period_bytes >= cap
+        {
+            return (
+                AppState::Waiting,
+                Some(format!("transfer cap used up until {}", clock(ends, now))),
+            );
+        }
+        let local = Local
+            .timestamp_millis_opt(now as i64)
+            .single()
+            .unwrap_or_else(Local::now);
+        let weekday = WEEKDAYS[local.weekday().num_days_from_monday() as usize];
+        let minute = (local.hour() * 60 + local.minute()) as u16;
+        if !in_schedule(&settings.schedule.weekly, weekday, minute) {
+            return (
+                AppState::Waiting,
+                Some("outside the weekly schedule".into()),
+            );
+        }
+        (AppState::Serving, None)
+    }
+
+    /// Adds the bytes moved since the last sample to the period's meter, starts a new period
+    /// when the last one ended, and saves the meter now and then.
+    fn meter(&self, settings: &Settings, counter: u64, now: u64) -> BandwidthStatus {
+        let mut usage = self.usage.lock().expect("usage lock");
+        let moved = counter.checked_sub(usage.last_counter).unwrap_or(counter);
+        usage.last_counter = counter;
+        usage.bytes += moved;
+        let cap = settings.bandwidth.transfer_cap;
+        let period_ms = cap.map(|c| u64::from(c.every_days) * MS_PER_DAY);
+        if usage.period_start_ms == 0 || period_ms.is_some_and(|p| now >= usage.period_start_ms + p)
+        {
+            usage.period_start_ms = now;
+            usage.bytes = 0;
+        }
+        if now.saturating_sub(usage.last_saved_ms) >= 10_000 {
+            usage.last_saved_ms = now;
+            self.save_usage(&usage);
+        }
+        BandwidthStatus {
+            up_cap_kbps: settings.bandwidth.upload_kbps,
+            down_cap_kbps: settings.bandwidth.download_kbps,
+            period_bytes: usage.bytes,
+            period_cap_bytes: cap.map(|c| u64::from(c.gigabytes) * 1_000_000_000),
+            period_ends_ms: period_ms.map(|p| usage.period_start_ms + p),
+            ..BandwidthStatus::default()
+        }
+    }
+
+    fn save_usage(&self, usage: &Usage) {
+        let path = self.launch.data_dir.join(USAGE_FILE);
+        let json = serde_json::to_vec(usage).expect("usage serializes");
+        if let Err(e) = std::fs::write(&path, json) {
+            tracing::warn!("saving the transfer meter to {}: {e}", path.display());
+        }
+    }
+
+    /// Saves the meter and stops the node.
+    pub async fn shutdown(&self) {
+        let usage = *self.usage.lock().expect("usage lock");
+        self.save_usage(&usage);
+        if let Some(node) = self.node.write().await.take() {
+            node.shutdown().await;
+        }
+        self.publish(DesktopStatus {
+            state: AppState::Offline,
+            ..DesktopStatus::starting()
+        });
+    }
+
+    /// Refreshes the status every second until the app ends.
+    pub fn spawn_ticker(self: &Arc<Self>) {
+        let desktop = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(desktop) = desktop.upgrade() else {
+                    return;
+                };
+                desktop.refresh().await;
+            }
+        });
+    }
+}
+
+const WEEKDAYS: [Weekday; 7] = [
+    Weekday::Mon,
+    Weekday::Tue,
+    Weekday::Wed,
+    Weekday::Thu,
+    Weekday::Fri,
+    Weekday::Sat,
+    Weekday::Sun,
+];
+
+/// Whether `minute` of `day` falls in one of the weekly windows; no windows means any time.
+pub fn in_schedule(weekly: &[ScheduleWindow], day: Weekday, minute: u16) -> bool {
+    weekly.is_empty()
+        || weekly
+            .iter()
+            .any(|w| w.day == day && (w.start_minute..w.end_minute).contains(&minute))
+}
+
+/// Local midnight before `now_ms`, in ms since the Unix epoch.
+pub fn local_midnight(now_ms: u64) -> u64 {
+    let now = Local
+        .timestamp_millis_opt(now_ms as i64)
+        .single()
+        .unwrap_or_else(Local::now);
+    now.date_naive()
+        .and_hms_opt(0, 0, 0)
+        .and_then(|t| Local.from_local_datetime(&t).earliest())
+        .map_or(now_ms - now_ms % MS_PER_DAY, |t| {
+            t.timestamp_millis() as u64
+        })
+}
+
+/// `hour`:00 local time on the day after `now_ms`.
+fn tomorrow_at(now_ms: u64, hour: u64) -> u64 {
+    let midnight = local_midnight(now_ms);
+    local_midnight(midnight + MS_PER_DAY + 2 * MS_PER_HOUR) + hour * MS_PER_HOUR
+}
+
+/// "15:30" for a time today, "Tue 08:00" for a later day.
+fn clock(at_ms: u64, now_ms: u64) -> String {
+    let Some(at) = Local.timestamp_millis_opt(at_ms as i64).single() else {
+        return String::new();
+    };
+    if local_midnight(at_ms) == local_midnight(now_ms) {
+        at.format("%H:%M").to_string()
+    } else {
+        at.format("%a %H:%M").to_string()
+    }
+}
+
+/// The demo model under the data dir, written the first time.
+async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
+    let dir = data_dir.join("models").join("demo");
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let target = dir.clone();
+    tokio::task::spawn_blocking(move || {
+        neuroshard_model::init::write_model(&target, &neuroshard_model::init::ModelSpec::demo())
+    })
+    .await
+    .map_err(|e| CommandError::new("model", e.to_string()))?
+    .map_err(|e| CommandError::new("model", format!("writing the demo model: {e}")))?;
+    Ok(dir)
+}

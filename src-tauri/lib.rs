@@ -1,0 +1,17 @@
+//! The NeuroShard desktop app: a Tauri shell over the embedded node.
+//!
+//! [`desktop`] is the core (node, settings, holds, meter, status) and runs without a window;
+//! [`commands`] are what the page invokes; [`tray`] and [`status`] are pure views the shell
+//! draws; [`layers`] plans which layers to serve and what they cost.
+
+pub mod commands;
+pub mod desktop;
+pub mod layers;
+mod shell;
+pub mod status;
+pub mod tray;
+
+pub use shell::{NAVIGATE_EVENT, STATUS_EVENT, run};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! The commands over Tauri's mock runtime, with a real embedded node on loopback.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use neuroshard_node::lifecycle::RunState;
+use neuroshard_node::settings::Settings;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tauri::ipc::{CallbackFn, InvokeBody};
+use tauri::test::{
+    INVOKE_KEY, MockRuntime, get_ipc_response, mock_builder, mock_context, noop_assets,
+};
+use tauri::webview::InvokeRequest;
+use tauri::{App, WebviewWindow, WebviewWindowBuilder};
+
+use crate::desktop::{Desktop, Launch};
+use crate::status::{AppState, DesktopStatus};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    desktop: Arc<Desktop>,
+    _app: App<MockRuntime>,
+    webview: WebviewWindow<MockRuntime>,
+}
+
+fn launch(dir: &Path) -> Launch {
+    Launch {
+        data_dir: dir.join("data"),
+        settings_path: dir.join("config").join("settings.json"),
+        model_dir: Some(dir.join("model")),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+    }
+}
+
+/// A desktop core with a started node (tiny model), behind a mock app with every command.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    neuroshard_model::init::write_model(
+        &dir.path().join("model"),
+        &neuroshard_model::init::ModelSpec::tiny(),
+    )
+    .unwrap();
+    let desktop = tauri::async_runtime::block_on(async {
+        let desktop = Desktop::open(launch(dir.path())).await.unwrap();
+        desktop.start_node().await.unwrap();
+        desktop
+    });
+    let app = mock_builder()
+        .manage(desktop.clone())
+        .invoke_handler(crate::commands::handler())
+        .build(mock_context(noop_assets()))
+        .unwrap();
+    let webview = WebviewWindowBuilder::new(&app, "main", Default::default())
+        .build()
+        .unwrap();
+    Fixture {
+        dir,
+        desktop,
+        _app: app,
+        webview,
+    }
+}
+
+impl Fixture {
+    fn invoke<T: DeserializeOwned>(&self, cmd: &str, args: Value) -> Result<T, Value> {
+        get_ipc_response(
+            &self.webview,
+            InvokeRequest {
+                cmd: cmd.into(),
+                callback: CallbackFn(0),
+                error: CallbackFn(1),
+                url: "tauri://localhost".parse().unwrap(),
+                body: InvokeBody::Json(args),
+                headers: Default::default(),
+                invoke_key: INVOKE_KEY.to_string(),
+            },
+        )
+        .map(|body| {
+            body.deserialize::<T>()
+                .expect("reply of the expected shape")
+        })
+    }
+
+    fn ok<T: DeserializeOwned>(&self, cmd: &str, args: Value) -> T {
+        self.invoke(cmd, args)
+            .unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
+    }
+
+    fn state(&self) -> String {
+        self.ok::<Value>("get_status", json!({}))["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits (30 s at most) until the published status satisfies `done`.
+    fn wait_for(&self, what: &str, done: impl FnMut(&DesktopStatus) -> bool) {
+        let mut watch = self.desktop.watch();
+        tauri::async_runtime::block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), watch.wait_for(done))
+                .await
+                .unwrap_or_else(|_| panic!("timed out: {what}"))
+                .unwrap();
+        });
+    }
+
+    fn node(&self) -> ((u32, u32, u8), RunState) {
+        tauri::async_runtime::block_on(self.desktop.node_limits()).expect("a node runs")
+    }
+}
+
+#[test]
+fn settings_commands_validate_persist_and_reach_the_node() {
+    let f = fixture();
+    let settings: Settings = f.ok("get_settings", json!({}));
+    assert!(!settings.profile.onboarded);
+    assert_eq!(f.state(), "setup");
+    assert_eq!(
+        f.node().1,
+        RunState::Paused,
+        "nothing is lent before the first run"
+    );
+
+    let err = f
+        .invoke::<Value>(
+            "finish_first_run",
+            json!({"displayName": "  ", "anonymous": false, "preset": "light"}),
+        )
+        .unwrap_err();
+    assert_eq!(err["field"], "profile.display_name");
+    let stored = f.dir.path().join("config").join("settings.json");
+    assert!(!stored.exists(), "a refused first run writes nothing");
+
+    let s: Settings = f.ok(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "light"}),
+    );
+    assert_eq!(s.profile.display_name.as_deref(), Some("Ada"));
+    assert_eq!(f.state(), "serving");
+    assert_eq!(
+        f.node(),
+        ((256, 1024, 25), RunState::Serving),
+        "the Light preset"
+    );
+
+    let before = std::fs::read(&stored).unwrap();
+    for (patch, field) in [
+        (
+            json!({"bandwidth": {"upload_kbps": "lots"}}),
+            "bandwidth.upload_kbps",
+        ),
+        (
+            json!({"compute": {"gpu_share_percent": 0}}),
+            "compute.gpu_share_percent",
+        ),
+        (
+            json!({"layers": {"mode": "range", "start": 0, "end": 99}}),
+            "layers",
+        ),
+        (
+            json!({"bandwidth": {"transfer_cap": {"gigabytes": 0, "every_days": 30}}}),
+            "bandwidth.transfer_cap.gigabytes",
+        ),
+    ] {
+        let err = f
+            .invoke::<Value>("update_settings", json!({ "patch": patch }))
+            .unwrap_err();
+        assert_eq!(err["code"], "invalid_setting", "{err}");
+        assert_eq!(err["field"], field, "{err}");
+        assert!(!err["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        before,
+        "refused patches change nothing stored"
+    );
+    assert_eq!(f.node().0, (256, 1024, 25), "nor the node");
+
+    let s: Settings = f.ok(
+        "update_settings",
+        json!({"patch": {"bandwidth": {"upload_kbps": 64, "download_kbps": 0}, "compute": {"gpu_share_percent": 80}}}),
+    );
+    assert_eq!(s.bandwidth.upload_kbps, 64);
+    assert_eq!(
+        f.node().0,
+        (64, 0, 80),
+        "caps and share reach the running node"
+    );
+    let reread = neuroshard_node::settings::SettingsStore::open(&stored).unwrap();
+    assert_eq!(reread.get(), &s, "persisted");
+}
+
+#[test]
+fn pause_snooze_drain_and_resume_reach_the_node() {
+    let f = fixture();
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": null, "anonymous": true, "preset": "full"}),
+    );
+    assert_eq!(f.state(), "serving");
+    let paused: Value = f.ok("set_paused", json!({"paused": true}));
+    assert_eq!(paused["state"], "paused");
+    assert_eq!(f.node().1, RunState::Paused);
+    let resumed: Value = f.ok("set_paused", json!({"paused": false}));
+    assert_eq!(resumed["state"], "serving");
+    assert_eq!(f.node().1, RunState::Serving);
+
+    let snoozed: Value = f.ok("snooze", json!({"length": "three_hours"}));
+    assert_eq!(snoozed["state"], "snoozed");
+    assert!(snoozed["detail"].as_str().unwrap().starts_with("until "));
+    assert_eq!(f.node().1, RunState::Paused);
+    let err = f
+        .invoke::<Value>("snooze", json!({"length": "forever"}))
+        .unwrap_err();
+    assert!(err.to_string().contains("forever"), "{err}");
+    f.ok::<Value>("set_paused", json!({"paused": false}));
+    assert_eq!(f.node().1, RunState::Serving, "resuming ends the snooze");
+
+    let drained: Value = f.ok("drain", json!({}));
+    assert!(
+        ["draining", "paused"].contains(&drained["state"].as_str().unwrap()),
+        "{drained}"
+    );
+    f.wait_for("no calls in flight: the drain ends in a pause", |s| {
+        s.state == AppState::Paused
+    });
+    assert_eq!(f.node().1, RunState::Paused);
+}
+
+#[test]
+fn receipts_series_plans_and_export_answer_or_name_the_problem() {
+    let f = fixture();
+    let page: Value = f.ok(
+        "receipts",
+        json!({"status": null, "page": 0, "perPage": 25}),
+    );
+    assert_eq!(page["total"], 0);
+    let err = f
+        .invoke::<Value>("receipts", json!({"status": null, "page": 0, "perPage": 0}))
+        .unwrap_err();
+    assert_eq!(err["code"], "bad_request");
+    let err = f
+        .invoke::<Value>(
+            "receipts",
+            json!({"status": "lost", "page": 0, "perPage": 5}),
+        )
+        .unwrap_err();
+    assert!(err["message"].as_str().unwrap().contains("lost"));
+    let totals: Value = f.ok("receipt_totals", json!({}));
+    assert_eq!(totals["lifetime"]["receipts"], 0);
+    let day: Vec<Value> = f.ok("series", json!({"range": "24h"}));
+    let week: Vec<Value> = f.ok("series", json!({"range": "7d"}));
+    assert_eq!((day.len(), week.len()), (24, 7));
+    assert_eq!(
+        f.invoke::<Value>("series", json!({"range": "1y"}))
+            .unwrap_err()["code"],
+        "bad_request"
+    );
+    let plan: Value = f.ok(
+        "plan_layers",
+        json!({"choice": {"mode": "count", "count": 1}}),
+    );
+    assert_eq!(
+        plan["range"]["end"].as_u64().unwrap() - plan["range"]["start"].as_u64().unwrap(),
+        1
+    );
+    assert!(plan["memory"]["total_bytes"].as_u64().unwrap() > 0);
+    let out = f.dir.path().join("export");
+    std::fs::create_dir_all(&out).unwrap();
+    let path: String = f.ok("export_receipts", json!({"dir": out}));
+    let csv = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        csv.is_empty() || csv.starts_with("id,kind,model_id"),
+        "{csv}"
+    );
+    let err = f
+        .invoke::<Value>(
+            "export_receipts",
+            json!({"dir": f.dir.path().join("missing")}),
+        )
+        .unwrap_err();
+    assert!(
+        err["message"].as_str().unwrap().contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_layer_change_restarts_the_node_on_the_new_range() {
+    let f = fixture();
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "full"}),
+    );
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"layers": {"mode": "range", "start": 1, "end": 2}}}),
+    );
+    f.wait_for("the node restarted on layers 1..2", |s| {
+        s.state == AppState::Serving && s.layers.is_some_and(|l| (l.start, l.end) == (1, 2))
+    });
+    assert_eq!(f.node().1, RunState::Serving);
+}
+
+#[test]
+fn the_ui_fixtures_match_the_rust_types() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui/tests/fixtures");
+    let defaults: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("default-settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(defaults, serde_json::to_value(Settings::default()).unwrap());
+    let status: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("serving-status.json")).unwrap())
+            .unwrap();
+    fn keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Object(map) = v {
+            for (k, v) in map {
+                let path = format!("{prefix}.{k}");
+                out.push(path.clone());
+                keys(v, &path, out);
+            }
+        }
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut sample = DesktopStatus::starting();
+    sample.layers = Some(neuroshard_base::LayerRange::new(0, 1).unwrap());
+    keys(&serde_json::to_value(sample).unwrap(), "", &mut ours);
+    keys(&status, "", &mut theirs);
+    ours.sort();
+    theirs.sort();
+    assert_eq!(
+        ours, theirs,
+        "the page's status fixture has the fields the app sends"
+    );
+}

@@ -1,0 +1,211 @@
+// The settings form: one patch to `update_settings`; a refused value shows beside its field.
+import { call } from "./ipc.js";
+import * as fmt from "./format.js";
+
+const $ = (id) => document.getElementById(id);
+const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const DAY_NAMES = { mon: "Monday", tue: "Tuesday", wed: "Wednesday", thu: "Thursday", fri: "Friday", sat: "Saturday", sun: "Sunday" };
+let current = null;
+let estimateTimer = null;
+
+/** Shows `error` beside the field it names (or its nearest named parent); false if none. */
+export function showFieldErrors(root, error) {
+  if (!error.field) return false;
+  let path = error.field;
+  while (path) {
+    const field = root.querySelector(`[data-field="${CSS.escape(path)}"]`);
+    if (field) {
+      field.classList.add("invalid");
+      const slot = field.querySelector(".field-error");
+      slot.textContent = path === error.field ? error.message : `${error.field}: ${error.message}`;
+      field.scrollIntoView?.({ block: "center" });
+      field.querySelector("input, select, textarea")?.focus();
+      return true;
+    }
+    path = path.replace(/(\[\d+\]|\.[^.[]+)$/, "");
+  }
+  return false;
+}
+
+export function clearFieldErrors(root) {
+  for (const field of root.querySelectorAll(".field.invalid")) field.classList.remove("invalid");
+  for (const slot of root.querySelectorAll(".field-error")) slot.textContent = "";
+}
+
+function minutes(text) {
+  const [h, m] = text.split(":").map(Number);
+  return h * 60 + m;
+}
+
+function hhmm(total) {
+  if (total >= 1440) return "24:00";
+  return `${String(Math.floor(total / 60)).padStart(2, "0")}:${String(total % 60).padStart(2, "0")}`;
+}
+
+function windowRow(w) {
+  const li = document.createElement("li");
+  const day = document.createElement("select");
+  day.className = "w-day";
+  for (const d of DAYS) day.append(new Option(DAY_NAMES[d], d, false, d === w.day));
+  const start = document.createElement("input");
+  start.type = "time";
+  start.className = "w-start";
+  start.value = hhmm(w.start_minute);
+  const end = document.createElement("input");
+  end.type = "time";
+  end.className = "w-end";
+  end.value = hhmm(w.end_minute === 1440 ? 1439 : w.end_minute);
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "secondary small";
+  remove.textContent = "Remove";
+  remove.addEventListener("click", () => li.remove());
+  li.append(day, "from", start, "to", end, remove);
+  return li;
+}
+
+function fill(s) {
+  current = s;
+  $("f-name").value = s.profile.display_name ?? "";
+  $("f-anon").checked = s.profile.anonymous;
+  $("f-login").checked = s.profile.launch_at_login;
+  const mode = s.layers.mode;
+  for (const r of document.querySelectorAll('input[name="layer-mode"]')) r.checked = r.value === mode;
+  $("f-layer-start").value = s.layers.start ?? 0;
+  $("f-layer-end").value = s.layers.end ?? 1;
+  $("f-layer-count").value = s.layers.count ?? 1;
+  $("f-device").value = s.compute.device;
+  $("f-share").value = s.compute.gpu_share_percent;
+  $("f-vram").value = s.compute.vram_budget_mib;
+  $("f-threads").value = s.compute.cpu_threads;
+  $("f-up").value = s.bandwidth.upload_kbps;
+  $("f-down").value = s.bandwidth.download_kbps;
+  const cap = s.bandwidth.transfer_cap;
+  $("f-cap-on").checked = Boolean(cap);
+  $("f-cap-gb").value = cap?.gigabytes ?? 100;
+  $("f-cap-days").value = cap?.every_days ?? 30;
+  $("f-idle-on").checked = s.schedule.only_when_idle;
+  $("f-idle-min").value = s.schedule.idle_minutes;
+  $("f-battery").checked = s.schedule.pause_on_battery;
+  $("windows").replaceChildren(...s.schedule.weekly.map(windowRow));
+  $("f-tracker").value = s.network.tracker ?? "";
+  $("f-bootstrap").value = s.network.bootstrap.join("\n");
+  showLayerInputs();
+}
+
+function number(id) {
+  const text = $(id).value.trim();
+  return text === "" ? null : Number(text);
+}
+
+function layerChoice() {
+  const mode = document.querySelector('input[name="layer-mode"]:checked')?.value ?? "auto";
+  if (mode === "range") return { mode, start: number("f-layer-start"), end: number("f-layer-end") };
+  if (mode === "count") return { mode, count: number("f-layer-count") };
+  return { mode: "auto" };
+}
+
+/** The whole form as a merge patch. */
+export function patch() {
+  const anonymous = $("f-anon").checked;
+  const name = $("f-name").value.trim();
+  return {
+    profile: {
+      display_name: anonymous || !name ? null : name,
+      anonymous,
+      launch_at_login: $("f-login").checked,
+    },
+    layers: layerChoice(),
+    compute: {
+      device: $("f-device").value,
+      gpu_share_percent: number("f-share"),
+      vram_budget_mib: number("f-vram"),
+      cpu_threads: number("f-threads"),
+    },
+    bandwidth: {
+      upload_kbps: number("f-up"),
+      download_kbps: number("f-down"),
+      transfer_cap: $("f-cap-on").checked ? { gigabytes: number("f-cap-gb"), every_days: number("f-cap-days") } : null,
+    },
+    schedule: {
+      only_when_idle: $("f-idle-on").checked,
+      idle_minutes: number("f-idle-min"),
+      pause_on_battery: $("f-battery").checked,
+      weekly: [...$("windows").children].map((li) => ({
+        day: li.querySelector(".w-day").value,
+        start_minute: minutes(li.querySelector(".w-start").value || "00:00"),
+        end_minute: Math.max(minutes(li.querySelector(".w-end").value || "00:00"), 1) + (li.querySelector(".w-end").value === "23:59" ? 1 : 0),
+      })),
+    },
+    network: {
+      tracker: $("f-tracker").value.trim() || null,
+      bootstrap: $("f-bootstrap").value.split("\n").map((l) => l.trim()).filter(Boolean),
+    },
+  };
+}
+
+function showLayerInputs() {
+  const mode = layerChoice().mode;
+  $("layer-range").hidden = mode !== "range";
+  $("layer-count").hidden = mode !== "count";
+  clearTimeout(estimateTimer);
+  estimateTimer = setTimeout(estimate, 150);
+}
+
+async function estimate() {
+  const out = $("layer-estimate");
+  const field = out.closest(".field");
+  try {
+    const plan = await call("plan_layers", { choice: layerChoice() });
+    field.classList.remove("invalid");
+    field.querySelector(".field-error").textContent = "";
+    out.textContent = `Serves layers ${fmt.layers(plan.range)} of ${plan.total_layers}: about ${fmt.bytes(plan.memory.total_bytes)} of memory (${fmt.bytes(plan.memory.weights_bytes)} weights, ${fmt.bytes(plan.memory.cache_bytes)} cache).`;
+  } catch (e) {
+    out.textContent = "";
+    showFieldErrors($("settings-form"), { field: "layers", message: e.message });
+  }
+}
+
+export async function load() {
+  const s = await call("get_settings");
+  fill(s);
+  return s;
+}
+
+export function status(st) {
+  const bw = st.bandwidth;
+  $("cap-usage").textContent = bw.period_cap_bytes
+    ? `Used ${fmt.bytes(bw.period_bytes)} of ${fmt.bytes(bw.period_cap_bytes)} this period.`
+    : `Used ${fmt.bytes(bw.period_bytes)} since the meter started.`;
+}
+
+export function init() {
+  const form = $("settings-form");
+  for (const r of document.querySelectorAll('input[name="layer-mode"]')) r.addEventListener("change", showLayerInputs);
+  for (const id of ["f-layer-start", "f-layer-end", "f-layer-count", "f-vram"]) $(id).addEventListener("input", showLayerInputs);
+  $("add-window").addEventListener("click", () => {
+    $("windows").append(windowRow({ day: "mon", start_minute: 18 * 60, end_minute: 23 * 60 }));
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearFieldErrors(form);
+    const message = $("settings-message");
+    message.className = "form-message";
+    message.textContent = "Saving…";
+    try {
+      fill(await call("update_settings", { patch: patch() }));
+      message.textContent = "Saved. The node follows the new settings.";
+      message.classList.add("ok");
+    } catch (e) {
+      showFieldErrors(form, e);
+      message.textContent = e.field ? "Not saved: fix the field marked in red." : `Not saved: ${e.message}`;
+      message.classList.add("bad");
+    }
+  });
+}
+
+export function opened() {
+  if (current) fill(current);
+  $("settings-message").textContent = "";
+  clearFieldErrors($("settings-form"));
+}
