@@ -9,17 +9,36 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neuroshard/target}"
 export CARGO_TERM_COLOR=never
 mkdir -p "$CARGO_TARGET_DIR"
 
-# Debian packages the build needs (a C compiler for a few -sys crates, pkg-config).
+# Debian packages: a C toolchain for -sys crates; the webview, tray and image libraries the
+# desktop app links; Xvfb, WebKitWebDriver and D-Bus for the real-app test; Chromium for the
+# page tests.
+deb_packages=(build-essential pkg-config libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
+  librsvg2-dev libxdo-dev xvfb webkit2gtk-driver dbus chromium)
 missing=()
-for tool in cc pkg-config; do
+for tool in cc pkg-config Xvfb WebKitWebDriver dbus-run-session chromium; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+pkg-config --exists webkit2gtk-4.1 ayatana-appindicator3-0.1 librsvg-2.0 2>/dev/null || missing+=(libs)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing Debian packages: build-essential pkg-config"
-  apt-get update -qq && apt-get install -y -qq build-essential pkg-config
+  echo "installing Debian packages (missing: ${missing[*]})"
+  sudo_cmd=()
+  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${deb_packages[@]}"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+command -v npm >/dev/null 2>&1 || { echo "Node.js and npm are required for the app's page tests"; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+# npm packages of the front end's tests and the Tauri CLI, as the lock file pins them.
+if [ ! -d ui/node_modules/playwright-core ] || [ ui/package-lock.json -nt ui/node_modules/.package-lock.json ]; then
+  (cd ui && npm ci --no-audit --no-fund)
+fi
+# tauri-driver bridges WebDriver clients to WebKitWebDriver for the real-app test.
+tauri_driver_version=2.1.0
+if ! tauri-driver --version 2>/dev/null | grep -q "$tauri_driver_version"; then
+  cargo install tauri-driver --version "$tauri_driver_version" --locked
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "== format"
 cargo fmt --all -- --check
@@ -30,11 +49,23 @@ cargo build --locked -q -p neuroshard-node --bin neuroshard
 "$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 16
 echo "== separate processes: tracker, nodes, generate"
 ./scripts/cli-smoke.sh "$CARGO_TARGET_DIR/debug/neuroshard"
+echo "== desktop package: debug .deb"
+(cd ui && npx tauri build --debug --bundles deb --ci) >"$CARGO_TARGET_DIR/deb-build.log" 2>&1 || {
+  tail -40 "$CARGO_TARGET_DIR/deb-build.log"; exit 1; }
+deb="$(ls -t "$CARGO_TARGET_DIR"/debug/bundle/deb/*.deb | head -1)"
+dpkg-deb --contents "$deb" | grep -q "usr/bin/neuroshard-desktop" || { echo "$deb lacks the binary"; exit 1; }
+dpkg-deb --contents "$deb" | grep -q "usr/share/applications/NeuroShard.desktop" || { echo "$deb lacks the menu entry"; exit 1; }
+echo "built $deb"
 echo "== tests"
 log="$(mktemp)"
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
-# One closing line for the whole workspace (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"
+echo "== the app's pages in Chromium (IPC mocked)"
+(cd ui && npm test) 2>&1 | tee -a "$log" || status=$?
+echo "== the real app under Xvfb through WebKitWebDriver"
+./scripts/test-app.sh "$CARGO_TARGET_DIR/debug/neuroshard" "$CARGO_TARGET_DIR/debug/neuroshard-desktop" 2>&1 | tee -a "$log" || status=$?
+# One closing line for the whole run (cargo prints one line per test binary, node one per file).
+awk '/^test result:/ { p += $4; f += $6 } /^# pass / { p += $3 } /^# fail / { f += $3 }
+  END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
 exit "$status"

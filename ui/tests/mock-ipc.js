@@ -1,0 +1,85 @@
+// A stand-in for the app behind window.__TAURI__: the commands the page calls, with state, and
+// window.__mock to emit events and read the calls made. Runs in the page before its scripts.
+export function installMock(seed) {
+  const calls = [];
+  const listeners = {};
+  const state = structuredClone(seed);
+  const status = () => structuredClone(state.status);
+  const fail = (field, message) => Promise.reject({ code: "invalid_setting", field, message });
+  const merge = (target, patch) => {
+    for (const [k, v] of Object.entries(patch)) {
+      if (v && typeof v === "object" && !Array.isArray(v) && target[k] && typeof target[k] === "object") merge(target[k], v);
+      else target[k] = v;
+    }
+    return target;
+  };
+  const commands = {
+    get_settings: () => state.settings,
+    get_status: status,
+    update_settings: ({ patch }) => {
+      const next = merge(structuredClone(state.settings), patch);
+      const up = next.bandwidth.upload_kbps;
+      if (!Number.isInteger(up) || up < 0 || up > 10_000_000) {
+        return fail("bandwidth.upload_kbps", "must be a whole number of KB/s from 0 to 10000000");
+      }
+      if (next.compute.gpu_share_percent < 1 || next.compute.gpu_share_percent > 100) {
+        return fail("compute.gpu_share_percent", "must be from 1 to 100");
+      }
+      state.settings = next;
+      return next;
+    },
+    finish_first_run: ({ displayName, anonymous, preset }) => {
+      state.settings.profile = { ...state.settings.profile, display_name: displayName, anonymous, onboarded: true };
+      state.settings.preset = preset;
+      state.status.state = "serving";
+      return state.settings;
+    },
+    plan_layers: ({ choice }) => {
+      if (choice.mode === "range" && choice.end > 6) return Promise.reject({ code: "invalid_setting", field: "layers", message: `layers ${choice.start}..${choice.end} go past the model's 6 layers` });
+      return { range: { start: 0, end: 6 }, total_layers: 6, memory: { weights_bytes: 80e6, cache_bytes: 30e6, total_bytes: 110e6 } };
+    },
+    set_paused: ({ paused }) => {
+      state.status.state = paused ? "paused" : "serving";
+      return status();
+    },
+    drain: () => {
+      state.status.state = "draining";
+      return status();
+    },
+    snooze: ({ length }) => {
+      state.status.state = "snoozed";
+      state.status.detail = `until 15:30 (${length})`;
+      return status();
+    },
+    receipts: ({ status: filter, page, perPage }) => {
+      const rows = state.receipts.filter((r) => !filter || r.status === filter);
+      return { rows: rows.slice(page * perPage, (page + 1) * perPage), total: rows.length, page, per_page: perPage };
+    },
+    receipt_totals: () => state.totals,
+    series: ({ range }) => state.series[range],
+    export_receipts: () => "/home/ada/Downloads/neuroshard-receipts-2026-11-23.csv",
+  };
+  window.__mock = {
+    calls,
+    state,
+    emit(event, payload) {
+      for (const handler of listeners[event] ?? []) handler({ event, id: 0, payload });
+    },
+  };
+  window.__TAURI__ = {
+    core: {
+      async invoke(command, args = {}) {
+        calls.push({ command, args: structuredClone(args) });
+        const handler = commands[command];
+        if (!handler) throw { code: "bad_request", message: `unknown command ${command}` };
+        return structuredClone(await handler(args));
+      },
+    },
+    event: {
+      async listen(event, handler) {
+        (listeners[event] ??= []).push(handler);
+        return () => {};
+      },
+    },
+  };
+}

@@ -1,0 +1,238 @@
+// The front end in headless Chromium (Debian's, driven by playwright-core), with the app behind
+// window.__TAURI__ mocked. Screenshots go to ui/test-results/.
+import { test, before, after, beforeEach, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { readFile, mkdir } from "node:fs/promises";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { serve } from "./serve.js";
+import { installMock } from "./mock-ipc.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const shots = join(here, "..", "test-results");
+const fixture = async (name) => JSON.parse(await readFile(join(here, "fixtures", name), "utf8"));
+
+let browser;
+let server;
+let page;
+let problems;
+
+const DAY = 24 * 3600 * 1000;
+const NOW = Date.now();
+
+function receiptsSeed(n) {
+  const statuses = ["verified", "verified", "verified", "pending", "voided"];
+  return Array.from({ length: n }, (_, i) => ({
+    id: `r${String(i).padStart(3, "0")}`.padEnd(64, "0"),
+    kind: "forward",
+    model_id: "9e2f4a61c0b3d875",
+    layer_start: 2,
+    layer_end: 6,
+    session_id: `s${i}`,
+    start_pos: i * 4,
+    tokens: 10 + i,
+    flops: 1000,
+    requester: "ab".repeat(32),
+    created_ms: NOW - i * 600_000,
+    status: statuses[i % statuses.length],
+    spot_checked: i % 7 === 0,
+    reliability: 0.9,
+    credit: statuses[i % statuses.length] === "verified" ? 0.01 * (i + 1) : 0,
+    settled_ms: NOW,
+  }));
+}
+
+async function seed({ onboarded = true } = {}) {
+  const settings = await fixture("default-settings.json");
+  settings.profile.onboarded = onboarded;
+  if (onboarded) settings.profile.display_name = "Ada";
+  const status = await fixture("serving-status.json");
+  if (!onboarded) status.state = "setup";
+  const t = (receipts, tokens, credit) => ({ receipts, tokens, flops: tokens * 1000, credit });
+  const hours = Array.from({ length: 24 }, (_, i) => ({ start_ms: NOW - (23 - i) * 3600_000, tokens: (i * 37) % 200, credit: ((i * 13) % 9) / 100 }));
+  const days = Array.from({ length: 7 }, (_, i) => ({ start_ms: NOW - (6 - i) * DAY, tokens: 1000 + i * 300, credit: 0.2 + i * 0.05 }));
+  return {
+    settings,
+    status,
+    receipts: receiptsSeed(60),
+    totals: { today: t(42, 1800, 0.84), week: t(310, 14000, 6.2), lifetime: t(1290, 61000, 25.5) },
+    series: { "24h": hours, "7d": days },
+  };
+}
+
+async function open(options) {
+  const data = await seed(options);
+  await page.addInitScript(installMock, data);
+  await page.goto(server.url);
+  await page.waitForSelector("body[data-ready='true']");
+}
+
+const calls = (command) => page.evaluate((c) => window.__mock.calls.filter((x) => x.command === c).map((x) => x.args), command);
+
+before(async () => {
+  await mkdir(shots, { recursive: true });
+  server = await serve();
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+});
+
+beforeEach(async () => {
+  page = await browser.newPage({ viewport: { width: 1180, height: 860 } });
+  problems = [];
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(m.text());
+  });
+  page.on("pageerror", (e) => problems.push(e.message));
+});
+
+afterEach(async () => {
+  await page.close();
+  assert.deepEqual(problems, [], "no script errors or CSP violations");
+});
+
+test("first run: nothing is lent until a name (or anonymity) and a preset are chosen", async () => {
+  await open({ onboarded: false });
+  const overlay = page.locator("#first-run");
+  assert.equal(await overlay.isVisible(), true);
+  await page.screenshot({ path: join(shots, "first-run.png") });
+  await page.click("#first-run-form button[type=submit]");
+  const nameError = page.locator('#first-run-form [data-field="profile.display_name"] .field-error');
+  assert.match(await nameError.textContent(), /display name/);
+  assert.deepEqual(await calls("finish_first_run"), [], "refused in the page, nothing sent");
+  await page.fill("#fr-name", "Ada");
+  await page.check('input[name="preset"][value="light"]');
+  await page.click("#first-run-form button[type=submit]");
+  await overlay.waitFor({ state: "hidden" });
+  assert.deepEqual(await calls("finish_first_run"), [{ displayName: "Ada", anonymous: false, preset: "light" }]);
+  assert.equal(await page.textContent("#state-pill"), "Serving");
+});
+
+test("first run: anonymous needs no name", async () => {
+  await open({ onboarded: false });
+  await page.check("#fr-anon");
+  assert.equal(await page.isDisabled("#fr-name"), true);
+  await page.click("#first-run-form button[type=submit]");
+  await page.locator("#first-run").waitFor({ state: "hidden" });
+  assert.deepEqual(await calls("finish_first_run"), [{ displayName: null, anonymous: true, preset: "medium" }]);
+});
+
+test("the pause toggle follows the state both ways", async () => {
+  await open();
+  const toggle = page.locator("#toggle-pause");
+  assert.equal(await toggle.textContent(), "Pause now");
+  await toggle.click();
+  await page.waitForFunction(() => document.querySelector("#toggle-pause").textContent === "Resume");
+  assert.equal(await page.textContent("#state-pill"), "Paused");
+  assert.equal(await page.isDisabled("#drain"), true, "nothing to finish while paused");
+  await toggle.click();
+  await page.waitForFunction(() => document.querySelector("#toggle-pause").textContent === "Pause now");
+  assert.deepEqual(await calls("set_paused"), [{ paused: true }, { paused: false }]);
+  await page.click("#drain");
+  await page.waitForFunction(() => document.querySelector("#state-pill").textContent === "Finishing requests");
+  assert.equal(await toggle.textContent(), "Resume");
+});
+
+test("a refused setting shows its message beside its field, and nothing is stored", async () => {
+  await open();
+  await page.click('.nav[data-screen="settings"]');
+  await page.fill("#f-up", "99999999");
+  await page.click("#settings-form button[type=submit]");
+  const field = page.locator('[data-field="bandwidth.upload_kbps"]');
+  await page.waitForFunction(() => document.querySelector('[data-field="bandwidth.upload_kbps"]').classList.contains("invalid"));
+  assert.match(await field.locator(".field-error").textContent(), /0 to 10000000/);
+  assert.match(await page.textContent("#settings-message"), /Not saved/);
+  assert.equal(await page.evaluate(() => window.__mock.state.settings.bandwidth.upload_kbps), 0);
+  await page.screenshot({ path: join(shots, "settings-error.png"), fullPage: true });
+  await page.fill("#f-up", "512");
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#settings-message").classList.contains("ok"));
+  assert.equal(await field.locator(".field-error").textContent(), "");
+  assert.equal(await page.evaluate(() => window.__mock.state.settings.bandwidth.upload_kbps), 512);
+  const [, saved] = await calls("update_settings");
+  assert.equal(saved.patch.bandwidth.upload_kbps, 512);
+});
+
+test("the layer estimate shows before applying, and a range past the model is flagged", async () => {
+  await open();
+  await page.click('.nav[data-screen="settings"]');
+  await page.waitForFunction(() => document.querySelector("#layer-estimate").textContent.includes("110 MB"));
+  await page.check('input[name="layer-mode"][value="range"]');
+  await page.fill("#f-layer-start", "2");
+  await page.fill("#f-layer-end", "9");
+  await page.waitForFunction(() => document.querySelector('[data-field="layers"]').classList.contains("invalid"));
+  assert.match(await page.textContent('[data-field="layers"] .field-error'), /past the model/);
+  await page.screenshot({ path: join(shots, "settings.png"), fullPage: true });
+});
+
+test("receipts page through, filter, and export", async () => {
+  await open();
+  await page.click('.nav[data-screen="receipts"]');
+  await page.waitForFunction(() => document.querySelectorAll("#receipt-rows tr").length === 25);
+  assert.equal(await page.textContent("#page-label"), "Page 1 of 3");
+  assert.equal(await page.isDisabled("#page-prev"), true);
+  assert.match(await page.textContent("#total-life-sub"), /1,290 receipts/);
+  const first = await page.textContent("#receipt-rows tr:first-child td:nth-child(3)");
+  await page.click("#page-next");
+  await page.waitForFunction(() => document.querySelector("#page-label").textContent === "Page 2 of 3");
+  assert.notEqual(await page.textContent("#receipt-rows tr:first-child td:nth-child(3)"), first);
+  await page.click("#page-next");
+  await page.waitForFunction(() => document.querySelectorAll("#receipt-rows tr").length === 10);
+  assert.equal(await page.isDisabled("#page-next"), true);
+  await page.selectOption("#receipt-filter", "voided");
+  await page.waitForFunction(() => document.querySelector("#receipt-count").textContent === "12 receipts");
+  assert.equal(await page.textContent("#page-label"), "Page 1 of 1");
+  const badges = await page.locator("#receipt-rows .badge").allTextContents();
+  assert.ok(badges.length === 12 && badges.every((b) => b === "voided"));
+  await page.selectOption("#receipt-filter", "");
+  await page.click("#export");
+  await page.waitForFunction(() => document.querySelector("#export-message").textContent.includes(".csv"));
+  assert.equal((await calls("export_receipts")).length, 1);
+  await page.screenshot({ path: join(shots, "receipts.png"), fullPage: true });
+});
+
+test("the dashboard follows status events", async () => {
+  await open();
+  assert.equal(await page.textContent("#stat-layers"), "2–5");
+  await page.evaluate(() =>
+    window.__mock.emit("status", {
+      ...window.__mock.state.status,
+      tokens_per_s: 7.25,
+      layers: { start: 0, end: 3 },
+      sessions: 4,
+      receipts_today: 43,
+      bandwidth: { ...window.__mock.state.status.bandwidth, up_bps: 1048576, up_cap_kbps: 1024 },
+    }),
+  );
+  await page.waitForFunction(() => document.querySelector("#stat-tps").textContent === "7.3");
+  assert.equal(await page.textContent("#stat-layers"), "0–2");
+  assert.equal(await page.textContent("#stat-sessions"), "4");
+  assert.equal(await page.textContent("#stat-receipts"), "43");
+  const width = await page.evaluate(() => document.querySelector("#meter-up").style.width);
+  assert.equal(width, "100%", "1 MiB/s against a 1024 KB/s cap fills the meter");
+  await page.evaluate(() => window.__mock.emit("status", { ...window.__mock.state.status, state: "error", detail: "port 7420 is taken" }));
+  await page.waitForFunction(() => document.querySelector("#state-pill").textContent === "Error");
+  assert.equal(await page.textContent("#state-detail"), "port 7420 is taken");
+  await page.evaluate(() => window.__mock.emit("status", window.__mock.state.status));
+  await page.waitForSelector("#chart svg rect.bar", { state: "attached" });
+  assert.equal(await page.locator("#chart rect.bar").count(), 24);
+  await page.click('[data-range="7d"]');
+  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 7);
+  await page.click('[data-range="24h"]');
+  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 24);
+  await page.screenshot({ path: join(shots, "dashboard.png"), fullPage: true });
+});
+
+test("the navigate event from the tray opens a screen", async () => {
+  await open();
+  await page.evaluate(() => window.__mock.emit("navigate", "receipts"));
+  await page.waitForSelector("#screen-receipts:not([hidden])");
+  assert.equal(await page.getAttribute('.nav[data-screen="receipts"]', "aria-current"), "page");
+});
