@@ -13,12 +13,12 @@ mkdir -p "$CARGO_TARGET_DIR"
 # desktop app links; Xvfb, WebKitWebDriver and D-Bus for the real-app test; Chromium for the
 # page tests.
 deb_packages=(build-essential pkg-config libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
-  librsvg2-dev libxdo-dev xvfb webkit2gtk-driver dbus chromium)
+  librsvg2-dev libxdo-dev libxss-dev xvfb webkit2gtk-driver dbus chromium)
 missing=()
 for tool in cc pkg-config Xvfb WebKitWebDriver dbus-run-session chromium; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
-pkg-config --exists webkit2gtk-4.1 ayatana-appindicator3-0.1 librsvg-2.0 2>/dev/null || missing+=(libs)
+pkg-config --exists webkit2gtk-4.1 ayatana-appindicator3-0.1 librsvg-2.0 xscrnsaver 2>/dev/null || missing+=(libs)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages (missing: ${missing[*]})"
   sudo_cmd=()
@@ -50,7 +50,9 @@ cargo build --locked -q -p neuroshard-node --bin neuroshard
 echo "== separate processes: tracker, nodes, generate"
 ./scripts/cli-smoke.sh "$CARGO_TARGET_DIR/debug/neuroshard"
 echo "== desktop package: debug .deb"
-(cd ui && npx tauri build --debug --bundles deb --ci) >"$CARGO_TARGET_DIR/deb-build.log" 2>&1 || {
+# The Tauri CLI works from the root (tauri.conf.json); `-p` picks the app out of the workspace.
+ui/node_modules/.bin/tauri build --debug --bundles deb --ci -- -p neuroshard-desktop \
+  >"$CARGO_TARGET_DIR/deb-build.log" 2>&1 || {
   tail -40 "$CARGO_TARGET_DIR/deb-build.log"; exit 1; }
 deb="$(ls -t "$CARGO_TARGET_DIR"/debug/bundle/deb/*.deb | head -1)"
 dpkg-deb --contents "$deb" | grep -q "usr/bin/neuroshard-desktop" || { echo "$deb lacks the binary"; exit 1; }

@@ -128,6 +128,31 @@ impl Launch {
     }
 }
 
+/// What the machine says about its user and power, for "only when idle" and "not on battery".
+pub trait Machine: Send + Sync + std::fmt::Debug {
+    /// Time since the user's last input; none where it cannot be read (no X server).
+    fn idle(&self) -> Option<Duration>;
+    /// Whether the machine runs on a discharging battery; none where it cannot be read.
+    fn on_battery(&self) -> Option<bool>;
+}
+
+/// The real machine: the X server's screen-saver idle time (user-idle) and the batteries the
+/// OS reports (starship-battery).
+#[derive(Debug, Default)]
+pub struct SystemMachine;
+
+impl Machine for SystemMachine {
+    fn idle(&self) -> Option<Duration> {
+        user_idle::UserIdle::get_time().ok().map(|t| t.duration())
+    }
+
+    fn on_battery(&self) -> Option<bool> {
+        let manager = starship_battery::Manager::new().ok()?;
+        let mut batteries = manager.batteries().ok()?;
+        Some(batteries.any(|b| b.is_ok_and(|b| b.state() == starship_battery::State::Discharging)))
+    }
+}
+
 /// Why the owner holds the node back.
 #[derive(Debug, Default)]
 struct Holds {
@@ -192,6 +217,7 @@ pub enum Snooze {
 #[derive(Debug)]
 pub struct Desktop {
     launch: Launch,
+    machine: Arc<dyn Machine>,
     model: ModelInfo,
     settings: Mutex<SettingsStore>,
     node: RwLock<Option<NodeHandle>>,
@@ -210,6 +236,14 @@ impl Desktop {
     /// started by [`Desktop::start_node`]. A corrupt settings file is an error and is left as
     /// it is on disk.
     pub async fn open(launch: Launch) -> Result<Arc<Self>, CommandError> {
+        Self::open_on(launch, Arc::new(SystemMachine)).await
+    }
+
+    /// [`Desktop::open`] on a given machine (tests pass a fake one).
+    pub async fn open_on(
+        launch: Launch,
+        machine: Arc<dyn Machine>,
+    ) -> Result<Arc<Self>, CommandError> {
         let store = SettingsStore::open(&launch.settings_path)?;
         std::fs::create_dir_all(&launch.data_dir).map_err(|e| {
             CommandError::new("io", format!("creating {}: {e}", launch.data_dir.display()))
@@ -226,6 +260,7 @@ impl Desktop {
             .unwrap_or_default();
         Ok(Arc::new(Self {
             launch,
+            machine,
             model,
             settings: Mutex::new(store),
             node: RwLock::new(None),
@@ -346,6 +381,9 @@ impl Desktop {
         config.upload_kbps = settings.bandwidth.upload_kbps;
         config.download_kbps = settings.bandwidth.download_kbps;
         config.compute_share_percent = settings.compute.gpu_share_percent;
+        // Held back (first run, pause, snooze, schedule) from the first call; the next refresh
+        // resumes a node that may serve.
+        config.start_paused = true;
         let node = start_node(config).await?;
         *self.bound.lock().expect("bound lock") = Some(node.addr());
         node.apply_settings(settings);
@@ -733,6 +771,31 @@ impl Desktop {
                 AppState::Waiting,
                 Some(format!("transfer cap used up until {}", clock(ends, now))),
             );
+        }
+        let schedule = &settings.schedule;
+        if schedule.pause_on_battery && self.machine.on_battery() == Some(true) {
+            return (AppState::Waiting, Some("on battery power".into()));
+        }
+        if schedule.only_when_idle {
+            let wanted = Duration::from_secs(u64::from(schedule.idle_minutes) * 60);
+            match self.machine.idle() {
+                Some(idle) if idle >= wanted => {}
+                Some(_) => {
+                    return (
+                        AppState::Waiting,
+                        Some(format!(
+                            "runs after {} min without input",
+                            schedule.idle_minutes
+                        )),
+                    );
+                }
+                None => {
+                    return (
+                        AppState::Waiting,
+                        Some("idle time cannot be read here".into()),
+                    );
+                }
+            }
         }
         let local = Local
             .timestamp_millis_opt(now as i64)

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use neuroshard_node::lifecycle::RunState;
@@ -15,11 +16,30 @@ use tauri::test::{
 use tauri::webview::InvokeRequest;
 use tauri::{App, WebviewWindow, WebviewWindowBuilder};
 
-use crate::desktop::{Desktop, Launch};
+use crate::desktop::{Desktop, Launch, Machine};
+
+/// A machine whose idle time and power the test sets.
+#[derive(Debug, Default)]
+struct FakeMachine {
+    idle_secs: std::sync::atomic::AtomicU64,
+    on_battery: std::sync::atomic::AtomicBool,
+}
+
+impl Machine for FakeMachine {
+    fn idle(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.idle_secs.load(Relaxed)))
+    }
+
+    fn on_battery(&self) -> Option<bool> {
+        Some(self.on_battery.load(Relaxed))
+    }
+}
+
 use crate::status::{AppState, DesktopStatus};
 
 struct Fixture {
     dir: tempfile::TempDir,
+    machine: Arc<FakeMachine>,
     desktop: Arc<Desktop>,
     _app: App<MockRuntime>,
     webview: WebviewWindow<MockRuntime>,
@@ -43,8 +63,11 @@ fn fixture() -> Fixture {
         &neuroshard_model::init::ModelSpec::tiny(),
     )
     .unwrap();
+    let machine = Arc::new(FakeMachine::default());
     let desktop = tauri::async_runtime::block_on(async {
-        let desktop = Desktop::open(launch(dir.path())).await.unwrap();
+        let desktop = Desktop::open_on(launch(dir.path()), machine.clone())
+            .await
+            .unwrap();
         desktop.start_node().await.unwrap();
         desktop
     });
@@ -58,6 +81,7 @@ fn fixture() -> Fixture {
         .unwrap();
     Fixture {
         dir,
+        machine,
         desktop,
         _app: app,
         webview,
@@ -335,4 +359,31 @@ fn the_ui_fixtures_match_the_rust_types() {
         ours, theirs,
         "the page's status fixture has the fields the app sends"
     );
+}
+
+#[test]
+fn battery_and_idle_rules_hold_the_node_back_and_let_it_go() {
+    let f = fixture();
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "medium"}),
+    );
+    assert_eq!(f.state(), "serving");
+    f.machine.on_battery.store(true, Relaxed);
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["state"], "waiting");
+    assert_eq!(status["detail"], "on battery power");
+    assert_eq!(f.node().1, RunState::Paused);
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"schedule": {"pause_on_battery": false, "only_when_idle": true, "idle_minutes": 5}}}),
+    );
+    f.machine.idle_secs.store(60, Relaxed);
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["state"], "waiting", "{status}");
+    assert!(status["detail"].as_str().unwrap().contains("5 min"));
+    assert_eq!(f.node().1, RunState::Paused);
+    f.machine.idle_secs.store(301, Relaxed);
+    assert_eq!(f.state(), "serving", "away for 5 minutes: serve");
+    assert_eq!(f.node().1, RunState::Serving);
 }

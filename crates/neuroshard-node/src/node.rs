@@ -99,6 +99,9 @@ pub struct NodeConfig {
     /// Share of wall time the node computes, 1–100 %, as a duty cycle. Default 100: a headless
     /// server gives everything; the desktop app passes its owner's setting.
     pub compute_share_percent: u8,
+    /// Start paused (refusing calls until resumed), as the desktop app does before its owner
+    /// has finished the first run. Default false.
+    pub start_paused: bool,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -120,6 +123,7 @@ impl NodeConfig {
             upload_kbps: 0,
             download_kbps: 0,
             compute_share_percent: 100,
+            start_paused: false,
             fault: None,
         }
     }
@@ -836,7 +840,11 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         metrics,
         peers: RwLock::new(Vec::new()),
         busy: AtomicUsize::new(0),
-        lifecycle: Lifecycle::new(RunState::Serving),
+        lifecycle: Lifecycle::new(if config.start_paused {
+            RunState::Paused
+        } else {
+            RunState::Serving
+        }),
         caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
         duty: DutyCycle::new(config.compute_share_percent),
         key,
