@@ -57,7 +57,13 @@ fn launch(dir: &Path) -> Launch {
 
 /// A desktop core with a started node (tiny model), behind a mock app with every command.
 fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+/// [`fixture`], with `prepare` run on the fixture's folder before the app opens.
+fn fixture_with(prepare: impl FnOnce(&Path)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path());
     neuroshard_model::init::write_model(
         &dir.path().join("model"),
         &neuroshard_model::init::ModelSpec::tiny(),
@@ -385,5 +391,52 @@ fn battery_and_idle_rules_hold_the_node_back_and_let_it_go() {
     assert_eq!(f.node().1, RunState::Paused);
     f.machine.idle_secs.store(301, Relaxed);
     assert_eq!(f.state(), "serving", "away for 5 minutes: serve");
+    assert_eq!(f.node().1, RunState::Serving);
+}
+
+#[test]
+fn a_used_up_transfer_cap_holds_the_node_until_its_period_ends() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let f = fixture_with(|dir| {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let meter = json!({"period_start_ms": neuroshard_node::now_ms() - DAY_MS, "bytes": 1_000_000_000u64});
+        std::fs::write(data.join("transfer.json"), meter.to_string()).unwrap();
+    });
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "full"}),
+    );
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["state"], "serving", "Full has no transfer cap");
+    assert!(
+        status["bandwidth"]["period_bytes"].as_u64().unwrap() >= 1_000_000_000,
+        "the meter survives a restart: {status}"
+    );
+    let cap = |gigabytes: u32, every_days: u16| {
+        f.ok::<Settings>(
+            "update_settings",
+            json!({"patch": {"bandwidth": {"transfer_cap": {"gigabytes": gigabytes, "every_days": every_days}}}}),
+        );
+        f.ok::<Value>("get_status", json!({}))
+    };
+    let status = cap(1, 30);
+    assert_eq!(status["state"], "waiting", "{status}");
+    assert!(
+        status["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("transfer cap used up until")
+    );
+    assert_eq!(status["bandwidth"]["period_cap_bytes"], 1_000_000_000u64);
+    assert_eq!(f.node().1, RunState::Paused);
+    assert_eq!(cap(2, 30)["state"], "serving", "a larger cap lets it serve");
+    assert_eq!(cap(1, 30)["state"], "waiting");
+    let status = cap(1, 1);
+    assert_eq!(
+        status["state"], "serving",
+        "a one-day period has ended: a new one starts"
+    );
+    assert!(status["bandwidth"]["period_bytes"].as_u64().unwrap() < 1_000_000_000);
     assert_eq!(f.node().1, RunState::Serving);
 }
