@@ -28,9 +28,18 @@ pub fn write_temp_model(spec: &ModelSpec) -> tempfile::TempDir {
     dir
 }
 
+/// A node config for `start..end` whose compute uses every core, as local generation on the
+/// global thread pool does, so swarm and local figures compare like for like.
+pub fn bench_config(dir: &std::path::Path, start: u32, end: u32) -> NodeConfig {
+    let mut config = NodeConfig::new(dir, LayerRange::new(start, end).unwrap());
+    config.cpu_threads = std::thread::available_parallelism()
+        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
+    config
+}
+
 /// Starts an unlisted node serving `start..end` of the model in `dir`.
 pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> NodeHandle {
-    start_node(NodeConfig::new(dir, LayerRange::new(start, end).unwrap()))
+    start_node(bench_config(dir, start, end))
         .await
         .expect("node starts")
 }
@@ -55,7 +64,7 @@ impl BenchSwarm {
         .expect("tracker starts");
         let mut nodes = Vec::new();
         for &(start, end) in ranges {
-            let mut config = NodeConfig::new(dir, LayerRange::new(start, end).unwrap());
+            let mut config = bench_config(dir, start, end);
             config.tracker = Some(tracker.url());
             nodes.push(start_node(config).await.expect("node starts"));
         }

@@ -11,7 +11,7 @@ use chrono::{Datelike, Local, TimeZone, Timelike};
 use neuroshard_model::ModelInfo;
 use neuroshard_node::NodeError;
 use neuroshard_node::lifecycle::RunState;
-use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, start_node};
+use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, NodeLimits, start_node};
 use neuroshard_node::settings::{
     LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore, Weekday,
 };
@@ -294,7 +294,7 @@ impl Desktop {
     }
 
     /// What the running node enforces: caps (KB/s) and compute share (%), and its run state.
-    pub async fn node_limits(&self) -> Option<((u32, u32, u8), RunState)> {
+    pub async fn node_limits(&self) -> Option<(NodeLimits, RunState)> {
         let node = self.node.read().await;
         let node = node.as_ref()?;
         let state = node.status().borrow().state;
@@ -381,6 +381,7 @@ impl Desktop {
         config.upload_kbps = settings.bandwidth.upload_kbps;
         config.download_kbps = settings.bandwidth.download_kbps;
         config.compute_share_percent = settings.compute.gpu_share_percent;
+        config.cpu_threads = settings.compute.cpu_threads;
         // Held back (first run, pause, snooze, schedule) from the first call; the next refresh
         // resumes a node that may serve.
         config.start_paused = true;

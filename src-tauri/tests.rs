@@ -137,8 +137,18 @@ impl Fixture {
         });
     }
 
-    fn node(&self) -> ((u32, u32, u8), RunState) {
-        tauri::async_runtime::block_on(self.desktop.node_limits()).expect("a node runs")
+    fn node(&self) -> ((u32, u32, u8, u16), RunState) {
+        let (l, state) =
+            tauri::async_runtime::block_on(self.desktop.node_limits()).expect("a node runs");
+        (
+            (
+                l.upload_kbps,
+                l.download_kbps,
+                l.compute_share_percent,
+                l.cpu_threads,
+            ),
+            state,
+        )
     }
 }
 
@@ -172,7 +182,7 @@ fn settings_commands_validate_persist_and_reach_the_node() {
     assert_eq!(f.state(), "serving");
     assert_eq!(
         f.node(),
-        ((256, 1024, 25), RunState::Serving),
+        ((256, 1024, 25, 0), RunState::Serving),
         "the Light preset"
     );
 
@@ -207,17 +217,17 @@ fn settings_commands_validate_persist_and_reach_the_node() {
         before,
         "refused patches change nothing stored"
     );
-    assert_eq!(f.node().0, (256, 1024, 25), "nor the node");
+    assert_eq!(f.node().0, (256, 1024, 25, 0), "nor the node");
 
     let s: Settings = f.ok(
         "update_settings",
-        json!({"patch": {"bandwidth": {"upload_kbps": 64, "download_kbps": 0}, "compute": {"gpu_share_percent": 80}}}),
+        json!({"patch": {"bandwidth": {"upload_kbps": 64, "download_kbps": 0}, "compute": {"gpu_share_percent": 80, "cpu_threads": 2}}}),
     );
     assert_eq!(s.bandwidth.upload_kbps, 64);
     assert_eq!(
         f.node().0,
-        (64, 0, 80),
-        "caps and share reach the running node"
+        (64, 0, 80, 2),
+        "caps, share and threads reach the running node"
     );
     let reread = neuroshard_node::settings::SettingsStore::open(&stored).unwrap();
     assert_eq!(reread.get(), &s, "persisted");

@@ -26,6 +26,7 @@ pub mod pool;
 pub mod router;
 pub mod sessions;
 pub mod settings;
+pub mod threads;
 pub mod tracker;
 pub mod verify;
 

@@ -114,6 +114,9 @@ struct NodeArgs {
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: u64,
+    /// CPU threads for compute (0: every core but one).
+    #[arg(long, default_value_t = 0)]
+    cpu_threads: u16,
     /// Where the node keeps its key and receipt ledger (default: $NEUROSHARD_HOME or
     /// ~/.local/share/neuroshard).
     #[arg(long)]
@@ -259,6 +262,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.tracker = Some(args.tracker);
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
+    config.cpu_threads = args.cpu_threads;
     config.data_dir = Some(
         args.data_dir
             .unwrap_or_else(neuroshard_node::identity::default_data_dir),

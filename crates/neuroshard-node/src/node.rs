@@ -35,6 +35,7 @@ use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::sessions::{SessionLimits, SessionStore};
+use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
@@ -102,6 +103,8 @@ pub struct NodeConfig {
     /// Start paused (refusing calls until resumed), as the desktop app does before its owner
     /// has finished the first run. Default false.
     pub start_paused: bool,
+    /// CPU threads for compute; 0 for every core but one. Default 0.
+    pub cpu_threads: u16,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -124,6 +127,7 @@ impl NodeConfig {
             download_kbps: 0,
             compute_share_percent: 100,
             start_paused: false,
+            cpu_threads: 0,
             fault: None,
         }
     }
@@ -184,6 +188,7 @@ pub struct NodeState {
     lifecycle: Lifecycle,
     caps: Arc<BandwidthCaps>,
     duty: DutyCycle,
+    threads: ComputeThreads,
     key: NodeKey,
     ledger: LedgerHandle,
     fault: Option<Fault>,
@@ -391,18 +396,21 @@ impl NodeState {
         let state = self;
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
-                let weights_hash = shard.weights_hash(call.layers.to_range())?;
-                let out = state.run(
-                    &shard,
-                    &mut checkout.cache,
-                    call.start_pos,
-                    call.layers,
-                    call.input,
-                )?;
-                Ok::<_, NodeError>((out, weights_hash))
-            }));
+            let threads = &state.threads;
+            let out = threads.install(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
+                    let weights_hash = shard.weights_hash(call.layers.to_range())?;
+                    let out = state.run(
+                        &shard,
+                        &mut checkout.cache,
+                        call.start_pos,
+                        call.layers,
+                        call.input,
+                    )?;
+                    Ok::<_, NodeError>((out, weights_hash))
+                }))
+            });
             let compute = started.elapsed();
             turn.finish(compute);
             state.busy.fetch_sub(1, Ordering::Relaxed);
@@ -652,6 +660,19 @@ impl Node for NodeService {
     }
 }
 
+/// What a running node enforces, as its owner set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NodeLimits {
+    /// Upload cap, KB/s; 0 for none.
+    pub upload_kbps: u32,
+    /// Download cap, KB/s; 0 for none.
+    pub download_kbps: u32,
+    /// Share of wall time it computes, %.
+    pub compute_share_percent: u8,
+    /// CPU threads for compute; 0 for every core but one.
+    pub cpu_threads: u16,
+}
+
 /// A running node; dropping it does not stop the node, [`NodeHandle::shutdown`] does.
 #[derive(Debug)]
 pub struct NodeHandle {
@@ -744,21 +765,34 @@ impl NodeHandle {
         self.state.duty.set_share(percent);
     }
 
-    /// The limits in force: upload and download caps (KB/s, 0 for none) and compute share (%).
-    pub fn limits(&self) -> (u32, u32, u8) {
-        let (up, down) = self.state.caps.kbps();
-        (up, down, self.state.duty.share())
+    /// The limits in force.
+    pub fn limits(&self) -> NodeLimits {
+        let (upload_kbps, download_kbps) = self.state.caps.kbps();
+        NodeLimits {
+            upload_kbps,
+            download_kbps,
+            compute_share_percent: self.state.duty.share(),
+            cpu_threads: self.state.threads.setting(),
+        }
+    }
+
+    /// Changes the CPU threads compute may use (0: every core but one); the next call follows.
+    pub fn set_cpu_threads(&self, threads: u16) -> Result<(), NodeError> {
+        self.state.threads.set(threads)
     }
 
     /// Applies what a running node changes without a restart: bandwidth caps, compute share,
-    /// and the first-run rule: paused while the owner has not picked a name (or anonymity) and
-    /// a preset. It never resumes by itself, so an owner's pause outlasts a settings change;
-    /// the app resumes when the first run ends. Layers, device and threads take a shard reload
-    /// and are not applied here.
+    /// CPU threads, and the first-run rule: paused while the owner has not picked a name (or
+    /// anonymity) and a preset. It never resumes by itself, so an owner's pause outlasts a
+    /// settings change; the app resumes when the first run ends. Layers take a shard reload
+    /// (the app restarts the node for them) and are not applied here.
     pub fn apply_settings(&self, settings: &crate::settings::Settings) {
         let bandwidth = &settings.bandwidth;
         self.set_bandwidth(bandwidth.upload_kbps, bandwidth.download_kbps);
         self.set_compute_share(settings.compute.gpu_share_percent);
+        if let Err(e) = self.set_cpu_threads(settings.compute.cpu_threads) {
+            tracing::warn!("keeping the compute threads as they were: {e}");
+        }
         if !settings.profile.onboarded {
             self.pause();
         }
@@ -847,6 +881,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }),
         caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
         duty: DutyCycle::new(config.compute_share_percent),
+        threads: ComputeThreads::new(config.cpu_threads)?,
         key,
         ledger,
         fault: config.fault.clone(),
