@@ -29,9 +29,11 @@ fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v npm >/dev/null 2>&1 || { echo "Node.js and npm are required for the app's page tests"; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
-# npm packages of the front end's tests and the Tauri CLI, as the lock file pins them.
+# npm packages of the front end's tests and the Tauri CLI, at the versions the lock file pins.
+# `npm install --no-save` rather than `npm ci`: the lock file lacks the Tauri CLI's packages for
+# other platforms (the registry reachable here does not serve them), which `npm ci` refuses.
 if [ ! -d ui/node_modules/playwright-core ] || [ ui/package-lock.json -nt ui/node_modules/.package-lock.json ]; then
-  (cd ui && npm ci --no-audit --no-fund)
+  (cd ui && npm install --no-save --no-audit --no-fund)
 fi
 # tauri-driver bridges WebDriver clients to WebKitWebDriver for the real-app test.
 tauri_driver_version=2.1.0
