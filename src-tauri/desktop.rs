@@ -13,7 +13,8 @@ use neuroshard_node::NodeError;
 use neuroshard_node::lifecycle::RunState;
 use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, NodeLimits, start_node};
 use neuroshard_node::settings::{
-    LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore, Weekday,
+    ComputeDevice, LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore,
+    Weekday,
 };
 use neuroshard_proof::ledger::{Ledger, LedgerError, ReceiptRow, SeriesPoint, Status, Totals};
 use serde::{Deserialize, Serialize};
@@ -222,6 +223,8 @@ pub struct Desktop {
     settings: Mutex<SettingsStore>,
     node: RwLock<Option<NodeHandle>>,
     node_error: Mutex<Option<String>>,
+    /// Why the node computes on the CPU though the settings ask for the GPU.
+    device_note: Mutex<Option<String>>,
     /// The address the first node bound; a restart binds it again, so peers and the tracker
     /// see the same node at the same address, not a copied identity at a new one.
     bound: Mutex<Option<SocketAddr>>,
@@ -265,6 +268,7 @@ impl Desktop {
             settings: Mutex::new(store),
             node: RwLock::new(None),
             node_error: Mutex::new(None),
+            device_note: Mutex::new(None),
             bound: Mutex::new(None),
             holds: Mutex::new(Holds::default()),
             rates: Mutex::new(Rates::default()),
@@ -385,7 +389,25 @@ impl Desktop {
         // Held back (first run, pause, snooze, schedule) from the first call; the next refresh
         // resumes a node that may serve.
         config.start_paused = true;
-        let node = start_node(config).await?;
+        // The GPU where asked for and this build and machine have one; else the CPU, saying why.
+        let mut note = None;
+        config.device = Some(match settings.compute.device {
+            ComputeDevice::Gpu if !neuroshard_model::GPU_BUILD => {
+                note = Some("this build computes on the CPU only".to_string());
+                ComputeDevice::Cpu
+            }
+            device => device,
+        });
+        let node = match start_node(config.clone()).await {
+            Err(e) if config.device == Some(ComputeDevice::Gpu) => {
+                tracing::warn!("computing on the CPU: {e}");
+                note = Some(format!("no usable GPU, computing on the CPU ({e})"));
+                config.device = Some(ComputeDevice::Cpu);
+                start_node(config).await?
+            }
+            started => started?,
+        };
+        *self.device_note.lock().expect("note lock") = note;
         *self.bound.lock().expect("bound lock") = Some(node.addr());
         node.apply_settings(settings);
         tracing::info!("node {} serving layers {}", node.id(), plan.range);
@@ -394,7 +416,7 @@ impl Desktop {
 
     /// Applies a JSON merge patch to the settings. A bad value is refused with its field named
     /// and nothing changes. Caps and compute share reach the running node at once; a change of
-    /// layers, memory budget or tracker restarts the node with the new plan.
+    /// layers, memory budget, device or tracker restarts the node with the new plan.
     pub async fn update_settings(
         self: &Arc<Self>,
         patch: &Value,
@@ -462,6 +484,7 @@ impl Desktop {
     async fn apply(self: &Arc<Self>, before: &Settings, after: &Settings) {
         let restart = before.layers != after.layers
             || before.network.tracker != after.network.tracker
+            || before.compute.device != after.compute.device
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
         if let Some(node) = self.node.read().await.as_ref() {
@@ -719,6 +742,8 @@ impl Desktop {
                 ..bandwidth
             },
             address: Some(node.advertised().to_string()),
+            device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
+            device_note: self.device_note.lock().expect("note lock").clone(),
             reachability: "untested".into(),
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
             credit_today: today_totals.iter().map(|m| m.today.credit).sum(),

@@ -79,6 +79,10 @@ pub struct DesktopStatus {
     pub bandwidth: BandwidthStatus,
     /// The address peers are told to dial.
     pub address: Option<String>,
+    /// Where compute runs: "gpu" or "cpu".
+    pub device: Option<&'static str>,
+    /// Why compute runs on the CPU though the settings ask for the GPU.
+    pub device_note: Option<String>,
     /// How peers reach this node; "untested" until a peer has dialled back.
     pub reachability: String,
     /// Verified receipts since local midnight.
@@ -106,6 +110,8 @@ impl DesktopStatus {
             peers: 0,
             bandwidth: BandwidthStatus::default(),
             address: None,
+            device: None,
+            device_note: None,
             reachability: "untested".into(),
             receipts_today: 0,
             credit_today: 0.0,

@@ -346,6 +346,42 @@ fn a_layer_change_restarts_the_node_on_the_new_range() {
 }
 
 #[test]
+fn the_device_setting_picks_where_compute_runs_and_the_status_says_why() {
+    let f = fixture();
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "full"}),
+    );
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(
+        Settings::default().compute.device,
+        neuroshard_node::settings::ComputeDevice::Gpu
+    );
+    if neuroshard_model::GPU_BUILD {
+        // A machine without a usable adapter falls back to the CPU and says so.
+        assert!(status["device"] == "gpu" || status["device_note"].is_string());
+    } else {
+        assert_eq!(status["device"], "cpu");
+        let note = status["device_note"].as_str().expect("a note says why");
+        assert!(note.contains("CPU only"), "{note}");
+    }
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"compute": {"device": "cpu"}}}),
+    );
+    f.wait_for("the node restarted on the CPU, with no note", |s| {
+        s.state == AppState::Serving && s.device == Some("cpu") && s.device_note.is_none()
+    });
+    let err = f
+        .invoke::<Value>(
+            "update_settings",
+            json!({"patch": {"compute": {"device": "tpu"}}}),
+        )
+        .unwrap_err();
+    assert!(err["message"].as_str().unwrap().contains("tpu"), "{err}");
+}
+
+#[test]
 fn the_ui_fixtures_match_the_rust_types() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui/tests/fixtures");
     let defaults: Value =

@@ -246,6 +246,35 @@ async fn a_model_whose_config_and_tensors_disagree_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_computes_on_the_device_asked_for_or_says_why_not() {
+    use neuroshard_node::settings::ComputeDevice;
+    let model = TestModel::new(&ModelSpec::tiny());
+    let config = |device| {
+        let mut config = neuroshard_node::node::NodeConfig::new(
+            model.path(),
+            neuroshard_base::LayerRange::new(0, 2).unwrap(),
+        );
+        config.device = Some(device);
+        config
+    };
+    let node = neuroshard_node::node::start_node(config(ComputeDevice::Cpu))
+        .await
+        .unwrap();
+    assert!(!node.on_gpu());
+    node.shutdown().await;
+    if !neuroshard_model::GPU_BUILD {
+        let err = neuroshard_node::node::start_node(config(ComputeDevice::Gpu))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device:") && err.contains("no GPU backend"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
     let model = TestModel::new(&ModelSpec::tiny());
     let swarm = Swarm::start(model.path(), &[(2, 4)]).await;

@@ -42,6 +42,9 @@ export function render(status) {
   setText("stat-layers", fmt.layers(status.layers));
   setText("stat-model", status.total_layers ? `of ${status.total_layers} · model ${status.model_id ?? ""}` : "");
   setText("stat-tps", status.tokens_per_s.toFixed(1));
+  const where = { gpu: " on the GPU", cpu: " on the CPU" }[status.device] ?? "";
+  setText("stat-device", `tokens per second${where}`);
+  setText("stat-device-note", status.device_note ?? "");
   setText("stat-sessions", fmt.count(status.sessions));
   setText("stat-inflight", `${status.in_flight} request${status.in_flight === 1 ? "" : "s"} in flight`);
   setText("stat-latency", status.latency_ms > 0 ? `${status.latency_ms.toFixed(1)} ms` : "—");

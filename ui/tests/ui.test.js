@@ -201,9 +201,13 @@ test("receipts page through, filter, and export", async () => {
 test("the dashboard follows status events", async () => {
   await open();
   assert.equal(await page.textContent("#stat-layers"), "2–5");
+  assert.equal(await page.textContent("#stat-device"), "tokens per second on the CPU");
+  assert.match(await page.textContent("#stat-device-note"), /CPU only/);
   await page.evaluate(() =>
     window.__mock.emit("status", {
       ...window.__mock.state.status,
+      device: "gpu",
+      device_note: null,
       tokens_per_s: 7.25,
       layers: { start: 0, end: 3 },
       sessions: 4,
@@ -215,6 +219,8 @@ test("the dashboard follows status events", async () => {
   assert.equal(await page.textContent("#stat-layers"), "0–2");
   assert.equal(await page.textContent("#stat-sessions"), "4");
   assert.equal(await page.textContent("#stat-receipts"), "43");
+  assert.equal(await page.textContent("#stat-device"), "tokens per second on the GPU");
+  assert.equal(await page.textContent("#stat-device-note"), "");
   const width = await page.evaluate(() => document.querySelector("#meter-up").style.width);
   assert.equal(width, "100%", "1 MiB/s against a 1024 KB/s cap fills the meter");
   await page.evaluate(() => window.__mock.emit("status", { ...window.__mock.state.status, state: "error", detail: "port 7420 is taken" }));

@@ -125,3 +125,26 @@ fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
 pub fn default_device() -> Device {
     Device::default()
 }
+
+/// Whether this build can compute on a GPU: it was built with the `wgpu` feature.
+pub const GPU_BUILD: bool = cfg!(feature = "wgpu");
+
+/// The CPU backend's device (burn-flex).
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
+/// The GPU: wgpu's default adapter (a discrete GPU where there is one). `None` in a build
+/// without the `wgpu` feature. The adapter opens on first use, so a machine without one
+/// fails when a shard loads onto it.
+pub fn gpu_device() -> Option<Device> {
+    #[cfg(feature = "wgpu")]
+    return Some(Device::wgpu(Default::default()));
+    #[cfg(not(feature = "wgpu"))]
+    None
+}
+
+/// Whether `device` is the CPU backend's.
+pub fn is_cpu(device: &Device) -> bool {
+    *device == cpu_device()
+}

@@ -117,6 +117,10 @@ struct NodeArgs {
     /// CPU threads for compute (0: every core but one).
     #[arg(long, default_value_t = 0)]
     cpu_threads: u16,
+    /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this
+    /// build has one, else the CPU).
+    #[arg(long, value_enum)]
+    device: Option<neuroshard_node::settings::ComputeDevice>,
     /// Where the node keeps its key and receipt ledger (default: $NEUROSHARD_HOME or
     /// ~/.local/share/neuroshard).
     #[arg(long)]
@@ -263,6 +267,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.tracker = Some(args.tracker);
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.cpu_threads = args.cpu_threads;
+    config.device = args.device;
     config.data_dir = Some(
         args.data_dir
             .unwrap_or_else(neuroshard_node::identity::default_data_dir),
@@ -274,10 +279,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     );
     let node = start_node(config).await?;
     eprintln!(
-        "node {} serving layers {} at {}",
+        "node {} serving layers {} at {} on the {}",
         node.id().short(),
         node.layers(),
-        node.advertised()
+        node.advertised(),
+        if node.on_gpu() { "GPU" } else { "CPU" }
     );
     tokio::signal::ctrl_c().await?;
     node.shutdown().await;

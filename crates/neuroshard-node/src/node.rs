@@ -35,6 +35,7 @@ use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::sessions::{SessionLimits, SessionStore};
+use crate::settings::ComputeDevice;
 use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 
@@ -103,6 +104,10 @@ pub struct NodeConfig {
     /// Start paused (refusing calls until resumed), as the desktop app does before its owner
     /// has finished the first run. Default false.
     pub start_paused: bool,
+    /// Where compute runs: the GPU (wgpu; an error in a build without it or on a machine
+    /// without one), the CPU, or `None` for burn's default (`BURN_DEVICE`, else wgpu where
+    /// built, else the CPU). Default `None`.
+    pub device: Option<ComputeDevice>,
     /// CPU threads for compute; 0 for every core but one. Default 0.
     pub cpu_threads: u16,
     /// Test-only misbehaviour.
@@ -127,6 +132,7 @@ impl NodeConfig {
             download_kbps: 0,
             compute_share_percent: 100,
             start_paused: false,
+            device: None,
             cpu_threads: 0,
             fault: None,
         }
@@ -189,6 +195,7 @@ pub struct NodeState {
     caps: Arc<BandwidthCaps>,
     duty: DutyCycle,
     threads: ComputeThreads,
+    on_gpu: bool,
     key: NodeKey,
     ledger: LedgerHandle,
     fault: Option<Fault>,
@@ -776,6 +783,11 @@ impl NodeHandle {
         }
     }
 
+    /// Whether compute runs on a GPU (else on the CPU).
+    pub fn on_gpu(&self) -> bool {
+        self.state.on_gpu
+    }
+
     /// Changes the CPU threads compute may use (0: every core but one); the next call follows.
     pub fn set_cpu_threads(&self, threads: u16) -> Result<(), NodeError> {
         self.state.threads.set(threads)
@@ -810,23 +822,52 @@ impl NodeHandle {
     }
 }
 
+/// What a panicked task said, for an error message.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "it panicked".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Loads the shard, binds, registers with the tracker (if any) and starts serving.
 pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
     let model = ModelInfo::read(&config.model_dir)?;
     let dir = config.model_dir.clone();
     let range = config.layers;
-    let shard = tokio::task::spawn_blocking(move || {
-        Shard::load(&dir, range.to_range(), &neuroshard_model::default_device())
-    })
-    .await
-    .map_err(|e| NodeError::Config(format!("loading the shard panicked: {e}")))??;
+    let device = match config.device {
+        None => neuroshard_model::default_device(),
+        Some(ComputeDevice::Cpu) => neuroshard_model::cpu_device(),
+        Some(ComputeDevice::Gpu) => neuroshard_model::gpu_device().ok_or_else(|| {
+            NodeError::Config(
+                "device: gpu asked for, but this build has no GPU backend (build with the \
+                 `wgpu` feature)"
+                    .into(),
+            )
+        })?,
+    };
+    let on_gpu = !neuroshard_model::is_cpu(&device);
+    let shard_device = device.clone();
+    let shard =
+        tokio::task::spawn_blocking(move || Shard::load(&dir, range.to_range(), &shard_device))
+            .await
+            .map_err(|e| {
+                let why = panic_message(e);
+                if on_gpu {
+                    NodeError::Config(format!("device: the GPU could not be used: {why}"))
+                } else {
+                    NodeError::Config(format!("loading the shard failed: {why}"))
+                }
+            })??;
     let wrong_shard = match &config.fault {
-        Some(Fault::WrongWeights(dir)) => Some(Mutex::new(Shard::load(
-            dir,
-            range.to_range(),
-            &neuroshard_model::default_device(),
-        )?)),
+        Some(Fault::WrongWeights(dir)) => {
+            Some(Mutex::new(Shard::load(dir, range.to_range(), &device)?))
+        }
         _ => None,
     };
     let (key, ledger) = match &config.data_dir {
@@ -882,6 +923,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
         duty: DutyCycle::new(config.compute_share_percent),
         threads: ComputeThreads::new(config.cpu_threads)?,
+        on_gpu,
         key,
         ledger,
         fault: config.fault.clone(),

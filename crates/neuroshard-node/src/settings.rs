@@ -151,7 +151,7 @@ impl LayerChoice {
 }
 
 /// Where compute runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ComputeDevice {
     /// The GPU through wgpu, where one is found.
