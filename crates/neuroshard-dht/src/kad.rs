@@ -1,0 +1,644 @@
+//! The Kademlia protocol as a state machine. It never does IO and never reads a clock: the
+//! caller passes `now` in, delivers inbound requests and the answers to outbound ones, and sends
+//! the requests it is handed. Timers are deadlines the caller sleeps until
+//! ([`Kademlia::next_wakeup`]) before calling [`Kademlia::poll`]. The RNG is injected, so a
+//! seeded simulator replays exactly.
+
+use std::collections::{HashMap, VecDeque};
+
+use neuroshard_base::PublicKey;
+use rand::Rng;
+
+use crate::key::Key;
+use crate::lookup::{Lookup, merge};
+use crate::record::{Record, RecordError, RecordKey};
+use crate::store::{RecordStore, StoreError, StoreLimits};
+use crate::table::{Contact, DiversityLimits, Observed, RoutingTable};
+
+/// Tunables; the defaults are DESIGN.md's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Bucket size and replication factor. Default 20.
+    pub k: usize,
+    /// Queries in flight per lookup path. Default 3.
+    pub alpha: usize,
+    /// Disjoint lookup paths (S/Kademlia); 1 for plain Kademlia. Default 1.
+    pub disjoint_paths: usize,
+    /// A request unanswered for this long has failed. Default 5 s.
+    pub request_timeout_ms: u64,
+    /// How often records put through this node are put again, so they reach the nodes that
+    /// became closest since. Default 20 min.
+    pub republish_ms: u64,
+    /// Buckets no lookup went through for this long get one for a random key. Default 10 min.
+    pub refresh_ms: u64,
+    /// A get ends once this many peers have answered with records. Default 1; more gathers
+    /// provider entries from more holders.
+    pub quorum: usize,
+    /// Network-prefix limits of the routing table.
+    pub diversity: DiversityLimits,
+    /// Bounds on the records stored for others.
+    pub store: StoreLimits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            k: 20,
+            alpha: 3,
+            disjoint_paths: 1,
+            request_timeout_ms: 5_000,
+            republish_ms: 20 * 60 * 1000,
+            refresh_ms: 10 * 60 * 1000,
+            quorum: 1,
+            diversity: DiversityLimits::default(),
+            store: StoreLimits::default(),
+        }
+    }
+}
+
+/// How a node takes part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Reachable: it answers requests and may sit in others' routing tables.
+    Server,
+    /// Behind NAT or a relay: it asks but is never put in a routing table and stores nothing.
+    Client,
+}
+
+/// A DHT request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Are you alive?
+    Ping,
+    /// The k contacts you know closest to `target`.
+    FindNode {
+        /// The key sought.
+        target: Key,
+    },
+    /// The records under `key`, or the k contacts closest to it.
+    FindValue {
+        /// The record key.
+        key: RecordKey,
+    },
+    /// Store this record.
+    Store {
+        /// The record.
+        record: Record,
+    },
+}
+
+/// An answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// To [`Request::Ping`].
+    Pong,
+    /// To [`Request::FindNode`], or to [`Request::FindValue`].
+    Nodes {
+        /// Contacts closer to the target.
+        closer: Vec<Contact>,
+        /// Records under the key sought ([`Request::FindValue`] only).
+        records: Vec<Record>,
+    },
+    /// To [`Request::Store`].
+    Stored,
+}
+
+/// Why an inbound request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DhtError {
+    /// This node is a client and serves no DHT requests.
+    #[error("this node takes part in the DHT as a client and serves no requests")]
+    NotServing,
+    /// The record could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The record is bad.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// Names an outbound request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// Names a query (a lookup, get or put).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryId(pub u64);
+
+/// What a query was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryKind {
+    /// Joining: a lookup of our own key.
+    Bootstrap,
+    /// A bucket refresh.
+    Refresh,
+    /// A node lookup asked for.
+    FindNode,
+    /// A get.
+    Get,
+    /// A put.
+    Put,
+    /// A put again, on the republish timer.
+    Republish,
+}
+
+/// How a query ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// What it was.
+    pub kind: QueryKind,
+    /// The target key.
+    pub target: Key,
+    /// The k closest peers that answered.
+    pub closest: Vec<Contact>,
+    /// Records found (gets), one per publisher, including this node's own store.
+    pub records: Vec<Record>,
+    /// Peers that stored the record (puts).
+    pub stored: usize,
+    /// Lookup rounds.
+    pub rounds: u32,
+    /// Peers asked.
+    pub queried: usize,
+    /// Peers that failed or timed out.
+    pub failed: usize,
+    /// Answers dropped because they broke the protocol (bad records, wrong kinds).
+    pub rejected: usize,
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send `request` to `to` and report the answer with [`Kademlia::handle_response`].
+    Send {
+        /// The request's id.
+        id: RequestId,
+        /// The peer.
+        to: Contact,
+        /// The request.
+        request: Request,
+    },
+    /// A query ended.
+    Done {
+        /// Which.
+        query: QueryId,
+        /// How.
+        outcome: Outcome,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Purpose {
+    Lookup(QueryId),
+    Store(QueryId),
+    Liveness,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    to: Contact,
+    deadline_ms: u64,
+    purpose: Purpose,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Lookup,
+    Storing { outstanding: usize },
+}
+
+#[derive(Clone, Debug)]
+struct Query {
+    kind: QueryKind,
+    lookup: Lookup,
+    get: Option<RecordKey>,
+    put: Option<Record>,
+    phase: Phase,
+    stored: usize,
+    rejected: usize,
+}
+
+/// One node's Kademlia.
+#[derive(Debug)]
+pub struct Kademlia<R> {
+    config: Config,
+    local: Contact,
+    mode: Mode,
+    table: RoutingTable,
+    store: RecordStore,
+    rng: R,
+    queries: HashMap<QueryId, Query>,
+    pending: HashMap<RequestId, Pending>,
+    outputs: VecDeque<Output>,
+    next_id: u64,
+    published: HashMap<(Key, PublicKey), Record>,
+    next_republish_ms: u64,
+    next_refresh_ms: u64,
+}
+
+impl<R: Rng> Kademlia<R> {
+    /// A node at `local`, taking part as `mode`, with an empty table.
+    pub fn new(local: Contact, mode: Mode, config: Config, rng: R, now_ms: u64) -> Self {
+        Self {
+            table: RoutingTable::new(local.key, config.k, config.diversity),
+            store: RecordStore::new(config.store),
+            config,
+            local,
+            mode,
+            rng,
+            queries: HashMap::new(),
+            pending: HashMap::new(),
+            outputs: VecDeque::new(),
+            next_id: 0,
+            published: HashMap::new(),
+            next_republish_ms: now_ms + config.republish_ms,
+            next_refresh_ms: now_ms + config.refresh_ms,
+        }
+    }
+
+    /// This node.
+    pub fn local(&self) -> Contact {
+        self.local
+    }
+
+    /// How it takes part.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Its routing table.
+    pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    /// Its record store.
+    pub fn store(&self) -> &RecordStore {
+        &self.store
+    }
+
+    /// Its tunables.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// A peer learned of outside the DHT: a bootstrap peer, the tracker, mDNS, a referral.
+    pub fn add_contact(&mut self, contact: Contact, now_ms: u64) -> Observed {
+        self.observe(contact, now_ms)
+    }
+
+    fn observe(&mut self, contact: Contact, now_ms: u64) -> Observed {
+        let observed = self.table.observe(contact, now_ms);
+        if let Observed::Full { ping } = observed {
+            self.send(ping, Request::Ping, Purpose::Liveness, now_ms);
+        }
+        observed
+    }
+
+    fn send(&mut self, to: Contact, request: Request, purpose: Purpose, now_ms: u64) {
+        let id = RequestId(self.next_id());
+        self.pending.insert(
+            id,
+            Pending {
+                to,
+                deadline_ms: now_ms + self.config.request_timeout_ms,
+                purpose,
+            },
+        );
+        self.outputs.push_back(Output::Send { id, to, request });
+    }
+
+    fn start(
+        &mut self,
+        kind: QueryKind,
+        target: Key,
+        get: Option<RecordKey>,
+        put: Option<Record>,
+        now_ms: u64,
+    ) -> QueryId {
+        let id = QueryId(self.next_id());
+        self.table.touch(&target, now_ms);
+        let seeds = self.table.closest(&target, self.config.k);
+        let quorum = get.as_ref().map(|_| self.config.quorum.max(1));
+        let lookup = Lookup::new(
+            target,
+            self.local.key,
+            seeds,
+            self.config.k,
+            self.config.alpha,
+            self.config.disjoint_paths,
+            quorum,
+        );
+        self.queries.insert(
+            id,
+            Query {
+                kind,
+                lookup,
+                get,
+                put,
+                phase: Phase::Lookup,
+                stored: 0,
+                rejected: 0,
+            },
+        );
+        self.drive(id, now_ms);
+        id
+    }
+
+    /// Joins: looks up our own key, which fills the buckets near us and tells our neighbours
+    /// about us.
+    pub fn bootstrap(&mut self, now_ms: u64) -> QueryId {
+        let target = self.local.key;
+        self.start(QueryKind::Bootstrap, target, None, None, now_ms)
+    }
+
+    /// Finds the k peers closest to `target`.
+    pub fn find_node(&mut self, target: Key, now_ms: u64) -> QueryId {
+        self.start(QueryKind::FindNode, target, None, None, now_ms)
+    }
+
+    /// Finds the records under `key`.
+    pub fn get(&mut self, key: RecordKey, now_ms: u64) -> QueryId {
+        let target = key.key();
+        self.start(QueryKind::Get, target, Some(key), None, now_ms)
+    }
+
+    /// Stores `record` at the k peers closest to its key (and here, for a server), and puts it
+    /// again every republish interval until it expires. A newer record from the same publisher
+    /// under the same key takes its place.
+    pub fn put(&mut self, record: Record, now_ms: u64) -> Result<QueryId, RecordError> {
+        record.verify(now_ms)?;
+        let target = record.key.key();
+        if self.mode == Mode::Server {
+            let _ = self.store.put(record.clone(), now_ms);
+        }
+        self.published
+            .insert((target, record.publisher), record.clone());
+        Ok(self.start(QueryKind::Put, target, None, Some(record), now_ms))
+    }
+
+    /// Stops republishing `publisher`'s record under `key` and drops it here; copies elsewhere
+    /// live until they expire.
+    pub fn withdraw(&mut self, key: &RecordKey, publisher: &PublicKey) {
+        let target = key.key();
+        self.published.remove(&(target, *publisher));
+        self.store.remove(&target, publisher);
+    }
+
+    /// Answers an inbound request. `sender` is the peer as a server, `None` for a client: only
+    /// servers are put in the routing table.
+    pub fn handle_request(
+        &mut self,
+        sender: Option<Contact>,
+        request: Request,
+        now_ms: u64,
+    ) -> Result<Response, DhtError> {
+        if self.mode == Mode::Client {
+            return Err(DhtError::NotServing);
+        }
+        if let Some(sender) = sender {
+            self.observe(sender, now_ms);
+        }
+        let exclude = sender.map(|s| s.key);
+        let closer = |table: &RoutingTable, target: &Key, k: usize| {
+            let mut closest = table.closest(target, k + 1);
+            closest.retain(|c| Some(c.key) != exclude);
+            closest.truncate(k);
+            closest
+        };
+        match request {
+            Request::Ping => Ok(Response::Pong),
+            Request::FindNode { target } => Ok(Response::Nodes {
+                closer: closer(&self.table, &target, self.config.k),
+                records: Vec::new(),
+            }),
+            Request::FindValue { key } => {
+                let target = key.key();
+                Ok(Response::Nodes {
+                    closer: closer(&self.table, &target, self.config.k),
+                    records: self.store.get(&target, now_ms),
+                })
+            }
+            Request::Store { record } => {
+                self.store.put(record, now_ms)?;
+                Ok(Response::Stored)
+            }
+        }
+    }
+
+    /// Delivers the answer to an outbound request: a response, or why it failed (an error
+    /// reply, a broken connection, a timeout the caller noticed). Unknown ids are ignored.
+    pub fn handle_response(
+        &mut self,
+        id: RequestId,
+        result: Result<Response, String>,
+        now_ms: u64,
+    ) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match &result {
+            Ok(_) => {
+                self.observe(pending.to, now_ms);
+            }
+            Err(_) => {
+                self.table.failed(&pending.to.key);
+            }
+        }
+        match pending.purpose {
+            Purpose::Liveness => {}
+            Purpose::Lookup(qid) => {
+                let Some(query) = self.queries.get_mut(&qid) else {
+                    return;
+                };
+                match result {
+                    Ok(Response::Nodes { closer, records }) => {
+                        let mut good = Vec::new();
+                        for r in records {
+                            let wanted = query.get.as_ref() == Some(&r.key);
+                            if wanted && r.verify(now_ms).is_ok() {
+                                good.push(r);
+                            } else {
+                                query.rejected += 1;
+                            }
+                        }
+                        let closer: Vec<_> = closer
+                            .into_iter()
+                            .filter(|c| c.key != self.local.key && c.addr.port() != 0)
+                            .take(self.config.k)
+                            .collect();
+                        query.lookup.on_answer(&pending.to.key, closer, good);
+                    }
+                    Ok(_) => {
+                        query.rejected += 1;
+                        query.lookup.on_failure(&pending.to.key);
+                    }
+                    Err(_) => query.lookup.on_failure(&pending.to.key),
+                }
+                self.drive(qid, now_ms);
+            }
+            Purpose::Store(qid) => {
+                let Some(query) = self.queries.get_mut(&qid) else {
+                    return;
+                };
+                if matches!(result, Ok(Response::Stored)) {
+                    query.stored += 1;
+                }
+                if let Phase::Storing { outstanding } = &mut query.phase {
+                    *outstanding -= 1;
+                }
+                self.drive(qid, now_ms);
+            }
+        }
+    }
+
+    fn drive(&mut self, qid: QueryId, now_ms: u64) {
+        let Some(query) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        match query.phase {
+            Phase::Lookup => {
+                if !query.lookup.is_done() {
+                    let ask = query.lookup.next();
+                    let request = match &query.get {
+                        Some(key) => Request::FindValue { key: key.clone() },
+                        None => Request::FindNode {
+                            target: query.lookup.target(),
+                        },
+                    };
+                    let stuck = ask.is_empty() && query.lookup.in_flight() == 0;
+                    for to in ask {
+                        self.send(to, request.clone(), Purpose::Lookup(qid), now_ms);
+                    }
+                    if !stuck {
+                        return;
+                    }
+                }
+                let query = self.queries.get_mut(&qid).expect("present");
+                if let Some(record) = query.put.clone() {
+                    let targets = query.lookup.closest();
+                    query.phase = Phase::Storing {
+                        outstanding: targets.len(),
+                    };
+                    if !targets.is_empty() {
+                        for to in targets {
+                            let request = Request::Store {
+                                record: record.clone(),
+                            };
+                            self.send(to, request, Purpose::Store(qid), now_ms);
+                        }
+                        return;
+                    }
+                }
+                self.finish(qid, now_ms);
+            }
+            Phase::Storing { outstanding } => {
+                if outstanding == 0 {
+                    self.finish(qid, now_ms);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, qid: QueryId, now_ms: u64) {
+        let Some(mut query) = self.queries.remove(&qid) else {
+            return;
+        };
+        let mut records = query.lookup.take_records();
+        if let Some(key) = &query.get {
+            for r in self.store.get(&key.key(), now_ms) {
+                merge(&mut records, r);
+            }
+        }
+        let (queried, failed) = query.lookup.counts();
+        // Requests still out belong to nobody now; their answers are ignored.
+        self.pending.retain(
+            |_, p| !matches!(p.purpose, Purpose::Lookup(q) | Purpose::Store(q) if q == qid),
+        );
+        self.outputs.push_back(Output::Done {
+            query: qid,
+            outcome: Outcome {
+                kind: query.kind,
+                target: query.lookup.target(),
+                closest: query.lookup.closest(),
+                records,
+                stored: query.stored,
+                rounds: query.lookup.rounds(),
+                queried,
+                failed,
+                rejected: query.rejected,
+            },
+        });
+    }
+
+    /// Runs the timers due at `now_ms` (request timeouts, expiry, republishing, refresh) and
+    /// returns everything the caller must do.
+    pub fn poll(&mut self, now_ms: u64) -> Vec<Output> {
+        let mut expired: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        expired.sort();
+        for id in expired {
+            self.handle_response(id, Err("timed out".into()), now_ms);
+        }
+        if self.store.next_expiry().is_some_and(|t| t <= now_ms) {
+            self.store.expire(now_ms);
+        }
+        if now_ms >= self.next_republish_ms {
+            self.next_republish_ms = now_ms + self.config.republish_ms;
+            self.published.retain(|_, r| r.expires_ms > now_ms);
+            let mut again: Vec<Record> = self.published.values().cloned().collect();
+            again.sort_by_key(|r| (r.key.to_string(), r.publisher.0));
+            for record in again {
+                let target = record.key.key();
+                self.start(QueryKind::Republish, target, None, Some(record), now_ms);
+            }
+        }
+        if now_ms >= self.next_refresh_ms {
+            self.next_refresh_ms = now_ms + self.config.refresh_ms;
+            if !self.table.is_empty() {
+                for bucket in self.table.stale_buckets(now_ms, self.config.refresh_ms) {
+                    let target = self.local.key.random_in_bucket(bucket, &mut self.rng);
+                    self.start(QueryKind::Refresh, target, None, None, now_ms);
+                }
+            }
+        }
+        self.outputs.drain(..).collect()
+    }
+
+    /// Outputs queued since the last [`Kademlia::poll`], without running timers.
+    pub fn drain(&mut self) -> Vec<Output> {
+        self.outputs.drain(..).collect()
+    }
+
+    /// When [`Kademlia::poll`] next has timers to run.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        let mut next = self.next_republish_ms.min(self.next_refresh_ms);
+        if let Some(t) = self.pending.values().map(|p| p.deadline_ms).min() {
+            next = next.min(t);
+        }
+        if let Some(t) = self.store.next_expiry() {
+            next = next.min(t);
+        }
+        if !self.outputs.is_empty() {
+            return Some(0);
+        }
+        Some(next)
+    }
+
+    /// Requests out.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Queries under way.
+    pub fn active_queries(&self) -> usize {
+        self.queries.len()
+    }
+}
