@@ -697,7 +697,16 @@ impl Desktop {
             .lock()
             .expect("rates lock")
             .sample(now, metrics.clone());
-        let bandwidth = self.meter(&settings, metrics.bytes_sent + metrics.bytes_received, now);
+        // The transport's own count: every byte of every connection, not only Forward payloads.
+        let moved = node.transport_bytes();
+        let bandwidth = self.meter(&settings, moved, now);
+        // The node itself refuses new work once the period's cap is used up, even between two
+        // refreshes of the app.
+        node.set_transfer_budget(
+            bandwidth
+                .period_cap_bytes
+                .map(|cap| moved + cap.saturating_sub(bandwidth.period_bytes)),
+        );
         let (state, detail) = self.decide(&settings, &bandwidth, now);
         let running = node.status().borrow().to_owned();
         let want = state == AppState::Serving;

@@ -476,7 +476,19 @@ fn a_used_up_transfer_cap_holds_the_node_until_its_period_ends() {
     );
     assert_eq!(status["bandwidth"]["period_cap_bytes"], 1_000_000_000u64);
     assert_eq!(f.node().1, RunState::Paused);
+    let left = |f: &Fixture| {
+        tauri::async_runtime::block_on(f.desktop.node_limits())
+            .unwrap()
+            .0
+            .transfer_left
+    };
+    assert_eq!(left(&f), Some(0), "the transport itself refuses new work");
     assert_eq!(cap(2, 30)["state"], "serving", "a larger cap lets it serve");
+    let room = left(&f).expect("a budget under a cap");
+    assert!(
+        (900_000_000..=1_000_000_000).contains(&room),
+        "about 1 GB left of 2: {room}"
+    );
     assert_eq!(cap(1, 30)["state"], "waiting");
     let status = cap(1, 1);
     assert_eq!(
@@ -485,4 +497,10 @@ fn a_used_up_transfer_cap_holds_the_node_until_its_period_ends() {
     );
     assert!(status["bandwidth"]["period_bytes"].as_u64().unwrap() < 1_000_000_000);
     assert_eq!(f.node().1, RunState::Serving);
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"bandwidth": {"transfer_cap": null}}}),
+    );
+    f.ok::<Value>("get_status", json!({}));
+    assert_eq!(left(&f), None, "no cap, no budget");
 }

@@ -88,3 +88,48 @@ async fn forward_traffic_keeps_to_the_caps_and_cap_changes_apply_live() {
     println!("cap {cap} KB/s: upload {up:.1}, download {down:.1}, uncapped {free:.1} KB/s");
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_transfer_budget_refuses_new_work_counting_every_transport_byte() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let node = swarm.add_node(model.path(), 1, 3).await;
+    let mut client = pb::node_client::NodeClient::connect(format!("http://{}", node.advertised()))
+        .await
+        .unwrap();
+    let before = node.transport_bytes();
+    forward_rate(&mut client, "counted").await;
+    let moved = node.transport_bytes() - before;
+    // CALLS tensors in and CALLS out, plus framing: the transport saw at least the payloads.
+    assert!(
+        moved >= (2 * CALLS * TENSOR_BYTES) as u64,
+        "{moved} bytes counted"
+    );
+
+    // A budget already used up: the next Forward is refused with the figures.
+    node.set_transfer_budget(Some(node.transport_bytes()));
+    let values = vec![0.5f32; HIDDEN];
+    let err = client
+        .forward(pb::ForwardRequest {
+            session_id: "over".into(),
+            layers: Some(span_to_proto(
+                neuroshard_base::LayerRange::new(1, 3).unwrap(),
+            )),
+            input: Some(Input::Hidden(tensor_to_proto(encode(
+                &values,
+                &[1, 1, HIDDEN],
+                WireDType::F32,
+            )))),
+            reply_dtype: pb::Dtype::F32 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("transfer cap reached"), "{err}");
+
+    // Lifted (a new period), work is taken again.
+    node.set_transfer_budget(None);
+    forward_rate(&mut client, "after").await;
+    swarm.shutdown().await;
+}

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
@@ -24,12 +25,28 @@ const CHUNK_BYTES: u32 = 4 * 1024;
 /// 1 ms timer finds enough allowance for several chunks and fast caps are reached.
 const BURST_DIVISOR: u32 = 100;
 
-/// The node's upload and download caps; `None` is no cap.
-#[derive(Debug, Default)]
+/// The node's upload and download caps (`None` is no cap), the bytes its transport has moved,
+/// and the transfer budget those bytes count against.
+#[derive(Debug)]
 pub struct BandwidthCaps {
     upload: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
     download: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
     kbps: RwLock<(u32, u32)>,
+    moved: AtomicU64,
+    /// Most bytes `moved` may reach before new work is refused; `u64::MAX` for no budget.
+    budget: AtomicU64,
+}
+
+impl Default for BandwidthCaps {
+    fn default() -> Self {
+        Self {
+            upload: RwLock::default(),
+            download: RwLock::default(),
+            kbps: RwLock::default(),
+            moved: AtomicU64::new(0),
+            budget: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl BandwidthCaps {
@@ -50,6 +67,37 @@ impl BandwidthCaps {
     /// The caps in force, KB/s (upload, download); 0 for none.
     pub fn kbps(&self) -> (u32, u32) {
         *self.kbps.read().expect("caps lock")
+    }
+
+    /// Bytes the transport has sent and received, both ways, since the node started.
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    /// Sets the transfer budget: new work is refused once [`BandwidthCaps::moved`] reaches
+    /// `bytes`; `None` lifts it.
+    pub fn set_budget(&self, bytes: Option<u64>) {
+        self.budget
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Ok while the budget has room; the figures once it is used up.
+    pub fn check_budget(&self) -> Result<(), crate::NodeError> {
+        let (used, budget) = (self.moved(), self.budget.load(Ordering::Relaxed));
+        if used >= budget {
+            return Err(crate::NodeError::TransferCap { used, budget });
+        }
+        Ok(())
+    }
+
+    /// Bytes left in the budget; `None` without one.
+    pub fn budget_left(&self) -> Option<u64> {
+        let budget = self.budget.load(Ordering::Relaxed);
+        (budget != u64::MAX).then(|| budget.saturating_sub(self.moved()))
+    }
+
+    fn count(&self, bytes: usize) {
+        self.moved.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     fn upload(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
@@ -142,6 +190,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
         let read = part.filled().len();
         buf.advance(read);
         this.down.spend(read);
+        this.caps.count(read);
         Poll::Ready(Ok(()))
     }
 }
@@ -156,6 +205,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
         let allowed = ready!(this.up.poll(this.caps.upload(), buf.len(), cx));
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..allowed]))?;
         this.up.spend(written);
+        this.caps.count(written);
         Poll::Ready(Ok(written))
     }
 

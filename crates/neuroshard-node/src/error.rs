@@ -63,6 +63,16 @@ pub enum NodeError {
         _ => "paused by its owner",
     })]
     NotServing(crate::lifecycle::RunState),
+    /// The owner's transfer cap for this period is used up.
+    #[error(
+        "transfer cap reached: {used} of {budget} bytes moved this period; no new work until it ends"
+    )]
+    TransferCap {
+        /// Bytes moved through the transport against the budget.
+        used: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// A key, signature or claimed id did not check out.
     #[error("identity: {0}")]
     Identity(#[from] neuroshard_base::KeyError),
@@ -101,7 +111,7 @@ impl From<NodeError> for tonic::Status {
             }
             NodeError::UnknownSession(_) => Code::NotFound,
             NodeError::SessionBusy(_) => Code::Aborted,
-            NodeError::Full(_) => Code::ResourceExhausted,
+            NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,
             NodeError::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => {
                 Code::InvalidArgument

@@ -233,6 +233,7 @@ impl NodeState {
         req: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, NodeError> {
         let _admitted = self.lifecycle.admit()?;
+        self.caps.check_budget()?;
         let received_ms = crate::now_ms();
         let call = self.parse_call(req)?;
         let receipt = ReceiptBody {
@@ -678,6 +679,8 @@ pub struct NodeLimits {
     pub compute_share_percent: u8,
     /// CPU threads for compute; 0 for every core but one.
     pub cpu_threads: u16,
+    /// Bytes the transport has left before new work is refused; none without a transfer cap.
+    pub transfer_left: Option<u64>,
 }
 
 /// A running node; dropping it does not stop the node, [`NodeHandle::shutdown`] does.
@@ -780,7 +783,20 @@ impl NodeHandle {
             download_kbps,
             compute_share_percent: self.state.duty.share(),
             cpu_threads: self.state.threads.setting(),
+            transfer_left: self.state.caps.budget_left(),
         }
+    }
+
+    /// Bytes the transport has moved, both ways, since the node started: every byte of every
+    /// connection, which is what a transfer cap counts.
+    pub fn transport_bytes(&self) -> u64 {
+        self.state.caps.moved()
+    }
+
+    /// Caps [`NodeHandle::transport_bytes`]: once it reaches `bytes`, Forward calls are refused
+    /// with RESOURCE_EXHAUSTED naming the figures; `None` lifts the cap.
+    pub fn set_transfer_budget(&self, bytes: Option<u64>) {
+        self.state.caps.set_budget(bytes);
     }
 
     /// Whether compute runs on a GPU (else on the CPU).
