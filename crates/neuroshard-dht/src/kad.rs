@@ -617,19 +617,22 @@ impl<R: Rng> Kademlia<R> {
         self.outputs.drain(..).collect()
     }
 
-    /// When [`Kademlia::poll`] next has timers to run.
-    pub fn next_wakeup(&self) -> Option<u64> {
-        let mut next = self.next_republish_ms.min(self.next_refresh_ms);
-        if let Some(t) = self.pending.values().map(|p| p.deadline_ms).min() {
-            next = next.min(t);
-        }
-        if let Some(t) = self.store.next_expiry() {
-            next = next.min(t);
-        }
+    /// When [`Kademlia::poll`] next has work: now while outputs wait, else the earliest
+    /// request deadline, record expiry, republish or refresh.
+    pub fn next_wakeup(&self) -> u64 {
         if !self.outputs.is_empty() {
-            return Some(0);
+            return 0;
         }
-        Some(next)
+        [
+            Some(self.next_republish_ms),
+            Some(self.next_refresh_ms),
+            self.pending.values().map(|p| p.deadline_ms).min(),
+            self.store.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the timers are always set")
     }
 
     /// Requests out.

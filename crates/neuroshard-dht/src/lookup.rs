@@ -202,28 +202,24 @@ impl Lookup {
             .count()
     }
 
-    /// The k closest contacts that answered, closest first.
-    pub fn closest(&self) -> Vec<Contact> {
+    /// The k closest candidates that answered, closest first.
+    fn answered(&self) -> impl Iterator<Item = &Candidate> {
         self.candidates
             .iter()
             .filter(|c| c.state == State::Answered)
             .take(self.k)
-            .map(|c| c.contact)
-            .collect()
+    }
+
+    /// The k closest contacts that answered, closest first.
+    pub fn closest(&self) -> Vec<Contact> {
+        self.answered().map(|c| c.contact).collect()
     }
 
     /// Rounds the lookup took: the depth of the answer that found the value, or for a node
     /// lookup the deepest of the k closest answers.
     pub fn rounds(&self) -> u32 {
-        self.found_at.unwrap_or_else(|| {
-            self.candidates
-                .iter()
-                .filter(|c| c.state == State::Answered)
-                .take(self.k)
-                .map(|c| c.depth)
-                .max()
-                .unwrap_or(0)
-        })
+        self.found_at
+            .unwrap_or_else(|| self.answered().map(|c| c.depth).max().unwrap_or(0))
     }
 
     /// Records found, one per publisher.

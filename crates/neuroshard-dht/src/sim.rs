@@ -127,7 +127,7 @@ pub struct Simulator {
     rng: ChaCha8Rng,
     nodes: Vec<SimNode>,
     index: HashMap<Key, usize>,
-    /// Sybil contacts sorted by key, to answer with the closest ones.
+    /// Sybil contacts, to answer with the closest ones.
     sybils: Vec<Contact>,
     now: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
@@ -189,7 +189,6 @@ impl Simulator {
                 wake_at: u64::MAX,
             });
         }
-        sybils.sort_by_key(|c| c.key);
         let mut sim = Self {
             config,
             rng,
@@ -285,12 +284,10 @@ impl Simulator {
     }
 
     fn schedule_wake(&mut self, i: usize) {
-        if let Some(at) = self.nodes[i].kad.next_wakeup() {
-            let at = at.max(self.now);
-            if at < self.nodes[i].wake_at {
-                self.nodes[i].wake_at = at;
-                self.push(at, Event::Wake(i));
-            }
+        let at = self.nodes[i].kad.next_wakeup().max(self.now);
+        if at < self.nodes[i].wake_at {
+            self.nodes[i].wake_at = at;
+            self.push(at, Event::Wake(i));
         }
     }
 
@@ -317,15 +314,17 @@ impl Simulator {
             .map_err(|e| e.to_string())
     }
 
+    /// The k Sybils closest to `target`, found with a bounded heap rather than a copy of all.
     fn closest_sybils(&self, target: &Key) -> Vec<Contact> {
-        let mut all: Vec<Contact> = self.sybils.clone();
-        let k = self.config.kad.k.min(all.len());
-        if k == 0 {
-            return all;
+        let k = self.config.kad.k;
+        let mut best: BinaryHeap<(crate::key::Distance, usize)> = BinaryHeap::with_capacity(k + 1);
+        for (i, c) in self.sybils.iter().enumerate() {
+            best.push((target.distance(&c.key), i));
+            if best.len() > k {
+                best.pop();
+            }
         }
-        all.select_nth_unstable_by_key(k - 1, |c| target.distance(&c.key));
-        all.truncate(k);
-        all
+        best.into_iter().map(|(_, i)| self.sybils[i]).collect()
     }
 
     /// Runs events until no query is under way anywhere (timers far in the future are left).

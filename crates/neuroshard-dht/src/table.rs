@@ -211,62 +211,59 @@ impl RoutingTable {
         self.local.distance(key).bucket()
     }
 
+    /// Whether one more contact from `prefix` fits bucket `b` and the whole table.
+    fn fits(&self, b: usize, prefix: Option<Prefix>) -> bool {
+        let Some(p) = prefix else {
+            return true;
+        };
+        let in_bucket = self.buckets[b]
+            .entries
+            .iter()
+            .filter(|e| self.limits.prefix(e.contact.addr.ip()) == Some(p))
+            .count();
+        in_bucket < self.limits.per_bucket
+            && self.prefixes.get(&p).copied().unwrap_or(0) < self.limits.per_table
+    }
+
     /// A contact was heard from (it sent a request or answered one). See [`Observed`].
     pub fn observe(&mut self, contact: Contact, now_ms: u64) -> Observed {
         let Some(b) = self.bucket_of(&contact.key) else {
             return Observed::Refused(Refusal::OwnKey);
         };
         let prefix = self.limits.prefix(contact.addr.ip());
-        let bucket = &mut self.buckets[b];
-        if let Some(pos) = bucket
+        let known = self.buckets[b]
             .entries
             .iter()
-            .position(|e| e.contact.key == contact.key)
-        {
-            let mut entry = bucket.entries.remove(pos);
+            .position(|e| e.contact.key == contact.key);
+        if let Some(pos) = known {
+            let mut entry = self.buckets[b].entries.remove(pos);
             let old = self.limits.prefix(entry.contact.addr.ip());
-            if old != prefix {
-                // A new address must fit the limits like a newcomer; otherwise keep the old.
-                let fits = prefix.is_none_or(|p| {
-                    self.prefixes.get(&p).copied().unwrap_or(0) < self.limits.per_table
-                        && bucket
-                            .entries
-                            .iter()
-                            .filter(|e| self.limits.prefix(e.contact.addr.ip()) == Some(p))
-                            .count()
-                            < self.limits.per_bucket
-                });
-                if fits {
+            // A new address must fit the limits like a newcomer; otherwise keep the old.
+            if old == prefix || self.fits(b, prefix) {
+                if old != prefix {
                     if let Some(old) = old {
                         Self::uncount(&mut self.prefixes, old);
                     }
                     if let Some(p) = prefix {
                         *self.prefixes.entry(p).or_default() += 1;
                     }
-                    entry.contact.addr = contact.addr;
                 }
-            } else {
                 entry.contact.addr = contact.addr;
             }
             entry.last_seen_ms = now_ms;
             entry.failures = 0;
+            let bucket = &mut self.buckets[b];
             bucket.entries.push(entry);
             if bucket.pinging == Some(contact.key) {
                 bucket.pinging = None;
             }
             return Observed::Refreshed;
         }
-        if let Some(p) = prefix {
-            let in_bucket = bucket
-                .entries
-                .iter()
-                .filter(|e| self.limits.prefix(e.contact.addr.ip()) == Some(p))
-                .count();
-            let in_table = self.prefixes.get(&p).copied().unwrap_or(0);
-            if in_bucket >= self.limits.per_bucket || in_table >= self.limits.per_table {
-                return Observed::Refused(Refusal::Diversity(p));
-            }
+        if !self.fits(b, prefix) {
+            let p = prefix.expect("only a counted prefix can be full");
+            return Observed::Refused(Refusal::Diversity(p));
         }
+        let bucket = &mut self.buckets[b];
         if bucket.entries.len() < self.k {
             if bucket.entries.capacity() == 0 {
                 bucket.entries.reserve_exact(self.k);

@@ -107,7 +107,7 @@ impl Net {
             let next = (0..self.nodes.len())
                 .filter(|n| !self.offline.contains(n))
                 .filter(|&n| self.nodes[n].pending_requests() > 0)
-                .filter_map(|n| self.nodes[n].next_wakeup())
+                .map(|n| self.nodes[n].next_wakeup())
                 .min()
                 .expect("a query waits on a timer");
             self.now = self.now.max(next);
