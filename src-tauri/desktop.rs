@@ -310,10 +310,19 @@ impl Desktop {
         let settings = self.settings();
         let own = self.node.read().await.as_ref().map(|n| n.id().to_string());
         let coverage = self.coverage(&settings, own).await;
+        self.plan_with(choice, &coverage, &settings)
+    }
+
+    fn plan_with(
+        &self,
+        choice: LayerChoice,
+        coverage: &[u32],
+        settings: &Settings,
+    ) -> Result<LayerPlan, CommandError> {
         layers::plan(
             &self.model.config,
             choice,
-            &coverage,
+            coverage,
             settings.compute.vram_budget_mib.saturating_mul(MIB),
         )
         .map_err(|message| CommandError {
@@ -430,7 +439,10 @@ impl Desktop {
                     message: e.to_string(),
                     field: Some("layers".into()),
                 })?;
-            self.plan_layers(choice).await?;
+            // Whether the choice fits the model needs no swarm coverage: no tracker call here,
+            // the restart that applies it plans with the swarm.
+            let none = vec![0; self.model.config.num_hidden_layers];
+            self.plan_with(choice, &none, &self.settings())?;
         }
         let (before, after) = {
             let mut store = self.settings.lock().expect("settings lock");

@@ -49,20 +49,28 @@ struct TrayItems<R: Runtime> {
     toggle: MenuItem<R>,
     drain: MenuItem<R>,
     snooze: Submenu<R>,
+    /// What the tray shows now; a status that changes nothing it shows redraws nothing.
+    shown: Option<tray::TrayView>,
 }
 
 impl<R: Runtime> TrayItems<R> {
-    fn show(&self, status: &DesktopStatus) {
+    fn show(&mut self, status: &DesktopStatus) {
         let view = tray::view(status);
+        if self.shown.as_ref() == Some(&view) {
+            return;
+        }
         let _ = self.status.set_text(&view.status_line);
         let _ = self.toggle.set_text(view.toggle_label);
         let _ = self.toggle.set_enabled(view.toggle_enabled);
         let _ = self.drain.set_enabled(view.drain_enabled);
         let _ = self.snooze.set_enabled(view.snooze_enabled);
         let _ = self.icon.set_tooltip(Some(&view.status_line));
-        if let Ok(image) = Image::from_bytes(view.icon.png()) {
+        if self.shown.as_ref().map(|v| v.icon) != Some(view.icon)
+            && let Ok(image) = Image::from_bytes(view.icon.png())
+        {
             let _ = self.icon.set_icon(Some(image));
         }
+        self.shown = Some(view);
     }
 }
 
@@ -110,6 +118,7 @@ fn build_tray<R: Runtime>(app: &AppHandle<R>) -> tauri::Result<TrayItems<R>> {
         toggle,
         drain,
         snooze,
+        shown: None,
     })
 }
 
@@ -139,7 +148,7 @@ fn on_menu<R: Runtime>(app: &AppHandle<R>, event: MenuEvent) {
 }
 
 /// Pushes every status change to the page and the tray.
-fn forward_status<R: Runtime>(app: AppHandle<R>, desktop: &Desktop, items: TrayItems<R>) {
+fn forward_status<R: Runtime>(app: AppHandle<R>, desktop: &Desktop, mut items: TrayItems<R>) {
     let mut watch = desktop.watch();
     tauri::async_runtime::spawn(async move {
         loop {
