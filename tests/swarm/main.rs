@@ -1,6 +1,7 @@
 //! Loopback swarm tests: one binary, one module per area.
 
 mod bad_input;
+mod dht;
 mod generation;
 mod lifecycle;
 mod limits;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_dht::{Contact, Key};
 use neuroshard_model::ShardInput;
 use neuroshard_model::codec::{self, WireDType, WireTensor};
 use neuroshard_proof::{
@@ -29,18 +30,21 @@ use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::NodeError;
 use crate::convert::{
-    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
-    tensor_to_proto, tokens_hash,
+    PeerRecord, contact_of_peer, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto,
+    tensor_hash, tensor_to_proto, tokens_hash,
 };
+use crate::discovery::{Discovery, DiscoveryConfig, dedup_peers};
 use crate::generate::Pipeline;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbox::{OutboxReport, ReceiptOutbox};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
+use crate::settings::is_host_port;
 use crate::verify::LocalVerifier;
 
 /// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
@@ -53,8 +57,13 @@ pub const PREFILL_CHUNK_TOKENS: usize = 512;
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Tracker URL.
-    pub tracker: String,
+    /// Tracker URL; none to find peers through the DHT alone.
+    pub tracker: Option<String>,
+    /// Peers (`host:port`) to ask for referrals into the DHT, used when there is no tracker or
+    /// it does not answer. Default none.
+    pub bootstrap: Vec<String>,
+    /// DHT and LAN discovery (the client takes part as a DHT client: it asks, never serves).
+    pub discovery: DiscoveryConfig,
     /// Model to use; `None` picks the model the swarm serves (it must serve exactly one).
     pub model_id: Option<String>,
     /// Connection pool limits.
@@ -79,7 +88,18 @@ impl ClientConfig {
     /// Defaults for a swarm whose tracker is at `tracker`.
     pub fn new(tracker: impl Into<String>) -> Self {
         Self {
-            tracker: tracker.into(),
+            tracker: Some(tracker.into()),
+            ..Self::with_bootstrap(Vec::new())
+        }
+    }
+
+    /// Defaults for a swarm found through the DHT from the `bootstrap` peers (`host:port`),
+    /// with no tracker.
+    pub fn with_bootstrap(bootstrap: Vec<String>) -> Self {
+        Self {
+            tracker: None,
+            bootstrap,
+            discovery: DiscoveryConfig::default(),
             model_id: None,
             pool: PoolConfig::default(),
             router: RouterConfig::default(),
@@ -92,11 +112,14 @@ impl ClientConfig {
     }
 }
 
-/// A connection to a swarm: tracker, pooled peer channels, and the router's measurements.
+/// A connection to a swarm: tracker and DHT, pooled peer channels, and the router's
+/// measurements.
 #[derive(Debug)]
 pub struct SwarmClient {
     config: ClientConfig,
-    tracker: TrackerClient<Channel>,
+    tracker: Option<TrackerClient<Channel>>,
+    discovery: Discovery,
+    cancel: CancellationToken,
     pool: Arc<ConnectionPool>,
     router: Mutex<Router>,
     metrics: Arc<Metrics>,
@@ -146,9 +169,14 @@ pub async fn list_peers(
 }
 
 impl SwarmClient {
-    /// Connects to the tracker and learns the swarm's peers and model.
+    /// Learns the swarm's peers and model from the tracker, or else through the DHT.
     pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
-        let tracker = tracker_client(&config.tracker)?;
+        let tracker = config.tracker.as_deref().map(tracker_client).transpose()?;
+        if let Some(peer) = config.bootstrap.iter().find(|p| !is_host_port(p)) {
+            return Err(NodeError::Config(format!(
+                "bootstrap: {peer:?} is not host:port"
+            )));
+        }
         let metrics = Arc::new(Metrics::default());
         config
             .router
@@ -171,7 +199,25 @@ impl SwarmClient {
             None => None,
         };
         let outbox = ReceiptOutbox::spawn(pool.clone());
+        let cancel = CancellationToken::new();
+        let key = config
+            .key
+            .clone()
+            .unwrap_or_else(|| Arc::new(NodeKey::generate()));
+        let discovery = Discovery::start(
+            Contact {
+                key: Key::of_node(&key.id()),
+                addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            },
+            None,
+            config.discovery.clone(),
+            config.bootstrap.clone(),
+            pool.clone(),
+            cancel.clone(),
+        )?;
         let mut client = Self {
+            discovery,
+            cancel,
             outbox,
             router: Mutex::new(Router::new(config.router)),
             tracker,
@@ -181,10 +227,7 @@ impl SwarmClient {
             total_layers: 0,
             rng: Mutex::new(StdRng::from_os_rng()),
             next_session: std::sync::atomic::AtomicU64::new(0),
-            key: config
-                .key
-                .clone()
-                .unwrap_or_else(|| Arc::new(NodeKey::generate())),
+            key,
             verifier,
             config,
         };
@@ -204,13 +247,34 @@ impl SwarmClient {
         Ok(client)
     }
 
+    /// The tracker's list while it answers with peers; else the DHT's providers of the model,
+    /// joining the DHT first (through the bootstrap peers and the LAN) when the table is empty.
     async fn fetch_peers(&self) -> Result<Vec<PeerRecord>, NodeError> {
-        list_peers(
-            self.tracker.clone(),
-            &self.config.tracker,
-            self.config.model_id.as_deref(),
-        )
-        .await
+        if let (Some(tracker), Some(url)) = (&self.tracker, &self.config.tracker) {
+            match list_peers(tracker.clone(), url, self.config.model_id.as_deref()).await {
+                Ok(peers) if !peers.is_empty() => {
+                    // Kept for when the tracker is gone.
+                    let contacts = peers.iter().filter_map(contact_of_peer).collect();
+                    self.discovery.dht().add_contacts(contacts).await;
+                    return Ok(peers);
+                }
+                Ok(_) => tracing::info!("the tracker lists no peers; asking the DHT"),
+                Err(e) => tracing::warn!("{e}; asking the DHT"),
+            }
+        }
+        let referred = if self.discovery.dht().stats().borrow().contacts == 0 {
+            self.discovery.join(&[]).await
+        } else {
+            Vec::new()
+        };
+        let (model, total_layers) = if self.model_id.is_empty() {
+            pick_model(&referred, self.config.model_id.as_deref())?
+        } else {
+            (self.model_id.clone(), self.total_layers)
+        };
+        let mut peers = self.discovery.providers(&model, total_layers).await;
+        peers.extend(referred);
+        Ok(dedup_peers(peers))
     }
 
     fn install_peers(&self, peers: Vec<PeerRecord>) {
@@ -230,7 +294,7 @@ impl SwarmClient {
         self.metrics.healthy_peers.store(healthy as u64, Relaxed);
     }
 
-    /// Re-reads the peer list from the tracker, keeping measurements of known peers.
+    /// Re-reads the peer list (tracker, else DHT), keeping measurements of known peers.
     pub async fn refresh(&self) -> Result<(), NodeError> {
         let peers = self.fetch_peers().await?;
         self.install_peers(peers);
@@ -293,6 +357,13 @@ impl SwarmClient {
     }
 }
 
+impl Drop for SwarmClient {
+    /// Stops the client's DHT actor and LAN browser.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 fn pick_model(peers: &[PeerRecord], wanted: Option<&str>) -> Result<(String, u32), NodeError> {
     let mut models: BTreeMap<&str, u32> = BTreeMap::new();
     for p in peers {
@@ -304,7 +375,9 @@ fn pick_model(peers: &[PeerRecord], wanted: Option<&str>) -> Result<(String, u32
             .map(|&layers| (id.to_string(), layers))
             .ok_or_else(|| NodeError::NoRoute(format!("no peer serves model {id}"))),
         None => match models.len() {
-            0 => Err(NodeError::NoRoute("the tracker lists no peers".into())),
+            0 => Err(NodeError::NoRoute(
+                "no peers found: the tracker, the bootstrap peers and the LAN named none".into(),
+            )),
             1 => {
                 let (id, layers) = models.into_iter().next().expect("one model");
                 Ok((id.to_string(), layers))

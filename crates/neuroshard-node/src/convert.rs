@@ -1,10 +1,17 @@
 //! The one place generated protobuf types meet domain types.
 
-use neuroshard_base::{LayerRange, PublicKey};
+use std::net::SocketAddr;
+
+use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_model::codec::{WireDType, WireTensor};
 use neuroshard_proto as pb;
 
 use crate::NodeError;
+
+/// Longest display name a peer may announce, in bytes: the settings' 40 characters at up to 4
+/// bytes each.
+pub const MAX_DISPLAY_NAME_BYTES: usize = 4 * crate::settings::MAX_DISPLAY_NAME_CHARS;
 
 /// What a peer announces about itself: where it is and what it serves.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -24,6 +31,8 @@ pub struct PeerRecord {
     /// Its ed25519 key; `node_id` is the key's hash.
     #[serde(skip)]
     pub public_key: PublicKey,
+    /// The name its owner shows the swarm; empty for an anonymous node.
+    pub display_name: String,
 }
 
 /// A wire dtype from its protobuf enum value.
@@ -134,6 +143,13 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
     let public_key = PublicKey::from_slice(&p.public_key)?;
     public_key.check_id(&p.node_id)?;
     let layers = span_from_proto(p.layers)?;
+    if p.display_name.len() > MAX_DISPLAY_NAME_BYTES || p.display_name.chars().any(char::is_control)
+    {
+        return Err(NodeError::BadRequest(format!(
+            "peer display_name must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control \
+             characters"
+        )));
+    }
     if layers.end > p.total_layers {
         return Err(NodeError::BadRequest(format!(
             "peer layers {layers} exceed the model's {} layers",
@@ -152,6 +168,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
             1.0
         },
         public_key,
+        display_name: p.display_name,
     })
 }
 
@@ -165,5 +182,175 @@ pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
         total_layers: p.total_layers,
         load: p.load,
         public_key: p.public_key.0.to_vec(),
+        display_name: p.display_name.clone(),
     }
+}
+
+/// The value of a node's `/nodes/{id}` and `/layers/...` records: its announcement.
+pub fn peer_record_value(p: &PeerRecord) -> Vec<u8> {
+    use prost::Message;
+    peer_to_proto(p).encode_to_vec()
+}
+
+/// The announcement a `/nodes/{id}` or `/layers/{model}/{index}` record carries, checked against
+/// the record: a node may describe only itself, and only as serving the layer it is filed
+/// under.
+pub fn peer_from_record(record: &Record) -> Result<PeerRecord, NodeError> {
+    use prost::Message;
+    let bad = |why: String| NodeError::BadRequest(format!("record {}: {why}", record.key));
+    let info = pb::PeerInfo::decode(record.value.as_slice())
+        .map_err(|e| bad(format!("value is not a peer announcement: {e}")))?;
+    let peer = peer_from_proto(info).map_err(|e| bad(e.to_string()))?;
+    if peer.public_key != record.publisher {
+        return Err(bad("describes a node other than its publisher".into()));
+    }
+    match &record.key {
+        RecordKey::Layer { model, index } => {
+            if &peer.model_id != model || !peer.layers.contains(*index) {
+                return Err(bad(format!(
+                    "announces model {} layers {}",
+                    peer.model_id, peer.layers
+                )));
+            }
+        }
+        RecordKey::Node(_) => {}
+        RecordKey::Checkpoint(_) => return Err(bad("is not a peer announcement".into())),
+    }
+    Ok(peer)
+}
+
+/// A 32-byte DHT key from the wire.
+pub fn key_from_proto(field: &str, bytes: &[u8]) -> Result<Key, NodeError> {
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
+        NodeError::BadRequest(format!("{field} must be 32 bytes, got {}", bytes.len()))
+    })?;
+    Ok(Key(bytes))
+}
+
+/// An `ip:port` a DHT peer is dialled at; a host name or port 0 is refused.
+fn dht_addr(field: &str, addr: &str) -> Result<SocketAddr, NodeError> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(a),
+        _ => Err(NodeError::BadRequest(format!(
+            "{field} {addr:?} is not a dialable ip:port"
+        ))),
+    }
+}
+
+/// A DHT contact from the wire.
+pub fn contact_from_proto(c: pb::DhtContact) -> Result<Contact, NodeError> {
+    Ok(Contact {
+        key: key_from_proto("contact node_id", &c.node_id)?,
+        addr: dht_addr("contact addr", &c.addr)?,
+    })
+}
+
+/// A DHT contact as a wire message.
+pub fn contact_to_proto(c: &Contact) -> pb::DhtContact {
+    pb::DhtContact {
+        node_id: c.key.0.to_vec(),
+        addr: c.addr.to_string(),
+    }
+}
+
+/// A peer's announcement as a DHT contact, where its address is an `ip:port`.
+pub fn contact_of_peer(p: &PeerRecord) -> Option<Contact> {
+    let id: neuroshard_base::NodeId = p.node_id.parse().ok()?;
+    Some(Contact {
+        key: Key::of_node(&id),
+        addr: dht_addr("addr", &p.addr).ok()?,
+    })
+}
+
+/// A DHT record from the wire: its fields are checked for form here; the signature, expiry and
+/// size against the receiver's clock by [`Record::verify`] where it is stored or read.
+pub fn record_from_proto(r: pb::DhtRecord) -> Result<Record, NodeError> {
+    let key: RecordKey = r.key.parse().map_err(neuroshard_dht::DhtError::from)?;
+    let publisher = PublicKey::from_slice(&r.publisher)?;
+    let signature: [u8; 64] = r.signature.as_slice().try_into().map_err(|_| {
+        NodeError::BadRequest(format!(
+            "record {key}: signature must be 64 bytes, got {}",
+            r.signature.len()
+        ))
+    })?;
+    if r.value.len() > neuroshard_dht::record::MAX_VALUE_BYTES {
+        return Err(
+            neuroshard_dht::DhtError::from(neuroshard_dht::RecordError::TooLarge {
+                bytes: r.value.len(),
+                max: neuroshard_dht::record::MAX_VALUE_BYTES,
+            })
+            .into(),
+        );
+    }
+    Ok(Record {
+        key,
+        value: r.value,
+        publisher,
+        expires_ms: r.expires_ms,
+        signature,
+    })
+}
+
+/// A DHT record as a wire message.
+pub fn record_to_proto(r: &Record) -> pb::DhtRecord {
+    pb::DhtRecord {
+        key: r.key.to_string(),
+        value: r.value.clone(),
+        publisher: r.publisher.0.to_vec(),
+        expires_ms: r.expires_ms,
+        signature: r.signature.to_vec(),
+    }
+}
+
+/// What a DHT server signs to vouch for its contact in each request: its key, its address and
+/// the time.
+fn sender_message(public_key: &PublicKey, addr: &str, timestamp_ms: u64) -> [u8; 32] {
+    neuroshard_proof::content_hash(&[
+        b"neuroshard-dht-sender-v1",
+        &public_key.0,
+        addr.as_bytes(),
+        &timestamp_ms.to_le_bytes(),
+    ])
+}
+
+/// This node's contact, signed at `timestamp_ms`, for the requests it sends.
+pub fn sender_to_proto(key: &NodeKey, addr: SocketAddr, timestamp_ms: u64) -> pb::DhtSender {
+    let addr = addr.to_string();
+    let public_key = key.public();
+    pb::DhtSender {
+        signature: key
+            .sign(&sender_message(&public_key, &addr, timestamp_ms))
+            .to_vec(),
+        public_key: public_key.0.to_vec(),
+        addr,
+        timestamp_ms,
+    }
+}
+
+/// The contact a request's sender vouches for: signed by the key its id derives from, within
+/// `max_skew_ms` of `now_ms`. `None` for a client, which sends none.
+pub fn sender_from_proto(
+    sender: Option<pb::DhtSender>,
+    now_ms: u64,
+    max_skew_ms: u64,
+) -> Result<Option<Contact>, NodeError> {
+    let Some(s) = sender else {
+        return Ok(None);
+    };
+    let public_key = PublicKey::from_slice(&s.public_key)?;
+    let addr = dht_addr("sender addr", &s.addr)?;
+    if now_ms.abs_diff(s.timestamp_ms) > max_skew_ms {
+        return Err(NodeError::BadRequest(format!(
+            "sender signed at {} ms, this node's clock reads {now_ms} ms",
+            s.timestamp_ms
+        )));
+    }
+    public_key.verify(
+        &sender_message(&public_key, &s.addr, s.timestamp_ms),
+        &s.signature,
+    )?;
+    Ok(Some(Contact {
+        key: Key::of_node(&public_key.id()),
+        addr,
+    }))
 }

@@ -90,6 +90,9 @@ pub enum NodeError {
     /// The receipt ledger failed.
     #[error(transparent)]
     Ledger(#[from] neuroshard_proof::LedgerError),
+    /// A DHT request or record was refused.
+    #[error("dht: {0}")]
+    Dht(#[from] neuroshard_dht::DhtError),
 }
 
 impl NodeError {
@@ -126,6 +129,20 @@ impl From<NodeError> for tonic::Status {
             NodeError::Identity(_) => Code::Unauthenticated,
             NodeError::Receipt(_) => Code::InvalidArgument,
             NodeError::Verification { .. } => Code::DataLoss,
+            NodeError::Dht(e) => {
+                use neuroshard_dht::DhtError;
+                use neuroshard_dht::store::StoreError;
+                match e {
+                    DhtError::NotServing => Code::Unavailable,
+                    DhtError::Record(_) | DhtError::Store(StoreError::Record(_)) => {
+                        Code::InvalidArgument
+                    }
+                    DhtError::Store(StoreError::Stale { .. }) => Code::AlreadyExists,
+                    DhtError::Store(StoreError::Full(_) | StoreError::KeyFull { .. }) => {
+                        Code::ResourceExhausted
+                    }
+                }
+            }
         };
         tonic::Status::new(code, err.to_string())
     }

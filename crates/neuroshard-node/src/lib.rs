@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod client;
 pub mod convert;
 pub mod demo;
+pub mod discovery;
 pub mod duty;
 mod error;
 pub mod generate;

@@ -73,6 +73,10 @@ pub struct MetricsSnapshot {
     pub sessions_started: u64,
     /// Token positions computed by Forward calls served.
     pub tokens_served: u64,
+    /// Contacts in the DHT routing table.
+    pub dht_contacts: u64,
+    /// DHT records held for the swarm.
+    pub dht_records: u64,
 }
 
 impl Metrics {
@@ -137,6 +141,8 @@ impl Metrics {
             forward_calls: load(&self.forward_calls),
             sessions_started: load(&self.sessions_started),
             tokens_served: load(&self.tokens_served),
+            dht_contacts: 0,
+            dht_records: 0,
         }
     }
 }
@@ -178,6 +184,8 @@ convert_fields!(
         forward_calls,
         sessions_started,
         tokens_served,
+        dht_contacts,
+        dht_records,
     ]
 );
 

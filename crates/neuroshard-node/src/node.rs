@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
+use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType};
 use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
 use neuroshard_proof::{Countersignature, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind};
@@ -27,15 +28,18 @@ use tonic::{Request, Response, Status};
 
 use crate::bandwidth::BandwidthCaps;
 use crate::convert::{
-    PeerRecord, dtype_from_proto, peer_from_proto, peer_to_proto, span_from_proto,
-    tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
+    MAX_DISPLAY_NAME_BYTES, PeerRecord, contact_of_peer, contact_to_proto, dtype_from_proto,
+    peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
+use crate::discovery::{AnnounceStatus, DhtService, Discovery, DiscoveryConfig};
 use crate::duty::DutyCycle;
 use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::pool::{ConnectionPool, PoolConfig};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::settings::ComputeDevice;
+use crate::settings::is_host_port;
 use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 
@@ -110,6 +114,13 @@ pub struct NodeConfig {
     pub device: Option<ComputeDevice>,
     /// CPU threads for compute; 0 for every core but one. Default 0.
     pub cpu_threads: u16,
+    /// Peers (`host:port`) asked for referrals when joining the DHT: how a node finds the
+    /// swarm without a tracker. Default none.
+    pub bootstrap: Vec<String>,
+    /// DHT and LAN discovery.
+    pub discovery: DiscoveryConfig,
+    /// The name the node shows the swarm; none for an anonymous node. Default none.
+    pub display_name: Option<String>,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -134,6 +145,9 @@ impl NodeConfig {
             start_paused: false,
             device: None,
             cpu_threads: 0,
+            bootstrap: Vec::new(),
+            discovery: DiscoveryConfig::default(),
+            display_name: None,
             fault: None,
         }
     }
@@ -161,7 +175,47 @@ impl NodeConfig {
         {
             return bad("tracker", "is not a valid URL (expected http://host:port)");
         }
-        Ok(())
+        if let Some(peer) = self.bootstrap.iter().find(|p| !is_host_port(p)) {
+            return bad("bootstrap", &format!("{peer:?} is not host:port"));
+        }
+        if let Some(name) = &self.display_name
+            && (name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control))
+        {
+            return bad(
+                "display_name",
+                &format!(
+                    "must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
+                ),
+            );
+        }
+        self.discovery.validate().map_err(NodeError::Config)
+    }
+}
+
+/// Where a node heard of its peers.
+#[derive(Debug, Clone, Copy)]
+enum PeerSource {
+    Tracker,
+    Dht,
+}
+
+/// The serving peers a node knows of, by source; it hands them out as referrals.
+#[derive(Debug, Default)]
+struct KnownPeers {
+    tracker: Vec<PeerRecord>,
+    dht: Vec<PeerRecord>,
+}
+
+impl KnownPeers {
+    /// Every peer once, the tracker's announcement first (its load is fresher).
+    fn all(&self) -> Vec<PeerRecord> {
+        let mut seen = std::collections::HashSet::new();
+        self.tracker
+            .iter()
+            .chain(&self.dht)
+            .filter(|p| seen.insert(p.node_id.as_str()))
+            .cloned()
+            .collect()
     }
 }
 
@@ -189,15 +243,17 @@ pub struct NodeState {
     sessions: SessionStore,
     metrics: Arc<Metrics>,
     record: PeerRecord,
-    peers: RwLock<Vec<PeerRecord>>,
+    display_name: RwLock<String>,
+    peers: RwLock<KnownPeers>,
     busy: AtomicUsize,
     lifecycle: Lifecycle,
     caps: Arc<BandwidthCaps>,
     duty: DutyCycle,
     threads: ComputeThreads,
     on_gpu: bool,
-    key: NodeKey,
+    key: Arc<NodeKey>,
     ledger: LedgerHandle,
+    discovery: Discovery,
     fault: Option<Fault>,
     /// The shard that computes under [`Fault::WrongWeights`].
     wrong_shard: Option<Mutex<Shard>>,
@@ -217,14 +273,46 @@ impl NodeState {
     pub fn record(&self) -> PeerRecord {
         PeerRecord {
             load: self.load(),
+            display_name: self.display_name.read().expect("name lock").clone(),
             ..self.record.clone()
         }
     }
 
-    /// Counters with the session figures filled in.
+    /// What the node puts in its DHT records: its record with the load of a node serving (0) or
+    /// not (1), since records outlive any one call.
+    fn announcement(&self) -> PeerRecord {
+        let serving = self.lifecycle.state() == RunState::Serving;
+        PeerRecord {
+            load: if serving { 0.0 } else { 1.0 },
+            ..self.record()
+        }
+    }
+
+    /// Counters with the session and DHT figures filled in.
     pub fn metrics(&self) -> MetricsSnapshot {
         let (sessions, bytes) = self.sessions.usage();
-        self.metrics.snapshot(sessions, bytes)
+        let dht = *self.discovery.dht().stats().borrow();
+        MetricsSnapshot {
+            dht_contacts: dht.contacts as u64,
+            dht_records: dht.records as u64,
+            ..self.metrics.snapshot(sessions, bytes)
+        }
+    }
+
+    /// Replaces the peers learned from one source and updates the peer gauges.
+    fn learn_peers(&self, source: PeerSource, peers: Vec<PeerRecord>) {
+        let mut known = self.peers.write().expect("peers lock");
+        let peers = peers
+            .into_iter()
+            .filter(|p| p.node_id != self.record.node_id)
+            .collect();
+        match source {
+            PeerSource::Tracker => known.tracker = peers,
+            PeerSource::Dht => known.dht = peers,
+        }
+        let count = known.all().len() as u64;
+        self.metrics.peer_count.store(count, Ordering::Relaxed);
+        self.metrics.healthy_peers.store(count, Ordering::Relaxed);
     }
 
     /// Serves one Forward call: validate, compute off the reactor, encode the reply.
@@ -659,11 +747,20 @@ impl Node for NodeService {
 
     async fn get_peers(
         &self,
-        _: Request<pb::GetPeersRequest>,
+        request: Request<pb::GetPeersRequest>,
     ) -> Result<Response<pb::GetPeersResponse>, Status> {
-        let peers = self.state.peers.read().expect("peers lock");
+        let near = crate::discovery::dht::near_key(&request.into_inner().near)?;
+        let dht = self.state.discovery.dht();
+        let own = dht.local();
+        let mut contacts = dht.closest(near.unwrap_or(own.key)).await;
+        if dht.mode() == neuroshard_dht::Mode::Server {
+            contacts.insert(0, own);
+        }
+        let mut peers = vec![self.state.record()];
+        peers.extend(self.state.peers.read().expect("peers lock").all());
         Ok(Response::new(pb::GetPeersResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
+            contacts: contacts.iter().map(contact_to_proto).collect(),
         }))
     }
 }
@@ -810,10 +907,10 @@ impl NodeHandle {
     }
 
     /// Applies what a running node changes without a restart: bandwidth caps, compute share,
-    /// CPU threads, and the first-run rule: paused while the owner has not picked a name (or
-    /// anonymity) and a preset. It never resumes by itself, so an owner's pause outlasts a
-    /// settings change; the app resumes when the first run ends. Layers take a shard reload
-    /// (the app restarts the node for them) and are not applied here.
+    /// CPU threads, the display name, and the first-run rule: paused while the owner has not
+    /// picked a name (or anonymity) and a preset. It never resumes by itself, so an owner's
+    /// pause outlasts a settings change; the app resumes when the first run ends. Layers take a
+    /// shard reload (the app restarts the node for them) and are not applied here.
     pub fn apply_settings(&self, settings: &crate::settings::Settings) {
         let bandwidth = &settings.bandwidth;
         self.set_bandwidth(bandwidth.upload_kbps, bandwidth.download_kbps);
@@ -824,6 +921,53 @@ impl NodeHandle {
         if !settings.profile.onboarded {
             self.pause();
         }
+        let name = settings.profile.display_name.as_deref();
+        if let Err(e) = self.set_display_name(name.filter(|_| !settings.profile.anonymous)) {
+            tracing::warn!("keeping the display name as it was: {e}");
+        }
+    }
+
+    /// The node's discovery: its DHT, LAN discovery and announcements.
+    pub fn discovery(&self) -> &Discovery {
+        &self.state.discovery
+    }
+
+    /// Signs and puts the node's DHT records now (they are also put on a timer).
+    pub async fn announce(&self) -> Result<AnnounceStatus, NodeError> {
+        self.state
+            .discovery
+            .announce(&self.state.announcement(), &self.state.key)
+            .await
+    }
+
+    /// The serving peers this node knows of (from the tracker and the DHT), without itself.
+    pub fn known_peers(&self) -> Vec<PeerRecord> {
+        self.state.peers.read().expect("peers lock").all()
+    }
+
+    /// The name the node shows the swarm (none: anonymous); announced at once.
+    pub fn set_display_name(&self, name: Option<&str>) -> Result<(), NodeError> {
+        let name = name.unwrap_or_default();
+        if name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control) {
+            return Err(NodeError::Config(format!(
+                "display_name: must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
+            )));
+        }
+        let mut current = self.state.display_name.write().expect("name lock");
+        if *current != name {
+            *current = name.to_string();
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = state
+                    .discovery
+                    .announce(&state.announcement(), &state.key)
+                    .await
+                {
+                    tracing::warn!("announcing the new display name failed: {e}");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Events from now on (state changes).
@@ -893,6 +1037,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         ),
         None => (NodeKey::generate(), Ledger::in_memory()?),
     };
+    let key = Arc::new(key);
     let ledger = LedgerHandle::spawn(ledger)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -909,6 +1054,8 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         format!("{ip}:{}", addr.port())
     });
     let id = key.id();
+    let cancel = CancellationToken::new();
+    let discovery = start_discovery(&config, &advertise, &key, cancel.clone()).await?;
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(NodeState {
         sessions: SessionStore::new(SessionLimits {
@@ -924,12 +1071,14 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             total_layers: model.config.num_hidden_layers as u32,
             load: 0.0,
             public_key: key.public(),
+            display_name: String::new(),
         },
+        display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
         shard: Arc::new(Mutex::new(shard)),
         model,
         range,
         metrics,
-        peers: RwLock::new(Vec::new()),
+        peers: RwLock::new(KnownPeers::default()),
         busy: AtomicUsize::new(0),
         lifecycle: Lifecycle::new(if config.start_paused {
             RunState::Paused
@@ -942,10 +1091,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         on_gpu,
         key,
         ledger,
+        discovery,
         fault: config.fault.clone(),
         wrong_shard,
     });
-    let cancel = CancellationToken::new();
     tokio::spawn(sweep_sessions(
         state.clone(),
         config.session_idle / 4,
@@ -961,13 +1110,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = crate::spawn_server(
-        tonic::service::Routes::new(service),
-        listener,
-        state.caps.clone(),
-        cancel.clone(),
-        "node",
-    );
+    let routes = tonic::service::Routes::new(service)
+        .add_service(DhtService::server(state.discovery.dht().clone()));
+    let server = crate::spawn_server(routes, listener, state.caps.clone(), cancel.clone(), "node");
+    tokio::spawn(run_discovery(state.clone(), cancel.clone()));
     tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
     Ok(NodeHandle {
         id,
@@ -976,6 +1122,94 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         cancel,
         server,
     })
+}
+
+/// The node's DHT: serving at its advertised address where that resolves to an `ip:port`, else
+/// taking part as a client only.
+async fn start_discovery(
+    config: &NodeConfig,
+    advertise: &str,
+    key: &Arc<NodeKey>,
+    cancel: CancellationToken,
+) -> Result<Discovery, NodeError> {
+    let resolved = tokio::net::lookup_host(advertise)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.find(|a| !a.ip().is_unspecified() && a.port() != 0));
+    if resolved.is_none() {
+        tracing::warn!(
+            "{advertise} does not resolve to an ip:port: taking part in the DHT as a client"
+        );
+    }
+    let local = Contact {
+        key: Key::of_node(&key.id()),
+        addr: resolved.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+    };
+    let pool = Arc::new(ConnectionPool::new(
+        PoolConfig::default(),
+        Arc::new(Metrics::default()),
+    ));
+    pool.spawn_reaper();
+    Discovery::start(
+        local,
+        resolved.map(|_| key.clone()),
+        config.discovery.clone(),
+        config.bootstrap.clone(),
+        pool,
+        cancel,
+    )
+}
+
+/// Joins the DHT, keeps the node's records announced, and re-reads its model's providers every
+/// sweep (joining again when the table has emptied or the LAN names someone new), until
+/// cancelled.
+async fn run_discovery(state: Arc<NodeState>, cancel: CancellationToken) {
+    let discovery = &state.discovery;
+    let join_then_keep_up = async {
+        let known = state.peers.read().expect("peers lock").all();
+        let referred = discovery.join(&known).await;
+        state.learn_peers(PeerSource::Dht, referred);
+        let announcing = discovery.keep_announcing(
+            &state.key,
+            || state.announcement(),
+            state.lifecycle.watch(),
+            cancel.clone(),
+        );
+        tokio::join!(announcing, sweep_providers(&state));
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = join_then_keep_up => {}
+    }
+}
+
+/// Re-reads the node's model's providers from the DHT every sweep, and when the LAN names
+/// someone new (joining through them first), forever.
+async fn sweep_providers(state: &NodeState) {
+    let discovery = &state.discovery;
+    let mut lan = discovery.lan().map(|lan| lan.count());
+    let mut tick = tokio::time::interval(discovery.config().sweep_every);
+    tick.tick().await;
+    loop {
+        let lan_changed = async {
+            match &mut lan {
+                Some(count) => count.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            true = lan_changed => {}
+        }
+        if discovery.dht().stats().borrow().contacts == 0 || lan.is_some() {
+            let known = state.peers.read().expect("peers lock").all();
+            discovery.join(&known).await;
+        }
+        let providers = discovery
+            .providers(&state.model.id, state.record.total_layers)
+            .await;
+        state.learn_peers(PeerSource::Dht, providers);
+    }
 }
 
 async fn sweep_sessions(state: Arc<NodeState>, period: Duration, cancel: CancellationToken) {
@@ -998,18 +1232,16 @@ async fn sweep_sessions(state: Arc<NodeState>, period: Duration, cancel: Cancell
 struct Heartbeat {
     state: Arc<NodeState>,
     tracker: TrackerClient<Channel>,
+    url: String,
     registered: bool,
 }
 
 impl Heartbeat {
     fn new(state: Arc<NodeState>, url: &str) -> Result<Self, NodeError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5));
         Ok(Self {
             state,
-            tracker: TrackerClient::new(endpoint.connect_lazy()),
+            tracker: crate::client::tracker_client(url)?,
+            url: url.to_string(),
             registered: false,
         })
     }
@@ -1071,28 +1303,13 @@ impl Heartbeat {
     }
 
     async fn refresh_peers(&mut self, model_id: &str) {
-        let request = pb::ListPeersRequest {
-            model_id: model_id.to_string(),
-        };
-        let Ok(reply) = self.tracker.list_peers(request).await else {
+        let Ok(peers) =
+            crate::client::list_peers(self.tracker.clone(), &self.url, Some(model_id)).await
+        else {
             return;
         };
-        let peers: Vec<PeerRecord> = reply
-            .into_inner()
-            .peers
-            .into_iter()
-            .filter_map(|p| peer_from_proto(p).ok())
-            .filter(|p| p.node_id != self.state.record.node_id)
-            .collect();
-        let count = peers.len() as u64;
-        self.state
-            .metrics
-            .peer_count
-            .store(count, Ordering::Relaxed);
-        self.state
-            .metrics
-            .healthy_peers
-            .store(count, Ordering::Relaxed);
-        *self.state.peers.write().expect("peers lock") = peers;
+        let contacts = peers.iter().filter_map(contact_of_peer).collect();
+        self.state.discovery.dht().add_contacts(contacts).await;
+        self.state.learn_peers(PeerSource::Tracker, peers);
     }
 }

@@ -102,21 +102,34 @@ impl ConnectionPool {
         if let Some(client) = self.reuse(addr) {
             return Ok(client);
         }
+        let channel = self.open(addr).await?;
+        // Another task may have filled the pool meanwhile; then its channels serve. Evicted
+        // meanwhile, the new channel serves this call unpooled.
+        let picked = {
+            let mut peers = self.peers.lock().expect("pool lock");
+            peers
+                .get_mut(addr)
+                .and_then(|peer| Self::pick(peer, true, self.config.max_per_peer))
+        };
+        Ok(picked.unwrap_or_else(|| PooledClient::new(channel, None)))
+    }
+
+    /// Connects to `addr`, pooling the channel while the peer is under the cap.
+    async fn open(&self, addr: &str) -> Result<Channel, NodeError> {
         let channel = self.connect(addr).await?;
-        let client = {
+        {
             let mut peers = self.peers.lock().expect("pool lock");
             let peer = peers.entry(addr.to_string()).or_default();
             if peer.channels.len() < self.config.max_per_peer {
                 peer.channels.push(Pooled {
-                    channel,
+                    channel: channel.clone(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
                 });
             }
-            // Another task may have filled the pool meanwhile; then its channels serve.
-            Self::pick(peer, true, self.config.max_per_peer).expect("the peer holds a channel")
-        };
+            peer.last_used = Some(Instant::now());
+        }
         self.update_gauges();
-        Ok(client)
+        Ok(channel)
     }
 
     /// A client to `addr` for small control calls (receipts, session ends). It rides an
@@ -124,6 +137,12 @@ impl ConnectionPool {
     /// not count as in flight, so it never makes the next Forward open a connection. A new
     /// connection is made only when the peer has none.
     pub async fn control_client(&self, addr: &str) -> Result<PooledClient, NodeError> {
+        Ok(PooledClient::new(self.control_channel(addr).await?, None))
+    }
+
+    /// The channel a [`ConnectionPool::control_client`] rides, for the other services a node
+    /// serves (the DHT): it never counts as in flight.
+    pub async fn control_channel(&self, addr: &str) -> Result<Channel, NodeError> {
         let pooled = {
             let mut peers = self.peers.lock().expect("pool lock");
             peers.get_mut(addr).and_then(|peer| {
@@ -132,8 +151,8 @@ impl ConnectionPool {
             })
         };
         match pooled {
-            Some(channel) => Ok(PooledClient::new(channel, None)),
-            None => self.client(addr).await,
+            Some(channel) => Ok(channel),
+            None => self.open(addr).await,
         }
     }
 

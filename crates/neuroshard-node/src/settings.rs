@@ -398,6 +398,12 @@ impl Schedule {
     }
 }
 
+/// Whether `peer` reads as `host:port` with a nonzero port.
+pub fn is_host_port(peer: &str) -> bool {
+    peer.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 impl NetworkSettings {
     fn validate(&self) -> Result<(), SettingsError> {
         if let Some(url) = &self.tracker
@@ -409,10 +415,7 @@ impl NetworkSettings {
             ));
         }
         for (i, peer) in self.bootstrap.iter().enumerate() {
-            let port_ok = peer
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !port_ok {
+            if !is_host_port(peer) {
                 return Err(SettingsError::invalid(
                     &format!("network.bootstrap[{i}]"),
                     "must be host:port",

@@ -484,6 +484,7 @@ mod tests {
             total_layers: 6,
             load: 0.0,
             public_key: neuroshard_base::NodeKey::generate().public(),
+            display_name: String::new(),
         }
     }
 

@@ -1,0 +1,188 @@
+//! LAN discovery over mDNS (DNS-SD): a serving node announces its DHT contact as a service
+//! instance; every node and client browses for the others and hands what it finds to its DHT.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use neuroshard_base::NodeId;
+use neuroshard_dht::{Contact, Key};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::dht::DhtHandle;
+use crate::NodeError;
+
+/// The DNS-SD service type NeuroShard nodes announce.
+pub const SERVICE_TYPE: &str = "_neuroshard._tcp.local.";
+
+/// The standard mDNS port (RFC 6762).
+pub const MDNS_PORT: u16 = 5353;
+
+/// How to look for peers on the LAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanConfig {
+    /// DNS-SD service type. Default [`SERVICE_TYPE`]; tests use one of their own so that
+    /// swarms on one machine do not meet.
+    pub service: String,
+    /// UDP port. Default 5353, the standard one, so that other mDNS responders on the machine
+    /// share it.
+    pub port: u16,
+    /// Announce and browse on the loopback interface only: for swarms on one machine (tests).
+    /// Default false: every interface but loopback.
+    pub loopback: bool,
+}
+
+impl Default for LanConfig {
+    fn default() -> Self {
+        Self {
+            service: SERVICE_TYPE.to_string(),
+            port: MDNS_PORT,
+            loopback: false,
+        }
+    }
+}
+
+/// A running mDNS responder and browser.
+pub struct Lan {
+    daemon: ServiceDaemon,
+    found: Arc<Mutex<BTreeMap<Key, SocketAddr>>>,
+    count: watch::Receiver<usize>,
+}
+
+impl Lan {
+    /// Announces `me` (a serving node; none for a client) and browses for others, adding each
+    /// one found to `dht`, until `cancel` fires.
+    pub fn start(
+        config: &LanConfig,
+        me: Option<Contact>,
+        dht: DhtHandle,
+        cancel: CancellationToken,
+    ) -> Result<Self, NodeError> {
+        let err = |e: mdns_sd::Error| NodeError::Config(format!("lan discovery: {e}"));
+        let daemon = ServiceDaemon::new_with_port(config.port).map_err(err)?;
+        if config.loopback {
+            daemon.disable_interface(IfKind::All).map_err(err)?;
+            daemon.enable_interface(IfKind::LoopbackV4).map_err(err)?;
+        } else {
+            daemon
+                .disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
+                .map_err(err)?;
+        }
+        if let Some(me) = me {
+            daemon
+                .register(service_info(&config.service, me)?)
+                .map_err(err)?;
+        }
+        let events = daemon.browse(&config.service).map_err(err)?;
+        let found = Arc::new(Mutex::new(BTreeMap::new()));
+        let (count_tx, count) = watch::channel(0);
+        let own = me.map(|c| c.key);
+        let shared = found.clone();
+        let stopping = daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    event = events.recv_async() => match event {
+                        Ok(ServiceEvent::ServiceResolved(service)) => {
+                            let Some(contact) = contact_of(&service) else { continue };
+                            if Some(contact.key) == own {
+                                continue;
+                            }
+                            let new = shared.lock().expect("lan lock").insert(contact.key, contact.addr)
+                                != Some(contact.addr);
+                            if new {
+                                tracing::info!(peer = %contact.addr, "found a peer on the LAN");
+                                dht.add_contacts(vec![contact]).await;
+                                let n = shared.lock().expect("lan lock").len();
+                                count_tx.send_replace(n);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+            let _ = stopping.shutdown();
+        });
+        Ok(Self {
+            daemon,
+            found,
+            count,
+        })
+    }
+
+    /// The peers found so far.
+    pub fn found(&self) -> Vec<Contact> {
+        self.found
+            .lock()
+            .expect("lan lock")
+            .iter()
+            .map(|(&key, &addr)| Contact { key, addr })
+            .collect()
+    }
+
+    /// A watch of how many peers were found.
+    pub fn count(&self) -> watch::Receiver<usize> {
+        self.count.clone()
+    }
+}
+
+impl std::fmt::Debug for Lan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lan").field("found", &self.found).finish()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
+}
+
+/// The service instance announcing `me`: named by the first 16 hex digits of its id, the full
+/// id in the TXT record. An unspecified address lets the responder fill in each interface's.
+fn service_info(service: &str, me: Contact) -> Result<ServiceInfo, NodeError> {
+    let id = hex::encode(me.key.0);
+    let instance = &id[..16];
+    let host = format!("neuroshard-{instance}.local.");
+    let properties = [("id", id.as_str()), ("v", "1")];
+    let ip = me.addr.ip();
+    let info = if ip.is_unspecified() {
+        ServiceInfo::new(
+            service,
+            instance,
+            &host,
+            "",
+            me.addr.port(),
+            &properties[..],
+        )
+        .map(ServiceInfo::enable_addr_auto)
+    } else {
+        ServiceInfo::new(
+            service,
+            instance,
+            &host,
+            ip,
+            me.addr.port(),
+            &properties[..],
+        )
+    };
+    info.map_err(|e| NodeError::Config(format!("lan discovery: {e}")))
+}
+
+/// The DHT contact a resolved instance announces; none when its id or address is missing.
+fn contact_of(service: &mdns_sd::ResolvedService) -> Option<Contact> {
+    let id: NodeId = service.get_property_val_str("id")?.parse().ok()?;
+    let ip = service
+        .get_addresses_v4()
+        .into_iter()
+        .min()
+        .map(IpAddr::V4)?;
+    (service.get_port() != 0).then(|| Contact {
+        key: Key::of_node(&id),
+        addr: SocketAddr::new(ip, service.get_port()),
+    })
+}
