@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check of the headless binary as separate processes on loopback: a tracker, three
-# nodes and `generate`, whose tokens must equal `generate --local`. Usage: cli-smoke.sh BIN
+# nodes and `generate`, whose tokens must equal `generate --local`; then, with the tracker
+# killed, a node joining through a bootstrap peer and a generation found through the DHT.
+# Usage: cli-smoke.sh BIN
 set -euo pipefail
 bin="$1"
 work="$(mktemp -d)"
@@ -28,7 +30,7 @@ await_line "$work/tracker.log" "tracker listening on"
 tracker="http://$(sed -n 's/.*tracker listening on \([0-9.:]*\).*/\1/p' "$work/tracker.log" | head -1)"
 for layers in 0..2 2..4 4..6; do
   "$bin" node --model "$work/model" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
-    --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)
+    --no-lan --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)
   await_line "$work/node-$layers.log" "serving layers"
 done
 
@@ -65,4 +67,23 @@ assert swarm["generated_ids"] == local["generated_ids"], (swarm["generated_ids"]
 assert all(len(s["top5"]) == 5 for s in swarm["steps"])
 assert len(swarm["hops"]) == 3, swarm["hops"]
 print("cli smoke: tracker + 3 node processes generated", swarm["generated_ids"], "= local")
+PY
+
+# The tracker dies. A replica of 2..4 joins knowing only the first node; the original 2..4
+# stops; a generation that knows only the first node finds the replica through the DHT.
+kill "${pids[0]}"
+entry="$(sed -n 's/.*serving layers 0\.\.2 at \([0-9.:]*\) .*/\1/p' "$work/node-0..2.log")"
+"$bin" node --model "$work/model" --layers 2..4 --bootstrap "$entry" --no-lan --host 127.0.0.1 \
+  --data-dir "$work/data-replica" 2>"$work/node-replica.log" & pids+=($!)
+await_line "$work/node-replica.log" "announced to the DHT"
+kill "${pids[2]}"
+"$bin" generate --bootstrap "$entry" --no-lan --model "$work/model" --prompt "hello swarm" \
+  --max-new-tokens 12 --json >"$work/dht.json"
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+dht = json.load(open(f"{work}/dht.json"))
+local = json.load(open(f"{work}/local.json"))
+assert dht["generated_ids"] == local["generated_ids"], (dht["generated_ids"], local["generated_ids"])
+print("cli smoke: without the tracker, a replica joined through a bootstrap peer and served", dht["generated_ids"])
 PY

@@ -12,6 +12,7 @@ use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_node::client::{ClientConfig, HopTiming, SwarmClient};
 use neuroshard_node::demo::{DemoOptions, run_demo};
+use neuroshard_node::discovery::LanConfig;
 use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
 use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_node::tracker::{TrackerConfig, start_tracker};
@@ -91,6 +92,28 @@ enum Size {
     Tiny,
 }
 
+/// How a node or client finds the swarm.
+#[derive(Args)]
+struct SwarmArgs {
+    /// Tracker URL, e.g. http://tracker-host:7700; without one (or while it does not answer)
+    /// peers are found through the DHT, from --bootstrap peers or the LAN.
+    #[arg(long)]
+    tracker: Option<String>,
+    /// A peer (host:port) to join the DHT through; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    bootstrap: Vec<String>,
+    /// Neither announce nor look for peers on the LAN (mDNS).
+    #[arg(long)]
+    no_lan: bool,
+}
+
+impl SwarmArgs {
+    /// LAN discovery unless --no-lan.
+    fn lan(&self) -> Option<LanConfig> {
+        (!self.no_lan).then(LanConfig::default)
+    }
+}
+
 #[derive(Args)]
 struct NodeArgs {
     /// Hugging Face model directory.
@@ -99,9 +122,11 @@ struct NodeArgs {
     /// Layers to serve, as A..B.
     #[arg(long)]
     layers: LayerRange,
-    /// Tracker URL, e.g. http://tracker-host:7700.
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// The name this node shows the swarm (anonymous without one).
     #[arg(long)]
-    tracker: String,
+    name: Option<String>,
     /// Port to listen on (0 picks one).
     #[arg(long, default_value_t = 0)]
     port: u16,
@@ -151,9 +176,8 @@ struct ProofsArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Tracker URL of the swarm.
-    #[arg(long, required_unless_present = "local")]
-    tracker: Option<String>,
+    #[command(flatten)]
+    swarm: SwarmArgs,
     /// Model directory: required with --local; otherwise used for its tokenizer and model id.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -264,7 +288,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             )
         })?;
     config.advertise = args.advertise;
-    config.tracker = Some(args.tracker);
+    config.discovery.lan = args.swarm.lan();
+    config.tracker = args.swarm.tracker;
+    config.bootstrap = args.swarm.bootstrap;
+    config.display_name = args.name;
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.cpu_threads = args.cpu_threads;
     config.device = args.device;
@@ -330,7 +357,9 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             Vec::new(),
         )
     } else {
-        let mut config = ClientConfig::new(args.tracker.clone().context("--tracker is required")?);
+        let mut config = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
+        config.tracker = args.swarm.tracker.clone();
+        config.discovery.lan = args.swarm.lan();
         config.model_id = info.as_ref().map(|i| i.id.clone());
         config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
         if args.spot_check {
