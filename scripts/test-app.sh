@@ -28,7 +28,7 @@ export DISPLAY=":$display"
 # The app's every path, passed down through tauri-driver and WebKitWebDriver to the app.
 export NEUROSHARD_BIN="$bin" NEUROSHARD_APP="$app"
 export NEUROSHARD_CONFIG="$work/config" NEUROSHARD_HOME="$work/data"
-export NEUROSHARD_MODEL_DIR="$work/model" NEUROSHARD_LISTEN="127.0.0.1:0"
+export NEUROSHARD_MODEL_DIR="$work/model" NEUROSHARD_LISTEN="127.0.0.1:0" NEUROSHARD_LAN=off
 export HOME="$work/home" XDG_CONFIG_HOME="$work/home/.config" XDG_DATA_HOME="$work/home/.local/share"
 mkdir -p "$HOME"
 # WebKit's GPU paths are not there under Xvfb.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{Datelike, Local, TimeZone, Timelike};
 use neuroshard_model::ModelInfo;
 use neuroshard_node::NodeError;
+use neuroshard_node::discovery::LanConfig;
 use neuroshard_node::lifecycle::RunState;
 use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, NodeLimits, start_node};
 use neuroshard_node::settings::{
@@ -103,6 +104,9 @@ pub struct Launch {
     pub listen: SocketAddr,
     /// `host:port` announced to peers (`$NEUROSHARD_ADVERTISE`); none to derive it.
     pub advertise: Option<String>,
+    /// LAN discovery over mDNS: on by default; `$NEUROSHARD_LAN` set to `off` turns it off and
+    /// `loopback` keeps it on this machine (tests).
+    pub lan: Option<LanConfig>,
 }
 
 /// The port a desktop node listens on unless told otherwise.
@@ -125,6 +129,19 @@ impl Launch {
             model_dir: var("NEUROSHARD_MODEL_DIR").map(PathBuf::from),
             listen,
             advertise: var("NEUROSHARD_ADVERTISE").map(|v| v.to_string_lossy().into_owned()),
+            lan: match var("NEUROSHARD_LAN").as_deref().and_then(|v| v.to_str()) {
+                Some("off") => None,
+                Some("loopback") => Some(LanConfig {
+                    loopback: true,
+                    ..LanConfig::default()
+                }),
+                None | Some("on") => Some(LanConfig::default()),
+                Some(other) => {
+                    return Err(format!(
+                        "NEUROSHARD_LAN {other:?} is not one of on, off or loopback"
+                    ));
+                }
+            },
         })
     }
 }
@@ -332,11 +349,15 @@ impl Desktop {
         })
     }
 
-    /// Replicas per layer among the tracker's peers; none known (all zero) without a tracker
-    /// or when it does not answer, so Auto fills from the first layer.
+    /// Replicas per layer among the tracker's peers, else among those the running node found
+    /// through the DHT; none known (all zero) leaves Auto to fill from the first layer.
     async fn coverage(&self, settings: &Settings, own: Option<String>) -> Vec<u32> {
         let total = self.model.config.num_hidden_layers as u32;
-        let mut peers = Vec::new();
+        // Without a tracker, what the running node learned through the DHT.
+        let mut peers = match self.node.read().await.as_ref() {
+            Some(node) => node.known_peers(),
+            None => Vec::new(),
+        };
         if let Some(url) = &settings.network.tracker {
             match neuroshard_node::client::tracker_client(url) {
                 Ok(client) => {
@@ -344,7 +365,7 @@ impl Desktop {
                         .await
                     {
                         Ok(list) => peers = list,
-                        Err(e) => tracing::warn!("layer coverage unknown: {e}"),
+                        Err(e) => tracing::warn!("layer coverage from the tracker unknown: {e}"),
                     }
                 }
                 Err(e) => tracing::warn!("layer coverage unknown: {e}"),
@@ -390,6 +411,13 @@ impl Desktop {
             .unwrap_or(self.launch.listen);
         config.advertise = self.launch.advertise.clone();
         config.tracker = settings.network.tracker.clone();
+        config.bootstrap = settings.network.bootstrap.clone();
+        config.discovery.lan = self.launch.lan.clone();
+        config.display_name = settings
+            .profile
+            .display_name
+            .clone()
+            .filter(|_| !settings.profile.anonymous);
         config.data_dir = Some(self.launch.data_dir.clone());
         config.upload_kbps = settings.bandwidth.upload_kbps;
         config.download_kbps = settings.bandwidth.download_kbps;
@@ -496,6 +524,7 @@ impl Desktop {
     async fn apply(self: &Arc<Self>, before: &Settings, after: &Settings) {
         let restart = before.layers != after.layers
             || before.network.tracker != after.network.tracker
+            || before.network.bootstrap != after.network.bootstrap
             || before.compute.device != after.compute.device
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);

@@ -52,6 +52,7 @@ fn launch(dir: &Path) -> Launch {
         model_dir: Some(dir.join("model")),
         listen: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
+        lan: None,
     }
 }
 
@@ -343,6 +344,55 @@ fn a_layer_change_restarts_the_node_on_the_new_range() {
         s.state == AppState::Serving && s.layers.is_some_and(|l| (l.start, l.end) == (1, 2))
     });
     assert_eq!(f.node().1, RunState::Serving);
+}
+
+#[test]
+fn bootstrap_peers_take_the_node_into_the_swarm_and_it_announces_its_display_name() {
+    let f = fixture();
+    // A peer with no tracker, which the app knows of only as a bootstrap peer.
+    let peer = tauri::async_runtime::block_on(neuroshard_node::node::start_node(
+        neuroshard_node::node::NodeConfig::new(
+            f.dir.path().join("model"),
+            neuroshard_base::LayerRange::new(0, 4).unwrap(),
+        ),
+    ))
+    .unwrap();
+    let mut held = peer.discovery().dht().stats();
+    let own_keys = tauri::async_runtime::block_on(async {
+        let mut announced = peer.discovery().announced();
+        announced.wait_for(|a| a.rounds > 0).await.unwrap();
+        held.borrow_and_update().records
+    });
+    assert_eq!(own_keys, 5, "/nodes/{{id}} and four layers");
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "full"}),
+    );
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"network": {"bootstrap": [peer.advertised()]}}}),
+    );
+    // The restarted node joins through the peer, which then holds its /nodes/{id} record.
+    let id = neuroshard_node::identity::load_or_create(&f.dir.path().join("data"))
+        .unwrap()
+        .id();
+    let record = tauri::async_runtime::block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            held.wait_for(|s| s.records > own_keys),
+        )
+        .await
+        .expect("the app's node announced to its bootstrap peer")
+        .unwrap();
+        let key = neuroshard_dht::RecordKey::Node(id);
+        peer.discovery().dht().get(key).await.unwrap().records
+    });
+    assert_eq!(record.len(), 1);
+    let announced = neuroshard_node::convert::peer_from_record(&record[0]).unwrap();
+    assert_eq!(announced.display_name, "Ada");
+    let addr = tauri::async_runtime::block_on(f.desktop.node_addr()).unwrap();
+    assert_eq!(announced.addr, addr.to_string());
+    tauri::async_runtime::block_on(peer.shutdown());
 }
 
 #[test]
