@@ -186,11 +186,17 @@ pub enum Output {
     },
 }
 
+/// Peers heard of outside the DHT that may wait for their first answer: four buckets' worth.
+/// Past it the oldest is forgotten, so a flood of referrals cannot grow the node.
+pub const MAX_CANDIDATES: usize = 80;
+
 #[derive(Clone, Copy, Debug)]
 enum Purpose {
     Lookup(QueryId),
     Store(QueryId),
     Liveness,
+    /// The first ping of a peer heard of outside the DHT.
+    Candidate,
 }
 
 #[derive(Clone, Debug)]
@@ -228,6 +234,7 @@ pub struct Kademlia<R> {
     rng: R,
     queries: HashMap<QueryId, Query>,
     pending: HashMap<RequestId, Pending>,
+    candidates: Vec<Contact>,
     outputs: VecDeque<Output>,
     next_id: u64,
     published: HashMap<(Key, PublicKey), Record>,
@@ -247,6 +254,7 @@ impl<R: Rng> Kademlia<R> {
             rng,
             queries: HashMap::new(),
             pending: HashMap::new(),
+            candidates: Vec::new(),
             outputs: VecDeque::new(),
             next_id: 0,
             published: HashMap::new(),
@@ -285,9 +293,33 @@ impl<R: Rng> Kademlia<R> {
         self.next_id
     }
 
-    /// A peer learned of outside the DHT: a bootstrap peer, the tracker, mDNS, a referral.
+    /// A peer vouched for outside the DHT (the simulator's warm start, a test): it enters the
+    /// table as if it had just answered.
     pub fn add_contact(&mut self, contact: Contact, now_ms: u64) -> Observed {
         self.observe(contact, now_ms)
+    }
+
+    /// A peer heard of from a source that cannot vouch for it: a referral, the LAN, a
+    /// tracker's list. It is pinged and enters the table once it answers (the caller checks
+    /// that the answer comes from its key); meanwhile it seeds lookups. A key already in the
+    /// table keeps its address, so a lying source cannot move it.
+    pub fn add_candidate(&mut self, contact: Contact, now_ms: u64) {
+        let known = contact.key == self.local.key
+            || self.table.contains(&contact.key)
+            || self.candidates.iter().any(|c| c.key == contact.key);
+        if known {
+            return;
+        }
+        if self.candidates.len() >= MAX_CANDIDATES {
+            self.candidates.remove(0);
+        }
+        self.candidates.push(contact);
+        self.send(contact, Request::Ping, Purpose::Candidate, now_ms);
+    }
+
+    /// Peers heard of and not yet answering.
+    pub fn candidates(&self) -> &[Contact] {
+        &self.candidates
     }
 
     fn observe(&mut self, contact: Contact, now_ms: u64) -> Observed {
@@ -321,7 +353,8 @@ impl<R: Rng> Kademlia<R> {
     ) -> QueryId {
         let id = QueryId(self.next_id());
         self.table.touch(&target, now_ms);
-        let seeds = self.table.closest(&target, self.config.k);
+        let mut seeds = self.table.closest(&target, self.config.k);
+        seeds.extend(self.candidates.iter().copied());
         let quorum = get.as_ref().map(|_| self.config.quorum.max(1));
         let lookup = Lookup::new(
             target,
@@ -440,6 +473,8 @@ impl<R: Rng> Kademlia<R> {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
+        // A candidate that answered is in the table now; one that failed is forgotten.
+        self.candidates.retain(|c| c.key != pending.to.key);
         match &result {
             Ok(_) => {
                 self.observe(pending.to, now_ms);
@@ -449,7 +484,7 @@ impl<R: Rng> Kademlia<R> {
             }
         }
         match pending.purpose {
-            Purpose::Liveness => {}
+            Purpose::Liveness | Purpose::Candidate => {}
             Purpose::Lookup(qid) => {
                 let Some(query) = self.queries.get_mut(&qid) else {
                     return;

@@ -563,3 +563,78 @@ fn the_simulator_replays_exactly_from_its_seed() {
         (b.messages, b.rounds_p99, b.get_ms_p99)
     );
 }
+
+#[test]
+fn candidates_enter_the_table_only_by_answering_and_never_move_a_known_contact() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let me = contact(&mut rng, [10, 0, 0, 1]);
+    let mut kad = Kademlia::new(
+        me,
+        Mode::Server,
+        Config::default(),
+        ChaCha8Rng::seed_from_u64(1),
+        NOW,
+    );
+    let (alive, dead) = (
+        contact(&mut rng, [10, 0, 0, 2]),
+        contact(&mut rng, [10, 0, 0, 3]),
+    );
+    kad.add_candidate(alive, NOW);
+    kad.add_candidate(dead, NOW);
+    kad.add_candidate(alive, NOW);
+    let sends = |outputs: Vec<Output>| -> Vec<(crate::kad::RequestId, Contact, Request)> {
+        outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { id, to, request } => Some((id, to, request)),
+                Output::Done { .. } => None,
+            })
+            .collect()
+    };
+    let pings = sends(kad.drain());
+    assert_eq!(pings.len(), 2, "one ping per candidate");
+    assert!(pings.iter().all(|(_, _, r)| *r == Request::Ping));
+    assert!(kad.table().is_empty(), "nobody enters unheard");
+    assert_eq!(kad.candidates().len(), 2);
+
+    // Meanwhile a lookup starts from the candidates.
+    kad.find_node(Key::random(&mut rng), NOW);
+    let mut asked: Vec<Contact> = sends(kad.drain())
+        .into_iter()
+        .map(|(_, to, _)| to)
+        .collect();
+    asked.sort_by_key(|c| c.addr);
+    assert_eq!(asked, vec![alive, dead]);
+
+    // The live one answers its ping and enters the table; the dead one is forgotten.
+    for (id, to, _) in pings {
+        let answer = if to == alive {
+            Ok(Response::Pong)
+        } else {
+            Err("timed out".to_string())
+        };
+        kad.handle_response(id, answer, NOW);
+    }
+    assert!(kad.table().contains(&alive.key));
+    assert!(!kad.table().contains(&dead.key));
+    assert!(kad.candidates().is_empty());
+
+    // A source naming the known key at another address changes nothing and sends nothing.
+    let liar = Contact {
+        key: alive.key,
+        addr: SocketAddr::from(([10, 9, 9, 9], 7420)),
+    };
+    kad.add_candidate(liar, NOW);
+    assert!(
+        sends(kad.drain())
+            .iter()
+            .all(|(_, _, r)| !matches!(r, Request::Ping))
+    );
+    assert_eq!(kad.table().closest(&alive.key, 1), vec![alive]);
+
+    // However many are named, only the newest few wait.
+    for _ in 0..crate::kad::MAX_CANDIDATES + 5 {
+        kad.add_candidate(contact(&mut rng, [10, 1, 0, 1]), NOW);
+    }
+    assert_eq!(kad.candidates().len(), crate::kad::MAX_CANDIDATES);
+}

@@ -177,6 +177,22 @@ impl Shard {
         self.range.clone()
     }
 
+    /// Runs a short prefill and one decode step over every layer on a scratch cache. A GPU
+    /// compiles its kernels on first use, which takes longer than a caller's deadline; warmed
+    /// up at load, the first real call runs at speed.
+    pub fn warm_up(&self) -> Result<(), ModelError> {
+        const PREFILL: usize = 8;
+        let hidden = self.info.config.hidden_size;
+        let input = |tokens: usize| match self.range.start {
+            0 => ShardInput::Tokens(vec![1; tokens]),
+            _ => ShardInput::Hidden(vec![0.0; tokens * hidden]),
+        };
+        let mut cache = KvCache::new();
+        self.forward(&mut cache, 0, self.range(), input(PREFILL))?;
+        self.forward(&mut cache, PREFILL, self.range(), input(1))?;
+        Ok(())
+    }
+
     /// Runs `layers` (absolute indices inside [`Self::range`]) on the new tokens at `start_pos`.
     ///
     /// The cache must hold exactly `start_pos` positions for each of those layers; a cache that

@@ -35,16 +35,15 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::NodeError;
 use crate::convert::{
-    PeerRecord, contact_of_peer, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto,
-    tensor_hash, tensor_to_proto, tokens_hash,
+    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
+    tensor_to_proto, tokens_hash,
 };
-use crate::discovery::{Discovery, DiscoveryConfig, dedup_peers};
+use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::generate::Pipeline;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbox::{OutboxReport, ReceiptOutbox};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
-use crate::settings::is_host_port;
 use crate::verify::LocalVerifier;
 
 /// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
@@ -118,6 +117,8 @@ impl ClientConfig {
 pub struct SwarmClient {
     config: ClientConfig,
     tracker: Option<TrackerClient<Channel>>,
+    /// The tracker's last list.
+    listed: Mutex<Vec<PeerRecord>>,
     discovery: Discovery,
     cancel: CancellationToken,
     pool: Arc<ConnectionPool>,
@@ -172,11 +173,7 @@ impl SwarmClient {
     /// Learns the swarm's peers and model from the tracker, or else through the DHT.
     pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
         let tracker = config.tracker.as_deref().map(tracker_client).transpose()?;
-        if let Some(peer) = config.bootstrap.iter().find(|p| !is_host_port(p)) {
-            return Err(NodeError::Config(format!(
-                "bootstrap: {peer:?} is not host:port"
-            )));
-        }
+        crate::discovery::check_bootstrap(&config.bootstrap)?;
         let metrics = Arc::new(Metrics::default());
         config
             .router
@@ -216,6 +213,7 @@ impl SwarmClient {
             cancel.clone(),
         )?;
         let mut client = Self {
+            listed: Mutex::new(Vec::new()),
             discovery,
             cancel,
             outbox,
@@ -248,14 +246,14 @@ impl SwarmClient {
     }
 
     /// The tracker's list while it answers with peers; else the DHT's providers of the model,
-    /// joining the DHT first (through the bootstrap peers and the LAN) when the table is empty.
+    /// joining the DHT first when the table is empty (through the tracker's last list, the
+    /// bootstrap peers and the LAN).
     async fn fetch_peers(&self) -> Result<Vec<PeerRecord>, NodeError> {
         if let (Some(tracker), Some(url)) = (&self.tracker, &self.config.tracker) {
             match list_peers(tracker.clone(), url, self.config.model_id.as_deref()).await {
                 Ok(peers) if !peers.is_empty() => {
-                    // Kept for when the tracker is gone.
-                    let contacts = peers.iter().filter_map(contact_of_peer).collect();
-                    self.discovery.dht().add_contacts(contacts).await;
+                    // Kept to join the DHT through, should the tracker go.
+                    *self.listed.lock().expect("listed lock") = peers.clone();
                     return Ok(peers);
                 }
                 Ok(_) => tracing::info!("the tracker lists no peers; asking the DHT"),
@@ -263,7 +261,8 @@ impl SwarmClient {
             }
         }
         let referred = if self.discovery.dht().stats().borrow().contacts == 0 {
-            self.discovery.join(&[]).await
+            let listed = self.listed.lock().expect("listed lock").clone();
+            self.discovery.join(&listed).await
         } else {
             Vec::new()
         };
@@ -272,9 +271,9 @@ impl SwarmClient {
         } else {
             (self.model_id.clone(), self.total_layers)
         };
-        let mut peers = self.discovery.providers(&model, total_layers).await;
-        peers.extend(referred);
-        Ok(dedup_peers(peers))
+        // Referrals only name the model; the peers routed over are those whose signed records
+        // the DHT holds.
+        Ok(self.discovery.providers(&model, total_layers).await)
     }
 
     fn install_peers(&self, peers: Vec<PeerRecord>) {

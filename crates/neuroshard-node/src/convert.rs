@@ -13,6 +13,20 @@ use crate::NodeError;
 /// bytes each.
 pub const MAX_DISPLAY_NAME_BYTES: usize = 4 * crate::settings::MAX_DISPLAY_NAME_CHARS;
 
+/// Most layers an announced model may have: the largest open models have about 130, and a peer
+/// claiming billions would make readers look up every one.
+pub const MAX_TOTAL_LAYERS: u32 = 1024;
+
+/// Whether `name` may be shown to the swarm; the reason when not.
+pub fn check_display_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(format!(
+            "must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// What a peer announces about itself: where it is and what it serves.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PeerRecord {
@@ -143,11 +157,12 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
     let public_key = PublicKey::from_slice(&p.public_key)?;
     public_key.check_id(&p.node_id)?;
     let layers = span_from_proto(p.layers)?;
-    if p.display_name.len() > MAX_DISPLAY_NAME_BYTES || p.display_name.chars().any(char::is_control)
-    {
+    check_display_name(&p.display_name)
+        .map_err(|why| NodeError::BadRequest(format!("peer display_name {why}")))?;
+    if p.total_layers > MAX_TOTAL_LAYERS {
         return Err(NodeError::BadRequest(format!(
-            "peer display_name must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control \
-             characters"
+            "peer announces a model of {} layers; at most {MAX_TOTAL_LAYERS} are served",
+            p.total_layers
         )));
     }
     if layers.end > p.total_layers {
@@ -245,6 +260,22 @@ pub fn contact_from_proto(c: pb::DhtContact) -> Result<Contact, NodeError> {
     })
 }
 
+/// The contacts of a reply; malformed ones are dropped.
+pub fn contacts_from_proto(contacts: Vec<pb::DhtContact>) -> Vec<Contact> {
+    contacts
+        .into_iter()
+        .filter_map(|c| contact_from_proto(c).ok())
+        .collect()
+}
+
+/// The 32-byte key a referral request names, if any.
+pub fn near_key(bytes: &[u8]) -> Result<Option<Key>, NodeError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    key_from_proto("near", bytes).map(Some)
+}
+
 /// A DHT contact as a wire message.
 pub fn contact_to_proto(c: &Contact) -> pb::DhtContact {
     pb::DhtContact {
@@ -273,15 +304,6 @@ pub fn record_from_proto(r: pb::DhtRecord) -> Result<Record, NodeError> {
             r.signature.len()
         ))
     })?;
-    if r.value.len() > neuroshard_dht::record::MAX_VALUE_BYTES {
-        return Err(
-            neuroshard_dht::DhtError::from(neuroshard_dht::RecordError::TooLarge {
-                bytes: r.value.len(),
-                max: neuroshard_dht::record::MAX_VALUE_BYTES,
-            })
-            .into(),
-        );
-    }
     Ok(Record {
         key,
         value: r.value,

@@ -34,16 +34,22 @@ pub use service::DhtService;
 
 use crate::NodeError;
 use crate::convert::{
-    PeerRecord, contact_of_peer, peer_from_proto, peer_from_record, peer_record_value,
+    PeerRecord, contact_of_peer, contacts_from_proto, peer_from_proto, peer_from_record,
+    peer_record_value,
 };
 use crate::pool::ConnectionPool;
 
 /// How long a referral request may take: a bootstrap peer slower than this is skipped.
 const REFERRAL_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Layer keys read at once when gathering a model's providers: enough to read an 80-layer
-/// model in ten rounds of lookups, few enough to keep a home line responsive.
+/// Lookups run at once when reading a model's providers or putting a node's records, and
+/// referral requests when joining: an 80-layer model takes ten rounds, and a home line stays
+/// responsive.
 const PARALLEL_GETS: usize = 8;
+
+/// Shortest time between two announcement rounds, so a changing table or state cannot make a
+/// node put its records in a loop.
+const MIN_ANNOUNCE_GAP: Duration = Duration::from_secs(1);
 
 /// Discovery tunables.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +120,16 @@ impl DiscoveryConfig {
             republish_ms: u64::MAX / 4,
             ..self.kad
         }
+    }
+}
+
+/// Checks bootstrap peers: each must read as `host:port`.
+pub fn check_bootstrap(peers: &[String]) -> Result<(), NodeError> {
+    match peers.iter().find(|p| !crate::settings::is_host_port(p)) {
+        Some(peer) => Err(NodeError::Config(format!(
+            "bootstrap: {peer:?} is not host:port"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -194,31 +210,34 @@ impl Discovery {
         self.announced.subscribe()
     }
 
-    /// Joins the DHT: adds the `known` peers (from a tracker), asks each bootstrap peer and each
-    /// peer found on the LAN for referrals, and looks up this node's own key through them.
-    /// Returns the serving peers the referrals named.
+    /// Joins the DHT: the `known` peers (from a tracker) become candidates; each bootstrap peer
+    /// and each peer found on the LAN is asked for referrals, whose contacts become candidates
+    /// too; then a lookup of this node's own key through them fills the table. Returns the
+    /// serving peers the referrals named (unsigned: for picking a model, not for routing).
     pub async fn join(&self, known: &[PeerRecord]) -> Vec<PeerRecord> {
-        let mut contacts: Vec<Contact> = known.iter().filter_map(contact_of_peer).collect();
+        let mut seeds = self.bootstrap.clone();
         if let Some(lan) = &self.lan {
-            if contacts.is_empty() && self.bootstrap.is_empty() {
+            if known.is_empty() && seeds.is_empty() {
                 let mut count = lan.count();
                 let _ =
                     tokio::time::timeout(self.config.lan_wait, count.wait_for(|&n| n > 0)).await;
             }
-            contacts.extend(lan.found());
+            seeds.extend(lan.found().iter().map(|c| c.addr.to_string()));
         }
-        let mut seeds = self.bootstrap.clone();
-        seeds.extend(contacts.iter().map(|c| c.addr.to_string()));
         seeds.sort();
         seeds.dedup();
-        self.dht.add_contacts(contacts).await;
+        let tracked = known.iter().filter_map(contact_of_peer).collect();
+        self.dht.add_candidates(tracked).await;
         let own = self.dht.local().key;
-        let answers = futures::future::join_all(seeds.iter().map(|addr| self.referrals(addr, own)));
+        let asks = seeds
+            .into_iter()
+            .map(|addr| async move { self.referrals(&addr, own).await });
+        let mut answers = futures::stream::iter(asks).buffer_unordered(PARALLEL_GETS);
         let mut peers = Vec::new();
-        for answer in answers.await {
+        while let Some(answer) = answers.next().await {
             match answer {
                 Ok((named, contacts)) => {
-                    self.dht.add_contacts(contacts).await;
+                    self.dht.add_candidates(contacts).await;
                     peers.extend(named);
                 }
                 Err(e) => tracing::debug!("no referrals: {e}"),
@@ -254,7 +273,7 @@ impl Discovery {
                 .into_iter()
                 .filter_map(|p| peer_from_proto(p).ok())
                 .collect::<Vec<_>>();
-            let mut contacts = dht::contacts_from_proto(reply.contacts);
+            let mut contacts = contacts_from_proto(reply.contacts);
             contacts.extend(peers.iter().filter_map(contact_of_peer));
             Ok((peers, contacts))
         };
@@ -315,10 +334,10 @@ impl Discovery {
             .collect::<Result<Vec<_>, _>>()
             .map_err(neuroshard_dht::DhtError::from)?;
         let count = records.len();
-        let outcomes =
-            futures::future::join_all(records.into_iter().map(|r| self.dht.put(r))).await;
+        let mut puts = futures::stream::iter(records.into_iter().map(|r| self.dht.put(r)))
+            .buffer_unordered(PARALLEL_GETS);
         let mut least_stored = usize::MAX;
-        for outcome in outcomes {
+        while let Some(outcome) = puts.next().await {
             least_stored = least_stored.min(outcome?.stored);
         }
         let mut status = AnnounceStatus::default();
@@ -343,15 +362,18 @@ impl Discovery {
         cancel: CancellationToken,
     ) {
         let mut table = self.dht.stats();
+        let mut first = true;
         loop {
             let announced = me();
             let reached = match self.announce(&announced, key).await {
                 Ok(status) if status.least_stored > 0 => {
-                    tracing::info!(
-                        "announced to the DHT: {} records, each stored by at least {} peers",
-                        status.records,
-                        status.least_stored
-                    );
+                    let (records, peers) = (status.records, status.least_stored);
+                    let line = "announced to the DHT";
+                    if std::mem::take(&mut first) {
+                        tracing::info!("{line}: {records} records, each stored by {peers}+ peers");
+                    } else {
+                        tracing::debug!("{line}: {records} records, each stored by {peers}+ peers");
+                    }
                     true
                 }
                 Ok(_) => {
@@ -364,6 +386,12 @@ impl Discovery {
                 }
             };
             table.borrow_and_update();
+            // A round that reached nobody is tried again when the table changes, but at most
+            // once a second however often it does.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(MIN_ANNOUNCE_GAP) => {}
+            }
             let next = tokio::time::Instant::now() + self.config.announce_every;
             loop {
                 tokio::select! {
@@ -446,5 +474,11 @@ mod tests {
         assert!(err.contains("not a peer announcement"), "{err}");
         let err = refused(sign(layer("m", 3), vec![0xff; 9], &key));
         assert!(err.contains("value is not a peer announcement"), "{err}");
+        let huge = PeerRecord {
+            total_layers: 5000,
+            ..me.clone()
+        };
+        let err = refused(sign(layer("m", 3), peer_record_value(&huge), &key));
+        assert!(err.contains("at most 1024"), "{err}");
     }
 }

@@ -29,11 +29,12 @@ impl LocalPipeline {
     /// Loads every layer of the model in `dir`.
     pub fn load(dir: &Path) -> Result<Self, NodeError> {
         let info = ModelInfo::read(dir)?;
-        let shard = Shard::load(
-            dir,
-            0..info.config.num_hidden_layers,
-            &neuroshard_model::default_device(),
-        )?;
+        let device = neuroshard_model::default_device();
+        let shard = Shard::load(dir, 0..info.config.num_hidden_layers, &device)?;
+        if !neuroshard_model::is_cpu(&device) {
+            // Kernels compiled now, not inside the first timed step.
+            shard.warm_up()?;
+        }
         Ok(Self {
             shard,
             cache: KvCache::new(),

@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 
 use crate::bandwidth::BandwidthCaps;
 use crate::convert::{
-    MAX_DISPLAY_NAME_BYTES, PeerRecord, contact_of_peer, contact_to_proto, dtype_from_proto,
+    PeerRecord, check_display_name, contact_of_peer, contact_to_proto, dtype_from_proto,
     peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
 use crate::discovery::{AnnounceStatus, DhtService, Discovery, DiscoveryConfig};
@@ -39,7 +39,6 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::settings::ComputeDevice;
-use crate::settings::is_host_port;
 use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 
@@ -175,18 +174,11 @@ impl NodeConfig {
         {
             return bad("tracker", "is not a valid URL (expected http://host:port)");
         }
-        if let Some(peer) = self.bootstrap.iter().find(|p| !is_host_port(p)) {
-            return bad("bootstrap", &format!("{peer:?} is not host:port"));
-        }
+        crate::discovery::check_bootstrap(&self.bootstrap)?;
         if let Some(name) = &self.display_name
-            && (name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control))
+            && let Err(why) = check_display_name(name)
         {
-            return bad(
-                "display_name",
-                &format!(
-                    "must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
-                ),
-            );
+            return bad("display_name", &why);
         }
         self.discovery.validate().map_err(NodeError::Config)
     }
@@ -207,15 +199,10 @@ struct KnownPeers {
 }
 
 impl KnownPeers {
-    /// Every peer once, the tracker's announcement first (its load is fresher).
+    /// Every peer once, the tracker's announcement where both have one (its load is fresher).
     fn all(&self) -> Vec<PeerRecord> {
-        let mut seen = std::collections::HashSet::new();
-        self.tracker
-            .iter()
-            .chain(&self.dht)
-            .filter(|p| seen.insert(p.node_id.as_str()))
-            .cloned()
-            .collect()
+        let both = self.tracker.iter().chain(&self.dht).cloned().collect();
+        crate::discovery::dedup_peers(both)
     }
 }
 
@@ -297,6 +284,11 @@ impl NodeState {
             dht_records: dht.records as u64,
             ..self.metrics.snapshot(sessions, bytes)
         }
+    }
+
+    /// The serving peers this node knows of (from the tracker and the DHT), without itself.
+    fn known_peers(&self) -> Vec<PeerRecord> {
+        self.peers.read().expect("peers lock").all()
     }
 
     /// Replaces the peers learned from one source and updates the peer gauges.
@@ -749,15 +741,22 @@ impl Node for NodeService {
         &self,
         request: Request<pb::GetPeersRequest>,
     ) -> Result<Response<pb::GetPeersResponse>, Status> {
-        let near = crate::discovery::dht::near_key(&request.into_inner().near)?;
+        let reached_at = request.local_addr();
+        let near = crate::convert::near_key(&request.into_inner().near)?;
         let dht = self.state.discovery.dht();
         let own = dht.local();
         let mut contacts = dht.closest(near.unwrap_or(own.key)).await;
         if dht.mode() == neuroshard_dht::Mode::Server {
-            contacts.insert(0, own);
+            // A node that announces loopback (it was given no address to advertise) is named
+            // by the address the caller reached it at.
+            let addr = match reached_at {
+                Some(at) if own.addr.ip().is_loopback() && !at.ip().is_loopback() => at,
+                _ => own.addr,
+            };
+            contacts.insert(0, Contact { addr, ..own });
         }
         let mut peers = vec![self.state.record()];
-        peers.extend(self.state.peers.read().expect("peers lock").all());
+        peers.extend(self.state.known_peers());
         Ok(Response::new(pb::GetPeersResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
             contacts: contacts.iter().map(contact_to_proto).collect(),
@@ -942,17 +941,14 @@ impl NodeHandle {
 
     /// The serving peers this node knows of (from the tracker and the DHT), without itself.
     pub fn known_peers(&self) -> Vec<PeerRecord> {
-        self.state.peers.read().expect("peers lock").all()
+        self.state.known_peers()
     }
 
     /// The name the node shows the swarm (none: anonymous); announced at once.
     pub fn set_display_name(&self, name: Option<&str>) -> Result<(), NodeError> {
         let name = name.unwrap_or_default();
-        if name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control) {
-            return Err(NodeError::Config(format!(
-                "display_name: must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
-            )));
-        }
+        check_display_name(name)
+            .map_err(|why| NodeError::Config(format!("display_name: {why}")))?;
         let mut current = self.state.display_name.write().expect("name lock");
         if *current != name {
             *current = name.to_string();
@@ -1013,17 +1009,22 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     };
     let on_gpu = !neuroshard_model::is_cpu(&device);
     let shard_device = device.clone();
-    let shard =
-        tokio::task::spawn_blocking(move || Shard::load(&dir, range.to_range(), &shard_device))
-            .await
-            .map_err(|e| {
-                let why = panic_message(e);
-                if on_gpu {
-                    NodeError::Config(format!("device: the GPU could not be used: {why}"))
-                } else {
-                    NodeError::Config(format!("loading the shard failed: {why}"))
-                }
-            })??;
+    let shard = tokio::task::spawn_blocking(move || {
+        let shard = Shard::load(&dir, range.to_range(), &shard_device)?;
+        if on_gpu {
+            shard.warm_up()?;
+        }
+        Ok::<_, neuroshard_model::ModelError>(shard)
+    })
+    .await
+    .map_err(|e| {
+        let why = panic_message(e);
+        if on_gpu {
+            NodeError::Config(format!("device: the GPU could not be used: {why}"))
+        } else {
+            NodeError::Config(format!("loading the shard failed: {why}"))
+        }
+    })??;
     let wrong_shard = match &config.fault {
         Some(Fault::WrongWeights(dir)) => {
             Some(Mutex::new(Shard::load(dir, range.to_range(), &device)?))
@@ -1055,8 +1056,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     });
     let id = key.id();
     let cancel = CancellationToken::new();
-    let discovery = start_discovery(&config, &advertise, &key, cancel.clone()).await?;
+    // Whatever started stops again if the node fails to start.
+    let stop_on_error = cancel.clone().drop_guard();
     let metrics = Arc::new(Metrics::default());
+    let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
     let state = Arc::new(NodeState {
         sessions: SessionStore::new(SessionLimits {
             budget_bytes: config.kv_budget_bytes,
@@ -1115,6 +1118,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let server = crate::spawn_server(routes, listener, state.caps.clone(), cancel.clone(), "node");
     tokio::spawn(run_discovery(state.clone(), cancel.clone()));
     tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
+    stop_on_error.disarm();
     Ok(NodeHandle {
         id,
         addr,
@@ -1130,6 +1134,7 @@ async fn start_discovery(
     config: &NodeConfig,
     advertise: &str,
     key: &Arc<NodeKey>,
+    metrics: &Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<Discovery, NodeError> {
     let resolved = tokio::net::lookup_host(advertise)
@@ -1145,10 +1150,7 @@ async fn start_discovery(
         key: Key::of_node(&key.id()),
         addr: resolved.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
     };
-    let pool = Arc::new(ConnectionPool::new(
-        PoolConfig::default(),
-        Arc::new(Metrics::default()),
-    ));
+    let pool = Arc::new(ConnectionPool::new(PoolConfig::default(), metrics.clone()));
     pool.spawn_reaper();
     Discovery::start(
         local,
@@ -1166,9 +1168,9 @@ async fn start_discovery(
 async fn run_discovery(state: Arc<NodeState>, cancel: CancellationToken) {
     let discovery = &state.discovery;
     let join_then_keep_up = async {
-        let known = state.peers.read().expect("peers lock").all();
-        let referred = discovery.join(&known).await;
-        state.learn_peers(PeerSource::Dht, referred);
+        // Referrals are unsigned: they only lead into the DHT, whose signed records name the
+        // peers this node hands out in turn.
+        discovery.join(&state.known_peers()).await;
         let announcing = discovery.keep_announcing(
             &state.key,
             || state.announcement(),
@@ -1183,32 +1185,29 @@ async fn run_discovery(state: Arc<NodeState>, cancel: CancellationToken) {
     }
 }
 
-/// Re-reads the node's model's providers from the DHT every sweep, and when the LAN names
-/// someone new (joining through them first), forever.
+/// Reads the node's model's providers from the DHT now and every sweep, joining again first
+/// when the routing table has emptied or the LAN named someone new; forever.
 async fn sweep_providers(state: &NodeState) {
     let discovery = &state.discovery;
     let mut lan = discovery.lan().map(|lan| lan.count());
-    let mut tick = tokio::time::interval(discovery.config().sweep_every);
-    tick.tick().await;
     loop {
+        let providers = discovery
+            .providers(&state.model.id, state.record.total_layers)
+            .await;
+        state.learn_peers(PeerSource::Dht, providers);
         let lan_changed = async {
             match &mut lan {
                 Some(count) => count.changed().await.is_ok(),
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tick.tick() => {}
-            true = lan_changed => {}
+        let rejoin = tokio::select! {
+            _ = tokio::time::sleep(discovery.config().sweep_every) => false,
+            true = lan_changed => true,
+        };
+        if rejoin || discovery.dht().stats().borrow().contacts == 0 {
+            discovery.join(&state.known_peers()).await;
         }
-        if discovery.dht().stats().borrow().contacts == 0 || lan.is_some() {
-            let known = state.peers.read().expect("peers lock").all();
-            discovery.join(&known).await;
-        }
-        let providers = discovery
-            .providers(&state.model.id, state.record.total_layers)
-            .await;
-        state.learn_peers(PeerSource::Dht, providers);
     }
 }
 
@@ -1309,7 +1308,7 @@ impl Heartbeat {
             return;
         };
         let contacts = peers.iter().filter_map(contact_of_peer).collect();
-        self.state.discovery.dht().add_contacts(contacts).await;
+        self.state.discovery.dht().add_candidates(contacts).await;
         self.state.learn_peers(PeerSource::Tracker, peers);
     }
 }

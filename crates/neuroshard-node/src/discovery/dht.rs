@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::NodeError;
 use crate::convert::{
-    contact_from_proto, key_from_proto, record_from_proto, record_to_proto, sender_to_proto,
+    contacts_from_proto, record_from_proto, record_to_proto, sender_from_proto, sender_to_proto,
 };
 use crate::pool::ConnectionPool;
 
@@ -56,6 +56,52 @@ pub struct DhtStats {
     pub contacts: usize,
     /// Records held for the swarm.
     pub records: usize,
+}
+
+/// This node's contact, signed by its key, for what it sends and answers; signed again once a
+/// minute.
+#[derive(Debug)]
+pub struct SignedContact {
+    key: Arc<NodeKey>,
+    addr: std::net::SocketAddr,
+    signed: std::sync::Mutex<Option<pb::DhtSender>>,
+}
+
+impl SignedContact {
+    /// `key`'s contact at `addr`.
+    pub fn new(key: Arc<NodeKey>, addr: std::net::SocketAddr) -> Self {
+        Self {
+            key,
+            addr,
+            signed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The contact, signed within the last minute.
+    pub fn current(&self) -> pb::DhtSender {
+        let now = crate::now_ms();
+        let mut signed = self.signed.lock().expect("sender lock");
+        match &*signed {
+            Some(s) if now.saturating_sub(s.timestamp_ms) < SENDER_RESIGN_MS => s.clone(),
+            _ => {
+                let fresh = sender_to_proto(&self.key, self.addr, now);
+                *signed = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+}
+
+/// Checks that an answer comes from the key asked: signed by it, within the clock skew the
+/// senders get.
+fn check_responder(to: &Contact, responder: Option<pb::DhtSender>) -> Result<(), String> {
+    let skew = crate::tracker::ANNOUNCE_SKEW_MS;
+    match sender_from_proto(responder, crate::now_ms(), skew) {
+        Ok(Some(c)) if c.key == to.key => Ok(()),
+        Ok(Some(_)) => Err(format!("{} answered as another node", to.addr)),
+        Ok(None) => Err(format!("{} answered without naming itself", to.addr)),
+        Err(e) => Err(format!("{}: {e}", to.addr)),
+    }
 }
 
 enum Command {
@@ -90,7 +136,7 @@ enum QueryOp {
 pub struct DhtHandle {
     commands: mpsc::Sender<Command>,
     local: Contact,
-    mode: Mode,
+    signer: Option<Arc<SignedContact>>,
     stats: watch::Receiver<DhtStats>,
 }
 
@@ -116,7 +162,8 @@ impl DhtHandle {
         pool: Arc<ConnectionPool>,
         cancel: CancellationToken,
     ) -> Self {
-        let mode = if key.is_some() {
+        let signer = key.map(|key| Arc::new(SignedContact::new(key, local.addr)));
+        let mode = if signer.is_some() {
             Mode::Server
         } else {
             Mode::Client
@@ -133,10 +180,8 @@ impl DhtHandle {
             waiting: HashMap::new(),
             transport: Arc::new(Transport {
                 pool,
-                key,
-                addr: local.addr,
+                signer: signer.clone(),
                 timeout: Duration::from_millis(config.request_timeout_ms),
-                signed: std::sync::Mutex::new(None),
             }),
             stats: stats_tx,
         };
@@ -144,7 +189,7 @@ impl DhtHandle {
         Self {
             commands: commands_tx,
             local,
-            mode,
+            signer,
             stats,
         }
     }
@@ -156,7 +201,16 @@ impl DhtHandle {
 
     /// Whether it serves the DHT or only asks.
     pub fn mode(&self) -> Mode {
-        self.mode
+        if self.signer.is_some() {
+            Mode::Server
+        } else {
+            Mode::Client
+        }
+    }
+
+    /// This node's signed contact; none for a client.
+    pub fn signed_contact(&self) -> Option<pb::DhtSender> {
+        self.signer.as_ref().map(|s| s.current())
     }
 
     /// A watch of the table and store sizes.
@@ -186,8 +240,9 @@ impl DhtHandle {
         Ok(answer.await.map_err(|_| NodeError::ShuttingDown)??)
     }
 
-    /// Adds peers learned of outside the DHT (tracker, bootstrap peers, LAN, referrals).
-    pub async fn add_contacts(&self, contacts: Vec<Contact>) {
+    /// Peers heard of outside the DHT (tracker, referrals, LAN): each is pinged, and enters the
+    /// routing table once it answers as itself.
+    pub async fn add_candidates(&self, contacts: Vec<Contact>) {
         if !contacts.is_empty() {
             let _ = self.commands.send(Command::AddContacts(contacts)).await;
         }
@@ -245,31 +300,14 @@ impl DhtHandle {
 struct Transport {
     pool: Arc<ConnectionPool>,
     /// Signs the sender contact; none for a client, which sends none.
-    key: Option<Arc<NodeKey>>,
-    addr: std::net::SocketAddr,
+    signer: Option<Arc<SignedContact>>,
     timeout: Duration,
-    signed: std::sync::Mutex<Option<pb::DhtSender>>,
 }
 
 impl Transport {
-    /// This node's signed contact, signed again once a minute; none for a client.
-    fn sender(&self) -> Option<pb::DhtSender> {
-        let key = self.key.as_ref()?;
-        let now = crate::now_ms();
-        let mut signed = self.signed.lock().expect("sender lock");
-        match &*signed {
-            Some(s) if now.saturating_sub(s.timestamp_ms) < SENDER_RESIGN_MS => Some(s.clone()),
-            _ => {
-                let fresh = sender_to_proto(key, self.addr, now);
-                *signed = Some(fresh.clone());
-                Some(fresh)
-            }
-        }
-    }
-
     /// Sends `request` to `to` and returns its answer, or why there is none.
     async fn call(&self, to: Contact, request: Request) -> Result<Response, String> {
-        let sender = self.sender();
+        let sender = self.signer.as_ref().map(|s| s.current());
         let exchange = async {
             let channel = self
                 .pool
@@ -280,10 +318,12 @@ impl Transport {
             let status = |s: tonic::Status| format!("{}: {}", to.addr, s.message());
             match request {
                 Request::Ping => {
-                    client
+                    let reply = client
                         .ping(pb::DhtPingRequest { sender })
                         .await
-                        .map_err(status)?;
+                        .map_err(status)?
+                        .into_inner();
+                    check_responder(&to, reply.responder)?;
                     Ok(Response::Pong)
                 }
                 Request::FindNode { target } => {
@@ -295,6 +335,7 @@ impl Transport {
                         .await
                         .map_err(status)?
                         .into_inner();
+                    check_responder(&to, reply.responder)?;
                     Ok(Response::Nodes {
                         closer: contacts_from_proto(reply.closer),
                         records: Vec::new(),
@@ -309,6 +350,7 @@ impl Transport {
                         .await
                         .map_err(status)?
                         .into_inner();
+                    check_responder(&to, reply.responder)?;
                     Ok(Response::Nodes {
                         closer: contacts_from_proto(reply.closer),
                         // Malformed entries are dropped here; well-formed ones with a bad
@@ -321,13 +363,15 @@ impl Transport {
                     })
                 }
                 Request::Store { record } => {
-                    client
+                    let reply = client
                         .store(pb::StoreRequest {
                             sender,
                             record: Some(record_to_proto(&record)),
                         })
                         .await
-                        .map_err(status)?;
+                        .map_err(status)?
+                        .into_inner();
+                    check_responder(&to, reply.responder)?;
                     Ok(Response::Stored)
                 }
             }
@@ -336,22 +380,6 @@ impl Transport {
             .await
             .unwrap_or_else(|_| Err(format!("{}: no answer in {:?}", to.addr, self.timeout)))
     }
-}
-
-/// Contacts from a reply; malformed ones are dropped.
-pub fn contacts_from_proto(contacts: Vec<pb::DhtContact>) -> Vec<Contact> {
-    contacts
-        .into_iter()
-        .filter_map(|c| contact_from_proto(c).ok())
-        .collect()
-}
-
-/// The 32-byte key a referral request names, if any.
-pub fn near_key(bytes: &[u8]) -> Result<Option<Key>, NodeError> {
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    key_from_proto("near", bytes).map(Some)
 }
 
 struct DhtActor {
@@ -395,11 +423,13 @@ impl DhtActor {
                 request,
                 reply,
             } => {
-                let _ = reply.send(self.kad.handle_request(sender, request, now));
+                let response = self.kad.handle_request(sender, request, now);
+                self.publish_stats();
+                let _ = reply.send(response);
             }
             Command::AddContacts(contacts) => {
                 for contact in contacts {
-                    self.kad.add_contact(contact, now);
+                    self.kad.add_candidate(contact, now);
                 }
             }
             Command::Query { op, reply } => {
@@ -428,9 +458,25 @@ impl DhtActor {
         }
     }
 
+    /// Publishes the table and store sizes, before any answer that follows from them.
+    fn publish_stats(&self) {
+        let now = DhtStats {
+            contacts: self.kad.table().len(),
+            records: self.kad.store().len(),
+        };
+        self.stats.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
+    }
+
     /// Polls the state machine and does what it asks: send requests, answer finished queries.
+    /// The stats are published first, so whoever a finished query wakes sees them.
     fn carry_out(&mut self) {
-        for output in self.kad.poll(crate::now_ms()) {
+        let outputs = self.kad.poll(crate::now_ms());
+        self.publish_stats();
+        for output in outputs {
             match output {
                 Output::Send { id, to, request } => {
                     let transport = self.transport.clone();
@@ -447,14 +493,29 @@ impl DhtActor {
                 }
             }
         }
-        let now = DhtStats {
-            contacts: self.kad.table().len(),
-            records: self.kad.store().len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_counts_only_from_the_key_that_was_asked() {
+        let asked = NodeKey::generate();
+        let to = Contact {
+            key: Key::of_node(&asked.id()),
+            addr: "127.0.0.1:7000".parse().unwrap(),
         };
-        self.stats.send_if_modified(|s| {
-            let changed = *s != now;
-            *s = now;
-            changed
-        });
+        let signed_by = |key: &NodeKey| Some(sender_to_proto(key, to.addr, crate::now_ms()));
+        check_responder(&to, signed_by(&asked)).unwrap();
+        let err = check_responder(&to, signed_by(&NodeKey::generate())).unwrap_err();
+        assert!(err.contains("answered as another node"), "{err}");
+        let err = check_responder(&to, None).unwrap_err();
+        assert!(err.contains("without naming itself"), "{err}");
+        let mut forged = signed_by(&asked).unwrap();
+        forged.timestamp_ms += 1;
+        let err = check_responder(&to, Some(forged)).unwrap_err();
+        assert!(err.contains("signature"), "{err}");
     }
 }

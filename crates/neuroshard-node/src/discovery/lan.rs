@@ -17,6 +17,10 @@ use crate::NodeError;
 /// The DNS-SD service type NeuroShard nodes announce.
 pub const SERVICE_TYPE: &str = "_neuroshard._tcp.local.";
 
+/// Peers remembered from the LAN at most: a home or office LAN has far fewer nodes, and anyone
+/// on it can announce as many as they like.
+const MAX_LAN_PEERS: usize = 256;
+
 /// The standard mDNS port (RFC 6762).
 pub const MDNS_PORT: u16 = 5353;
 
@@ -47,7 +51,8 @@ impl Default for LanConfig {
 /// A running mDNS responder and browser.
 pub struct Lan {
     daemon: ServiceDaemon,
-    found: Arc<Mutex<BTreeMap<Key, SocketAddr>>>,
+    /// By service instance name.
+    found: Arc<Mutex<BTreeMap<String, Contact>>>,
     count: watch::Receiver<usize>,
 }
 
@@ -70,7 +75,11 @@ impl Lan {
                 .disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
                 .map_err(err)?;
         }
-        if let Some(me) = me {
+        if let Some(mut me) = me {
+            // A node that advertises loopback is announced with each interface's address.
+            if me.addr.ip().is_loopback() && !config.loopback {
+                me.addr.set_ip(IpAddr::from([0, 0, 0, 0]));
+            }
             daemon
                 .register(service_info(&config.service, me)?)
                 .map_err(err)?;
@@ -83,27 +92,42 @@ impl Lan {
         let stopping = daemon.clone();
         tokio::spawn(async move {
             loop {
-                tokio::select! {
+                let event = tokio::select! {
                     _ = cancel.cancelled() => break,
                     event = events.recv_async() => match event {
-                        Ok(ServiceEvent::ServiceResolved(service)) => {
-                            let Some(contact) = contact_of(&service) else { continue };
-                            if Some(contact.key) == own {
-                                continue;
-                            }
-                            let new = shared.lock().expect("lan lock").insert(contact.key, contact.addr)
-                                != Some(contact.addr);
-                            if new {
-                                tracing::info!(peer = %contact.addr, "found a peer on the LAN");
-                                dht.add_contacts(vec![contact]).await;
-                                let n = shared.lock().expect("lan lock").len();
-                                count_tx.send_replace(n);
-                            }
-                        }
-                        Ok(_) => {}
+                        Ok(event) => event,
                         Err(_) => break,
                     },
+                };
+                let added = match event {
+                    ServiceEvent::ServiceResolved(service) => match contact_of(&service) {
+                        Some(contact) if Some(contact.key) != own => {
+                            let mut found = shared.lock().expect("lan lock");
+                            let room = found.len() < MAX_LAN_PEERS
+                                || found.contains_key(service.get_fullname());
+                            let new = room
+                                && found.insert(service.get_fullname().to_string(), contact)
+                                    != Some(contact);
+                            new.then_some(contact)
+                        }
+                        _ => None,
+                    },
+                    ServiceEvent::ServiceRemoved(_, name) => {
+                        shared.lock().expect("lan lock").remove(&name);
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(contact) = added {
+                    tracing::info!(peer = %contact.addr, "found a peer on the LAN");
+                    dht.add_candidates(vec![contact]).await;
                 }
+                count_tx.send_if_modified(|n| {
+                    let now = shared.lock().expect("lan lock").len();
+                    let changed = *n != now;
+                    *n = now;
+                    changed
+                });
             }
             let _ = stopping.shutdown();
         });
@@ -119,12 +143,12 @@ impl Lan {
         self.found
             .lock()
             .expect("lan lock")
-            .iter()
-            .map(|(&key, &addr)| Contact { key, addr })
+            .values()
+            .copied()
             .collect()
     }
 
-    /// A watch of how many peers were found.
+    /// A watch of how many peers are found (it changes as they come and go).
     pub fn count(&self) -> watch::Receiver<usize> {
         self.count.clone()
     }

@@ -1,7 +1,9 @@
-//! The gRPC face of a node's DHT: checks each request's form and its sender's signature, then
-//! hands it to the actor.
+//! The gRPC face of a node's DHT: checks each request's form and its sender, hands it to the
+//! actor, and signs each answer with the node's contact.
 
-use neuroshard_dht::{Request, Response};
+use std::net::SocketAddr;
+
+use neuroshard_dht::{Contact, Request, Response};
 use neuroshard_proto as pb;
 use pb::dht_server::{Dht, DhtServer};
 use tonic::{Status, async_trait};
@@ -22,6 +24,18 @@ pub struct DhtService {
     dht: DhtHandle,
 }
 
+/// The sender a request vouches for, if it may enter the routing table: signed by its key
+/// (a bad signature is an error) and claiming the address the request came from. A peer behind
+/// NAT claims an address it is not seen at; it is served as a client.
+fn vouched_sender(
+    sender: Option<pb::DhtSender>,
+    remote: Option<SocketAddr>,
+) -> Result<Option<Contact>, NodeError> {
+    let sender = sender_from_proto(sender, crate::now_ms(), crate::tracker::ANNOUNCE_SKEW_MS)?;
+    Ok(sender
+        .filter(|c| remote.is_some_and(|r| r.ip().to_canonical() == c.addr.ip().to_canonical())))
+}
+
 impl DhtService {
     /// The service over `dht`, with its message limits.
     pub fn server(dht: DhtHandle) -> DhtServer<Self> {
@@ -30,14 +44,17 @@ impl DhtService {
             .max_encoding_message_size(MAX_DHT_REPLY_BYTES)
     }
 
-    /// Checks the sender and answers `request` through the actor.
+    /// Checks the sender and answers `request` through the actor, with the node's signed
+    /// contact for the caller to check.
     async fn serve(
         &self,
+        remote: Option<SocketAddr>,
         sender: Option<pb::DhtSender>,
         request: Request,
-    ) -> Result<Response, NodeError> {
-        let sender = sender_from_proto(sender, crate::now_ms(), crate::tracker::ANNOUNCE_SKEW_MS)?;
-        self.dht.handle_request(sender, request).await
+    ) -> Result<(Response, Option<pb::DhtSender>), NodeError> {
+        let sender = vouched_sender(sender, remote)?;
+        let response = self.dht.handle_request(sender, request).await?;
+        Ok((response, self.dht.signed_contact()))
     }
 }
 
@@ -60,40 +77,47 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::DhtPingRequest>,
     ) -> Result<tonic::Response<pb::DhtPingResponse>, Status> {
-        self.serve(request.into_inner().sender, Request::Ping)
-            .await?;
-        Ok(tonic::Response::new(pb::DhtPingResponse {}))
+        let remote = request.remote_addr();
+        let sender = request.into_inner().sender;
+        let (_, responder) = self.serve(remote, sender, Request::Ping).await?;
+        Ok(tonic::Response::new(pb::DhtPingResponse { responder }))
     }
 
     async fn find_node(
         &self,
         request: tonic::Request<pb::FindNodeRequest>,
     ) -> Result<tonic::Response<pb::FindNodeResponse>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let target = key_from_proto("target", &request.target)?;
-        let response = self
-            .serve(request.sender, Request::FindNode { target })
+        let (response, responder) = self
+            .serve(remote, request.sender, Request::FindNode { target })
             .await?;
         let (closer, _) = nodes(response)?;
-        Ok(tonic::Response::new(pb::FindNodeResponse { closer }))
+        Ok(tonic::Response::new(pb::FindNodeResponse {
+            closer,
+            responder,
+        }))
     }
 
     async fn find_value(
         &self,
         request: tonic::Request<pb::FindValueRequest>,
     ) -> Result<tonic::Response<pb::FindValueResponse>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let key = request
             .key
             .parse()
             .map_err(|e| NodeError::Dht(neuroshard_dht::DhtError::Record(e)))?;
-        let response = self
-            .serve(request.sender, Request::FindValue { key })
+        let (response, responder) = self
+            .serve(remote, request.sender, Request::FindValue { key })
             .await?;
         let (closer, records) = nodes(response)?;
         Ok(tonic::Response::new(pb::FindValueResponse {
             closer,
             records,
+            responder,
         }))
     }
 
@@ -101,13 +125,15 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::StoreRequest>,
     ) -> Result<tonic::Response<pb::StoreResponse>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let record = request
             .record
             .ok_or_else(|| NodeError::BadRequest("store without a record".into()))?;
         let record = record_from_proto(record)?;
-        self.serve(request.sender, Request::Store { record })
+        let (_, responder) = self
+            .serve(remote, request.sender, Request::Store { record })
             .await?;
-        Ok(tonic::Response::new(pb::StoreResponse {}))
+        Ok(tonic::Response::new(pb::StoreResponse { responder }))
     }
 }
