@@ -18,19 +18,20 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 # A 480-token prompt (prefill) and 64 decoded tokens, greedy, on one device in this process.
 prompt="$(python3 -c 'print(",".join(str(i % 250) for i in range(480)))')"
-echo "== local generation, bench model (6 layers, width 1536): CPU, then GPU"
-for device in flex wgpu; do
-  BURN_DEVICE=$device "$bin" generate --local --model "$work/bench" --prompt-ids "$prompt" \
+echo "== local generation, bench model (6 layers, width 1536): CPU, then GPU twice"
+# The second GPU run shows whether compiled kernels outlive the process.
+for device in flex wgpu wgpu2; do
+  BURN_DEVICE=${device%2} "$bin" generate --local --model "$work/bench" --prompt-ids "$prompt" \
     --max-new-tokens 64 --json >"$work/$device.json" 2>"$work/$device.log" || {
     echo "$device failed:"; tail -20 "$work/$device.log"; continue; }
 done
 python3 - "$work" <<'PY'
 import json, sys
-runs = {d: json.load(open(f"{sys.argv[1]}/{d}.json")) for d in ("flex", "wgpu")}
+runs = {d: json.load(open(f"{sys.argv[1]}/{d}.json")) for d in ("flex", "wgpu", "wgpu2")}
 for d, r in runs.items():
     print(f"{d:>5}: prefill {r['prefill_ms']:.1f} ms for {len(r['prompt_ids'])} tokens, "
           f"decode {r['decode_tokens_per_s']:.1f} tokens/s")
-cpu, gpu = runs["flex"], runs["wgpu"]
+cpu, gpu = runs["flex"], runs["wgpu2"]
 same = sum(a == b for a, b in zip(cpu["generated_ids"], gpu["generated_ids"]))
 print(f"tokens equal on both devices: {same}/{len(cpu['generated_ids'])}")
 print(f"GPU/CPU: decode {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f}x, "

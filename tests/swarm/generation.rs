@@ -236,3 +236,36 @@ async fn a_bad_request_fails_without_banning_healthy_peers() {
     chunked.close().await;
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_generation() {
+    let model = TestModel::new(&ModelSpec::demo());
+    let expected = local_reference(&model, 4).await;
+    let swarm = Swarm::start(model.path(), &[(0, 6)]).await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    // From the first token on, the node computes at a 1 % share: after each call it rests 99
+    // times as long as it computed, so the next call misses the deadline the earlier calls
+    // taught the client, and no other node serves its layers.
+    let node = &swarm.nodes[0];
+    let got = generate(&mut session, PROMPT, 4, None, |_, n| {
+        if n == 1 {
+            node.set_compute_share(1);
+        }
+    })
+    .await
+    .unwrap();
+    assert_same_generation(&got, &expected);
+    assert!(
+        session
+            .events()
+            .iter()
+            .any(|e| e.contains("deadline") && e.contains("asked again")),
+        "{:?}",
+        session.events()
+    );
+    session.close().await;
+    swarm.shutdown().await;
+}

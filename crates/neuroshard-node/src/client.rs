@@ -454,6 +454,9 @@ impl HopOutput {
 struct ChainHop {
     hop: Hop,
     log: Vec<(usize, HopInput)>,
+    /// The peer missed a deadline with nobody to replace it: its next call gets the
+    /// first-call deadline.
+    patient: bool,
 }
 
 /// Latency figures of one hop over a session.
@@ -542,6 +545,7 @@ impl SwarmSession<'_> {
                 .map(|hop| ChainHop {
                     hop,
                     log: Vec::new(),
+                    patient: false,
                 })
                 .collect();
         }
@@ -655,7 +659,14 @@ impl SwarmSession<'_> {
             self.client.update_peer_gauges(&router);
         }
         self.client.pool.evict(&addr);
-        let hops = self.plan_or_refresh(span, 1).await?;
+        let hops = match self.plan_or_refresh(span, 1).await {
+            Ok(hops) => hops,
+            Err(NodeError::NoRoute(_)) if is_deadline_miss(&err) => {
+                self.wait_longer(i, err);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let broken = self.chain.remove(i);
         self.client
             .router
@@ -677,6 +688,7 @@ impl SwarmSession<'_> {
                 ChainHop {
                     hop,
                     log: Vec::new(),
+                    patient: false,
                 },
             );
         }
@@ -684,6 +696,27 @@ impl SwarmSession<'_> {
             self.run_from(i, span.end, pos, input).await?;
         }
         Ok(())
+    }
+
+    /// Keeps hop `i`, whose peer missed its deadline while no other peer serves its span: a
+    /// stalled peer (a GPU compiling kernels, a busy home PC) is slow, not gone. Its ban is
+    /// lifted and the call is sent again with the first-call deadline; the peer's cache takes
+    /// the repeated positions as a replay. Each wait spends one of the session's failovers, so
+    /// a peer that never answers still ends the generation.
+    fn wait_longer(&mut self, i: usize, err: NodeError) {
+        let addr = self.chain[i].hop.addr.clone();
+        let span = self.chain[i].hop.layers;
+        self.client
+            .router
+            .lock()
+            .expect("router lock")
+            .lift_ban(&addr);
+        self.chain[i].patient = true;
+        self.events.push(format!(
+            "hop {span} on {addr} failed ({err}); no other peer serves {span}, so it is asked \
+             again with the first-call deadline"
+        ));
+        tracing::warn!("{}", self.events.last().expect("just pushed"));
     }
 
     /// Spot-checks hop `i`'s reply if the sample says so, then countersigns its receipt. A
@@ -818,11 +851,14 @@ impl SwarmSession<'_> {
         let client = self.client;
         let hop = self.chain[i].hop.clone();
         let tokens = input.tokens();
-        let deadline = client
-            .router
-            .lock()
-            .expect("router lock")
-            .deadline(&hop.addr, tokens);
+        let deadline = match std::mem::take(&mut self.chain[i].patient) {
+            true => client.config.router.first_call_deadline,
+            false => client
+                .router
+                .lock()
+                .expect("router lock")
+                .deadline(&hop.addr, tokens),
+        };
         let request = pb::ForwardRequest {
             session_id: self.id.clone(),
             start_pos: pos as u64,
@@ -965,6 +1001,11 @@ async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), pooled.client.end_session(request)).await;
     }
+}
+
+/// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
+fn is_deadline_miss(err: &NodeError) -> bool {
+    matches!(err, NodeError::Remote { status, .. } if status.code() == tonic::Code::DeadlineExceeded)
 }
 
 /// Whether an error is the peer's (so another peer may do better) rather than the request's.

@@ -353,6 +353,13 @@ impl Router {
         }
     }
 
+    /// Lifts `addr`'s ban: it is slow rather than gone, and no other peer can stand in.
+    pub fn lift_ban(&mut self, addr: &str) {
+        if let Some((_, health)) = self.peers.get_mut(addr) {
+            health.banned_until = None;
+        }
+    }
+
     /// The failover deadline of a `tokens`-token call to `addr`:
     /// max(min, srtt + 4·rttvar + compute p99).
     pub fn deadline(&self, addr: &str, tokens: usize) -> Duration {
