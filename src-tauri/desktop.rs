@@ -11,7 +11,7 @@ use chrono::{Datelike, Local, TimeZone, Timelike};
 use neuroshard_model::ModelInfo;
 use neuroshard_node::NodeError;
 use neuroshard_node::discovery::LanConfig;
-use neuroshard_node::lifecycle::RunState;
+use neuroshard_node::lifecycle::{NodeStatus, RunState};
 use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, NodeLimits, start_node};
 use neuroshard_node::settings::{
     ComputeDevice, LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore,
@@ -29,7 +29,7 @@ const MS_PER_HOUR: u64 = 3600 * 1000;
 const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
 const MIB: u64 = 1024 * 1024;
 
-/// How long a layer change waits for calls in flight before the node restarts anyway.
+/// How long a restart waits for calls in flight before stopping the node anyway.
 const RESTART_DRAIN: Duration = Duration::from_secs(10);
 
 /// Receipts a page of the receipts table may hold.
@@ -314,6 +314,11 @@ impl Desktop {
         self.node.read().await.as_ref().map(NodeHandle::addr)
     }
 
+    /// A watch of the running node's state: it ends in `Stopped` when that node stops.
+    pub async fn node_status(&self) -> Option<watch::Receiver<NodeStatus>> {
+        self.node.read().await.as_ref().map(NodeHandle::status)
+    }
+
     /// What the running node enforces: caps (KB/s) and compute share (%), and its run state.
     pub async fn node_limits(&self) -> Option<(NodeLimits, RunState)> {
         let node = self.node.read().await;
@@ -426,19 +431,11 @@ impl Desktop {
         // Held back (first run, pause, snooze, schedule) from the first call; the next refresh
         // resumes a node that may serve.
         config.start_paused = true;
-        // The GPU where asked for and this build and machine have one; else the CPU, saying why.
-        let mut note = None;
-        config.device = Some(match settings.compute.device {
-            ComputeDevice::Gpu if !neuroshard_model::GPU_BUILD => {
-                note = Some("this build computes on the CPU only".to_string());
-                ComputeDevice::Cpu
-            }
-            device => device,
-        });
+        let (device, mut note) = device_for(settings);
+        config.device = Some(device);
         let node = match start_node(config.clone()).await {
-            Err(e) if config.device == Some(ComputeDevice::Gpu) => {
-                tracing::warn!("computing on the CPU: {e}");
-                note = Some(format!("no usable GPU, computing on the CPU ({e})"));
+            Err(e) if device == ComputeDevice::Gpu => {
+                note = Some(cpu_fallback(&e));
                 config.device = Some(ComputeDevice::Cpu);
                 start_node(config).await?
             }
@@ -451,26 +448,55 @@ impl Desktop {
         Ok(node)
     }
 
+    /// Moves the running node to the layers and device the settings choose, swapping its shard
+    /// live (no restart: same port, identity and pause state); with no node running, starts
+    /// one. On failure the node serves on as it was and the status says why.
+    pub async fn reshard(self: &Arc<Self>) -> Result<(), CommandError> {
+        let settings = self.settings();
+        let result = async {
+            let plan = self.plan_layers(settings.layers).await?;
+            let slot = self.node.read().await;
+            let Some(node) = slot.as_ref() else {
+                drop(slot);
+                return self.start_node().await;
+            };
+            let (device, mut note) = device_for(&settings);
+            match node.reshard(plan.range, Some(device)).await {
+                Err(e) if device == ComputeDevice::Gpu => {
+                    note = Some(cpu_fallback(&e));
+                    node.reshard(plan.range, Some(ComputeDevice::Cpu)).await?;
+                }
+                moved => moved?,
+            }
+            *self.device_note.lock().expect("note lock") = note;
+            tracing::info!("node {} now serving layers {}", node.id(), plan.range);
+            Ok(())
+        }
+        .await;
+        *self.node_error.lock().expect("error lock") =
+            result.as_ref().err().map(|e| e.message.clone());
+        self.refresh().await;
+        result
+    }
+
     /// Applies a JSON merge patch to the settings. A bad value is refused with its field named
-    /// and nothing changes. Caps and compute share reach the running node at once; a change of
-    /// layers, memory budget, device or tracker restarts the node with the new plan.
+    /// and nothing changes. Every change reaches the running node without a restart: caps,
+    /// compute share, threads and name at once; tracker and bootstrap peers on the node's
+    /// next join; layers, memory budget and device by a live shard swap with the new plan.
     pub async fn update_settings(
         self: &Arc<Self>,
         patch: &Value,
     ) -> Result<Settings, CommandError> {
-        if let Some(choice) = patch.get("layers")
-            && !choice.is_null()
-        {
-            let choice: LayerChoice =
-                serde_json::from_value(choice.clone()).map_err(|e| CommandError {
-                    code: "invalid_setting",
-                    message: e.to_string(),
-                    field: Some("layers".into()),
-                })?;
+        if patch.get("layers").is_some_and(|choice| !choice.is_null()) {
+            let next = self
+                .settings
+                .lock()
+                .expect("settings lock")
+                .preview(patch)?;
             // Whether the choice fits the model needs no swarm coverage: no tracker call here,
-            // the restart that applies it plans with the swarm.
+            // the shard swap that applies it plans with the swarm.
             let none = vec![0; self.model.config.num_hidden_layers];
-            self.plan_with(choice, &none, &self.settings())?;
+            self.plan_with(next.layers, &none, &next)?;
         }
         let (before, after) = {
             let mut store = self.settings.lock().expect("settings lock");
@@ -522,20 +548,32 @@ impl Desktop {
     }
 
     async fn apply(self: &Arc<Self>, before: &Settings, after: &Settings) {
-        let restart = before.layers != after.layers
-            || before.network.tracker != after.network.tracker
-            || before.network.bootstrap != after.network.bootstrap
+        let reshard = before.layers != after.layers
             || before.compute.device != after.compute.device
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
+        let tracker = (before.network.tracker != after.network.tracker)
+            .then(|| after.network.tracker.clone());
         if let Some(node) = self.node.read().await.as_ref() {
             node.apply_settings(after);
+            if before.network.bootstrap != after.network.bootstrap
+                && let Err(e) = node.set_bootstrap(after.network.bootstrap.clone())
+            {
+                tracing::error!("keeping the bootstrap peers as they were: {e}");
+            }
         }
-        if restart {
+        if reshard || tracker.is_some() {
+            // Registering with a tracker and loading a shard take a while: off the caller.
             let desktop = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = desktop.start_node().await {
-                    tracing::error!("restarting the node with new layers failed: {e}");
+                if let Some(url) = tracker
+                    && let Some(node) = desktop.node.read().await.as_ref()
+                    && let Err(e) = node.set_tracker(url.as_deref()).await
+                {
+                    tracing::error!("keeping the tracker as it was: {e}");
+                }
+                if reshard && let Err(e) = desktop.reshard().await {
+                    tracing::error!("moving the node to its new layers failed: {e}");
                 }
             });
         }
@@ -963,6 +1001,24 @@ const WEEKDAYS: [Weekday; 7] = [
     Weekday::Sat,
     Weekday::Sun,
 ];
+
+/// The device to compute on: the GPU where asked for and this build has one, else the CPU, with
+/// a note saying why.
+fn device_for(settings: &Settings) -> (ComputeDevice, Option<String>) {
+    match settings.compute.device {
+        ComputeDevice::Gpu if !neuroshard_model::GPU_BUILD => (
+            ComputeDevice::Cpu,
+            Some("this build computes on the CPU only".to_string()),
+        ),
+        device => (device, None),
+    }
+}
+
+/// The note for a GPU that failed to start: compute falls back to the CPU.
+fn cpu_fallback(e: &NodeError) -> String {
+    tracing::warn!("computing on the CPU: {e}");
+    format!("no usable GPU, computing on the CPU ({e})")
+}
 
 /// Whether `minute` of `day` falls in one of the weekly windows; no windows means any time.
 pub fn in_schedule(weekly: &[ScheduleWindow], day: Weekday, minute: u16) -> bool {

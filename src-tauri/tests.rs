@@ -330,19 +330,39 @@ fn receipts_series_plans_and_export_answer_or_name_the_problem() {
 }
 
 #[test]
-fn a_layer_change_restarts_the_node_on_the_new_range() {
+fn a_layer_or_device_change_swaps_the_shard_of_the_running_node_without_a_restart() {
     let f = fixture();
     f.ok::<Settings>(
         "finish_first_run",
         json!({"displayName": "Ada", "anonymous": false, "preset": "full"}),
     );
+    f.wait_for("the node serves", |s| s.state == AppState::Serving);
+    let running = tauri::async_runtime::block_on(f.desktop.node_status()).unwrap();
     f.ok::<Settings>(
         "update_settings",
         json!({"patch": {"layers": {"mode": "range", "start": 1, "end": 2}}}),
     );
-    f.wait_for("the node restarted on layers 1..2", |s| {
+    f.wait_for("the node serves layers 1..2", |s| {
         s.state == AppState::Serving && s.layers.is_some_and(|l| (l.start, l.end) == (1, 2))
     });
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"compute": {"device": "cpu"}, "layers": {"mode": "count", "count": 3}}}),
+    );
+    f.wait_for("the node serves 3 layers on the CPU", |s| {
+        s.layers.is_some_and(|l| l.end - l.start == 3) && s.device == Some("cpu")
+    });
+    // The same node all along: a restart would have stopped it.
+    assert_eq!(running.borrow().state, RunState::Serving);
+    assert!(!running.has_changed().unwrap(), "{:?}", *running.borrow());
+    // A change the model cannot take is refused by name before it reaches the node.
+    let err = f
+        .invoke::<Value>(
+            "update_settings",
+            json!({"patch": {"layers": {"mode": "range", "start": 2, "end": 9}}}),
+        )
+        .unwrap_err();
+    assert_eq!(err["field"], "layers", "{err}");
     assert_eq!(f.node().1, RunState::Serving);
 }
 
@@ -372,7 +392,7 @@ fn bootstrap_peers_take_the_node_into_the_swarm_and_it_announces_its_display_nam
         "update_settings",
         json!({"patch": {"network": {"bootstrap": [peer.advertised()]}}}),
     );
-    // The restarted node joins through the peer, which then holds its /nodes/{id} record.
+    // The running node joins through the peer, which then holds its /nodes/{id} record.
     let id = neuroshard_node::identity::load_or_create(&f.dir.path().join("data"))
         .unwrap()
         .id();
@@ -419,7 +439,7 @@ fn the_device_setting_picks_where_compute_runs_and_the_status_says_why() {
         "update_settings",
         json!({"patch": {"compute": {"device": "cpu"}}}),
     );
-    f.wait_for("the node restarted on the CPU, with no note", |s| {
+    f.wait_for("the node moved to the CPU, with no note", |s| {
         s.state == AppState::Serving && s.device == Some("cpu") && s.device_note.is_none()
     });
     let err = f

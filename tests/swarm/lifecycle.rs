@@ -92,3 +92,125 @@ async fn a_node_stays_paused_until_its_owner_finishes_the_first_run() {
     assert_eq!(node.status().borrow().state, RunState::Serving);
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
+    use neuroshard_base::LayerRange;
+    use neuroshard_node::generate::{LocalPipeline, Pipeline};
+
+    let model = TestModel::new(&ModelSpec::tiny());
+    let expected = local_reference(&model, NEW_TOKENS).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)]).await;
+    for node in &swarm.nodes {
+        let mut announced = node.discovery().announced();
+        announced.wait_for(|a| a.least_stored > 0).await.unwrap();
+    }
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut local = LocalPipeline::load(model.path()).unwrap();
+    let close = |got: &[f32], want: &[f32]| {
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 0.05, "logits differ by {worst}");
+    };
+    let mut session = client.session();
+    let want = local.step(0, PROMPT).await.unwrap();
+    close(&session.forward(0, PROMPT).await.unwrap(), &want);
+
+    // The node running the session's upper half moves to the lower half while the session
+    // is open: same address, same identity, no restart.
+    let upper = session.chain()[1].clone();
+    assert_eq!(upper.layers, LayerRange::new(2, 4).unwrap());
+    let mover = swarm.node_at(&upper.addr);
+    let (id, addr) = (mover.id(), mover.addr());
+    let status = mover.status();
+    mover
+        .reshard(LayerRange::new(0, 2).unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!((mover.id(), mover.addr()), (id, addr));
+    assert_eq!(mover.layers(), LayerRange::new(0, 2).unwrap());
+    assert!(!status.has_changed().unwrap(), "the node kept serving");
+
+    // The session's next token: the mover refuses its old span by name, the client fails
+    // over to the other upper-half replica and replays, and the logits still match.
+    let next = argmax(&want);
+    let want = local.step(PROMPT.len(), &[next]).await.unwrap();
+    close(
+        &session.forward(PROMPT.len(), &[next]).await.unwrap(),
+        &want,
+    );
+    assert!(
+        session
+            .events()
+            .iter()
+            .any(|e| e.contains("layers 2..4 requested, this node serves 0..2")),
+        "{:?}",
+        session.events()
+    );
+    session.close().await;
+
+    // The tracker lists the new layers, and the DHT no longer names the mover for 2..4.
+    let url = swarm.tracker.url();
+    let tracker = neuroshard_node::client::tracker_client(&url).unwrap();
+    let listed = neuroshard_node::client::list_peers(tracker, &url, Some(mover.model_id()))
+        .await
+        .unwrap();
+    let moved = listed.iter().find(|p| p.node_id == id.to_string()).unwrap();
+    assert_eq!(moved.layers, LayerRange::new(0, 2).unwrap());
+    let providers = swarm.nodes[0]
+        .discovery()
+        .providers(mover.model_id(), 4)
+        .await;
+    let moved = providers
+        .iter()
+        .find(|p| p.node_id == id.to_string())
+        .unwrap();
+    assert_eq!(moved.layers, LayerRange::new(0, 2).unwrap());
+    for index in 2..4 {
+        let key = neuroshard_dht::RecordKey::Layer {
+            model: mover.model_id().to_string(),
+            index,
+        };
+        let records = swarm.nodes[0].discovery().dht().get(key).await.unwrap();
+        let named: Vec<_> = records
+            .records
+            .iter()
+            .filter_map(|r| neuroshard_node::convert::peer_from_record(r).ok())
+            .map(|p| p.node_id)
+            .collect();
+        assert!(!named.contains(&id.to_string()), "layer {index}: {named:?}");
+    }
+
+    // With the old lower half paused, a new client's lower half runs on the mover.
+    swarm.nodes[0].pause();
+    let before = mover.metrics().forward_calls;
+    generate_with_a_new_client(&swarm, &expected).await;
+    assert_eq!(mover.metrics().forward_calls, before + NEW_TOKENS as u64);
+
+    // A range the model does not have is refused by name; the mover serves on as it was.
+    let err = mover
+        .reshard(LayerRange::new(2, 9).unwrap(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layers: 2..9") && err.contains("4 layers"),
+        "{err}"
+    );
+    assert_eq!(mover.layers(), LayerRange::new(0, 2).unwrap());
+    swarm.shutdown().await;
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    best.0 as u32
+}

@@ -176,3 +176,42 @@ async fn the_tracker_rejects_ids_that_do_not_match_their_key_and_warns_of_clones
         .into_inner();
     assert_eq!(stats.clone_warnings, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_moves_between_trackers_without_a_restart() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let node = start_node(NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(0, 4).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let start = || {
+        start_tracker(TrackerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..TrackerConfig::default()
+        })
+    };
+    let (first, second) = (start().await.unwrap(), start().await.unwrap());
+    let listed = |url: String| async move {
+        let tracker = neuroshard_node::client::tracker_client(&url).unwrap();
+        neuroshard_node::client::list_peers(tracker, &url, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.node_id)
+            .collect::<Vec<_>>()
+    };
+    let id = node.id().to_string();
+    // Following a tracker registers with it before the call returns.
+    node.set_tracker(Some(&first.url())).await.unwrap();
+    assert_eq!(listed(first.url()).await, std::slice::from_ref(&id));
+    // A URL that does not parse is refused by name; the node stays with the first tracker.
+    let err = node.set_tracker(Some("not a url")).await.unwrap_err();
+    assert!(err.to_string().contains("tracker"), "{err}");
+    node.set_tracker(Some(&second.url())).await.unwrap();
+    assert_eq!(listed(second.url()).await, [id]);
+    node.shutdown().await;
+    first.shutdown().await;
+    second.shutdown().await;
+}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use neuroshard_base::NodeKey;
+use neuroshard_base::{LayerRange, NodeKey};
 use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_proto as pb;
 use tokio::sync::watch;
@@ -151,7 +151,7 @@ pub struct AnnounceStatus {
 pub struct Discovery {
     dht: DhtHandle,
     pool: Arc<ConnectionPool>,
-    bootstrap: Vec<String>,
+    bootstrap: std::sync::RwLock<Vec<String>>,
     lan: Option<Lan>,
     config: DiscoveryConfig,
     announced: watch::Sender<AnnounceStatus>,
@@ -183,7 +183,7 @@ impl Discovery {
         Ok(Self {
             dht,
             pool,
-            bootstrap,
+            bootstrap: std::sync::RwLock::new(bootstrap),
             lan,
             config,
             announced: watch::channel(AnnounceStatus::default()).0,
@@ -193,6 +193,18 @@ impl Discovery {
     /// The DHT.
     pub fn dht(&self) -> &DhtHandle {
         &self.dht
+    }
+
+    /// The bootstrap peers asked on [`Self::join`].
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.bootstrap.read().expect("bootstrap lock").clone()
+    }
+
+    /// Replaces the bootstrap peers (checked as `host:port`) for the next [`Self::join`].
+    pub fn set_bootstrap(&self, peers: Vec<String>) -> Result<(), NodeError> {
+        check_bootstrap(&peers)?;
+        *self.bootstrap.write().expect("bootstrap lock") = peers;
+        Ok(())
     }
 
     /// LAN discovery, when on.
@@ -215,7 +227,7 @@ impl Discovery {
     /// too; then a lookup of this node's own key through them fills the table. Returns the
     /// serving peers the referrals named (unsigned: for picking a model, not for routing).
     pub async fn join(&self, known: &[PeerRecord]) -> Vec<PeerRecord> {
-        let mut seeds = self.bootstrap.clone();
+        let mut seeds = self.bootstrap();
         if let Some(lan) = &self.lan {
             if known.is_empty() && seeds.is_empty() {
                 let mut count = lan.count();
@@ -321,25 +333,10 @@ impl Discovery {
         me: &PeerRecord,
         key: &NodeKey,
     ) -> Result<AnnounceStatus, NodeError> {
-        let expires_ms = crate::now_ms() + self.config.record_ttl.as_millis() as u64;
-        let value = peer_record_value(me);
         let mut keys = vec![RecordKey::Node(key.id())];
-        keys.extend(me.layers.to_range().map(|index| RecordKey::Layer {
-            model: me.model_id.clone(),
-            index: index as u32,
-        }));
-        let records = keys
-            .into_iter()
-            .map(|k| Record::sign(k, value.clone(), expires_ms, key))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(neuroshard_dht::DhtError::from)?;
-        let count = records.len();
-        let mut puts = futures::stream::iter(records.into_iter().map(|r| self.dht.put(r)))
-            .buffer_unordered(PARALLEL_GETS);
-        let mut least_stored = usize::MAX;
-        while let Some(outcome) = puts.next().await {
-            least_stored = least_stored.min(outcome?.stored);
-        }
+        keys.extend(layer_keys(me, me.layers));
+        let count = keys.len();
+        let (least_stored, expires_ms) = self.put_signed(me, key, keys).await?;
         let mut status = AnnounceStatus::default();
         self.announced.send_modify(|s| {
             s.rounds += 1;
@@ -349,6 +346,49 @@ impl Discovery {
             status = *s;
         });
         Ok(status)
+    }
+
+    /// Puts `me` under the layer keys of `layers` that it no longer serves: readers refuse an
+    /// entry whose record does not cover the layer it is filed under, so the node stops being
+    /// named as their provider now rather than when the old entries expire. Returns the fewest
+    /// peers that stored one.
+    pub async fn withdraw(
+        &self,
+        me: &PeerRecord,
+        key: &NodeKey,
+        layers: LayerRange,
+    ) -> Result<usize, NodeError> {
+        let keys: Vec<_> = layer_keys(me, layers)
+            .filter(|k| matches!(k, RecordKey::Layer { index, .. } if !me.layers.contains(*index)))
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.put_signed(me, key, keys).await?.0)
+    }
+
+    /// Signs `me` under each of `keys`, expiring one record TTL from now, and puts them;
+    /// returns the fewest peers that stored one, and the expiry.
+    async fn put_signed(
+        &self,
+        me: &PeerRecord,
+        key: &NodeKey,
+        keys: Vec<RecordKey>,
+    ) -> Result<(usize, u64), NodeError> {
+        let expires_ms = crate::now_ms() + self.config.record_ttl.as_millis() as u64;
+        let value = peer_record_value(me);
+        let records = keys
+            .into_iter()
+            .map(|k| Record::sign(k, value.clone(), expires_ms, key))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(neuroshard_dht::DhtError::from)?;
+        let mut puts = futures::stream::iter(records.into_iter().map(|r| self.dht.put(r)))
+            .buffer_unordered(PARALLEL_GETS);
+        let mut least_stored = usize::MAX;
+        while let Some(outcome) = puts.next().await {
+            least_stored = least_stored.min(outcome?.stored);
+        }
+        Ok((least_stored, expires_ms))
     }
 
     /// Announces `me()` every [`DiscoveryConfig::announce_every`] until `cancel`; at once when
@@ -403,6 +443,14 @@ impl Discovery {
             }
         }
     }
+}
+
+/// The `/layers/{model}/{index}` keys of `layers` of `me`'s model.
+fn layer_keys(me: &PeerRecord, layers: LayerRange) -> impl Iterator<Item = RecordKey> + '_ {
+    layers.to_range().map(|index| RecordKey::Layer {
+        model: me.model_id.clone(),
+        index: index as u32,
+    })
 }
 
 /// One record per node, the first seen, in node id order.

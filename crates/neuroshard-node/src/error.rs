@@ -21,6 +21,15 @@ pub enum NodeError {
     /// A capacity limit is reached (KV cache budget, tracker size).
     #[error("{0}")]
     Full(String),
+    /// The call asked for layers this node does not serve, perhaps since it changed them
+    /// after the caller's listing: NOT_FOUND, so callers plan around it.
+    #[error("layers {asked} requested, this node serves {serves}")]
+    WrongLayers {
+        /// The span asked for.
+        asked: neuroshard_base::LayerRange,
+        /// The span served.
+        serves: neuroshard_base::LayerRange,
+    },
     /// The model refused or failed the request.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -112,7 +121,7 @@ impl From<NodeError> for tonic::Status {
             NodeError::Tensor(_) | NodeError::BadRequest(_) | NodeError::Config(_) => {
                 Code::InvalidArgument
             }
-            NodeError::UnknownSession(_) => Code::NotFound,
+            NodeError::UnknownSession(_) | NodeError::WrongLayers { .. } => Code::NotFound,
             NodeError::SessionBusy(_) => Code::Aborted,
             NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,

@@ -52,6 +52,10 @@ const MAX_SESSION_ID_BYTES: usize = 128;
 /// Countersignatures one SubmitReceipts call may carry: a few seconds of a busy client's hops.
 pub const MAX_RECEIPTS_PER_SUBMIT: usize = 1024;
 
+/// How long a layer change waits for the tracker to hear of it (the tracker client's own
+/// timeout, and some).
+const TRACKER_WAIT: Duration = Duration::from_secs(15);
+
 /// File name of the ledger inside the data directory.
 pub const LEDGER_FILE: &str = "ledger.sqlite";
 
@@ -209,6 +213,8 @@ impl KnownPeers {
 /// A validated Forward request.
 #[derive(Debug)]
 struct ForwardCall {
+    /// The shard it was checked against, which computes it even if a swap follows.
+    served: Arc<Served>,
     session_id: String,
     start_pos: usize,
     layers: LayerRange,
@@ -221,12 +227,82 @@ struct ForwardCall {
     proof: Option<([u8; 16], PublicKey)>,
 }
 
+/// The shard a node serves, replaced whole when its layers or device change: a call holds the
+/// one it was checked against until it ends.
+#[derive(Debug)]
+struct Served {
+    shard: Mutex<Shard>,
+    range: LayerRange,
+    device: Option<ComputeDevice>,
+    on_gpu: bool,
+    /// The shard that computes under [`Fault::WrongWeights`].
+    wrong_shard: Option<Mutex<Shard>>,
+}
+
+impl Served {
+    /// Loads `range` of the model in `dir` on `device` off the reactor, warming a GPU's kernels
+    /// up, and (for a test node told to) the wrong weights beside it.
+    async fn load(
+        dir: &std::path::Path,
+        range: LayerRange,
+        device: Option<ComputeDevice>,
+        fault: Option<&Fault>,
+    ) -> Result<Self, NodeError> {
+        let resolved = match device {
+            None => neuroshard_model::default_device(),
+            Some(ComputeDevice::Cpu) => neuroshard_model::cpu_device(),
+            Some(ComputeDevice::Gpu) => neuroshard_model::gpu_device().ok_or_else(|| {
+                NodeError::Config(
+                    "device: gpu asked for, but this build has no GPU backend (build with the \
+                     `wgpu` feature)"
+                        .into(),
+                )
+            })?,
+        };
+        let on_gpu = !neuroshard_model::is_cpu(&resolved);
+        let wrong = match fault {
+            Some(Fault::WrongWeights(dir)) => Some(dir.clone()),
+            _ => None,
+        };
+        let dir = dir.to_path_buf();
+        let (shard, wrong_shard) = tokio::task::spawn_blocking(move || {
+            let shard = Shard::load(&dir, range.to_range(), &resolved)?;
+            if on_gpu {
+                shard.warm_up()?;
+            }
+            let wrong = match wrong {
+                Some(dir) => Some(Mutex::new(Shard::load(&dir, range.to_range(), &resolved)?)),
+                None => None,
+            };
+            Ok::<_, neuroshard_model::ModelError>((shard, wrong))
+        })
+        .await
+        .map_err(|e| {
+            let why = panic_message(e);
+            if on_gpu {
+                NodeError::Config(format!("device: the GPU could not be used: {why}"))
+            } else {
+                NodeError::Config(format!("loading the shard failed: {why}"))
+            }
+        })??;
+        Ok(Self {
+            shard: Mutex::new(shard),
+            range,
+            device,
+            on_gpu,
+            wrong_shard,
+        })
+    }
+}
+
 /// Shared state of a running node.
 #[derive(Debug)]
 pub struct NodeState {
-    shard: Arc<Mutex<Shard>>,
+    served: RwLock<Arc<Served>>,
+    /// Held while a new shard loads, so swaps happen one at a time.
+    resharding: tokio::sync::Mutex<()>,
+    model_dir: PathBuf,
     model: ModelInfo,
-    range: LayerRange,
     sessions: SessionStore,
     metrics: Arc<Metrics>,
     record: PeerRecord,
@@ -237,13 +313,19 @@ pub struct NodeState {
     caps: Arc<BandwidthCaps>,
     duty: DutyCycle,
     threads: ComputeThreads,
-    on_gpu: bool,
     key: Arc<NodeKey>,
     ledger: LedgerHandle,
     discovery: Discovery,
+    /// Wakes the tracker heartbeat for a beat now (the node's layers changed).
+    beat_now: tokio::sync::Notify,
+    /// Counts the heartbeats made, so a change can wait for the tracker to hear of it.
+    beats: tokio::sync::watch::Sender<u64>,
+    /// The tracker followed, and what stops its heartbeat.
+    tracker: tokio::sync::Mutex<Option<(String, CancellationToken)>>,
+    heartbeat_every: Duration,
+    /// Stops everything the node runs.
+    cancel: CancellationToken,
     fault: Option<Fault>,
-    /// The shard that computes under [`Fault::WrongWeights`].
-    wrong_shard: Option<Mutex<Shard>>,
 }
 
 impl NodeState {
@@ -256,12 +338,77 @@ impl NodeState {
         self.busy.load(Ordering::Relaxed).min(1) as f32
     }
 
+    /// The shard served now.
+    fn served(&self) -> Arc<Served> {
+        self.served.read().expect("served lock").clone()
+    }
+
     /// What this node announces.
     pub fn record(&self) -> PeerRecord {
         PeerRecord {
             load: self.load(),
+            layers: self.served().range,
             display_name: self.display_name.read().expect("name lock").clone(),
             ..self.record.clone()
+        }
+    }
+
+    /// Registers with the tracker at `url` (awaiting the first beat) and heartbeats it from now
+    /// on, instead of the one followed so far; `None` follows none. The peers the old tracker
+    /// listed are forgotten.
+    async fn follow_tracker(self: &Arc<Self>, url: Option<String>) -> Result<(), NodeError> {
+        let mut followed = self.tracker.lock().await;
+        if followed.as_ref().map(|(u, _)| u) == url.as_ref() {
+            return Ok(());
+        }
+        let heartbeat = url
+            .as_deref()
+            .map(|url| Heartbeat::new(self.clone(), url))
+            .transpose()?;
+        if let Some((_, stop)) = followed.take() {
+            stop.cancel();
+            self.learn_peers(PeerSource::Tracker, Vec::new());
+        }
+        if let (Some(mut heartbeat), Some(url)) = (heartbeat, url) {
+            heartbeat.beat().await;
+            let stop = self.cancel.child_token();
+            tokio::spawn(heartbeat.run(self.heartbeat_every, stop.clone()));
+            *followed = Some((url, stop));
+        }
+        Ok(())
+    }
+
+    /// Has the heartbeat tell the tracker (if one is followed) what the node announces now,
+    /// and waits for that beat, or for the tracker client's own timeout.
+    async fn tell_tracker(&self) {
+        if self.tracker.lock().await.is_none() {
+            return;
+        }
+        let mut beats = self.beats.subscribe();
+        beats.borrow_and_update();
+        self.beat_now.notify_one();
+        if tokio::time::timeout(TRACKER_WAIT, beats.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the tracker did not hear of the change within {TRACKER_WAIT:?}");
+        }
+    }
+
+    /// Puts the node's DHT records after a change of what it announces (`what`, for the log).
+    /// Layers it served `before` and no longer does are put again with the current record,
+    /// which readers refuse for those layers: the entries stop naming this node now instead
+    /// of when they expire.
+    async fn announce(&self, what: &'static str, before: Option<LayerRange>) {
+        let me = self.announcement();
+        let discovery = &self.discovery;
+        if let Some(before) = before
+            && let Err(e) = discovery.withdraw(&me, &self.key, before).await
+        {
+            tracing::warn!("withdrawing layers {before} from the DHT failed: {e}");
+        }
+        if let Err(e) = discovery.announce(&me, &self.key).await {
+            tracing::warn!("announcing the new {what} failed: {e}");
         }
     }
 
@@ -421,12 +568,12 @@ impl NodeState {
             )));
         }
         let layers = span_from_proto(req.layers)?;
-        if !self.range.covers(&layers) {
-            return Err(neuroshard_model::ModelError::LayerRange(format!(
-                "layers {layers} requested, this node serves {}",
-                self.range
-            ))
-            .into());
+        let served = self.served();
+        if !served.range.covers(&layers) {
+            return Err(NodeError::WrongLayers {
+                asked: layers,
+                serves: served.range,
+            });
         }
         let proof = parse_proof(&req.nonce, &req.requester_key)?;
         let input_hash = match &req.input {
@@ -447,6 +594,7 @@ impl NodeState {
             )));
         }
         Ok(ForwardCall {
+            served,
             session_id: req.session_id,
             start_pos,
             layers,
@@ -475,6 +623,12 @@ impl NodeState {
             call.layers.len() as usize,
             Instant::now(),
         )?;
+        if !Arc::ptr_eq(&call.served, &self.served()) {
+            // The shard changed since the call was checked: its sessions were dropped, and a
+            // cache made now on the old shard must not outlive it.
+            self.sessions.abandon(checkout);
+            return Err(NodeError::UnknownSession(call.session_id));
+        }
         if created {
             self.metrics
                 .sessions_started
@@ -487,9 +641,11 @@ impl NodeState {
             let threads = &state.threads;
             let out = threads.install(|| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let shard = state.shard.lock().unwrap_or_else(PoisonError::into_inner);
+                    let served = &call.served;
+                    let shard = served.shard.lock().unwrap_or_else(PoisonError::into_inner);
                     let weights_hash = shard.weights_hash(call.layers.to_range())?;
                     let out = state.run(
+                        served,
                         &shard,
                         &mut checkout.cache,
                         call.start_pos,
@@ -523,6 +679,7 @@ impl NodeState {
     /// Runs the call on `shard` (or misbehaves, for a test node with a [`Fault`]).
     fn run(
         &self,
+        served: &Served,
         shard: &Shard,
         cache: &mut neuroshard_model::KvCache,
         start_pos: usize,
@@ -530,7 +687,7 @@ impl NodeState {
         input: ShardInput,
     ) -> Result<ShardOutput, NodeError> {
         let mut layers = layers.to_range();
-        let out = match (&self.fault, &self.wrong_shard) {
+        let out = match (&self.fault, &served.wrong_shard) {
             (Some(Fault::WrongWeights(_)), Some(wrong)) => {
                 let wrong = wrong.lock().unwrap_or_else(PoisonError::into_inner);
                 wrong.forward(cache, start_pos, layers, input)?
@@ -807,7 +964,7 @@ impl NodeHandle {
 
     /// Layers served.
     pub fn layers(&self) -> LayerRange {
-        self.state.range
+        self.state.served().range
     }
 
     /// Id of the model served.
@@ -897,7 +1054,42 @@ impl NodeHandle {
 
     /// Whether compute runs on a GPU (else on the CPU).
     pub fn on_gpu(&self) -> bool {
-        self.state.on_gpu
+        self.state.served().on_gpu
+    }
+
+    /// Serves `layers` on `device` from now on, without a restart: the new shard loads while
+    /// the old one serves, then replaces it. Calls in flight finish on the old shard; sessions
+    /// are dropped (their caches belong to the old layers), so their callers fail over and
+    /// replay. The tracker hears of the change at once, and the DHT entries of layers no
+    /// longer served stop naming this node. A range the model does not have, or a device that
+    /// cannot be used, is refused with the field named, and the old shard goes on serving.
+    pub async fn reshard(
+        &self,
+        layers: LayerRange,
+        device: Option<ComputeDevice>,
+    ) -> Result<(), NodeError> {
+        let state = &self.state;
+        let total = state.model.config.num_hidden_layers as u32;
+        if layers.is_empty() || layers.end > total {
+            return Err(NodeError::Config(format!(
+                "layers: {layers} is not within the model's {total} layers"
+            )));
+        }
+        let _one_at_a_time = state.resharding.lock().await;
+        let before = state.served();
+        if before.range == layers && before.device == device {
+            return Ok(());
+        }
+        let next = Served::load(&state.model_dir, layers, device, state.fault.as_ref()).await?;
+        *state.served.write().expect("served lock") = Arc::new(next);
+        let dropped = state.sessions.clear();
+        tracing::info!(
+            "now serving layers {layers} (was {}); {dropped} sessions dropped",
+            before.range
+        );
+        state.tell_tracker().await;
+        state.announce("layers", Some(before.range)).await;
+        Ok(())
     }
 
     /// Changes the CPU threads compute may use (0: every core but one); the next call follows.
@@ -908,8 +1100,9 @@ impl NodeHandle {
     /// Applies what a running node changes without a restart: bandwidth caps, compute share,
     /// CPU threads, the display name, and the first-run rule: paused while the owner has not
     /// picked a name (or anonymity) and a preset. It never resumes by itself, so an owner's
-    /// pause outlasts a settings change; the app resumes when the first run ends. Layers take a
-    /// shard reload (the app restarts the node for them) and are not applied here.
+    /// pause outlasts a settings change; the app resumes when the first run ends. Layers and
+    /// device take a shard load ([`NodeHandle::reshard`], which the app plans for) and are not
+    /// applied here.
     pub fn apply_settings(&self, settings: &crate::settings::Settings) {
         let bandwidth = &settings.bandwidth;
         self.set_bandwidth(bandwidth.upload_kbps, bandwidth.download_kbps);
@@ -924,6 +1117,34 @@ impl NodeHandle {
         if let Err(e) = self.set_display_name(name.filter(|_| !settings.profile.anonymous)) {
             tracing::warn!("keeping the display name as it was: {e}");
         }
+    }
+
+    /// Follows the tracker at `url` (or none) from now on, without a restart: registers with
+    /// it before returning and heartbeats it; the old tracker's heartbeat stops. A URL that
+    /// does not parse is refused, naming the field, and the old tracker stays.
+    pub async fn set_tracker(&self, url: Option<&str>) -> Result<(), NodeError> {
+        self.state.follow_tracker(url.map(str::to_string)).await
+    }
+
+    /// Asks `peers` (`host:port`) for referrals from now on, and joins the DHT through them at
+    /// once, without a restart. A peer that does not read as `host:port` is refused, naming
+    /// the field, and the old list stays.
+    pub fn set_bootstrap(&self, peers: Vec<String>) -> Result<(), NodeError> {
+        let discovery = &self.state.discovery;
+        if discovery.bootstrap() == peers {
+            return Ok(());
+        }
+        discovery.set_bootstrap(peers)?;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let known = state.known_peers();
+            let joined = state.discovery.join(&known);
+            tokio::select! {
+                _ = state.cancel.cancelled() => {}
+                _ = joined => {}
+            }
+        });
+        Ok(())
     }
 
     /// The node's discovery: its DHT, LAN discovery and announcements.
@@ -952,16 +1173,9 @@ impl NodeHandle {
         let mut current = self.state.display_name.write().expect("name lock");
         if *current != name {
             *current = name.to_string();
+            drop(current);
             let state = self.state.clone();
-            tokio::spawn(async move {
-                if let Err(e) = state
-                    .discovery
-                    .announce(&state.announcement(), &state.key)
-                    .await
-                {
-                    tracing::warn!("announcing the new display name failed: {e}");
-                }
-            });
+            tokio::spawn(async move { state.announce("display name", None).await });
         }
         Ok(())
     }
@@ -994,43 +1208,14 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
     let model = ModelInfo::read(&config.model_dir)?;
-    let dir = config.model_dir.clone();
     let range = config.layers;
-    let device = match config.device {
-        None => neuroshard_model::default_device(),
-        Some(ComputeDevice::Cpu) => neuroshard_model::cpu_device(),
-        Some(ComputeDevice::Gpu) => neuroshard_model::gpu_device().ok_or_else(|| {
-            NodeError::Config(
-                "device: gpu asked for, but this build has no GPU backend (build with the \
-                 `wgpu` feature)"
-                    .into(),
-            )
-        })?,
-    };
-    let on_gpu = !neuroshard_model::is_cpu(&device);
-    let shard_device = device.clone();
-    let shard = tokio::task::spawn_blocking(move || {
-        let shard = Shard::load(&dir, range.to_range(), &shard_device)?;
-        if on_gpu {
-            shard.warm_up()?;
-        }
-        Ok::<_, neuroshard_model::ModelError>(shard)
-    })
-    .await
-    .map_err(|e| {
-        let why = panic_message(e);
-        if on_gpu {
-            NodeError::Config(format!("device: the GPU could not be used: {why}"))
-        } else {
-            NodeError::Config(format!("loading the shard failed: {why}"))
-        }
-    })??;
-    let wrong_shard = match &config.fault {
-        Some(Fault::WrongWeights(dir)) => {
-            Some(Mutex::new(Shard::load(dir, range.to_range(), &device)?))
-        }
-        _ => None,
-    };
+    let served = Served::load(
+        &config.model_dir,
+        range,
+        config.device,
+        config.fault.as_ref(),
+    )
+    .await?;
     let (key, ledger) = match &config.data_dir {
         Some(dir) => (
             crate::identity::load_or_create(dir)?,
@@ -1077,9 +1262,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             display_name: String::new(),
         },
         display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
-        shard: Arc::new(Mutex::new(shard)),
+        served: RwLock::new(Arc::new(served)),
+        resharding: tokio::sync::Mutex::new(()),
+        model_dir: config.model_dir.clone(),
         model,
-        range,
         metrics,
         peers: RwLock::new(KnownPeers::default()),
         busy: AtomicUsize::new(0),
@@ -1091,23 +1277,22 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
         duty: DutyCycle::new(config.compute_share_percent),
         threads: ComputeThreads::new(config.cpu_threads)?,
-        on_gpu,
         key,
         ledger,
         discovery,
+        beat_now: tokio::sync::Notify::new(),
+        beats: tokio::sync::watch::channel(0).0,
+        tracker: tokio::sync::Mutex::new(None),
+        heartbeat_every: config.heartbeat,
+        cancel: cancel.clone(),
         fault: config.fault.clone(),
-        wrong_shard,
     });
     tokio::spawn(sweep_sessions(
         state.clone(),
         config.session_idle / 4,
         cancel.clone(),
     ));
-    if let Some(url) = &config.tracker {
-        let mut heartbeat = Heartbeat::new(state.clone(), url)?;
-        heartbeat.beat().await;
-        tokio::spawn(heartbeat.run(config.heartbeat, cancel.clone()));
-    }
+    state.follow_tracker(config.tracker.clone()).await?;
     let service = NodeServer::new(NodeService {
         state: state.clone(),
     })
@@ -1253,11 +1438,17 @@ impl Heartbeat {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => self.beat().await,
+                _ = self.state.beat_now.notified() => self.beat().await,
             }
         }
     }
 
     async fn beat(&mut self) {
+        self.beat_once().await;
+        self.state.beats.send_modify(|n| *n += 1);
+    }
+
+    async fn beat_once(&mut self) {
         let record = self.state.record();
         if self.registered {
             let timestamp_ms = crate::now_ms();

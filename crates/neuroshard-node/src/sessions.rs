@@ -159,6 +159,15 @@ impl SessionStore {
             .is_some()
     }
 
+    /// Drops every session (the node now serves other layers); how many. Calls in flight
+    /// find theirs gone when they check in, and their caches are dropped.
+    pub fn clear(&self) -> usize {
+        let mut sessions = self.sessions.lock().expect("session lock");
+        let count = sessions.len();
+        sessions.clear();
+        count
+    }
+
     /// Drops sessions idle longer than the timeout; how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut sessions = self.sessions.lock().expect("session lock");

@@ -536,6 +536,14 @@ impl SettingsStore {
     /// clears an option), validates the result, and writes it. On any error nothing changes,
     /// in memory or on disk.
     pub fn update(&mut self, patch: &Value) -> Result<&Settings, SettingsError> {
+        let next = self.preview(patch)?;
+        self.replace(next)
+    }
+
+    /// The settings `patch` would make, validated, without keeping them. A layer choice in a
+    /// patch replaces the old one whole: its shapes (auto, range, count) have different
+    /// fields, which must not merge.
+    pub fn preview(&self, patch: &Value) -> Result<Settings, SettingsError> {
         if !patch.is_object() {
             return Err(SettingsError::invalid(
                 "settings",
@@ -544,8 +552,14 @@ impl SettingsStore {
         }
         let mut doc = serde_json::to_value(&self.current).expect("settings serialize");
         json_patch::merge(&mut doc, patch);
+        if let Some(choice) = patch.get("layers").filter(|c| c.is_object()) {
+            let mut whole = Value::Object(Default::default());
+            json_patch::merge(&mut whole, choice);
+            doc["layers"] = whole;
+        }
         let next = parse(doc)?;
-        self.replace(next)
+        next.validate()?;
+        Ok(next)
     }
 
     /// Validates and writes `settings` whole.
@@ -682,6 +696,11 @@ mod tests {
         assert_eq!(s.bandwidth.transfer_cap, None);
         assert_eq!(s.profile.display_name.as_deref(), Some("Ada"));
         assert_eq!(s.layers.range(), LayerRange::new(2, 4).ok());
+        // Another shape of layer choice replaces the range whole.
+        let s = store
+            .update(&json!({"layers": {"mode": "count", "count": 3}}))
+            .unwrap();
+        assert_eq!(s.layers, LayerChoice::Count { count: 3 });
     }
 
     #[test]
