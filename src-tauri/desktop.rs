@@ -434,7 +434,7 @@ impl Desktop {
         let (device, mut note) = device_for(settings);
         config.device = Some(device);
         let node = match start_node(config.clone()).await {
-            Err(e) if device == ComputeDevice::Gpu => {
+            Err(e @ NodeError::Device(_)) => {
                 note = Some(cpu_fallback(&e));
                 config.device = Some(ComputeDevice::Cpu);
                 start_node(config).await?
@@ -462,7 +462,7 @@ impl Desktop {
             };
             let (device, mut note) = device_for(&settings);
             match node.reshard(plan.range, Some(device)).await {
-                Err(e) if device == ComputeDevice::Gpu => {
+                Err(e @ NodeError::Device(_)) => {
                     note = Some(cpu_fallback(&e));
                     node.reshard(plan.range, Some(ComputeDevice::Cpu)).await?;
                 }
@@ -481,8 +481,9 @@ impl Desktop {
 
     /// Applies a JSON merge patch to the settings. A bad value is refused with its field named
     /// and nothing changes. Every change reaches the running node without a restart: caps,
-    /// compute share, threads and name at once; tracker and bootstrap peers on the node's
-    /// next join; layers, memory budget and device by a live shard swap with the new plan.
+    /// compute share, threads and name at once; a tracker is followed and bootstrap peers are
+    /// joined through at once; layers, memory budget and device by a live shard swap with the
+    /// new plan.
     pub async fn update_settings(
         self: &Arc<Self>,
         patch: &Value,
@@ -552,8 +553,7 @@ impl Desktop {
             || before.compute.device != after.compute.device
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
-        let tracker = (before.network.tracker != after.network.tracker)
-            .then(|| after.network.tracker.clone());
+        let tracker = before.network.tracker != after.network.tracker;
         if let Some(node) = self.node.read().await.as_ref() {
             node.apply_settings(after);
             if before.network.bootstrap != after.network.bootstrap
@@ -562,11 +562,13 @@ impl Desktop {
                 tracing::error!("keeping the bootstrap peers as they were: {e}");
             }
         }
-        if reshard || tracker.is_some() {
-            // Registering with a tracker and loading a shard take a while: off the caller.
+        if reshard || tracker {
+            // Registering with a tracker and loading a shard take a while: off the caller. The
+            // settings are read there, so the last of several quick changes wins.
             let desktop = self.clone();
             tokio::spawn(async move {
-                if let Some(url) = tracker
+                let url = desktop.settings().network.tracker;
+                if tracker
                     && let Some(node) = desktop.node.read().await.as_ref()
                     && let Err(e) = node.set_tracker(url.as_deref()).await
                 {

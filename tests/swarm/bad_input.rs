@@ -123,16 +123,16 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         "unknown session",
     );
 
-    // Wrong layer: this node serves 2..4. NOT_FOUND, like an unknown session: the caller's
-    // listing is stale (the node may have changed its layers), so it plans around the node.
+    // Wrong layer: this node serves 2..4. FAILED_PRECONDITION: the caller's listing is stale
+    // (the node may have changed its layers), so it reads it again and plans around the node.
     expect(
         client.forward(request("good", 3, 0, 2, hidden(1))).await,
-        Code::NotFound,
+        Code::FailedPrecondition,
         "layers 0..2 requested, this node serves 2..4",
     );
     expect(
         client.forward(request("good", 3, 2, 5, hidden(1))).await,
-        Code::NotFound,
+        Code::FailedPrecondition,
         "this node serves 2..4",
     );
 

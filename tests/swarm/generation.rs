@@ -242,9 +242,10 @@ async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_gen
     let model = TestModel::new(&ModelSpec::demo());
     let expected = local_reference(&model, 4).await;
     let swarm = Swarm::start(model.path(), &[(0, 6)]).await;
-    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
-        .await
-        .unwrap();
+    let mut config = ClientConfig::new(swarm.tracker.url());
+    // A 10 ms floor under the deadline, so that the rest below outlasts it on any machine.
+    config.router.min_deadline = std::time::Duration::from_millis(10);
+    let client = SwarmClient::connect(config).await.unwrap();
     let mut session = client.session();
     // From the first token on, the node computes at a 1 % share: after each call it rests 99
     // times as long as it computed, so the next call misses the deadline the earlier calls

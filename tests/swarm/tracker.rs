@@ -211,6 +211,7 @@ async fn a_running_node_moves_between_trackers_without_a_restart() {
     assert!(err.to_string().contains("tracker"), "{err}");
     node.set_tracker(Some(&second.url())).await.unwrap();
     assert_eq!(listed(second.url()).await, [id]);
+    node.set_tracker(None).await.unwrap();
     node.shutdown().await;
     first.shutdown().await;
     second.shutdown().await;

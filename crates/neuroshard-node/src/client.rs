@@ -629,7 +629,9 @@ impl SwarmSession<'_> {
                             }
                         }
                     }
-                    Err(err) if is_peer_fault(&err) => self.fail_over(i, err).await?,
+                    Err(err) if is_peer_fault(&err) || is_stale_listing(&err) => {
+                        self.fail_over(i, err).await?
+                    }
                     Err(err) => return Err(err),
                 }
             }
@@ -653,12 +655,25 @@ impl SwarmSession<'_> {
         self.failovers_left -= 1;
         let addr = self.chain[i].hop.addr.clone();
         let span = self.chain[i].hop.layers;
+        let stale = is_stale_listing(&err);
         {
             let mut router = self.client.router.lock().expect("router lock");
-            router.record_failure(&addr, Instant::now());
+            if stale {
+                // Not a failure: the peer serves other layers now. It is planned around until
+                // the listing, read again below, says what it serves.
+                router.forget(&addr);
+            } else {
+                router.record_failure(&addr, Instant::now());
+            }
             self.client.update_peer_gauges(&router);
         }
-        self.client.pool.evict(&addr);
+        if stale {
+            if let Err(e) = self.client.refresh().await {
+                tracing::debug!("reading the peers again: {e}");
+            }
+        } else {
+            self.client.pool.evict(&addr);
+        }
         let hops = match self.plan_or_refresh(span, 1).await {
             Ok(hops) => hops,
             Err(NodeError::NoRoute(_)) if is_deadline_miss(&err) => {
@@ -1006,6 +1021,12 @@ async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
 /// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
 fn is_deadline_miss(err: &NodeError) -> bool {
     matches!(err, NodeError::Remote { status, .. } if status.code() == tonic::Code::DeadlineExceeded)
+}
+
+/// Whether `err` says the peer does not serve the layers asked for: the listing that named it
+/// is out of date (it changed its layers since).
+fn is_stale_listing(err: &NodeError) -> bool {
+    matches!(err, NodeError::Remote { status, .. } if status.code() == tonic::Code::FailedPrecondition)
 }
 
 /// Whether an error is the peer's (so another peer may do better) rather than the request's.

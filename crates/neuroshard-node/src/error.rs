@@ -22,7 +22,8 @@ pub enum NodeError {
     #[error("{0}")]
     Full(String),
     /// The call asked for layers this node does not serve, perhaps since it changed them
-    /// after the caller's listing: NOT_FOUND, so callers plan around it.
+    /// after the caller's listing: FAILED_PRECONDITION, on which callers read the listing
+    /// again and plan around the node without counting it as a failure.
     #[error("layers {asked} requested, this node serves {serves}")]
     WrongLayers {
         /// The span asked for.
@@ -36,6 +37,10 @@ pub enum NodeError {
     /// A settings value is invalid; names the field.
     #[error("invalid config: {0}")]
     Config(String),
+    /// The compute device asked for cannot be used (no GPU backend in this build, or the GPU
+    /// failed to start); computing elsewhere may work.
+    #[error("device: {0}")]
+    Device(String),
     /// No chain of peers covers the model's layers.
     #[error("no route: {0}")]
     NoRoute(String),
@@ -118,10 +123,12 @@ impl From<NodeError> for tonic::Status {
     fn from(err: NodeError) -> Self {
         use tonic::Code;
         let code = match &err {
-            NodeError::Tensor(_) | NodeError::BadRequest(_) | NodeError::Config(_) => {
-                Code::InvalidArgument
-            }
-            NodeError::UnknownSession(_) | NodeError::WrongLayers { .. } => Code::NotFound,
+            NodeError::Tensor(_)
+            | NodeError::BadRequest(_)
+            | NodeError::Config(_)
+            | NodeError::Device(_) => Code::InvalidArgument,
+            NodeError::UnknownSession(_) => Code::NotFound,
+            NodeError::WrongLayers { .. } => Code::FailedPrecondition,
             NodeError::SessionBusy(_) => Code::Aborted,
             NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,

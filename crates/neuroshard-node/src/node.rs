@@ -252,9 +252,9 @@ impl Served {
             None => neuroshard_model::default_device(),
             Some(ComputeDevice::Cpu) => neuroshard_model::cpu_device(),
             Some(ComputeDevice::Gpu) => neuroshard_model::gpu_device().ok_or_else(|| {
-                NodeError::Config(
-                    "device: gpu asked for, but this build has no GPU backend (build with the \
-                     `wgpu` feature)"
+                NodeError::Device(
+                    "gpu asked for, but this build has no GPU backend (build with the `wgpu` \
+                     feature)"
                         .into(),
                 )
             })?,
@@ -280,7 +280,7 @@ impl Served {
         .map_err(|e| {
             let why = panic_message(e);
             if on_gpu {
-                NodeError::Config(format!("device: the GPU could not be used: {why}"))
+                NodeError::Device(format!("the GPU could not be used: {why}"))
             } else {
                 NodeError::Config(format!("loading the shard failed: {why}"))
             }
@@ -316,10 +316,11 @@ pub struct NodeState {
     key: Arc<NodeKey>,
     ledger: LedgerHandle,
     discovery: Discovery,
-    /// Wakes the tracker heartbeat for a beat now (the node's layers changed).
-    beat_now: tokio::sync::Notify,
-    /// Counts the heartbeats made, so a change can wait for the tracker to hear of it.
-    beats: tokio::sync::watch::Sender<u64>,
+    /// Bumped to have the tracker heartbeat beat now (the node's layers changed).
+    beat_now: tokio::sync::watch::Sender<u64>,
+    /// The layers the followed tracker last accepted from this node, so a change can wait
+    /// for it to hear of it.
+    told: tokio::sync::watch::Sender<Option<LayerRange>>,
     /// The tracker followed, and what stops its heartbeat.
     tracker: tokio::sync::Mutex<Option<(String, CancellationToken)>>,
     heartbeat_every: Duration,
@@ -353,45 +354,48 @@ impl NodeState {
         }
     }
 
-    /// Registers with the tracker at `url` (awaiting the first beat) and heartbeats it from now
-    /// on, instead of the one followed so far; `None` follows none. The peers the old tracker
-    /// listed are forgotten.
+    /// Follows the tracker at `url` instead of the one followed so far (`None`: none): the
+    /// old heartbeat stops and the peers it listed are forgotten; the first beat to the new
+    /// one (register, list peers) is awaited, then it beats on a timer. A tracker that does not
+    /// answer is tried again every beat.
     async fn follow_tracker(self: &Arc<Self>, url: Option<String>) -> Result<(), NodeError> {
         let mut followed = self.tracker.lock().await;
         if followed.as_ref().map(|(u, _)| u) == url.as_ref() {
             return Ok(());
         }
+        let stop = self.cancel.child_token();
         let heartbeat = url
             .as_deref()
-            .map(|url| Heartbeat::new(self.clone(), url))
+            .map(|url| Heartbeat::new(self.clone(), url, stop.clone()))
             .transpose()?;
-        if let Some((_, stop)) = followed.take() {
-            stop.cancel();
-            self.learn_peers(PeerSource::Tracker, Vec::new());
+        if let Some((_, old)) = followed.take() {
+            old.cancel();
+            self.learn_peers(PeerSource::Tracker, Vec::new(), None);
+            self.told.send_replace(None);
         }
         if let (Some(mut heartbeat), Some(url)) = (heartbeat, url) {
             heartbeat.beat().await;
-            let stop = self.cancel.child_token();
-            tokio::spawn(heartbeat.run(self.heartbeat_every, stop.clone()));
+            tokio::spawn(heartbeat.run(self.heartbeat_every));
             *followed = Some((url, stop));
         }
         Ok(())
     }
 
-    /// Has the heartbeat tell the tracker (if one is followed) what the node announces now,
-    /// and waits for that beat, or for the tracker client's own timeout.
+    /// Has the heartbeat tell the tracker (if one is followed) the layers served now, and
+    /// waits until the tracker has accepted them, at most [`TRACKER_WAIT`].
     async fn tell_tracker(&self) {
         if self.tracker.lock().await.is_none() {
             return;
         }
-        let mut beats = self.beats.subscribe();
-        beats.borrow_and_update();
-        self.beat_now.notify_one();
-        if tokio::time::timeout(TRACKER_WAIT, beats.changed())
-            .await
-            .is_err()
-        {
-            tracing::warn!("the tracker did not hear of the change within {TRACKER_WAIT:?}");
+        let layers = Some(self.served().range);
+        let mut told = self.told.subscribe();
+        self.beat_now.send_modify(|n| *n += 1);
+        let heard = tokio::time::timeout(TRACKER_WAIT, told.wait_for(|t| *t == layers));
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            heard = heard => if !matches!(heard, Ok(Ok(_))) {
+                tracing::warn!("the tracker did not hear of the change within {TRACKER_WAIT:?}");
+            }
         }
     }
 
@@ -438,9 +442,19 @@ impl NodeState {
         self.peers.read().expect("peers lock").all()
     }
 
-    /// Replaces the peers learned from one source and updates the peer gauges.
-    fn learn_peers(&self, source: PeerSource, peers: Vec<PeerRecord>) {
+    /// Replaces the peers learned from one source and updates the peer gauges; not once
+    /// `unless` has fired (checked under the lock, so a heartbeat of a tracker no longer
+    /// followed cannot bring its list back).
+    fn learn_peers(
+        &self,
+        source: PeerSource,
+        peers: Vec<PeerRecord>,
+        unless: Option<&CancellationToken>,
+    ) {
         let mut known = self.peers.write().expect("peers lock");
+        if unless.is_some_and(CancellationToken::is_cancelled) {
+            return;
+        }
         let peers = peers
             .into_iter()
             .filter(|p| p.node_id != self.record.node_id)
@@ -656,9 +670,8 @@ impl NodeState {
                 }))
             });
             let compute = started.elapsed();
-            turn.finish(compute);
             state.busy.fetch_sub(1, Ordering::Relaxed);
-            match out {
+            let result = match out {
                 Ok(out) => {
                     state.sessions.checkin(checkout, Instant::now());
                     let (out, weights_hash) = out?;
@@ -670,7 +683,11 @@ impl NodeState {
                         "compute failed; the session was dropped".into(),
                     ))
                 }
-            }
+            };
+            // The cache is back before the next turn starts: a caller that gave up on this
+            // call and asked again waits for its turn and then finds the session free.
+            turn.finish(compute);
+            result
         })
         .await
         .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?
@@ -1081,8 +1098,13 @@ impl NodeHandle {
             return Ok(());
         }
         let next = Served::load(&state.model_dir, layers, device, state.fault.as_ref()).await?;
-        *state.served.write().expect("served lock") = Arc::new(next);
-        let dropped = state.sessions.clear();
+        let dropped = {
+            // Sessions go while the swap is held: a call that sees the new shard finds none of
+            // the old caches.
+            let mut served = state.served.write().expect("served lock");
+            *served = Arc::new(next);
+            state.sessions.clear()
+        };
         tracing::info!(
             "now serving layers {layers} (was {}); {dropped} sessions dropped",
             before.range
@@ -1280,8 +1302,8 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         key,
         ledger,
         discovery,
-        beat_now: tokio::sync::Notify::new(),
-        beats: tokio::sync::watch::channel(0).0,
+        beat_now: tokio::sync::watch::channel(0).0,
+        told: tokio::sync::watch::channel(None).0,
         tracker: tokio::sync::Mutex::new(None),
         heartbeat_every: config.heartbeat,
         cancel: cancel.clone(),
@@ -1379,7 +1401,7 @@ async fn sweep_providers(state: &NodeState) {
         let providers = discovery
             .providers(&state.model.id, state.record.total_layers)
             .await;
-        state.learn_peers(PeerSource::Dht, providers);
+        state.learn_peers(PeerSource::Dht, providers, None);
         let lan_changed = async {
             match &mut lan {
                 Some(count) => count.changed().await.is_ok(),
@@ -1418,37 +1440,45 @@ struct Heartbeat {
     tracker: TrackerClient<Channel>,
     url: String,
     registered: bool,
+    /// Fires when the node stops following this tracker.
+    stop: CancellationToken,
 }
 
 impl Heartbeat {
-    fn new(state: Arc<NodeState>, url: &str) -> Result<Self, NodeError> {
+    fn new(state: Arc<NodeState>, url: &str, stop: CancellationToken) -> Result<Self, NodeError> {
         Ok(Self {
             state,
             tracker: crate::client::tracker_client(url)?,
             url: url.to_string(),
             registered: false,
+            stop,
         })
     }
 
-    /// One heartbeat period until cancelled.
-    async fn run(mut self, period: Duration, cancel: CancellationToken) {
+    /// Beats every `period`, and when asked to, until stopped; a beat under way when the stop
+    /// comes is dropped.
+    async fn run(mut self, period: Duration) {
+        let stop = self.stop.clone();
         let mut tick = tokio::time::interval(period);
         tick.tick().await;
+        let mut asked = self.state.beat_now.subscribe();
+        asked.borrow_and_update();
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => self.beat().await,
-                _ = self.state.beat_now.notified() => self.beat().await,
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                Ok(()) = asked.changed() => {}
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.beat() => {}
             }
         }
     }
 
     async fn beat(&mut self) {
-        self.beat_once().await;
-        self.state.beats.send_modify(|n| *n += 1);
-    }
-
-    async fn beat_once(&mut self) {
         let record = self.state.record();
         if self.registered {
             let timestamp_ms = crate::now_ms();
@@ -1461,7 +1491,7 @@ impl Heartbeat {
                 signature: self.state.key.sign(&message).to_vec(),
             };
             match self.tracker.heartbeat(request).await {
-                Ok(reply) if reply.get_ref().known => {}
+                Ok(reply) if reply.get_ref().known => self.told(record.layers),
                 Ok(_) => {
                     tracing::info!("tracker forgot this node (restarted?); registering again");
                     self.registered = false;
@@ -1483,6 +1513,7 @@ impl Heartbeat {
                         tracing::warn!("tracker: {warning}");
                     }
                     self.registered = true;
+                    self.told(record.layers);
                 }
                 Err(status) => {
                     tracing::warn!("registering with the tracker failed: {}", status.message())
@@ -1500,6 +1531,15 @@ impl Heartbeat {
         };
         let contacts = peers.iter().filter_map(contact_of_peer).collect();
         self.state.discovery.dht().add_candidates(contacts).await;
-        self.state.learn_peers(PeerSource::Tracker, peers);
+        self.state
+            .learn_peers(PeerSource::Tracker, peers, Some(&self.stop));
+    }
+
+    /// Records that the tracker accepted `layers` from this node, unless it is no longer
+    /// followed.
+    fn told(&self, layers: LayerRange) {
+        if !self.stop.is_cancelled() {
+            self.state.told.send_replace(Some(layers));
+        }
     }
 }

@@ -353,6 +353,11 @@ impl Router {
         }
     }
 
+    /// Drops `addr` from the peers until the next listing names it again.
+    pub fn forget(&mut self, addr: &str) {
+        self.peers.remove(addr);
+    }
+
     /// Lifts `addr`'s ban: it is slow rather than gone, and no other peer can stand in.
     pub fn lift_ban(&mut self, addr: &str) {
         if let Some((_, health)) = self.peers.get_mut(addr) {
