@@ -11,11 +11,12 @@ mkdir -p "$CARGO_TARGET_DIR"
 
 # Debian packages: a C toolchain for -sys crates; the webview, tray and image libraries the
 # desktop app links; Xvfb, WebKitWebDriver and D-Bus for the real-app test; Chromium for the
-# page tests.
+# page tests; for the NAT lab, nftables, a UPnP IGD (miniupnpd), its client and coturn.
 deb_packages=(build-essential pkg-config libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
-  librsvg2-dev libxdo-dev libxss-dev xvfb webkit2gtk-driver dbus chromium)
+  librsvg2-dev libxdo-dev libxss-dev xvfb webkit2gtk-driver dbus chromium
+  iproute2 nftables miniupnpd-nftables miniupnpc coturn)
 missing=()
-for tool in cc pkg-config Xvfb WebKitWebDriver dbus-run-session chromium; do
+for tool in cc pkg-config Xvfb WebKitWebDriver dbus-run-session chromium ip nft miniupnpd upnpc turnserver; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 pkg-config --exists webkit2gtk-4.1 ayatana-appindicator3-0.1 librsvg-2.0 xscrnsaver 2>/dev/null || missing+=(libs)

@@ -5,6 +5,7 @@ mod dht;
 mod generation;
 mod lifecycle;
 mod limits;
+mod nat_lab;
 mod pool;
 mod proofs;
 mod tracker;
