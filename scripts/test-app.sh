@@ -11,6 +11,8 @@ work="$(mktemp -d)"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # dbus-run-session does not pass the signal on to the driver it started.
+  [ -n "${port:-}" ] && pkill -f -- "--port $port --native-port" 2>/dev/null || true
   wait 2>/dev/null || true
   # The desktop portal may leave its document store mounted under the test's home.
   fusermount -uz "$work/home/.cache/doc" 2>/dev/null || umount -l "$work/home/.cache/doc" 2>/dev/null || true

@@ -335,3 +335,23 @@ async fn without_upnp_and_behind_a_port_per_destination_nat_the_home_node_is_tol
     home.say("stop").await;
     home.until("stopped", |_| true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_answers_stun_on_its_own_port() {
+    use neuroshard_nat::stun::{self, Mapping, Retransmit};
+    let model = neuroshard_tests::TestModel::new(&neuroshard_model::init::ModelSpec::tiny());
+    let config = neuroshard_node::node::NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(0, 4).unwrap(),
+    );
+    let node = neuroshard_node::node::start_node(config).await.unwrap();
+    let server = node.stun_addr().expect("the node answers STUN");
+    assert_eq!(server, node.addr(), "on the node's own port");
+    // Junk on the port is dropped; the node answers the next request all the same.
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    junk.send_to(b"junk", server).await.unwrap();
+    let report = stun::probe(&[server], Retransmit::default()).await.unwrap();
+    assert_eq!(report.mapped, [(server, report.local)], "{report:?}");
+    assert_eq!(report.mapping, Some(Mapping::None));
+    node.shutdown().await;
+}

@@ -122,6 +122,10 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     /// DHT and LAN discovery.
     pub discovery: DiscoveryConfig,
+    /// Answer STUN on UDP at the node's own port, so peers can learn their mapped address from
+    /// any node and the swarm needs no third-party STUN server. A port that is taken only
+    /// costs a warning. Default true.
+    pub stun: bool,
     /// The name the node shows the swarm; none for an anonymous node. Default none.
     pub display_name: Option<String>,
     /// Test-only misbehaviour.
@@ -150,6 +154,7 @@ impl NodeConfig {
             cpu_threads: 0,
             bootstrap: Vec::new(),
             discovery: DiscoveryConfig::default(),
+            stun: true,
             display_name: None,
             fault: None,
         }
@@ -958,6 +963,7 @@ pub struct NodeLimits {
 pub struct NodeHandle {
     id: NodeId,
     addr: SocketAddr,
+    stun: Option<SocketAddr>,
     state: Arc<NodeState>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -972,6 +978,11 @@ impl NodeHandle {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the node answers STUN (UDP, its own port), if it does.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun
     }
 
     /// The advertised `host:port`.
@@ -1265,6 +1276,17 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let cancel = CancellationToken::new();
     // Whatever started stops again if the node fails to start.
     let stop_on_error = cancel.clone().drop_guard();
+    let stun = if config.stun {
+        match neuroshard_nat::stun::Server::start(addr, cancel.clone()).await {
+            Ok(server) => Some(server.addr()),
+            Err(e) => {
+                tracing::warn!("not answering STUN: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::default());
     let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
     let state = Arc::new(NodeState {
@@ -1329,6 +1351,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     Ok(NodeHandle {
         id,
         addr,
+        stun,
         state,
         cancel,
         server,
