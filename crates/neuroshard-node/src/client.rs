@@ -1020,13 +1020,21 @@ async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
 
 /// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
 fn is_deadline_miss(err: &NodeError) -> bool {
-    matches!(err, NodeError::Remote { status, .. } if status.code() == tonic::Code::DeadlineExceeded)
+    remote_code(err) == Some(tonic::Code::DeadlineExceeded)
 }
 
 /// Whether `err` says the peer does not serve the layers asked for: the listing that named it
 /// is out of date (it changed its layers since).
 fn is_stale_listing(err: &NodeError) -> bool {
-    matches!(err, NodeError::Remote { status, .. } if status.code() == tonic::Code::FailedPrecondition)
+    remote_code(err) == Some(tonic::Code::FailedPrecondition)
+}
+
+/// The status code a remote peer answered with, if `err` is its answer.
+fn remote_code(err: &NodeError) -> Option<tonic::Code> {
+    match err {
+        NodeError::Remote { status, .. } => Some(status.code()),
+        _ => None,
+    }
 }
 
 /// Whether an error is the peer's (so another peer may do better) rather than the request's.

@@ -334,7 +334,7 @@ impl Discovery {
         key: &NodeKey,
     ) -> Result<AnnounceStatus, NodeError> {
         let mut keys = vec![RecordKey::Node(key.id())];
-        keys.extend(layer_keys(me, me.layers));
+        keys.extend(layer_keys(me, me.layers.to_range()));
         let count = keys.len();
         let (least_stored, expires_ms) = self.put_signed(me, key, keys).await?;
         let mut status = AnnounceStatus::default();
@@ -358,9 +358,8 @@ impl Discovery {
         key: &NodeKey,
         layers: LayerRange,
     ) -> Result<usize, NodeError> {
-        let keys: Vec<_> = layer_keys(me, layers)
-            .filter(|k| matches!(k, RecordKey::Layer { index, .. } if !me.layers.contains(*index)))
-            .collect();
+        let gone = layers.to_range().filter(|&i| !me.layers.contains(i as u32));
+        let keys: Vec<_> = layer_keys(me, gone).collect();
         if keys.is_empty() {
             return Ok(0);
         }
@@ -445,9 +444,12 @@ impl Discovery {
     }
 }
 
-/// The `/layers/{model}/{index}` keys of `layers` of `me`'s model.
-fn layer_keys(me: &PeerRecord, layers: LayerRange) -> impl Iterator<Item = RecordKey> + '_ {
-    layers.to_range().map(|index| RecordKey::Layer {
+/// The `/layers/{model}/{index}` keys of layers `indices` of `me`'s model.
+fn layer_keys(
+    me: &PeerRecord,
+    indices: impl Iterator<Item = usize>,
+) -> impl Iterator<Item = RecordKey> {
+    indices.map(|index| RecordKey::Layer {
         model: me.model_id.clone(),
         index: index as u32,
     })
