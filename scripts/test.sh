@@ -29,7 +29,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v npm >/dev/null 2>&1 || { echo "Node.js and npm are required for the app's page tests"; exit 1; }
-rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+[[ "$(rustup component list --installed 2>/dev/null)" == *clippy* ]] || rustup component add clippy rustfmt 2>/dev/null || true
 # npm packages of the front end's tests and the Tauri CLI, at the versions the lock file pins.
 # `npm install --no-save` rather than `npm ci`: the lock file lacks the Tauri CLI's packages for
 # other platforms (the registry reachable here does not serve them), which `npm ci` refuses.
@@ -38,7 +38,7 @@ if [ ! -d ui/node_modules/playwright-core ] || [ ui/package-lock.json -nt ui/nod
 fi
 # tauri-driver bridges WebDriver clients to WebKitWebDriver for the real-app test.
 tauri_driver_version=2.1.0
-if ! tauri-driver --version 2>/dev/null | grep -q "$tauri_driver_version"; then
+if [[ "$(tauri-driver --version 2>/dev/null)" != *"$tauri_driver_version"* ]]; then
   cargo install tauri-driver --version "$tauri_driver_version" --locked
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -58,8 +58,11 @@ ui/node_modules/.bin/tauri build --debug --bundles deb --ci -- -p neuroshard-des
   >"$CARGO_TARGET_DIR/deb-build.log" 2>&1 || {
   tail -40 "$CARGO_TARGET_DIR/deb-build.log"; exit 1; }
 deb="$(ls -t "$CARGO_TARGET_DIR"/debug/bundle/deb/*.deb | head -1)"
-dpkg-deb --contents "$deb" | grep -q "usr/bin/neuroshard-desktop" || { echo "$deb lacks the binary"; exit 1; }
-dpkg-deb --contents "$deb" | grep -q "usr/share/applications/NeuroShard.desktop" || { echo "$deb lacks the menu entry"; exit 1; }
+# List once into a variable: `dpkg-deb | grep -q` under pipefail fails at random when grep
+# exits early and tar dies of SIGPIPE.
+contents="$(dpkg-deb --contents "$deb")"
+grep -q "usr/bin/neuroshard-desktop" <<<"$contents" || { echo "$deb lacks the binary"; exit 1; }
+grep -q "usr/share/applications/NeuroShard.desktop" <<<"$contents" || { echo "$deb lacks the menu entry"; exit 1; }
 echo "built $deb"
 echo "== tests"
 log="$(mktemp)"
