@@ -7,8 +7,11 @@
 //!   two or more servers to tell an endpoint-independent mapping from an endpoint-dependent
 //!   one, and a server, so that every reachable node can answer STUN and the swarm needs no
 //!   third-party server.
+//! - [`relay`]: a relay that splices callers to nodes nobody can dial, the link such a node
+//!   keeps to it, and the dialer, secured end to end with Noise to the node's key.
 
 pub mod portmap;
+pub mod relay;
 pub mod stun;
 
 use std::time::Duration;
@@ -35,6 +38,9 @@ pub enum NatError {
     /// The router's UPnP IGD could not be found or refused a request.
     #[error("UPnP: {0}")]
     Upnp(String),
+    /// A relay refused, failed or broke the protocol; says which and how.
+    #[error("{0}")]
+    Relay(String),
     /// A setting is invalid; names it.
     #[error("invalid config: {0}")]
     Config(String),
