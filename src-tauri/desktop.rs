@@ -416,6 +416,8 @@ impl Desktop {
             .unwrap_or(self.launch.listen);
         config.advertise = self.launch.advertise.clone();
         config.tracker = settings.network.tracker.clone();
+        // The whole chain: the address as it is, UPnP, STUN, a relay a peer offers.
+        config.reach.mode = neuroshard_node::reach::NatMode::Auto;
         config.bootstrap = settings.network.bootstrap.clone();
         config.discovery.lan = self.launch.lan.clone();
         config.display_name = settings
@@ -814,6 +816,7 @@ impl Desktop {
             })
             .await
             .unwrap_or_default();
+        let reach = node.reachability().borrow().clone();
         let status = DesktopStatus {
             state,
             detail,
@@ -831,10 +834,11 @@ impl Desktop {
                 down_bps: rate.received,
                 ..bandwidth
             },
-            address: Some(node.advertised().to_string()),
+            address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock().expect("note lock").clone(),
-            reachability: "untested".into(),
+            reachability: reach_path_name(reach.path).into(),
+            reachability_advice: reach.advice,
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
             credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
             receipts_pending: pending,
@@ -1076,4 +1080,16 @@ async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
     .map_err(|e| CommandError::new("model", e.to_string()))?
     .map_err(|e| CommandError::new("model", format!("writing the demo model: {e}")))?;
     Ok(dir)
+}
+
+/// The status's name of a reachability path.
+fn reach_path_name(path: neuroshard_node::reach::ReachPath) -> &'static str {
+    use neuroshard_node::reach::ReachPath;
+    match path {
+        ReachPath::Untested => "untested",
+        ReachPath::Direct => "direct",
+        ReachPath::Mapped => "mapped",
+        ReachPath::Relayed => "relayed",
+        ReachPath::Unreachable => "unreachable",
+    }
 }

@@ -83,8 +83,11 @@ pub struct DesktopStatus {
     pub device: Option<&'static str>,
     /// Why compute runs on the CPU though the settings ask for the GPU.
     pub device_note: Option<String>,
-    /// How peers reach this node; "untested" until a peer has dialled back.
+    /// How peers reach this node: "untested" until a peer has dialled back, then "direct",
+    /// "mapped" (UPnP), "relayed" or "unreachable".
     pub reachability: String,
+    /// What the owner can do about it, in plain words.
+    pub reachability_advice: String,
     /// Verified receipts since local midnight.
     pub receipts_today: u64,
     /// Their credit.
@@ -113,6 +116,7 @@ impl DesktopStatus {
             device: None,
             device_note: None,
             reachability: "untested".into(),
+            reachability_advice: String::new(),
             receipts_today: 0,
             credit_today: 0.0,
             receipts_pending: 0,

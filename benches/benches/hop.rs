@@ -25,7 +25,7 @@ fn hop_overhead(c: &mut Criterion) {
     let node = runtime.block_on(start_bench_node(dir.path(), 1, 2));
     // The client's own connection pool, so the channel is configured as in a swarm.
     let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()));
-    let mut pooled = runtime.block_on(pool.client(node.advertised())).unwrap();
+    let mut pooled = runtime.block_on(pool.client(&node.advertised())).unwrap();
     let client = &mut pooled.client;
     // A 16-token history so the decode step attends over a real cache.
     runtime

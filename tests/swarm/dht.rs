@@ -123,7 +123,7 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
             .find(|n| n.id().to_string() == peer.node_id)
             .unwrap();
         assert_eq!(
-            (peer.addr.as_str(), peer.layers),
+            (peer.addr.clone(), peer.layers),
             (node.advertised(), node.layers())
         );
     }

@@ -8,4 +8,5 @@ mod limits;
 mod nat_lab;
 mod pool;
 mod proofs;
+mod relay;
 mod tracker;

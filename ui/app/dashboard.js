@@ -50,6 +50,7 @@ export function render(status) {
   setText("stat-latency", status.latency_ms > 0 ? `${status.latency_ms.toFixed(1)} ms` : "—");
   setText("stat-peers", fmt.count(status.peers));
   setText("stat-reach", `reachability: ${status.reachability}`);
+  $("stat-reach").title = status.reachability_advice ?? "";
   setText("stat-receipts", fmt.count(status.receipts_today));
   setText("stat-credit", `${fmt.credit(status.credit_today)} credit · ${status.receipts_pending} pending`);
 

@@ -214,6 +214,12 @@ impl NodeKey {
         self.public().id()
     }
 
+    /// The ed25519 key itself, for protocols that take one (the relay's registration and
+    /// end-to-end handshake).
+    pub fn signing_key(&self) -> ed25519_dalek::SigningKey {
+        self.0.clone()
+    }
+
     /// Signs `message`.
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         use ed25519_dalek::Signer;

@@ -536,23 +536,19 @@ pub enum LinkState {
     Stopped,
 }
 
-/// A node's link to a relay: its state, and the secured circuits callers open through it.
-#[derive(Debug)]
-pub struct RelayLink {
-    /// Where the link stands.
-    pub state: watch::Receiver<LinkState>,
-    /// One stream per caller, secured end to end.
-    pub circuits: mpsc::Receiver<DuplexStream>,
-}
-
 /// Keeps `key` registered at `relay` until `cancel` fires, reconnecting with backoff (from
-/// 100 ms, doubling to 5 s) whenever the link drops or the relay goes silent.
-pub fn spawn_link(relay: String, key: SigningKey, cancel: CancellationToken) -> RelayLink {
+/// 100 ms, doubling to 5 s) whenever the link drops or the relay goes silent. Each circuit a
+/// caller opens goes to `circuits`, secured end to end; the watch says where the link stands.
+pub fn spawn_link(
+    relay: String,
+    key: SigningKey,
+    circuit_tx: mpsc::Sender<DuplexStream>,
+    cancel: CancellationToken,
+) -> watch::Receiver<LinkState> {
     let (state_tx, state) = watch::channel(LinkState::Connecting {
         relay: relay.clone(),
         last_error: None,
     });
-    let (circuit_tx, circuits) = mpsc::channel(16);
     let key = Arc::new(key);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
@@ -583,7 +579,7 @@ pub fn spawn_link(relay: String, key: SigningKey, cancel: CancellationToken) -> 
         }
         state_tx.send_replace(LinkState::Stopped);
     });
-    RelayLink { state, circuits }
+    state
 }
 
 /// One life of a link: register, then serve the relay's requests until the link ends.

@@ -680,6 +680,15 @@ impl SwarmSession<'_> {
                 self.wait_longer(i, err);
                 return Ok(());
             }
+            Err(NodeError::NoRoute(_)) if is_unreachable(&err) => {
+                // Down for a moment, as when its relay restarts: asked again after a pause
+                // that doubles with each try.
+                let tries = self.client.config.max_failovers_per_step - self.failovers_left;
+                let pause = UNREACHABLE_PAUSE * 2u32.pow(tries.saturating_sub(1).min(4) as u32);
+                self.wait_longer(i, err);
+                tokio::time::sleep(pause).await;
+                return Ok(());
+            }
             Err(e) => return Err(e),
         };
         let broken = self.chain.remove(i);
@@ -713,8 +722,9 @@ impl SwarmSession<'_> {
         Ok(())
     }
 
-    /// Keeps hop `i`, whose peer missed its deadline while no other peer serves its span: a
-    /// stalled peer (a GPU compiling kernels, a busy home PC) is slow, not gone. Its ban is
+    /// Keeps hop `i`, whose peer missed its deadline or could not be reached while no other
+    /// peer serves its span: a stalled peer (a GPU compiling kernels, a busy home PC) is slow,
+    /// not gone, and one behind a restarting relay is back once it has registered again. Its ban is
     /// lifted and the call is sent again with the first-call deadline; the peer's cache takes
     /// the repeated positions as a replay. Each wait spends one of the session's failovers, so
     /// a peer that never answers still ends the generation.
@@ -1019,6 +1029,15 @@ async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
 }
 
 /// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
+/// Whether `err` says the peer could not be reached: it, or the relay in front of it, is down.
+fn is_unreachable(err: &NodeError) -> bool {
+    matches!(err, NodeError::Connect { .. }) || remote_code(err) == Some(tonic::Code::Unavailable)
+}
+
+/// The first pause before asking an unreachable peer that nobody can replace again; it doubles
+/// with each try, so the session's failovers (4 by default) cover about 4 s.
+const UNREACHABLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 fn is_deadline_miss(err: &NodeError) -> bool {
     remote_code(err) == Some(tonic::Code::DeadlineExceeded)
 }

@@ -47,6 +47,15 @@ pub struct PeerRecord {
     pub public_key: PublicKey,
     /// The name its owner shows the swarm; empty for an anonymous node.
     pub display_name: String,
+    /// `host:port` of the relay it runs for nodes nobody can dial; empty if none.
+    pub relay: String,
+}
+
+impl PeerRecord {
+    /// Whether peers reach it through a relay (an extra hop each way).
+    pub fn is_relayed(&self) -> bool {
+        self.addr.starts_with(neuroshard_nat::relay::SCHEME)
+    }
 }
 
 /// A wire dtype from its protobuf enum value.
@@ -156,6 +165,21 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
     }
     let public_key = PublicKey::from_slice(&p.public_key)?;
     public_key.check_id(&p.node_id)?;
+    if let Some(relayed) = neuroshard_nat::relay::RelayedAddr::parse(&p.addr) {
+        let relayed = relayed.map_err(|e| NodeError::BadRequest(format!("peer addr: {e}")))?;
+        if relayed.key != public_key.0 {
+            return Err(NodeError::BadRequest(format!(
+                "peer addr {} names a key other than the peer's",
+                p.addr
+            )));
+        }
+    }
+    if p.relay.len() > 255 || (!p.relay.is_empty() && !p.relay.contains(':')) {
+        return Err(NodeError::BadRequest(format!(
+            "peer relay {:?} is not a host:port",
+            p.relay.chars().take(64).collect::<String>()
+        )));
+    }
     let layers = span_from_proto(p.layers)?;
     check_display_name(&p.display_name)
         .map_err(|why| NodeError::BadRequest(format!("peer display_name {why}")))?;
@@ -184,6 +208,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         },
         public_key,
         display_name: p.display_name,
+        relay: p.relay,
     })
 }
 
@@ -198,6 +223,7 @@ pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
         load: p.load,
         public_key: p.public_key.0.to_vec(),
         display_name: p.display_name.clone(),
+        relay: p.relay.clone(),
     }
 }
 

@@ -179,7 +179,7 @@ pub async fn run_demo(
             id: n.id().short(),
             addr: n.advertised().to_string(),
             layers: n.layers().to_string(),
-            killed: killed.as_deref() == Some(n.advertised()),
+            killed: killed.as_deref() == Some(n.advertised().as_str()),
             receipts,
             credit: totals.iter().map(|t| t.lifetime.credit).sum(),
         });

@@ -495,6 +495,7 @@ mod tests {
             load: 0.0,
             public_key: key.public(),
             display_name: "Ada".into(),
+            relay: String::new(),
         };
         let expires = crate::now_ms() + 60_000;
         let sign = |k: RecordKey, value: Vec<u8>, signer: &NodeKey| {

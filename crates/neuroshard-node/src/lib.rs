@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod pool;
+pub mod reach;
 pub mod router;
 pub mod sessions;
 pub mod settings;
@@ -52,23 +53,30 @@ const MAX_CALLS_PER_CONNECTION: usize = 16;
 /// or two instead of 64 of the 16 KiB default.
 pub(crate) const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
-/// Serves `routes` on `listener` until `cancel` fires, with the transport settings every
-/// NeuroShard server shares: Nagle off on accepted sockets (a decode step is one small message
-/// each way, and delayed ACKs would add tens of milliseconds per hop), adaptive HTTP/2 windows
-/// and 1 MiB frames for megabyte activations, and a cap on calls in flight per connection.
+/// Serves `routes` on `listener`, and on every circuit that arrives on `relayed`, until `cancel`
+/// fires, with the transport settings every NeuroShard server shares: Nagle off on accepted
+/// sockets (a decode step is one small message each way, and delayed ACKs would add tens of
+/// milliseconds per hop), adaptive HTTP/2 windows and 1 MiB frames for megabyte activations,
+/// and a cap on calls in flight per connection.
 ///
-/// Every accepted connection keeps to `caps`.
+/// Every accepted connection, relayed or not, keeps to `caps`.
 pub(crate) fn spawn_server(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
+    relayed: Option<tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>>,
     caps: std::sync::Arc<bandwidth::BandwidthCaps>,
     cancel: tokio_util::sync::CancellationToken,
     name: &'static str,
 ) -> tokio::task::JoinHandle<()> {
     use futures::StreamExt;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+    let direct = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|tcp| bandwidth::Throttled::new(tcp, caps.clone())));
+        .map(|accepted| accepted.map(Accepted::Tcp));
+    let relayed = futures::stream::iter(relayed)
+        .flat_map(tokio_stream::wrappers::ReceiverStream::new)
+        .map(|circuit| Ok(Accepted::Relayed(circuit)));
+    let incoming = futures::stream::select(direct, relayed)
+        .map(move |accepted| accepted.map(|conn| bandwidth::Throttled::new(conn, caps.clone())));
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
@@ -81,4 +89,71 @@ pub(crate) fn spawn_server(
             tracing::error!("{name} server failed: {e}");
         }
     })
+}
+
+/// A connection a server accepted: over TCP, or a circuit through a relay (secured end to end;
+/// it has no peer address, so handlers see none).
+pub(crate) enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Relayed(tokio::io::DuplexStream),
+}
+
+impl tokio::io::AsyncRead for Accepted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Accepted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Accepted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Accepted::Tcp(s) => s.connect_info(),
+            Accepted::Relayed(_) => tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
+        }
+    }
 }

@@ -14,7 +14,8 @@ use neuroshard_node::client::{ClientConfig, HopTiming, SwarmClient};
 use neuroshard_node::demo::{DemoOptions, run_demo};
 use neuroshard_node::discovery::LanConfig;
 use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
-use neuroshard_node::node::{NodeConfig, start_node};
+use neuroshard_node::node::{NodeConfig, RelayServe, start_node};
+use neuroshard_node::reach::{NatMode, ReachConfig};
 use neuroshard_node::tracker::{TrackerConfig, start_tracker};
 use neuroshard_proto as pb;
 
@@ -35,6 +36,16 @@ enum Command {
     },
     /// Serve a layer range of a model.
     Node(NodeArgs),
+    /// Run only a relay, for nodes nobody can dial (a node can also run one: `node
+    /// --serve-relay`).
+    Relay {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7701")]
+        listen: SocketAddr,
+        /// Cap on relayed bytes, both ways together, in KB/s (0: none).
+        #[arg(long, default_value_t = 1000)]
+        kbps: u32,
+    },
     /// Generate text through the swarm, or locally with --local.
     Generate(GenerateArgs),
     /// Write the built-in deterministic model (Hugging Face layout) to DIR.
@@ -136,6 +147,23 @@ struct NodeArgs {
     /// host:port other machines should dial (defaults to the listen address).
     #[arg(long)]
     advertise: Option<String>,
+    /// How to become reachable from behind a router: auto tries the address as it is, then
+    /// UPnP, then STUN, then a relay, each proved by a peer dialing back.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(NatMode))]
+    nat: NatMode,
+    /// A STUN server (ip:port) to ask; repeat for more (default: the peers, which answer
+    /// STUN on their own ports).
+    #[arg(long = "stun-server")]
+    stun_servers: Vec<SocketAddr>,
+    /// The relay (host:port) to use when nothing else works (default: one a peer offers).
+    #[arg(long)]
+    relay_via: Option<String>,
+    /// Run a relay for nodes nobody can dial, on this port (0 picks one).
+    #[arg(long)]
+    serve_relay: Option<u16>,
+    /// Cap on relayed bytes, both ways together, in KB/s (0: none).
+    #[arg(long, default_value_t = 1000)]
+    relay_kbps: u32,
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: u64,
@@ -229,6 +257,17 @@ async fn main() -> anyhow::Result<()> {
             tracker.shutdown().await;
         }
         Command::Node(args) => run_node(args).await?,
+        Command::Relay { listen, kbps } => {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let config = neuroshard_nat::relay::RelayConfig {
+                kbps,
+                ..Default::default()
+            };
+            let relay = neuroshard_nat::relay::Relay::start(listen, config, cancel.clone()).await?;
+            eprintln!("relay listening on {}", relay.addr());
+            tokio::signal::ctrl_c().await?;
+            cancel.cancel();
+        }
         Command::Generate(args) => run_generate(args).await?,
         Command::InitModel { dir, size } => {
             let spec = match size {
@@ -288,6 +327,19 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             )
         })?;
     config.advertise = args.advertise;
+    config.reach = ReachConfig {
+        mode: args.nat,
+        stun_servers: args.stun_servers,
+        relay: args.relay_via,
+        ..ReachConfig::default()
+    };
+    config.serve_relay = args.serve_relay.map(|port| RelayServe {
+        listen: SocketAddr::new(config.listen.ip(), port),
+        config: neuroshard_nat::relay::RelayConfig {
+            kbps: args.relay_kbps,
+            ..Default::default()
+        },
+    });
     config.discovery.lan = args.swarm.lan();
     config.tracker = args.swarm.tracker;
     config.bootstrap = args.swarm.bootstrap;
@@ -312,6 +364,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         node.advertised(),
         if node.on_gpu() { "GPU" } else { "CPU" }
     );
+    if let Some(relay) = node.relay() {
+        eprintln!("relaying for others on port {}", relay.addr().port());
+    }
+    let reach = node.reachability().borrow().clone();
+    eprintln!("reachability {}", serde_json::to_string(&reach)?);
     tokio::signal::ctrl_c().await?;
     node.shutdown().await;
     Ok(())

@@ -37,10 +37,12 @@ use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::pool::{ConnectionPool, PoolConfig};
+use crate::reach::{NatMode, ReachConfig, Reachability};
 use crate::sessions::{SessionLimits, SessionStore};
 use crate::settings::ComputeDevice;
 use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
+use neuroshard_nat::relay::{Relay, RelayConfig};
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
@@ -128,6 +130,12 @@ pub struct NodeConfig {
     pub stun: bool,
     /// The name the node shows the swarm; none for an anonymous node. Default none.
     pub display_name: Option<String>,
+    /// How the node makes itself reachable from behind a router, and tests that it is.
+    /// Default: not at all (`NatMode::Off`), for nodes made in code; the CLI and the app
+    /// default to the whole chain.
+    pub reach: ReachConfig,
+    /// Run a relay for nodes nobody can dial. Default none: relaying is opt-in.
+    pub serve_relay: Option<RelayServe>,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -156,6 +164,8 @@ impl NodeConfig {
             discovery: DiscoveryConfig::default(),
             stun: true,
             display_name: None,
+            reach: ReachConfig::default(),
+            serve_relay: None,
             fault: None,
         }
     }
@@ -300,6 +310,15 @@ impl Served {
     }
 }
 
+/// A relay the node runs for others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayServe {
+    /// Where it listens; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Its caps.
+    pub config: RelayConfig,
+}
+
 /// Shared state of a running node.
 #[derive(Debug)]
 pub struct NodeState {
@@ -312,6 +331,11 @@ pub struct NodeState {
     metrics: Arc<Metrics>,
     record: PeerRecord,
     display_name: RwLock<String>,
+    /// The address announced: the configured one until the reachability test picks another.
+    advertised: RwLock<String>,
+    reachability: tokio::sync::watch::Sender<Reachability>,
+    /// The port mapping or relay link that reachability relies on.
+    kept: tokio::sync::Mutex<crate::reach::Kept>,
     peers: RwLock<KnownPeers>,
     busy: AtomicUsize,
     lifecycle: Lifecycle,
@@ -355,6 +379,7 @@ impl NodeState {
             load: self.load(),
             layers: self.served().range,
             display_name: self.display_name.read().expect("name lock").clone(),
+            addr: self.advertised.read().expect("address lock").clone(),
             ..self.record.clone()
         }
     }
@@ -402,6 +427,40 @@ impl NodeState {
                 tracing::warn!("the tracker did not hear of the change within {TRACKER_WAIT:?}");
             }
         }
+    }
+
+    /// Runs the reachability self-test `config` asks for and announces the address it settles
+    /// on. The peers asked to dial back, and offering relays, are the tracker's and the
+    /// bootstrap peers.
+    async fn test_reachability(
+        &self,
+        config: &NodeConfig,
+        port: u16,
+        circuits: tokio::sync::mpsc::Sender<tokio::io::DuplexStream>,
+    ) {
+        let advertised = self.advertised.read().expect("address lock").clone();
+        if config.reach.mode == NatMode::Off {
+            self.reachability.send_replace(Reachability::untested(
+                &advertised,
+                "Reachability is not tested (NAT traversal is off).",
+            ));
+            return;
+        }
+        let peers = reach_candidates(config).await;
+        let subject = crate::reach::Subject {
+            node_id: self.record.node_id.clone(),
+            advertised,
+            port,
+            key: &self.key,
+            circuits,
+            cancel: self.cancel.clone(),
+        };
+        let (reach, kept) = crate::reach::establish(&subject, &config.reach, &peers).await;
+        if reach.path != crate::reach::ReachPath::Unreachable {
+            *self.advertised.write().expect("address lock") = reach.addr.clone();
+        }
+        *self.kept.lock().await = kept;
+        self.reachability.send_replace(reach);
     }
 
     /// Puts the node's DHT records after a change of what it announces (`what`, for the log).
@@ -907,6 +966,16 @@ impl Node for NodeService {
         }))
     }
 
+    async fn dial_back(
+        &self,
+        request: Request<pb::DialBackRequest>,
+    ) -> Result<Response<pb::DialBackResponse>, Status> {
+        let caller = request.remote_addr();
+        Ok(Response::new(
+            crate::reach::dial_back(caller, request.into_inner()).await,
+        ))
+    }
+
     async fn submit_receipts(
         &self,
         request: Request<pb::SubmitReceiptsRequest>,
@@ -964,6 +1033,7 @@ pub struct NodeHandle {
     id: NodeId,
     addr: SocketAddr,
     stun: Option<SocketAddr>,
+    relay: Option<Relay>,
     state: Arc<NodeState>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -985,9 +1055,19 @@ impl NodeHandle {
         self.stun
     }
 
-    /// The advertised `host:port`.
-    pub fn advertised(&self) -> &str {
-        &self.state.record.addr
+    /// The advertised address: `host:port`, or `relay://RELAY/KEY` for a relayed node.
+    pub fn advertised(&self) -> String {
+        self.state.advertised.read().expect("address lock").clone()
+    }
+
+    /// The reachability self-test's outcome, as it changes.
+    pub fn reachability(&self) -> tokio::sync::watch::Receiver<Reachability> {
+        self.state.reachability.subscribe()
+    }
+
+    /// The relay this node runs for others, if it runs one.
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
     }
 
     /// Layers served.
@@ -1220,6 +1300,9 @@ impl NodeHandle {
 
     /// Stops the node and waits for its server to end.
     pub async fn shutdown(self) {
+        if let Some(mapper) = self.state.kept.lock().await.mapper.take() {
+            mapper.shutdown().await;
+        }
         self.kill();
         let _ = self.server.await;
     }
@@ -1287,6 +1370,20 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     } else {
         None
     };
+    let relay = match &config.serve_relay {
+        Some(serve) => Some(
+            Relay::start(serve.listen, serve.config, cancel.clone())
+                .await
+                .map_err(|e| NodeError::Config(format!("serve_relay: {e}")))?,
+        ),
+        None => None,
+    };
+    let relay_addr = relay.as_ref().map_or_else(String::new, |r| {
+        let host = advertise
+            .rsplit_once(':')
+            .map_or(advertise.as_str(), |(h, _)| h);
+        format!("{host}:{}", r.addr().port())
+    });
     let metrics = Arc::new(Metrics::default());
     let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
     let state = Arc::new(NodeState {
@@ -1297,15 +1394,23 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }),
         record: PeerRecord {
             node_id: id.to_string(),
-            addr: advertise,
+            addr: advertise.clone(),
             model_id: model.id.clone(),
             layers: range,
             total_layers: model.config.num_hidden_layers as u32,
             load: 0.0,
             public_key: key.public(),
             display_name: String::new(),
+            relay: relay_addr,
         },
         display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
+        reachability: tokio::sync::watch::channel(Reachability::untested(
+            &advertise,
+            "Reachability is being tested.",
+        ))
+        .0,
+        advertised: RwLock::new(advertise),
+        kept: tokio::sync::Mutex::new(Default::default()),
         served: RwLock::new(Arc::new(served)),
         resharding: tokio::sync::Mutex::new(()),
         model_dir: config.model_dir.clone(),
@@ -1336,7 +1441,6 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.session_idle / 4,
         cancel.clone(),
     ));
-    state.follow_tracker(config.tracker.clone()).await?;
     let service = NodeServer::new(NodeService {
         state: state.clone(),
     })
@@ -1344,7 +1448,19 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
-    let server = crate::spawn_server(routes, listener, state.caps.clone(), cancel.clone(), "node");
+    let (circuits, relayed) = tokio::sync::mpsc::channel(16);
+    let server = crate::spawn_server(
+        routes,
+        listener,
+        Some(relayed),
+        state.caps.clone(),
+        cancel.clone(),
+        "node",
+    );
+    state
+        .test_reachability(&config, addr.port(), circuits)
+        .await;
+    state.follow_tracker(config.tracker.clone()).await?;
     tokio::spawn(run_discovery(state.clone(), cancel.clone()));
     tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
     stop_on_error.disarm();
@@ -1352,6 +1468,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         id,
         addr,
         stun,
+        relay,
         state,
         cancel,
         server,
@@ -1565,4 +1682,27 @@ impl Heartbeat {
             self.state.told.send_replace(Some(layers));
         }
     }
+}
+
+/// Peers the reachability test may ask: the tracker's list and the bootstrap peers.
+async fn reach_candidates(config: &NodeConfig) -> Vec<PeerRecord> {
+    let mut peers = Vec::new();
+    if let Some(url) = &config.tracker {
+        match crate::client::tracker_client(url) {
+            Ok(tracker) => match crate::client::list_peers(tracker, url, None).await {
+                Ok(listed) => peers.extend(listed),
+                Err(e) => tracing::warn!("reachability: listing the tracker's peers: {e}"),
+            },
+            Err(e) => tracing::warn!("reachability: {e}"),
+        }
+    }
+    for addr in &config.bootstrap {
+        let pinged = async { crate::convert::peer_from_proto(crate::reach::ping(addr).await?) };
+        match tokio::time::timeout(Duration::from_secs(5), pinged).await {
+            Ok(Ok(peer)) => peers.push(peer),
+            Ok(Err(e)) => tracing::warn!("reachability: bootstrap peer {addr}: {e}"),
+            Err(_) => tracing::warn!("reachability: bootstrap peer {addr} did not answer"),
+        }
+    }
+    peers
 }

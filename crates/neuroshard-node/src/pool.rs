@@ -179,21 +179,7 @@ impl ConnectionPool {
     }
 
     async fn connect(&self, addr: &str) -> Result<Channel, NodeError> {
-        let err = |message: String| NodeError::Connect {
-            peer: addr.to_string(),
-            message,
-        };
-        Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| err(e.to_string()))?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
-            // Megabyte activations would otherwise stall on HTTP/2's 64 KiB default window;
-            // the adaptive window grows it to the link's bandwidth-delay product.
-            .http2_adaptive_window(true)
-            .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES)
-            .connect()
-            .await
-            .map_err(|e| err(e.to_string()))
+        connect(addr, self.config.connect_timeout).await
     }
 
     /// Closes every channel to `addr` (after a transport failure), so the next call reconnects.
@@ -254,4 +240,62 @@ impl ConnectionPool {
             }
         });
     }
+}
+
+/// A channel to the node at `addr` with the transport settings every NeuroShard client shares:
+/// `host:port` over TCP, or `relay://RELAY/KEY` through the relay, secured end to end to KEY.
+/// Callers see the same gRPC channel either way.
+pub async fn connect(addr: &str, connect_timeout: Duration) -> Result<Channel, NodeError> {
+    let err = |message: String| NodeError::Connect {
+        peer: addr.to_string(),
+        message,
+    };
+    let relayed = neuroshard_nat::relay::RelayedAddr::parse(addr)
+        .transpose()
+        .map_err(|e| err(e.to_string()))?;
+    let url = match &relayed {
+        // The authority is not dialed: the connector below reaches the node.
+        Some(_) => "http://relayed.invalid".to_string(),
+        None => format!("http://{addr}"),
+    };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        // Megabyte activations would otherwise stall on HTTP/2's 64 KiB default window;
+        // the adaptive window grows it to the link's bandwidth-delay product.
+        .http2_adaptive_window(true)
+        .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES);
+    let connected = match relayed {
+        None => endpoint.connect().await,
+        Some(relayed) => {
+            let dial = tower::service_fn(move |_: tonic::transport::Uri| {
+                let relayed = relayed.clone();
+                async move {
+                    neuroshard_nat::relay::dial(&relayed)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            });
+            match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(dial)).await
+            {
+                Ok(connected) => connected,
+                Err(_) => return Err(err(format!("no circuit within {connect_timeout:?}"))),
+            }
+        }
+    };
+    connected.map_err(|e| err(describe(&e)))
+}
+
+/// A transport error with its causes, which name what failed (the relay's refusal, the
+/// handshake) where tonic's own message says only "transport error".
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

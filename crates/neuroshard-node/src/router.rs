@@ -34,6 +34,9 @@ pub struct RouterConfig {
     pub session_load: f64,
     /// Expected ms added for a peer whose calls always failed. Default 200 ms.
     pub failure_penalty_ms: f64,
+    /// Expected ms a relay adds to a hop to a relayed peer not yet measured. Default 30 ms: a
+    /// second WAN leg.
+    pub relay_hop_ms: f64,
     /// Expected hop time that scores 0.5 on latency. Default 100 ms: a WAN hop plus a token's
     /// compute on a mid-range GPU.
     pub latency_reference_ms: f64,
@@ -99,6 +102,7 @@ impl Default for RouterConfig {
             ban: Duration::from_secs(60),
             session_load: 0.1,
             failure_penalty_ms: 200.0,
+            relay_hop_ms: 30.0,
             latency_reference_ms: 100.0,
             weights: ScoreWeights::default(),
             spot_checks: SpotCheckPolicy::default(),
@@ -322,7 +326,14 @@ impl Router {
         let c = &self.config;
         let w = &c.weights;
         let calls = (health.successes + health.failures).max(1) as f64;
-        let expected_ms = health.srtt_ms.unwrap_or(1.0)
+        // Unmeasured, a relayed peer is expected to cost the relay's extra hop; measured, its
+        // round trip includes it.
+        let prior_ms = if record.is_relayed() {
+            1.0 + c.relay_hop_ms
+        } else {
+            1.0
+        };
+        let expected_ms = health.srtt_ms.unwrap_or(prior_ms)
             + health.expected_compute_ms(tokens)
             + c.failure_penalty_ms * health.failures as f64 / calls;
         let latency = c.latency_reference_ms / (c.latency_reference_ms + expected_ms);
@@ -423,6 +434,7 @@ mod tests {
             load: 0.0,
             public_key: neuroshard_base::NodeKey::generate().public(),
             display_name: String::new(),
+            relay: String::new(),
         }
     }
 
@@ -449,6 +461,30 @@ mod tests {
         assert!(r.plan(all(), 1, now, &mut rng).is_none());
         let later = now + Duration::from_secs(61);
         assert!(r.plan(all(), 1, later, &mut rng).is_some());
+    }
+
+    #[test]
+    fn an_unmeasured_relayed_peer_is_expected_to_cost_the_relay_hop() {
+        let r = Router::new(RouterConfig::default());
+        let direct = peer("11.0.0.1:5000", 0, 6);
+        let relayed = PeerRecord {
+            addr: format!("relay://11.0.0.2:7000/{}", "ab".repeat(32)),
+            ..peer("x", 0, 6)
+        };
+        assert!(relayed.is_relayed() && !direct.is_relayed());
+        let fresh = PeerHealth::default();
+        let (d, rl) = (
+            r.score(&direct, &fresh, 1.0, 1),
+            r.score(&relayed, &fresh, 1.0, 1),
+        );
+        assert!(rl < d, "relayed {rl} vs direct {d}");
+        // Once measured, the measurement stands for both.
+        let mut measured = PeerHealth::default();
+        measured.observe(40.0, 1.0, 1);
+        assert_eq!(
+            r.score(&direct, &measured, 1.0, 1),
+            r.score(&relayed, &measured, 1.0, 1)
+        );
     }
 
     #[test]

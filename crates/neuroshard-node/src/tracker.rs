@@ -59,6 +59,7 @@ pub fn announcement(kind: &str, record: &PeerRecord, timestamp_ms: u64) -> [u8; 
         kind.as_bytes(),
         record.node_id.as_bytes(),
         record.addr.as_bytes(),
+        record.relay.as_bytes(),
         record.model_id.as_bytes(),
         layers.as_bytes(),
         &record.load.to_le_bytes(),
@@ -456,6 +457,7 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let task = crate::spawn_server(
         tonic::service::Routes::new(server),
         listener,
+        None,
         // Trackers run on servers, not on volunteers' lines: no caps.
         crate::bandwidth::BandwidthCaps::new(0, 0),
         cancel.clone(),
@@ -485,6 +487,7 @@ mod tests {
             load: 0.0,
             public_key: neuroshard_base::NodeKey::generate().public(),
             display_name: String::new(),
+            relay: String::new(),
         }
     }
 

@@ -152,10 +152,10 @@ async fn relay_with_echo_node(
     let relay = Relay::start(([127, 0, 0, 1], 0).into(), config, relay_cancel)
         .await
         .unwrap();
-    let link = spawn_link(relay.addr().to_string(), key(1), cancel.clone());
-    let mut state = link.state.clone();
+    let (circuits, incoming) = mpsc::channel(4);
+    let mut state = spawn_link(relay.addr().to_string(), key(1), circuits, cancel.clone());
     let addr = registered(&mut state).await;
-    tokio::spawn(echo(link.circuits));
+    tokio::spawn(echo(incoming));
     (relay, addr, state)
 }
 

@@ -1,0 +1,509 @@
+//! How a node makes itself reachable, and the self-test that says whether it is.
+//!
+//! The chain, tried in order by [`NatMode::Auto`]: the address the node already has (a peer
+//! dials it back), a UPnP port mapping on the router, STUN's mapped address (reachable only
+//! where the router forwards the port), then a relay found through the tracker or the DHT.
+//! Each step is proved by a peer dialing the node back at the address it would announce; the
+//! outcome, with advice for the owner, is the node's [`Reachability`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use neuroshard_nat::portmap::{PortMapConfig, PortMapState, PortMapper, Protocol};
+use neuroshard_nat::relay::{LinkState, RelayedAddr};
+use neuroshard_nat::stun::{Mapping, Retransmit};
+use neuroshard_proto as pb;
+use serde::Serialize;
+use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::NodeError;
+use crate::convert::PeerRecord;
+
+/// How long a dial-back may take: connecting, then a ping.
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a relay may take to register the node.
+const RELAY_WAIT: Duration = Duration::from_secs(10);
+/// Peers asked to dial back before giving up on asking.
+const ASK_AT_MOST: usize = 3;
+
+/// Which reachability steps a node tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatMode {
+    /// The chain in order: the address as is, UPnP, STUN, relay.
+    Auto,
+    /// A UPnP port mapping only.
+    Upnp,
+    /// STUN's mapped address only (for a router that forwards the port by hand).
+    Stun,
+    /// A relay only.
+    Relay,
+    /// None: the node announces its address untested. The default for nodes made in code
+    /// (tests, servers with a public address); the CLI and the app default to `auto`.
+    #[default]
+    Off,
+}
+
+impl std::str::FromStr for NatMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => NatMode::Auto,
+            "upnp" => NatMode::Upnp,
+            "stun" => NatMode::Stun,
+            "relay" => NatMode::Relay,
+            "off" => NatMode::Off,
+            other => {
+                return Err(format!(
+                    "unknown nat mode {other:?}: expected auto, upnp, stun, relay or off"
+                ));
+            }
+        })
+    }
+}
+
+/// How peers reach the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReachPath {
+    /// Not tested (yet, or `--nat off`).
+    Untested,
+    /// At its own address, or at a port its router forwards by hand.
+    Direct,
+    /// At a port its router forwards through UPnP.
+    Mapped,
+    /// Through a relay: an extra hop each way.
+    Relayed,
+    /// By no path that was tried.
+    Unreachable,
+}
+
+/// The self-test's outcome, as the node's status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reachability {
+    /// How peers reach the node.
+    pub path: ReachPath,
+    /// The address it announces.
+    pub addr: String,
+    /// Plain advice for its owner.
+    pub advice: String,
+    /// The address STUN saw, where asked.
+    pub stun_mapped: Option<String>,
+    /// The NAT's mapping as STUN classified it, where it could.
+    pub nat_mapping: Option<Mapping>,
+    /// The peer that dialed back, where one did.
+    pub checked_by: Option<String>,
+    /// From the start of the test until the node was reachable (or the test gave up), ms.
+    pub took_ms: u64,
+}
+
+impl Reachability {
+    /// Not tested: the node announces `addr` as it is.
+    pub fn untested(addr: &str, advice: &str) -> Self {
+        Self {
+            path: ReachPath::Untested,
+            addr: addr.to_string(),
+            advice: advice.to_string(),
+            stun_mapped: None,
+            nat_mapping: None,
+            checked_by: None,
+            took_ms: 0,
+        }
+    }
+}
+
+/// What the self-test needs to know.
+#[derive(Debug, Clone, Default)]
+pub struct ReachConfig {
+    /// Which steps to try.
+    pub mode: NatMode,
+    /// STUN servers; none asks the peers, each of which answers STUN at its own port.
+    pub stun_servers: Vec<SocketAddr>,
+    /// The relay to use (`host:port`); none picks one that a peer announces.
+    pub relay: Option<String>,
+    /// How UPnP maps.
+    pub portmap: PortMapConfig,
+}
+
+/// What the self-test leaves running: the port mapping or relay link the node relies on.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    pub mapper: Option<PortMapper>,
+    pub link: Option<tokio::sync::watch::Receiver<LinkState>>,
+}
+
+/// The node running the self-test.
+pub(crate) struct Subject<'a> {
+    pub node_id: String,
+    /// The address it would announce without NAT traversal.
+    pub advertised: String,
+    /// Its gRPC port.
+    pub port: u16,
+    pub key: &'a neuroshard_base::NodeKey,
+    /// Where relayed circuits go (the node's server).
+    pub circuits: mpsc::Sender<DuplexStream>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs the steps `config.mode` names against `peers` (who is asked to dial back, and who may
+/// relay); the outcome and what must keep running for it to hold.
+pub(crate) async fn establish(
+    subject: &Subject<'_>,
+    config: &ReachConfig,
+    peers: &[PeerRecord],
+) -> (Reachability, Kept) {
+    let started = tokio::time::Instant::now();
+    let mut kept = Kept::default();
+    let mut reach = run_chain(subject, config, peers, &mut kept).await;
+    reach.took_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(
+        path = ?reach.path,
+        addr = %reach.addr,
+        took_ms = reach.took_ms,
+        "reachability: {}",
+        reach.advice
+    );
+    (reach, kept)
+}
+
+async fn run_chain(
+    subject: &Subject<'_>,
+    config: &ReachConfig,
+    peers: &[PeerRecord],
+    kept: &mut Kept,
+) -> Reachability {
+    let mode = config.mode;
+    let port = subject.port;
+    let mut reach = Reachability::untested(&subject.advertised, "");
+    let helpers: Vec<&PeerRecord> = peers
+        .iter()
+        .filter(|p| p.node_id != subject.node_id && !p.is_relayed())
+        .collect();
+    if mode == NatMode::Off {
+        reach.advice = "Reachability is not tested (NAT traversal is off).".into();
+        return reach;
+    }
+    let ask = |addr: String| dial_back_by_any(helpers.clone(), addr, subject.node_id.clone());
+
+    if mode == NatMode::Auto
+        && let Some(Ok(by)) = ask(subject.advertised.clone()).await
+    {
+        return Reachability {
+            path: ReachPath::Direct,
+            checked_by: Some(by),
+            advice: format!("Peers reach this node directly at {}.", subject.advertised),
+            ..reach
+        };
+    }
+
+    if mode == NatMode::Auto && on_loopback(&subject.advertised) {
+        reach.advice = "The node announces a loopback address: only this machine reaches it, \
+                        and there is no router to traverse."
+            .into();
+        return reach;
+    }
+
+    let mut why_not = Vec::new();
+    if matches!(mode, NatMode::Auto | NatMode::Upnp) {
+        match PortMapper::spawn(config.portmap.clone(), subject.cancel.clone()) {
+            Ok(mapper) => match mapper.map(Protocol::Tcp, port).await {
+                PortMapState::Mapped { external, .. } => {
+                    let external = external.to_string();
+                    match ask(external.clone()).await {
+                        Some(Err(e)) => {
+                            why_not.push(format!(
+                                "the UPnP mapping {external} was not reachable ({e})"
+                            ));
+                            mapper.shutdown().await;
+                        }
+                        asked => {
+                            kept.mapper = Some(mapper);
+                            return Reachability {
+                                path: ReachPath::Mapped,
+                                addr: external.clone(),
+                                checked_by: asked.and_then(Result::ok),
+                                advice: format!(
+                                    "Your router forwards {external} to this node through UPnP."
+                                ),
+                                ..reach
+                            };
+                        }
+                    }
+                }
+                state => {
+                    why_not.push(match state {
+                        PortMapState::Failed { why } => format!("UPnP failed: {why}"),
+                        other => format!("UPnP ended {other:?}"),
+                    });
+                    mapper.shutdown().await;
+                }
+            },
+            Err(e) => why_not.push(format!("UPnP: {e}")),
+        }
+    }
+
+    if matches!(mode, NatMode::Auto | NatMode::Stun) {
+        let servers = stun_servers(config, &helpers).await;
+        if servers.is_empty() {
+            why_not.push("no STUN server to ask".into());
+        } else {
+            match neuroshard_nat::stun::probe(&servers, Retransmit::default()).await {
+                Ok(report) => {
+                    reach.nat_mapping = report.mapping;
+                    if let Some(mapped) = report.external() {
+                        reach.stun_mapped = Some(mapped.to_string());
+                        // Reachable there only if the router forwards our port by hand.
+                        let forwarded = SocketAddr::new(mapped.ip(), port).to_string();
+                        match ask(forwarded.clone()).await {
+                            Some(Ok(by)) => {
+                                return Reachability {
+                                    path: ReachPath::Direct,
+                                    addr: forwarded.clone(),
+                                    checked_by: Some(by),
+                                    advice: format!(
+                                        "Your router forwards {forwarded} to this node."
+                                    ),
+                                    ..reach
+                                };
+                            }
+                            Some(Err(e)) => {
+                                why_not.push(format!("{forwarded} is not forwarded ({e})"))
+                            }
+                            None => why_not.push("no peer could dial back".into()),
+                        }
+                    }
+                }
+                Err(e) => why_not.push(format!("STUN: {e}")),
+            }
+        }
+    }
+
+    if matches!(mode, NatMode::Auto | NatMode::Relay) {
+        let relays: Vec<String> = config
+            .relay
+            .iter()
+            .cloned()
+            .chain(
+                helpers
+                    .iter()
+                    .filter(|p| !p.relay.is_empty())
+                    .map(|p| p.relay.clone()),
+            )
+            .collect();
+        for relay in relays.into_iter().take(ASK_AT_MOST) {
+            match link_to(subject, &relay).await {
+                Ok((addr, link)) => {
+                    let addr = addr.to_string();
+                    match ask(addr.clone()).await {
+                        Some(Err(e)) => {
+                            why_not.push(format!("relayed at {addr}, not reachable: {e}"))
+                        }
+                        asked => {
+                            kept.link = Some(link);
+                            return Reachability {
+                                path: ReachPath::Relayed,
+                                addr,
+                                checked_by: asked.and_then(Result::ok),
+                                advice: format!(
+                                    "Peers reach this node through the relay at {relay}, an \
+                                     extra hop. For a direct path, enable UPnP on your router \
+                                     or forward TCP port {port} to this PC."
+                                ),
+                                ..reach
+                            };
+                        }
+                    }
+                }
+                Err(e) => why_not.push(e),
+            }
+        }
+        if config.relay.is_none() && !helpers.iter().any(|p| !p.relay.is_empty()) {
+            why_not.push("no peer offers a relay".into());
+        }
+    }
+
+    Reachability {
+        path: ReachPath::Unreachable,
+        advice: format!(
+            "Peers cannot reach this node. Enable UPnP on your router, or forward TCP port \
+             {port} to this PC. ({})",
+            why_not.join("; ")
+        ),
+        ..reach
+    }
+}
+
+fn on_loopback(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
+        || addr.starts_with("localhost:")
+}
+
+/// Registers with `relay` and waits until it says so; the relayed address and the link.
+async fn link_to(
+    subject: &Subject<'_>,
+    relay: &str,
+) -> Result<(RelayedAddr, tokio::sync::watch::Receiver<LinkState>), String> {
+    let cancel = subject.cancel.child_token();
+    let mut link = neuroshard_nat::relay::spawn_link(
+        relay.to_string(),
+        subject.key.signing_key(),
+        subject.circuits.clone(),
+        cancel.clone(),
+    );
+    let registered = tokio::time::timeout(
+        RELAY_WAIT,
+        link.wait_for(|s| matches!(s, LinkState::Registered { .. })),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|state| state.clone());
+    let addr = match registered {
+        Some(LinkState::Registered { addr, .. }) => Some(addr),
+        _ => None,
+    };
+    match addr {
+        Some(addr) => Ok((addr, link)),
+        None => {
+            let why = match &*link.borrow() {
+                LinkState::Connecting {
+                    last_error: Some(e),
+                    ..
+                } => e.clone(),
+                _ => format!("no registration within {RELAY_WAIT:?}"),
+            };
+            cancel.cancel();
+            Err(format!("relay {relay}: {why}"))
+        }
+    }
+}
+
+/// STUN servers: the configured ones, else the peers' own ports (every node answers STUN there).
+async fn stun_servers(config: &ReachConfig, helpers: &[&PeerRecord]) -> Vec<SocketAddr> {
+    if !config.stun_servers.is_empty() {
+        return config.stun_servers.clone();
+    }
+    let mut servers = Vec::new();
+    for peer in helpers.iter().take(4) {
+        if let Ok(mut addrs) = tokio::net::lookup_host(&peer.addr).await
+            && let Some(addr) = addrs.next()
+        {
+            servers.push(addr);
+        }
+    }
+    servers
+}
+
+/// Asks up to [`ASK_AT_MOST`] of `helpers` in turn to dial `node_id` back at `addr`: Some(Ok(the
+/// peer that reached it)), Some(Err(why the first peer that answered could not)), or None when no
+/// peer could be asked.
+async fn dial_back_by_any(
+    helpers: Vec<&PeerRecord>,
+    addr: String,
+    node_id: String,
+) -> Option<Result<String, String>> {
+    for helper in helpers.into_iter().take(ASK_AT_MOST) {
+        match ask_dial_back(&helper.addr, &addr, &node_id).await {
+            Ok(reply) if reply.reached => return Some(Ok(helper.addr.clone())),
+            Ok(reply) => return Some(Err(reply.error)),
+            Err(e) => tracing::debug!("asking {} to dial back: {e}", helper.addr),
+        }
+    }
+    None
+}
+
+/// Asks the node at `helper` to dial `node_id` back at `addr`.
+pub async fn ask_dial_back(
+    helper: &str,
+    addr: &str,
+    node_id: &str,
+) -> Result<pb::DialBackResponse, NodeError> {
+    let channel = crate::pool::connect(helper, Duration::from_secs(3)).await?;
+    let mut client = pb::node_client::NodeClient::new(channel);
+    let request = pb::DialBackRequest {
+        addr: addr.to_string(),
+        node_id: node_id.to_string(),
+    };
+    match tokio::time::timeout(DIAL_BACK_TIMEOUT * 2, client.dial_back(request)).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(NodeError::Remote {
+            peer: helper.to_string(),
+            status,
+        }),
+        Err(_) => Err(NodeError::Connect {
+            peer: helper.to_string(),
+            message: "no answer to the dial-back request".into(),
+        }),
+    }
+}
+
+/// The answering side: dials `addr` if the rules allow, pings it, and checks who answers.
+/// Only an address on the caller's own IP, or a relayed one, is dialed, so the test cannot be
+/// used to make a node connect to third parties.
+pub(crate) async fn dial_back(
+    caller: Option<SocketAddr>,
+    request: pb::DialBackRequest,
+) -> pb::DialBackResponse {
+    let not = |error: String| pb::DialBackResponse {
+        reached: false,
+        error,
+        rtt_ms: 0.0,
+    };
+    let addr = request.addr;
+    if addr.len() > 300 {
+        return not("the address is longer than 300 bytes".into());
+    }
+    match RelayedAddr::parse(&addr) {
+        Some(Err(e)) => return not(e.to_string()),
+        Some(Ok(_)) => {}
+        None => {
+            let Ok(target) = addr.parse::<SocketAddr>() else {
+                return not(format!("{addr:?} is not an ip:port"));
+            };
+            match caller {
+                Some(caller) if caller.ip() == target.ip() => {}
+                Some(caller) => {
+                    return not(format!(
+                        "{addr} is not on the IP this request came from ({})",
+                        caller.ip()
+                    ));
+                }
+                None => return not("the request's own address is unknown".into()),
+            }
+        }
+    }
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(DIAL_BACK_TIMEOUT, ping(&addr)).await {
+        Err(_) => not(format!(
+            "{addr} did not answer within {DIAL_BACK_TIMEOUT:?}"
+        )),
+        Ok(Err(e)) => not(e.to_string()),
+        Ok(Ok(node)) if node.node_id == request.node_id => pb::DialBackResponse {
+            reached: true,
+            error: String::new(),
+            rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
+        },
+        Ok(Ok(other)) => not(format!("{addr} is another node ({})", other.node_id)),
+    }
+}
+
+/// Pings the node at `addr` over a fresh connection (not pooled: the point is to connect); its
+/// record as it answers.
+pub(crate) async fn ping(addr: &str) -> Result<pb::PeerInfo, NodeError> {
+    let channel = crate::pool::connect(addr, Duration::from_secs(3)).await?;
+    let reply = pb::node_client::NodeClient::new(channel)
+        .ping(pb::PingRequest {})
+        .await
+        .map_err(|status| NodeError::Remote {
+            peer: addr.to_string(),
+            status,
+        })?;
+    reply
+        .into_inner()
+        .node
+        .ok_or_else(|| NodeError::BadRequest(format!("{addr} answered a ping without its record")))
+}
