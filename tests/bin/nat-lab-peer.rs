@@ -6,7 +6,15 @@
 //!   each state of the mapping; asks the STUN servers in `LAB_STUN` (comma-separated) and
 //!   prints the report; on "stop" from stdin, removes the mapping and prints that it did.
 //!
-//! Every line for the test starts with `LAB ` and carries JSON.
+//! - `tracker ADDR`: a tracker.
+//! - `relay ADDR`: a relay alone.
+//! - `node MODEL START END ADDR`: a node serving layers START..END, registering with the
+//!   tracker `LAB_TRACKER`; its reachability mode is `LAB_NAT` (default auto), its relay
+//!   `LAB_RELAY_VIA` and its UPnP gateway `LAB_GATEWAY`, where set. Prints its reachability.
+//! - `generate TRACKER TOKENS PAUSE_AT`: generates through the swarm, printing `paused` after
+//!   token PAUSE_AT and going on when stdin says "go"; prints the tokens and failover events.
+//!
+//! Every line for the test starts with `LAB ` and carries JSON. Each runs until stdin closes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,7 +35,7 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -91,7 +99,84 @@ async fn main() -> anyhow::Result<()> {
             }
             say("stopped", ());
         }
-        _ => anyhow::bail!("usage: nat-lab-peer stun-server ADDR | home PORT"),
+        ["tracker", addr] => {
+            let tracker =
+                neuroshard_node::tracker::start_tracker(neuroshard_node::tracker::TrackerConfig {
+                    listen: addr.parse()?,
+                    ..Default::default()
+                })
+                .await?;
+            say("tracker", tracker.addr);
+            while stdin.next_line().await?.is_some() {}
+        }
+        ["relay", addr] => {
+            let relay = neuroshard_nat::relay::Relay::start(
+                addr.parse()?,
+                neuroshard_nat::relay::RelayConfig::default(),
+                cancel.clone(),
+            )
+            .await?;
+            say("relay", relay.addr());
+            while stdin.next_line().await?.is_some() {}
+        }
+        ["node", model, start, end, addr] => {
+            use neuroshard_node::node::{NodeConfig, start_node};
+            let layers = neuroshard_base::LayerRange::new(start.parse()?, end.parse()?)?;
+            let mut config = NodeConfig::new(model, layers);
+            config.listen = addr.parse()?;
+            config.tracker = env("LAB_TRACKER");
+            config.discovery.lan = None;
+            config.reach.mode = env("LAB_NAT")
+                .unwrap_or_else(|| "auto".into())
+                .parse()
+                .map_err(anyhow::Error::msg)?;
+            config.reach.relay = env("LAB_RELAY_VIA");
+            config.reach.portmap.gateway = env("LAB_GATEWAY").map(|g| g.parse()).transpose()?;
+            let node = start_node(config).await?;
+            let reach = node.reachability().borrow().clone();
+            say(
+                "node",
+                serde_json::json!({"id": node.id().to_string(), "reach": reach}),
+            );
+            while stdin.next_line().await?.is_some() {}
+            node.shutdown().await;
+        }
+        ["generate", tracker, tokens, pause_at] => {
+            use neuroshard_node::client::{ClientConfig, SwarmClient};
+            let (tokens, pause_at): (usize, usize) = (tokens.parse()?, pause_at.parse()?);
+            let client = SwarmClient::connect(ClientConfig::new(tracker.to_string())).await?;
+            let mut session = client.session();
+            let prompt = [256, 84, 104, 101, 32, 115, 119, 97, 114, 109];
+            let report = neuroshard_node::generate::generate(
+                &mut session,
+                &prompt,
+                tokens,
+                None,
+                |_, step| {
+                    if step == pause_at {
+                        say("paused", step);
+                        // The test restarts a process meanwhile; blocking this worker is fine.
+                        let mut line = String::new();
+                        let _ = std::io::stdin().read_line(&mut line);
+                    }
+                },
+            )
+            .await?;
+            let chain: Vec<String> = session.chain().into_iter().map(|h| h.addr).collect();
+            say(
+                "generated",
+                serde_json::json!({
+                    "ids": report.generated_ids,
+                    "chain": chain,
+                    "events": session.events(),
+                }),
+            );
+            session.close().await;
+        }
+        _ => anyhow::bail!(
+            "usage: nat-lab-peer stun-server ADDR | home PORT | tracker ADDR | relay ADDR | \
+             node MODEL START END ADDR | generate TRACKER TOKENS PAUSE_AT"
+        ),
     }
     Ok(())
 }

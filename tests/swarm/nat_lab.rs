@@ -355,3 +355,105 @@ async fn every_node_answers_stun_on_its_own_port() {
     assert_eq!(report.mapping, Some(Mapping::None));
     node.shutdown().await;
 }
+
+/// The address a relayed node announces through `relay`.
+fn relayed_through(reach: &Value, relay: &str) -> bool {
+    reach["addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with(&format!("relay://{relay}/")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restart() {
+    use neuroshard_model::init::ModelSpec;
+    const TOKENS: usize = 12;
+    let Some(lab) = Lab::up("c", &[("MINIUPNPD", "off")]) else {
+        return;
+    };
+    let model = neuroshard_tests::TestModel::new(&ModelSpec::tiny());
+    let expected = crate::generation::local_reference(&model, TOKENS).await;
+    let model_dir = model.path().to_str().unwrap().to_string();
+    const TRACKER: &str = "11.77.0.10:7700";
+    const RELAY: &str = "11.77.0.11:7101";
+    let tracker_url = format!("http://{TRACKER}");
+    let mut tracker = lab.peer("pub", &["tracker", TRACKER], &[]);
+    tracker.until("tracker", |_| true).await;
+    let mut relay = lab.peer("pub", &["relay", RELAY], &[]);
+    relay.until("relay", |_| true).await;
+    let mut public = lab.peer(
+        "pub",
+        &["node", &model_dir, "0", "2", "11.77.0.10:7100"],
+        &[
+            ("LAB_TRACKER", tracker_url.clone()),
+            ("LAB_NAT", "off".into()),
+        ],
+    );
+    let public_node = public.until("node", |_| true).await;
+    assert_eq!(public_node["reach"]["path"], "untested", "{public_node}");
+
+    // The home node tries the chain: its own address (a public peer's dial-back cannot reach
+    // it), UPnP (no IGD answers), STUN (the router's address; nothing forwards the port), and
+    // lands on the relay.
+    let mut home = lab.peer(
+        "home",
+        &["node", &model_dir, "2", "4", "0.0.0.0:7000"],
+        &[
+            ("LAB_TRACKER", tracker_url.clone()),
+            ("LAB_RELAY_VIA", RELAY.into()),
+            ("LAB_GATEWAY", "192.168.77.1".into()),
+        ],
+    );
+    let home_node = home.until("node", |_| true).await;
+    eprintln!(
+        "nat lab: the home node's reachability: {}",
+        home_node["reach"]
+    );
+    let reach = &home_node["reach"];
+    assert_eq!(reach["path"], "relayed", "{home_node}");
+    assert!(relayed_through(reach, RELAY), "{home_node}");
+    assert_eq!(reach["checked_by"], "11.77.0.10:7100", "{home_node}");
+    assert!(
+        reach["stun_mapped"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&format!("{WAN_IP}:"))),
+        "STUN saw the router: {home_node}"
+    );
+    let advice = reach["advice"].as_str().unwrap();
+    assert!(
+        advice.contains("enable UPnP") && advice.contains("7000"),
+        "{advice}"
+    );
+    // Nothing forwards the home port: the relay is the only way in.
+    assert!(lab.dial_from_public(WAN_IP, 7000).await.is_err());
+
+    // A generation from the public side with the home node in the chain, through the relay,
+    // which is restarted after token 4: the home node registers again, the client asks it
+    // again, and the tokens are the local run's.
+    let mut client = lab.peer(
+        "pub",
+        &["generate", &tracker_url, &TOKENS.to_string(), "4"],
+        &[],
+    );
+    client.until("paused", |_| true).await;
+    relay.say("stop").await;
+    drop(relay);
+    let mut restarted = lab.peer("pub", &["relay", RELAY], &[]);
+    restarted.until("relay", |_| true).await;
+    client.say("go").await;
+    let generated = client.until("generated", |_| true).await;
+    let ids: Vec<u32> = serde_json::from_value(generated["ids"].clone()).unwrap();
+    assert_eq!(ids, expected.generated_ids, "{generated}");
+    let chain = generated["chain"].as_array().unwrap();
+    assert!(
+        chain.iter().any(|a| a
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("relay://{RELAY}/"))),
+        "the home node served in the chain: {generated}"
+    );
+    let events = generated["events"].to_string();
+    assert!(events.contains("no other peer serves"), "{generated}");
+    for peer in [&mut home, &mut public, &mut tracker, &mut restarted] {
+        peer.say("stop").await;
+    }
+}

@@ -86,8 +86,8 @@ pub struct NodeConfig {
     pub layers: LayerRange,
     /// Address to listen on; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// `host:port` peers should dial; defaults to the bound address (127.0.0.1 when bound to
-    /// all interfaces).
+    /// `host:port` peers should dial; defaults to the bound address (when bound to all
+    /// interfaces, the one routed toward the internet, else 127.0.0.1).
     pub advertise: Option<String>,
     /// Tracker URL (`http://host:port`) to register with; none runs the node unlisted.
     pub tracker: Option<String>,
@@ -1348,8 +1348,12 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         .local_addr()
         .map_err(|e| NodeError::io("local address", e))?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
+        // Bound to every interface: the one the routing table uses toward the internet (no
+        // packet is sent), which is what peers on the LAN or through a router reach; loopback
+        // on a machine with no route out.
         let ip = if addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
+            neuroshard_nat::local_ip_toward(([192, 0, 2, 1], 9).into())
+                .map_or_else(|_| "127.0.0.1".to_string(), |ip| ip.to_string())
         } else {
             addr.ip().to_string()
         };

@@ -325,6 +325,17 @@ async fn run_chain(
         }
     }
 
+    if helpers.is_empty() {
+        return Reachability {
+            advice: format!(
+                "No peer was there to dial this node back, so its reachability is unknown. \
+                 If peers cannot reach it, enable UPnP on your router or forward TCP port \
+                 {port} to this PC. ({})",
+                why_not.join("; ")
+            ),
+            ..reach
+        };
+    }
     Reachability {
         path: ReachPath::Unreachable,
         advice: format!(
