@@ -111,3 +111,25 @@ pub fn hidden_request(
         ..Default::default()
     }
 }
+
+/// The wall time of `iters` Forward calls of `request` less the compute each reply reports:
+/// what the transport costs (codec, protobuf, HTTP/2, the path).
+pub async fn forward_overhead(
+    client: &mut pb::node_client::NodeClient<tonic::transport::Channel>,
+    request: &pb::ForwardRequest,
+    iters: u64,
+) -> std::time::Duration {
+    let mut overhead = std::time::Duration::ZERO;
+    for _ in 0..iters {
+        let started = std::time::Instant::now();
+        let reply = client
+            .forward(request.clone())
+            .await
+            .expect("forward")
+            .into_inner();
+        overhead += started
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_micros(reply.compute_us));
+    }
+    overhead
+}

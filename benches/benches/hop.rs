@@ -6,12 +6,13 @@
 //! the same fp16 payloads twice, the floor any codec is measured against.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use neuroshard_base::LayerRange;
 use neuroshard_benches::{
-    activations, hidden_request, hop_model_spec, start_bench_node, write_temp_model,
+    activations, forward_overhead, hidden_request, hop_model_spec, start_bench_node,
+    write_temp_model,
 };
 use neuroshard_model::codec::{WireDType, decode, encode};
 use neuroshard_node::metrics::Metrics;
@@ -42,19 +43,7 @@ fn hop_overhead(c: &mut Criterion) {
     ] {
         let request = hidden_request(session, pos, middle, tokens, hidden);
         group.bench_function(format!("{name}/rpc_overhead"), |b| {
-            b.iter_custom(|iters| {
-                runtime.block_on(async {
-                    let mut overhead = Duration::ZERO;
-                    for _ in 0..iters {
-                        let started = Instant::now();
-                        let reply = client.forward(request.clone()).await.unwrap().into_inner();
-                        overhead += started
-                            .elapsed()
-                            .saturating_sub(Duration::from_micros(reply.compute_us));
-                    }
-                    overhead
-                })
-            })
+            b.iter_custom(|iters| runtime.block_on(forward_overhead(client, &request, iters)))
         });
         let values = activations(tokens * hidden);
         let shape = [1, tokens, hidden];

@@ -31,6 +31,18 @@ fn say(kind: &str, value: impl serde::Serialize) {
     );
 }
 
+/// Waits for "stop" on stdin, or its end.
+async fn until_stop(
+    stdin: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+) -> std::io::Result<()> {
+    while let Some(line) = stdin.next_line().await? {
+        if line == "stop" {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -44,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         ["stun-server", addr] => {
             let server = stun::Server::start(addr.parse()?, cancel.clone()).await?;
             say("stun-server", server.addr());
-            while stdin.next_line().await?.is_some() {}
+            until_stop(&mut stdin).await?;
             cancel.cancel();
             server.stopped().await;
         }
@@ -89,11 +101,7 @@ async fn main() -> anyhow::Result<()> {
                     .collect::<Result<Vec<SocketAddr>, _>>()?;
                 say("stun", stun::probe(&servers, Retransmit::default()).await?);
             }
-            while let Some(line) = stdin.next_line().await? {
-                if line == "stop" {
-                    break;
-                }
-            }
+            until_stop(&mut stdin).await?;
             if let Some(mapper) = mapper {
                 mapper.shutdown().await;
             }
@@ -107,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?;
             say("tracker", tracker.addr);
-            while stdin.next_line().await?.is_some() {}
+            until_stop(&mut stdin).await?;
         }
         ["relay", addr] => {
             let relay = neuroshard_nat::relay::Relay::start(
@@ -117,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             say("relay", relay.addr());
-            while stdin.next_line().await?.is_some() {}
+            until_stop(&mut stdin).await?;
         }
         ["node", model, start, end, addr] => {
             use neuroshard_node::node::{NodeConfig, start_node};
@@ -138,8 +146,9 @@ async fn main() -> anyhow::Result<()> {
                 "node",
                 serde_json::json!({"id": node.id().to_string(), "reach": reach}),
             );
-            while stdin.next_line().await?.is_some() {}
+            until_stop(&mut stdin).await?;
             node.shutdown().await;
+            say("stopped", ());
         }
         ["generate", tracker, tokens, pause_at] => {
             use neuroshard_node::client::{ClientConfig, SwarmClient};

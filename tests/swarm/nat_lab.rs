@@ -356,6 +356,58 @@ async fn every_node_answers_stun_on_its_own_port() {
     node.shutdown().await;
 }
 
+const TRACKER_URL: &str = "http://11.77.0.10:7700";
+
+/// A tracker and a public node serving layers 0..2 in the public namespace.
+struct LabSwarm {
+    tracker: Peer,
+    public: Peer,
+}
+
+impl LabSwarm {
+    /// The public side, and a home node serving layers 2..4 on port 7000 with `home_env`
+    /// added (its UPnP gateway is the router), and the home node's first line.
+    async fn start(
+        lab: &Lab,
+        model: &neuroshard_tests::TestModel,
+        home_env: &[(&str, String)],
+    ) -> (Self, Peer, Value) {
+        let model_dir = model.path().to_str().unwrap();
+        let mut tracker = lab.peer("pub", &["tracker", "11.77.0.10:7700"], &[]);
+        tracker.until("tracker", |_| true).await;
+        let mut public = lab.peer(
+            "pub",
+            &["node", model_dir, "0", "2", "11.77.0.10:7100"],
+            &[
+                ("LAB_TRACKER", TRACKER_URL.into()),
+                ("LAB_NAT", "off".into()),
+            ],
+        );
+        let public_node = public.until("node", |_| true).await;
+        assert_eq!(public_node["reach"]["path"], "untested", "{public_node}");
+        let mut env = vec![
+            ("LAB_TRACKER", TRACKER_URL.to_string()),
+            ("LAB_GATEWAY", "192.168.77.1".into()),
+        ];
+        env.extend(home_env.iter().cloned());
+        let mut home = lab.peer("home", &["node", model_dir, "2", "4", "0.0.0.0:7000"], &env);
+        let home_node = home.until("node", |_| true).await;
+        eprintln!(
+            "nat lab: the home node's reachability: {}",
+            home_node["reach"]
+        );
+        (Self { tracker, public }, home, home_node)
+    }
+
+    /// Stops `home` (waiting until it has) and the public side.
+    async fn stop(&mut self, home: &mut Peer) {
+        home.say("stop").await;
+        home.until("stopped", |_| true).await;
+        self.public.say("stop").await;
+        self.tracker.say("stop").await;
+    }
+}
+
 /// The address a relayed node announces through `relay`.
 fn relayed_through(reach: &Value, relay: &str) -> bool {
     reach["addr"]
@@ -372,42 +424,14 @@ async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restar
     };
     let model = neuroshard_tests::TestModel::new(&ModelSpec::tiny());
     let expected = crate::generation::local_reference(&model, TOKENS).await;
-    let model_dir = model.path().to_str().unwrap().to_string();
-    const TRACKER: &str = "11.77.0.10:7700";
     const RELAY: &str = "11.77.0.11:7101";
-    let tracker_url = format!("http://{TRACKER}");
-    let mut tracker = lab.peer("pub", &["tracker", TRACKER], &[]);
-    tracker.until("tracker", |_| true).await;
     let mut relay = lab.peer("pub", &["relay", RELAY], &[]);
     relay.until("relay", |_| true).await;
-    let mut public = lab.peer(
-        "pub",
-        &["node", &model_dir, "0", "2", "11.77.0.10:7100"],
-        &[
-            ("LAB_TRACKER", tracker_url.clone()),
-            ("LAB_NAT", "off".into()),
-        ],
-    );
-    let public_node = public.until("node", |_| true).await;
-    assert_eq!(public_node["reach"]["path"], "untested", "{public_node}");
-
     // The home node tries the chain: its own address (a public peer's dial-back cannot reach
     // it), UPnP (no IGD answers), STUN (the router's address; nothing forwards the port), and
     // lands on the relay.
-    let mut home = lab.peer(
-        "home",
-        &["node", &model_dir, "2", "4", "0.0.0.0:7000"],
-        &[
-            ("LAB_TRACKER", tracker_url.clone()),
-            ("LAB_RELAY_VIA", RELAY.into()),
-            ("LAB_GATEWAY", "192.168.77.1".into()),
-        ],
-    );
-    let home_node = home.until("node", |_| true).await;
-    eprintln!(
-        "nat lab: the home node's reachability: {}",
-        home_node["reach"]
-    );
+    let (mut others, mut home, home_node) =
+        LabSwarm::start(&lab, &model, &[("LAB_RELAY_VIA", RELAY.into())]).await;
     let reach = &home_node["reach"];
     assert_eq!(reach["path"], "relayed", "{home_node}");
     assert!(relayed_through(reach, RELAY), "{home_node}");
@@ -431,7 +455,7 @@ async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restar
     // again, and the tokens are the local run's.
     let mut client = lab.peer(
         "pub",
-        &["generate", &tracker_url, &TOKENS.to_string(), "4"],
+        &["generate", TRACKER_URL, &TOKENS.to_string(), "4"],
         &[],
     );
     client.until("paused", |_| true).await;
@@ -453,7 +477,43 @@ async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restar
     );
     let events = generated["events"].to_string();
     assert!(events.contains("no other peer serves"), "{generated}");
-    for peer in [&mut home, &mut public, &mut tracker, &mut restarted] {
-        peer.say("stop").await;
-    }
+    restarted.say("stop").await;
+    others.stop(&mut home).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_upnp_the_home_node_is_mapped_and_a_public_peer_dials_it_directly() {
+    use neuroshard_model::init::ModelSpec;
+    const TOKENS: usize = 6;
+    let Some(lab) = Lab::up("d", &[]) else {
+        return;
+    };
+    let model = neuroshard_tests::TestModel::new(&ModelSpec::tiny());
+    let expected = crate::generation::local_reference(&model, TOKENS).await;
+    let (mut others, mut home, home_node) = LabSwarm::start(&lab, &model, &[]).await;
+    let reach = &home_node["reach"];
+    assert_eq!(reach["path"], "mapped", "{home_node}");
+    assert_eq!(reach["addr"], format!("{WAN_IP}:7000"), "{home_node}");
+    assert_eq!(reach["checked_by"], "11.77.0.10:7100", "{home_node}");
+    assert!(
+        lab.forwards(7000).await,
+        "miniupnpd forwards the node's port"
+    );
+
+    let mut client = lab.peer(
+        "pub",
+        &["generate", TRACKER_URL, &TOKENS.to_string(), "99"],
+        &[],
+    );
+    let generated = client.until("generated", |_| true).await;
+    let ids: Vec<u32> = serde_json::from_value(generated["ids"].clone()).unwrap();
+    assert_eq!(ids, expected.generated_ids, "{generated}");
+    assert_eq!(
+        generated["chain"][1],
+        format!("{WAN_IP}:7000"),
+        "the public side dialed the home node directly: {generated}"
+    );
+    // Stopping the node removes its mapping.
+    others.stop(&mut home).await;
+    assert!(!lab.forwards(7000).await);
 }
