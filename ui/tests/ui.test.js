@@ -213,9 +213,13 @@ test("the dashboard follows status events", async () => {
       sessions: 4,
       receipts_today: 43,
       bandwidth: { ...window.__mock.state.status.bandwidth, up_bps: 1048576, up_cap_kbps: 1024 },
+      reachability: "relayed",
+      reachability_advice: "Peers reach this node through the relay at 11.77.0.11:7101, an extra hop.",
     }),
   );
   await page.waitForFunction(() => document.querySelector("#stat-tps").textContent === "7.3");
+  assert.equal(await page.textContent("#stat-reach"), "reachability: relayed");
+  assert.match(await page.getAttribute("#stat-reach", "title"), /through the relay/);
   assert.equal(await page.textContent("#stat-layers"), "0–2");
   assert.equal(await page.textContent("#stat-sessions"), "4");
   assert.equal(await page.textContent("#stat-receipts"), "43");
