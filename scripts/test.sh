@@ -7,7 +7,13 @@ cd "$(dirname "$0")/.."
 # Cargo's build folder lives outside the clone so repeated runs are incremental.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neuroshard/target}"
 export CARGO_TERM_COLOR=never
+# The folder is kept between runs, so it must not grow without bound: no incremental caches
+# (tens of GB over many runs; every run builds from a fresh clone anyway), and test and app
+# binaries not rebuilt for three days go (cargo relinks one that is still wanted).
+export CARGO_INCREMENTAL=0
 mkdir -p "$CARGO_TARGET_DIR"
+rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+find "$CARGO_TARGET_DIR"/*/deps -maxdepth 1 -type f -perm -u+x ! -name "*.*" -mtime +3 -delete 2>/dev/null || true
 
 # Debian packages: a C toolchain for -sys crates; the webview, tray and image libraries the
 # desktop app links; Xvfb, WebKitWebDriver and D-Bus for the real-app test; Chromium for the
