@@ -1,0 +1,11 @@
+//! Training across the swarm, DiLoCo-style: each replica of a layer range takes local inner
+//! steps, and every H steps the replicas exchange pseudo-gradients (parameters at the start of
+//! the round minus parameters now) and take one outer step.
+//!
+//! - [`sparse`]: the pseudo-gradient codec: top-k with error feedback, fp16 values and
+//!   gap-coded indices.
+//! - [`outer`]: the robust aggregate (a coordinate-wise trimmed mean) and the outer Nesterov
+//!   step.
+
+pub mod outer;
+pub mod sparse;
