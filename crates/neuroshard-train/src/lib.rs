@@ -6,6 +6,9 @@
 //!   gap-coded indices.
 //! - [`outer`]: the robust aggregate (a coordinate-wise trimmed mean) and the outer Nesterov
 //!   step.
+//! - [`checkpoint`]: shards in transit as hashed chunks under a manifest, assembled in any
+//!   order, resumed from the first missing chunk, handed over only when the whole checks out.
 
+pub mod checkpoint;
 pub mod outer;
 pub mod sparse;
