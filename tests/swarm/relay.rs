@@ -194,6 +194,13 @@ async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
         !wrong.reached && wrong.error.contains("another node"),
         "{wrong:?}"
     );
+    // A relayed address whose relay is not one: not reached, and nothing said about the port.
+    let nowhere = ask(format!("relay://127.0.0.1:1/{}", "ab".repeat(32))).await;
+    assert!(!nowhere.reached, "{nowhere:?}");
+    assert!(
+        nowhere.error.ends_with("was not reached through its relay"),
+        "{nowhere:?}"
+    );
     // Garbage is refused with what is wrong.
     let garbage = ask("relay://nowhere".into()).await;
     assert!(

@@ -39,6 +39,8 @@ use crate::NatError;
 const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// A control link pings this often, and is given up when a ping goes unanswered this long.
 const PING_EVERY: Duration = Duration::from_secs(10);
+/// Circuits a node opens at once for its relay; further requests meanwhile are dropped.
+const OPENING_AT_ONCE: usize = 32;
 /// Bytes forwarded per read.
 const CHUNK: usize = 16 * 1024;
 
@@ -68,7 +70,7 @@ impl RelayedAddr {
                 return Err(bad("the relay is not a host:port"));
             }
             let mut bytes = [0u8; 32];
-            if key.len() != 64 {
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad("the key is not 64 hex digits"));
             }
             for (i, byte) in bytes.iter_mut().enumerate() {
@@ -190,7 +192,9 @@ impl Relay {
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
                         Err(e) => {
+                            // Out of descriptors, most likely: give connections time to end.
                             tracing::warn!("relay accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
                     },
@@ -363,27 +367,36 @@ impl Shared {
             )
             .await;
         };
-        if self.circuits.load(Ordering::Relaxed) >= self.config.max_circuits {
+        let max = self.config.max_circuits;
+        let reserved = self
+            .circuits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (c < max).then_some(c + 1)
+            })
+            .is_ok();
+        if !reserved {
             return refuse(
                 &mut caller,
                 "this relay has no room for another circuit".into(),
             )
             .await;
         }
+        // Held until the circuit ends, however it ends.
+        let _slot = CircuitSlot(&self.circuits);
         let circuit: u64 = rand::random();
         let (handover, node_side) = oneshot::channel();
         self.pending
             .lock()
             .expect("relay lock")
             .insert(circuit, handover);
-        let opened = async {
+        // A node that stops reading its link cannot hold the caller: the whole opening is timed.
+        let opened = tokio::time::timeout(FRAME_TIMEOUT, async {
             to_node.send(Frame::Incoming { circuit }).await.ok()?;
-            tokio::time::timeout(FRAME_TIMEOUT, node_side)
-                .await
-                .ok()?
-                .ok()
-        }
-        .await;
+            node_side.await.ok()
+        })
+        .await
+        .ok()
+        .flatten();
         self.pending.lock().expect("relay lock").remove(&circuit);
         let Some(node) = opened else {
             return refuse(
@@ -393,14 +406,12 @@ impl Shared {
             .await;
         };
         write_frame(&mut caller, &Frame::Connected).await?;
-        self.circuits.fetch_add(1, Ordering::Relaxed);
         let (caller_in, caller_out) = caller.into_split();
         let (node_in, node_out) = node.into_split();
         let _ = tokio::join!(
             self.forward(caller_in, node_out),
             self.forward(node_in, caller_out)
         );
-        self.circuits.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -424,6 +435,15 @@ impl Shared {
             to.write_all(&buf[..n]).await?;
             self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
+    }
+}
+
+/// A reserved circuit of the relay's count, given back when dropped.
+struct CircuitSlot<'a>(&'a AtomicUsize);
+
+impl Drop for CircuitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -453,7 +473,11 @@ fn frame_reader<R: AsyncRead + Unpin + Send + 'static>(
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
-            let frame = Frame::read(&mut reader).await;
+            // Ends with its receiver too, so a silent peer's socket is not held forever.
+            let frame = tokio::select! {
+                _ = tx.closed() => return,
+                frame = Frame::read(&mut reader) => frame,
+            };
             let end = frame.is_err();
             if end && matches!(frame, Err(FrameError::Truncated { got: 0, .. })) {
                 return;
@@ -617,10 +641,17 @@ async fn run_link(
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut answered = true;
+    let opening = Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE));
     loop {
         tokio::select! {
             got = frames.recv() => match got {
                 Some(Ok(Frame::Incoming { circuit })) => {
+                    // A relay asking for more circuits at once than this gets the rest dropped:
+                    // it cannot make the node open connections without bound.
+                    let Ok(permit) = opening.clone().try_acquire_owned() else {
+                        tracing::warn!("relay {relay} asks for over {OPENING_AT_ONCE} circuits at once");
+                        continue;
+                    };
                     let relay = relay.to_string();
                     let key = key.clone();
                     let circuits = circuits.clone();
@@ -630,6 +661,7 @@ async fn run_link(
                             _ = cancel.cancelled() => return,
                             accepted = accept_circuit(&relay, circuit, &key) => accepted,
                         };
+                        drop(permit);
                         match accepted {
                             Ok(stream) => { let _ = circuits.send(stream).await; }
                             Err(e) => tracing::warn!("relayed circuit {circuit:#x}: {e}"),

@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 /// message cap.
 pub const CHUNK_BYTES: u32 = 4 << 20;
 
+/// Largest chunk a manifest may name: 64 MiB, under the 100 MiB message cap.
+pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
+
 /// Largest checkpoint an assembly accepts: 64 GiB (a 7B model's fp32 weights with room).
 pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 30;
 
@@ -113,8 +116,11 @@ impl Manifest {
     /// chunk hashes as its size and chunking make.
     pub fn check(&self) -> Result<(), CheckpointError> {
         let bad = |why: String| Err(CheckpointError::BadManifest(why));
-        if self.chunk_bytes == 0 {
-            return bad("chunk size 0".into());
+        if self.chunk_bytes == 0 || self.chunk_bytes > MAX_CHUNK_BYTES {
+            return bad(format!(
+                "chunk size {} is not in 1..={MAX_CHUNK_BYTES}",
+                self.chunk_bytes
+            ));
         }
         if self.total_bytes > MAX_CHECKPOINT_BYTES {
             return bad(format!(
@@ -144,11 +150,23 @@ pub struct Assembly {
 }
 
 impl Assembly {
-    /// Starts receiving the checkpoint `manifest` describes.
-    pub fn new(manifest: Manifest) -> Result<Assembly, CheckpointError> {
+    /// Starts receiving the checkpoint `manifest` describes, if it is at most `max_bytes` (the
+    /// size the receiver expects of the shard, so a peer's manifest cannot make it allocate
+    /// more).
+    pub fn new(manifest: Manifest, max_bytes: u64) -> Result<Assembly, CheckpointError> {
         manifest.check()?;
+        if manifest.total_bytes > max_bytes {
+            return Err(CheckpointError::BadManifest(format!(
+                "{} bytes, more than the {max_bytes} expected of this shard",
+                manifest.total_bytes
+            )));
+        }
+        let mut data = Vec::new();
+        data.try_reserve_exact(manifest.total_bytes as usize)
+            .map_err(|e| CheckpointError::BadManifest(format!("no memory for it: {e}")))?;
+        data.resize(manifest.total_bytes as usize, 0);
         Ok(Assembly {
-            data: vec![0; manifest.total_bytes as usize],
+            data,
             have: vec![false; manifest.chunks()],
             manifest,
         })
@@ -232,7 +250,7 @@ mod tests {
         let manifest = Manifest::of(&bytes, 1024);
         assert_eq!(manifest.chunks(), 10);
         assert_eq!(manifest.range(9).unwrap(), 9216..10_000);
-        let mut assembly = Assembly::new(manifest.clone()).unwrap();
+        let mut assembly = Assembly::new(manifest.clone(), u64::MAX).unwrap();
         for i in (0..10).rev() {
             let r = manifest.range(i).unwrap();
             assembly
@@ -247,7 +265,7 @@ mod tests {
     fn a_corrupted_chunk_is_refused_by_number_and_fetched_again() {
         let bytes = shard(5000);
         let manifest = Manifest::of(&bytes, 1000);
-        let mut assembly = Assembly::new(manifest).unwrap();
+        let mut assembly = Assembly::new(manifest, u64::MAX).unwrap();
         assembly.accept(0, &bytes[..1000]).unwrap();
         let mut corrupted = bytes[2000..3000].to_vec();
         corrupted[17] ^= 0x40;
@@ -271,7 +289,7 @@ mod tests {
     fn a_cut_transfer_resumes_from_the_first_missing_chunk() {
         let bytes = shard(7000);
         let manifest = Manifest::of(&bytes, 1000);
-        let mut assembly = Assembly::new(manifest.clone()).unwrap();
+        let mut assembly = Assembly::new(manifest.clone(), u64::MAX).unwrap();
         // The connection drops after three chunks.
         for i in 0..3 {
             assembly
@@ -294,7 +312,7 @@ mod tests {
     fn incomplete_or_inconsistent_checkpoints_are_never_handed_over() {
         let bytes = shard(3000);
         let manifest = Manifest::of(&bytes, 1000);
-        let mut assembly = Assembly::new(manifest.clone()).unwrap();
+        let mut assembly = Assembly::new(manifest.clone(), u64::MAX).unwrap();
         assembly.accept(0, &bytes[..1000]).unwrap();
         assert_eq!(
             assembly.finish().unwrap_err(),
@@ -307,14 +325,14 @@ mod tests {
         // Chunk hashes that agree with the chunks but not with the whole.
         let mut lying = manifest.clone();
         lying.hash = [0; 32];
-        let mut assembly = Assembly::new(lying).unwrap();
+        let mut assembly = Assembly::new(lying, u64::MAX).unwrap();
         for i in 0..3 {
             assembly
                 .accept(i, &bytes[i * 1000..(i + 1) * 1000])
                 .unwrap();
         }
         assert_eq!(assembly.finish().unwrap_err(), CheckpointError::WholeHash);
-        let mut assembly = Assembly::new(manifest.clone()).unwrap();
+        let mut assembly = Assembly::new(manifest.clone(), u64::MAX).unwrap();
         assert_eq!(
             assembly.accept(3, &[]).unwrap_err(),
             CheckpointError::NoSuchChunk {
@@ -333,12 +351,22 @@ mod tests {
         let mut huge = manifest.clone();
         huge.total_bytes = MAX_CHECKPOINT_BYTES + 1;
         assert!(matches!(
-            Assembly::new(huge),
+            Assembly::new(huge, u64::MAX),
+            Err(CheckpointError::BadManifest(_))
+        ));
+        assert!(matches!(
+            Assembly::new(manifest.clone(), 2999),
+            Err(CheckpointError::BadManifest(_))
+        ));
+        let mut wide = manifest.clone();
+        wide.chunk_bytes = u32::MAX;
+        assert!(matches!(
+            Assembly::new(wide, u64::MAX),
             Err(CheckpointError::BadManifest(_))
         ));
         let mut short = manifest;
         short.chunk_hashes.pop();
-        let err = Assembly::new(short).unwrap_err().to_string();
+        let err = Assembly::new(short, u64::MAX).unwrap_err().to_string();
         assert!(
             err.contains("2 chunk hashes") && err.contains("expected 3"),
             "{err}"

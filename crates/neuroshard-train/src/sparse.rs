@@ -65,6 +65,10 @@ pub enum SparseError {
         /// Its coordinate.
         index: u64,
     },
+    /// A pseudo-gradient to compress that holds NaN or infinity (a diverged replica); refused
+    /// before it can enter the residual and poison every later round.
+    #[error("pseudo-gradient coordinate {0} is not finite")]
+    NotFiniteInput(usize),
     /// Bytes after the values.
     #[error("compressed pseudo-gradient has {0} bytes past its values")]
     Trailing(usize),
@@ -211,6 +215,9 @@ impl TopK {
                 got: delta.len(),
                 expected: self.residual.len(),
             });
+        }
+        if let Some(i) = delta.iter().position(|d| !d.is_finite()) {
+            return Err(SparseError::NotFiniteInput(i));
         }
         for (r, d) in self.residual.iter_mut().zip(delta) {
             *r += d;
@@ -392,6 +399,12 @@ mod tests {
             Sparse::decode(&nan, 300),
             Err(SparseError::NotFinite { entry: 0, index: 1 })
         );
+        let mut topk = TopK::new(3, 0.5).unwrap();
+        assert_eq!(
+            topk.compress(&[1.0, f32::NAN, 0.0]).unwrap_err(),
+            SparseError::NotFiniteInput(1)
+        );
+        assert!(topk.residual().iter().all(|r| *r == 0.0), "nothing entered");
         assert_eq!(
             TopK::new(10, 1.5).unwrap_err(),
             SparseError::BadFraction(1.5)

@@ -129,6 +129,12 @@ fn relayed_addresses_parse_and_print() {
     assert!(text.starts_with("relay://11.77.0.11:7001/"));
     assert_eq!(RelayedAddr::parse(&text).unwrap().unwrap(), addr);
     assert!(RelayedAddr::parse("127.0.0.1:5000").is_none());
+    // Multi-byte text of the right byte length, and a sign, are refused rather than sliced.
+    let euros = format!("relay://h:1/a{}", "€".repeat(21));
+    let signed = format!("relay://h:1/+{}", "0".repeat(63));
+    for bad in [euros.as_str(), signed.as_str()] {
+        assert!(RelayedAddr::parse(bad).unwrap().is_err(), "{bad}");
+    }
     for bad in [
         "relay://",
         "relay://11.77.0.11:7001",
