@@ -63,11 +63,7 @@ where
         .and_then(|b| b.remote_public_key(&remote))
         .and_then(|b| b.build_initiator())
         .map_err(|e| fail(e.to_string()))?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let n = handshake
-        .write_message(&[], &mut buf)
-        .map_err(|e| fail(e.to_string()))?;
-    write_message(&mut stream, &buf[..n])
+    send_handshake(&mut handshake, &mut stream)
         .await
         .map_err(|e| fail(format!("sending: {e}")))?;
     let reply = read_message(&mut stream).await.map_err(|e| {
@@ -107,17 +103,25 @@ where
     handshake
         .read_message(&hello, &mut payload)
         .map_err(|e| fail(format!("the caller's handshake does not open ({e})")))?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let n = handshake
-        .write_message(&[], &mut buf)
-        .map_err(|e| fail(e.to_string()))?;
-    write_message(&mut stream, &buf[..n])
+    send_handshake(&mut handshake, &mut stream)
         .await
         .map_err(|e| fail(format!("answering: {e}")))?;
     let transport = handshake
         .into_stateless_transport_mode()
         .map_err(|e| fail(e.to_string()))?;
     Ok(pump(stream, transport))
+}
+
+/// Writes the handshake's next message (with no payload) to `w`.
+async fn send_handshake<W: AsyncWrite + Unpin>(
+    handshake: &mut snow::HandshakeState,
+    w: &mut W,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let n = handshake
+        .write_message(&[], &mut buf)
+        .map_err(|e| e.to_string())?;
+    write_message(w, &buf[..n]).await.map_err(|e| e.to_string())
 }
 
 async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> std::io::Result<()> {
