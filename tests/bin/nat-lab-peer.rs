@@ -103,7 +103,11 @@ async fn main() -> anyhow::Result<()> {
             }
             until_stop(&mut stdin).await?;
             if let Some(mapper) = mapper {
+                let last = mapper.state();
                 mapper.shutdown().await;
+                // The printer task may not have run yet when the process ends: the final state
+                // is said here too (a repeated line is harmless to the reader).
+                say("portmap", last.borrow().clone());
             }
             say("stopped", ());
         }
