@@ -60,6 +60,7 @@ fn receipt_cost(c: &mut Criterion) -> (Duration, Duration) {
     let wire = encode(&row, &[1, 1, 512], WireDType::F16);
     let expected = Expectation {
         worker_id: worker.id().to_string(),
+        kind: WorkKind::Forward,
         requester: requester.public(),
         nonce: [5; 16],
         model_id: "0123456789abcdef".into(),

@@ -10,3 +10,4 @@ mod pool;
 mod proofs;
 mod relay;
 mod tracker;
+mod training;

@@ -6,6 +6,8 @@
 //!   SwiGLU, against a per-session [`KvCache`]. Tensors are burn's device-dispatched tensors:
 //!   the CPU backend (burn-flex) by default, wgpu with the `wgpu` feature.
 //! - [`codec`] is the wire format of activations and logits.
+//! - [`TrainShard`] trains a shard as one pipeline stage: forward with autodiff, backward from
+//!   the next stage's gradient or the loss, AdamW inner steps.
 //! - [`init`] writes the built-in deterministic model; [`TextTokenizer`] turns text into ids.
 
 pub mod codec;
@@ -14,6 +16,7 @@ pub mod init;
 mod kv;
 mod shard;
 mod tokenizer;
+mod train;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ pub use config::LlamaConfig;
 pub use kv::KvCache;
 pub use shard::{Shard, ShardInput, ShardOutput};
 pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, TextTokenizer};
+pub use train::{TrainConfig, TrainOutput, TrainShard};
 
 /// Why loading or running a model failed.
 #[derive(Debug, thiserror::Error)]

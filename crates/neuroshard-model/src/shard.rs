@@ -62,23 +62,31 @@ pub struct DecoderLayer {
 
 /// Head geometry shared by every layer.
 #[derive(Debug, Clone, Copy)]
-struct Heads {
+pub(crate) struct Heads {
     query: usize,
     kv: usize,
     dim: usize,
 }
 
+/// The parameters of a shard, in a fixed order: embeddings (first shard), layers, final norm and
+/// LM head (last shard). Concatenating the shards of a model in layer order gives the whole
+/// model's order, which flat parameter and gradient vectors rely on.
+#[derive(Module, Debug)]
+pub(crate) struct Weights {
+    pub(crate) embed: Option<Embedding>,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) final_norm: Option<RmsNorm>,
+    pub(crate) lm_head: Option<Linear>,
+}
+
 /// The layers `[range.start, range.end)` of a model, plus embeddings and head where they belong.
 #[derive(Debug)]
 pub struct Shard {
-    info: ModelInfo,
-    range: Range<usize>,
-    embed: Option<Embedding>,
-    layers: Vec<DecoderLayer>,
-    final_norm: Option<RmsNorm>,
-    lm_head: Option<Linear>,
-    heads: Heads,
-    device: Device,
+    pub(crate) info: ModelInfo,
+    pub(crate) range: Range<usize>,
+    pub(crate) weights: Weights,
+    pub(crate) heads: Heads,
+    pub(crate) device: Device,
     digests: WeightDigests,
 }
 
@@ -130,10 +138,12 @@ impl Shard {
         Ok(Self {
             info,
             range,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
+            weights: Weights {
+                embed,
+                layers,
+                final_norm,
+                lm_head,
+            },
             heads,
             device: device.clone(),
             digests,
@@ -170,6 +180,11 @@ impl Shard {
     /// The model this shard belongs to.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The device the shard computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The layers this shard holds.
@@ -219,25 +234,33 @@ impl Shard {
         let rope = Rope::new(config, start_pos, tokens, &self.device);
         let mask = causal_mask(start_pos, tokens, &self.device);
         for index in layers.clone() {
-            let layer = &self.layers[index - self.range.start];
+            let layer = &self.weights.layers[index - self.range.start];
             let entry = cache.layer_mut(index);
             hidden = layer.forward(hidden, entry, &rope, mask.as_ref(), self.heads);
         }
         cache.advance(layers.clone(), tokens);
         if layers.end == config.num_hidden_layers {
             let last = hidden.narrow(1, tokens - 1, 1);
-            let norm = self
-                .final_norm
-                .as_ref()
-                .expect("last shard has a final norm");
-            let head = self.lm_head.as_ref().expect("last shard has an LM head");
-            let logits = head.forward(norm.forward(last));
-            return Ok(ShardOutput::Logits(to_vec(logits)));
+            return Ok(ShardOutput::Logits(to_vec(self.logits(last))));
         }
         Ok(ShardOutput::Hidden(to_vec(hidden)))
     }
 
-    fn check_request(&self, layers: &Range<usize>, input: &ShardInput) -> Result<(), ModelError> {
+    /// Final norm and LM head: `[1, n, hidden]` → `[1, n, vocab]`. Only on the last shard.
+    pub(crate) fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let norm = self.weights.final_norm.as_ref();
+        let head = self.weights.lm_head.as_ref();
+        let (norm, head) = norm
+            .zip(head)
+            .expect("the last shard has a final norm and head");
+        head.forward(norm.forward(hidden))
+    }
+
+    pub(crate) fn check_request(
+        &self,
+        layers: &Range<usize>,
+        input: &ShardInput,
+    ) -> Result<(), ModelError> {
         let hidden = self.info.config.hidden_size;
         if layers.start >= layers.end
             || layers.start < self.range.start
@@ -284,11 +307,15 @@ impl Shard {
     }
 
     /// Input as `[1, tokens, hidden]`.
-    fn embed_input(&self, input: ShardInput, tokens: usize) -> Result<Tensor<3>, ModelError> {
+    pub(crate) fn embed_input(
+        &self,
+        input: ShardInput,
+        tokens: usize,
+    ) -> Result<Tensor<3>, ModelError> {
         let hidden = self.info.config.hidden_size;
         match input {
             ShardInput::Tokens(ids) => {
-                let embed = self.embed.as_ref().ok_or_else(|| {
+                let embed = self.weights.embed.as_ref().ok_or_else(|| {
                     ModelError::LayerRange("this shard does not hold the embeddings".into())
                 })?;
                 let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
@@ -306,7 +333,7 @@ impl Shard {
 
 impl DecoderLayer {
     /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<3>,
         cache: &mut Option<(Tensor<4>, Tensor<4>)>,
@@ -374,14 +401,14 @@ impl DecoderLayer {
 
 /// Rotary position embedding in the Hugging Face (rotate-half) layout, for positions
 /// `start..start + n`.
-struct Rope {
+pub(crate) struct Rope {
     cos: Tensor<4>,
     sin: Tensor<4>,
     half: usize,
 }
 
 impl Rope {
-    fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
+    pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
         let dim = config.head_dim();
         let half = dim / 2;
         let mut cos = Vec::with_capacity(n * dim);
@@ -416,7 +443,7 @@ impl Rope {
 
 /// Additive causal mask `[n, start + n]` for a prefill; `None` for a single new token, which may
 /// attend to every cached position.
-fn causal_mask(start: usize, n: usize, device: &Device) -> Option<Tensor<2>> {
+pub(crate) fn causal_mask(start: usize, n: usize, device: &Device) -> Option<Tensor<2>> {
     if n == 1 {
         return None;
     }
@@ -430,7 +457,7 @@ fn causal_mask(start: usize, n: usize, device: &Device) -> Option<Tensor<2>> {
     ))
 }
 
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

@@ -22,7 +22,7 @@ use neuroshard_dht::{Contact, Key};
 use neuroshard_model::ShardInput;
 use neuroshard_model::codec::{self, WireDType, WireTensor};
 use neuroshard_proof::{
-    Expectation, Fingerprint, PeerRecord as Reputation, Receipt, Tolerance, Verdict,
+    Expectation, Fingerprint, PeerRecord as Reputation, Receipt, Tolerance, Verdict, WorkKind,
 };
 use neuroshard_proto as pb;
 use pb::tracker_client::TrackerClient;
@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::NodeError;
+
+mod training;
 use crate::convert::{
     PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
     tensor_to_proto, tokens_hash,
@@ -45,6 +47,7 @@ use crate::outbox::{OutboxReport, ReceiptOutbox};
 use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
 use crate::verify::LocalVerifier;
+pub use training::{Microbatch, StepReport, TrainSession};
 
 /// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
 const MAX_TRACKER_REPLY_BYTES: usize = 1024 * 1024;
@@ -893,9 +896,11 @@ impl SwarmSession<'_> {
             reply_dtype: dtype_to_proto(client.config.wire_dtype) as i32,
             nonce: rand::random::<[u8; 16]>().to_vec(),
             requester_key: client.key.public().0.to_vec(),
+            ..Default::default()
         };
         let mut expected = Expectation {
             worker_id: hop.node_id.clone(),
+            kind: WorkKind::Forward,
             requester: client.key.public(),
             nonce: request.nonce.as_slice().try_into().expect("16-byte nonce"),
             model_id: client.model_id.clone(),
@@ -964,7 +969,11 @@ impl SwarmSession<'_> {
                 expected.output_hash = tensor_hash(&tensor);
                 HopOutput::Logits(codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?)
             }
-            None => return Err(bad_reply(NodeError::BadRequest("empty reply".into()))),
+            Some(pb::forward_response::Output::Loss(_)) | None => {
+                return Err(bad_reply(NodeError::BadRequest(
+                    "the reply holds neither hidden states nor logits".into(),
+                )));
+            }
         };
         expected.now_ms = crate::now_ms();
         let receipt = Receipt::from_wire(&reply.receipt)?;

@@ -104,6 +104,9 @@ pub enum NodeError {
     /// The receipt ledger failed.
     #[error(transparent)]
     Ledger(#[from] neuroshard_proof::LedgerError),
+    /// A training call reached a node that does not train.
+    #[error("{0}")]
+    NotTraining(String),
     /// A DHT request or record was refused.
     #[error("dht: {0}")]
     Dht(#[from] neuroshard_dht::DhtError),
@@ -128,7 +131,7 @@ impl From<NodeError> for tonic::Status {
             | NodeError::Config(_)
             | NodeError::Device(_) => Code::InvalidArgument,
             NodeError::UnknownSession(_) => Code::NotFound,
-            NodeError::WrongLayers { .. } => Code::FailedPrecondition,
+            NodeError::WrongLayers { .. } | NodeError::NotTraining(_) => Code::FailedPrecondition,
             NodeError::SessionBusy(_) => Code::Aborted,
             NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,

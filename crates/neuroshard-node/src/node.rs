@@ -5,6 +5,7 @@
 //! server, the session sweeper and the heartbeat run as tasks tied to the handle's cancellation
 //! token.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType};
-use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
+use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput, TrainConfig};
 use neuroshard_proof::{Countersignature, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind};
 use neuroshard_proto as pb;
 use pb::node_server::{Node, NodeServer};
@@ -43,6 +44,9 @@ use crate::settings::ComputeDevice;
 use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 use neuroshard_nat::relay::{Relay, RelayConfig};
+
+mod training;
+pub use training::loss_tensor;
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
@@ -136,6 +140,10 @@ pub struct NodeConfig {
     pub reach: ReachConfig,
     /// Run a relay for nodes nobody can dial. Default none: relaying is opt-in.
     pub serve_relay: Option<RelayServe>,
+    /// Take part in training (training Forward and Backward calls, AdamW inner steps) with
+    /// these inner-optimizer settings. Default none: a node trains only when asked to, as
+    /// training holds a second, trainable copy of the shard.
+    pub train: Option<TrainConfig>,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -166,6 +174,7 @@ impl NodeConfig {
             display_name: None,
             reach: ReachConfig::default(),
             serve_relay: None,
+            train: None,
             fault: None,
         }
     }
@@ -356,6 +365,8 @@ pub struct NodeState {
     /// Stops everything the node runs.
     cancel: CancellationToken,
     fault: Option<Fault>,
+    /// The trainable copy of the shard, when the node trains.
+    trainer: Option<training::Trainer>,
 }
 
 impl NodeState {
@@ -537,6 +548,9 @@ impl NodeState {
         self: Arc<Self>,
         req: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, NodeError> {
+        if req.train {
+            return self.train_forward(req).await;
+        }
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
         let received_ms = crate::now_ms();
@@ -632,19 +646,25 @@ impl NodeState {
         })
     }
 
-    /// Checks every field of a Forward request against this node, before any session work.
-    fn parse_call(&self, req: pb::ForwardRequest) -> Result<ForwardCall, NodeError> {
-        if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID_BYTES {
+    /// Checks a call's session id and (when given) model id.
+    fn check_ids(&self, session_id: &str, model_id: &str) -> Result<(), NodeError> {
+        if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
             return Err(NodeError::BadRequest(format!(
                 "session_id must be 1..={MAX_SESSION_ID_BYTES} bytes"
             )));
         }
-        if !req.model_id.is_empty() && req.model_id != self.model.id {
+        if !model_id.is_empty() && model_id != self.model.id {
             return Err(NodeError::BadRequest(format!(
-                "model {} requested, this node serves model {}",
-                req.model_id, self.model.id
+                "model {model_id} requested, this node serves model {}",
+                self.model.id
             )));
         }
+        Ok(())
+    }
+
+    /// Checks every field of a Forward request against this node, before any session work.
+    fn parse_call(&self, req: pb::ForwardRequest) -> Result<ForwardCall, NodeError> {
+        self.check_ids(&req.session_id, &req.model_id)?;
         let layers = span_from_proto(req.layers)?;
         let served = self.served();
         if !served.range.covers(&layers) {
@@ -875,6 +895,26 @@ pub struct NodeService {
 }
 
 impl NodeService {
+    /// Runs a compute call (`what`, for the log), counting its bytes and time.
+    async fn counted<R: Message>(
+        &self,
+        what: &str,
+        received: usize,
+        call: impl Future<Output = Result<R, NodeError>>,
+    ) -> Result<Response<R>, Status> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        let sent = result.as_ref().map_or(0, |r| r.encoded_len());
+        self.state.metrics.record_bytes(sent, received);
+        self.state
+            .metrics
+            .record_rpc(started.elapsed(), result.is_ok());
+        if let Err(e) = &result {
+            tracing::debug!("{what} refused: {e}");
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+
     fn unimplemented(method: &str, issue: &str) -> Status {
         Status::unimplemented(format!(
             "{method} is not implemented yet: it arrives with {issue}"
@@ -891,18 +931,9 @@ impl Node for NodeService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let started = std::time::Instant::now();
         let received = request.get_ref().encoded_len();
-        let result = self.state.clone().forward(request.into_inner()).await;
-        let sent = result.as_ref().map_or(0, |r| r.encoded_len());
-        self.state.metrics.record_bytes(sent, received);
-        self.state
-            .metrics
-            .record_rpc(started.elapsed(), result.is_ok());
-        if let Err(e) = &result {
-            tracing::debug!("forward refused: {e}");
-        }
-        result.map(Response::new).map_err(Status::from)
+        let call = self.state.clone().forward(request.into_inner());
+        self.counted("forward", received, call).await
     }
 
     async fn end_session(
@@ -915,9 +946,11 @@ impl Node for NodeService {
 
     async fn backward(
         &self,
-        _: Request<pb::BackwardRequest>,
+        request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
-        Err(Self::unimplemented("Backward", "distributed training"))
+        let received = request.get_ref().encoded_len();
+        let call = self.state.clone().backward(request.into_inner());
+        self.counted("backward", received, call).await
     }
 
     async fn exchange_gradient(
@@ -1040,6 +1073,13 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    /// The trainable stage's flat parameters and accumulated gradient (a sum over the
+    /// microbatches since the last inner step), in parameter order; none before the node's
+    /// first training call or when it does not train.
+    pub fn training_snapshot(&self) -> Option<(Vec<f32>, Vec<f32>)> {
+        self.state.training_snapshot()
+    }
+
     /// The node's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -1439,6 +1479,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         heartbeat_every: config.heartbeat,
         cancel: cancel.clone(),
         fault: config.fault.clone(),
+        trainer: config.train.clone().map(training::Trainer::new),
     });
     tokio::spawn(sweep_sessions(
         state.clone(),

@@ -395,6 +395,8 @@ fn batch_verify(batch: &[&Countersignature]) -> Result<(), ()> {
 pub struct Expectation {
     /// Node id (hex) of the peer called.
     pub worker_id: String,
+    /// Forward or Backward.
+    pub kind: WorkKind,
     /// The requester's key.
     pub requester: PublicKey,
     /// Nonce sent with the call.
@@ -440,7 +442,7 @@ impl Expectation {
                 sent: hex::encode(self.nonce),
             });
         }
-        field("kind", &body.kind, &WorkKind::Forward)?;
+        field("kind", &body.kind, &self.kind)?;
         field(
             "requester",
             &hex::encode(body.requester),
@@ -548,6 +550,7 @@ pub(crate) mod tests {
         let b = body(worker, requester, nonce);
         Expectation {
             worker_id: worker.id().to_string(),
+            kind: WorkKind::Forward,
             requester: requester.public(),
             nonce: b.nonce,
             model_id: b.model_id,
