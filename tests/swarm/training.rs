@@ -3,8 +3,10 @@
 
 use neuroshard_model::init::ModelSpec;
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainOutput, TrainShard};
+use neuroshard_node::checkpoint::{Checkpoint, fetch_checkpoint, push_checkpoint};
 use neuroshard_node::client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_node::node::NodeHandle;
+use neuroshard_node::node::{Compression, Fault, TrainingConfig};
 use neuroshard_node::router::Hop;
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel, node_client};
@@ -31,7 +33,7 @@ async fn training_swarm(model: &TestModel) -> Swarm {
     for (start, end) in [(0, 2), (2, 4)] {
         swarm
             .add_node_with(model.path(), start, end, |c| {
-                c.train = Some(TrainConfig::default())
+                c.train = Some(TrainingConfig::default())
             })
             .await;
     }
@@ -106,7 +108,11 @@ async fn backward_through_the_swarm_gives_single_process_gradients_and_earns_rec
     );
     let mut swarm_grads = Vec::new();
     for node in &swarm.nodes {
-        swarm_grads.extend(node.training_snapshot().expect("the node trained").1);
+        swarm_grads.extend(
+            node.training_snapshot()
+                .expect("the node trained")
+                .gradients,
+        );
     }
     let expected = whole.gradients();
     let diff = relative_diff(&expected, &swarm_grads);
@@ -224,4 +230,336 @@ async fn bad_training_calls_are_refused_by_name_and_the_node_keeps_training() {
     assert!(reply.grad_input.is_none());
     assert_eq!(reply.inner_steps, 1);
     swarm.shutdown().await;
+}
+
+/// Starts `configs.len()` replicas of the whole model, each told of the others.
+async fn replicas(model: &TestModel, configs: Vec<(TrainingConfig, Option<Fault>)>) -> Swarm {
+    let mut swarm = Swarm::start(model.path(), &[]).await;
+    for (train, fault) in configs {
+        swarm
+            .add_node_with(model.path(), 0, 4, |c| {
+                c.train = Some(train);
+                c.fault = fault;
+            })
+            .await;
+    }
+    let addrs: Vec<String> = swarm.nodes.iter().map(|n| n.advertised()).collect();
+    for node in &swarm.nodes {
+        node.set_training_replicas(addrs.clone());
+    }
+    swarm
+}
+
+/// Trains every replica of `swarm` for `steps` inner steps at once, each on its own slice of
+/// the text; each replica's losses.
+async fn train_replicas(swarm: &Swarm, steps: usize) -> Result<Vec<Vec<f32>>, String> {
+    let client = client(swarm).await;
+    let runs = chain(swarm).into_iter().enumerate().map(|(r, hop)| {
+        let client = &client;
+        async move {
+            let mut session = client.train_session(vec![hop]).map_err(|e| e.to_string())?;
+            let mut losses = Vec::new();
+            for step in 0..steps {
+                let batch = windows(r * 61 + step * 37, 2, 32, 101);
+                let report = session.step(&batch).await.map_err(|e| e.to_string())?;
+                losses.push(report.loss);
+            }
+            Ok::<_, String>(losses)
+        }
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
+}
+
+fn diloco(compression: Compression) -> TrainingConfig {
+    TrainingConfig {
+        outer_every: 5,
+        compression,
+        ..TrainingConfig::default()
+    }
+}
+
+/// Mean of the last five losses of every replica in `runs`.
+fn final_loss(runs: &[Vec<f32>]) -> f32 {
+    let tail: Vec<f32> = runs
+        .iter()
+        .flat_map(|r| r[r.len() - 5..].to_vec())
+        .collect();
+    tail.iter().sum::<f32>() / tail.len() as f32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_diloco_ends_within_five_percent_of_uncompressed() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let mut finals = Vec::new();
+    for compression in [Compression::Dense, Compression::TopK(0.1)] {
+        let swarm = replicas(&model, vec![(diloco(compression), None); 2]).await;
+        let runs = train_replicas(&swarm, 30).await.unwrap();
+        for node in &swarm.nodes {
+            let snapshot = node.training_snapshot().unwrap();
+            assert_eq!(snapshot.outer_round, 6, "{compression:?}");
+        }
+        // Replicas that heard each other start every round from the same weights.
+        let starts: Vec<_> = {
+            let mut starts = Vec::new();
+            for node in &swarm.nodes {
+                let mut c = node_client(node).await;
+                let (checkpoint, _) = fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |_| {})
+                    .await
+                    .unwrap();
+                starts.push(checkpoint);
+            }
+            starts
+        };
+        assert_eq!(starts[0].round, 6);
+        assert_eq!(starts[0], starts[1], "{compression:?}");
+        let loss = final_loss(&runs);
+        assert!(loss < 0.7 * runs[0][0], "{compression:?}: {runs:?}");
+        finals.push(loss);
+        swarm.shutdown().await;
+    }
+    let (dense, compressed) = (finals[0], finals[1]);
+    eprintln!("final loss: dense DiLoCo {dense:.4}, top-10 % DiLoCo {compressed:.4}");
+    assert!(
+        (compressed - dense).abs() <= 0.05 * dense,
+        "compressed {compressed} vs dense {dense}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_sending_flipped_and_scaled_pseudo_gradients_does_not_stop_the_loss_falling() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let bad = Some(Fault::BadPseudoGradient { scale: -10.0 });
+    let config = diloco(Compression::TopK(0.1));
+    let swarm = replicas(
+        &model,
+        vec![
+            (config.clone(), None),
+            (config.clone(), None),
+            (config, bad),
+        ],
+    )
+    .await;
+    let runs = train_replicas(&swarm, 30).await.unwrap();
+    for honest in &runs[..2] {
+        let last = honest[honest.len() - 5..].iter().sum::<f32>() / 5.0;
+        assert!(last < 0.7 * honest[0], "{runs:?}");
+    }
+    swarm.shutdown().await;
+
+    // The same swarm with a plain mean (nothing trimmed) is derailed: the test can fail.
+    let plain = TrainingConfig {
+        trim: Some(0),
+        ..diloco(Compression::TopK(0.1))
+    };
+    let bad = Some(Fault::BadPseudoGradient { scale: -10.0 });
+    let swarm = replicas(
+        &model,
+        vec![(plain.clone(), None), (plain.clone(), None), (plain, bad)],
+    )
+    .await;
+    match train_replicas(&swarm, 30).await {
+        Ok(runs) => {
+            let honest = &runs[0];
+            let last = honest[honest.len() - 5..].iter().sum::<f32>() / 5.0;
+            // NaN counts as derailed too.
+            let fell = last < 0.7 * honest[0];
+            assert!(!fell, "a plain mean survived: {runs:?}");
+        }
+        Err(e) => assert!(e.contains("not finite"), "{e}"),
+    }
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_joins_late_starts_from_the_current_round() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let config = diloco(Compression::TopK(0.1));
+    let mut swarm = replicas(&model, vec![(config.clone(), None); 2]).await;
+    train_replicas(&swarm, 10).await.unwrap();
+    swarm
+        .add_node_with(model.path(), 0, 4, |c| {
+            c.train = Some(config.clone());
+        })
+        .await;
+    let addrs: Vec<String> = swarm.nodes.iter().map(|n| n.advertised()).collect();
+    swarm.nodes[2].set_training_replicas(addrs);
+    // Its first training call loads the stage and finds the others in round 2.
+    let client = client(&swarm).await;
+    let hop = chain(&swarm).pop().unwrap();
+    let mut session = client.train_session(vec![hop]).unwrap();
+    session
+        .accumulate(&windows(0, 1, 32, 1), false)
+        .await
+        .unwrap();
+    let late = swarm.nodes.last().unwrap();
+    let snapshot = late.training_snapshot().unwrap();
+    assert_eq!(snapshot.outer_round, 2);
+    let mut got = Vec::new();
+    for node in [&swarm.nodes[0], late] {
+        let mut c = node_client(node).await;
+        got.push(
+            fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |_| {})
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    assert_eq!(got[0], got[1]);
+    assert_eq!(snapshot.parameters, got[0].parameters);
+    swarm.shutdown().await;
+}
+
+/// One training node whose checkpoints are in chunks of 64 KiB, with `fault`, that has trained
+/// a step.
+async fn checkpoint_node(model: &TestModel, fault: Option<Fault>) -> Swarm {
+    let mut swarm = Swarm::start(model.path(), &[]).await;
+    swarm
+        .add_node_with(model.path(), 0, 4, |c| {
+            c.train = Some(TrainingConfig {
+                checkpoint_chunk_bytes: 64 << 10,
+                ..TrainingConfig::default()
+            });
+            c.fault = fault;
+        })
+        .await;
+    let client = client(&swarm).await;
+    let mut session = client.train_session(chain(&swarm)).unwrap();
+    session.step(&windows(0, 1, 16, 1)).await.unwrap();
+    swarm
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_checkpoint_chunk_is_named_and_fetched_again() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = checkpoint_node(&model, Some(Fault::CorruptChunk(1))).await;
+    let node = &swarm.nodes[0];
+    let mut c = node_client(node).await;
+    let mut seen = Vec::new();
+    let (checkpoint, report) =
+        fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |p| seen.push(p.done))
+            .await
+            .unwrap();
+    assert!(report.chunks >= 3, "{report:?}");
+    assert_eq!(report.requests, 2, "{report:?}");
+    assert_eq!(report.chunks_moved, report.chunks + 1, "{report:?}");
+    assert_eq!(report.recovered.len(), 1, "{report:?}");
+    assert!(
+        report.recovered[0].contains("chunk 1 (bytes 65536..131072) does not match its hash"),
+        "{report:?}"
+    );
+    assert_eq!(seen.len(), report.chunks);
+    assert_eq!(*seen.last().unwrap(), report.total_bytes);
+    assert_eq!(checkpoint.round, 0);
+    let start = node.training_snapshot().unwrap();
+    assert_eq!(checkpoint.parameters.len(), start.parameters.len());
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_checkpoint_transfer_resumes_with_the_missing_chunks_only() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = checkpoint_node(&model, Some(Fault::CutCheckpointAfter(2))).await;
+    let node = &swarm.nodes[0];
+    let mut c = node_client(node).await;
+    let (whole, report) = fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.requests, 2, "{report:?}");
+    assert_eq!(
+        report.chunks_moved, report.chunks,
+        "no chunk is sent twice: {report:?}"
+    );
+    assert!(report.recovered[0].contains("cut"), "{report:?}");
+
+    // PutCheckpoint: a transfer cut after two chunks keeps them and says what is missing;
+    // sending the rest applies the checkpoint.
+    let pushed = Checkpoint {
+        round: 7,
+        parameters: whole.parameters.iter().map(|p| p * 0.5).collect(),
+    };
+    let bytes = pushed.to_bytes();
+    let manifest = neuroshard_train_manifest(&bytes);
+    let first_two: Vec<pb::CheckpointChunk> = (0..2)
+        .map(|i| pb::CheckpointChunk {
+            manifest: (i == 0)
+                .then(|| neuroshard_node::checkpoint::manifest_to_proto(&manifest, pushed.round)),
+            index: i as u32,
+            data: bytes[i * (64 << 10)..(i + 1) * (64 << 10)].to_vec(),
+            layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+            ..Default::default()
+        })
+        .collect();
+    let reply = c
+        .put_checkpoint(futures::stream::iter(first_two))
+        .await
+        .unwrap()
+        .into_inner();
+    let chunks = manifest.chunk_hashes.len() as u32;
+    assert_eq!(reply.missing, (2..chunks).collect::<Vec<_>>());
+    let (reply, report) = push_checkpoint(&mut c, "", node.layers(), &pushed, 64 << 10)
+        .await
+        .unwrap();
+    assert!(reply.missing.is_empty());
+    assert_eq!(reply.outer_step, 7);
+    assert_eq!(report.requests, 1);
+    let snapshot = node.training_snapshot().unwrap();
+    assert_eq!(snapshot.outer_round, 7);
+    assert_eq!(snapshot.parameters, pushed.parameters);
+    // A corrupted chunk in a push is listed as missing, by number.
+    let mut bad = pb::CheckpointChunk {
+        manifest: Some(neuroshard_node::checkpoint::manifest_to_proto(&manifest, 8)),
+        index: 0,
+        data: bytes[..64 << 10].to_vec(),
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        ..Default::default()
+    };
+    bad.data[10] ^= 1;
+    let reply = c
+        .put_checkpoint(futures::stream::iter(vec![bad]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.missing, (0..chunks).collect::<Vec<_>>());
+    assert_eq!(node.training_snapshot().unwrap().outer_round, 7);
+    swarm.shutdown().await;
+}
+
+fn neuroshard_train_manifest(bytes: &[u8]) -> neuroshard_train::checkpoint::Manifest {
+    neuroshard_train::checkpoint::Manifest::of(bytes, 64 << 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neuroshard_train_runs_two_stages_by_two_replicas_and_saves_a_model_that_loads() {
+    use neuroshard_node::train::{TrainOptions, run_training};
+    let out = tempfile::tempdir().unwrap();
+    let options = TrainOptions {
+        steps: 20,
+        outer_every: 5,
+        batch: 2,
+        sequence: 32,
+        save: Some(out.path().join("trained")),
+        ..TrainOptions::default()
+    };
+    let report = run_training(options, |_| {}).await.unwrap();
+    assert_eq!(report.losses.len(), 20);
+    assert!(
+        report.losses[19] < 0.7 * report.losses[0],
+        "{:?}",
+        report.losses
+    );
+    assert_eq!(report.outer_rounds, 4);
+    assert_eq!(report.tokens, 2 * 20 * 2 * 32);
+    assert!(report.exchange_bytes > 0);
+    assert!(report.exchange_bytes < report.uncompressed_diloco_bytes);
+    assert!(report.uncompressed_diloco_bytes < report.dense_allreduce_bytes);
+    let trained = out.path().join("trained");
+    let shard = neuroshard_model::Shard::load(&trained, 0..4, &Device::default()).unwrap();
+    assert_eq!(
+        neuroshard_model::ModelInfo::read(&trained)
+            .unwrap()
+            .config
+            .num_hidden_layers,
+        4
+    );
+    drop(shard);
 }

@@ -106,64 +106,157 @@ impl ModelSpec {
 
     /// Every tensor's name, shape and standard deviation (0 for a norm, which is all ones).
     fn tensors(&self) -> Vec<(String, Vec<usize>, f32)> {
-        let c = self.config();
-        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim(),
-            c.kv_heads() * c.head_dim(),
-        );
         let fan_in = |n: usize| 1.0 / (n as f32).sqrt();
         // Residual branches are scaled down so the stream's norm grows slowly with depth.
         let residual = fan_in(2 * self.layers);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h], 1.0)];
-        for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            out.extend([
-                (format!("{p}.input_layernorm.weight"), vec![h], 0.0),
-                (
-                    format!("{p}.self_attn.q_proj.weight"),
-                    vec![q, h],
-                    fan_in(h),
-                ),
-                (
-                    format!("{p}.self_attn.k_proj.weight"),
-                    vec![kv, h],
-                    fan_in(h),
-                ),
-                (
-                    format!("{p}.self_attn.v_proj.weight"),
-                    vec![kv, h],
-                    fan_in(h),
-                ),
-                (
-                    format!("{p}.self_attn.o_proj.weight"),
-                    vec![h, q],
-                    fan_in(q) * residual,
-                ),
-                (format!("{p}.post_attention_layernorm.weight"), vec![h], 0.0),
-                (format!("{p}.mlp.gate_proj.weight"), vec![i, h], fan_in(h)),
-                (format!("{p}.mlp.up_proj.weight"), vec![i, h], fan_in(h)),
-                (
-                    format!("{p}.mlp.down_proj.weight"),
-                    vec![h, i],
-                    fan_in(i) * residual,
-                ),
-            ]);
-        }
-        out.push(("model.norm.weight".to_string(), vec![h], 0.0));
-        if !self.tie_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![v, h], 2.0 * fan_in(h)));
-        }
-        out
+        layout(&self.config())
+            .into_iter()
+            .map(|t| {
+                let std = match t.kind {
+                    Kind::Norm => 0.0,
+                    Kind::Embedding => 1.0,
+                    Kind::Linear if t.name == "lm_head.weight" => 2.0 * fan_in(t.shape[1]),
+                    Kind::Linear if t.name.ends_with("o_proj.weight") => {
+                        fan_in(t.shape[1]) * residual
+                    }
+                    Kind::Linear if t.name.ends_with("down_proj.weight") => {
+                        fan_in(t.shape[1]) * residual
+                    }
+                    Kind::Linear => fan_in(t.shape[1]),
+                };
+                (t.name, t.shape, std)
+            })
+            .collect()
     }
+}
+
+/// What a tensor of the layout is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Embedding,
+    Norm,
+    /// A projection, stored `[out, in]` (burn holds it as `[in, out]`).
+    Linear,
+}
+
+/// One tensor of a model in the Hugging Face layout.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    /// The stored (Hugging Face) shape.
+    shape: Vec<usize>,
+    kind: Kind,
+}
+
+/// Every tensor of a Llama model in load order (the order of a shard's flat parameters): the
+/// embeddings, each layer's, the final norm and, unless tied, the LM head.
+fn layout(c: &LlamaConfig) -> Vec<Entry> {
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+    );
+    let entry = |name: String, shape: Vec<usize>, kind| Entry { name, shape, kind };
+    let mut out = vec![entry(
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        Kind::Embedding,
+    )];
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.extend([
+            entry(format!("{p}.input_layernorm.weight"), vec![h], Kind::Norm),
+            entry(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![q, h],
+                Kind::Linear,
+            ),
+            entry(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv, h],
+                Kind::Linear,
+            ),
+            entry(
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![kv, h],
+                Kind::Linear,
+            ),
+            entry(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, q],
+                Kind::Linear,
+            ),
+            entry(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                Kind::Norm,
+            ),
+            entry(
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![i, h],
+                Kind::Linear,
+            ),
+            entry(format!("{p}.mlp.up_proj.weight"), vec![i, h], Kind::Linear),
+            entry(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, i],
+                Kind::Linear,
+            ),
+        ]);
+    }
+    out.push(entry("model.norm.weight".into(), vec![h], Kind::Norm));
+    if !c.tie_word_embeddings {
+        out.push(entry("lm_head.weight".into(), vec![v, h], Kind::Linear));
+    }
+    out
+}
+
+/// Writes a model trained from `config` into `dir`: its `config.json` (with the LM head untied,
+/// as training keeps the embeddings and the head apart) and `parameters` (every shard's flat
+/// parameters, concatenated in layer order) as one safetensors file in `dtype`. Byte-level
+/// models need no tokenizer file.
+pub fn write_trained(
+    dir: &Path,
+    config: &LlamaConfig,
+    parameters: &[f32],
+    dtype: WireDType,
+    metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let config = LlamaConfig {
+        tie_word_embeddings: false,
+        ..config.clone()
+    };
+    let entries = layout(&config);
+    let expected: usize = entries
+        .iter()
+        .map(|e| e.shape.iter().product::<usize>())
+        .sum();
+    if parameters.len() != expected {
+        return Err(ModelError::Weights(format!(
+            "{} trained parameters for a model of {expected}",
+            parameters.len()
+        )));
+    }
+    let mut rest = parameters;
+    let tensors = entries
+        .into_iter()
+        .map(|e| {
+            let n: usize = e.shape.iter().product();
+            let (mine, tail) = rest.split_at(n);
+            rest = tail;
+            let values = match e.kind {
+                // burn's [in, out] back to the stored [out, in].
+                Kind::Linear => crate::shard::transpose(mine, e.shape[1], e.shape[0]),
+                Kind::Embedding | Kind::Norm => mine.to_vec(),
+            };
+            (e.name, e.shape, narrow_le(&values, dtype))
+        })
+        .collect();
+    write_files(dir, &config, tensors, dtype, 1, metadata)
 }
 
 /// Writes `config.json` and the weights of `spec` into `dir` (created if missing).
 pub fn write_model(dir: &Path, spec: &ModelSpec) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let config = serde_json::to_string_pretty(&spec.config()).expect("config serialises");
-    let config_path = dir.join("config.json");
-    std::fs::write(&config_path, config).map_err(|e| ModelError::io(&config_path, e))?;
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = spec
         .tensors()
         .into_iter()
@@ -173,9 +266,35 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> Result<(), ModelError> {
             (name, shape, narrow_le(&values, spec.dtype))
         })
         .collect();
-    let files = spec.files.clamp(1, tensors.len());
+    let metadata = HashMap::from([("neuroshard_seed".to_string(), spec.seed.to_string())]);
+    write_files(
+        dir,
+        &spec.config(),
+        tensors,
+        spec.dtype,
+        spec.files,
+        metadata,
+    )
+}
+
+/// Writes `config.json` and `tensors` (name, stored shape, little-endian bytes in `dtype`)
+/// spread over `files` safetensors files into `dir` (created if missing).
+fn write_files(
+    dir: &Path,
+    config: &LlamaConfig,
+    tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+    dtype: WireDType,
+    files: usize,
+    mut metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let text = serde_json::to_string_pretty(config).expect("config serialises");
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
+    metadata.insert("format".to_string(), "pt".to_string());
+    let files = files.clamp(1, tensors.len());
     let per_file = tensors.len().div_ceil(files);
-    let dtype = match spec.dtype {
+    let dtype = match dtype {
         WireDType::F32 => Dtype::F32,
         WireDType::F16 => Dtype::F16,
         WireDType::BF16 => Dtype::BF16,
@@ -190,11 +309,7 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> Result<(), ModelError> {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let path = dir.join(format!("model-{:05}-of-{:05}.safetensors", n + 1, files));
-        let metadata = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            ("neuroshard_seed".to_string(), spec.seed.to_string()),
-        ]);
-        safetensors::serialize_to_file(views, Some(metadata), &path)
+        safetensors::serialize_to_file(views, Some(metadata.clone()), &path)
             .map_err(|e| ModelError::Weights(format!("{}: {e}", path.display())))?;
     }
     Ok(())
@@ -208,4 +323,65 @@ fn sample(seed: u64, index: u64, len: usize, std: f32) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(index));
     let normal = Normal::new(0.0, std).expect("positive std");
     (0..len).map(|_| normal.sample(&mut rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, KvCache, Shard, ShardInput, ShardOutput, TrainConfig, TrainShard};
+
+    #[test]
+    fn trained_parameters_written_out_load_back_as_the_same_model() {
+        let src = tempfile::tempdir().unwrap();
+        write_model(src.path(), &ModelSpec::tiny()).unwrap();
+        let device = Device::default();
+        let mut stage =
+            TrainShard::load(src.path(), 0..4, &device, TrainConfig::default()).unwrap();
+        let ids: Vec<u32> = b"a small step".iter().map(|&b| b as u32).collect();
+        stage
+            .forward("a", ShardInput::Tokens(ids[..11].to_vec()), Some(&ids[1..]))
+            .unwrap();
+        stage.backward("a", None).unwrap();
+        stage.step().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let config = crate::ModelInfo::read(src.path()).unwrap().config;
+        write_trained(
+            out.path(),
+            &config,
+            &stage.parameters(),
+            WireDType::F32,
+            HashMap::new(),
+        )
+        .unwrap();
+        let written = crate::ModelInfo::read(out.path()).unwrap().config;
+        assert!(!written.tie_word_embeddings);
+        let reloaded = Shard::load(out.path(), 0..4, &device).unwrap();
+        let prompt = ShardInput::Tokens(ids.clone());
+        let logits = |shard: &Shard| match shard
+            .forward(&mut KvCache::new(), 0, 0..4, prompt.clone())
+            .unwrap()
+        {
+            ShardOutput::Logits(l) => l,
+            ShardOutput::Hidden(_) => panic!("expected logits"),
+        };
+        let (a, b) = (logits(stage.shard()), logits(&reloaded));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+        let original = Shard::load(src.path(), 0..4, &device).unwrap();
+        assert_ne!(logits(&original), b, "the written model is the trained one");
+        let err = write_trained(
+            out.path(),
+            &config,
+            &[0.0; 10],
+            WireDType::F32,
+            HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("10 trained parameters"), "{err}");
+    }
 }

@@ -59,6 +59,8 @@ pub enum TrainOutput {
 
 /// One microbatch between its forward and its backward.
 struct Pending {
+    /// Tokens in the microbatch.
+    tokens: usize,
     /// The hidden-state input, tracked for its gradient (none on the first stage).
     input: Option<Tensor<3>>,
     /// What the forward produced: hidden states `[1, n, hidden]`, or the loss `[1]`.
@@ -212,6 +214,7 @@ impl TrainShard {
         self.pending.insert(
             microbatch.to_string(),
             Pending {
+                tokens,
                 input: input_tensor,
                 output,
             },
@@ -237,6 +240,11 @@ impl TrainShard {
             TensorData::new(ids, [tokens]),
             &self.shard.device,
         ))
+    }
+
+    /// Tokens of a microbatch waiting for its backward.
+    pub fn pending_tokens(&self, microbatch: &str) -> Option<usize> {
+        self.pending.get(microbatch).map(|p| p.tokens)
     }
 
     /// Backpropagates one microbatch and adds its parameter gradients to the accumulated ones.

@@ -80,22 +80,37 @@ pub fn split_layers(total: u32, parts: u32) -> Vec<LayerRange> {
         .collect()
 }
 
+/// A temporary directory for a built-in model.
+pub(crate) fn scratch_dir() -> Result<tempfile::TempDir, NodeError> {
+    tempfile::tempdir().map_err(|e| NodeError::io("creating a temporary directory", e))
+}
+
+/// `given`, or the built-in model of `spec` written into `scratch`.
+pub(crate) fn model_dir_or(
+    scratch: &tempfile::TempDir,
+    given: Option<&PathBuf>,
+    spec: &ModelSpec,
+) -> Result<PathBuf, NodeError> {
+    match given {
+        Some(dir) => Ok(dir.clone()),
+        None => {
+            let dir = scratch.path().join("model");
+            write_model(&dir, spec)?;
+            Ok(dir)
+        }
+    }
+}
+
 /// Runs the demo, reporting progress lines through `progress`.
 pub async fn run_demo(
     options: DemoOptions,
     progress: impl Fn(&str),
 ) -> Result<DemoReport, NodeError> {
-    let scratch =
-        tempfile::tempdir().map_err(|e| NodeError::io("creating a temporary directory", e))?;
-    let model_dir = match &options.model_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            progress("writing the built-in model (6 layers, hidden 512)...");
-            let dir = scratch.path().join("model");
-            write_model(&dir, &ModelSpec::demo())?;
-            dir
-        }
-    };
+    let scratch = scratch_dir()?;
+    if options.model_dir.is_none() {
+        progress("writing the built-in model (6 layers, hidden 512)...");
+    }
+    let model_dir = model_dir_or(&scratch, options.model_dir.as_ref(), &ModelSpec::demo())?;
     let info = neuroshard_model::ModelInfo::read(&model_dir)?;
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
     let mut prompt = Vec::new();

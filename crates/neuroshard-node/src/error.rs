@@ -104,6 +104,9 @@ pub enum NodeError {
     /// The receipt ledger failed.
     #[error(transparent)]
     Ledger(#[from] neuroshard_proof::LedgerError),
+    /// The checkpoint a transfer was fetching has been replaced (a new round began).
+    #[error("{0}")]
+    CheckpointChanged(String),
     /// A training call reached a node that does not train.
     #[error("{0}")]
     NotTraining(String),
@@ -131,7 +134,9 @@ impl From<NodeError> for tonic::Status {
             | NodeError::Config(_)
             | NodeError::Device(_) => Code::InvalidArgument,
             NodeError::UnknownSession(_) => Code::NotFound,
-            NodeError::WrongLayers { .. } | NodeError::NotTraining(_) => Code::FailedPrecondition,
+            NodeError::WrongLayers { .. }
+            | NodeError::NotTraining(_)
+            | NodeError::CheckpointChanged(_) => Code::FailedPrecondition,
             NodeError::SessionBusy(_) => Code::Aborted,
             NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
             NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,

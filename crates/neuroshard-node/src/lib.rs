@@ -10,6 +10,7 @@
 //! works on domain types ([`convert::PeerRecord`], `WireTensor`, `LayerRange`).
 
 pub mod bandwidth;
+pub mod checkpoint;
 pub mod client;
 pub mod convert;
 pub mod demo;
@@ -30,6 +31,7 @@ pub mod sessions;
 pub mod settings;
 pub mod threads;
 pub mod tracker;
+pub mod train;
 pub mod verify;
 
 pub use error::NodeError;

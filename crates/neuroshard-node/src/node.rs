@@ -16,7 +16,7 @@ use std::time::Duration;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType};
-use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput, TrainConfig};
+use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
 use neuroshard_proof::{Countersignature, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind};
 use neuroshard_proto as pb;
 use pb::node_server::{Node, NodeServer};
@@ -45,8 +45,11 @@ use crate::threads::ComputeThreads;
 use crate::{MAX_MESSAGE_BYTES, NodeError};
 use neuroshard_nat::relay::{Relay, RelayConfig};
 
+mod checkpoint;
+mod outer;
 mod training;
-pub use training::loss_tensor;
+pub use outer::{Compression, TrainingConfig};
+pub use training::{TrainingSnapshot, loss_tensor};
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
@@ -79,6 +82,15 @@ pub enum Fault {
     SkipLayer,
     /// Computes with the weights of the model in this directory while claiming its own.
     WrongWeights(PathBuf),
+    /// Multiplies its pseudo-gradients by `scale` (negative flips them) before sending.
+    BadPseudoGradient {
+        /// The factor.
+        scale: f32,
+    },
+    /// Flips a byte of this chunk in its first checkpoint transfer.
+    CorruptChunk(usize),
+    /// Cuts its first checkpoint transfer after this many chunks.
+    CutCheckpointAfter(usize),
 }
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].
@@ -143,7 +155,7 @@ pub struct NodeConfig {
     /// Take part in training (training Forward and Backward calls, AdamW inner steps) with
     /// these inner-optimizer settings. Default none: a node trains only when asked to, as
     /// training holds a second, trainable copy of the shard.
-    pub train: Option<TrainConfig>,
+    pub train: Option<TrainingConfig>,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -653,6 +665,11 @@ impl NodeState {
                 "session_id must be 1..={MAX_SESSION_ID_BYTES} bytes"
             )));
         }
+        self.check_model(model_id)
+    }
+
+    /// Checks a call's model id, when it gives one.
+    fn check_model(&self, model_id: &str) -> Result<(), NodeError> {
         if !model_id.is_empty() && model_id != self.model.id {
             return Err(NodeError::BadRequest(format!(
                 "model {model_id} requested, this node serves model {}",
@@ -914,12 +931,6 @@ impl NodeService {
         }
         result.map(Response::new).map_err(Status::from)
     }
-
-    fn unimplemented(method: &str, issue: &str) -> Status {
-        Status::unimplemented(format!(
-            "{method} is not implemented yet: it arrives with {issue}"
-        ))
-    }
 }
 
 type CheckpointStream =
@@ -955,34 +966,39 @@ impl Node for NodeService {
 
     async fn exchange_gradient(
         &self,
-        _: Request<pb::ExchangeGradientRequest>,
+        request: Request<pb::ExchangeGradientRequest>,
     ) -> Result<Response<pb::ExchangeGradientResponse>, Status> {
-        Err(Self::unimplemented(
-            "ExchangeGradient",
-            "distributed training",
-        ))
+        let received = request.get_ref().encoded_len();
+        let call = self.state.clone().exchange_gradient(request.into_inner());
+        self.counted("exchange", received, call).await
     }
 
     type GetCheckpointStream = CheckpointStream;
 
     async fn get_checkpoint(
         &self,
-        _: Request<pb::CheckpointRequest>,
+        request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<Self::GetCheckpointStream>, Status> {
-        Err(Self::unimplemented(
-            "GetCheckpoint",
-            "distributed training (checkpoint streaming)",
-        ))
+        let messages = self
+            .state
+            .clone()
+            .get_checkpoint(request.into_inner())
+            .await?;
+        let metrics = self.state.metrics.clone();
+        let stream = futures::StreamExt::inspect(futures::stream::iter(messages), move |m| {
+            if let Ok(chunk) = m {
+                metrics.record_bytes(chunk.encoded_len(), 0);
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn put_checkpoint(
         &self,
-        _: Request<tonic::Streaming<pb::CheckpointChunk>>,
+        request: Request<tonic::Streaming<pb::CheckpointChunk>>,
     ) -> Result<Response<pb::PutCheckpointResponse>, Status> {
-        Err(Self::unimplemented(
-            "PutCheckpoint",
-            "distributed training (checkpoint streaming)",
-        ))
+        let call = self.state.clone().put_checkpoint(request.into_inner());
+        self.counted("put checkpoint", 0, call).await
     }
 
     async fn ping(
@@ -1076,8 +1092,16 @@ impl NodeHandle {
     /// The trainable stage's flat parameters and accumulated gradient (a sum over the
     /// microbatches since the last inner step), in parameter order; none before the node's
     /// first training call or when it does not train.
-    pub fn training_snapshot(&self) -> Option<(Vec<f32>, Vec<f32>)> {
+    pub fn training_snapshot(&self) -> Option<TrainingSnapshot> {
         self.state.training_snapshot()
+    }
+
+    /// Replaces the replicas (`host:port`) the node exchanges pseudo-gradients with besides
+    /// the peers of its layers it knows; nothing for a node that does not train.
+    pub fn set_training_replicas(&self, replicas: Vec<String>) {
+        if let Some(trainer) = &self.state.trainer {
+            *trainer.replicas.write().expect("replicas lock") = replicas;
+        }
     }
 
     /// The node's id.
@@ -1430,6 +1454,10 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     });
     let metrics = Arc::new(Metrics::default());
     let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
+    let trainer = config
+        .train
+        .clone()
+        .map(|c| training::Trainer::new(c, metrics.clone()));
     let state = Arc::new(NodeState {
         sessions: SessionStore::new(SessionLimits {
             budget_bytes: config.kv_budget_bytes,
@@ -1479,7 +1507,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         heartbeat_every: config.heartbeat,
         cancel: cancel.clone(),
         fault: config.fault.clone(),
-        trainer: config.train.clone().map(training::Trainer::new),
+        trainer,
     });
     tokio::spawn(sweep_sessions(
         state.clone(),

@@ -12,3 +12,9 @@
 pub mod checkpoint;
 pub mod outer;
 pub mod sparse;
+
+/// The corpus `neuroshard train` trains on, embedded: public-domain English (the Gettysburg
+/// Address, the Preamble of the US Constitution, the opening of the Declaration of
+/// Independence, the close of Lincoln's second inaugural address, Shakespeare's sonnets 18 and
+/// 116, Genesis 1:1-5 and Psalm 23:1-4 in the King James Version), one passage per line.
+pub const CORPUS: &str = include_str!("../corpus/public-domain.txt");

@@ -11,34 +11,66 @@ use std::time::Duration;
 
 use neuroshard_base::LayerRange;
 use neuroshard_model::codec::{self, WireDType};
-use neuroshard_model::{ShardInput, TrainConfig, TrainOutput, TrainShard};
+use neuroshard_model::{ShardInput, TrainOutput, TrainShard};
 use neuroshard_proof::{Fingerprint, ReceiptBody, WorkKind};
 use neuroshard_proto as pb;
 
+use super::outer::{Exchange, Outer, TrainingConfig};
 use super::{NodeState, Served, parse_proof};
 use crate::NodeError;
 use crate::convert::{
     dtype_from_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto,
 };
+use crate::metrics::Metrics;
+use crate::pool::{ConnectionPool, PoolConfig};
 
-/// The node's trainable copy of its shard, made on the first training call.
+/// The node's trainable copy of its shard, made on the first training call, with its outer
+/// loop and the connections it exchanges over.
 #[derive(Debug)]
 pub(super) struct Trainer {
-    config: TrainConfig,
-    stage: Mutex<Option<Stage>>,
+    pub(super) config: TrainingConfig,
+    pub(super) stage: Mutex<Option<Stage>>,
+    pub(super) exchange: Exchange,
+    pub(super) pool: Arc<ConnectionPool>,
+    /// The last checkpoint served, for the round it starts.
+    pub(super) snapshot: Mutex<Option<Arc<super::checkpoint::Snapshot>>>,
+    /// A checkpoint being received through PutCheckpoint.
+    pub(super) incoming: Mutex<Option<super::checkpoint::Incoming>>,
+    /// Held while the stage loads and probes its replicas, so that happens once.
+    loading: tokio::sync::Mutex<()>,
+    /// Replicas to exchange with besides known peers: the config's, replaceable live.
+    pub(super) replicas: std::sync::RwLock<Vec<String>>,
+    /// Pseudo-gradient bytes this node has sent to replicas (requests and replies).
+    pub(super) exchange_sent: std::sync::atomic::AtomicU64,
+    /// Keys of the replicas met, by address, to skip asking one whose contribution came in.
+    pub(super) replica_keys: Mutex<std::collections::HashMap<String, [u8; 32]>>,
+    /// A test fault has fired (they fire once).
+    pub(super) fault_fired: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
-struct Stage {
-    range: LayerRange,
-    shard: TrainShard,
+pub(super) struct Stage {
+    pub(super) range: LayerRange,
+    pub(super) shard: TrainShard,
+    pub(super) outer: Outer,
 }
 
 impl Trainer {
-    pub(super) fn new(config: TrainConfig) -> Self {
+    pub(super) fn new(config: TrainingConfig, metrics: Arc<Metrics>) -> Self {
+        let pool = Arc::new(ConnectionPool::new(PoolConfig::default(), metrics));
+        pool.spawn_reaper();
         Self {
-            config,
             stage: Mutex::new(None),
+            exchange: Exchange::default(),
+            pool,
+            snapshot: Mutex::new(None),
+            incoming: Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
+            fault_fired: Default::default(),
+            exchange_sent: Default::default(),
+            replica_keys: Default::default(),
+            replicas: std::sync::RwLock::new(config.replicas.clone()),
+            config,
         }
     }
 }
@@ -60,7 +92,11 @@ enum Done {
     Forward(TrainOutput),
     Backward {
         grad_input: Option<Vec<f32>>,
+        tokens: usize,
         steps: u64,
+        /// The step closed the outer round.
+        sync_due: bool,
+        round: u64,
     },
 }
 
@@ -91,6 +127,7 @@ impl NodeState {
         let targets = req.targets.take().map(|t| t.ids);
         let forward = self.parse_call(req)?;
         self.check_whole_range(&forward.served, forward.layers)?;
+        self.ensure_stage(&forward.served).await?;
         let tokens = forward.tokens;
         let call = Call {
             served: forward.served,
@@ -155,10 +192,11 @@ impl NodeState {
         let layers = span_from_proto(req.layers)?;
         let served = self.served();
         self.check_whole_range(&served, layers)?;
+        self.ensure_stage(&served).await?;
         let proof = parse_proof(&req.nonce, &req.requester_key)?;
         let hidden = self.model.config.hidden_size;
-        let (grad, input_hash, tokens) = match req.grad_output {
-            None => (None, [0; 32], None),
+        let (grad, input_hash) = match req.grad_output {
+            None => (None, [0; 32]),
             Some(t) => {
                 let tensor = tensor_from_proto(t)?;
                 let shape = tensor.shape.clone();
@@ -168,7 +206,7 @@ impl NodeState {
                     )));
                 }
                 let hash = tensor_hash(&tensor);
-                (Some(codec::decode(&tensor)?), hash, Some(shape[1]))
+                (Some(codec::decode(&tensor)?), hash)
             }
         };
         let reply_dtype = match req.reply_dtype {
@@ -187,12 +225,19 @@ impl NodeState {
             step: req.step,
         };
         let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
-        let Done::Backward { grad_input, steps } = done else {
+        let Done::Backward {
+            grad_input,
+            tokens,
+            steps,
+            sync_due,
+            mut round,
+        } = done
+        else {
             unreachable!("a backward gives a backward's result")
         };
-        let tokens = tokens
-            .or(grad_input.as_ref().map(|g| g.len() / hidden))
-            .unwrap_or(0);
+        if sync_due {
+            round = self.outer_sync().await?;
+        }
         let grad_tensor = grad_input
             .as_ref()
             .map(|g| codec::encode(g, &[1, tokens, hidden], reply_dtype));
@@ -221,18 +266,23 @@ impl NodeState {
             compute_us: compute.as_micros() as u64,
             receipt,
             inner_steps: steps,
+            outer_step: round,
         })
     }
 
     /// The node's trainer, or why it has none.
-    fn trainer(&self) -> Result<&Trainer, NodeError> {
+    pub(super) fn trainer(&self) -> Result<&Trainer, NodeError> {
         self.trainer.as_ref().ok_or_else(|| {
             NodeError::NotTraining("this node does not train (start it with training on)".into())
         })
     }
 
     /// Training runs a node's whole range: its parameters move together.
-    fn check_whole_range(&self, served: &Served, layers: LayerRange) -> Result<(), NodeError> {
+    pub(super) fn check_whole_range(
+        &self,
+        served: &Served,
+        layers: LayerRange,
+    ) -> Result<(), NodeError> {
         if layers != served.range {
             return Err(NodeError::WrongLayers {
                 asked: layers,
@@ -287,7 +337,59 @@ impl NodeState {
         }
     }
 
-    /// Runs `work` on the trainable stage of `served`, loading it first if needed.
+    /// Loads the trainable stage of `served` if it is not loaded (or holds other layers), and
+    /// on a fresh load probes the replicas: a node that finds them in a later round fetches
+    /// that round's weights from one of them instead of starting behind.
+    pub(super) async fn ensure_stage(
+        self: &Arc<Self>,
+        served: &Arc<Served>,
+    ) -> Result<(), NodeError> {
+        let trainer = self.trainer()?;
+        let _loading = trainer.loading.lock().await;
+        let loaded = trainer
+            .stage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|s| s.range == served.range);
+        if loaded {
+            return Ok(());
+        }
+        let state = self.clone();
+        let served = served.clone();
+        tokio::task::spawn_blocking(move || state.load_stage(&served))
+            .await
+            .map_err(|e| NodeError::BadRequest(format!("loading the stage failed: {e}")))??;
+        self.join_replicas().await
+    }
+
+    fn load_stage(&self, served: &Served) -> Result<(), NodeError> {
+        let trainer = self.trainer()?;
+        let device = served
+            .shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .device()
+            .clone();
+        let shard = self.threads.install(|| {
+            TrainShard::load(
+                &self.model_dir,
+                served.range.to_range(),
+                &device,
+                trainer.config.inner.clone(),
+            )
+        })?;
+        let outer = Outer::new(&trainer.config, shard.parameters(), shard.steps())?;
+        *trainer.stage.lock().unwrap_or_else(PoisonError::into_inner) = Some(Stage {
+            range: served.range,
+            shard,
+            outer,
+        });
+        trainer.exchange.enter(0);
+        Ok(())
+    }
+
+    /// Runs `work` on the trainable stage of `served`.
     fn run_training(
         &self,
         served: &Served,
@@ -295,39 +397,30 @@ impl NodeState {
         work: Work,
     ) -> Result<(Done, [u8; 32]), NodeError> {
         let trainer = self.trainer()?;
-        let mut stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
-        if stage.as_ref().is_none_or(|s| s.range != served.range) {
-            let device = served
-                .shard
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .device()
-                .clone();
-            let shard = TrainShard::load(
-                &self.model_dir,
-                served.range.to_range(),
-                &device,
-                trainer.config.clone(),
-            )?;
-            *stage = Some(Stage {
-                range: served.range,
-                shard,
-            });
-        }
-        let stage = &mut stage.as_mut().expect("loaded above").shard;
-        let weights_hash = stage.shard().weights_hash(served.range.to_range())?;
+        let mut guard = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let stage = guard
+            .as_mut()
+            .filter(|s| s.range == served.range)
+            .ok_or_else(|| NodeError::NotTraining("the trainable stage was dropped".into()))?;
+        let weights_hash = stage.shard.shard().weights_hash(served.range.to_range())?;
         let done = match work {
             Work::Forward { input, targets } => {
-                Done::Forward(stage.forward(microbatch, input, targets.as_deref())?)
+                Done::Forward(stage.shard.forward(microbatch, input, targets.as_deref())?)
             }
             Work::Backward { grad, step } => {
-                let grad_input = stage.backward(microbatch, grad)?;
+                let tokens = stage.shard.pending_tokens(microbatch).unwrap_or(0);
+                let grad_input = stage.shard.backward(microbatch, grad)?;
                 if step {
-                    stage.step()?;
+                    stage.shard.step()?;
                 }
+                let steps = stage.shard.steps();
                 Done::Backward {
                     grad_input,
-                    steps: stage.steps(),
+                    tokens,
+                    steps,
+                    sync_due: step
+                        && steps - stage.outer.steps_at_start >= trainer.config.outer_every,
+                    round: stage.outer.round,
                 }
             }
         };
@@ -365,12 +458,35 @@ impl NodeState {
 
     /// The trainable stage's flat parameters and accumulated gradient, for tests and the
     /// outer loop; none before the first training call.
-    pub(super) fn training_snapshot(&self) -> Option<(Vec<f32>, Vec<f32>)> {
+    pub(super) fn training_snapshot(&self) -> Option<TrainingSnapshot> {
         let trainer = self.trainer.as_ref()?;
         let mut stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
-        let stage = &mut stage.as_mut()?.shard;
-        Some((stage.parameters(), stage.gradients()))
+        let stage = stage.as_mut()?;
+        Some(TrainingSnapshot {
+            parameters: stage.shard.parameters(),
+            gradients: stage.shard.gradients(),
+            inner_steps: stage.shard.steps(),
+            outer_round: stage.outer.round,
+            exchange_bytes_sent: trainer
+                .exchange_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
+}
+
+/// A training node's state, for tests and reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSnapshot {
+    /// Parameters in the stage's flat order.
+    pub parameters: Vec<f32>,
+    /// The gradient accumulated since the last inner step (a sum over microbatches).
+    pub gradients: Vec<f32>,
+    /// Inner steps taken.
+    pub inner_steps: u64,
+    /// The outer round in progress.
+    pub outer_round: u64,
+    /// Pseudo-gradient bytes sent to replicas so far.
+    pub exchange_bytes_sent: u64,
 }
 
 /// What a training receipt attests besides the call.

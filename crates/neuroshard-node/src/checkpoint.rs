@@ -1,0 +1,284 @@
+//! Checkpoints over the wire, client side: fetching a training stage's weights from a peer
+//! (`GetCheckpoint`) and pushing them to one (`PutCheckpoint`), chunk by hashed chunk, resuming
+//! where a cut transfer stopped and asking again for a chunk that arrives corrupted.
+//!
+//! A checkpoint's bytes are the stage's flat parameters (little-endian f32, in the stage's
+//! parameter order) at the start of an outer round; the manifest names the round.
+
+use futures::StreamExt;
+use neuroshard_base::LayerRange;
+use neuroshard_proto as pb;
+use neuroshard_train::checkpoint::{Assembly, MAX_CHECKPOINT_BYTES, Manifest};
+use pb::node_client::NodeClient;
+use tonic::transport::Channel;
+
+use crate::NodeError;
+use crate::convert::span_to_proto;
+
+/// Requests one transfer may take before giving up.
+pub const MAX_ATTEMPTS: usize = 6;
+
+/// A stage's weights at the start of an outer round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// The outer round they start.
+    pub round: u64,
+    /// Flat parameters, in the stage's order.
+    pub parameters: Vec<f32>,
+}
+
+impl Checkpoint {
+    /// The bytes a checkpoint travels as.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.parameters
+            .iter()
+            .flat_map(|p| p.to_le_bytes())
+            .collect()
+    }
+
+    /// The checkpoint of round `round` from its bytes; every value must be finite.
+    pub fn from_bytes(round: u64, bytes: &[u8]) -> Result<Self, NodeError> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(NodeError::BadRequest(format!(
+                "a checkpoint of {} bytes is not a whole number of f32 values",
+                bytes.len()
+            )));
+        }
+        let parameters: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        if let Some(i) = parameters.iter().position(|v| !v.is_finite()) {
+            return Err(NodeError::BadRequest(format!(
+                "checkpoint parameter {i} is not finite"
+            )));
+        }
+        Ok(Self { round, parameters })
+    }
+}
+
+/// How a transfer went: what a progress display and a test look at.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransferReport {
+    /// Requests made (1 when nothing went wrong).
+    pub requests: usize,
+    /// Chunks moved, including any sent again.
+    pub chunks_moved: usize,
+    /// Chunks in the checkpoint.
+    pub chunks: usize,
+    /// Bytes in the checkpoint.
+    pub total_bytes: u64,
+    /// What went wrong on the way and was recovered from, in order.
+    pub recovered: Vec<String>,
+}
+
+/// Progress of a transfer: bytes verified so far of the total.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Bytes in verified chunks.
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
+}
+
+/// The wire form of a manifest for round `round`.
+pub fn manifest_to_proto(m: &Manifest, round: u64) -> pb::CheckpointManifest {
+    pb::CheckpointManifest {
+        total_bytes: m.total_bytes,
+        chunk_bytes: m.chunk_bytes,
+        chunk_hashes: m.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+        whole_hash: m.hash.to_vec(),
+        outer_step: round,
+    }
+}
+
+/// A manifest and its round from the wire, checked for the shape of every hash and size.
+pub fn manifest_from_proto(m: pb::CheckpointManifest) -> Result<(Manifest, u64), NodeError> {
+    let hash = |bytes: &[u8], what: &str| -> Result<[u8; 32], NodeError> {
+        bytes.try_into().map_err(|_| {
+            NodeError::BadRequest(format!(
+                "checkpoint manifest: {what} has {} bytes, not 32",
+                bytes.len()
+            ))
+        })
+    };
+    let manifest = Manifest {
+        total_bytes: m.total_bytes,
+        chunk_bytes: m.chunk_bytes,
+        chunk_hashes: m
+            .chunk_hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| hash(h, &format!("the hash of chunk {i}")))
+            .collect::<Result<_, _>>()?,
+        hash: hash(&m.whole_hash, "the whole hash")?,
+    };
+    manifest
+        .check()
+        .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    Ok((manifest, m.outer_step))
+}
+
+/// Fetches the checkpoint of `layers` from the node `client` talks to, at most `max_bytes`,
+/// telling `progress` after every verified chunk. A cut transfer asks again for the missing
+/// chunks only; a corrupted chunk is refused by number and asked for again; a checkpoint that
+/// changed on the server (a new round began) starts over.
+pub async fn fetch_checkpoint(
+    client: &mut NodeClient<Channel>,
+    model_id: &str,
+    layers: LayerRange,
+    max_bytes: u64,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Checkpoint, TransferReport), NodeError> {
+    let mut report = TransferReport::default();
+    let mut assembly: Option<(Assembly, u64)> = None;
+    let peer = |status: tonic::Status| NodeError::Remote {
+        peer: "checkpoint source".into(),
+        status,
+    };
+    while report.requests < MAX_ATTEMPTS {
+        report.requests += 1;
+        let request = pb::CheckpointRequest {
+            model_id: model_id.to_string(),
+            layers: Some(span_to_proto(layers)),
+            chunks: assembly.as_ref().map_or_else(Vec::new, |(a, _)| {
+                a.missing().into_iter().map(|i| i as u32).collect()
+            }),
+            whole_hash: assembly
+                .as_ref()
+                .map_or_else(Vec::new, |(a, _)| a.manifest().hash.to_vec()),
+        };
+        let mut stream = match client.get_checkpoint(request).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition && assembly.is_some() =>
+            {
+                report.recovered.push(format!(
+                    "the checkpoint changed on the server ({}); starting over",
+                    status.message()
+                ));
+                assembly = None;
+                continue;
+            }
+            Err(status) => return Err(peer(status)),
+        };
+        loop {
+            let message = match stream.next().await {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(status)) => {
+                    report
+                        .recovered
+                        .push(format!("the transfer was cut: {}", status.message()));
+                    break;
+                }
+            };
+            if let Some(manifest) = message.manifest {
+                let (manifest, round) = manifest_from_proto(manifest)?;
+                match &assembly {
+                    Some((a, _)) if a.manifest() == &manifest => {}
+                    Some(_) => {
+                        return Err(NodeError::BadRequest(
+                            "the server sent another checkpoint's manifest mid-transfer".into(),
+                        ));
+                    }
+                    None => {
+                        report.chunks = manifest.chunks();
+                        report.total_bytes = manifest.total_bytes;
+                        let limit = max_bytes.min(MAX_CHECKPOINT_BYTES);
+                        let new = Assembly::new(manifest, limit)
+                            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+                        assembly = Some((new, round));
+                    }
+                }
+            }
+            let Some((a, _)) = assembly.as_mut() else {
+                return Err(NodeError::BadRequest(
+                    "a checkpoint chunk came before its manifest".into(),
+                ));
+            };
+            report.chunks_moved += 1;
+            match a.accept(message.index as usize, &message.data) {
+                Ok(()) => progress(Progress {
+                    done: a.received_bytes(),
+                    total: a.manifest().total_bytes,
+                }),
+                Err(e) => report.recovered.push(format!("{e}; asking for it again")),
+            }
+        }
+        if let Some((a, round)) = assembly.take() {
+            if a.missing().is_empty() {
+                let bytes = a
+                    .finish()
+                    .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+                return Ok((Checkpoint::from_bytes(round, &bytes)?, report));
+            }
+            assembly = Some((a, round));
+        }
+    }
+    Err(NodeError::BadRequest(format!(
+        "the checkpoint did not arrive whole in {MAX_ATTEMPTS} requests: {}",
+        report.recovered.join("; ")
+    )))
+}
+
+/// Pushes `checkpoint` of `layers` to the node `client` talks to in chunks of `chunk_bytes`,
+/// sending again whatever the receiver says is still missing.
+pub async fn push_checkpoint(
+    client: &mut NodeClient<Channel>,
+    model_id: &str,
+    layers: LayerRange,
+    checkpoint: &Checkpoint,
+    chunk_bytes: u32,
+) -> Result<(pb::PutCheckpointResponse, TransferReport), NodeError> {
+    let bytes = checkpoint.to_bytes();
+    let manifest = Manifest::of(&bytes, chunk_bytes);
+    let mut report = TransferReport {
+        chunks: manifest.chunks(),
+        total_bytes: manifest.total_bytes,
+        ..TransferReport::default()
+    };
+    let mut wanted: Vec<usize> = (0..manifest.chunks()).collect();
+    while report.requests < MAX_ATTEMPTS {
+        report.requests += 1;
+        let mut messages = Vec::with_capacity(wanted.len());
+        for (n, &index) in wanted.iter().enumerate() {
+            let range = manifest
+                .range(index)
+                .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+            let data = bytes[range.start as usize..range.end as usize].to_vec();
+            messages.push(pb::CheckpointChunk {
+                model_id: model_id.to_string(),
+                layers: Some(span_to_proto(layers)),
+                manifest: (n == 0).then(|| manifest_to_proto(&manifest, checkpoint.round)),
+                index: index as u32,
+                data,
+            });
+        }
+        report.chunks_moved += messages.len();
+        let reply = client
+            .put_checkpoint(futures::stream::iter(messages))
+            .await
+            .map_err(|status| NodeError::Remote {
+                peer: "checkpoint receiver".into(),
+                status,
+            })?
+            .into_inner();
+        if reply.missing.is_empty() {
+            return Ok((reply, report));
+        }
+        report.recovered.push(format!(
+            "the receiver is missing chunks {:?}; sending them again",
+            reply.missing
+        ));
+        wanted = reply.missing.iter().map(|&i| i as usize).collect();
+        if wanted.iter().any(|&i| i >= manifest.chunks()) {
+            return Err(NodeError::BadRequest(
+                "the receiver asked for a chunk the checkpoint does not have".into(),
+            ));
+        }
+    }
+    Err(NodeError::BadRequest(format!(
+        "the checkpoint was not taken whole in {MAX_ATTEMPTS} requests"
+    )))
+}

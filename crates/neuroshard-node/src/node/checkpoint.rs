@@ -1,0 +1,317 @@
+//! Checkpoints, server side: `GetCheckpoint` streams the training stage's weights at the start
+//! of its current outer round, `PutCheckpoint` takes a stage's weights (resuming a cut
+//! transfer), and a node behind its replicas catches up from one of them.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use neuroshard_base::LayerRange;
+use neuroshard_proto as pb;
+use neuroshard_train::checkpoint::{Assembly, Manifest};
+
+use super::{Fault, NodeState};
+use crate::NodeError;
+use crate::checkpoint::{Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto};
+use crate::convert::{span_from_proto, span_to_proto};
+
+/// Most chunk numbers one request may name.
+const MAX_CHUNKS_ASKED: usize = 1 << 16;
+
+/// A stage's checkpoint as served: the round, its bytes and their manifest.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    round: u64,
+    bytes: Vec<u8>,
+    manifest: Manifest,
+}
+
+/// A checkpoint arriving through PutCheckpoint.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    round: u64,
+    assembly: Assembly,
+}
+
+impl NodeState {
+    /// The checkpoint of the round in progress, made once per round.
+    fn snapshot(&self) -> Result<Arc<Snapshot>, NodeError> {
+        let trainer = self.trainer()?;
+        let stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let stage = stage
+            .as_ref()
+            .ok_or_else(|| NodeError::NotTraining("this node has not started training".into()))?;
+        let mut cached = trainer
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = cached.as_ref().filter(|s| s.round == stage.outer.round) {
+            return Ok(s.clone());
+        }
+        let checkpoint = Checkpoint {
+            round: stage.outer.round,
+            parameters: stage.outer.start.clone(),
+        };
+        let bytes = checkpoint.to_bytes();
+        let manifest = Manifest::of(&bytes, trainer.config.checkpoint_chunk_bytes);
+        let snapshot = Arc::new(Snapshot {
+            round: checkpoint.round,
+            bytes,
+            manifest,
+        });
+        *cached = Some(snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// Serves GetCheckpoint: the manifest, then the chunks asked for (all by default).
+    pub(super) async fn get_checkpoint(
+        self: Arc<Self>,
+        req: pb::CheckpointRequest,
+    ) -> Result<Vec<Result<pb::CheckpointChunk, tonic::Status>>, NodeError> {
+        let trainer = self.trainer()?;
+        self.check_model(&req.model_id)?;
+        let layers = span_from_proto(req.layers)?;
+        let served = self.served();
+        self.check_whole_range(&served, layers)?;
+        let state = self.clone();
+        let snapshot = tokio::task::spawn_blocking(move || state.snapshot())
+            .await
+            .map_err(|e| NodeError::BadRequest(format!("checkpoint task failed: {e}")))??;
+        if !req.whole_hash.is_empty() && req.whole_hash != snapshot.manifest.hash {
+            return Err(NodeError::CheckpointChanged(format!(
+                "the checkpoint asked for is gone: this node is in round {} now",
+                snapshot.round
+            )));
+        }
+        if req.chunks.len() > MAX_CHUNKS_ASKED {
+            return Err(NodeError::BadRequest(format!(
+                "{} chunks asked for in one request; ask for at most {MAX_CHUNKS_ASKED}",
+                req.chunks.len()
+            )));
+        }
+        let chunks = snapshot.manifest.chunks();
+        let mut wanted: Vec<usize> = match req.chunks.is_empty() {
+            true => (0..chunks).collect(),
+            false => req.chunks.iter().map(|&i| i as usize).collect(),
+        };
+        wanted.sort_unstable();
+        wanted.dedup();
+        if let Some(&bad) = wanted.iter().find(|&&i| i >= chunks) {
+            return Err(NodeError::BadRequest(format!(
+                "chunk {bad} asked for; the checkpoint has {chunks}"
+            )));
+        }
+        let mut messages = Vec::with_capacity(wanted.len());
+        for (n, index) in wanted.into_iter().enumerate() {
+            let range = snapshot
+                .manifest
+                .range(index)
+                .expect("chunk numbers were checked");
+            let mut data = snapshot.bytes[range.start as usize..range.end as usize].to_vec();
+            // Test faults fire on the first transfer only.
+            let fire = || !trainer.fault_fired.swap(true, Ordering::Relaxed);
+            match &self.fault {
+                Some(Fault::CorruptChunk(c)) if *c == index && fire() => data[0] ^= 0x5a,
+                Some(Fault::CutCheckpointAfter(c)) if *c == n && fire() => {
+                    // The stream ends here with an error, as a dropped connection would.
+                    messages.push(Err(tonic::Status::unavailable("the connection dropped")));
+                    break;
+                }
+                _ => {}
+            }
+            messages.push(Ok(pb::CheckpointChunk {
+                model_id: self.model.id.clone(),
+                layers: Some(span_to_proto(layers)),
+                manifest: (n == 0).then(|| manifest_to_proto(&snapshot.manifest, snapshot.round)),
+                index: index as u32,
+                data,
+            }));
+        }
+        Ok(messages)
+    }
+
+    /// Serves PutCheckpoint: assembles the chunks (keeping a cut transfer's for the next
+    /// request under the same manifest) and, once whole and verified, makes them the stage's
+    /// weights and round.
+    pub(super) async fn put_checkpoint(
+        self: Arc<Self>,
+        mut chunks: tonic::Streaming<pb::CheckpointChunk>,
+    ) -> Result<pb::PutCheckpointResponse, NodeError> {
+        use futures::StreamExt;
+        let trainer = self.trainer()?;
+        let served = self.served();
+        self.ensure_stage(&served).await?;
+        let mut layers_seen: Option<LayerRange> = None;
+        let mut received = 0u64;
+        while let Some(message) = chunks.next().await {
+            let Ok(message) = message else {
+                break; // A cut transfer: what arrived is kept.
+            };
+            self.check_model(&message.model_id)?;
+            let layers = span_from_proto(message.layers)?;
+            self.check_whole_range(&served, layers)?;
+            layers_seen = Some(layers);
+            let mut incoming = trainer
+                .incoming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(manifest) = message.manifest {
+                let (manifest, round) = manifest_from_proto(manifest)?;
+                let expected = self.stage_parameters()? as u64 * 4;
+                if manifest.total_bytes != expected {
+                    return Err(NodeError::BadRequest(format!(
+                        "a checkpoint of {} bytes for a stage of {expected}",
+                        manifest.total_bytes
+                    )));
+                }
+                let same = incoming
+                    .as_ref()
+                    .is_some_and(|i| i.assembly.manifest() == &manifest && i.round == round);
+                if !same {
+                    let assembly = Assembly::new(manifest, expected)
+                        .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+                    *incoming = Some(Incoming { round, assembly });
+                }
+            }
+            let Some(current) = incoming.as_mut() else {
+                return Err(NodeError::BadRequest(
+                    "a checkpoint chunk came before its manifest".into(),
+                ));
+            };
+            match current
+                .assembly
+                .accept(message.index as usize, &message.data)
+            {
+                Ok(()) => received += message.data.len() as u64,
+                // A corrupted chunk is refused by number and listed as missing below.
+                Err(e) => tracing::warn!("PutCheckpoint: {e}"),
+            }
+        }
+        if layers_seen.is_none() {
+            return Err(NodeError::BadRequest("no checkpoint chunk arrived".into()));
+        }
+        let whole = {
+            let mut incoming = trainer
+                .incoming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(current) = incoming.as_ref() else {
+                return Err(NodeError::BadRequest(
+                    "no checkpoint manifest arrived".into(),
+                ));
+            };
+            let missing = current.assembly.missing();
+            if !missing.is_empty() {
+                return Ok(pb::PutCheckpointResponse {
+                    bytes_received: received,
+                    missing: missing.into_iter().map(|i| i as u32).collect(),
+                    outer_step: 0,
+                });
+            }
+            incoming.take().expect("checked above")
+        };
+        let round = whole.round;
+        let bytes = whole
+            .assembly
+            .finish()
+            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+        let checkpoint = Checkpoint::from_bytes(round, &bytes)?;
+        let round = self.adopt(checkpoint).await?;
+        Ok(pb::PutCheckpointResponse {
+            bytes_received: received,
+            missing: Vec::new(),
+            outer_step: round,
+        })
+    }
+
+    /// Makes `checkpoint` the stage's weights and the start of its round.
+    async fn adopt(self: &Arc<Self>, checkpoint: Checkpoint) -> Result<u64, NodeError> {
+        let trainer = self.trainer()?;
+        let state = self.clone();
+        let round = checkpoint.round;
+        tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
+            let trainer = state.trainer()?;
+            let mut stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+            let stage = stage.as_mut().ok_or_else(|| {
+                NodeError::NotTraining("this node has not started training".into())
+            })?;
+            stage.shard.set_parameters(&checkpoint.parameters)?;
+            let steps = stage.shard.steps();
+            stage
+                .outer
+                .restart(checkpoint.round, checkpoint.parameters, steps);
+            Ok(())
+        })
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("checkpoint task failed: {e}")))??;
+        trainer.exchange.enter(round);
+        Ok(round)
+    }
+
+    /// Fetches the weights of the round `addr` is in and adopts them.
+    pub(super) async fn catch_up(
+        self: &Arc<Self>,
+        addr: &str,
+        layers: LayerRange,
+    ) -> Result<u64, NodeError> {
+        let trainer = self.trainer()?;
+        let expected = self.stage_parameters()? as u64 * 4;
+        let mut client = trainer.pool.client(addr).await?.client.clone();
+        let (checkpoint, report) =
+            fetch_checkpoint(&mut client, &self.model.id, layers, expected, |p| {
+                tracing::debug!("catching up from {addr}: {} of {} bytes", p.done, p.total);
+            })
+            .await?;
+        if checkpoint.parameters.len() as u64 * 4 != expected {
+            return Err(NodeError::BadRequest(format!(
+                "{addr} sent {} parameters for a stage of {}",
+                checkpoint.parameters.len(),
+                expected / 4
+            )));
+        }
+        tracing::info!(
+            "caught up with {addr} at round {} ({} bytes, {} requests)",
+            checkpoint.round,
+            report.total_bytes,
+            report.requests
+        );
+        self.adopt(checkpoint).await
+    }
+
+    /// Asks the replicas which round they are in; one in a later round is caught up with.
+    pub(super) async fn join_replicas(self: &Arc<Self>) -> Result<(), NodeError> {
+        let trainer = self.trainer()?;
+        let layers = self.served().range;
+        let probe = pb::ExchangeGradientRequest {
+            model_id: self.model.id.clone(),
+            layers: Some(span_to_proto(layers)),
+            ..Default::default()
+        };
+        let mut best: Option<(u64, String)> = None;
+        for addr in self.replica_addrs(layers) {
+            let ask = async {
+                let mut client = trainer.pool.client(&addr).await?.client.clone();
+                client
+                    .exchange_gradient(probe.clone())
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| NodeError::Remote {
+                        peer: addr.clone(),
+                        status,
+                    })
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
+                Ok(Ok(reply)) if reply.outer_step > best.as_ref().map_or(0, |b| b.0) => {
+                    best = Some((reply.outer_step, addr));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!("replica {addr} did not answer the probe: {e}"),
+                Err(_) => tracing::debug!("replica {addr} did not answer the probe in time"),
+            }
+        }
+        if let Some((round, addr)) = best {
+            tracing::info!("replicas are in round {round}: fetching the weights from {addr}");
+            self.catch_up(&addr, layers).await?;
+        }
+        Ok(())
+    }
+}
