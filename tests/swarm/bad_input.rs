@@ -206,21 +206,65 @@ async fn a_full_kv_budget_answers_resource_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn later_features_answer_unimplemented() {
+async fn a_node_that_does_not_train_refuses_every_training_call_by_name() {
     let model = TestModel::new(&ModelSpec::tiny());
     let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
     let mut client = node_client(&swarm.nodes[0]).await;
-    let status = client
-        .backward(pb::BackwardRequest::default())
+    let span = Some(pb::LayerSpan { start: 0, end: 4 });
+    let refused = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("does not train"), "{status:?}");
+    };
+    refused(
+        client
+            .backward(pb::BackwardRequest {
+                session_id: "mb".into(),
+                layers: span,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        client
+            .exchange_gradient(pb::ExchangeGradientRequest {
+                layers: span,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        client
+            .get_checkpoint(pb::CheckpointRequest {
+                layers: span,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    let chunk = pb::CheckpointChunk {
+        layers: span,
+        ..Default::default()
+    };
+    refused(
+        client
+            .put_checkpoint(futures::stream::iter(vec![chunk]))
+            .await
+            .unwrap_err(),
+    );
+    // The node still serves inference.
+    let reply = client
+        .forward(request(
+            "after",
+            0,
+            0,
+            4,
+            Input::Tokens(pb::TokenIds { ids: vec![1, 2] }),
+        ))
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("training"), "{status:?}");
-    let status = client
-        .get_checkpoint(pb::CheckpointRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
+        .unwrap();
+    assert!(reply.into_inner().output.is_some());
     swarm.shutdown().await;
 }
 
