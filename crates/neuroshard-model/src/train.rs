@@ -31,7 +31,8 @@ pub struct TrainConfig {
     pub lr: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f32,
-    /// Microbatches whose forward ran and whose backward has not, at most.
+    /// Microbatches whose forward ran and whose backward has not, at most: each holds its
+    /// activations until its backward.
     pub max_pending: usize,
     /// Longest sequence a microbatch may hold.
     pub max_sequence: usize,
@@ -42,7 +43,7 @@ impl Default for TrainConfig {
         Self {
             lr: 3e-3,
             weight_decay: 0.0,
-            max_pending: 64,
+            max_pending: 16,
             max_sequence: 512,
         }
     }

@@ -25,6 +25,50 @@ pub(crate) struct Snapshot {
     manifest: Manifest,
 }
 
+/// The chunks of one GetCheckpoint reply, cut from the snapshot as they are sent.
+#[derive(Debug)]
+pub(crate) struct Chunks {
+    snapshot: Arc<Snapshot>,
+    wanted: Vec<usize>,
+    next: usize,
+    model_id: String,
+    layers: LayerRange,
+    /// Test faults: a chunk to corrupt, a message count after which the stream breaks.
+    corrupt: Option<usize>,
+    cut: Option<usize>,
+}
+
+impl Iterator for Chunks {
+    type Item = Result<pb::CheckpointChunk, tonic::Status>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let n = self.next;
+        let &index = self.wanted.get(n)?;
+        self.next += 1;
+        if self.cut == Some(n) {
+            self.wanted.clear();
+            // The stream ends here with an error, as a dropped connection would.
+            return Some(Err(tonic::Status::unavailable("the connection dropped")));
+        }
+        let snapshot = &self.snapshot;
+        let range = snapshot
+            .manifest
+            .range(index)
+            .expect("chunk numbers were checked");
+        let mut data = snapshot.bytes[range.start as usize..range.end as usize].to_vec();
+        if self.corrupt == Some(index) {
+            data[0] ^= 0x5a;
+        }
+        Some(Ok(pb::CheckpointChunk {
+            model_id: self.model_id.clone(),
+            layers: Some(span_to_proto(self.layers)),
+            manifest: (n == 0).then(|| manifest_to_proto(&snapshot.manifest, snapshot.round)),
+            index: index as u32,
+            data,
+        }))
+    }
+}
+
 /// A checkpoint arriving through PutCheckpoint.
 #[derive(Debug)]
 pub(crate) struct Incoming {
@@ -66,7 +110,7 @@ impl NodeState {
     pub(super) async fn get_checkpoint(
         self: Arc<Self>,
         req: pb::CheckpointRequest,
-    ) -> Result<Vec<Result<pb::CheckpointChunk, tonic::Status>>, NodeError> {
+    ) -> Result<Chunks, NodeError> {
         let trainer = self.trainer()?;
         self.check_model(&req.model_id)?;
         let layers = span_from_proto(req.layers)?;
@@ -100,33 +144,22 @@ impl NodeState {
                 "chunk {bad} asked for; the checkpoint has {chunks}"
             )));
         }
-        let mut messages = Vec::with_capacity(wanted.len());
-        for (n, index) in wanted.into_iter().enumerate() {
-            let range = snapshot
-                .manifest
-                .range(index)
-                .expect("chunk numbers were checked");
-            let mut data = snapshot.bytes[range.start as usize..range.end as usize].to_vec();
-            // Test faults fire on the first transfer only.
-            let fire = || !trainer.fault_fired.swap(true, Ordering::Relaxed);
-            match &self.fault {
-                Some(Fault::CorruptChunk(c)) if *c == index && fire() => data[0] ^= 0x5a,
-                Some(Fault::CutCheckpointAfter(c)) if *c == n && fire() => {
-                    // The stream ends here with an error, as a dropped connection would.
-                    messages.push(Err(tonic::Status::unavailable("the connection dropped")));
-                    break;
-                }
-                _ => {}
-            }
-            messages.push(Ok(pb::CheckpointChunk {
-                model_id: self.model.id.clone(),
-                layers: Some(span_to_proto(layers)),
-                manifest: (n == 0).then(|| manifest_to_proto(&snapshot.manifest, snapshot.round)),
-                index: index as u32,
-                data,
-            }));
-        }
-        Ok(messages)
+        // Test faults fire on the first transfer only.
+        let fire = || !trainer.fault_fired.swap(true, Ordering::Relaxed);
+        let (corrupt, cut) = match &self.fault {
+            Some(Fault::CorruptChunk(c)) if wanted.contains(c) && fire() => (Some(*c), None),
+            Some(Fault::CutCheckpointAfter(c)) if *c < wanted.len() && fire() => (None, Some(*c)),
+            _ => (None, None),
+        };
+        Ok(Chunks {
+            snapshot,
+            wanted,
+            next: 0,
+            model_id: self.model.id.clone(),
+            layers,
+            corrupt,
+            cut,
+        })
     }
 
     /// Serves PutCheckpoint: assembles the chunks (keeping a cut transfer's for the next

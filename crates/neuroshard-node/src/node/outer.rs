@@ -33,6 +33,9 @@ use super::{Fault, NodeState};
 use crate::NodeError;
 use crate::convert::span_to_proto;
 
+/// Replicas' calls that may wait at once for this node's contribution.
+pub(super) const MAX_WAITING: usize = 64;
+
 /// How pseudo-gradients travel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Compression {
@@ -297,6 +300,12 @@ impl NodeState {
         let wait = tokio::time::sleep(trainer.config.sync_timeout);
         tokio::pin!(wait);
         let known = self.replica_keys(layers);
+        // Callers waiting for this node's contribution, at most MAX_WAITING at once; past that
+        // (or for a probe) the answer is whatever is ready now.
+        let permit = match theirs {
+            Some(_) => trainer.waiting.try_acquire().ok(),
+            None => None,
+        };
         loop {
             {
                 let mut mailbox = exchange.lock();
@@ -315,8 +324,9 @@ impl NodeState {
                     (_, Some((r, previous))) if *r == round => Some(previous.clone()),
                     _ => None,
                 };
-                // A probe, a caller in another round, or this node's answer ready: reply now.
-                if theirs.is_none() || round != current || answer.is_some() {
+                // A probe, a caller in another round, no room to wait, or this node's answer
+                // ready: reply now.
+                if permit.is_none() || round != current || answer.is_some() {
                     if let Some(a) = &answer {
                         trainer
                             .exchange_sent

@@ -44,6 +44,8 @@ pub(super) struct Trainer {
     pub(super) exchange_sent: std::sync::atomic::AtomicU64,
     /// Keys of the replicas met, by address, to skip asking one whose contribution came in.
     pub(super) replica_keys: Mutex<std::collections::HashMap<String, [u8; 32]>>,
+    /// Room for replicas' calls waiting for this node's contribution.
+    pub(super) waiting: tokio::sync::Semaphore,
     /// A test fault has fired (they fire once).
     pub(super) fault_fired: std::sync::atomic::AtomicBool,
 }
@@ -67,6 +69,7 @@ impl Trainer {
             incoming: Mutex::new(None),
             loading: tokio::sync::Mutex::new(()),
             fault_fired: Default::default(),
+            waiting: tokio::sync::Semaphore::new(super::outer::MAX_WAITING),
             exchange_sent: Default::default(),
             replica_keys: Default::default(),
             replicas: std::sync::RwLock::new(config.replicas.clone()),
