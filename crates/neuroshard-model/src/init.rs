@@ -39,6 +39,23 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The model `neuroshard train` makes the shipped demo model from: 6 layers of width 256
+    /// (about 4.6 M parameters, 9.1 MB in bf16), byte-level, untied.
+    pub fn trained_demo() -> Self {
+        Self {
+            hidden: 256,
+            intermediate: 704,
+            layers: 6,
+            heads: 8,
+            kv_heads: 4,
+            max_positions: 1024,
+            tie_embeddings: false,
+            dtype: WireDType::BF16,
+            files: 1,
+            seed: 1,
+        }
+    }
+
     /// The demo model: 6 layers of width 512 (about 19 M parameters), big enough that a token's
     /// compute (a few ms on a CPU) dwarfs a loopback hop, small enough to build in a second.
     pub fn demo() -> Self {

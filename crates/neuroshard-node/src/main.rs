@@ -146,6 +146,8 @@ struct TrainArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum Size {
     Demo,
+    /// The shape of the shipped trained demo model, freshly initialised.
+    TrainedDemo,
     Bench,
     Tiny,
 }
@@ -154,6 +156,7 @@ impl Size {
     fn spec(self) -> ModelSpec {
         match self {
             Size::Demo => ModelSpec::demo(),
+            Size::TrainedDemo => ModelSpec::trained_demo(),
             Size::Bench => ModelSpec::bench(),
             Size::Tiny => ModelSpec::tiny(),
         }
