@@ -189,6 +189,14 @@ impl Peer {
             .unwrap_or_else(|_| panic!("no {kind} line within {STEP:?}"))
     }
 
+    /// Waits for the process to end (its output closes).
+    async fn ended(&mut self) {
+        let read = async { while self.lines.next_line().await.unwrap().is_some() {} };
+        tokio::time::timeout(STEP, read)
+            .await
+            .unwrap_or_else(|_| panic!("nat-lab-peer did not end within {STEP:?}"));
+    }
+
     async fn say(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().unwrap();
         stdin
@@ -451,8 +459,9 @@ async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restar
     assert!(lab.dial_from_public(WAN_IP, 7000).await.is_err());
 
     // A generation from the public side with the home node in the chain, through the relay,
-    // which is restarted after token 4: the home node registers again, the client asks it
-    // again, and the tokens are the local run's.
+    // which is stopped after token 4 and started again only once the client goes on: the
+    // client's next call finds no way to the home node and asks again, the home node
+    // registers with the new relay, and the tokens are the local run's.
     let mut client = lab.peer(
         "pub",
         &["generate", TRACKER_URL, &TOKENS.to_string(), "4"],
@@ -460,10 +469,11 @@ async fn without_upnp_the_home_node_is_relayed_and_serves_through_a_relay_restar
     );
     client.until("paused", |_| true).await;
     relay.say("stop").await;
+    relay.ended().await;
     drop(relay);
+    client.say("go").await;
     let mut restarted = lab.peer("pub", &["relay", RELAY], &[]);
     restarted.until("relay", |_| true).await;
-    client.say("go").await;
     let generated = client.until("generated", |_| true).await;
     let ids: Vec<u32> = serde_json::from_value(generated["ids"].clone()).unwrap();
     assert_eq!(ids, expected.generated_ids, "{generated}");
