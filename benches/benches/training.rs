@@ -15,7 +15,6 @@ use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainShard};
 use neuroshard_node::client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_node::node::{Compression, NodeConfig, TrainingConfig, start_node};
-use neuroshard_node::router::Hop;
 use neuroshard_node::tracker::{TrackerConfig, start_tracker};
 use neuroshard_node::train::{TrainOptions, run_training};
 
@@ -93,14 +92,7 @@ fn throughput(c: &mut Criterion) {
     let client = rt
         .block_on(SwarmClient::connect(ClientConfig::new(tracker.url())))
         .unwrap();
-    let chain = nodes
-        .iter()
-        .map(|n| Hop {
-            addr: n.advertised(),
-            node_id: n.id().to_string(),
-            layers: n.layers(),
-        })
-        .collect();
+    let chain = nodes.iter().map(|n| n.hop()).collect();
     let mut session = client.train_session(chain).unwrap();
     // Warm both up (the nodes load their trainable copies on the first call).
     rt.block_on(session.step(&batch(0))).unwrap();

@@ -48,12 +48,7 @@ async fn client(swarm: &Swarm) -> SwarmClient {
 
 /// The swarm's nodes as a training chain, in start order.
 fn chain(swarm: &Swarm) -> Vec<Hop> {
-    let hop = |node: &NodeHandle| Hop {
-        addr: node.advertised(),
-        node_id: node.id().to_string(),
-        layers: node.layers(),
-    };
-    swarm.nodes.iter().map(hop).collect()
+    swarm.nodes.iter().map(NodeHandle::hop).collect()
 }
 
 fn relative_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -1096,6 +1096,15 @@ impl NodeHandle {
         self.state.training_snapshot()
     }
 
+    /// This node as a hop of a chain running its whole range.
+    pub fn hop(&self) -> crate::router::Hop {
+        crate::router::Hop {
+            addr: self.advertised(),
+            node_id: self.id().to_string(),
+            layers: self.layers(),
+        }
+    }
+
     /// Replaces the replicas (`host:port`) the node exchanges pseudo-gradients with besides
     /// the peers of its layers it knows; nothing for a node that does not train.
     pub fn set_training_replicas(&self, replicas: Vec<String>) {

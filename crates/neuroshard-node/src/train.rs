@@ -21,7 +21,6 @@ use crate::NodeError;
 use crate::client::{ClientConfig, Microbatch, SwarmClient};
 use crate::demo::{model_dir_or, scratch_dir, split_layers};
 use crate::node::{Compression, NodeConfig, NodeHandle, TrainingConfig, start_node};
-use crate::router::Hop;
 use crate::tracker::{TrackerConfig, start_tracker};
 
 /// What `neuroshard train` runs.
@@ -176,15 +175,7 @@ pub async fn run_training(
     let client = SwarmClient::connect(ClientConfig::new(tracker.url())).await?;
     let mut sessions = Vec::new();
     for chain in &nodes {
-        let hops = chain
-            .iter()
-            .map(|n| Hop {
-                addr: n.advertised(),
-                node_id: n.id().to_string(),
-                layers: n.layers(),
-            })
-            .collect();
-        sessions.push(client.train_session(hops)?);
+        sessions.push(client.train_session(chain.iter().map(NodeHandle::hop).collect())?);
     }
     progress(&format!(
         "training {} stages × {} replicas for {} steps of {} × {} tokens (outer round every {} \

@@ -163,8 +163,6 @@ pub(super) struct Mailbox {
     previous: Option<(u64, Contribution)>,
     /// Other replicas' contributions to `round`, by key.
     received: BTreeMap<[u8; 32], Contribution>,
-    /// Keys of configured replicas met in their replies.
-    met: std::collections::BTreeSet<[u8; 32]>,
 }
 
 /// The mailbox and what wakes those waiting on it.
@@ -308,11 +306,18 @@ impl NodeState {
         };
         loop {
             {
+                // Configured replicas are admitted once met in their replies.
+                let met = trainer
+                    .replica_keys
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .any(|k| theirs.as_ref().is_some_and(|c| c.key.0 == *k));
                 let mut mailbox = exchange.lock();
                 let current = mailbox.round;
                 if let Some(c) = theirs.as_ref().filter(|_| round == current) {
                     let id = c.key.0;
-                    let admitted = known.contains(&id) || mailbox.met.contains(&id);
+                    let admitted = known.contains(&id) || met;
                     if admitted && !mailbox.received.contains_key(&id) {
                         mailbox.received.insert(id, c.clone());
                         // Wakes this node's own sync if it waits for this contribution.
@@ -576,7 +581,6 @@ impl NodeState {
             );
             match theirs {
                 Ok(Some(c)) => {
-                    trainer.exchange.lock().met.insert(c.key.0);
                     trainer
                         .replica_keys
                         .lock()
