@@ -55,7 +55,7 @@ echo "== clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== demo with failover"
 cargo build --locked -q -p neuroshard-node --bin neuroshard
-"$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 16
+"$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 48
 echo "== separate processes: tracker, nodes, generate"
 ./scripts/cli-smoke.sh "$CARGO_TARGET_DIR/debug/neuroshard"
 echo "== desktop package: debug .deb"

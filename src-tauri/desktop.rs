@@ -1066,15 +1066,25 @@ fn clock(at_ms: u64, now_ms: u64) -> String {
     }
 }
 
-/// The demo model under the data dir, written the first time.
+/// The shipped trained demo model under the data dir, written the first time (and again over
+/// an older demo model an earlier version wrote there).
 async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
     let dir = data_dir.join("models").join("demo");
-    if dir.join("config.json").exists() {
+    let shipped = neuroshard_model::init::DEMO_MODEL_FILES[0].1;
+    if std::fs::read(dir.join("config.json")).is_ok_and(|c| c == shipped) {
         return Ok(dir);
     }
     let target = dir.clone();
     tokio::task::spawn_blocking(move || {
-        neuroshard_model::init::write_model(&target, &neuroshard_model::init::ModelSpec::demo())
+        // Weights files of an older demo model would be read beside the new ones.
+        if let Ok(entries) = std::fs::read_dir(&target) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "safetensors") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        neuroshard_model::init::write_demo_model(&target)
     })
     .await
     .map_err(|e| CommandError::new("model", e.to_string()))?

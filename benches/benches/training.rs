@@ -4,6 +4,9 @@
 //!   a 4-layer model with hidden size 256, split over two loopback nodes driven by a
 //!   `TrainSession`, against the same step on one `TrainShard` holding every layer. Both run
 //!   in the same process on the same cores; the ratio of their tokens per second is printed.
+//! - **Layout.** `neuroshard train`'s 2 stages × 2 replicas (four loopback nodes, outer rounds
+//!   included) of that model against one process taking the same number of inner steps on the
+//!   same number of tokens.
 //! - **Traffic.** `neuroshard train`'s 2 stages × 2 replicas for 100 steps (an outer round
 //!   every 20), with top-k 10 % and with dense pseudo-gradients: bytes per outer sync against
 //!   dense data-parallel all-reduce of the same 20 steps, and the two runs against each other.
@@ -46,6 +49,13 @@ fn batch(step: usize) -> Vec<Microbatch> {
         .collect()
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn local_step(shard: &mut TrainShard, batch: &[Microbatch]) {
     for (i, mb) in batch.iter().enumerate() {
         let id = i.to_string();
@@ -62,10 +72,7 @@ fn local_step(shard: &mut TrainShard, batch: &[Microbatch]) {
 }
 
 fn throughput(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &spec()).unwrap();
     let mut local =
@@ -141,11 +148,38 @@ fn throughput(c: &mut Criterion) {
     });
 }
 
+fn layout(_: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &spec()).unwrap();
+    let steps = 40;
+    let options = TrainOptions {
+        steps,
+        batch: BATCH,
+        sequence: SEQUENCE,
+        model_dir: Some(dir.path().to_path_buf()),
+        ..TrainOptions::default()
+    };
+    let report = rt.block_on(run_training(options, |_| {})).unwrap();
+    let mut local =
+        TrainShard::load(dir.path(), 0..4, &Device::default(), TrainConfig::default()).unwrap();
+    local_step(&mut local, &batch(0));
+    let started = std::time::Instant::now();
+    for s in 0..2 * steps {
+        local_step(&mut local, &batch(s));
+    }
+    let local_rate = (2 * steps * BATCH * SEQUENCE) as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "training/tokens_per_s: 2 stages × 2 replicas (4 loopback nodes, {} outer rounds) {:.0}, \
+         one process taking the same steps {local_rate:.0}, ratio {:.2}",
+        report.outer_rounds,
+        report.tokens_per_second(),
+        report.tokens_per_second() / local_rate
+    );
+}
+
 fn traffic(_: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut per_sync = Vec::new();
     for compression in [Compression::TopK(0.1), Compression::Dense] {
         let options = TrainOptions {
@@ -175,5 +209,5 @@ fn traffic(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, throughput, traffic);
+criterion_group!(benches, throughput, layout, traffic);
 criterion_main!(benches);

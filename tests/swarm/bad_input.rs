@@ -234,15 +234,26 @@ async fn a_node_that_does_not_train_refuses_every_training_call_by_name() {
             .await
             .unwrap_err(),
     );
-    refused(
-        client
-            .get_checkpoint(pb::CheckpointRequest {
-                layers: span,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err(),
-    );
+    // GetCheckpoint serves the weights of any layers the node holds (how a joining node
+    // fetches them) and refuses others by name.
+    let mut stream = client
+        .get_checkpoint(pb::CheckpointRequest {
+            layers: Some(pb::LayerSpan { start: 1, end: 3 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.manifest.is_some_and(|m| m.total_bytes > 0));
+    let status = client
+        .get_checkpoint(pb::CheckpointRequest {
+            layers: Some(pb::LayerSpan { start: 2, end: 6 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("2..6"), "{status:?}");
     let chunk = pb::CheckpointChunk {
         layers: span,
         ..Default::default()

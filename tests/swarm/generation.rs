@@ -1,5 +1,6 @@
 //! Generation through a swarm against the local reference, with failover and replicas.
 
+use neuroshard_base::LayerRange;
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::client::{ClientConfig, SwarmClient};
 use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
@@ -266,6 +267,92 @@ async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_gen
             .any(|e| e.contains("deadline") && e.contains("asked again")),
         "{:?}",
         session.events()
+    );
+    session.close().await;
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from_disk() {
+    use neuroshard_model::init::shard_parameter_count;
+    use neuroshard_node::checkpoint::fetch_weights;
+    let model = TestModel::new(&ModelSpec::demo());
+    let config = neuroshard_model::ModelInfo::read(model.path())
+        .unwrap()
+        .config;
+    let expected = local_reference(&model, 12).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 6)]).await;
+    let source = swarm.nodes[1].advertised();
+    // A model directory holding config.json alone: the weights come from the peer.
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model.path().join("config.json"),
+        bare.path().join("config.json"),
+    )
+    .unwrap();
+
+    // Any layers inside the peer's range, with progress after every verified chunk.
+    let mut progress = Vec::new();
+    let range = LayerRange::new(4, 6).unwrap();
+    let (info, checkpoint, report) =
+        fetch_weights(&source, bare.path(), range, |p| progress.push(p))
+            .await
+            .unwrap();
+    assert_eq!(info.id, swarm.nodes[1].model_id());
+    let bytes = 4 * shard_parameter_count(&config, 4..6) as u64;
+    assert_eq!(checkpoint.parameters.len() as u64 * 4, bytes);
+    assert!(report.chunks > 1, "{report:?}");
+    assert_eq!(progress.len(), report.chunks);
+    assert!(progress.windows(2).all(|w| w[0].done < w[1].done));
+    assert_eq!(
+        progress.last().map(|p| (p.done, p.total)),
+        Some((bytes, bytes))
+    );
+    // Layers the peer does not hold, and a config of another model, are refused by name.
+    let e = fetch_weights(&source, bare.path(), LayerRange::new(0, 3).unwrap(), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("serves layers 2..6, which do not hold 0..3"),
+        "{e}"
+    );
+    let other = TestModel::new(&ModelSpec::tiny());
+    let e = fetch_weights(&source, other.path(), range, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("serves a model of 6 layers"), "{e}");
+
+    // A node started on the bare directory fetches layers 2..6 and, once the peer it fetched
+    // them from has left, serves the same generation.
+    let model_id = swarm.nodes[0].model_id().to_string();
+    let fetched = swarm
+        .add_node_with(bare.path(), 2, 6, |c| c.weights_from = Some(source.clone()))
+        .await;
+    let report = fetched.weights_fetch().unwrap().clone();
+    assert_eq!(report.requests, 1, "{report:?}");
+    assert_eq!(report.chunks_moved, report.chunks);
+    assert_eq!(
+        report.total_bytes,
+        4 * shard_parameter_count(&config, 2..6) as u64
+    );
+    assert_eq!(fetched.model_id(), model_id);
+    let fetched_addr = fetched.advertised();
+    let left = swarm.nodes.remove(1);
+    left.shutdown().await;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, 12, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    assert!(
+        session.chain().iter().any(|hop| hop.addr == fetched_addr),
+        "{:?}",
+        session.chain()
     );
     session.close().await;
     swarm.shutdown().await;

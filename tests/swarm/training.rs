@@ -557,4 +557,88 @@ async fn neuroshard_train_runs_two_stages_by_two_replicas_and_saves_a_model_that
         4
     );
     drop(shard);
+    // Settings out of range are refused by name before anything starts.
+    for (options, named) in [
+        (
+            TrainOptions {
+                outer_momentum: 1.5,
+                ..TrainOptions::default()
+            },
+            "outer_momentum 1.5",
+        ),
+        (
+            TrainOptions {
+                lr: f64::NAN,
+                ..TrainOptions::default()
+            },
+            "lr NaN",
+        ),
+        (
+            TrainOptions {
+                replicas: 0,
+                ..TrainOptions::default()
+            },
+            "replicas (0)",
+        ),
+    ] {
+        let e = run_training(options, |_| {}).await.unwrap_err().to_string();
+        assert!(e.contains(named), "{e}");
+    }
+}
+
+/// Mean next-byte cross-entropy of the model in `dir` over the corpus, in windows of 256.
+fn corpus_loss(dir: &std::path::Path) -> f32 {
+    let mut stage =
+        TrainShard::load(dir, 0..6, &Device::default(), TrainConfig::default()).unwrap();
+    let bytes: Vec<u32> = neuroshard_train::CORPUS.bytes().map(u32::from).collect();
+    let windows: Vec<&[u32]> = bytes.chunks(257).filter(|w| w.len() > 1).collect();
+    let mut total = 0.0;
+    for w in &windows {
+        let input = ShardInput::Tokens(w[..w.len() - 1].to_vec());
+        // One microbatch id, replaced each time: no backward follows.
+        match stage.forward("window", input, Some(&w[1..])).unwrap() {
+            TrainOutput::Loss(loss) => total += loss,
+            TrainOutput::Hidden(_) => panic!("the whole model ends in a loss"),
+        }
+    }
+    total / windows.len() as f32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_demo_model_has_learned_its_corpus_and_the_demo_prints_it() {
+    use neuroshard_model::init::{DEMO_MODEL_FILES, DEMO_PROMPT, write_demo_model};
+    use neuroshard_node::demo::{DemoOptions, run_demo};
+    let size: usize = DEMO_MODEL_FILES.iter().map(|(_, b)| b.len()).sum();
+    assert!(size <= 10_000_000, "the shipped model is {size} bytes");
+    let trained = tempfile::tempdir().unwrap();
+    write_demo_model(trained.path()).unwrap();
+    // The same shape and seed untrained, for contrast.
+    let fresh = TestModel::new(&ModelSpec::trained_demo());
+    let (trained_loss, fresh_loss) = (corpus_loss(trained.path()), corpus_loss(fresh.path()));
+    assert!(
+        trained_loss < 0.3 && trained_loss * 20.0 < fresh_loss,
+        "corpus loss: trained {trained_loss}, untrained {fresh_loss}"
+    );
+
+    // `neuroshard demo` with its defaults: three nodes continue the Gettysburg Address, byte
+    // for byte as the corpus goes on.
+    let report = run_demo(
+        DemoOptions {
+            nodes: 3,
+            kill_one: false,
+            prompt: DEMO_PROMPT.to_string(),
+            max_new_tokens: 100,
+            model_dir: None,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.matches_local());
+    let corpus = neuroshard_train::CORPUS;
+    assert!(corpus.starts_with(DEMO_PROMPT));
+    assert_eq!(
+        report.text,
+        corpus[DEMO_PROMPT.len()..DEMO_PROMPT.len() + 100]
+    );
 }

@@ -2,6 +2,7 @@
 //! tests need no download and always go through the real loading path.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use rand::SeedableRng;
@@ -228,6 +229,81 @@ fn layout(c: &LlamaConfig) -> Vec<Entry> {
     out
 }
 
+/// The tensors a shard of layers `range` holds, in its flat parameters' order: the embeddings
+/// on the first shard, each layer's tensors, and the final norm and LM head on the last (a
+/// shard holds the head even when it is tied to the embeddings).
+fn shard_entries(config: &LlamaConfig, range: &Range<usize>) -> Vec<Entry> {
+    let last = config.num_hidden_layers;
+    let untied = LlamaConfig {
+        tie_word_embeddings: false,
+        ..config.clone()
+    };
+    let held = |name: &str| match name {
+        "model.embed_tokens.weight" => range.start == 0,
+        "model.norm.weight" | "lm_head.weight" => range.end == last,
+        layer => layer
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| range.contains(&n)),
+    };
+    layout(&untied)
+        .into_iter()
+        .filter(|e| held(&e.name))
+        .collect()
+}
+
+/// Parameters a shard of layers `range` holds (the length of its flat parameters).
+pub fn shard_parameter_count(config: &LlamaConfig, range: Range<usize>) -> usize {
+    shard_entries(config, &range)
+        .iter()
+        .map(|e| e.shape.iter().product::<usize>())
+        .sum()
+}
+
+/// A tensor by name: its stored shape and f32 values.
+pub(crate) type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// The tensors of layers `range` of a model as a shard holds them, in order, named and shaped
+/// as stored (Hugging Face `[out, in]` projections), from the shard's flat `parameters` (the
+/// head under the embeddings' name when they are tied, as a shard loads it from there).
+pub(crate) fn shard_tensors(
+    config: &LlamaConfig,
+    range: Range<usize>,
+    parameters: &[f32],
+) -> Result<Vec<NamedTensor>, ModelError> {
+    let entries = shard_entries(config, &range);
+    let expected: usize = entries
+        .iter()
+        .map(|e| e.shape.iter().product::<usize>())
+        .sum();
+    if parameters.len() != expected {
+        return Err(ModelError::Weights(format!(
+            "{} parameter values for layers {}..{}, which hold {expected}",
+            parameters.len(),
+            range.start,
+            range.end
+        )));
+    }
+    let mut rest = parameters;
+    let mut tensors = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (mine, tail) = rest.split_at(e.shape.iter().product());
+        rest = tail;
+        let values = match e.kind {
+            // burn's [in, out] back to the stored [out, in].
+            Kind::Linear => crate::shard::transpose(mine, e.shape[1], e.shape[0]),
+            Kind::Embedding | Kind::Norm => mine.to_vec(),
+        };
+        let name = match e.name.as_str() {
+            "lm_head.weight" if config.tie_word_embeddings => "model.embed_tokens.weight".into(),
+            _ => e.name,
+        };
+        tensors.push((name, e.shape, values));
+    }
+    Ok(tensors)
+}
+
 /// Writes a model trained from `config` into `dir`: its `config.json` (with the LM head untied,
 /// as training keeps the embeddings and the head apart) and `parameters` (every shard's flat
 /// parameters, concatenated in layer order) as one safetensors file in `dtype`. Byte-level
@@ -243,33 +319,38 @@ pub fn write_trained(
         tie_word_embeddings: false,
         ..config.clone()
     };
-    let entries = layout(&config);
-    let expected: usize = entries
-        .iter()
-        .map(|e| e.shape.iter().product::<usize>())
-        .sum();
-    if parameters.len() != expected {
-        return Err(ModelError::Weights(format!(
-            "{} trained parameters for a model of {expected}",
-            parameters.len()
-        )));
-    }
-    let mut rest = parameters;
-    let tensors = entries
+    let tensors = shard_tensors(&config, 0..config.num_hidden_layers, parameters)?
         .into_iter()
-        .map(|e| {
-            let n: usize = e.shape.iter().product();
-            let (mine, tail) = rest.split_at(n);
-            rest = tail;
-            let values = match e.kind {
-                // burn's [in, out] back to the stored [out, in].
-                Kind::Linear => crate::shard::transpose(mine, e.shape[1], e.shape[0]),
-                Kind::Embedding | Kind::Norm => mine.to_vec(),
-            };
-            (e.name, e.shape, narrow_le(&values, dtype))
-        })
+        .map(|(name, shape, values)| (name, shape, narrow_le(&values, dtype)))
         .collect();
     write_files(dir, &config, tensors, dtype, 1, metadata)
+}
+
+/// The trained demo model shipped in the repository (`models/demo`), file by file: the
+/// [`ModelSpec::trained_demo`] shape trained by `neuroshard train` on the embedded public-domain
+/// corpus (the README gives the command and seed that reproduce it), in bf16.
+pub const DEMO_MODEL_FILES: [(&str, &[u8]); 2] = [
+    (
+        "config.json",
+        include_bytes!("../../../models/demo/config.json"),
+    ),
+    (
+        "model-00001-of-00001.safetensors",
+        include_bytes!("../../../models/demo/model-00001-of-00001.safetensors"),
+    ),
+];
+
+/// The prompt the shipped demo model is shown with: the opening of a text it learned.
+pub const DEMO_PROMPT: &str = "Four score and seven years ago";
+
+/// Writes the shipped trained demo model into `dir` (created if missing).
+pub fn write_demo_model(dir: &Path) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    for (name, bytes) in DEMO_MODEL_FILES {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| ModelError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Writes `config.json` and the weights of `spec` into `dir` (created if missing).
@@ -399,6 +480,6 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("10 trained parameters"), "{err}");
+        assert!(err.contains("10 parameter values for layers 0..4"), "{err}");
     }
 }

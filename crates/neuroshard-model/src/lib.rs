@@ -110,6 +110,20 @@ impl ModelInfo {
     }
 }
 
+impl ModelInfo {
+    /// The model whose `config.json` is in `dir`, under the id `id` a peer serves it as: for a
+    /// node that fetches its weights from that peer and so has no safetensors to fingerprint.
+    pub fn with_id(dir: &Path, id: &str) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        Ok(Self {
+            config: LlamaConfig::from_json(&text)?,
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
 fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;

@@ -4,6 +4,7 @@
 //! LM head. Every call runs a sub-range of the shard's layers on the hidden states of the new
 //! tokens of one session, reading and extending that session's [`KvCache`].
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -102,16 +103,42 @@ impl Shard {
     /// Loads layers `range` of the model in `dir` onto `device`.
     pub fn load(dir: &Path, range: Range<usize>, device: &Device) -> Result<Self, ModelError> {
         let info = ModelInfo::read(dir)?;
-        let config = &info.config;
-        if range.start >= range.end || range.end > config.num_hidden_layers {
-            return Err(ModelError::LayerRange(format!(
-                "layers {}..{} are not a non-empty part of the model's 0..{}",
-                range.start, range.end, config.num_hidden_layers
+        check_range(&info.config, &range)?;
+        let weights = WeightFiles::open(dir)?;
+        Self::build(info, range, device, Source::Files(&weights))
+    }
+
+    /// Builds layers `range` of the model `info` describes on `device` from the shard's flat
+    /// parameters in load order (what [`Self::parameters`] gives, as a checkpoint carries them),
+    /// for a node that fetched its weights from a peer instead of reading them from disk.
+    pub fn from_parameters(
+        info: ModelInfo,
+        range: Range<usize>,
+        device: &Device,
+        parameters: &[f32],
+    ) -> Result<Self, ModelError> {
+        check_range(&info.config, &range)?;
+        if let Some(i) = parameters.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Weights(format!(
+                "parameter value {i} is not finite"
             )));
         }
-        let weights = WeightFiles::open(dir)?;
+        let tensors = crate::init::shard_tensors(&info.config, range.clone(), parameters)?
+            .into_iter()
+            .map(|(name, shape, values)| (name, (shape, values)))
+            .collect();
+        Self::build(info, range, device, Source::Memory(&tensors))
+    }
+
+    fn build(
+        info: ModelInfo,
+        range: Range<usize>,
+        device: &Device,
+        weights: Source<'_>,
+    ) -> Result<Self, ModelError> {
+        let config = &info.config;
         let loader = Loader {
-            weights: &weights,
+            weights,
             config,
             device,
             digest: Default::default(),
@@ -150,10 +177,39 @@ impl Shard {
         })
     }
 
-    /// Hash of the weights that running `layers` uses: the embeddings when it starts at layer 0,
-    /// each layer's tensors, and the final norm and head when it ends the model. Any holder of
-    /// those layers computes the same value, so a requester can check a worker's claim.
-    pub fn weights_hash(&self, layers: Range<usize>) -> Result<[u8; 32], ModelError> {
+    /// Every parameter as one flat vector in load order: the embeddings, each layer's tensors,
+    /// the final norm and the LM head, projections as burn holds them (`[in, out]`).
+    pub fn parameters(&self) -> Vec<f32> {
+        crate::train::flatten(&self.weights, None)
+    }
+
+    /// The parameters a shard of `layers` (inside this one) would hold, as
+    /// [`Self::parameters`] orders them: what [`Self::from_parameters`] builds that shard from.
+    pub fn parameters_of(&self, layers: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        self.check_inside(&layers)?;
+        let w = &self.weights;
+        let mut out = Vec::new();
+        if layers.start == 0
+            && let Some(embed) = &w.embed
+        {
+            out.extend(crate::train::flatten(embed, None));
+        }
+        let local = layers.start - self.range.start..layers.end - self.range.start;
+        for layer in &w.layers[local] {
+            out.extend(crate::train::flatten(layer, None));
+        }
+        if layers.end == self.info.config.num_hidden_layers {
+            if let Some(norm) = &w.final_norm {
+                out.extend(crate::train::flatten(norm, None));
+            }
+            if let Some(head) = &w.lm_head {
+                out.extend(crate::train::flatten(head, None));
+            }
+        }
+        Ok(out)
+    }
+
+    fn check_inside(&self, layers: &Range<usize>) -> Result<(), ModelError> {
         let inside = self.range.start <= layers.start && layers.end <= self.range.end;
         if layers.start >= layers.end || !inside {
             return Err(ModelError::LayerRange(format!(
@@ -161,6 +217,19 @@ impl Shard {
                 layers.start, layers.end, self.range.start, self.range.end
             )));
         }
+        Ok(())
+    }
+
+    /// Number of parameters (the length of [`Self::parameters`]).
+    pub fn num_parameters(&self) -> usize {
+        self.weights.num_params()
+    }
+
+    /// Hash of the weights that running `layers` uses: the embeddings when it starts at layer 0,
+    /// each layer's tensors, and the final norm and head when it ends the model. Any holder of
+    /// those layers computes the same value, so a requester can check a worker's claim.
+    pub fn weights_hash(&self, layers: Range<usize>) -> Result<[u8; 32], ModelError> {
+        self.check_inside(&layers)?;
         let mut hash = Sha256::new();
         hash.update(b"neuroshard-weights-v1");
         if layers.start == 0 {
@@ -464,9 +533,50 @@ pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .expect("f32 tensor data converts to a Vec<f32>")
 }
 
-/// Builds burn modules from named safetensors tensors, checking each shape against the config.
+/// Whether `range` is a non-empty part of the model's layers.
+fn check_range(config: &LlamaConfig, range: &Range<usize>) -> Result<(), ModelError> {
+    if range.start >= range.end || range.end > config.num_hidden_layers {
+        return Err(ModelError::LayerRange(format!(
+            "layers {}..{} are not a non-empty part of the model's 0..{}",
+            range.start, range.end, config.num_hidden_layers
+        )));
+    }
+    Ok(())
+}
+
+/// Where a shard's named tensors come from.
+enum Source<'a> {
+    /// A model directory's safetensors files.
+    Files(&'a WeightFiles),
+    /// Tensors in memory by name: stored shape and f32 values.
+    Memory(&'a HashMap<String, (Vec<usize>, Vec<f32>)>),
+}
+
+impl Source<'_> {
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Source::Files(files) => files.contains(name),
+            Source::Memory(tensors) => tensors.contains_key(name),
+        }
+    }
+
+    fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        match self {
+            Source::Files(files) => files.read_f32(name, shape),
+            Source::Memory(tensors) => match tensors.get(name) {
+                None => Err(ModelError::Weights(format!("tensor {name} is missing"))),
+                Some((stored, _)) if stored != shape => Err(ModelError::Weights(format!(
+                    "tensor {name} has shape {stored:?} but config.json implies {shape:?}"
+                ))),
+                Some((_, values)) => Ok(values.clone()),
+            },
+        }
+    }
+}
+
+/// Builds burn modules from named tensors, checking each shape against the config.
 struct Loader<'a> {
-    weights: &'a WeightFiles,
+    weights: Source<'a>,
     config: &'a LlamaConfig,
     device: &'a Device,
     /// Hash of the values read since the last [`Loader::take_digest`].
@@ -630,6 +740,67 @@ mod tests {
         );
         assert_eq!(got.len(), crate::BYTE_VOCAB);
         assert!(max_diff(&expected, &got) < 1e-5);
+    }
+
+    #[test]
+    fn a_shard_built_from_another_shards_parameters_is_the_same_shard() {
+        let device = Device::default();
+        for tie in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = ModelSpec {
+                tie_embeddings: tie,
+                ..ModelSpec::tiny()
+            };
+            write_model(dir.path(), &spec).unwrap();
+            let whole = Shard::load(dir.path(), 0..4, &device).unwrap();
+            assert_eq!(whole.parameters().len(), whole.num_parameters());
+            let info = || ModelInfo::with_id(dir.path(), &whole.info().id).unwrap();
+            for part in [0..2, 1..3, 2..4, 0..4] {
+                let values = whole.parameters_of(part.clone()).unwrap();
+                assert_eq!(
+                    values.len(),
+                    crate::init::shard_parameter_count(&whole.info().config, part.clone())
+                );
+                let built = Shard::from_parameters(info(), part.clone(), &device, &values).unwrap();
+                assert_eq!(built.parameters(), values, "tied {tie}, layers {part:?}");
+                assert_eq!(
+                    built.weights_hash(part.clone()).unwrap(),
+                    whole.weights_hash(part.clone()).unwrap(),
+                    "tied {tie}, layers {part:?}"
+                );
+            }
+            let built = Shard::from_parameters(info(), 0..4, &device, &whole.parameters()).unwrap();
+            let prompt = ShardInput::Tokens(vec![72, 101, 108, 108, 111]);
+            let run = |s: &Shard| {
+                logits(
+                    s.forward(&mut KvCache::new(), 0, 0..4, prompt.clone())
+                        .unwrap(),
+                )
+            };
+            assert_eq!(run(&built), run(&whole));
+        }
+        let (dir, device) = tiny_model();
+        let front = Shard::load(dir.path(), 0..2, &device).unwrap();
+        let info = ModelInfo::with_id(dir.path(), "x").unwrap();
+        let mut values = front.parameters();
+        let e = Shard::from_parameters(info.clone(), 0..2, &device, &values[1..]).unwrap_err();
+        assert!(
+            e.to_string().contains("parameter values for layers 0..2"),
+            "{e}"
+        );
+        values[7] = f32::NAN;
+        let e = Shard::from_parameters(info.clone(), 0..2, &device, &values).unwrap_err();
+        assert!(
+            e.to_string().contains("parameter value 7 is not finite"),
+            "{e}"
+        );
+        let e = Shard::from_parameters(info, 3..9, &device, &values).unwrap_err();
+        assert!(e.to_string().contains("layers 3..9"), "{e}");
+        let e = front.parameters_of(1..3).unwrap_err();
+        assert!(
+            e.to_string().contains("not inside this shard's 0..2"),
+            "{e}"
+        );
     }
 
     #[test]

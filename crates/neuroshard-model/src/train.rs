@@ -27,8 +27,15 @@ use crate::{ModelError, Shard, ShardInput};
 /// Inner-optimizer settings of a stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    /// AdamW learning rate.
+    /// AdamW learning rate at its peak.
     pub lr: f64,
+    /// Inner steps over which the learning rate climbs linearly to `lr` (0: it starts there).
+    pub warmup_steps: u64,
+    /// Inner steps after the warm-up over which it falls along a half cosine to
+    /// `lr × final_lr_fraction`, where it then stays (0: it stays at `lr`).
+    pub decay_steps: u64,
+    /// Where the decay ends, as a share of `lr`.
+    pub final_lr_fraction: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f32,
     /// Microbatches whose forward ran and whose backward has not, at most: each holds its
@@ -42,10 +49,28 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             lr: 3e-3,
+            warmup_steps: 0,
+            decay_steps: 0,
+            final_lr_fraction: 0.1,
             weight_decay: 0.0,
             max_pending: 16,
             max_sequence: 512,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate of inner step `step` (counting from 0).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if self.decay_steps == 0 {
+            return self.lr;
+        }
+        let done = ((step - self.warmup_steps) as f64 / self.decay_steps as f64).min(1.0);
+        let floor = self.final_lr_fraction;
+        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()))
     }
 }
 
@@ -311,8 +336,8 @@ impl TrainShard {
         Ok(grad_input)
     }
 
-    /// Takes one AdamW step on the mean of the accumulated gradients and starts a new
-    /// accumulation. Microbatches still waiting for their backward are dropped (their graphs
+    /// Takes one AdamW step on the mean of the accumulated gradients, at the learning rate the
+    /// schedule gives this step, and starts a new accumulation. Microbatches still waiting for their backward are dropped (their graphs
     /// hold the old weights).
     pub fn step(&mut self) -> Result<u64, ModelError> {
         if self.microbatches == 0 {
@@ -328,45 +353,32 @@ impl TrainShard {
         };
         self.shard.weights.visit(&mut scaler);
         let weights = std::mem::replace(&mut self.shard.weights, empty_weights());
-        self.shard.weights = self.optim.step(self.config.lr, weights, grads);
+        self.shard.weights = self
+            .optim
+            .step(self.config.lr_at(self.steps), weights, grads);
         self.microbatches = 0;
         self.pending.clear();
         self.steps += 1;
         Ok(self.steps)
     }
 
-    /// Sets the learning rate of the following steps.
-    pub fn set_lr(&mut self, lr: f64) {
-        self.config.lr = lr;
-    }
-
     /// The accumulated gradient (a sum over microbatches) as one flat vector in parameter
     /// order; zeros for parameters no backward reached.
     pub fn gradients(&mut self) -> Vec<f32> {
         let grads = self.accumulated.grads();
-        let mut flat = Flatten {
-            grads: Some(&grads),
-            out: Vec::new(),
-        };
-        self.shard.weights.visit(&mut flat);
-        let out = flat.out;
+        let out = flatten(&self.shard.weights, Some(&grads));
         self.accumulated.accumulate(&self.shard.weights, grads);
         out
     }
 
     /// The parameters as one flat vector in parameter order.
     pub fn parameters(&self) -> Vec<f32> {
-        let mut flat = Flatten {
-            grads: None,
-            out: Vec::new(),
-        };
-        self.shard.weights.visit(&mut flat);
-        flat.out
+        self.shard.parameters()
     }
 
     /// Number of parameters (the length of [`Self::parameters`]).
     pub fn num_parameters(&self) -> usize {
-        self.shard.weights.num_params()
+        self.shard.num_parameters()
     }
 
     /// Replaces every parameter from a flat vector in parameter order. The optimizer state is
@@ -416,6 +428,17 @@ impl ModuleVisitor for Scale<'_> {
             self.grads.register(param.id, grad.mul_scalar(self.scale));
         }
     }
+}
+
+/// Every parameter of `module` (or, given `grads`, its gradient, zeros where there is none)
+/// as one flat vector in load order.
+pub(crate) fn flatten<M: Module>(module: &M, grads: Option<&GradientsParams>) -> Vec<f32> {
+    let mut flat = Flatten {
+        grads,
+        out: Vec::new(),
+    };
+    module.visit(&mut flat);
+    flat.out
 }
 
 /// Appends every parameter (or its gradient, zeros where there is none) to `out`.
@@ -669,5 +692,26 @@ mod tests {
             .unwrap();
         let e = err(small.forward("a", ShardInput::Tokens(vec![1; 31]), None));
         assert!(e.contains("31 tokens"), "{e}");
+    }
+
+    #[test]
+    fn the_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor() {
+        let config = TrainConfig {
+            lr: 1e-3,
+            warmup_steps: 10,
+            decay_steps: 100,
+            final_lr_fraction: 0.1,
+            ..TrainConfig::default()
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(config.lr_at(0), 1e-4));
+        assert!(close(config.lr_at(9), 1e-3));
+        assert!(close(config.lr_at(10), 1e-3));
+        assert!(close(config.lr_at(60), 0.55e-3), "{}", config.lr_at(60));
+        assert!(close(config.lr_at(110), 1e-4));
+        assert!(close(config.lr_at(1000), 1e-4));
+        let falling: Vec<f64> = (10..=110).map(|s| config.lr_at(s)).collect();
+        assert!(falling.windows(2).all(|w| w[1] <= w[0]));
+        assert!(close(TrainConfig::default().lr_at(500), 3e-3));
     }
 }

@@ -5,15 +5,19 @@
 //! A checkpoint's bytes are the stage's flat parameters (little-endian f32, in the stage's
 //! parameter order) at the start of an outer round; the manifest names the round.
 
+use std::path::Path;
+use std::time::Duration;
+
 use futures::StreamExt;
 use neuroshard_base::LayerRange;
+use neuroshard_model::ModelInfo;
 use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, MAX_CHECKPOINT_BYTES, Manifest};
 use pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use crate::NodeError;
-use crate::convert::span_to_proto;
+use crate::convert::{span_from_proto, span_to_proto};
+use crate::{MAX_MESSAGE_BYTES, NodeError};
 
 /// Requests one transfer may take before giving up.
 pub const MAX_ATTEMPTS: usize = 6;
@@ -220,6 +224,62 @@ pub async fn fetch_checkpoint(
         "the checkpoint did not arrive whole in {MAX_ATTEMPTS} requests: {}",
         report.recovered.join("; ")
     )))
+}
+
+/// How long dialing a peer for its weights may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fetches the weights of `layers` from the node at `peer`, for a node that starts without
+/// them on disk: asks the peer (Ping) which model it serves and which layers, checks them
+/// against `config.json` in `dir`, then streams the layers' checkpoint, verified chunk by chunk
+/// (see [`fetch_checkpoint`]). Returns the model under the peer's id, the parameters and how
+/// the transfer went.
+pub async fn fetch_weights(
+    peer: &str,
+    dir: &Path,
+    layers: LayerRange,
+    progress: impl FnMut(Progress),
+) -> Result<(ModelInfo, Checkpoint, TransferReport), NodeError> {
+    let channel = crate::pool::connect(peer, CONNECT_TIMEOUT).await?;
+    let mut client = NodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let remote = |status| NodeError::Remote {
+        peer: peer.to_string(),
+        status,
+    };
+    let info = client
+        .ping(pb::PingRequest {})
+        .await
+        .map_err(remote)?
+        .into_inner()
+        .node
+        .ok_or_else(|| NodeError::BadRequest(format!("{peer} did not say what it serves")))?;
+    let model = ModelInfo::with_id(dir, &info.model_id)?;
+    let total = model.config.num_hidden_layers;
+    if info.total_layers as usize != total {
+        return Err(NodeError::Config(format!(
+            "weights_from: {peer} serves a model of {} layers; {} says {total}",
+            info.total_layers,
+            dir.join("config.json").display()
+        )));
+    }
+    let serves = span_from_proto(info.layers)?;
+    if !serves.covers(&layers) {
+        return Err(NodeError::Config(format!(
+            "weights_from: {peer} serves layers {serves}, which do not hold {layers}"
+        )));
+    }
+    let count = neuroshard_model::init::shard_parameter_count(&model.config, layers.to_range());
+    let (checkpoint, report) =
+        fetch_checkpoint(&mut client, &model.id, layers, count as u64 * 4, progress).await?;
+    if checkpoint.parameters.len() != count {
+        return Err(NodeError::BadRequest(format!(
+            "{peer} sent {} parameters for layers {layers}, which hold {count}",
+            checkpoint.parameters.len()
+        )));
+    }
+    Ok((model, checkpoint, report))
 }
 
 /// Pushes `checkpoint` of `layers` to the node `client` talks to in chunks of `chunk_bytes`,

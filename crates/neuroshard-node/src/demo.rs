@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use neuroshard_base::LayerRange;
 use neuroshard_model::TextTokenizer;
-use neuroshard_model::init::{ModelSpec, write_model};
+use neuroshard_model::init::{ModelSpec, write_demo_model, write_model};
 
 use crate::NodeError;
 use crate::client::{ClientConfig, HopTiming, SwarmClient};
@@ -24,7 +24,7 @@ pub struct DemoOptions {
     pub prompt: String,
     /// Tokens to generate.
     pub max_new_tokens: usize,
-    /// Model directory; `None` writes the built-in model to a temporary directory.
+    /// Model directory; `None` writes the shipped trained demo model to a temporary directory.
     pub model_dir: Option<PathBuf>,
 }
 
@@ -50,6 +50,8 @@ pub struct DemoNode {
 pub struct DemoReport {
     /// The swarm.
     pub nodes: Vec<DemoNode>,
+    /// The prompt.
+    pub prompt: String,
     /// Generated text.
     pub text: String,
     /// The swarm generation.
@@ -107,10 +109,15 @@ pub async fn run_demo(
     progress: impl Fn(&str),
 ) -> Result<DemoReport, NodeError> {
     let scratch = scratch_dir()?;
-    if options.model_dir.is_none() {
-        progress("writing the built-in model (6 layers, hidden 512)...");
-    }
-    let model_dir = model_dir_or(&scratch, options.model_dir.as_ref(), &ModelSpec::demo())?;
+    let model_dir = match &options.model_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            progress("writing the shipped trained demo model (6 layers, width 256)...");
+            let dir = scratch.path().join("model");
+            write_demo_model(&dir)?;
+            dir
+        }
+    };
     let info = neuroshard_model::ModelInfo::read(&model_dir)?;
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
     let mut prompt = Vec::new();
@@ -201,6 +208,7 @@ pub async fn run_demo(
     }
     let report = DemoReport {
         nodes: demo_nodes,
+        prompt: options.prompt.clone(),
         text: tokenizer.decode(&swarm.generated_ids)?,
         swarm,
         local: local_report,

@@ -65,12 +65,12 @@ enum Command {
         #[arg(long)]
         kill_one: bool,
         /// Prompt text.
-        #[arg(long, default_value = "The swarm computes")]
+        #[arg(long, default_value = neuroshard_model::init::DEMO_PROMPT)]
         prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 32)]
+        /// Tokens (bytes, for the byte-level demo model) to generate.
+        #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// Use this model directory instead of the built-in model.
+        /// Use this model directory instead of the shipped trained demo model.
         #[arg(long)]
         model: Option<PathBuf>,
     },
@@ -123,9 +123,22 @@ struct TrainArgs {
     /// all as f32 (DiLoCo without compression).
     #[arg(long, default_value_t = 0.1)]
     topk: f64,
-    /// AdamW learning rate.
+    /// AdamW learning rate at its peak.
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
+    /// Inner steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Keep the learning rate at its peak instead of letting it fall along a cosine to a
+    /// tenth by the last step.
+    #[arg(long)]
+    constant_lr: bool,
+    /// DiLoCo's outer learning rate.
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    /// DiLoCo's outer Nesterov momentum.
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
     /// Seed of the built-in model and of the data order.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -187,12 +200,16 @@ impl SwarmArgs {
 
 #[derive(Args)]
 struct NodeArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory (only its config.json with --weights-from).
     #[arg(long)]
     model: PathBuf,
     /// Layers to serve, as A..B.
     #[arg(long)]
     layers: LayerRange,
+    /// Fetch the layers' weights from this peer (host:port) serving them, instead of reading
+    /// them from --model; the transfer's progress is logged.
+    #[arg(long)]
+    weights_from: Option<String>,
     #[command(flatten)]
     swarm: SwarmArgs,
     /// The name this node shows the swarm (anonymous without one).
@@ -383,6 +400,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             )
         })?;
     config.advertise = args.advertise;
+    config.weights_from = args.weights_from;
     config.reach = ReachConfig {
         mode: args.nat,
         stun_servers: args.stun_servers,
@@ -569,6 +587,10 @@ async fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         outer_every: args.outer_every,
         compression,
         lr: args.lr,
+        warmup: args.warmup,
+        decay: !args.constant_lr,
+        outer_lr: args.outer_lr,
+        outer_momentum: args.outer_momentum,
         seed: args.seed,
         model_dir: args.model,
         spec: args.size.spec(),
@@ -628,7 +650,8 @@ fn print_demo(report: &neuroshard_node::demo::DemoReport) {
             n.credit
         );
     }
-    let _ = writeln!(out, "\ngenerated text: {:?}", report.text);
+    let _ = writeln!(out, "\nprompt:         {:?}", report.prompt);
+    let _ = writeln!(out, "generated text: {:?}", report.text);
     let _ = writeln!(out, "generated ids:  {:?}", report.swarm.generated_ids);
     drop(out);
     print!("swarm: ");

@@ -28,6 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::bandwidth::BandwidthCaps;
+use crate::checkpoint::{Progress, TransferReport, fetch_weights};
 use crate::convert::{
     PeerRecord, check_display_name, contact_of_peer, contact_to_proto, dtype_from_proto,
     peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
@@ -156,6 +157,10 @@ pub struct NodeConfig {
     /// these inner-optimizer settings. Default none: a node trains only when asked to, as
     /// training holds a second, trainable copy of the shard.
     pub train: Option<TrainingConfig>,
+    /// A peer (`host:port` or relayed address) serving these layers to fetch their weights
+    /// from (`GetCheckpoint`, hashed chunk by chunk) instead of reading them from `model_dir`,
+    /// which then needs only `config.json`. Default none.
+    pub weights_from: Option<String>,
     /// Test-only misbehaviour.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -187,6 +192,7 @@ impl NodeConfig {
             reach: ReachConfig::default(),
             serve_relay: None,
             train: None,
+            weights_from: None,
             fault: None,
         }
     }
@@ -215,6 +221,18 @@ impl NodeConfig {
             return bad("tracker", "is not a valid URL (expected http://host:port)");
         }
         crate::discovery::check_bootstrap(&self.bootstrap)?;
+        if let Some(peer) = &self.weights_from {
+            if peer.trim().is_empty() {
+                return bad("weights_from", "must name a peer (host:port)");
+            }
+            if self.train.is_some() {
+                return bad(
+                    "weights_from",
+                    "a training node reads its weights from disk (a late replica catches up \
+                     from its replicas by itself)",
+                );
+            }
+        }
         if let Some(name) = &self.display_name
             && let Err(why) = check_display_name(name)
         {
@@ -275,11 +293,19 @@ struct Served {
     wrong_shard: Option<Mutex<Shard>>,
 }
 
+/// Where a node's weights come from.
+enum WeightSource {
+    /// The model directory's safetensors files.
+    Disk(PathBuf),
+    /// A shard's flat parameters, fetched from a peer, of the model described.
+    Fetched(ModelInfo, Vec<f32>),
+}
+
 impl Served {
-    /// Loads `range` of the model in `dir` on `device` off the reactor, warming a GPU's kernels
-    /// up, and (for a test node told to) the wrong weights beside it.
+    /// Loads `range` of the model from `source` on `device` off the reactor, warming a GPU's
+    /// kernels up, and (for a test node told to) the wrong weights beside it.
     async fn load(
-        dir: &std::path::Path,
+        source: WeightSource,
         range: LayerRange,
         device: Option<ComputeDevice>,
         fault: Option<&Fault>,
@@ -300,9 +326,13 @@ impl Served {
             Some(Fault::WrongWeights(dir)) => Some(dir.clone()),
             _ => None,
         };
-        let dir = dir.to_path_buf();
         let (shard, wrong_shard) = tokio::task::spawn_blocking(move || {
-            let shard = Shard::load(&dir, range.to_range(), &resolved)?;
+            let shard = match source {
+                WeightSource::Disk(dir) => Shard::load(&dir, range.to_range(), &resolved)?,
+                WeightSource::Fetched(info, parameters) => {
+                    Shard::from_parameters(info, range.to_range(), &resolved, &parameters)?
+                }
+            };
             if on_gpu {
                 shard.warm_up()?;
             }
@@ -379,6 +409,9 @@ pub struct NodeState {
     fault: Option<Fault>,
     /// The trainable copy of the shard, when the node trains.
     trainer: Option<training::Trainer>,
+    /// The checkpoint of served weights last asked for through GetCheckpoint (by a node
+    /// fetching its weights from this one), while a transfer still streams it.
+    weights_snapshot: Mutex<Option<(LayerRange, std::sync::Weak<checkpoint::Snapshot>)>>,
 }
 
 impl NodeState {
@@ -1086,9 +1119,17 @@ pub struct NodeHandle {
     state: Arc<NodeState>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<()>,
+    /// How fetching the weights from a peer went, for a node started with `weights_from`.
+    fetched: Option<TransferReport>,
 }
 
 impl NodeHandle {
+    /// How fetching the weights from a peer went, for a node started with
+    /// [`NodeConfig::weights_from`]; none for a node that read them from disk.
+    pub fn weights_fetch(&self) -> Option<&TransferReport> {
+        self.fetched.as_ref()
+    }
+
     /// The trainable stage's flat parameters and accumulated gradient (a sum over the
     /// microbatches since the last inner step), in parameter order; none before the node's
     /// first training call or when it does not train.
@@ -1261,7 +1302,8 @@ impl NodeHandle {
         if before.range == layers && before.device == device {
             return Ok(());
         }
-        let next = Served::load(&state.model_dir, layers, device, state.fault.as_ref()).await?;
+        let source = WeightSource::Disk(state.model_dir.clone());
+        let next = Served::load(source, layers, device, state.fault.as_ref()).await?;
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
             // the old caches.
@@ -1396,15 +1438,26 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 /// Loads the shard, binds, registers with the tracker (if any) and starts serving.
 pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
-    let model = ModelInfo::read(&config.model_dir)?;
     let range = config.layers;
-    let served = Served::load(
-        &config.model_dir,
-        range,
-        config.device,
-        config.fault.as_ref(),
-    )
-    .await?;
+    let (model, source, fetched) = match &config.weights_from {
+        None => (
+            ModelInfo::read(&config.model_dir)?,
+            WeightSource::Disk(config.model_dir.clone()),
+            None,
+        ),
+        Some(peer) => {
+            let (model, checkpoint, report) = fetch_weights(
+                peer,
+                &config.model_dir,
+                range,
+                log_fetch_progress(peer, range),
+            )
+            .await?;
+            let source = WeightSource::Fetched(model.clone(), checkpoint.parameters);
+            (model, source, Some(report))
+        }
+    };
+    let served = Served::load(source, range, config.device, config.fault.as_ref()).await?;
     let (key, ledger) = match &config.data_dir {
         Some(dir) => (
             crate::identity::load_or_create(dir)?,
@@ -1517,6 +1570,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         cancel: cancel.clone(),
         fault: config.fault.clone(),
         trainer,
+        weights_snapshot: Mutex::new(None),
     });
     tokio::spawn(sweep_sessions(
         state.clone(),
@@ -1554,7 +1608,26 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         state,
         cancel,
         server,
+        fetched,
     })
+}
+
+/// Logs a weights transfer from `peer` at every tenth of the way.
+fn log_fetch_progress(peer: &str, layers: LayerRange) -> impl FnMut(Progress) + use<> {
+    let peer = peer.to_string();
+    let mut shown = None;
+    move |p: Progress| {
+        let tenth = p.done * 10 / p.total.max(1);
+        if shown != Some(tenth) {
+            shown = Some(tenth);
+            tracing::info!(
+                "fetching the weights of layers {layers} from {peer}: {}% ({:.1} of {:.1} MB)",
+                tenth * 10,
+                p.done as f64 / 1e6,
+                p.total as f64 / 1e6
+            );
+        }
+    }
 }
 
 /// The node's DHT: serving at its advertised address where that resolves to an `ip:port`, else

@@ -40,8 +40,17 @@ pub struct TrainOptions {
     pub outer_every: u64,
     /// How pseudo-gradients travel.
     pub compression: Compression,
-    /// AdamW learning rate.
+    /// AdamW learning rate at its peak.
     pub lr: f64,
+    /// Inner steps of linear learning-rate warm-up.
+    pub warmup: u64,
+    /// Whether the learning rate then falls along a cosine to a tenth of its peak by the last
+    /// step (otherwise it stays at its peak).
+    pub decay: bool,
+    /// DiLoCo's outer learning rate.
+    pub outer_lr: f32,
+    /// DiLoCo's outer Nesterov momentum.
+    pub outer_momentum: f32,
     /// Seed of the model (when built in) and of the data order.
     pub seed: u64,
     /// Model to train; `None` writes the built-in `spec` with `seed`.
@@ -65,12 +74,48 @@ impl Default for TrainOptions {
             outer_every: 20,
             compression: Compression::TopK(neuroshard_train::sparse::TopK::DEFAULT_FRACTION),
             lr: 3e-3,
+            warmup: 0,
+            decay: true,
+            outer_lr: TrainingConfig::default().outer_lr,
+            outer_momentum: TrainingConfig::default().outer_momentum,
             seed: 1,
             model_dir: None,
             spec: ModelSpec::tiny(),
             save: None,
             corpus: neuroshard_train::CORPUS.to_string(),
         }
+    }
+}
+
+impl TrainOptions {
+    /// Names the first setting out of range.
+    fn check(&self) -> Result<(), NodeError> {
+        let bad = |what: String| Err(NodeError::Config(what));
+        if self.stages == 0 || self.replicas == 0 || self.steps == 0 {
+            return bad(format!(
+                "stages ({}), replicas ({}) and steps ({}) must be positive",
+                self.stages, self.replicas, self.steps
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr {}: give a positive learning rate", self.lr));
+        }
+        if !(self.outer_lr.is_finite() && self.outer_lr > 0.0) {
+            return bad(format!(
+                "outer_lr {}: give a positive learning rate",
+                self.outer_lr
+            ));
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return bad(format!(
+                "outer_momentum {}: give a value in [0, 1)",
+                self.outer_momentum
+            ));
+        }
+        if self.outer_every == 0 {
+            return bad("outer_every must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -119,6 +164,7 @@ pub async fn run_training(
     options: TrainOptions,
     progress: impl Fn(&str),
 ) -> Result<TrainReport, NodeError> {
+    options.check()?;
     let scratch = scratch_dir()?;
     let spec = ModelSpec {
         seed: options.seed,
@@ -145,10 +191,17 @@ pub async fn run_training(
     let training = TrainingConfig {
         inner: TrainConfig {
             lr: options.lr,
+            warmup_steps: options.warmup,
+            decay_steps: match options.decay {
+                true => (options.steps as u64).saturating_sub(options.warmup).max(1),
+                false => 0,
+            },
             ..TrainConfig::default()
         },
         outer_every: options.outer_every,
         compression: options.compression,
+        outer_lr: options.outer_lr,
+        outer_momentum: options.outer_momentum,
         ..TrainingConfig::default()
     };
     // nodes[r][s]: stage s of replica r.

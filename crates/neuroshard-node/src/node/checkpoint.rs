@@ -1,6 +1,8 @@
 //! Checkpoints, server side: `GetCheckpoint` streams the training stage's weights at the start
-//! of its current outer round, `PutCheckpoint` takes a stage's weights (resuming a cut
-//! transfer), and a node behind its replicas catches up from one of them.
+//! of its current outer round (or, on a node that does not train, the weights it serves, for
+//! any layers inside its range: how a joining node fetches its weights instead of reading them
+//! from disk), `PutCheckpoint` takes a stage's weights (resuming a cut transfer), and a node
+//! behind its replicas catches up from one of them.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -106,20 +108,70 @@ impl NodeState {
         Ok(snapshot)
     }
 
-    /// Serves GetCheckpoint: the manifest, then the chunks asked for (all by default).
+    /// The checkpoint of the served weights of `layers` (round 0). Transfers of the same
+    /// layers share one while any is streaming; the last to end frees it (made again, the
+    /// bytes and hashes are the same, so a resumed transfer still matches).
+    fn weights_snapshot(&self, layers: LayerRange) -> Result<Arc<Snapshot>, NodeError> {
+        let mut cached = self
+            .weights_snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = cached
+            .as_ref()
+            .filter(|(range, _)| *range == layers)
+            .and_then(|(_, s)| s.upgrade())
+        {
+            return Ok(s);
+        }
+        let served = self.served();
+        let parameters = served
+            .shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .parameters_of(layers.to_range())?;
+        let bytes = Checkpoint {
+            round: 0,
+            parameters,
+        }
+        .to_bytes();
+        let manifest = Manifest::of(&bytes, neuroshard_train::checkpoint::CHUNK_BYTES);
+        let snapshot = Arc::new(Snapshot {
+            round: 0,
+            bytes,
+            manifest,
+        });
+        *cached = Some((layers, Arc::downgrade(&snapshot)));
+        Ok(snapshot)
+    }
+
+    /// Serves GetCheckpoint: the manifest, then the chunks asked for (all by default). A
+    /// training node serves its stage's round-start weights (its whole range); any other node
+    /// the weights it serves, of any layers inside its range.
     pub(super) async fn get_checkpoint(
         self: Arc<Self>,
         req: pb::CheckpointRequest,
     ) -> Result<Chunks, NodeError> {
-        let trainer = self.trainer()?;
         self.check_model(&req.model_id)?;
         let layers = span_from_proto(req.layers)?;
         let served = self.served();
-        self.check_whole_range(&served, layers)?;
+        let training = self.trainer.is_some();
+        match training {
+            true => self.check_whole_range(&served, layers)?,
+            false if layers.is_empty() || !served.range.covers(&layers) => {
+                return Err(NodeError::WrongLayers {
+                    asked: layers,
+                    serves: served.range,
+                });
+            }
+            false => {}
+        }
         let state = self.clone();
-        let snapshot = tokio::task::spawn_blocking(move || state.snapshot())
-            .await
-            .map_err(|e| NodeError::BadRequest(format!("checkpoint task failed: {e}")))??;
+        let snapshot = tokio::task::spawn_blocking(move || match training {
+            true => state.snapshot(),
+            false => state.weights_snapshot(layers),
+        })
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("checkpoint task failed: {e}")))??;
         if !req.whole_hash.is_empty() && req.whole_hash != snapshot.manifest.hash {
             return Err(NodeError::CheckpointChanged(format!(
                 "the checkpoint asked for is gone: this node is in round {} now",
@@ -144,8 +196,9 @@ impl NodeState {
                 "chunk {bad} asked for; the checkpoint has {chunks}"
             )));
         }
-        // Test faults fire on the first transfer only.
-        let fire = || !trainer.fault_fired.swap(true, Ordering::Relaxed);
+        // Test faults fire on a training node's first transfer only.
+        let trainer = self.trainer.as_ref();
+        let fire = || trainer.is_some_and(|t| !t.fault_fired.swap(true, Ordering::Relaxed));
         let (corrupt, cut) = match &self.fault {
             Some(Fault::CorruptChunk(c)) if wanted.contains(c) && fire() => (Some(*c), None),
             Some(Fault::CutCheckpointAfter(c)) if *c < wanted.len() && fire() => (None, Some(*c)),
