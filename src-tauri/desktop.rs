@@ -1067,11 +1067,14 @@ fn clock(at_ms: u64, now_ms: u64) -> String {
 }
 
 /// The shipped trained demo model under the data dir, written the first time (and again over
-/// an older demo model an earlier version wrote there).
-async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
+/// a damaged copy, or an older demo model an earlier version wrote there).
+pub(crate) async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
     let dir = data_dir.join("models").join("demo");
-    let shipped = neuroshard_model::init::DEMO_MODEL_FILES[0].1;
-    if std::fs::read(dir.join("config.json")).is_ok_and(|c| c == shipped) {
+    let shipped = neuroshard_model::init::DEMO_MODEL_FILES;
+    let current = shipped
+        .iter()
+        .all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|b| b == *bytes));
+    if current {
         return Ok(dir);
     }
     let target = dir.clone();

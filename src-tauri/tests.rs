@@ -574,3 +574,44 @@ fn a_used_up_transfer_cap_holds_the_node_until_its_period_ends() {
     f.ok::<Value>("get_status", json!({}));
     assert_eq!(left(&f), None, "no cap, no budget");
 }
+
+#[test]
+fn the_demo_model_is_the_shipped_one_and_replaces_an_older_or_damaged_copy() {
+    use neuroshard_model::init::{DEMO_MODEL_FILES, ModelSpec, write_model};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("models").join("demo");
+    // What an earlier version wrote: another model, its weights in two files.
+    let older = ModelSpec {
+        files: 2,
+        ..ModelSpec::tiny()
+    };
+    write_model(&dir, &older).unwrap();
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let shipped = || {
+        DEMO_MODEL_FILES
+            .iter()
+            .all(|(name, bytes)| std::fs::read(dir.join(name)).unwrap() == *bytes)
+    };
+    assert_eq!(
+        rt.block_on(crate::desktop::demo_model(data.path()))
+            .unwrap(),
+        dir
+    );
+    assert_eq!(names(), ["config.json", "model-00001-of-00001.safetensors"]);
+    assert!(shipped());
+    // A damaged copy is written again.
+    std::fs::write(dir.join("model-00001-of-00001.safetensors"), b"not weights").unwrap();
+    rt.block_on(crate::desktop::demo_model(data.path()))
+        .unwrap();
+    assert!(shipped());
+}

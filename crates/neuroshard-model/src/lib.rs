@@ -92,9 +92,7 @@ pub struct ModelInfo {
 impl ModelInfo {
     /// Reads and validates `dir/config.json` and fingerprints the safetensors headers.
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let config = LlamaConfig::from_json(&text)?;
+        let (text, config) = read_config(dir)?;
         let mut hash = Sha256::new();
         hash.update(text.as_bytes());
         let files = weights::safetensors_files(dir)?;
@@ -108,20 +106,24 @@ impl ModelInfo {
             dir: dir.to_path_buf(),
         })
     }
-}
 
-impl ModelInfo {
     /// The model whose `config.json` is in `dir`, under the id `id` a peer serves it as: for a
     /// node that fetches its weights from that peer and so has no safetensors to fingerprint.
     pub fn with_id(dir: &Path, id: &str) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
         Ok(Self {
-            config: LlamaConfig::from_json(&text)?,
+            config: read_config(dir)?.1,
             id: id.to_string(),
             dir: dir.to_path_buf(),
         })
     }
+}
+
+/// `dir/config.json`: its text and the config it describes.
+fn read_config(dir: &Path) -> Result<(String, LlamaConfig), ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let config = LlamaConfig::from_json(&text)?;
+    Ok((text, config))
 }
 
 fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
