@@ -34,10 +34,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The bytes a checkpoint travels as.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.parameters
-            .iter()
-            .flat_map(|p| p.to_le_bytes())
-            .collect()
+        parameter_bytes(&self.parameters)
     }
 
     /// The checkpoint of round `round` from its bytes; every value must be finite.
@@ -59,6 +56,11 @@ impl Checkpoint {
         }
         Ok(Self { round, parameters })
     }
+}
+
+/// Flat parameters as a checkpoint's bytes: little-endian f32, in order.
+pub fn parameter_bytes(parameters: &[f32]) -> Vec<u8> {
+    parameters.iter().flat_map(|p| p.to_le_bytes()).collect()
 }
 
 /// How a transfer went: what a progress display and a test look at.

@@ -13,7 +13,9 @@ use neuroshard_train::checkpoint::{Assembly, Manifest};
 
 use super::{Fault, NodeState};
 use crate::NodeError;
-use crate::checkpoint::{Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto};
+use crate::checkpoint::{
+    Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto, parameter_bytes,
+};
 use crate::convert::{span_from_proto, span_to_proto};
 
 /// Most chunk numbers one request may name.
@@ -25,6 +27,19 @@ pub(crate) struct Snapshot {
     round: u64,
     bytes: Vec<u8>,
     manifest: Manifest,
+}
+
+impl Snapshot {
+    /// The checkpoint of `parameters` starting round `round`, cut into chunks of `chunk_bytes`.
+    fn new(round: u64, parameters: &[f32], chunk_bytes: u32) -> Arc<Self> {
+        let bytes = parameter_bytes(parameters);
+        let manifest = Manifest::of(&bytes, chunk_bytes);
+        Arc::new(Self {
+            round,
+            bytes,
+            manifest,
+        })
+    }
 }
 
 /// The chunks of one GetCheckpoint reply, cut from the snapshot as they are sent.
@@ -93,17 +108,11 @@ impl NodeState {
         if let Some(s) = cached.as_ref().filter(|s| s.round == stage.outer.round) {
             return Ok(s.clone());
         }
-        let checkpoint = Checkpoint {
-            round: stage.outer.round,
-            parameters: stage.outer.start.clone(),
-        };
-        let bytes = checkpoint.to_bytes();
-        let manifest = Manifest::of(&bytes, trainer.config.checkpoint_chunk_bytes);
-        let snapshot = Arc::new(Snapshot {
-            round: checkpoint.round,
-            bytes,
-            manifest,
-        });
+        let snapshot = Snapshot::new(
+            stage.outer.round,
+            &stage.outer.start,
+            trainer.config.checkpoint_chunk_bytes,
+        );
         *cached = Some(snapshot.clone());
         Ok(snapshot)
     }
@@ -129,17 +138,7 @@ impl NodeState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .parameters_of(layers.to_range())?;
-        let bytes = Checkpoint {
-            round: 0,
-            parameters,
-        }
-        .to_bytes();
-        let manifest = Manifest::of(&bytes, neuroshard_train::checkpoint::CHUNK_BYTES);
-        let snapshot = Arc::new(Snapshot {
-            round: 0,
-            bytes,
-            manifest,
-        });
+        let snapshot = Snapshot::new(0, &parameters, neuroshard_train::checkpoint::CHUNK_BYTES);
         *cached = Some((layers, Arc::downgrade(&snapshot)));
         Ok(snapshot)
     }
