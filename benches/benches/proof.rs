@@ -163,7 +163,7 @@ fn proof_costs(c: &mut Criterion) {
             let mut session = client.session();
             let started = Instant::now();
             runtime
-                .block_on(generate(&mut session, &prompt, NEW_TOKENS, None, |_, _| {}))
+                .block_on(generate(&mut session, &prompt, NEW_TOKENS, &[], |_, _| {}))
                 .unwrap();
             *total += started.elapsed();
             runtime.block_on(session.close());

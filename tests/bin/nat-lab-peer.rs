@@ -164,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 &mut session,
                 &prompt,
                 tokens,
-                None,
+                &[],
                 |_, step| {
                     if step == pause_at {
                         say("paused", step);

@@ -229,7 +229,7 @@ async fn after_the_tracker_dies_a_new_node_joins_through_a_bootstrap_peer_and_th
     config.bootstrap = vec![entry];
     let client = SwarmClient::connect(config).await.unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, 8, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, 8, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);
@@ -284,7 +284,7 @@ async fn two_nodes_find_each_other_on_the_lan_and_serve_a_generation() {
     config.discovery.lan_wait = Duration::from_secs(20);
     let client = SwarmClient::connect(config).await.unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, 8, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, 8, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);

@@ -15,7 +15,7 @@ pub(crate) const PROMPT: &[u32] = &[256, 84, 104, 101, 32, 115, 119, 97, 114, 10
 
 pub(crate) async fn local_reference(model: &TestModel, tokens: usize) -> GenerationReport {
     let mut local = LocalPipeline::load(model.path()).unwrap();
-    generate(&mut local, PROMPT, tokens, None, |_, _| {})
+    generate(&mut local, PROMPT, tokens, &[], |_, _| {})
         .await
         .unwrap()
 }
@@ -42,7 +42,7 @@ async fn three_node_swarm_matches_local_generation() {
         .await
         .unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, 24, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, 24, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);
@@ -81,7 +81,7 @@ async fn killing_the_middle_node_mid_generation_keeps_the_tokens() {
         .unwrap();
     let mut session = client.session();
     let mut victim = None;
-    let got = generate(&mut session, PROMPT, 20, None, |s, n| {
+    let got = generate(&mut session, PROMPT, 20, &[], |s, n| {
         if n == 8 {
             let middle = s.chain()[1].clone();
             assert_eq!((middle.layers.start, middle.layers.end), (2, 4));
@@ -120,7 +120,7 @@ async fn sessions_spread_over_replicas() {
     let mut sessions = Vec::new();
     for _ in 0..4 {
         let mut session = client.session();
-        generate(&mut session, PROMPT, 2, None, |_, _| {})
+        generate(&mut session, PROMPT, 2, &[], |_, _| {})
             .await
             .unwrap();
         sessions.push(session);
@@ -180,7 +180,7 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
     // The real replica of 2..4 joins only now: the first plan can only use the silent peer.
     swarm.add_node(model.path(), 2, 4).await;
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, 6, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, 6, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);
@@ -252,7 +252,7 @@ async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_gen
     // times as long as it computed, so the next call misses the deadline the earlier calls
     // taught the client, and no other node serves its layers.
     let node = &swarm.nodes[0];
-    let got = generate(&mut session, PROMPT, 4, None, |_, n| {
+    let got = generate(&mut session, PROMPT, 4, &[], |_, n| {
         if n == 1 {
             node.set_compute_share(1);
         }
@@ -345,7 +345,7 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
         .await
         .unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, 12, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, 12, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);

@@ -17,7 +17,7 @@ async fn generate_with_a_new_client(swarm: &Swarm, expected: &GenerationReport) 
         .await
         .unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, expected);
@@ -194,7 +194,7 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
     swarm.nodes[0].pause();
     let before = mover.metrics().forward_calls;
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);

@@ -8,6 +8,7 @@ mod limits;
 mod nat_lab;
 mod pool;
 mod proofs;
+mod reference;
 mod relay;
 mod tracker;
 mod training;

@@ -49,7 +49,7 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
         .await
         .unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);
@@ -116,7 +116,7 @@ async fn catch(fault: Fault, model: &TestModel) {
         .unwrap();
     swarm.add_node(model.path(), 2, 4).await;
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);

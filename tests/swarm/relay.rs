@@ -63,7 +63,7 @@ async fn a_node_nobody_dials_is_reached_through_a_relay_a_peer_offers() {
         .await
         .unwrap();
     let mut session = client.session();
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, _| {})
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await
         .unwrap();
     assert_same_generation(&got, &expected);
@@ -111,7 +111,7 @@ async fn a_relay_restarted_mid_session_is_ridden_out_with_the_same_tokens() {
     let second_life = CancellationToken::new();
     let (restarted_tx, restarted_rx) = tokio::sync::oneshot::channel();
     let mut restarted_tx = Some(restarted_tx);
-    let got = generate(&mut session, PROMPT, NEW_TOKENS, None, |_, step| {
+    let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, step| {
         if step == 4
             && let Some(tx) = restarted_tx.take()
         {

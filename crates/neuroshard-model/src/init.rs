@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::codec::{WireDType, narrow_le};
 use crate::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB};
-use crate::{LlamaConfig, ModelError};
+use crate::{Family, LlamaConfig, ModelError, RopeConfig, RopeScaling};
 
 /// Sizes and storage of a generated model.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +106,7 @@ impl ModelSpec {
     /// The `config.json` this spec describes.
     pub fn config(&self) -> LlamaConfig {
         LlamaConfig {
+            family: Family::Llama,
             hidden_size: self.hidden,
             intermediate_size: self.intermediate,
             num_hidden_layers: self.layers,
@@ -113,12 +114,20 @@ impl ModelSpec {
             num_key_value_heads: Some(self.kv_heads),
             vocab_size: BYTE_VOCAB,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
+            rope: RopeConfig {
+                theta: 10_000.0,
+                scaling: RopeScaling::Default,
+            },
             max_position_embeddings: self.max_positions,
             tie_word_embeddings: self.tie_embeddings,
             bos_token_id: Some(BYTE_BOS),
-            eos_token_id: Some(BYTE_EOS),
+            eos_token_ids: vec![BYTE_EOS],
             head_dim: None,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            sliding_window: None,
         }
     }
 
@@ -132,6 +141,7 @@ impl ModelSpec {
             .map(|t| {
                 let std = match t.kind {
                     Kind::Norm => 0.0,
+                    Kind::Bias => 0.02,
                     Kind::Embedding => 1.0,
                     Kind::Linear if t.name == "lm_head.weight" => 2.0 * fan_in(t.shape[1]),
                     Kind::Linear if t.name.ends_with("o_proj.weight") => {
@@ -155,6 +165,8 @@ enum Kind {
     Norm,
     /// A projection, stored `[out, in]` (burn holds it as `[in, out]`).
     Linear,
+    /// A projection's bias, `[out]`.
+    Bias,
 }
 
 /// One tensor of a model in the Hugging Face layout.
@@ -166,66 +178,72 @@ struct Entry {
     kind: Kind,
 }
 
-/// Every tensor of a Llama model in load order (the order of a shard's flat parameters): the
+impl Entry {
+    fn new(name: &str, shape: Vec<usize>, kind: Kind) -> Self {
+        Self {
+            name: name.to_string(),
+            shape,
+            kind,
+        }
+    }
+}
+
+/// Every tensor of a model in load order (the order of a shard's flat parameters): the
 /// embeddings, each layer's, the final norm and, unless tied, the LM head.
 fn layout(c: &LlamaConfig) -> Vec<Entry> {
-    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim(),
-        c.kv_heads() * c.head_dim(),
-    );
-    let entry = |name: String, shape: Vec<usize>, kind| Entry { name, shape, kind };
-    let mut out = vec![entry(
-        "model.embed_tokens.weight".into(),
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let mut out = vec![Entry::new(
+        "model.embed_tokens.weight",
         vec![v, h],
         Kind::Embedding,
     )];
     for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.extend([
-            entry(format!("{p}.input_layernorm.weight"), vec![h], Kind::Norm),
-            entry(
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![q, h],
-                Kind::Linear,
-            ),
-            entry(
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![kv, h],
-                Kind::Linear,
-            ),
-            entry(
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![kv, h],
-                Kind::Linear,
-            ),
-            entry(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, q],
-                Kind::Linear,
-            ),
-            entry(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                Kind::Norm,
-            ),
-            entry(
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![i, h],
-                Kind::Linear,
-            ),
-            entry(format!("{p}.mlp.up_proj.weight"), vec![i, h], Kind::Linear),
-            entry(
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, i],
-                Kind::Linear,
-            ),
-        ]);
+        out.extend(layer_layout(c, l));
     }
-    out.push(entry("model.norm.weight".into(), vec![h], Kind::Norm));
+    out.push(Entry::new("model.norm.weight", vec![h], Kind::Norm));
     if !c.tie_word_embeddings {
-        out.push(entry("lm_head.weight".into(), vec![v, h], Kind::Linear));
+        out.push(Entry::new("lm_head.weight", vec![v, h], Kind::Linear));
     }
+    out
+}
+
+/// The tensors of layer `l` in the order of `DecoderLayer`'s fields, with the biases and head
+/// norms its family has.
+fn layer_layout(c: &LlamaConfig, l: usize) -> Vec<Entry> {
+    let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * d, c.kv_heads() * d);
+    let p = format!("model.layers.{l}");
+    let mut out = vec![Entry::new(
+        &format!("{p}.input_layernorm.weight"),
+        vec![h],
+        Kind::Norm,
+    )];
+    let linear = |out: &mut Vec<Entry>, name: &str, d_out: usize, d_in: usize, bias: bool| {
+        let name = format!("{p}.{name}");
+        out.push(Entry::new(
+            &format!("{name}.weight"),
+            vec![d_out, d_in],
+            Kind::Linear,
+        ));
+        if bias {
+            out.push(Entry::new(&format!("{name}.bias"), vec![d_out], Kind::Bias));
+        }
+    };
+    linear(&mut out, "self_attn.q_proj", q, h, c.qkv_bias);
+    linear(&mut out, "self_attn.k_proj", kv, h, c.qkv_bias);
+    linear(&mut out, "self_attn.v_proj", kv, h, c.qkv_bias);
+    if c.qk_norm {
+        for norm in ["q_norm", "k_norm"] {
+            let name = format!("{p}.self_attn.{norm}.weight");
+            out.push(Entry::new(&name, vec![d], Kind::Norm));
+        }
+    }
+    linear(&mut out, "self_attn.o_proj", h, q, c.o_bias);
+    let name = format!("{p}.post_attention_layernorm.weight");
+    out.push(Entry::new(&name, vec![h], Kind::Norm));
+    linear(&mut out, "mlp.gate_proj", i, h, c.mlp_bias);
+    linear(&mut out, "mlp.up_proj", i, h, c.mlp_bias);
+    linear(&mut out, "mlp.down_proj", h, i, c.mlp_bias);
     out
 }
 
@@ -293,7 +311,7 @@ pub(crate) fn shard_tensors(
         let values = match e.kind {
             // burn's [in, out] back to the stored [out, in].
             Kind::Linear => crate::shard::transpose(mine, e.shape[1], e.shape[0]),
-            Kind::Embedding | Kind::Norm => mine.to_vec(),
+            Kind::Embedding | Kind::Norm | Kind::Bias => mine.to_vec(),
         };
         let name = match e.name.as_str() {
             "lm_head.weight" if config.tie_word_embeddings => "model.embed_tokens.weight".into(),
@@ -386,7 +404,7 @@ fn write_files(
     mut metadata: HashMap<String, String>,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let text = serde_json::to_string_pretty(config).expect("config serialises");
+    let text = serde_json::to_string_pretty(&config.to_json()).expect("config serialises");
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
     metadata.insert("format".to_string(), "pt".to_string());

@@ -10,10 +10,12 @@
 //!   the next stage's gradient or the loss, AdamW inner steps.
 //! - [`init`] writes the built-in deterministic model; [`TextTokenizer`] turns text into ids.
 
+mod chat;
 pub mod codec;
 mod config;
 pub mod init;
 mod kv;
+mod sampling;
 mod shard;
 mod tokenizer;
 mod train;
@@ -24,10 +26,12 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use burn::tensor::Device;
-pub use config::LlamaConfig;
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Family, LlamaConfig, RopeConfig, RopeScaling, SlidingWindow};
 pub use kv::KvCache;
+pub use sampling::{Sampler, SamplingParams, argmax};
 pub use shard::{Shard, ShardInput, ShardOutput};
-pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, TextTokenizer};
+pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, StopStrings, TextStream, TextTokenizer};
 pub use train::{TrainConfig, TrainOutput, TrainShard};
 
 /// Why loading or running a model failed.
@@ -118,11 +122,29 @@ impl ModelInfo {
     }
 }
 
-/// `dir/config.json`: its text and the config it describes.
+/// `dir/config.json`: its text and the config it describes, with the end-of-sequence tokens of
+/// `generation_config.json` added (generation stops on any of either).
 fn read_config(dir: &Path) -> Result<(String, LlamaConfig), ModelError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let config = LlamaConfig::from_json(&text)?;
+    let mut config = LlamaConfig::from_json(&text)?;
+    let generation = dir.join("generation_config.json");
+    match std::fs::read_to_string(&generation) {
+        Ok(body) => {
+            let value: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|e| ModelError::Config(format!("{}: {e}", generation.display())))?;
+            let eos = config::token_list(value.get("eos_token_id"), "eos_token_id")
+                .map_err(|e| ModelError::Config(format!("{}: {e}", generation.display())))?;
+            for id in eos {
+                if !config.eos_token_ids.contains(&id) {
+                    config.eos_token_ids.push(id);
+                }
+            }
+            config.validate()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ModelError::io(&generation, e)),
+    }
     Ok((text, config))
 }
 

@@ -54,6 +54,10 @@ pub struct DecoderLayer {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
+    /// Qwen3's RMSNorm over each query head, before RoPE.
+    q_norm: Option<RmsNorm>,
+    /// Qwen3's RMSNorm over each key head, before RoPE.
+    k_norm: Option<RmsNorm>,
     o_proj: Linear,
     post_attention_norm: RmsNorm,
     gate_proj: Linear,
@@ -291,21 +295,20 @@ impl Shard {
         let config = &self.info.config;
         self.check_request(&layers, &input)?;
         let tokens = input.tokens(config.hidden_size);
-        if start_pos.saturating_add(tokens) > config.max_position_embeddings {
+        if start_pos.saturating_add(tokens) > config.max_positions() {
             return Err(ModelError::Request(format!(
-                "positions {start_pos}..{} exceed max_position_embeddings {}",
+                "positions {start_pos}..{} exceed the model's {} (max_position_embeddings)",
                 start_pos.saturating_add(tokens),
-                config.max_position_embeddings
+                config.max_positions()
             )));
         }
         cache.prepare(layers.clone(), start_pos)?;
         let mut hidden = self.embed_input(input, tokens)?;
-        let rope = Rope::new(config, start_pos, tokens, &self.device);
-        let mask = causal_mask(start_pos, tokens, &self.device);
+        let context = Positions::new(config, start_pos, tokens, &self.device);
         for index in layers.clone() {
             let layer = &self.weights.layers[index - self.range.start];
             let entry = cache.layer_mut(index);
-            hidden = layer.forward(hidden, entry, &rope, mask.as_ref(), self.heads);
+            hidden = layer.forward(hidden, entry, &context, index, self.heads);
         }
         cache.advance(layers.clone(), tokens);
         if layers.end == config.num_hidden_layers {
@@ -406,11 +409,18 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-        rope: &Rope,
-        mask: Option<&Tensor<2>>,
+        positions: &Positions,
+        index: usize,
         heads: Heads,
     ) -> Tensor<3> {
-        let attended = self.attention(self.input_norm.forward(x.clone()), cache, rope, mask, heads);
+        let mask = positions.mask(index);
+        let attended = self.attention(
+            self.input_norm.forward(x.clone()),
+            cache,
+            &positions.rope,
+            mask,
+            heads,
+        );
         let x = x + attended;
         let h = self.post_attention_norm.forward(x.clone());
         let mlp = self
@@ -435,10 +445,26 @@ impl DecoderLayer {
         let Heads { query, kv, dim } = heads;
         let group = query / kv;
         // [1, heads, n, dim]
-        let split = |t: Tensor<3>, h: usize| t.reshape([1, n, h, dim]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), query));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), kv));
-        let v = split(self.v_proj.forward(x), kv);
+        // [1, heads, n, dim], each head normed first where the family does (Qwen3).
+        let split = |t: Tensor<3>, h: usize, norm: Option<&RmsNorm>| {
+            let t = t.reshape([1, n, h, dim]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2)
+        };
+        let q = rope.apply(split(
+            self.q_proj.forward(x.clone()),
+            query,
+            self.q_norm.as_ref(),
+        ));
+        let k = rope.apply(split(
+            self.k_proj.forward(x.clone()),
+            kv,
+            self.k_norm.as_ref(),
+        ));
+        let v = split(self.v_proj.forward(x), kv, None);
         let (k, v) = match cache.take() {
             Some((past_k, past_v)) => (
                 Tensor::cat(vec![past_k, k], 2),
@@ -450,7 +476,8 @@ impl DecoderLayer {
         let total = k.dims()[2];
         // [1, kv, group * n, dim]
         let q = q.reshape([1, kv, group * n, dim]);
-        let mut scores = q.matmul(k.swap_dims(2, 3)) / (dim as f64).sqrt();
+        // Multiplied by dim^-0.5 rather than divided by its root, as transformers does.
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
         if let Some(mask) = mask {
             // The mask is [n, total]; rows of the grouped queries repeat every n.
             let mask = mask
@@ -468,6 +495,40 @@ impl DecoderLayer {
     }
 }
 
+/// What every layer of one call needs about its positions `start..start + n`: the rotary
+/// tables and the attention masks (full causal, and within the sliding window where the model
+/// has one).
+pub(crate) struct Positions {
+    rope: Rope,
+    full: Option<Tensor<2>>,
+    /// The window and its mask.
+    windowed: Option<(usize, Option<Tensor<2>>)>,
+    windows: Vec<Option<usize>>,
+}
+
+impl Positions {
+    pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
+        let windows: Vec<Option<usize>> = (0..config.num_hidden_layers)
+            .map(|l| config.window(l))
+            .collect();
+        let window = windows.iter().flatten().next().copied();
+        Self {
+            rope: Rope::new(config, start, n, device),
+            full: causal_mask(start, n, None, device),
+            windowed: window.map(|w| (w, causal_mask(start, n, Some(w), device))),
+            windows,
+        }
+    }
+
+    /// The additive mask layer `index` attends with (`None`: every position is visible).
+    fn mask(&self, index: usize) -> Option<&Tensor<2>> {
+        match (self.windows.get(index).copied().flatten(), &self.windowed) {
+            (Some(_), Some((_, mask))) => mask.as_ref(),
+            _ => self.full.as_ref(),
+        }
+    }
+}
+
 /// Rotary position embedding in the Hugging Face (rotate-half) layout, for positions
 /// `start..start + n`.
 pub(crate) struct Rope {
@@ -477,19 +538,22 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
+    /// The tables as transformers builds them: `position × inv_freq` in f32, its cos and sin,
+    /// times the scaling's attention factor.
     pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
         let dim = config.head_dim();
         let half = dim / 2;
+        let (inv_freq, scale) =
+            config
+                .rope
+                .inv_freq(dim, start + n, config.max_position_embeddings);
         let mut cos = Vec::with_capacity(n * dim);
         let mut sin = Vec::with_capacity(n * dim);
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| config.rope_theta.powf(-((2 * i) as f64) / dim as f64))
-            .collect();
         for pos in start..start + n {
-            let angles: Vec<f64> = inv_freq.iter().map(|f| pos as f64 * f).collect();
+            let angles: Vec<f64> = inv_freq.iter().map(|f| f64::from(pos as f32 * f)).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() as f32));
-                sin.extend(angles.iter().map(|a| a.sin() as f32));
+                cos.extend(angles.iter().map(|a| a.cos() as f32 * scale));
+                sin.extend(angles.iter().map(|a| a.sin() as f32 * scale));
             }
         }
         let table = |values| Tensor::from_data(TensorData::new(values, [1, 1, n, dim]), device);
@@ -510,15 +574,26 @@ impl Rope {
     }
 }
 
-/// Additive causal mask `[n, start + n]` for a prefill; `None` for a single new token, which may
-/// attend to every cached position.
-pub(crate) fn causal_mask(start: usize, n: usize, device: &Device) -> Option<Tensor<2>> {
-    if n == 1 {
+/// Additive mask `[n, start + n]` for new tokens at `start..start + n`: a query at position `p`
+/// sees keys `j <= p`, and with a window only those with `p - j < window` (transformers'
+/// `kv_idx > q_idx - sliding_window`). `None` when every cached position is visible (one new
+/// token inside the window).
+pub(crate) fn causal_mask(
+    start: usize,
+    n: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Option<Tensor<2>> {
+    let total = start + n;
+    let window = window.unwrap_or(usize::MAX);
+    if n == 1 && total <= window {
         return None;
     }
-    let total = start + n;
     let values: Vec<f32> = (0..n)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { -1e9 }))
+        .flat_map(|i| {
+            let p = start + i;
+            (0..total).map(move |j| if j <= p && p - j < window { 0.0 } else { -1e9 })
+        })
         .collect();
     Some(Tensor::from_data(
         TensorData::new(values, [n, total]),
@@ -553,13 +628,6 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
-    fn contains(&self, name: &str) -> bool {
-        match self {
-            Source::Files(files) => files.contains(name),
-            Source::Memory(tensors) => tensors.contains_key(name),
-        }
-    }
-
     fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         match self {
             Source::Files(files) => files.read_f32(name, shape),
@@ -612,17 +680,22 @@ impl Loader<'_> {
         ))
     }
 
-    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer.
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear, ModelError> {
+    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer, with its
+    /// `[out]` bias when the config says the family has one.
+    fn linear(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
         let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let weight = transpose(&values, d_out, d_in);
         let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
-        let bias_name = format!("{prefix}.bias");
-        let bias = if self.weights.contains(&bias_name) {
-            Some(Param::from_tensor(self.tensor(&bias_name, [d_out])?))
-        } else {
-            None
-        };
+        let bias = bias
+            .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
+            .transpose()?
+            .map(Param::from_tensor);
         Ok(Linear {
             weight: Param::from_tensor(weight),
             bias,
@@ -630,8 +703,12 @@ impl Loader<'_> {
     }
 
     fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
+        self.norm_of(name, self.config.hidden_size)
+    }
+
+    fn norm_of(&self, name: &str, width: usize) -> Result<RmsNorm, ModelError> {
         Ok(RmsNorm {
-            gamma: Param::from_tensor(self.tensor(name, [self.config.hidden_size])?),
+            gamma: Param::from_tensor(self.tensor(name, [width])?),
             epsilon: self.config.rms_norm_eps,
         })
     }
@@ -649,7 +726,7 @@ impl Loader<'_> {
         } else {
             "lm_head"
         };
-        self.linear(name, self.config.hidden_size, self.config.vocab_size)
+        self.linear(name, self.config.hidden_size, self.config.vocab_size, false)
     }
 
     fn layer(&self, index: usize) -> Result<DecoderLayer, ModelError> {
@@ -658,16 +735,39 @@ impl Loader<'_> {
         let (hidden, inter) = (c.hidden_size, c.intermediate_size);
         let q_width = c.num_attention_heads * c.head_dim();
         let kv_width = c.kv_heads() * c.head_dim();
+        let head_norm = |name: &str| {
+            c.qk_norm
+                .then(|| self.norm_of(&format!("{p}.self_attn.{name}.weight"), c.head_dim()))
+                .transpose()
+        };
+        // Read in the order of the fields, which is the flat parameter order.
         Ok(DecoderLayer {
             input_norm: self.norm(&format!("{p}.input_layernorm.weight"))?,
-            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), hidden, q_width)?,
-            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), hidden, kv_width)?,
-            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), hidden, kv_width)?,
-            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), q_width, hidden)?,
+            q_proj: self.linear(
+                &format!("{p}.self_attn.q_proj"),
+                hidden,
+                q_width,
+                c.qkv_bias,
+            )?,
+            k_proj: self.linear(
+                &format!("{p}.self_attn.k_proj"),
+                hidden,
+                kv_width,
+                c.qkv_bias,
+            )?,
+            v_proj: self.linear(
+                &format!("{p}.self_attn.v_proj"),
+                hidden,
+                kv_width,
+                c.qkv_bias,
+            )?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: head_norm("k_norm")?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), q_width, hidden, c.o_bias)?,
             post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hidden, inter)?,
-            up_proj: self.linear(&format!("{p}.mlp.up_proj"), hidden, inter)?,
-            down_proj: self.linear(&format!("{p}.mlp.down_proj"), inter, hidden)?,
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hidden, inter, c.mlp_bias)?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), hidden, inter, c.mlp_bias)?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), inter, hidden, c.mlp_bias)?,
         })
     }
 }

@@ -43,6 +43,36 @@ impl TextTokenizer {
         }
     }
 
+    /// Token ids of a prompt as transformers' tokenizer gives them (`tokenizer(text)`): with
+    /// the special tokens the tokenizer's own post-processor adds, such as Llama's BOS. (A
+    /// `tokenizer.json` decides this alone: transformers 5 ignores `add_bos_token` in
+    /// `tokenizer_config.json` when there is one.) The byte-level tokenizer adds `bos`.
+    pub fn encode_prompt(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>, ModelError> {
+        match self {
+            Self::HuggingFace(t) => t
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+            Self::Bytes => Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect()),
+        }
+    }
+
+    /// Token ids of text that already holds its special tokens (a rendered chat template):
+    /// nothing is added, as transformers' `apply_chat_template` encodes it.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode(text)
+    }
+
+    /// Text of `ids`, keeping special tokens when `skip_special` is false.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
+        match self {
+            Self::HuggingFace(t) => t
+                .decode(ids, skip_special)
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+            Self::Bytes => self.decode(ids),
+        }
+    }
+
     /// Text of `ids`; bytes that are not valid UTF-8 show as U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         match self {
@@ -55,6 +85,116 @@ impl TextTokenizer {
             }
         }
     }
+}
+
+/// Turns generated tokens into text as they arrive, never splitting a character: a token that
+/// ends inside a multi-byte UTF-8 character (byte-level vocabularies have them) is held until
+/// the character is whole. Decodes a short window of recent tokens (as text-generation servers
+/// do), so a step costs the same however long the text is.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    /// Where the window decoded for context starts.
+    prefix: usize,
+    /// Tokens whose text has been given out.
+    read: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream of the text of tokens generated after a prompt.
+    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    /// Adds `id`; returns the text it completes (empty while a character is incomplete).
+    pub fn push(&mut self, id: u32) -> Result<String, ModelError> {
+        self.ids.push(id);
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') || !now.starts_with(&before) {
+            return Ok(String::new());
+        }
+        let text = now[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(text)
+    }
+
+    /// Text still held back at the end (an incomplete character, shown as U+FFFD).
+    pub fn finish(&mut self) -> Result<String, ModelError> {
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.strip_prefix(before.as_str()).unwrap_or("").to_string())
+    }
+}
+
+/// Finds stop strings in streamed text: text that may be the start of a stop string is held
+/// back until it is known not to be one, so a stop string is never shown.
+#[derive(Debug, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopStrings {
+    /// A matcher for `stops` (empty strings are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds streamed `text`; returns the text safe to show, and whether a stop string ended
+    /// the generation (the text before it is shown, the stop string and what follows are not).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|stop| self.pending.find(stop.as_str()))
+            .min();
+        if let Some(at) = first {
+            let shown = self.pending[..at].to_string();
+            self.pending.clear();
+            return (shown, true);
+        }
+        let held = self
+            .stops
+            .iter()
+            .map(|stop| longest_prefix_suffix(&self.pending, stop))
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - held;
+        let shown = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (shown, false)
+    }
+
+    /// The text held back when generation ends without a stop string.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Length of the longest end of `text` that begins `stop` (at a character boundary).
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && stop.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -87,5 +227,44 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer.json"), "{broken").unwrap();
         let err = TextTokenizer::for_model_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn streamed_text_never_splits_a_character() {
+        let t = TextTokenizer::Bytes;
+        let text = "a é 😀 b";
+        let mut stream = TextStream::new(&t);
+        let mut out = String::new();
+        for id in t.encode(text).unwrap() {
+            let piece = stream.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+        out.push_str(&stream.finish().unwrap());
+        assert_eq!(out, text);
+        let mut cut = TextStream::new(&t);
+        assert_eq!(cut.push(0xF0).unwrap(), "");
+        assert_eq!(cut.finish().unwrap(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn a_stop_string_ends_the_text_without_being_shown() {
+        let mut stops = StopStrings::new(&["END".to_string(), "\n\n".to_string()]);
+        let mut shown = String::new();
+        let mut stopped = false;
+        for piece in ["Hello E", "N", "ough. ", "The E", "ND is near"] {
+            let (text, stop) = stops.push(piece);
+            shown.push_str(&text);
+            if stop {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped);
+        assert_eq!(shown, "Hello ENough. The ");
+        let mut none = StopStrings::new(&["STOP".to_string()]);
+        let (text, stop) = none.push("all ST");
+        assert_eq!((text.as_str(), stop), ("all ", false));
+        assert_eq!(none.finish(), "ST");
     }
 }

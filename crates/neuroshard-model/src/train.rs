@@ -21,7 +21,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::shard::{Rope, Weights, causal_mask, to_vec};
+use crate::shard::{Positions, Weights, to_vec};
 use crate::{ModelError, Shard, ShardInput};
 
 /// Inner-optimizer settings of a stage.
@@ -217,10 +217,9 @@ impl TrainShard {
             Some(t) => t.clone(),
             None => shard.embed_input(input, tokens)?,
         };
-        let rope = Rope::new(config, 0, tokens, &shard.device);
-        let mask = causal_mask(0, tokens, &shard.device);
-        for layer in &shard.weights.layers {
-            hidden = layer.forward(hidden, &mut None, &rope, mask.as_ref(), shard.heads);
+        let positions = Positions::new(config, 0, tokens, &shard.device);
+        for (layer, index) in shard.weights.layers.iter().zip(shard.range()) {
+            hidden = layer.forward(hidden, &mut None, &positions, index, shard.heads);
         }
         let (output, reply) = match targets {
             Some(targets) => {

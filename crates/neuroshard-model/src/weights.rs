@@ -16,8 +16,19 @@ use crate::codec::{WireDType, widen_le};
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// The `*.safetensors` files of a model directory, sorted by name.
+/// The index of a sharded checkpoint, which names the file of every tensor.
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The `*.safetensors` files of a model directory, sorted by name: those the sharded
+/// checkpoint's index names when it has one (a stray file beside them is not read), otherwise
+/// every one in the directory.
 pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index_path = dir.join(INDEX_FILE);
+    match std::fs::read_to_string(&index_path) {
+        Ok(text) => return indexed_files(dir, &index_path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ModelError::io(&index_path, e)),
+    }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| ModelError::io(dir, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -25,6 +36,42 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> 
         .collect();
     paths.sort();
     Ok(paths)
+}
+
+/// The files `model.safetensors.index.json` maps tensors to, each checked to exist.
+fn indexed_files(dir: &Path, index_path: &Path, text: &str) -> Result<Vec<PathBuf>, ModelError> {
+    let bad = |why: String| ModelError::Weights(format!("{}: {why}", index_path.display()));
+    let index: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("weight_map is missing".into()))?;
+    let mut names: Vec<&str> = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .filter(|f| !f.contains('/') && !f.contains('\\') && f.ends_with(".safetensors"))
+            .ok_or_else(|| {
+                bad(format!(
+                    "weight_map.{tensor} is not a safetensors file name"
+                ))
+            })?;
+        names.push(file);
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(bad(format!("names {name}, which is missing")))
+            }
+        })
+        .collect()
 }
 
 /// One `*.safetensors` file: its handle and where its data section starts.
@@ -98,11 +145,6 @@ impl WeightFiles {
             data_start,
         });
         Ok(())
-    }
-
-    /// Whether a tensor of that name exists.
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
     }
 
     /// Reads tensor `name`, checks its shape against what the config implies, and widens it to f32.

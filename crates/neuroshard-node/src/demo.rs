@@ -120,9 +120,7 @@ pub async fn run_demo(
     };
     let info = neuroshard_model::ModelInfo::read(&model_dir)?;
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
-    let mut prompt = Vec::new();
-    prompt.extend(info.config.bos_token_id);
-    prompt.extend(tokenizer.encode(&options.prompt)?);
+    let prompt = tokenizer.encode_prompt(&options.prompt, info.config.bos_token_id)?;
 
     let tracker = start_tracker(TrackerConfig {
         listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -148,7 +146,7 @@ pub async fn run_demo(
         &mut local,
         &prompt,
         options.max_new_tokens,
-        info.config.eos_token_id,
+        &info.config.eos_token_ids,
         |_, _| {},
     )
     .await?;
@@ -166,7 +164,7 @@ pub async fn run_demo(
         &mut session,
         &prompt,
         options.max_new_tokens,
-        info.config.eos_token_id,
+        &info.config.eos_token_ids,
         |s, n| {
             if options.kill_one && n == kill_at && killed.is_none() {
                 let chain = s.chain();

@@ -1,10 +1,14 @@
-//! Greedy generation over any [`Pipeline`]: the swarm, or a local model as the reference.
+//! Generation over any [`Pipeline`]: the swarm, or a local model as the reference. Greedy by
+//! default; sampled at the client with a seed, so the swarm and a local run give the same
+//! tokens for the same seed.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::Instant;
 
-use neuroshard_model::{KvCache, ModelInfo, Shard, ShardInput, ShardOutput};
+use neuroshard_model::{
+    KvCache, ModelInfo, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
+};
 
 use crate::NodeError;
 
@@ -64,7 +68,7 @@ impl Pipeline for LocalPipeline {
 /// One generated token and the five best candidates it was chosen from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StepReport {
-    /// The chosen (greedy) token.
+    /// The chosen token.
     pub token: u32,
     /// Top-5 `(token id, logit)`, best first.
     pub top5: Vec<(u32, f32)>,
@@ -85,42 +89,93 @@ pub struct GenerationReport {
     pub prefill_ms: f64,
     /// Decode tokens per second (tokens after the first over their time).
     pub decode_tokens_per_s: f64,
+    /// Why generation ended.
+    pub finish: Finish,
 }
 
-/// Greedy decoding of up to `max_new` tokens after `prompt`, stopping at `eos`.
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// An end-of-sequence token, or the caller saw a stop string.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+/// How a generation runs: its length, what ends it, and how tokens are chosen.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateOptions {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Tokens that end the generation (the model's end-of-sequence tokens); the stop token is
+    /// kept as the last generated token.
+    pub stop_ids: Vec<u32>,
+    /// Greedy (the default) or sampled.
+    pub sampling: SamplingParams,
+}
+
+/// Greedy decoding of up to `max_new` tokens after `prompt`, stopping after any of `stop`.
 /// `on_step` sees the pipeline after each generated token (for progress and fault injection).
 pub async fn generate<P: Pipeline>(
     pipeline: &mut P,
     prompt: &[u32],
     max_new: usize,
-    eos: Option<u32>,
+    stop: &[u32],
     mut on_step: impl FnMut(&P, usize),
+) -> Result<GenerationReport, NodeError> {
+    let options = GenerateOptions {
+        max_new_tokens: max_new,
+        stop_ids: stop.to_vec(),
+        sampling: SamplingParams::default(),
+    };
+    generate_with(pipeline, prompt, &options, |p, steps| {
+        on_step(p, steps.len());
+        true
+    })
+    .await
+}
+
+/// Generates after `prompt` as `options` say. `on_token` sees the pipeline and the steps so far
+/// after each token, and ends the generation early by returning false (a stop string).
+pub async fn generate_with<P: Pipeline>(
+    pipeline: &mut P,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(&P, &[StepReport]) -> bool,
 ) -> Result<GenerationReport, NodeError> {
     if prompt.is_empty() {
         return Err(NodeError::BadRequest("the prompt is empty".into()));
     }
-    let mut steps = Vec::with_capacity(max_new);
-    let mut generated = Vec::with_capacity(max_new);
+    let mut sampler = Sampler::new(options.sampling)?;
+    let max_new = options.max_new_tokens;
+    let mut steps: Vec<StepReport> = Vec::with_capacity(max_new);
+    let mut history: Vec<u32> = prompt.to_vec();
     let mut prefill_ms = 0.0;
     let mut next: Vec<u32> = prompt.to_vec();
     let mut pos = 0;
-    while generated.len() < max_new {
+    let mut finish = Finish::Length;
+    while steps.len() < max_new {
         let started = Instant::now();
         let logits = pipeline.step(pos, &next).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         pos += next.len();
-        let top5 = top_k(&logits, 5);
-        let token = top5
-            .first()
-            .map(|&(id, _)| id)
-            .ok_or_else(|| NodeError::BadRequest("empty logits".into()))?;
-        if generated.is_empty() {
+        if logits.is_empty() {
+            return Err(NodeError::BadRequest("empty logits".into()));
+        }
+        let token = sampler.choose(&logits, &history)?;
+        if steps.is_empty() {
             prefill_ms = ms;
         }
-        steps.push(StepReport { token, top5, ms });
-        generated.push(token);
-        on_step(pipeline, generated.len());
-        if Some(token) == eos {
+        steps.push(StepReport {
+            token,
+            top5: top_k(&logits, 5),
+            ms,
+        });
+        history.push(token);
+        let go_on = on_token(pipeline, &steps);
+        if options.stop_ids.contains(&token) || !go_on {
+            finish = Finish::Stop;
             break;
         }
         next = vec![token];
@@ -133,9 +188,10 @@ pub async fn generate<P: Pipeline>(
         } else {
             0.0
         },
-        generated_ids: generated,
+        generated_ids: history.split_off(prompt.len()),
         steps,
         prefill_ms,
+        finish,
     })
 }
 

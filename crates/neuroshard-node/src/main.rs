@@ -7,13 +7,15 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use neuroshard_base::LayerRange;
-use neuroshard_model::TextTokenizer;
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_model};
+use neuroshard_model::{
+    ChatMessage, ChatTemplate, SamplingParams, StopStrings, TextStream, TextTokenizer,
+};
 use neuroshard_node::client::{ClientConfig, HopTiming, SwarmClient};
 use neuroshard_node::demo::{DemoOptions, run_demo};
 use neuroshard_node::discovery::LanConfig;
-use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_node::generate::{GenerateOptions, GenerationReport, LocalPipeline, generate_with};
 use neuroshard_node::node::{NodeConfig, RelayServe, start_node};
 use neuroshard_node::reach::{NatMode, ReachConfig};
 use neuroshard_node::tracker::{TrackerConfig, start_tracker};
@@ -289,19 +291,42 @@ struct GenerateArgs {
     /// Run the whole model in this process (the reference).
     #[arg(long, requires = "model")]
     local: bool,
-    /// Prompt text.
-    #[arg(
-        long,
-        conflicts_with = "prompt_ids",
-        required_unless_present = "prompt_ids"
-    )]
+    /// Prompt text, tokenized as the model's tokenizer does (with the BOS it adds).
+    #[arg(long, conflicts_with_all = ["prompt_ids", "chat"], required_unless_present_any = ["prompt_ids", "chat"])]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "chat")]
     prompt_ids: Option<Vec<u32>>,
+    /// A user message, put through the model's chat template (needs --model).
+    #[arg(long, requires = "model")]
+    chat: Option<String>,
+    /// A system message before --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probability reaches p (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalty for tokens already in the text (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampling draws: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Text that ends the generation (not printed); may be given more than once.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Print JSON: generated ids and each step's top-5 logits.
     #[arg(long)]
     json: bool,
@@ -458,35 +483,55 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(neuroshard_model::ModelInfo::read)
         .transpose()?;
-    let prompt = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let mut ids: Vec<u32> = info
-                .as_ref()
-                .and_then(|i| i.config.bos_token_id)
-                .into_iter()
+    let bos = info.as_ref().and_then(|i| i.config.bos_token_id);
+    let prompt = match (&args.prompt_ids, &args.prompt, &args.chat) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), _) => tokenizer.encode_prompt(text, bos)?,
+        (None, None, Some(message)) => {
+            let dir = args.model.as_deref().context("--chat needs --model")?;
+            let template = ChatTemplate::for_model_dir(dir)?.with_context(|| {
+                format!(
+                    "{} has no chat template (chat_template.jinja or tokenizer_config.json)",
+                    dir.display()
+                )
+            })?;
+            let mut messages: Vec<ChatMessage> = args
+                .system
+                .iter()
+                .map(|s| ChatMessage::new("system", s))
                 .collect();
-            ids.extend(tokenizer.encode(text)?);
-            ids
+            messages.push(ChatMessage::new("user", message));
+            let text = template.render(&messages, true, &Default::default())?;
+            tokenizer.encode_rendered(&text)?
         }
-        (None, None) => bail!("give --prompt or --prompt-ids"),
+        (None, None, None) => bail!("give --prompt, --prompt-ids or --chat"),
     };
-    let eos = info.as_ref().and_then(|i| i.config.eos_token_id);
-    let show_progress = |n: usize| {
-        if !args.json {
-            eprint!("\rgenerated {n}/{} tokens", args.max_new_tokens);
-        }
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        stop_ids: info
+            .as_ref()
+            .map(|i| i.config.eos_token_ids.clone())
+            .unwrap_or_default(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        },
     };
-    let (report, hops) = if args.local {
+    options.sampling.validate()?;
+    // Text is printed as it arrives; --json prints only the report at the end.
+    let mut printer = Printer::new(&tokenizer, &args.stop, !args.json);
+    let (mut report, hops) = if args.local {
         let dir = args.model.as_ref().context("--local needs --model")?;
         let mut local = LocalPipeline::load(dir)?;
-        (
-            generate(&mut local, &prompt, args.max_new_tokens, eos, |_, n| {
-                show_progress(n)
-            })
-            .await?,
-            Vec::new(),
-        )
+        let report = generate_with(&mut local, &prompt, &options, |_, steps| {
+            printer.step(steps)
+        })
+        .await?;
+        (report, Vec::new())
     } else {
         let mut config = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
         config.tracker = args.swarm.tracker.clone();
@@ -498,8 +543,8 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         let client = SwarmClient::connect(config).await?;
         let mut session = client.session();
-        let report = generate(&mut session, &prompt, args.max_new_tokens, eos, |_, n| {
-            show_progress(n)
+        let report = generate_with(&mut session, &prompt, &options, |_, steps| {
+            printer.step(steps)
         })
         .await?;
         let hops = session.timings();
@@ -518,10 +563,12 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (report, hops)
     };
+    printer.finish(&mut report)?;
     if args.json {
         let json = serde_json::json!({
             "prompt_ids": report.prompt_ids,
             "generated_ids": report.generated_ids,
+            "finish_reason": report.finish,
             "steps": report.steps.iter().map(|s| serde_json::json!({
                 "token": s.token,
                 "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
@@ -532,12 +579,79 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        eprintln!();
-        println!("{}", tokenizer.decode(&report.generated_ids)?);
         print_speed(&report);
         print_hops(&hops);
     }
     Ok(())
+}
+
+/// Prints generated text as tokens arrive (whole characters only) and ends the generation at
+/// a stop string, which is not printed.
+struct Printer<'a> {
+    stream: TextStream<'a>,
+    stops: StopStrings,
+    show: bool,
+    stopped: bool,
+    error: Option<neuroshard_model::ModelError>,
+}
+
+impl<'a> Printer<'a> {
+    fn new(tokenizer: &'a TextTokenizer, stops: &[String], show: bool) -> Self {
+        Self {
+            stream: TextStream::new(tokenizer),
+            stops: StopStrings::new(stops),
+            show,
+            stopped: false,
+            error: None,
+        }
+    }
+
+    /// Takes the newest step; returns whether generation goes on.
+    fn step(&mut self, steps: &[neuroshard_node::generate::StepReport]) -> bool {
+        let Some(step) = steps.last() else {
+            return true;
+        };
+        match self.stream.push(step.token) {
+            Ok(text) => self.show(&text),
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    fn show(&mut self, text: &str) -> bool {
+        let (shown, stop) = self.stops.push(text);
+        if self.show {
+            use std::io::Write;
+            print!("{shown}");
+            let _ = std::io::stdout().flush();
+        }
+        self.stopped |= stop;
+        !stop
+    }
+
+    /// Prints what was held back and marks a stop-string ending in `report`.
+    fn finish(&mut self, report: &mut GenerationReport) -> anyhow::Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e.into());
+        }
+        if !self.stopped {
+            let tail = self.stream.finish()?;
+            self.show(&tail);
+            let rest = self.stops.finish();
+            if self.show {
+                print!("{rest}");
+            }
+        }
+        if self.stopped {
+            report.finish = neuroshard_node::generate::Finish::Stop;
+        }
+        if self.show {
+            println!();
+        }
+        Ok(())
+    }
 }
 
 fn print_speed(report: &GenerationReport) {

@@ -298,7 +298,7 @@ enum WeightSource {
     /// The model directory's safetensors files.
     Disk(PathBuf),
     /// A shard's flat parameters, fetched from a peer, of the model described.
-    Fetched(ModelInfo, Vec<f32>),
+    Fetched(Box<ModelInfo>, Vec<f32>),
 }
 
 impl Served {
@@ -330,7 +330,7 @@ impl Served {
             let shard = match source {
                 WeightSource::Disk(dir) => Shard::load(&dir, range.to_range(), &resolved)?,
                 WeightSource::Fetched(info, parameters) => {
-                    Shard::from_parameters(info, range.to_range(), &resolved, &parameters)?
+                    Shard::from_parameters(*info, range.to_range(), &resolved, &parameters)?
                 }
             };
             if on_gpu {
@@ -1453,7 +1453,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
                 log_fetch_progress(peer, range),
             )
             .await?;
-            let source = WeightSource::Fetched(model.clone(), checkpoint.parameters);
+            let source = WeightSource::Fetched(Box::new(model.clone()), checkpoint.parameters);
             (model, source, Some(report))
         }
     };
