@@ -4,6 +4,7 @@
 
 use neuroshard_base::LayerRange;
 use neuroshard_model::LlamaConfig;
+use neuroshard_model::init::shard_parameter_count;
 use neuroshard_node::convert::PeerRecord;
 use neuroshard_node::settings::LayerChoice;
 use serde::Serialize;
@@ -37,26 +38,12 @@ pub struct LayerPlan {
     pub memory: MemoryEstimate,
 }
 
-fn weights_per_layer(c: &LlamaConfig) -> u64 {
-    let hidden = c.hidden_size as u64;
-    let kv_width = (c.kv_heads() * c.head_dim()) as u64;
-    let q_width = (c.num_attention_heads * c.head_dim()) as u64;
-    let attention = 2 * hidden * q_width + 2 * hidden * kv_width;
-    let mlp = 3 * hidden * c.intermediate_size as u64;
-    attention + mlp + 2 * hidden
-}
-
-/// Memory to serve `range` of a model with config `c`.
+/// Memory to serve `range` of a model with config `c`: the parameters the shard holds (its
+/// family's biases and norms included, and the LM head on the last shard even when tied, as
+/// shards hold it), and the cache budget.
 pub fn estimate(c: &LlamaConfig, range: LayerRange) -> MemoryEstimate {
     let layers = u64::from(range.len());
-    let mut weights = layers * weights_per_layer(c);
-    let table = (c.vocab_size * c.hidden_size) as u64;
-    if range.start == 0 {
-        weights += table;
-    }
-    if range.end as usize == c.num_hidden_layers {
-        weights += c.hidden_size as u64 + if c.tie_word_embeddings { 0 } else { table };
-    }
+    let weights = shard_parameter_count(c, range.to_range()) as u64;
     let weights_bytes = weights * BYTES_PER_WEIGHT;
     let cache_bytes = layers * KV_POSITIONS_PER_LAYER * c.kv_bytes_per_token_layer() as u64;
     MemoryEstimate {

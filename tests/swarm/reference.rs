@@ -133,6 +133,38 @@ async fn every_family_and_layout_matches_transformers_locally() {
     }
 }
 
+#[test]
+fn every_family_rebuilds_from_its_flat_parameters_as_a_peer_sends_them() {
+    let device = neuroshard_model::cpu_device();
+    for (dir, reference) in model_cases() {
+        let case = &reference.case;
+        let whole = neuroshard_model::Shard::load(&dir, 0..3, &device).unwrap();
+        let prompt = neuroshard_model::ShardInput::Tokens(reference.prompts[0].ids.clone());
+        let logits = |shard: &neuroshard_model::Shard| {
+            let mut cache = neuroshard_model::KvCache::new();
+            match shard.forward(&mut cache, 0, 0..3, prompt.clone()).unwrap() {
+                neuroshard_model::ShardOutput::Logits(l) => l,
+                neuroshard_model::ShardOutput::Hidden(_) => panic!("{case}: no logits"),
+            }
+        };
+        for part in [0..1, 1..3, 0..3] {
+            let values = whole.parameters_of(part.clone()).unwrap();
+            let info = ModelInfo::with_id(&dir, &whole.info().id).unwrap();
+            let built =
+                neuroshard_model::Shard::from_parameters(info, part.clone(), &device, &values)
+                    .unwrap_or_else(|e| panic!("{case} {part:?}: {e}"));
+            assert_eq!(
+                built.weights_hash(part.clone()).unwrap(),
+                whole.weights_hash(part.clone()).unwrap(),
+                "{case} {part:?}"
+            );
+            if part == (0..3) {
+                assert_eq!(logits(&built), logits(&whole), "{case}");
+            }
+        }
+    }
+}
+
 /// A client whose hidden states cross every hop as f32, so the swarm computes what one process
 /// does.
 async fn exact_client(swarm: &Swarm) -> SwarmClient {

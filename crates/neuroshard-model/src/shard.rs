@@ -444,7 +444,6 @@ impl DecoderLayer {
         let [_, n, _] = x.dims();
         let Heads { query, kv, dim } = heads;
         let group = query / kv;
-        // [1, heads, n, dim]
         // [1, heads, n, dim], each head normed first where the family does (Qwen3).
         let split = |t: Tensor<3>, h: usize, norm: Option<&RmsNorm>| {
             let t = t.reshape([1, n, h, dim]);
@@ -500,30 +499,29 @@ impl DecoderLayer {
 /// has one).
 pub(crate) struct Positions {
     rope: Rope,
+    /// The causal mask of layers without a window.
     full: Option<Tensor<2>>,
-    /// The window and its mask.
-    windowed: Option<(usize, Option<Tensor<2>>)>,
-    windows: Vec<Option<usize>>,
+    /// The mask of windowed layers (the model has one window size).
+    windowed: Option<Tensor<2>>,
+    /// Per layer, whether it uses the window.
+    sliding: Vec<bool>,
 }
 
 impl Positions {
     pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
-        let windows: Vec<Option<usize>> = (0..config.num_hidden_layers)
-            .map(|l| config.window(l))
-            .collect();
-        let window = windows.iter().flatten().next().copied();
+        let window = config.sliding_window.as_ref();
         Self {
             rope: Rope::new(config, start, n, device),
             full: causal_mask(start, n, None, device),
-            windowed: window.map(|w| (w, causal_mask(start, n, Some(w), device))),
-            windows,
+            windowed: window.and_then(|w| causal_mask(start, n, Some(w.size), device)),
+            sliding: window.map(|w| w.layers.clone()).unwrap_or_default(),
         }
     }
 
     /// The additive mask layer `index` attends with (`None`: every position is visible).
     fn mask(&self, index: usize) -> Option<&Tensor<2>> {
-        match (self.windows.get(index).copied().flatten(), &self.windowed) {
-            (Some(_), Some((_, mask))) => mask.as_ref(),
+        match self.sliding.get(index) {
+            Some(true) => self.windowed.as_ref(),
             _ => self.full.as_ref(),
         }
     }
