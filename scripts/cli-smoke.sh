@@ -5,34 +5,11 @@
 # Usage: cli-smoke.sh BIN
 set -euo pipefail
 bin="$1"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Waits until FILE has a line matching PATTERN (the process announced readiness), up to 60 s.
-await_line() {
-  local file="$1" pattern="$2"
-  for _ in $(seq 600); do
-    if grep -q "$pattern" "$file" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "timed out waiting for '$pattern' in $file:"; cat "$file"; return 1
-}
+source "$(dirname "$0")/loopback-swarm.sh"
 
 "$bin" init-model "$work/model"
-"$bin" tracker --listen 127.0.0.1:0 2>"$work/tracker.log" & pids+=($!)
-await_line "$work/tracker.log" "tracker listening on"
-tracker="http://$(sed -n 's/.*tracker listening on \([0-9.:]*\).*/\1/p' "$work/tracker.log" | head -1)"
-for layers in 0..2 2..4 4..6; do
-  "$bin" node --model "$work/model" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
-    --no-lan --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)
-  await_line "$work/node-$layers.log" "serving layers"
-done
+start_tracker
+for layers in 0..2 2..4 4..6; do start_node "$work/model" "$layers"; done
 
 "$bin" status --tracker "$tracker" >"$work/stats.json"
 "$bin" generate --tracker "$tracker" --model "$work/model" --prompt "hello swarm" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wgpu path on a machine with a GPU, from a `neuroshard` binary built elsewhere with
-#   cargo build -p neuroshard-node --features wgpu --bin neuroshard
+#   cargo build -p neuroshard-cli --features wgpu --bin neuroshard
 # (the GPU machine needs no Rust toolchain). Times local generation of the bench model on the
 # CPU and on the GPU in one run; runs a swarm whose nodes compute on the GPU while the client
 # spot-checks their receipts by re-executing hops on the CPU (fingerprints must agree across

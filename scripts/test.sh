@@ -35,6 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v npm >/dev/null 2>&1 || { echo "Node.js and npm are required for the app's page tests"; exit 1; }
+# The official OpenAI Python client, which the API check drives.
+python3 -c "import openai" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check openai
 [[ "$(rustup component list --installed 2>/dev/null)" == *clippy* ]] || rustup component add clippy rustfmt 2>/dev/null || true
 # npm packages of the front end's tests and the Tauri CLI, at the versions the lock file pins.
 # `npm install --no-save` rather than `npm ci`: the lock file lacks the Tauri CLI's packages for
@@ -54,10 +56,12 @@ cargo fmt --all -- --check
 echo "== clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== demo with failover"
-cargo build --locked -q -p neuroshard-node --bin neuroshard
+cargo build --locked -q -p neuroshard-cli --bin neuroshard
 "$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 48
 echo "== separate processes: tracker, nodes, generate"
 ./scripts/cli-smoke.sh "$CARGO_TARGET_DIR/debug/neuroshard"
+echo "== the OpenAI-compatible API through the official openai client"
+./scripts/api-check.sh "$CARGO_TARGET_DIR/debug/neuroshard"
 echo "== desktop package: debug .deb"
 # The Tauri CLI works from the root (tauri.conf.json); `-p` picks the app out of the workspace.
 ui/node_modules/.bin/tauri build --debug --bundles deb --ci -- -p neuroshard-desktop \

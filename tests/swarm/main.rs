@@ -1,5 +1,6 @@
 //! Loopback swarm tests: one binary, one module per area.
 
+mod api;
 mod bad_input;
 mod dht;
 mod generation;

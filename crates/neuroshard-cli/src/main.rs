@@ -50,6 +50,9 @@ enum Command {
     },
     /// Generate text through the swarm, or locally with --local.
     Generate(GenerateArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat and completions, streaming) over the swarm,
+    /// or over the whole model in this process with --local.
+    Serve(ServeArgs),
     /// Write the built-in deterministic model (Hugging Face layout) to DIR.
     InitModel {
         /// Target directory.
@@ -198,6 +201,31 @@ impl SwarmArgs {
     fn lan(&self) -> Option<LanConfig> {
         (!self.no_lan).then(LanConfig::default)
     }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// Hugging Face model directory to serve (its tokenizer, chat template and model id); repeat
+    /// for several models. Clients name a model by its directory's name.
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
+    /// Compute in this process instead of through a swarm.
+    #[arg(long)]
+    local: bool,
+    /// Address to listen on. Beyond loopback an API key is required.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Bearer key clients must send (also read from NEUROSHARD_API_KEY).
+    #[arg(long, env = "NEUROSHARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// An origin browsers may call from (CORS); repeat for several. Off by default.
+    #[arg(long)]
+    cors_origin: Vec<String>,
+    /// Dtype of hidden states on the wire: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    wire_dtype: String,
 }
 
 #[derive(Args)]
@@ -371,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
             cancel.cancel();
         }
         Command::Generate(args) => run_generate(args).await?,
+        Command::Serve(args) => run_serve(args).await?,
         Command::InitModel { dir, size } => {
             write_model(&dir, &size.spec())?;
             println!("wrote model to {}", dir.display());
@@ -569,6 +598,7 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             "prompt_ids": report.prompt_ids,
             "generated_ids": report.generated_ids,
             "finish_reason": report.finish,
+            "text": printer.text,
             "steps": report.steps.iter().map(|s| serde_json::json!({
                 "token": s.token,
                 "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
@@ -585,11 +615,53 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    use neuroshard_api::{ApiConfig, Backend, ServedModel, start_api};
+    let config = ApiConfig {
+        listen: args.listen,
+        api_key: args.api_key.clone(),
+        cors_origins: args.cors_origin.clone(),
+        ..ApiConfig::default()
+    };
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let backend = if args.local {
+        Backend::Local
+    } else {
+        let mut client = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
+        client.tracker = args.swarm.tracker.clone();
+        client.discovery.lan = args.swarm.lan();
+        client.wire_dtype = WireDType::parse(&args.wire_dtype)?;
+        Backend::Swarm(Box::new(client))
+    };
+    let mut models = Vec::new();
+    for dir in &args.model {
+        eprintln!("loading {}...", dir.display());
+        let model = ServedModel::load(dir, &backend)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", dir.display(), e.message))?;
+        models.push(model);
+    }
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let server = start_api(config, models)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    eprintln!(
+        "serving {} at http://{}/v1 (OpenAI-compatible)",
+        names.join(", "),
+        server.addr
+    );
+    tokio::signal::ctrl_c().await?;
+    server.shutdown().await;
+    Ok(())
+}
+
 /// Prints generated text as tokens arrive (whole characters only) and ends the generation at
 /// a stop string, which is not printed.
 struct Printer<'a> {
     stream: TextStream<'a>,
     stops: StopStrings,
+    /// Everything shown (or, with --json, that would have been).
+    text: String,
     show: bool,
     stopped: bool,
     error: Option<neuroshard_model::ModelError>,
@@ -600,6 +672,7 @@ impl<'a> Printer<'a> {
         Self {
             stream: TextStream::new(tokenizer),
             stops: StopStrings::new(stops),
+            text: String::new(),
             show,
             stopped: false,
             error: None,
@@ -622,6 +695,7 @@ impl<'a> Printer<'a> {
 
     fn show(&mut self, text: &str) -> bool {
         let (shown, stop) = self.stops.push(text);
+        self.text.push_str(&shown);
         if self.show {
             use std::io::Write;
             print!("{shown}");
@@ -640,6 +714,7 @@ impl<'a> Printer<'a> {
             let tail = self.stream.finish()?;
             self.show(&tail);
             let rest = self.stops.finish();
+            self.text.push_str(&rest);
             if self.show {
                 print!("{rest}");
             }

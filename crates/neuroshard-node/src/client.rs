@@ -303,6 +303,15 @@ impl SwarmClient {
         Ok(())
     }
 
+    /// Whether the peers known now serve every layer of the model (no peer is banned out of
+    /// the chain): what an API lists as servable.
+    pub fn covers_every_layer(&self) -> bool {
+        self.router
+            .lock()
+            .expect("router lock")
+            .covers(self.total_layers, Instant::now())
+    }
+
     /// Id of the model the client generates with.
     pub fn model_id(&self) -> &str {
         &self.model_id

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use neuroshard_model::{
@@ -25,13 +26,19 @@ pub trait Pipeline {
 /// The whole model in this process: the reference the swarm must match.
 #[derive(Debug)]
 pub struct LocalPipeline {
-    shard: Shard,
+    shard: Arc<Shard>,
     cache: KvCache,
 }
 
 impl LocalPipeline {
     /// Loads every layer of the model in `dir`.
     pub fn load(dir: &Path) -> Result<Self, NodeError> {
+        Ok(Self::new(Arc::new(Self::load_shard(dir)?)))
+    }
+
+    /// Every layer of the model in `dir`, on the default device (warmed up on a GPU), to
+    /// share between sessions.
+    pub fn load_shard(dir: &Path) -> Result<Shard, NodeError> {
         let info = ModelInfo::read(dir)?;
         let device = neuroshard_model::default_device();
         let shard = Shard::load(dir, 0..info.config.num_hidden_layers, &device)?;
@@ -39,10 +46,15 @@ impl LocalPipeline {
             // Kernels compiled now, not inside the first timed step.
             shard.warm_up()?;
         }
-        Ok(Self {
+        Ok(shard)
+    }
+
+    /// A session of its own over a loaded whole-model `shard`.
+    pub fn new(shard: Arc<Shard>) -> Self {
+        Self {
             shard,
             cache: KvCache::new(),
-        })
+        }
     }
 
     /// The model.
@@ -144,55 +156,119 @@ pub async fn generate_with<P: Pipeline>(
     options: &GenerateOptions,
     mut on_token: impl FnMut(&P, &[StepReport]) -> bool,
 ) -> Result<GenerationReport, NodeError> {
-    if prompt.is_empty() {
-        return Err(NodeError::BadRequest("the prompt is empty".into()));
+    let mut generation = Generation::new(prompt, options)?;
+    while generation.step(pipeline).await?.is_some() {
+        if !on_token(pipeline, &generation.steps) {
+            generation.stop();
+        }
     }
-    let mut sampler = Sampler::new(options.sampling)?;
-    let max_new = options.max_new_tokens;
-    let mut steps: Vec<StepReport> = Vec::with_capacity(max_new);
-    let mut history: Vec<u32> = prompt.to_vec();
-    let mut prefill_ms = 0.0;
-    let mut next: Vec<u32> = prompt.to_vec();
-    let mut pos = 0;
-    let mut finish = Finish::Length;
-    while steps.len() < max_new {
+    Ok(generation.report())
+}
+
+/// A generation taken one token at a time, for callers that do IO between tokens (a stream
+/// to a client): [`Generation::step`] returns each new token until the generation ends.
+#[derive(Debug)]
+pub struct Generation {
+    options: GenerateOptions,
+    sampler: Sampler,
+    prompt_len: usize,
+    /// The prompt and the tokens so far.
+    history: Vec<u32>,
+    steps: Vec<StepReport>,
+    /// What the next step runs: the prompt, then the last token.
+    next: Vec<u32>,
+    pos: usize,
+    finish: Option<Finish>,
+}
+
+impl Generation {
+    /// A generation after `prompt`; the options are checked here.
+    pub fn new(prompt: &[u32], options: &GenerateOptions) -> Result<Self, NodeError> {
+        if prompt.is_empty() {
+            return Err(NodeError::BadRequest("the prompt is empty".into()));
+        }
+        Ok(Self {
+            sampler: Sampler::new(options.sampling)?,
+            options: options.clone(),
+            prompt_len: prompt.len(),
+            history: prompt.to_vec(),
+            steps: Vec::with_capacity(options.max_new_tokens.min(4096)),
+            next: prompt.to_vec(),
+            pos: 0,
+            finish: (options.max_new_tokens == 0).then_some(Finish::Length),
+        })
+    }
+
+    /// Runs one step: the prompt first, then each token. `None` once the generation ended (an
+    /// end-of-sequence token was the last, `max_new_tokens` were made, or [`Self::stop`]).
+    pub async fn step<P: Pipeline>(
+        &mut self,
+        pipeline: &mut P,
+    ) -> Result<Option<&StepReport>, NodeError> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
         let started = Instant::now();
-        let logits = pipeline.step(pos, &next).await?;
+        let logits = pipeline.step(self.pos, &self.next).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        pos += next.len();
+        self.pos += self.next.len();
         if logits.is_empty() {
             return Err(NodeError::BadRequest("empty logits".into()));
         }
-        let token = sampler.choose(&logits, &history)?;
-        if steps.is_empty() {
-            prefill_ms = ms;
-        }
-        steps.push(StepReport {
+        let token = self.sampler.choose(&logits, &self.history)?;
+        self.history.push(token);
+        self.next = vec![token];
+        self.steps.push(StepReport {
             token,
             top5: top_k(&logits, 5),
             ms,
         });
-        history.push(token);
-        let go_on = on_token(pipeline, &steps);
-        if options.stop_ids.contains(&token) || !go_on {
-            finish = Finish::Stop;
-            break;
+        if self.options.stop_ids.contains(&token) {
+            self.finish = Some(Finish::Stop);
+        } else if self.steps.len() >= self.options.max_new_tokens {
+            self.finish = Some(Finish::Length);
         }
-        next = vec![token];
+        Ok(self.steps.last())
     }
-    let decode_ms: f64 = steps.iter().skip(1).map(|s| s.ms).sum();
-    Ok(GenerationReport {
-        prompt_ids: prompt.to_vec(),
-        decode_tokens_per_s: if decode_ms > 0.0 {
-            (steps.len() - 1) as f64 / (decode_ms / 1000.0)
+
+    /// Ends the generation here (the caller saw a stop string): it finishes as `Stop`.
+    pub fn stop(&mut self) {
+        self.finish = Some(Finish::Stop);
+    }
+
+    /// Tokens of the prompt.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    /// Why the generation ended, once it has.
+    pub fn finish(&self) -> Option<Finish> {
+        self.finish
+    }
+
+    /// What was generated and how long it took.
+    pub fn report(self) -> GenerationReport {
+        let decode_ms: f64 = self.steps.iter().skip(1).map(|s| s.ms).sum();
+        let decode_tokens_per_s = if decode_ms > 0.0 {
+            (self.steps.len() - 1) as f64 / (decode_ms / 1000.0)
         } else {
             0.0
-        },
-        generated_ids: history.split_off(prompt.len()),
-        steps,
-        prefill_ms,
-        finish,
-    })
+        };
+        let mut history = self.history;
+        GenerationReport {
+            generated_ids: history.split_off(self.prompt_len),
+            prompt_ids: history,
+            prefill_ms: self.steps.first().map_or(0.0, |s| s.ms),
+            decode_tokens_per_s,
+            steps: self.steps,
+            finish: self.finish.unwrap_or(Finish::Length),
+        }
+    }
 }
 
 /// The `k` largest logits with their ids, best first; ties go to the lower id.

@@ -246,6 +246,20 @@ impl Router {
         (self.peers.len(), healthy)
     }
 
+    /// Whether the peers not banned at `now` together serve every layer of a model of
+    /// `total_layers`: a chain can be planned.
+    pub fn covers(&self, total_layers: u32, now: Instant) -> bool {
+        let mut covered = vec![false; total_layers as usize];
+        for (record, _) in self.peers.values().filter(|(_, h)| !h.is_banned(now)) {
+            for layer in record.layers.to_range() {
+                if let Some(c) = covered.get_mut(layer) {
+                    *c = true;
+                }
+            }
+        }
+        total_layers > 0 && covered.iter().all(|&c| c)
+    }
+
     /// Health of a peer.
     pub fn health(&self, addr: &str) -> Option<&PeerHealth> {
         self.peers.get(addr).map(|(_, h)| h)

@@ -1,0 +1,280 @@
+//! The models the API serves and how one request's tokens are made: a swarm session or a local
+//! session runs a [`Generation`] and sends text pieces over a bounded channel; the sender
+//! notices a client that went away at the next token (or while waiting for it) and ends the
+//! session, which frees its KV caches on every node of the chain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use neuroshard_model::{ChatTemplate, ModelInfo, Shard, StopStrings, TextStream, TextTokenizer};
+use neuroshard_node::client::{ClientConfig, SwarmClient};
+use neuroshard_node::generate::{Finish, GenerateOptions, Generation, LocalPipeline, Pipeline};
+
+use crate::openai::{ApiError, Prompt, Request, Usage};
+
+/// Where a model's tokens are computed.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Through a swarm found with these settings (the model id is set per model).
+    Swarm(Box<ClientConfig>),
+    /// The whole model in this process.
+    Local,
+}
+
+/// How a model computes.
+enum Engine {
+    Swarm(Arc<SwarmClient>),
+    Local(Arc<Shard>),
+}
+
+/// A model the API serves: its tokenizer, chat template and engine.
+pub struct ServedModel {
+    /// The id clients pass: the model directory's name.
+    pub name: String,
+    /// The model's config and content id.
+    pub info: ModelInfo,
+    tokenizer: TextTokenizer,
+    template: Option<ChatTemplate>,
+    engine: Engine,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("name", &self.name)
+            .field("id", &self.info.id)
+            .finish()
+    }
+}
+
+/// Pieces of one generation, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// Text to show (whole characters; never part of a stop string).
+    Text(String),
+    /// The end.
+    Done {
+        /// `stop` or `length`.
+        finish: Finish,
+        /// Token counts.
+        usage: Usage,
+    },
+}
+
+/// The sending end of a generation's pieces.
+pub type PieceSender = mpsc::Sender<Result<Piece, ApiError>>;
+
+/// The receiving end of a generation's pieces.
+pub type PieceReceiver = mpsc::Receiver<Result<Piece, ApiError>>;
+
+/// Text pieces a generation may queue ahead of a slow client.
+const PIECES_AHEAD: usize = 32;
+
+impl ServedModel {
+    /// Reads the model directory `dir` (config, tokenizer, chat template) and connects its
+    /// engine: the swarm that serves this model, or the whole model loaded here.
+    pub async fn load(dir: &Path, backend: &Backend) -> Result<Self, ApiError> {
+        let info = ModelInfo::read(dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        let tokenizer =
+            TextTokenizer::for_model_dir(dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        let template =
+            ChatTemplate::for_model_dir(dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        let engine = match backend {
+            Backend::Swarm(config) => {
+                let mut config = (**config).clone();
+                config.model_id = Some(info.id.clone());
+                Engine::Swarm(Arc::new(SwarmClient::connect(config).await?))
+            }
+            Backend::Local => {
+                let dir: PathBuf = dir.to_path_buf();
+                let shard = tokio::task::spawn_blocking(move || LocalPipeline::load_shard(&dir))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))??;
+                Engine::Local(Arc::new(shard))
+            }
+        };
+        Ok(Self {
+            name: model_name(dir),
+            info,
+            tokenizer,
+            template,
+            engine,
+        })
+    }
+
+    /// Whether a request can be served end to end now (every layer has a provider).
+    pub fn available(&self) -> bool {
+        match &self.engine {
+            Engine::Swarm(client) => client.covers_every_layer(),
+            Engine::Local(_) => true,
+        }
+    }
+
+    /// Looks for providers again (the tracker, else the DHT).
+    pub async fn refresh(&self) {
+        if let Engine::Swarm(client) = &self.engine
+            && let Err(e) = client.refresh().await
+        {
+            tracing::debug!("refreshing {}: {e}", self.name);
+        }
+    }
+
+    /// The prompt's token ids: messages through the chat template, text through the tokenizer.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+        let bos = self.info.config.bos_token_id;
+        let ids = match prompt {
+            Prompt::Text(text) => self.tokenizer.encode_prompt(text, bos)?,
+            Prompt::Chat(messages) => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    ApiError::invalid(
+                        "messages",
+                        format!("{} has no chat template; use /v1/completions", self.name),
+                    )
+                })?;
+                let text = template
+                    .render(messages, true, &Default::default())
+                    .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+                self.tokenizer.encode_rendered(&text)?
+            }
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid("prompt", "the prompt is empty"));
+        }
+        Ok(ids)
+    }
+
+    /// The generation settings of `request` after a prompt of `prompt_len` tokens, checked
+    /// against the context length.
+    pub fn options(
+        &self,
+        request: &Request,
+        prompt_len: usize,
+    ) -> Result<GenerateOptions, ApiError> {
+        let context = self.info.config.max_positions();
+        if prompt_len >= context {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    "messages",
+                    format!(
+                        "the prompt is {prompt_len} tokens; {} takes at most {context}, \
+                         the answer included",
+                        self.name
+                    ),
+                )
+            });
+        }
+        let room = context - prompt_len;
+        Ok(GenerateOptions {
+            max_new_tokens: request.max_tokens.map_or(room, |m| m.min(room)),
+            stop_ids: self.info.config.eos_token_ids.clone(),
+            sampling: request.sampling,
+        })
+    }
+
+    /// Runs a generation, sending its pieces to `tx`; returns when it ends or the receiver is
+    /// gone (the session is closed either way).
+    pub async fn generate(
+        self: Arc<Self>,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        stop: Vec<String>,
+        tx: PieceSender,
+    ) {
+        let result = match &self.engine {
+            Engine::Swarm(client) => {
+                let mut session = client.session();
+                let result = self.run(&mut session, &prompt, &options, &stop, &tx).await;
+                session.close().await;
+                result
+            }
+            Engine::Local(shard) => {
+                // The local model computes on the calling thread: keep it off the reactor.
+                let shard = shard.clone();
+                let model = self.clone();
+                let tx = tx.clone();
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    let mut pipeline = LocalPipeline::new(shard);
+                    handle.block_on(model.run(&mut pipeline, &prompt, &options, &stop, &tx))
+                })
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(e.to_string())))
+            }
+        };
+        if let Err(e) = result {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+
+    async fn run<P: Pipeline>(
+        &self,
+        pipeline: &mut P,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        stop: &[String],
+        tx: &PieceSender,
+    ) -> Result<(), ApiError> {
+        let mut generation = Generation::new(prompt, options)?;
+        let mut stream = TextStream::new(&self.tokenizer);
+        let mut stops = StopStrings::new(stop);
+        let mut stopped = false;
+        loop {
+            let token = tokio::select! {
+                step = generation.step(pipeline) => match step? {
+                    Some(step) => step.token,
+                    None => break,
+                },
+                () = tx.closed() => return Ok(()),
+            };
+            // An end-of-sequence token is not text.
+            if options.stop_ids.contains(&token) {
+                continue;
+            }
+            let (shown, stop) = stops.push(&stream.push(token)?);
+            if !shown.is_empty() && tx.send(Ok(Piece::Text(shown))).await.is_err() {
+                return Ok(());
+            }
+            if stop {
+                generation.stop();
+                stopped = true;
+            }
+        }
+        if !stopped {
+            let (shown, stop) = stops.push(&stream.finish()?);
+            let tail = if stop { shown } else { shown + &stops.finish() };
+            if !tail.is_empty() && tx.send(Ok(Piece::Text(tail))).await.is_err() {
+                return Ok(());
+            }
+        }
+        let completion = generation.generated().len();
+        let done = Piece::Done {
+            finish: generation.finish().unwrap_or(Finish::Length),
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                completion_tokens: completion,
+                total_tokens: prompt.len() + completion,
+            },
+        };
+        let _ = tx.send(Ok(done)).await;
+        Ok(())
+    }
+
+    /// A channel for one generation's pieces.
+    pub fn channel() -> (PieceSender, PieceReceiver) {
+        mpsc::channel(PIECES_AHEAD)
+    }
+}
+
+/// The name a model is served under: its directory's name.
+fn model_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .as_deref()
+        .unwrap_or(dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}

@@ -1,0 +1,329 @@
+//! The HTTP routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`, the
+//! bearer-key check, and Server-Sent Events in OpenAI's chunk format.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+
+use neuroshard_node::generate::Finish;
+
+use crate::engine::{Piece, PieceReceiver, ServedModel};
+use crate::openai::{ApiError, Prompt, Request, Usage};
+
+/// What every handler shares.
+pub(crate) struct ApiState {
+    pub(crate) models: Vec<Arc<ServedModel>>,
+    pub(crate) api_key: Option<String>,
+    /// Generations running at once, at most.
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) max_concurrent: usize,
+}
+
+type Shared = State<Arc<ApiState>>;
+
+/// Refuses `/v1` calls without the bearer key, when one is set.
+pub(crate) async fn require_key(
+    State(state): Shared,
+    request: HttpRequest,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /health`: the server is up, and which models can be served now.
+pub(crate) async fn health(State(state): Shared) -> Json<Value> {
+    let ready: Vec<&str> = state
+        .models
+        .iter()
+        .filter(|m| m.available())
+        .map(|m| m.name.as_str())
+        .collect();
+    Json(json!({"status": "ok", "models_ready": ready}))
+}
+
+/// `GET /v1/models`: the models every layer of which has a provider now.
+pub(crate) async fn models(State(state): Shared) -> Json<Value> {
+    let mut data = Vec::new();
+    for model in &state.models {
+        if !model.available() {
+            model.refresh().await;
+        }
+        if model.available() {
+            data.push(json!({
+                "id": model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "neuroshard",
+                "neuroshard_model_id": model.info.id,
+                "context_length": model.info.config.max_positions(),
+            }));
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat(State(state): Shared, body: Bytes) -> Response {
+    let request = parse(&body).and_then(|v| Request::chat(&v));
+    respond(state, request, Kind::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completions(State(state): Shared, body: Bytes) -> Response {
+    let request = parse(&body).and_then(|v| Request::completion(&v));
+    respond(state, request, Kind::Text).await
+}
+
+fn parse(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// The names and stamps of one response.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Reply {
+    fn chunk(&self, choice: Value, usage: Option<Usage>) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        let mut chunk = json!({"id": self.id, "object": object, "created": self.created,
+            "model": self.model, "choices": [choice]});
+        if let Some(usage) = usage {
+            chunk["choices"] = json!([]);
+            chunk["usage"] = json!(usage);
+        }
+        chunk
+    }
+
+    fn delta(&self, text: &str, finish: Option<Finish>) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let delta = if finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                self.chunk(
+                    json!({"index": 0, "delta": delta, "logprobs": null,
+                        "finish_reason": finish.map(reason)}),
+                    None,
+                )
+            }
+            Kind::Text => self.chunk(
+                json!({"index": 0, "text": text, "logprobs": null,
+                    "finish_reason": finish.map(reason)}),
+                None,
+            ),
+        }
+    }
+
+    fn whole(&self, text: &str, finish: Finish, usage: Usage) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": null, "finish_reason": reason(finish)}),
+            Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+                "finish_reason": reason(finish)}),
+        };
+        let object = match self.kind {
+            Kind::Chat => "chat.completion",
+            Kind::Text => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [choice], "usage": usage})
+    }
+}
+
+fn reason(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+async fn respond(state: Arc<ApiState>, request: Result<Request, ApiError>, kind: Kind) -> Response {
+    match start(&state, request, kind).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(status = e.status.as_u16(), "refused: {}", e.message);
+            e.into_response()
+        }
+    }
+}
+
+async fn start(
+    state: &Arc<ApiState>,
+    request: Result<Request, ApiError>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let request = request?;
+    let model = state
+        .models
+        .iter()
+        .find(|m| m.name == request.model)
+        .cloned()
+        .ok_or_else(|| ApiError::unknown_model(&request.model))?;
+    if !model.available() {
+        model.refresh().await;
+        if !model.available() {
+            return Err(ApiError::unavailable(format!(
+                "no chain of peers covers every layer of {} right now",
+                model.name
+            )));
+        }
+    }
+    let prompt = model.prompt_ids(&request.prompt)?;
+    let options = model.options(&request, prompt.len())?;
+    let permit = state
+        .slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::busy(state.max_concurrent))?;
+    let (tx, rx) = ServedModel::channel();
+    let prompt_tokens = prompt.len();
+    tokio::spawn(
+        model
+            .clone()
+            .generate(prompt, options, request.stop.clone(), tx),
+    );
+    let reply = Reply {
+        id: format!(
+            "{}-{:016x}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            rand::random::<u64>()
+        ),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: model.name.clone(),
+        kind,
+    };
+    tracing::info!(
+        model = %reply.model,
+        prompt_tokens,
+        stream = request.stream,
+        chat = matches!(request.prompt, Prompt::Chat(_)),
+        "generating"
+    );
+    if request.stream {
+        let events = stream_events(reply, rx, request.include_usage, permit);
+        return Ok(Sse::new(events).into_response());
+    }
+    whole_reply(reply, rx, permit).await
+}
+
+/// Collects a generation into one JSON reply.
+async fn whole_reply(
+    reply: Reply,
+    mut rx: PieceReceiver,
+    _permit: OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let mut text = String::new();
+    while let Some(piece) = rx.recv().await {
+        match piece? {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done { finish, usage } => {
+                log_done(&reply, finish, usage, started);
+                return Ok(Json(reply.whole(&text, finish, usage)).into_response());
+            }
+        }
+    }
+    Err(ApiError::internal("the generation ended without a result"))
+}
+
+fn log_done(reply: &Reply, finish: Finish, usage: Usage, started: Instant) {
+    tracing::info!(
+        model = %reply.model,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        finish = reason(finish),
+        ms = started.elapsed().as_millis() as u64,
+        "done"
+    );
+}
+
+/// A generation as Server-Sent Events: the role, each text piece, the finish reason, usage
+/// when asked, then `data: [DONE]`. An error mid-stream is sent as an error event, then DONE.
+fn stream_events(
+    reply: Reply,
+    rx: PieceReceiver,
+    include_usage: bool,
+    permit: OwnedSemaphorePermit,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let started = Instant::now();
+    let first = (reply.kind == Kind::Chat).then(|| {
+        reply.chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null}),
+            None,
+        )
+    });
+    let reply = Arc::new(reply);
+    let pieces = ReceiverStream::new(rx).flat_map(move |piece| {
+        // The permit lives as long as the stream: a client that leaves frees its slot.
+        let _ = &permit;
+        let events: Vec<Value> = match piece {
+            Ok(Piece::Text(text)) => vec![reply.delta(&text, None)],
+            Ok(Piece::Done { finish, usage }) => {
+                log_done(&reply, finish, usage, started);
+                let mut events = vec![reply.delta("", Some(finish))];
+                if include_usage {
+                    events.push(reply.chunk(Value::Null, Some(usage)));
+                }
+                events
+            }
+            Err(e) => vec![e.body()],
+        };
+        futures::stream::iter(events)
+    });
+    futures::stream::iter(first)
+        .chain(pieces)
+        .map(|value| Event::default().data(value.to_string()))
+        .chain(futures::stream::once(async {
+            Event::default().data("[DONE]")
+        }))
+        .map(Ok)
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Decode speed of a real checkpoint through a loopback swarm of separate node processes, against
+# the same model in one process (`generate --local`), as a ratio from one run. Local and swarm
+# generations alternate so machine noise hits both alike; each reports decode tokens/s (tokens
+# after the first over their time), and the medians are compared.
+# Usage: bench-checkpoint.sh BIN MODEL_DIR [NODES] [ROUNDS]
+# (a random Qwen2-0.5B-shaped checkpoint: scripts/make-bench-checkpoint.py)
+set -euo pipefail
+bin="$1" model="$2" nodes="${3:-3}" rounds="${4:-3}"
+source "$(dirname "$0")/loopback-swarm.sh"
+
+layers="$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$model/config.json")"
+start_tracker
+for i in $(seq 0 $((nodes - 1))); do
+  # A large checkpoint takes a while to load.
+  start_node "$model" "$((layers * i / nodes))..$((layers * (i + 1) / nodes))" 300
+done
+
+prompt="$(python3 -c "print(','.join(str(100 + 7 * i) for i in range(32)))")"
+for round in $(seq "$rounds"); do
+  "$bin" generate --model "$model" --local --prompt-ids "$prompt" --max-new-tokens 32 \
+    --json >"$work/local-$round.json"
+  "$bin" generate --tracker "$tracker" --model "$model" --prompt-ids "$prompt" \
+    --max-new-tokens 32 --json >"$work/swarm-$round.json"
+done
+python3 - "$work" "$rounds" "$nodes" <<'PY'
+import json, statistics, sys
+work, rounds, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def speeds(kind):
+    return [json.load(open(f"{work}/{kind}-{r}.json"))["decode_tokens_per_s"] for r in range(1, rounds + 1)]
+local, swarm = speeds("local"), speeds("swarm")
+same = all(json.load(open(f"{work}/local-{r}.json"))["generated_ids"] == json.load(open(f"{work}/swarm-{r}.json"))["generated_ids"] for r in range(1, rounds + 1))
+print(f"local decode tokens/s: {', '.join(f'{s:.2f}' for s in local)}")
+print(f"swarm ({nodes} nodes) decode tokens/s: {', '.join(f'{s:.2f}' for s in swarm)}")
+print(f"swarm/local: {statistics.median(swarm) / statistics.median(local):.3f} (medians); same tokens: {same}")
+PY
