@@ -349,10 +349,10 @@ impl LlamaConfig {
     }
 
     /// Floating-point operations of running `layers` on `tokens` new tokens after `start_pos`
-    /// cached ones, counting a multiply-add as two: 2 × the weights of each layer per token, the
-    /// attention scores and weighted sum (4 × query width per visible position), and the LM
-    /// head on the last token when `layers` ends the model. Embedding lookups, biases and norms
-    /// are free.
+    /// cached ones, counting a multiply-add as two: 2 × the weights of each layer per token, one
+    /// per bias value and four per value a head norm scales, the attention scores and weighted
+    /// sum (4 × query width per visible position), and the LM head on the last token when
+    /// `layers` ends the model. Embedding lookups and the layer norms are free.
     pub fn forward_flops(
         &self,
         layers: std::ops::Range<usize>,
@@ -365,6 +365,13 @@ impl LlamaConfig {
         let weights = hidden * q_width * 2
             + hidden * kv_width * 2
             + 3 * hidden * self.intermediate_size as u64;
+        let per_token = {
+            let biases = u64::from(self.qkv_bias) * (q_width + 2 * kv_width)
+                + u64::from(self.o_bias) * hidden
+                + u64::from(self.mlp_bias) * (2 * self.intermediate_size as u64 + hidden);
+            let head_norms = u64::from(self.qk_norm) * 4 * (q_width + kv_width);
+            2 * weights + biases + head_norms
+        };
         let mut flops = 0u64;
         for layer in layers.clone() {
             // Positions each new token attends to, summed over the new tokens.
@@ -374,7 +381,7 @@ impl LlamaConfig {
                     .map(|p| (p + 1).min(w as u64))
                     .sum(),
             };
-            flops = flops.saturating_add(2 * weights * tokens + 4 * q_width * visible);
+            flops = flops.saturating_add(per_token * tokens + 4 * q_width * visible);
         }
         if layers.end == self.num_hidden_layers {
             flops += 2 * hidden * self.vocab_size as u64;
@@ -580,6 +587,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!((qwen.window(0), qwen.window(1)), (None, Some(8)));
+    }
+
+    #[test]
+    fn flops_count_a_familys_biases_and_head_norms() {
+        let llama = config(r#","architectures":["LlamaForCausalLM"]"#).unwrap();
+        let qwen2 = config(r#","architectures":["Qwen2ForCausalLM"]"#).unwrap();
+        let qwen3 = config(r#","architectures":["Qwen3ForCausalLM"],"head_dim":16"#).unwrap();
+        let flops = |c: &LlamaConfig| c.forward_flops(0..1, 0, 3);
+        // q/k/v biases: 64 + 2 × 32 values per token; head norms: 4 per value of q and k.
+        assert_eq!(flops(&qwen2) - flops(&llama), 3 * (64 + 2 * 32));
+        assert_eq!(flops(&qwen3) - flops(&llama), 3 * 4 * (64 + 32));
     }
 
     #[test]

@@ -85,6 +85,8 @@ struct WeightFile {
 /// The tensors of a model directory, indexed by name across all its safetensors files.
 #[derive(Debug)]
 pub struct WeightFiles {
+    /// The model directory.
+    dir: PathBuf,
     files: Vec<WeightFile>,
     tensors: HashMap<String, (usize, TensorInfo)>,
 }
@@ -100,6 +102,7 @@ impl WeightFiles {
             )));
         }
         let mut weights = Self {
+            dir: dir.to_path_buf(),
             files: Vec::new(),
             tensors: HashMap::new(),
         };
@@ -149,10 +152,12 @@ impl WeightFiles {
 
     /// Reads tensor `name`, checks its shape against what the config implies, and widens it to f32.
     pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let (file_index, info) = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::Weights(format!("tensor {name} is missing")))?;
+        let (file_index, info) = self.tensors.get(name).ok_or_else(|| {
+            ModelError::Weights(format!(
+                "tensor {name} is missing from {}, though config.json implies it",
+                self.dir.display()
+            ))
+        })?;
         if info.shape != expected_shape {
             return Err(ModelError::Weights(format!(
                 "tensor {name} has shape {:?} but config.json implies {:?}",
