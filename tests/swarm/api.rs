@@ -434,6 +434,12 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             400,
             Some("messages"),
         ),
+        (
+            chat_body(PROMPT, json!({"max_tokens": 2000})).to_string(),
+            Some("sk-test"),
+            400,
+            Some("max_tokens"),
+        ),
     ] {
         let reply = post(body.clone(), key).await;
         assert_eq!(

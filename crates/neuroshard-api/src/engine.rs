@@ -72,6 +72,11 @@ pub type PieceReceiver = mpsc::Receiver<Result<Piece, ApiError>>;
 /// Text pieces a generation may queue ahead of a slow client.
 const PIECES_AHEAD: usize = 32;
 
+/// How long a generation waits for a client that stopped reading before it ends the session
+/// (its KV caches on every node and its slot are then freed). A reading client takes a piece
+/// in microseconds; 30 s covers a congested link.
+const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl ServedModel {
     /// Reads the model directory `dir` (config, tokenizer, chat template) and connects its
     /// engine: the swarm that serves this model, or the whole model loaded here.
@@ -153,22 +158,28 @@ impl ServedModel {
         prompt_len: usize,
     ) -> Result<GenerateOptions, ApiError> {
         let context = self.info.config.max_positions();
-        if prompt_len >= context {
+        let asked = request.max_tokens.unwrap_or(1);
+        if prompt_len.saturating_add(asked) > context {
+            let param = match (request.max_tokens, &request.prompt) {
+                (Some(_), _) => "max_tokens",
+                (None, Prompt::Chat(_)) => "messages",
+                (None, Prompt::Text(_)) => "prompt",
+            };
             return Err(ApiError {
                 code: Some("context_length_exceeded"),
                 ..ApiError::invalid(
-                    "messages",
+                    param,
                     format!(
-                        "the prompt is {prompt_len} tokens; {} takes at most {context}, \
-                         the answer included",
+                        "{} takes at most {context} tokens; the prompt is {prompt_len} and \
+                         {asked} more were asked for",
                         self.name
                     ),
                 )
             });
         }
-        let room = context - prompt_len;
         Ok(GenerateOptions {
-            max_new_tokens: request.max_tokens.map_or(room, |m| m.min(room)),
+            // Without max_tokens, up to the context's end (an end-of-sequence token comes first).
+            max_new_tokens: request.max_tokens.unwrap_or(context - prompt_len),
             stop_ids: self.info.config.eos_token_ids.clone(),
             sampling: request.sampling,
         })
@@ -205,7 +216,7 @@ impl ServedModel {
             }
         };
         if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
+            let _ = tx.send_timeout(Err(e), STALLED_CLIENT).await;
         }
     }
 
@@ -234,7 +245,7 @@ impl ServedModel {
                 continue;
             }
             let (shown, stop) = stops.push(&stream.push(token)?);
-            if !shown.is_empty() && tx.send(Ok(Piece::Text(shown))).await.is_err() {
+            if !shown.is_empty() && !deliver(tx, Piece::Text(shown)).await {
                 return Ok(());
             }
             if stop {
@@ -245,7 +256,7 @@ impl ServedModel {
         if !stopped {
             let (shown, stop) = stops.push(&stream.finish()?);
             let tail = if stop { shown } else { shown + &stops.finish() };
-            if !tail.is_empty() && tx.send(Ok(Piece::Text(tail))).await.is_err() {
+            if !tail.is_empty() && !deliver(tx, Piece::Text(tail)).await {
                 return Ok(());
             }
         }
@@ -258,13 +269,25 @@ impl ServedModel {
                 total_tokens: prompt.len() + completion,
             },
         };
-        let _ = tx.send(Ok(done)).await;
+        deliver(tx, done).await;
         Ok(())
     }
 
     /// A channel for one generation's pieces.
     pub fn channel() -> (PieceSender, PieceReceiver) {
         mpsc::channel(PIECES_AHEAD)
+    }
+}
+
+/// Hands `piece` to the client's stream; false when the client left or stopped reading.
+async fn deliver(tx: &PieceSender, piece: Piece) -> bool {
+    match tx.send_timeout(Ok(piece), STALLED_CLIENT).await {
+        Ok(()) => true,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::info!("a client stopped reading for {STALLED_CLIENT:?}; ending its session");
+            false
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
     }
 }
 
@@ -277,4 +300,23 @@ fn model_name(dir: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_ends_the_generation_after_a_bound() {
+        let (tx, rx) = mpsc::channel(1);
+        assert!(deliver(&tx, Piece::Text("a".into())).await, "room for one");
+        let started = tokio::time::Instant::now();
+        assert!(!deliver(&tx, Piece::Text("b".into())).await, "nobody reads");
+        assert_eq!(started.elapsed(), STALLED_CLIENT);
+        drop(rx);
+        assert!(
+            !deliver(&tx, Piece::Text("c".into())).await,
+            "the client left"
+        );
+    }
 }

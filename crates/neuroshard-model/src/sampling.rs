@@ -95,6 +95,9 @@ impl Sampler {
         }
         let kept = self.candidates(&scores);
         let total: f64 = kept.iter().map(|c| c.1).sum();
+        if !total.is_finite() || total <= 0.0 {
+            return Ok(argmax(&scores));
+        }
         let mut target = self.rng.random::<f64>() * total;
         for &(id, weight) in &kept {
             if target < weight {
@@ -134,7 +137,8 @@ impl Sampler {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_finite())
-            .map(|(i, &s)| (i as u32, f64::from(s / temperature)))
+            // In f64: a tiny temperature would overflow f32 to infinity (and NaN weights).
+            .map(|(i, &s)| (i as u32, f64::from(s) / f64::from(temperature)))
             .collect();
         order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if top_k > 0 {
@@ -238,6 +242,17 @@ mod tests {
             ..SamplingParams::default()
         };
         assert_eq!(only(min_p), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_all_but_greedy() {
+        let mut s = sampler(SamplingParams {
+            temperature: 1e-38,
+            seed: 3,
+            ..SamplingParams::default()
+        });
+        let logits = [40.0, 41.0, 39.0];
+        assert!((0..32).all(|_| s.choose(&logits, &[]).unwrap() == 1));
     }
 
     #[test]

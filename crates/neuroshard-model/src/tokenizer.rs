@@ -132,7 +132,15 @@ impl<'a> TextStream<'a> {
         let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
-        Ok(now.strip_prefix(before.as_str()).unwrap_or("").to_string())
+        // Later tokens may have changed how the earlier ones read (a decoder's cleanup): then
+        // the text past what was given out is still given, never dropped.
+        Ok(match now.strip_prefix(before.as_str()) {
+            Some(rest) => rest.to_string(),
+            None if now.is_char_boundary(before.len().min(now.len())) => {
+                now[before.len().min(now.len())..].to_string()
+            }
+            None => now,
+        })
     }
 }
 
