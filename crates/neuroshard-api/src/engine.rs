@@ -117,13 +117,18 @@ impl ServedModel {
         }
     }
 
-    /// Looks for providers again (the tracker, else the DHT).
-    pub async fn refresh(&self) {
+    /// Whether a request can be served, looking for providers again (the tracker, else the
+    /// DHT) when the peers known now do not cover every layer.
+    pub async fn ready(&self) -> bool {
+        if self.available() {
+            return true;
+        }
         if let Engine::Swarm(client) = &self.engine
             && let Err(e) = client.refresh().await
         {
             tracing::debug!("refreshing {}: {e}", self.name);
         }
+        self.available()
     }
 
     /// The prompt's token ids: messages through the chat template, text through the tokenizer.

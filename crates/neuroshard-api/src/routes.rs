@@ -71,10 +71,7 @@ pub(crate) async fn health(State(state): Shared) -> Json<Value> {
 pub(crate) async fn models(State(state): Shared) -> Json<Value> {
     let mut data = Vec::new();
     for model in &state.models {
-        if !model.available() {
-            model.refresh().await;
-        }
-        if model.available() {
+        if model.ready().await {
             data.push(json!({
                 "id": model.name,
                 "object": "model",
@@ -120,18 +117,24 @@ struct Reply {
 }
 
 impl Reply {
-    fn chunk(&self, choice: Value, usage: Option<Usage>) -> Value {
-        let object = match self.kind {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Text => "text_completion",
-        };
-        let mut chunk = json!({"id": self.id, "object": object, "created": self.created,
-            "model": self.model, "choices": [choice]});
-        if let Some(usage) = usage {
-            chunk["choices"] = json!([]);
-            chunk["usage"] = json!(usage);
+    /// OpenAI's `object` of a whole reply or of a streamed chunk.
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
         }
-        chunk
+    }
+
+    fn chunk(&self, choice: Value) -> Value {
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [choice]})
+    }
+
+    /// The last chunk when usage is asked for: no choices, the token counts.
+    fn usage_chunk(&self, usage: Usage) -> Value {
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [], "usage": usage})
     }
 
     fn delta(&self, text: &str, finish: Option<Finish>) -> Value {
@@ -142,17 +145,11 @@ impl Reply {
                 } else {
                     json!({"content": text})
                 };
-                self.chunk(
-                    json!({"index": 0, "delta": delta, "logprobs": null,
-                        "finish_reason": finish.map(reason)}),
-                    None,
-                )
+                self.chunk(json!({"index": 0, "delta": delta, "logprobs": null,
+                        "finish_reason": finish.map(reason)}))
             }
-            Kind::Text => self.chunk(
-                json!({"index": 0, "text": text, "logprobs": null,
-                    "finish_reason": finish.map(reason)}),
-                None,
-            ),
+            Kind::Text => self.chunk(json!({"index": 0, "text": text, "logprobs": null,
+                    "finish_reason": finish.map(reason)})),
         }
     }
 
@@ -163,11 +160,7 @@ impl Reply {
             Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
                 "finish_reason": reason(finish)}),
         };
-        let object = match self.kind {
-            Kind::Chat => "chat.completion",
-            Kind::Text => "text_completion",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+        json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
             "choices": [choice], "usage": usage})
     }
 }
@@ -201,14 +194,11 @@ async fn start(
         .find(|m| m.name == request.model)
         .cloned()
         .ok_or_else(|| ApiError::unknown_model(&request.model))?;
-    if !model.available() {
-        model.refresh().await;
-        if !model.available() {
-            return Err(ApiError::unavailable(format!(
-                "no chain of peers covers every layer of {} right now",
-                model.name
-            )));
-        }
+    if !model.ready().await {
+        return Err(ApiError::unavailable(format!(
+            "no chain of peers covers every layer of {} right now",
+            model.name
+        )));
     }
     let prompt = model.prompt_ids(&request.prompt)?;
     let options = model.options(&request, prompt.len())?;
@@ -298,7 +288,6 @@ fn stream_events(
         reply.chunk(
             json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                 "logprobs": null, "finish_reason": null}),
-            None,
         )
     });
     let reply = Arc::new(reply);
@@ -311,7 +300,7 @@ fn stream_events(
                 log_done(&reply, finish, usage, started);
                 let mut events = vec![reply.delta("", Some(finish))];
                 if include_usage {
-                    events.push(reply.chunk(Value::Null, Some(usage)));
+                    events.push(reply.usage_chunk(usage));
                 }
                 events
             }
