@@ -417,3 +417,65 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
     assert_eq!((counts.verified, counts.pending), (1, 0));
     swarm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_hands_out_its_model_files_and_nothing_else() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let node = &swarm.nodes[0];
+    std::fs::write(model.path().join("secret.json"), b"{}").unwrap();
+    let mut client = node_client(node).await;
+    let ask = |name: &str, offset: u64| pb::ModelFileRequest {
+        model_id: node.model_id().to_string(),
+        name: name.into(),
+        offset,
+    };
+    let config = std::fs::read(model.path().join("config.json")).unwrap();
+    let reply = client
+        .get_model_file(ask("config.json", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.data, reply.total_bytes),
+        (config.clone(), config.len() as u64)
+    );
+    let tail = client
+        .get_model_file(ask("config.json", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tail.data, config[10..]);
+    let past = client
+        .get_model_file(ask("config.json", u64::MAX))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(past.data.is_empty(), "an offset past the end reads nothing");
+    for name in [
+        "secret.json",
+        "../config.json",
+        "/etc/passwd",
+        "identity.key",
+        "",
+    ] {
+        let status = client.get_model_file(ask(name, 0)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(status.message().contains("not a model file"), "{status:?}");
+    }
+    let status = client
+        .get_model_file(ask("tokenizer.json", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client
+        .get_model_file(pb::ModelFileRequest {
+            model_id: "0123456789abcdef".into(),
+            ..ask("config.json", 0)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    drop(client);
+    swarm.shutdown().await;
+}

@@ -4,6 +4,7 @@ use neuroshard_base::LayerRange;
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::client::{ClientConfig, SwarmClient};
 use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_tests::{Swarm, TestModel};
 
 /// Largest difference allowed between a swarm logit and the local one. Hidden states cross
@@ -339,6 +340,21 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
     );
     assert_eq!(fetched.model_id(), model_id);
     let fetched_addr = fetched.advertised();
+    // A node on an empty directory takes the model's files from the peer too, and keeps the
+    // weights it fetched.
+    let empty = tempfile::tempdir().unwrap();
+    let keeper = swarm
+        .add_node_with(empty.path(), 2, 6, |c| {
+            c.weights_from = Some(source.clone())
+        })
+        .await;
+    assert_eq!(keeper.model_id(), model_id);
+    let kept_addr = keeper.advertised();
+    assert_eq!(
+        std::fs::read(empty.path().join("config.json")).unwrap(),
+        std::fs::read(model.path().join("config.json")).unwrap()
+    );
+    assert!(empty.path().join("layers-2-6.f32").exists());
     let left = swarm.nodes.remove(1);
     left.shutdown().await;
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
@@ -350,10 +366,40 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
         .unwrap();
     assert_same_generation(&got, &expected);
     assert!(
-        session.chain().iter().any(|hop| hop.addr == fetched_addr),
+        session
+            .chain()
+            .iter()
+            .any(|hop| hop.addr == fetched_addr || hop.addr == kept_addr),
         "{:?}",
         session.chain()
     );
     session.close().await;
+
+    // With every peer that had layers 2..6 gone, a node on the kept directory starts from disk
+    // (no peer to fetch from) and serves the same generation.
+    for node in swarm.nodes.drain(1..) {
+        node.shutdown().await;
+    }
+    let restarted = swarm.add_node(empty.path(), 2, 6).await;
+    assert!(restarted.weights_fetch().is_none(), "read from disk");
+    assert_eq!(restarted.model_id(), model_id);
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, 12, &[], |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    session.close().await;
+    // A range the directory does not hold is named, not served wrong.
+    let e = start_node(NodeConfig::new(
+        empty.path(),
+        LayerRange::new(0, 2).unwrap(),
+    ))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fetched weights of layers 0..2"), "{e}");
     swarm.shutdown().await;
 }

@@ -230,14 +230,15 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct NodeArgs {
-    /// Hugging Face model directory (only its config.json with --weights-from).
+    /// Hugging Face model directory; with --weights-from it may start empty (the model's files
+    /// come from the peer) and keeps the fetched weights for the next start.
     #[arg(long)]
     model: PathBuf,
     /// Layers to serve, as A..B.
     #[arg(long)]
     layers: LayerRange,
-    /// Fetch the layers' weights from this peer (host:port) serving them, instead of reading
-    /// them from --model; the transfer's progress is logged.
+    /// Fetch the layers' weights from this peer (host:port) serving them when --model does not
+    /// hold them; the transfer's progress is logged.
     #[arg(long)]
     weights_from: Option<String>,
     #[command(flatten)]

@@ -9,10 +9,12 @@
 //! - [`TrainShard`] trains a shard as one pipeline stage: forward with autodiff, backward from
 //!   the next stage's gradient or the loss, AdamW inner steps.
 //! - [`init`] writes the built-in deterministic model; [`TextTokenizer`] turns text into ids.
+//! - [`fetched`] keeps a model fetched from peers (its small files and one stored shard).
 
 mod chat;
 pub mod codec;
 mod config;
+pub mod fetched;
 pub mod init;
 mod kv;
 mod sampling;
@@ -94,12 +96,23 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// Reads and validates `dir/config.json` and fingerprints the safetensors headers.
+    /// Reads and validates `dir/config.json` and fingerprints the safetensors headers; a model
+    /// fetched from peers (no safetensors, a [`fetched::FETCHED_FILE`]) keeps the id its peers
+    /// serve it under.
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
         let (text, config) = read_config(dir)?;
+        let files = weights::safetensors_files(dir)?;
+        if files.is_empty()
+            && let Some(fetched) = fetched::FetchedModel::read(dir)?
+        {
+            return Ok(Self {
+                config,
+                id: fetched.model_id,
+                dir: dir.to_path_buf(),
+            });
+        }
         let mut hash = Sha256::new();
         hash.update(text.as_bytes());
-        let files = weights::safetensors_files(dir)?;
         for file in files {
             hash.update(safetensors_header(&file)?);
         }
@@ -120,6 +133,11 @@ impl ModelInfo {
             dir: dir.to_path_buf(),
         })
     }
+}
+
+/// Whether `dir` holds safetensors weights (a downloaded model, not a fetched one).
+pub fn has_safetensors(dir: &Path) -> Result<bool, ModelError> {
+    Ok(!weights::safetensors_files(dir)?.is_empty())
 }
 
 /// `dir/config.json`: its text and the config it describes, with the end-of-sequence tokens of

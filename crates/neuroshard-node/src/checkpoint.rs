@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use neuroshard_base::LayerRange;
 use neuroshard_model::ModelInfo;
+use neuroshard_model::fetched::{MAX_MODEL_FILE_BYTES, MODEL_FILES, mark_fetched, write_atomic};
 use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, MAX_CHECKPOINT_BYTES, Manifest};
 use pb::node_client::NodeClient;
@@ -231,32 +232,149 @@ pub async fn fetch_checkpoint(
 /// How long dialing a peer for its weights may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A client of the node at `peer`, with the runtime's message limits.
+async fn node_client(peer: &str) -> Result<NodeClient<Channel>, NodeError> {
+    let channel = crate::pool::connect(peer, CONNECT_TIMEOUT).await?;
+    Ok(NodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Fetches the model's small files (see [`MODEL_FILES`]) from the node `client` talks to into
+/// `dir`, each at most [`MAX_MODEL_FILE_BYTES`] and written whole, and marks `dir` as the
+/// fetched model `model_id`. `config.json` must come and parse; the others come where the
+/// peer has them.
+pub async fn fetch_model_files(
+    client: &mut NodeClient<Channel>,
+    peer: &str,
+    model_id: &str,
+    dir: &Path,
+) -> Result<(), NodeError> {
+    for &name in MODEL_FILES {
+        let mut data = Vec::new();
+        let complete = loop {
+            let request = pb::ModelFileRequest {
+                model_id: model_id.to_string(),
+                name: name.to_string(),
+                offset: data.len() as u64,
+            };
+            let reply = match client.get_model_file(request).await {
+                Ok(reply) => reply.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound && name != "config.json" => {
+                    break false;
+                }
+                Err(status) => {
+                    return Err(NodeError::Remote {
+                        peer: peer.to_string(),
+                        status,
+                    });
+                }
+            };
+            if reply.total_bytes > MAX_MODEL_FILE_BYTES {
+                return Err(NodeError::BadRequest(format!(
+                    "{peer} offers a {name} of {} bytes; at most {MAX_MODEL_FILE_BYTES} are taken",
+                    reply.total_bytes
+                )));
+            }
+            let before = data.len();
+            data.extend_from_slice(&reply.data);
+            let have = data.len() as u64;
+            if have > reply.total_bytes || (have == before as u64 && have < reply.total_bytes) {
+                return Err(NodeError::BadRequest(format!(
+                    "{peer} sent {name} in pieces that do not add up to its {} bytes",
+                    reply.total_bytes
+                )));
+            }
+            if have == reply.total_bytes {
+                break true;
+            }
+        };
+        if complete {
+            write_atomic(&dir.join(name), &data)?;
+        }
+    }
+    // The config must describe a model this runtime can run before anything is served from it.
+    ModelInfo::with_id(dir, model_id)?;
+    mark_fetched(dir, model_id)?;
+    Ok(())
+}
+
+/// Fetches the weights of consecutive layer pieces of the model `model` from the peers that
+/// serve them (`sources`: each peer with the layers it gives, in order, together one range),
+/// verified chunk by chunk (see [`fetch_checkpoint`]), as the flat parameters of the whole
+/// range. `progress` counts bytes over all the pieces.
+pub async fn fetch_layers(
+    sources: &[(String, LayerRange)],
+    model: &ModelInfo,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Vec<f32>, TransferReport), NodeError> {
+    let counts: Vec<usize> = sources
+        .iter()
+        .map(|(_, layers)| {
+            neuroshard_model::init::shard_parameter_count(&model.config, layers.to_range())
+        })
+        .collect();
+    let total: u64 = counts.iter().map(|&c| c as u64 * 4).sum();
+    let mut parameters = Vec::with_capacity(counts.iter().sum());
+    let mut report = TransferReport::default();
+    for ((peer, layers), count) in sources.iter().zip(counts) {
+        let mut client = node_client(peer).await?;
+        let before = parameters.len() as u64 * 4;
+        let (checkpoint, piece) = fetch_checkpoint(
+            &mut client,
+            &model.id,
+            *layers,
+            count as u64 * 4,
+            |p: Progress| {
+                progress(Progress {
+                    done: before + p.done,
+                    total,
+                })
+            },
+        )
+        .await?;
+        if checkpoint.parameters.len() != count {
+            return Err(NodeError::BadRequest(format!(
+                "{peer} sent {} parameters for layers {layers}, which hold {count}",
+                checkpoint.parameters.len()
+            )));
+        }
+        parameters.extend_from_slice(&checkpoint.parameters);
+        report.requests += piece.requests;
+        report.chunks += piece.chunks;
+        report.chunks_moved += piece.chunks_moved;
+        report.total_bytes += piece.total_bytes;
+        report.recovered.extend(piece.recovered);
+    }
+    Ok((parameters, report))
+}
+
 /// Fetches the weights of `layers` from the node at `peer`, for a node that starts without
-/// them on disk: asks the peer (Ping) which model it serves and which layers, checks them
-/// against `config.json` in `dir`, then streams the layers' checkpoint, verified chunk by chunk
-/// (see [`fetch_checkpoint`]). Returns the model under the peer's id, the parameters and how
-/// the transfer went.
+/// them on disk: asks the peer (Ping) which model it serves and which layers, takes the
+/// model's small files from it when `dir` has no `config.json`, checks the config against
+/// what the peer serves, streams the layers' checkpoint (verified chunk by chunk, see
+/// [`fetch_checkpoint`]) and keeps it in `dir` for the next start. Returns the model under the
+/// peer's id, the parameters and how the transfer went.
 pub async fn fetch_weights(
     peer: &str,
     dir: &Path,
     layers: LayerRange,
     progress: impl FnMut(Progress),
 ) -> Result<(ModelInfo, Checkpoint, TransferReport), NodeError> {
-    let channel = crate::pool::connect(peer, CONNECT_TIMEOUT).await?;
-    let mut client = NodeClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let remote = |status| NodeError::Remote {
-        peer: peer.to_string(),
-        status,
-    };
+    let mut client = node_client(peer).await?;
     let info = client
         .ping(pb::PingRequest {})
         .await
-        .map_err(remote)?
+        .map_err(|status| NodeError::Remote {
+            peer: peer.to_string(),
+            status,
+        })?
         .into_inner()
         .node
         .ok_or_else(|| NodeError::BadRequest(format!("{peer} did not say what it serves")))?;
+    if !dir.join("config.json").exists() {
+        fetch_model_files(&mut client, peer, &info.model_id, dir).await?;
+    }
     let model = ModelInfo::with_id(dir, &info.model_id)?;
     let total = model.config.num_hidden_layers;
     if info.total_layers as usize != total {
@@ -272,16 +390,27 @@ pub async fn fetch_weights(
             "weights_from: {peer} serves layers {serves}, which do not hold {layers}"
         )));
     }
-    let count = neuroshard_model::init::shard_parameter_count(&model.config, layers.to_range());
-    let (checkpoint, report) =
-        fetch_checkpoint(&mut client, &model.id, layers, count as u64 * 4, progress).await?;
-    if checkpoint.parameters.len() != count {
-        return Err(NodeError::BadRequest(format!(
-            "{peer} sent {} parameters for layers {layers}, which hold {count}",
-            checkpoint.parameters.len()
-        )));
+    let (parameters, report) =
+        fetch_layers(&[(peer.to_string(), layers)], &model, progress).await?;
+    keep_fetched(dir, &model.id, layers, &parameters);
+    Ok((
+        model,
+        Checkpoint {
+            round: 0,
+            parameters,
+        },
+        report,
+    ))
+}
+
+/// Stores fetched weights in `dir` for the next start; a failure costs a fetch then, so it is
+/// logged, not fatal.
+pub fn keep_fetched(dir: &Path, model_id: &str, layers: LayerRange, parameters: &[f32]) {
+    if let Err(e) =
+        neuroshard_model::fetched::save_shard(dir, model_id, layers.to_range(), parameters)
+    {
+        tracing::warn!("keeping the fetched weights of layers {layers}: {e}");
     }
-    Ok((model, checkpoint, report))
 }
 
 /// Pushes `checkpoint` of `layers` to the node `client` talks to in chunks of `chunk_bytes`,

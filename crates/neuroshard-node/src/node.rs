@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -299,6 +299,25 @@ enum WeightSource {
     Disk(PathBuf),
     /// A shard's flat parameters, fetched from a peer, of the model described.
     Fetched(Box<ModelInfo>, Vec<f32>),
+}
+
+/// The weights of `range` this machine holds: the model directory's safetensors, or the shard
+/// fetched from peers and kept there; none when it holds neither.
+fn weights_on_disk(
+    dir: &Path,
+    range: LayerRange,
+) -> Result<Option<(ModelInfo, WeightSource)>, NodeError> {
+    let model = ModelInfo::read(dir)?;
+    if neuroshard_model::has_safetensors(dir)? {
+        return Ok(Some((model, WeightSource::Disk(dir.to_path_buf()))));
+    }
+    let stored = neuroshard_model::fetched::load_shard(dir, &model.config, range.to_range())?;
+    Ok(stored.map(|parameters| {
+        (
+            model.clone(),
+            WeightSource::Fetched(Box::new(model), parameters),
+        )
+    }))
 }
 
 impl Served {
@@ -1034,6 +1053,16 @@ impl Node for NodeService {
         self.counted("put checkpoint", 0, call).await
     }
 
+    async fn get_model_file(
+        &self,
+        request: Request<pb::ModelFileRequest>,
+    ) -> Result<Response<pb::ModelFileResponse>, Status> {
+        self.state
+            .model_file(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn ping(
         &self,
         _: Request<pb::PingRequest>,
@@ -1302,7 +1331,11 @@ impl NodeHandle {
         if before.range == layers && before.device == device {
             return Ok(());
         }
-        let source = WeightSource::Disk(state.model_dir.clone());
+        let (_, source) = weights_on_disk(&state.model_dir, layers)?.ok_or_else(|| {
+            NodeError::Config(format!(
+                "layers: the weights of {layers} are not on this machine; fetch them first"
+            ))
+        })?;
         let next = Served::load(source, layers, device, state.fault.as_ref()).await?;
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
@@ -1439,13 +1472,26 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
     let range = config.layers;
-    let (model, source, fetched) = match &config.weights_from {
-        None => (
-            ModelInfo::read(&config.model_dir)?,
-            WeightSource::Disk(config.model_dir.clone()),
-            None,
-        ),
-        Some(peer) => {
+    let on_disk = if config.weights_from.is_some() && !config.model_dir.join("config.json").exists()
+    {
+        Ok(None)
+    } else {
+        weights_on_disk(&config.model_dir, range)
+    };
+    let (model, source, fetched) = match (on_disk, &config.weights_from) {
+        (Ok(Some((model, source))), _) => (model, source, None),
+        (Ok(None), None) => {
+            return Err(NodeError::Config(format!(
+                "{} holds neither safetensors weights nor the fetched weights of layers {range}; \
+                 fetch them from a peer with weights_from",
+                config.model_dir.display()
+            )));
+        }
+        (Err(e), None) => return Err(e),
+        (stored, Some(peer)) => {
+            if let Err(e) = stored {
+                tracing::warn!("fetching the weights again: {e}");
+            }
             let (model, checkpoint, report) = fetch_weights(
                 peer,
                 &config.model_dir,

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use neuroshard_base::LayerRange;
+use neuroshard_model::fetched::MODEL_FILES;
 use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, Manifest};
 
@@ -86,6 +87,9 @@ impl Iterator for Chunks {
     }
 }
 
+/// Bytes of a model file one GetModelFile reply carries.
+pub(crate) const MODEL_FILE_PIECE: u64 = 4 * 1024 * 1024;
+
 /// A checkpoint arriving through PutCheckpoint.
 #[derive(Debug)]
 pub(crate) struct Incoming {
@@ -94,6 +98,48 @@ pub(crate) struct Incoming {
 }
 
 impl NodeState {
+    /// Serves GetModelFile: a piece of one of the model's small files (a name outside
+    /// [`MODEL_FILES`] is refused, so no other file of the machine is ever read).
+    pub(super) async fn model_file(
+        &self,
+        req: pb::ModelFileRequest,
+    ) -> Result<pb::ModelFileResponse, tonic::Status> {
+        self.check_model(&req.model_id)
+            .map_err(tonic::Status::from)?;
+        if !MODEL_FILES.contains(&req.name.as_str()) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "{:?} is not a model file a node hands out ({})",
+                req.name,
+                MODEL_FILES.join(", ")
+            )));
+        }
+        let path = self.model_dir.join(&req.name);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+            use std::io::{Read, Seek};
+            let mut file = std::fs::File::open(&path)?;
+            let total = file.metadata()?.len();
+            file.seek(std::io::SeekFrom::Start(req.offset.min(total)))?;
+            let mut data = Vec::new();
+            file.take(MODEL_FILE_PIECE).read_to_end(&mut data)?;
+            Ok((data, total))
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        match read {
+            Ok((data, total_bytes)) => {
+                self.metrics.record_bytes(data.len(), 0);
+                Ok(pb::ModelFileResponse { data, total_bytes })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(tonic::Status::not_found(
+                format!("this node's model has no {}", req.name),
+            )),
+            Err(e) => Err(tonic::Status::internal(format!(
+                "reading {}: {e}",
+                req.name
+            ))),
+        }
+    }
+
     /// The checkpoint of the round in progress, made once per round.
     fn snapshot(&self) -> Result<Arc<Snapshot>, NodeError> {
         let trainer = self.trainer()?;
