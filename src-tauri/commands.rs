@@ -7,10 +7,13 @@ use std::sync::Arc;
 use neuroshard_node::settings::{LayerChoice, Preset, Settings};
 use neuroshard_proof::ledger::SeriesPoint;
 use serde_json::Value;
+use tauri::ipc::Channel;
 use tauri::{Runtime, State};
 
+use crate::chat::ChatEvent;
 use crate::desktop::{CommandError, Desktop, PeriodTotals, ReceiptPage, Snooze};
 use crate::layers::LayerPlan;
+use crate::models::SwarmModel;
 use crate::status::DesktopStatus;
 
 type Core<'a> = State<'a, Arc<Desktop>>;
@@ -108,6 +111,31 @@ pub async fn export_receipts(core: Core<'_>, dir: Option<PathBuf>) -> Reply<Stri
     Ok(path.display().to_string())
 }
 
+/// The models the swarm announces, with how many providers each layer has.
+#[tauri::command]
+pub async fn swarm_models(core: Core<'_>) -> Reply<Vec<SwarmModel>> {
+    Ok(core.swarm_models().await)
+}
+
+/// Writes the answer to an OpenAI chat completion `request` (its `model`: a swarm model's
+/// id), sending its pieces over `on_event` as they come; resolves when it ends.
+#[tauri::command]
+pub async fn chat(
+    core: Core<'_>,
+    id: String,
+    request: Value,
+    on_event: Channel<ChatEvent>,
+) -> Reply<()> {
+    core.run_chat(&id, &request, |event| on_event.send(event).is_ok())
+        .await
+}
+
+/// Stops the answer `id` is writing.
+#[tauri::command]
+pub fn stop_chat(core: Core<'_>, id: String) -> bool {
+    core.stop_chat(&id)
+}
+
 /// The handler for every command, for the app and for the tests' mock runtime.
 pub fn handler<R: Runtime>() -> impl Fn(tauri::ipc::Invoke<R>) -> bool + Send + Sync + 'static {
     tauri::generate_handler![
@@ -123,5 +151,8 @@ pub fn handler<R: Runtime>() -> impl Fn(tauri::ipc::Invoke<R>) -> bool + Send + 
         receipt_totals,
         series,
         export_receipts,
+        swarm_models,
+        chat,
+        stop_chat,
     ]
 }

@@ -8,14 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{Datelike, Local, TimeZone, Timelike};
+use neuroshard_base::LayerRange;
 use neuroshard_model::ModelInfo;
+use neuroshard_model::fetched::{self, FetchedModel};
 use neuroshard_node::NodeError;
+use neuroshard_node::checkpoint;
+use neuroshard_node::convert::PeerRecord;
 use neuroshard_node::discovery::LanConfig;
 use neuroshard_node::lifecycle::{NodeStatus, RunState};
 use neuroshard_node::node::{LEDGER_FILE, NodeConfig, NodeHandle, NodeLimits, start_node};
 use neuroshard_node::settings::{
-    ComputeDevice, LayerChoice, Preset, ScheduleWindow, Settings, SettingsError, SettingsStore,
-    Weekday,
+    ComputeDevice, LayerChoice, ModelChoice, Preset, ScheduleWindow, Settings, SettingsError,
+    SettingsStore, Weekday,
 };
 use neuroshard_proof::ledger::{Ledger, LedgerError, ReceiptRow, SeriesPoint, Status, Totals};
 use serde::{Deserialize, Serialize};
@@ -23,7 +27,7 @@ use serde_json::Value;
 use tokio::sync::{RwLock, watch};
 
 use crate::layers::{self, LayerPlan};
-use crate::status::{AppState, BandwidthStatus, DesktopStatus, Rates};
+use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rates};
 
 const MS_PER_HOUR: u64 = 3600 * 1000;
 const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
@@ -234,9 +238,16 @@ pub enum Snooze {
 /// The app's core; shared as `Arc<Desktop>`.
 #[derive(Debug)]
 pub struct Desktop {
-    launch: Launch,
+    pub(crate) launch: Launch,
     machine: Arc<dyn Machine>,
-    model: ModelInfo,
+    /// The model served by default: `$NEUROSHARD_MODEL_DIR`, else the shipped demo model.
+    default_dir: PathBuf,
+    /// The model the node serves, or is about to serve.
+    model: Mutex<ModelInfo>,
+    /// A model's files or layers on their way from peers.
+    fetch: Mutex<Option<FetchStatus>>,
+    /// The chat page's models and the loopback API.
+    pub(crate) chats: crate::chat::Chats,
     settings: Mutex<SettingsStore>,
     node: RwLock<Option<NodeHandle>>,
     node_error: Mutex<Option<String>>,
@@ -268,12 +279,16 @@ impl Desktop {
         std::fs::create_dir_all(&launch.data_dir).map_err(|e| {
             CommandError::new("io", format!("creating {}: {e}", launch.data_dir.display()))
         })?;
-        let model_dir = match &launch.model_dir {
+        let default_dir = match &launch.model_dir {
             Some(dir) => dir.clone(),
             None => demo_model(&launch.data_dir).await?,
         };
-        let model = ModelInfo::read(&model_dir)
-            .map_err(|e| CommandError::new("model", format!("{}: {e}", model_dir.display())))?;
+        // The chosen model where it is on disk already; the node's start fetches a swarm model
+        // that is not.
+        let chosen = model_dir(&launch, &default_dir, &store.get().model);
+        let model = ModelInfo::read(&chosen)
+            .or_else(|_| ModelInfo::read(&default_dir))
+            .map_err(|e| CommandError::new("model", format!("{}: {e}", default_dir.display())))?;
         let usage = std::fs::read(launch.data_dir.join(USAGE_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -281,7 +296,10 @@ impl Desktop {
         Ok(Arc::new(Self {
             launch,
             machine,
-            model,
+            default_dir,
+            model: Mutex::new(model),
+            fetch: Mutex::new(None),
+            chats: crate::chat::Chats::default(),
             settings: Mutex::new(store),
             node: RwLock::new(None),
             node_error: Mutex::new(None),
@@ -307,6 +325,11 @@ impl Desktop {
     /// Where the app keeps its data.
     pub fn data_dir(&self) -> &Path {
         &self.launch.data_dir
+    }
+
+    /// The model the node serves, or is about to serve.
+    pub fn model(&self) -> ModelInfo {
+        self.model.lock().expect("model lock").clone()
     }
 
     /// The address the running node is bound to.
@@ -342,7 +365,7 @@ impl Desktop {
         settings: &Settings,
     ) -> Result<LayerPlan, CommandError> {
         layers::plan(
-            &self.model.config,
+            &self.model().config,
             choice,
             coverage,
             settings.compute.vram_budget_mib.saturating_mul(MIB),
@@ -357,8 +380,19 @@ impl Desktop {
     /// Replicas per layer among the tracker's peers, else among those the running node found
     /// through the DHT; none known (all zero) leaves Auto to fill from the first layer.
     async fn coverage(&self, settings: &Settings, own: Option<String>) -> Vec<u32> {
-        let total = self.model.config.num_hidden_layers as u32;
-        // Without a tracker, what the running node learned through the DHT.
+        let model = self.model();
+        let mut peers = self.swarm_peers(settings, Some(&model.id)).await;
+        peers.retain(|p| Some(&p.node_id) != own.as_ref());
+        layers::coverage(&peers, &model.id, model.config.num_hidden_layers as u32)
+    }
+
+    /// The peers serving `model_id` (every model: none) that the tracker lists, else those the
+    /// running node found through the DHT.
+    pub(crate) async fn swarm_peers(
+        &self,
+        settings: &Settings,
+        model_id: Option<&str>,
+    ) -> Vec<PeerRecord> {
         let mut peers = match self.node.read().await.as_ref() {
             Some(node) => node.known_peers(),
             None => Vec::new(),
@@ -366,25 +400,138 @@ impl Desktop {
         if let Some(url) = &settings.network.tracker {
             match neuroshard_node::client::tracker_client(url) {
                 Ok(client) => {
-                    match neuroshard_node::client::list_peers(client, url, Some(&self.model.id))
-                        .await
-                    {
+                    match neuroshard_node::client::list_peers(client, url, model_id).await {
                         Ok(list) => peers = list,
-                        Err(e) => tracing::warn!("layer coverage from the tracker unknown: {e}"),
+                        Err(e) => tracing::warn!("the swarm's peers from the tracker unknown: {e}"),
                     }
                 }
-                Err(e) => tracing::warn!("layer coverage unknown: {e}"),
+                Err(e) => tracing::warn!("the swarm's peers unknown: {e}"),
             }
         }
-        peers.retain(|p| Some(&p.node_id) != own.as_ref());
-        layers::coverage(&peers, &self.model.id, total)
+        if let Some(id) = model_id {
+            peers.retain(|p| p.model_id == id);
+        }
+        peers
+    }
+
+    /// Makes the model the settings choose the one served and plans its layers: a local
+    /// directory is read; a swarm model's small files and planned layers are fetched from its
+    /// peers (with progress in the status) unless they are on disk from before.
+    async fn prepare(&self, settings: &Settings) -> Result<LayerPlan, CommandError> {
+        let dir = model_dir(&self.launch, &self.default_dir, &settings.model);
+        let swarm_id = match &settings.model {
+            ModelChoice::Swarm { id } => Some(id.clone()),
+            _ => None,
+        };
+        let peers = match &swarm_id {
+            Some(id) => self.swarm_peers(settings, Some(id)).await,
+            None => Vec::new(),
+        };
+        if let Some(id) = &swarm_id
+            && FetchedModel::read(&dir)
+                .ok()
+                .flatten()
+                .is_none_or(|f| &f.model_id != id)
+        {
+            let peer = peers
+                .iter()
+                .find(|p| !p.is_relayed())
+                .or(peers.first())
+                .ok_or_else(|| model_error(format!("no peer serves model {id} now")))?;
+            self.set_fetch(Some(FetchStatus {
+                model_id: id.clone(),
+                layers: None,
+                done_bytes: 0,
+                total_bytes: 0,
+            }));
+            let fetched = checkpoint::fetch_model_files(&peer.addr, id, &dir).await;
+            self.set_fetch(None);
+            fetched.map_err(|e| model_error(format!("fetching model {id}: {e}")))?;
+        }
+        let model = ModelInfo::read(&dir).map_err(|e| CommandError {
+            field: matches!(settings.model, ModelChoice::Local { .. }).then(|| "model.dir".into()),
+            ..model_error(format!("{}: {e}", dir.display()))
+        })?;
+        let switched = model.id != self.model().id;
+        *self.model.lock().expect("model lock") = model.clone();
+        if switched {
+            self.chats.model_changed().await;
+        }
+        let plan = self.plan_layers(settings.layers).await?;
+        if swarm_id.is_some() {
+            self.fetch_layers(&model, &peers, plan.range).await?;
+        }
+        Ok(plan)
+    }
+
+    /// Fetches the weights of `range` of the swarm model `model` from `peers` and keeps them,
+    /// unless they are on disk already.
+    async fn fetch_layers(
+        &self,
+        model: &ModelInfo,
+        peers: &[PeerRecord],
+        range: LayerRange,
+    ) -> Result<(), CommandError> {
+        match fetched::load_shard(&model.dir, &model.config, range.to_range()) {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("fetching the layers again: {e}"),
+        }
+        let sources = crate::models::sources(peers, &model.id, range).map_err(model_error)?;
+        let mut status = FetchStatus {
+            model_id: model.id.clone(),
+            layers: Some(range),
+            done_bytes: 0,
+            total_bytes: 4 * neuroshard_model::init::shard_parameter_count(
+                &model.config,
+                range.to_range(),
+            ) as u64,
+        };
+        self.set_fetch(Some(status.clone()));
+        let fetched = checkpoint::fetch_layers(&sources, model, |p| {
+            status.done_bytes = p.done;
+            status.total_bytes = p.total;
+            self.set_fetch(Some(status.clone()));
+        })
+        .await;
+        self.set_fetch(None);
+        let (parameters, report) = fetched.map_err(|e| {
+            model_error(format!(
+                "fetching layers {range} of model {}: {e}",
+                model.id
+            ))
+        })?;
+        tracing::info!(
+            "fetched layers {range} of model {} ({} bytes in {} requests)",
+            model.id,
+            report.total_bytes,
+            report.requests
+        );
+        let dir = model.dir.clone();
+        let id = model.id.clone();
+        tokio::task::spawn_blocking(move || {
+            fetched::save_shard(&dir, &id, range.to_range(), &parameters)
+        })
+        .await
+        .map_err(|e| model_error(e.to_string()))?
+        .map_err(|e| model_error(format!("keeping the fetched layers: {e}")))
+    }
+
+    /// Shows a fetch's progress at once, between the status refreshes.
+    fn set_fetch(&self, fetch: Option<FetchStatus>) {
+        *self.fetch.lock().expect("fetch lock") = fetch.clone();
+        self.status.send_if_modified(|status| {
+            let changed = status.fetch != fetch;
+            status.fetch = fetch;
+            changed
+        });
     }
 
     /// Starts the node with the layers the settings choose (stopping the one running, after
     /// its calls in flight or 10 s); on failure the status says why.
     pub async fn start_node(self: &Arc<Self>) -> Result<(), CommandError> {
         let settings = self.settings();
-        let result = match self.plan_layers(settings.layers).await {
+        let result = match self.prepare(&settings).await {
             Ok(plan) => {
                 let mut slot = self.node.write().await;
                 if let Some(old) = slot.take() {
@@ -400,6 +547,8 @@ impl Desktop {
         *self.node_error.lock().expect("error lock") =
             result.as_ref().err().map(|e| e.message.clone());
         self.refresh().await;
+        // The API serves the model the node serves.
+        self.sync_api().await;
         result
     }
 
@@ -408,7 +557,7 @@ impl Desktop {
         settings: &Settings,
         plan: LayerPlan,
     ) -> Result<NodeHandle, CommandError> {
-        let mut config = NodeConfig::new(self.model.dir.clone(), plan.range);
+        let mut config = NodeConfig::new(self.model().dir, plan.range);
         config.listen = self
             .bound
             .lock()
@@ -457,6 +606,11 @@ impl Desktop {
         let settings = self.settings();
         let result = async {
             let plan = self.plan_layers(settings.layers).await?;
+            let model = self.model();
+            if let ModelChoice::Swarm { id } = &settings.model {
+                let peers = self.swarm_peers(&settings, Some(id)).await;
+                self.fetch_layers(&model, &peers, plan.range).await?;
+            }
             let slot = self.node.read().await;
             let Some(node) = slot.as_ref() else {
                 drop(slot);
@@ -490,7 +644,22 @@ impl Desktop {
         self: &Arc<Self>,
         patch: &Value,
     ) -> Result<Settings, CommandError> {
-        if patch.get("layers").is_some_and(|choice| !choice.is_null()) {
+        if let Some(ModelChoice::Local { dir }) = patch
+            .get("model")
+            .and_then(|m| serde_json::from_value(m.clone()).ok())
+        {
+            // A directory that is not a model is refused before anything is stored.
+            ModelInfo::read(&dir).map_err(|e| CommandError {
+                code: "invalid_setting",
+                message: format!("{} is not a model this app can serve: {e}", dir.display()),
+                field: Some("model.dir".into()),
+            })?;
+        }
+        // Layers chosen with another model are planned against that model when it is
+        // prepared (a failure then shows in the status); with this model, checked now.
+        if patch.get("layers").is_some_and(|choice| !choice.is_null())
+            && patch.get("model").is_none_or(Value::is_null)
+        {
             let next = self
                 .settings
                 .lock()
@@ -498,7 +667,7 @@ impl Desktop {
                 .preview(patch)?;
             // Whether the choice fits the model needs no swarm coverage: no tracker call here,
             // the shard swap that applies it plans with the swarm.
-            let none = vec![0; self.model.config.num_hidden_layers];
+            let none = vec![0; self.model().config.num_hidden_layers];
             self.plan_with(next.layers, &none, &next)?;
         }
         let (before, after) = {
@@ -556,6 +725,11 @@ impl Desktop {
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
         let tracker = before.network.tracker != after.network.tracker;
+        let model = before.model != after.model;
+        if before.network != after.network {
+            // The chat page's swarm clients were found through the old settings.
+            self.chats.model_changed().await;
+        }
         if let Some(node) = self.node.read().await.as_ref() {
             node.apply_settings(after);
             if before.network.bootstrap != after.network.bootstrap
@@ -564,7 +738,16 @@ impl Desktop {
                 tracing::error!("keeping the bootstrap peers as they were: {e}");
             }
         }
-        if reshard || tracker {
+        if model {
+            // Another model: its files and layers may have to come from peers first, while the
+            // node serves the old one; then the node restarts on the new one.
+            let desktop = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = desktop.start_node().await {
+                    tracing::error!("switching models failed: {e}");
+                }
+            });
+        } else if reshard || tracker {
             // Registering with a tracker and loading a shard take a while: off the caller. The
             // settings are read there, so the last of several quick changes wins.
             let desktop = self.clone();
@@ -580,6 +763,10 @@ impl Desktop {
                     tracing::error!("moving the node to its new layers failed: {e}");
                 }
             });
+        }
+        if before.api != after.api || before.network != after.network {
+            let desktop = self.clone();
+            tokio::spawn(async move { desktop.sync_api().await });
         }
         self.refresh().await;
     }
@@ -767,13 +954,17 @@ impl Desktop {
         let guard = self.node.read().await;
         let Some(node) = guard.as_ref() else {
             let error = self.node_error.lock().expect("error lock").clone();
-            let mut status = DesktopStatus::starting();
+            let mut status = DesktopStatus {
+                fetch: self.fetch.lock().expect("fetch lock").clone(),
+                ..DesktopStatus::starting()
+            };
             if let Some(e) = error {
                 status.state = AppState::Error;
                 status.detail = Some(e);
             }
             return self.publish(status);
         };
+        let node_layers_total = self.model().config.num_hidden_layers as u32;
         let metrics = node.metrics();
         let rate = self
             .rates
@@ -823,7 +1014,7 @@ impl Desktop {
             node_id: Some(node.id().to_string()),
             model_id: Some(node.model_id().to_string()),
             layers: Some(node.layers()),
-            total_layers: Some(self.model.config.num_hidden_layers as u32),
+            total_layers: Some(node_layers_total),
             tokens_per_s: rate.tokens,
             sessions: metrics.sessions,
             in_flight: running.in_flight,
@@ -842,6 +1033,9 @@ impl Desktop {
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
             credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
             receipts_pending: pending,
+            fetch: self.fetch.lock().expect("fetch lock").clone(),
+            api_url: self.chats.api_url(),
+            api_error: self.chats.api_error(),
         };
         drop(guard);
         self.publish(status)
@@ -972,6 +1166,7 @@ impl Desktop {
     pub async fn shutdown(&self) {
         let usage = *self.usage.lock().expect("usage lock");
         self.save_usage(&usage);
+        self.chats.stop_api().await;
         if let Some(node) = self.node.write().await.take() {
             node.shutdown().await;
         }
@@ -1093,6 +1288,20 @@ pub(crate) async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError>
     .map_err(|e| CommandError::new("model", e.to_string()))?
     .map_err(|e| CommandError::new("model", format!("writing the demo model: {e}")))?;
     Ok(dir)
+}
+
+/// Where the model `choice` names lives: the default model's directory, a local one, or the
+/// swarm model's under the data dir (named by its id, which the settings checked is hex).
+fn model_dir(launch: &Launch, default_dir: &Path, choice: &ModelChoice) -> PathBuf {
+    match choice {
+        ModelChoice::Demo => default_dir.to_path_buf(),
+        ModelChoice::Local { dir } => dir.clone(),
+        ModelChoice::Swarm { id } => launch.data_dir.join("models").join(id),
+    }
+}
+
+fn model_error(message: impl Into<String>) -> CommandError {
+    CommandError::new("model", message)
 }
 
 /// The status's name of a reachability path.

@@ -94,6 +94,25 @@ pub struct DesktopStatus {
     pub credit_today: f64,
     /// Receipts awaiting the requester's countersignature.
     pub receipts_pending: u64,
+    /// A model's files or layers on their way from peers; none when nothing is fetched.
+    pub fetch: Option<FetchStatus>,
+    /// Where the OpenAI-compatible API answers (`http://127.0.0.1:8000/v1`), when it is on.
+    pub api_url: Option<String>,
+    /// Why the API is not serving though the settings turn it on.
+    pub api_error: Option<String>,
+}
+
+/// A fetch from peers in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FetchStatus {
+    /// The model.
+    pub model_id: String,
+    /// The layers whose weights come, or none while the model's small files come.
+    pub layers: Option<LayerRange>,
+    /// Bytes verified so far.
+    pub done_bytes: u64,
+    /// Bytes in all (0 until known).
+    pub total_bytes: u64,
 }
 
 impl DesktopStatus {
@@ -118,6 +137,9 @@ impl DesktopStatus {
             reachability: "untested".into(),
             reachability_advice: String::new(),
             receipts_today: 0,
+            fetch: None,
+            api_url: None,
+            api_error: None,
             credit_today: 0.0,
             receipts_pending: 0,
         }

@@ -615,3 +615,5 @@ fn the_demo_model_is_the_shipped_one_and_replaces_an_older_or_damaged_copy() {
         .unwrap();
     assert!(shipped());
 }
+
+mod chat;

@@ -109,6 +109,11 @@ impl ServedModel {
         })
     }
 
+    /// Whether the model has a chat template (base models have none).
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
     /// Whether a request can be served end to end now (every layer has a provider).
     pub fn available(&self) -> bool {
         match &self.engine {
@@ -188,6 +193,30 @@ impl ServedModel {
             stop_ids: self.info.config.eos_token_ids.clone(),
             sampling: request.sampling,
         })
+    }
+
+    /// Starts `request` on this model: checks that a chain covers it, the prompt and the
+    /// context, then runs the generation in a task of its own. Its pieces come on the returned
+    /// receiver, with the prompt's token count; dropping the receiver ends the session.
+    pub async fn start(
+        self: &Arc<Self>,
+        request: &Request,
+    ) -> Result<(PieceReceiver, usize), ApiError> {
+        if !self.ready().await {
+            return Err(ApiError::unavailable(format!(
+                "no chain of peers covers every layer of {} right now",
+                self.name
+            )));
+        }
+        let prompt = self.prompt_ids(&request.prompt)?;
+        let options = self.options(request, prompt.len())?;
+        let (tx, rx) = Self::channel();
+        let prompt_tokens = prompt.len();
+        tokio::spawn(
+            self.clone()
+                .generate(prompt, options, request.stop.clone(), tx),
+        );
+        Ok((rx, prompt_tokens))
     }
 
     /// Runs a generation, sending its pieces to `tx`; returns when it ends or the receiver is

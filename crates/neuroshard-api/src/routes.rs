@@ -194,26 +194,12 @@ async fn start(
         .find(|m| m.name == request.model)
         .cloned()
         .ok_or_else(|| ApiError::unknown_model(&request.model))?;
-    if !model.ready().await {
-        return Err(ApiError::unavailable(format!(
-            "no chain of peers covers every layer of {} right now",
-            model.name
-        )));
-    }
-    let prompt = model.prompt_ids(&request.prompt)?;
-    let options = model.options(&request, prompt.len())?;
     let permit = state
         .slots
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::busy(state.max_concurrent))?;
-    let (tx, rx) = ServedModel::channel();
-    let prompt_tokens = prompt.len();
-    tokio::spawn(
-        model
-            .clone()
-            .generate(prompt, options, request.stop.clone(), tx),
-    );
+    let (rx, prompt_tokens) = model.start(&request).await?;
     let reply = Reply {
         id: format!(
             "{}-{:016x}",

@@ -240,57 +240,90 @@ async fn node_client(peer: &str) -> Result<NodeClient<Channel>, NodeError> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Fetches the model's small files (see [`MODEL_FILES`]) from the node `client` talks to into
-/// `dir`, each at most [`MAX_MODEL_FILE_BYTES`] and written whole, and marks `dir` as the
-/// fetched model `model_id`. `config.json` must come and parse; the others come where the
-/// peer has them.
-pub async fn fetch_model_files(
+/// One of the model's small files from the node `client` talks to, in pieces, at most
+/// [`MAX_MODEL_FILE_BYTES`]; none when the peer's model has no such file.
+pub async fn fetch_model_file(
+    client: &mut NodeClient<Channel>,
+    peer: &str,
+    model_id: &str,
+    name: &str,
+) -> Result<Option<Vec<u8>>, NodeError> {
+    let mut data = Vec::new();
+    loop {
+        let request = pb::ModelFileRequest {
+            model_id: model_id.to_string(),
+            name: name.to_string(),
+            offset: data.len() as u64,
+        };
+        let reply = match client.get_model_file(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(status) => {
+                return Err(NodeError::Remote {
+                    peer: peer.to_string(),
+                    status,
+                });
+            }
+        };
+        if reply.total_bytes > MAX_MODEL_FILE_BYTES {
+            return Err(NodeError::BadRequest(format!(
+                "{peer} offers a {name} of {} bytes; at most {MAX_MODEL_FILE_BYTES} are taken",
+                reply.total_bytes
+            )));
+        }
+        let before = data.len() as u64;
+        data.extend_from_slice(&reply.data);
+        let have = data.len() as u64;
+        if have > reply.total_bytes || (have == before && have < reply.total_bytes) {
+            return Err(NodeError::BadRequest(format!(
+                "{peer} sent {name} in pieces that do not add up to its {} bytes",
+                reply.total_bytes
+            )));
+        }
+        if have == reply.total_bytes {
+            return Ok(Some(data));
+        }
+    }
+}
+
+/// The `config.json` of the model `model_id` the node at `peer` serves: what a list of the
+/// swarm's models shows of each.
+pub async fn peer_model_config(
+    peer: &str,
+    model_id: &str,
+) -> Result<neuroshard_model::LlamaConfig, NodeError> {
+    let mut client = node_client(peer).await?;
+    let bytes = fetch_model_file(&mut client, peer, model_id, "config.json")
+        .await?
+        .ok_or_else(|| NodeError::BadRequest(format!("{peer} has no config.json")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| NodeError::BadRequest(format!("{peer}'s config.json is not UTF-8")))?;
+    Ok(neuroshard_model::LlamaConfig::from_json(&text)?)
+}
+
+/// Fetches the model's small files (see [`MODEL_FILES`]) from the node at `peer` into `dir`,
+/// each written whole, and marks `dir` as the fetched model `model_id`. `config.json` must come
+/// and describe a model this runtime runs; the others come where the peer has them.
+pub async fn fetch_model_files(peer: &str, model_id: &str, dir: &Path) -> Result<(), NodeError> {
+    let mut client = node_client(peer).await?;
+    fetch_files_with(&mut client, peer, model_id, dir).await
+}
+
+async fn fetch_files_with(
     client: &mut NodeClient<Channel>,
     peer: &str,
     model_id: &str,
     dir: &Path,
 ) -> Result<(), NodeError> {
     for &name in MODEL_FILES {
-        let mut data = Vec::new();
-        let complete = loop {
-            let request = pb::ModelFileRequest {
-                model_id: model_id.to_string(),
-                name: name.to_string(),
-                offset: data.len() as u64,
-            };
-            let reply = match client.get_model_file(request).await {
-                Ok(reply) => reply.into_inner(),
-                Err(status) if status.code() == tonic::Code::NotFound && name != "config.json" => {
-                    break false;
-                }
-                Err(status) => {
-                    return Err(NodeError::Remote {
-                        peer: peer.to_string(),
-                        status,
-                    });
-                }
-            };
-            if reply.total_bytes > MAX_MODEL_FILE_BYTES {
+        match fetch_model_file(client, peer, model_id, name).await? {
+            Some(data) => write_atomic(&dir.join(name), &data)?,
+            None if name == "config.json" => {
                 return Err(NodeError::BadRequest(format!(
-                    "{peer} offers a {name} of {} bytes; at most {MAX_MODEL_FILE_BYTES} are taken",
-                    reply.total_bytes
+                    "{peer} has no config.json for model {model_id}"
                 )));
             }
-            let before = data.len();
-            data.extend_from_slice(&reply.data);
-            let have = data.len() as u64;
-            if have > reply.total_bytes || (have == before as u64 && have < reply.total_bytes) {
-                return Err(NodeError::BadRequest(format!(
-                    "{peer} sent {name} in pieces that do not add up to its {} bytes",
-                    reply.total_bytes
-                )));
-            }
-            if have == reply.total_bytes {
-                break true;
-            }
-        };
-        if complete {
-            write_atomic(&dir.join(name), &data)?;
+            None => {}
         }
     }
     // The config must describe a model this runtime can run before anything is served from it.
@@ -373,7 +406,7 @@ pub async fn fetch_weights(
         .node
         .ok_or_else(|| NodeError::BadRequest(format!("{peer} did not say what it serves")))?;
     if !dir.join("config.json").exists() {
-        fetch_model_files(&mut client, peer, &info.model_id, dir).await?;
+        fetch_files_with(&mut client, peer, &info.model_id, dir).await?;
     }
     let model = ModelInfo::with_id(dir, &info.model_id)?;
     let total = model.config.num_hidden_layers;

@@ -89,6 +89,50 @@ pub struct Settings {
     pub schedule: Schedule,
     /// Where to find the swarm.
     pub network: NetworkSettings,
+    /// Which model to help serve.
+    pub model: ModelChoice,
+    /// The OpenAI-compatible API for tools on this machine.
+    pub api: ApiSettings,
+}
+
+/// Which model to help serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelChoice {
+    /// The model the app ships (the trained demo model): it serves on a machine with no swarm.
+    #[default]
+    Demo,
+    /// A model the swarm serves, by the content id its peers announce; the chosen layers'
+    /// weights are fetched from them and kept on disk.
+    Swarm {
+        /// The model's id (16 hex digits).
+        id: String,
+    },
+    /// A Hugging Face model directory on this machine.
+    Local {
+        /// The directory, an absolute path.
+        dir: PathBuf,
+    },
+}
+
+/// The OpenAI-compatible API (`/v1/chat/completions` and the rest), on loopback only, so
+/// local tools reach the swarm through this app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Serve it. Default false.
+    pub enabled: bool,
+    /// The loopback port. Default 8000, where OpenAI-compatible local servers listen.
+    pub port: u16,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            port: 8000,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -101,6 +145,8 @@ impl Default for Settings {
             bandwidth: BandwidthSettings::default(),
             schedule: Schedule::default(),
             network: NetworkSettings::default(),
+            model: ModelChoice::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -337,7 +383,22 @@ impl Settings {
             }
         }
         self.schedule.validate()?;
-        self.network.validate()
+        self.network.validate()?;
+        match &self.model {
+            ModelChoice::Swarm { id }
+                if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                return bad("model.id", "must be a model id of 16 hex digits");
+            }
+            ModelChoice::Local { dir } if !dir.is_absolute() => {
+                return bad("model.dir", "must be an absolute path");
+            }
+            _ => {}
+        }
+        if self.api.port == 0 {
+            return bad("api.port", "must be a port from 1 to 65535");
+        }
+        Ok(())
     }
 }
 
@@ -540,9 +601,9 @@ impl SettingsStore {
         self.replace(next)
     }
 
-    /// The settings `patch` would make, validated, without keeping them. A layer choice in a
-    /// patch replaces the old one whole: its shapes (auto, range, count) have different
-    /// fields, which must not merge.
+    /// The settings `patch` would make, validated, without keeping them. A layer or model
+    /// choice in a patch replaces the old one whole: their shapes (auto, range, count; demo,
+    /// swarm, local) have different fields, which must not merge.
     pub fn preview(&self, patch: &Value) -> Result<Settings, SettingsError> {
         if !patch.is_object() {
             return Err(SettingsError::invalid(
@@ -552,10 +613,12 @@ impl SettingsStore {
         }
         let mut doc = serde_json::to_value(&self.current).expect("settings serialize");
         json_patch::merge(&mut doc, patch);
-        if let Some(choice) = patch.get("layers").filter(|c| c.is_object()) {
-            let mut whole = Value::Object(Default::default());
-            json_patch::merge(&mut whole, choice);
-            doc["layers"] = whole;
+        for key in ["layers", "model"] {
+            if let Some(choice) = patch.get(key).filter(|c| c.is_object()) {
+                let mut whole = Value::Object(Default::default());
+                json_patch::merge(&mut whole, choice);
+                doc[key] = whole;
+            }
         }
         let next = parse(doc)?;
         next.validate()?;
@@ -613,6 +676,23 @@ mod tests {
     }
 
     #[test]
+    fn a_model_choice_replaces_the_one_before_whole() {
+        let (_dir, mut store) = store();
+        let swarm = json!({"model": {"source": "swarm", "id": "0123456789abcdef"}});
+        let chosen = store.update(&swarm).unwrap().model.clone();
+        assert_eq!(
+            chosen,
+            ModelChoice::Swarm {
+                id: "0123456789abcdef".into()
+            }
+        );
+        let back = store.update(&json!({"model": {"source": "demo"}})).unwrap();
+        assert_eq!(back.model, ModelChoice::Demo);
+        let api = store.update(&json!({"api": {"enabled": true}})).unwrap();
+        assert_eq!((api.api.enabled, api.api.port), (true, 8000));
+    }
+
+    #[test]
     fn bad_values_name_their_field_and_change_nothing() {
         let (_dir, mut store) = store();
         store
@@ -664,6 +744,16 @@ mod tests {
                 json!({"network": {"bootstrap": ["nohost"]}}),
                 "network.bootstrap[0]",
             ),
+            (
+                json!({"model": {"source": "swarm", "id": "../../etc"}}),
+                "model.id",
+            ),
+            (
+                json!({"model": {"source": "local", "dir": "models/qwen"}}),
+                "model.dir",
+            ),
+            (json!({"model": {"source": "cloud"}}), "model.source"),
+            (json!({"api": {"port": 0}}), "api.port"),
             (json!({"compute": {"turbo": true}}), "compute.turbo"),
             (json!([1, 2]), "settings"),
         ];
