@@ -49,7 +49,7 @@ PY
 # The tracker dies. A replica of 2..4 joins knowing only the first node; the original 2..4
 # stops; a generation that knows only the first node finds the replica through the DHT.
 kill "${pids[0]}"
-entry="$(sed -n 's/.*serving layers 0\.\.2 at \([0-9.:]*\) .*/\1/p' "$work/node-0..2.log")"
+entry="$(sed -n 's/.*serving layers 0\.\.2 of model [0-9a-f]* at \([0-9.:]*\) .*/\1/p' "$work/node-0..2.log")"
 "$bin" node --model "$work/model" --layers 2..4 --bootstrap "$entry" --no-lan --host 127.0.0.1 \
   --data-dir "$work/data-replica" 2>"$work/node-replica.log" & pids+=($!)
 await_line "$work/node-replica.log" "announced to the DHT"

@@ -79,7 +79,8 @@ log="$(mktemp)"
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
 echo "== the app's pages in Chromium (IPC mocked)"
-(cd ui && npm test) 2>&1 | tee -a "$log" || status=$?
+# The chat page's test bridges the page to a loopback swarm of the CLI's processes.
+(cd ui && NEUROSHARD_BIN="$CARGO_TARGET_DIR/debug/neuroshard" npm test) 2>&1 | tee -a "$log" || status=$?
 echo "== the real app under Xvfb through WebKitWebDriver"
 ./scripts/test-app.sh "$CARGO_TARGET_DIR/debug/neuroshard" "$CARGO_TARGET_DIR/debug/neuroshard-desktop" 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one line per test binary, node one per file).

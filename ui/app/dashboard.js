@@ -41,6 +41,7 @@ export function render(status) {
 
   setText("stat-layers", fmt.layers(status.layers));
   setText("stat-model", status.total_layers ? `of ${status.total_layers} · model ${status.model_id ?? ""}` : "");
+  setText("stat-fetch", status.fetch ? fmt.fetching(status.fetch) : "");
   setText("stat-tps", status.tokens_per_s.toFixed(1));
   const where = { gpu: " on the GPU", cpu: " on the CPU" }[status.device] ?? "";
   setText("stat-device", `tokens per second${where}`);

@@ -31,6 +31,26 @@ export function layers(range) {
   return range.end - range.start === 1 ? `${range.start}` : `${range.start}–${range.end - 1}`;
 }
 
+/** A parameter count: 494M, 1.2B. */
+export function params(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(n >= 1e10 ? 0 : 1)}B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(n >= 1e7 ? 0 : 1)}M`;
+  return `${Math.round(n / 1e3)}K`;
+}
+
+/** A model as the pickers name it: family, size and the start of its id. */
+export function model(m) {
+  const about = m.about ? `${m.about.family} · ${params(m.about.parameters)} parameters · ` : "";
+  return `${about}${m.total_layers} layers · ${m.id.slice(0, 8)}`;
+}
+
+/** A fetch in progress, in words. */
+export function fetching(f) {
+  if (!f.layers) return `Fetching model ${f.model_id.slice(0, 8)}'s files…`;
+  const share = f.total_bytes ? Math.floor((100 * f.done_bytes) / f.total_bytes) : 0;
+  return `Fetching layers ${layers(f.layers)} of model ${f.model_id.slice(0, 8)}: ${share}% (${bytes(f.done_bytes)} of ${bytes(f.total_bytes)})`;
+}
+
 export function time(ms) {
   const d = new Date(ms);
   const today = new Date();

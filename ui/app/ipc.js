@@ -30,3 +30,10 @@ export async function call(command, args = {}) {
 export function on(event, handler) {
   return tauri().event.listen(event, (e) => handler(e.payload));
 }
+
+/** A channel the app streams a command's events over; `onmessage` gets each in order. */
+export function channel(onmessage) {
+  const ch = new (tauri().core.Channel)();
+  ch.onmessage = onmessage;
+  return ch;
+}

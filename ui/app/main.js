@@ -4,9 +4,10 @@ import { STATE_LABELS } from "./format.js";
 import * as dashboard from "./dashboard.js";
 import * as settings from "./settings.js";
 import * as receipts from "./receipts.js";
+import * as chat from "./chat.js";
 import * as firstRun from "./first-run.js";
 
-const screens = { dashboard, settings, receipts };
+const screens = { dashboard, chat, settings, receipts };
 
 export function show(name) {
   if (!screens[name]) return;

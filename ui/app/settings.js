@@ -7,6 +7,7 @@ const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const DAY_NAMES = { mon: "Monday", tue: "Tuesday", wed: "Wednesday", thu: "Thursday", fri: "Friday", sat: "Saturday", sun: "Sunday" };
 let current = null;
 let estimateTimer = null;
+let swarmModels = [];
 
 /** Shows `error` beside the field it names (or its nearest named parent); false if none. */
 export function showFieldErrors(root, error) {
@@ -90,7 +91,86 @@ function fill(s) {
   $("windows").replaceChildren(...s.schedule.weekly.map(windowRow));
   $("f-tracker").value = s.network.tracker ?? "";
   $("f-bootstrap").value = s.network.bootstrap.join("\n");
+  for (const r of document.querySelectorAll('input[name="model-source"]')) r.checked = r.value === s.model.source;
+  $("f-model-dir").value = s.model.dir ?? "";
+  $("f-api-on").checked = s.api.enabled;
+  $("f-api-port").value = s.api.port;
   showLayerInputs();
+  showModelInputs();
+  renderModels();
+}
+
+/** One cell per layer, darker with more providers; an empty cell is a layer nobody serves. */
+function coverageBar(coverage) {
+  const bar = document.createElement("span");
+  bar.className = "coverage";
+  bar.setAttribute("role", "img");
+  const missing = coverage.filter((c) => c === 0).length;
+  bar.setAttribute("aria-label", missing ? `${missing} of ${coverage.length} layers have no provider` : `every layer has a provider`);
+  coverage.forEach((count, layer) => {
+    const cell = document.createElement("span");
+    cell.className = "cov";
+    cell.dataset.n = String(Math.min(count, 3));
+    cell.title = `layer ${layer}: ${count} provider${count === 1 ? "" : "s"}`;
+    bar.append(cell);
+  });
+  return bar;
+}
+
+function renderModels() {
+  const chosen = current?.model.source === "swarm" ? current.model.id : null;
+  const picked = document.querySelector('input[name="swarm-model"]:checked')?.value ?? chosen;
+  const rows = swarmModels.map((m) => {
+    const tr = document.createElement("tr");
+    const pick = document.createElement("input");
+    pick.type = "radio";
+    pick.name = "swarm-model";
+    pick.value = m.id;
+    pick.checked = m.id === picked;
+    pick.setAttribute("aria-label", `Serve model ${m.id}`);
+    pick.addEventListener("change", () => {
+      document.querySelector('input[name="model-source"][value="swarm"]').checked = true;
+      showModelInputs();
+    });
+    const name = document.createElement("td");
+    name.textContent = fmt.model(m);
+    const cov = document.createElement("td");
+    cov.append(coverageBar(m.coverage));
+    const nodes = document.createElement("td");
+    nodes.className = "num";
+    nodes.textContent = String(m.providers);
+    const first = document.createElement("td");
+    first.append(pick);
+    tr.append(first, name, cov, nodes);
+    tr.dataset.model = m.id;
+    return tr;
+  });
+  $("model-rows").replaceChildren(...rows);
+  $("models-empty").hidden = swarmModels.length > 0;
+}
+
+async function loadSwarmModels() {
+  try {
+    swarmModels = await call("swarm_models");
+  } catch (e) {
+    swarmModels = [];
+    showFieldErrors($("settings-form"), { field: "model", message: e.message });
+  }
+  renderModels();
+}
+
+function modelChoice() {
+  const source = document.querySelector('input[name="model-source"]:checked')?.value ?? "demo";
+  if (source === "swarm") return { source, id: document.querySelector('input[name="swarm-model"]:checked')?.value ?? null };
+  if (source === "local") return { source, dir: $("f-model-dir").value.trim() };
+  return { source };
+}
+
+function showModelInputs() {
+  const source = modelChoice().source;
+  $("model-swarm").hidden = source !== "swarm";
+  $("model-local").hidden = source !== "local";
+  if (source === "swarm" && !swarmModels.length) loadSwarmModels();
 }
 
 function number(id) {
@@ -141,6 +221,8 @@ export function patch() {
       tracker: $("f-tracker").value.trim() || null,
       bootstrap: $("f-bootstrap").value.split("\n").map((l) => l.trim()).filter(Boolean),
     },
+    model: modelChoice(),
+    api: { enabled: $("f-api-on").checked, port: number("f-api-port") },
   };
 }
 
@@ -173,6 +255,18 @@ export async function load() {
 }
 
 export function status(st) {
+  const fetch = st.fetch;
+  $("model-fetch").hidden = !fetch;
+  if (fetch) {
+    const share = fetch.total_bytes ? fetch.done_bytes / fetch.total_bytes : 0;
+    $("model-fetch-fill").style.width = `${(share * 100).toFixed(1)}%`;
+    $("model-fetch-text").textContent = fmt.fetching(fetch);
+  }
+  $("api-state").textContent = st.api_url
+    ? `Serving at ${st.api_url}: point any OpenAI client there (no key needed on this computer).`
+    : st.api_error
+      ? `Not serving: ${st.api_error}`
+      : "Off.";
   const bw = st.bandwidth;
   $("cap-usage").textContent = bw.period_cap_bytes
     ? `Used ${fmt.bytes(bw.period_bytes)} of ${fmt.bytes(bw.period_cap_bytes)} this period.`
@@ -183,6 +277,8 @@ export function init() {
   const form = $("settings-form");
   for (const r of document.querySelectorAll('input[name="layer-mode"]')) r.addEventListener("change", showLayerInputs);
   for (const id of ["f-layer-start", "f-layer-end", "f-layer-count", "f-vram"]) $(id).addEventListener("input", showLayerInputs);
+  for (const r of document.querySelectorAll('input[name="model-source"]')) r.addEventListener("change", showModelInputs);
+  $("models-refresh").addEventListener("click", loadSwarmModels);
   $("add-window").addEventListener("click", () => {
     $("windows").append(windowRow({ day: "mon", start_minute: 18 * 60, end_minute: 23 * 60 }));
   });
@@ -191,6 +287,13 @@ export function init() {
     clearFieldErrors(form);
     const message = $("settings-message");
     message.className = "form-message";
+    const model = modelChoice();
+    if (model.source === "swarm" && !model.id) {
+      showFieldErrors(form, { field: "model", message: "pick one of the swarm's models, or another source" });
+      message.textContent = "Not saved: fix the field marked in red.";
+      message.classList.add("bad");
+      return;
+    }
     message.textContent = "Saving…";
     try {
       fill(await call("update_settings", { patch: patch() }));
@@ -206,6 +309,7 @@ export function init() {
 
 export function opened() {
   if (current) fill(current);
+  if (modelChoice().source === "swarm") loadSwarmModels();
   $("settings-message").textContent = "";
   clearFieldErrors($("settings-form"));
 }

@@ -4,10 +4,11 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { mkdir, writeFile } from "node:fs/promises";
+import { cp, mkdir, writeFile } from "node:fs/promises";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Builder, By, until } from "selenium-webdriver";
+import { awaitLine } from "./processes.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const shots = join(here, "..", "test-results");
@@ -17,20 +18,8 @@ const WAIT = 60_000;
 
 let tracker;
 let trackerUrl;
+let peer;
 let driver;
-
-/** Resolves with the first match of `pattern` in the child's stderr. */
-function awaitLine(child, pattern) {
-  return new Promise((resolve, reject) => {
-    let seen = "";
-    child.stderr.on("data", (chunk) => {
-      seen += chunk;
-      const m = seen.match(pattern);
-      if (m) resolve(m);
-    });
-    child.on("exit", (code) => reject(new Error(`exited ${code} before ${pattern}: ${seen}`)));
-  });
-}
 
 const text = (css) => driver.executeScript("return document.querySelector(arguments[0])?.textContent ?? null", css);
 const waitText = (css, predicate, what) =>
@@ -51,7 +40,8 @@ before(async () => {
   const config = process.env.NEUROSHARD_CONFIG;
   const model = process.env.NEUROSHARD_MODEL_DIR;
   assert.ok(config && model, "NEUROSHARD_CONFIG and NEUROSHARD_MODEL_DIR are set");
-  execFileSync(bin, ["init-model", model]);
+  // The shipped trained demo model, so the chat shows the text it learned.
+  await cp(join(here, "..", "..", "models", "demo"), model, { recursive: true });
   tracker = spawn(bin, ["tracker", "--listen", "127.0.0.1:0"], { stdio: ["ignore", "ignore", "pipe"] });
   const [, addr] = await awaitLine(tracker, /tracker listening on ([0-9.:]+)/);
   trackerUrl = `http://${addr}`;
@@ -72,6 +62,7 @@ before(async () => {
 after(async () => {
   await driver?.quit().catch(() => {});
   tracker?.kill();
+  peer?.kill();
 });
 
 test("the dashboard shows the embedded node's live state and the receipts it earns", async () => {
@@ -86,6 +77,36 @@ test("the dashboard shows the embedded node's live state and the receipts it ear
   await driver.findElement(By.css('.nav[data-screen="receipts"]')).click();
   await waitText("#receipt-count", (t) => /^\d+ receipts$/.test(t) && parseInt(t, 10) >= 8, "the receipts table lists them");
   await shot("app-receipts.png");
+});
+
+test("the chat page streams an answer from the app's swarm, the same as generate", async () => {
+  await driver.findElement(By.css('.nav[data-screen="chat"]')).click();
+  await driver.wait(async () => (await driver.executeScript("return document.querySelector('#chat-model').value")) !== "", WAIT, "a model served end to end is offered");
+  const model = process.env.NEUROSHARD_MODEL_DIR;
+  const expected = JSON.parse(
+    execFileSync(bin, ["generate", "--tracker", trackerUrl, "--model", model, "--prompt", "Four score and seven years ago", "--max-new-tokens", "24", "--json"], { encoding: "utf8" }),
+  );
+  for (const [id, value] of [["chat-temp", "0"], ["chat-max", "24"]]) {
+    const input = await driver.findElement(By.id(id));
+    await input.clear();
+    await input.sendKeys(value);
+  }
+  // Count the answer's visible states: it streams in pieces, not at once.
+  await driver.executeScript(`
+    window.__shown = new Set();
+    new MutationObserver(() => {
+      const t = document.querySelector(".msg.assistant .text");
+      if (t) window.__shown.add(t.textContent);
+    }).observe(document.querySelector("#chat-log"), { subtree: true, childList: true, characterData: true });
+  `);
+  await driver.findElement(By.id("chat-input")).sendKeys("Four score and seven years ago");
+  await driver.findElement(By.id("chat-send")).click();
+  await waitText("#chat-usage", (t) => t && t.includes("tokens"), "the answer ends");
+  assert.equal(await text(".msg.assistant .text"), expected.text);
+  assert.match(await text("#chat-usage"), /\+ 24 tokens · stopped at the token limit · no chat template/);
+  const shown = await driver.executeScript("return window.__shown.size");
+  assert.ok(shown > 2, `the answer showed in ${shown} states`);
+  await shot("app-chat.png");
 });
 
 test("a settings change reaches the node", async () => {
@@ -108,4 +129,37 @@ test("a settings change reaches the node", async () => {
   const stats = trackerStats();
   assert.equal(stats.nodes, 1);
   assert.equal(stats.clone_warnings ?? 0, 0, "a restart is not a copied identity");
+});
+
+test("picking a swarm model fetches its layers from a peer with progress, then serves it", async () => {
+  // A peer serving another model, which the app has never seen.
+  const other = join(process.env.NEUROSHARD_CONFIG, "..", "other-model");
+  execFileSync(bin, ["init-model", other, "--size", "demo"]);
+  peer = spawn(bin, ["node", "--model", other, "--layers", "0..6", "--tracker", trackerUrl, "--host", "127.0.0.1", "--no-lan", "--data-dir", join(other, "..", "peer-data")], { stdio: ["ignore", "ignore", "pipe"] });
+  const [, otherId] = await awaitLine(peer, /model ([0-9a-f]{16})/);
+  await driver.findElement(By.css('.nav[data-screen="settings"]')).click();
+  await driver.findElement(By.css('input[name="model-source"][value="swarm"]')).click();
+  const row = By.css(`#model-rows tr[data-model="${otherId}"]`);
+  await driver.wait(async () => {
+    const found = await driver.findElements(row);
+    if (!found.length) await driver.findElement(By.id("models-refresh")).click();
+    return found.length > 0;
+  }, WAIT, "the swarm's model is listed");
+  assert.match(await text(`#model-rows tr[data-model="${otherId}"]`), /llama · 1\dM parameters · 6 layers/);
+  await driver.executeScript(`
+    window.__fetching = [];
+    new MutationObserver(() => window.__fetching.push(document.querySelector("#model-fetch-text").textContent))
+      .observe(document.querySelector("#model-fetch-text"), { subtree: true, childList: true, characterData: true });
+  `);
+  await driver.findElement(By.css(`#model-rows tr[data-model="${otherId}"] input`)).click();
+  await driver.findElement(By.css("#settings-form button[type=submit]")).click();
+  await waitText("#settings-message", (t) => t.startsWith("Saved"), "saved");
+  await driver.findElement(By.css('.nav[data-screen="dashboard"]')).click();
+  await waitText("#stat-model", (t) => t.includes(otherId), "the node serves the swarm's model");
+  await waitText("#state-pill", (t) => t === "Serving", "and serves");
+  assert.equal(await text("#stat-layers"), "0–2", "the layers chosen before");
+  const fetching = await driver.executeScript("return window.__fetching");
+  assert.ok(fetching.some((t) => /^Fetching layers 0–2 of model/.test(t)), `progress shown: ${JSON.stringify(fetching)}`);
+  await driver.wait(() => trackerStats().nodes === 2 && Object.keys(trackerStats().layers_covered).join() === otherId, WAIT, "both nodes serve the swarm's model");
+  await shot("app-model.png");
 });

@@ -2,6 +2,20 @@
 // window.__mock to emit events and read the calls made. Runs in the page before its scripts.
 export function installMock(seed) {
   const calls = [];
+  const channels = {};
+  let nextChannel = 1;
+  // Tauri's Channel: the page sets `onmessage`; the app's side sends through its id.
+  class Channel {
+    constructor() {
+      this.id = nextChannel++;
+      this.onmessage = () => {};
+      channels[this.id] = this;
+    }
+    toJSON() {
+      return `__CHANNEL__:${this.id}`;
+    }
+  }
+  const stopped = new Set();
   const listeners = {};
   const state = structuredClone(seed);
   const status = () => structuredClone(state.status);
@@ -58,18 +72,46 @@ export function installMock(seed) {
     receipt_totals: () => state.totals,
     series: ({ range }) => state.series[range],
     export_receipts: () => "/home/ada/Downloads/neuroshard-receipts-2026-11-23.csv",
+    swarm_models: () => state.models ?? [],
+    // Over a real swarm when the test bridges one in (window.__swarmChat streams the answer of
+    // `neuroshard serve` back through __mock.send); else the seeded answer, piece by piece.
+    chat: async ({ id, request, onEvent }) => {
+      const channel = onEvent;
+      if (window.__swarmChat) {
+        await window.__swarmChat(id, channel.id, request);
+        return null;
+      }
+      const pieces = state.answer ?? ["Hello", " from", " the", " swarm."];
+      for (const text of pieces) {
+        await new Promise((r) => setTimeout(r, 20));
+        if (stopped.has(id)) return null;
+        channel.onmessage({ kind: "text", text });
+      }
+      const usage = { prompt_tokens: 5, completion_tokens: pieces.length, total_tokens: 5 + pieces.length };
+      channel.onmessage({ kind: "done", finish: "stop", usage, templated: true });
+      return null;
+    },
+    stop_chat: ({ id }) => {
+      stopped.add(id);
+      return true;
+    },
   };
   window.__mock = {
     calls,
     state,
+    /** Hands `event` to the page through channel `id`. */
+    send(id, event) {
+      channels[id].onmessage(event);
+    },
     emit(event, payload) {
       for (const handler of listeners[event] ?? []) handler({ event, id: 0, payload });
     },
   };
   window.__TAURI__ = {
     core: {
+      Channel,
       async invoke(command, args = {}) {
-        calls.push({ command, args: structuredClone(args) });
+        calls.push({ command, args: JSON.parse(JSON.stringify(args)) });
         const handler = commands[command];
         if (!handler) throw { code: "bad_request", message: `unknown command ${command}` };
         return structuredClone(await handler(args));

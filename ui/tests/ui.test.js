@@ -2,11 +2,14 @@
 // window.__TAURI__ mocked. Screenshots go to ui/test-results/.
 import { test, before, after, beforeEach, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { readFile, mkdir } from "node:fs/promises";
+import { readFile, mkdir, mkdtemp, cp, writeFile, rm } from "node:fs/promises";
 import { join, dirname } from "node:path";
+import { tmpdir } from "node:os";
+import { spawn, execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { serve } from "./serve.js";
+import { awaitLine } from "./processes.js";
 import { installMock } from "./mock-ipc.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -245,4 +248,183 @@ test("the navigate event from the tray opens a screen", async () => {
   await page.evaluate(() => window.__mock.emit("navigate", "receipts"));
   await page.waitForSelector("#screen-receipts:not([hidden])");
   assert.equal(await page.getAttribute('.nav[data-screen="receipts"]', "aria-current"), "page");
+});
+
+const MODELS = [
+  {
+    id: "4c1d9e0b7a2f6385",
+    total_layers: 24,
+    coverage: [3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 0, 0],
+    providers: 9,
+    complete: false,
+    about: { family: "qwen2", parameters: 494_032_768, hidden_size: 896, context: 32768 },
+  },
+  {
+    id: "9e2f4a61c0b3d875",
+    total_layers: 6,
+    coverage: [1, 1, 1, 1, 1, 1],
+    providers: 2,
+    complete: true,
+    about: { family: "llama", parameters: 4_600_000, hidden_size: 256, context: 512 },
+  },
+];
+
+async function openWith(extra) {
+  const data = { ...(await seed()), ...extra };
+  await page.addInitScript(installMock, data);
+  await page.goto(server.url);
+  await page.waitForSelector("body[data-ready='true']");
+}
+
+test("the model choice lists the swarm's models with their coverage and shows the fetch's progress", async () => {
+  await openWith({ models: MODELS });
+  await page.click('.nav[data-screen="settings"]');
+  assert.equal(await page.isVisible("#model-swarm"), false, "the demo model is the default");
+  await page.check('input[name="model-source"][value="swarm"]');
+  await page.waitForSelector('#model-rows tr[data-model="4c1d9e0b7a2f6385"]');
+  const row = page.locator('#model-rows tr[data-model="4c1d9e0b7a2f6385"]');
+  assert.match(await row.textContent(), /qwen2 · 494M parameters · 24 layers/);
+  assert.equal(await row.locator(".cov").count(), 24);
+  assert.equal(await row.locator('.cov[data-n="0"]').count(), 2, "the uncovered layers show");
+  assert.match(await row.locator(".coverage").getAttribute("aria-label"), /2 of 24 layers have no provider/);
+  // Saving with no model picked is refused in the page.
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForFunction(() => document.querySelector('[data-field="model"]').classList.contains("invalid"));
+  assert.deepEqual(await calls("update_settings"), []);
+  await row.locator('input[name="swarm-model"]').check();
+  await page.check("#f-api-on");
+  await page.fill("#f-api-port", "8011");
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#settings-message").classList.contains("ok"));
+  const [saved] = await calls("update_settings");
+  assert.deepEqual(saved.patch.model, { source: "swarm", id: "4c1d9e0b7a2f6385" });
+  assert.deepEqual(saved.patch.api, { enabled: true, port: 8011 });
+  // The app fetches the layers: the progress shows here and on the dashboard.
+  await page.evaluate(() =>
+    window.__mock.emit("status", {
+      ...window.__mock.state.status,
+      fetch: { model_id: "4c1d9e0b7a2f6385", layers: { start: 12, end: 18 }, done_bytes: 40_000_000, total_bytes: 100_000_000 },
+      api_url: "http://127.0.0.1:8011/v1",
+    }),
+  );
+  await page.waitForSelector("#model-fetch:not([hidden])");
+  assert.equal(await page.textContent("#model-fetch-text"), "Fetching layers 12–17 of model 4c1d9e0b: 40% (40.0 MB of 100 MB)");
+  assert.equal(await page.evaluate(() => document.querySelector("#model-fetch-fill").style.width), "40%");
+  assert.match(await page.textContent("#api-state"), /Serving at http:\/\/127\.0\.0\.1:8011\/v1/);
+  await page.screenshot({ path: join(shots, "settings-model.png"), fullPage: true });
+  await page.click('.nav[data-screen="dashboard"]');
+  assert.match(await page.textContent("#stat-fetch"), /Fetching layers 12–17/);
+  await page.evaluate(() => window.__mock.emit("status", { ...window.__mock.state.status, fetch: null }));
+  await page.waitForFunction(() => document.querySelector("#stat-fetch").textContent === "");
+  // A local folder the app refuses is named beside its field.
+  await page.click('.nav[data-screen="settings"]');
+  await page.check('input[name="model-source"][value="local"]');
+  await page.evaluate(() => {
+    const invoke = window.__TAURI__.core.invoke;
+    window.__TAURI__.core.invoke = (command, args) =>
+      command === "update_settings" && args.patch.model.source === "local"
+        ? Promise.reject({ code: "invalid_setting", field: "model.dir", message: "/nowhere is not a model this app can serve" })
+        : invoke(command, args);
+  });
+  await page.fill("#f-model-dir", "/nowhere");
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForFunction(() => document.querySelector('[data-field="model.dir"]').classList.contains("invalid"));
+  assert.match(await page.textContent('[data-field="model.dir"] .field-error'), /not a model/);
+});
+
+test("the chat picker offers the models served end to end; Stop ends an answer", async () => {
+  await openWith({ models: MODELS, answer: Array.from({ length: 200 }, (_, i) => ` w${i}`) });
+  await page.click('.nav[data-screen="chat"]');
+  await page.waitForFunction(() => document.querySelector("#chat-model").options.length === 1);
+  assert.equal(await page.inputValue("#chat-model"), "9e2f4a61c0b3d875", "the incomplete model is not offered");
+  await page.fill("#chat-input", "hello");
+  await page.press("#chat-input", "Enter");
+  await page.waitForFunction(() => document.querySelector(".msg.assistant .text").textContent.includes("w3"));
+  await page.click("#chat-stop");
+  await page.waitForFunction(() => document.querySelector("#chat-stop").hidden);
+  const [stop] = await calls("stop_chat");
+  const [asked] = await calls("chat");
+  assert.equal(stop.id, asked.id);
+  assert.match(asked.onEvent, /^__CHANNEL__:\d+$/, "the answer streams over a channel");
+  assert.deepEqual(asked.request.messages, [{ role: "user", content: "hello" }]);
+  assert.ok(!(await page.textContent(".msg.assistant .text")).includes("w199"), "stopped before the end");
+});
+
+const bin = process.env.NEUROSHARD_BIN;
+
+test("the chat page streams an answer from a loopback swarm, the same as generate", { skip: !bin && "NEUROSHARD_BIN is not set" }, async () => {
+  const work = await mkdtemp(join(tmpdir(), "neuroshard-chat-"));
+  const children = [];
+  const start = (args) => {
+    const child = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"] });
+    children.push(child);
+    return child;
+  };
+  try {
+    // The shipped demo model with a template that passes the user's text through, as
+    // scripts/api-check.sh does; two nodes serve it through a tracker, `serve` over them.
+    const demo = join(work, "demo");
+    await cp(join(here, "..", "..", "models", "demo"), demo, { recursive: true });
+    await writeFile(join(demo, "chat_template.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}");
+    const [, addr] = await awaitLine(start(["tracker", "--listen", "127.0.0.1:0"]), /tracker listening on ([0-9.:]+)/);
+    const tracker = `http://${addr}`;
+    for (const layers of ["0..3", "3..6"]) {
+      const node = start(["node", "--model", demo, "--layers", layers, "--tracker", tracker, "--host", "127.0.0.1", "--no-lan", "--data-dir", join(work, `data-${layers}`)]);
+      await awaitLine(node, /serving layers/);
+    }
+    const [, api] = await awaitLine(start(["serve", "--tracker", tracker, "--no-lan", "--model", demo, "--listen", "127.0.0.1:0"]), /at (http:\S+) \(OpenAI-compatible/);
+    const prompt = "Four score and seven years ago";
+    const expected = JSON.parse(
+      execFileSync(bin, ["generate", "--tracker", tracker, "--no-lan", "--model", demo, "--chat", prompt, "--max-new-tokens", "24", "--json"], { encoding: "utf8" }),
+    );
+
+    // The page's chat command, bridged to the API's stream: each SSE chunk goes to the page
+    // as it arrives.
+    let pieces = 0;
+    await page.exposeFunction("__swarmChat", async (id, channel, request) => {
+      const reply = await fetch(`${api}/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ ...request, model: "demo", stream: true, stream_options: { include_usage: true } }),
+      });
+      assert.equal(reply.status, 200);
+      let buffered = "";
+      let finish = null;
+      const decoder = new TextDecoder();
+      for await (const bytes of reply.body) {
+        buffered += decoder.decode(bytes, { stream: true });
+        let cut;
+        while ((cut = buffered.indexOf("\n\n")) >= 0) {
+          const line = buffered.slice(0, cut).replace(/^data: /, "");
+          buffered = buffered.slice(cut + 2);
+          if (line === "[DONE]") continue;
+          const chunk = JSON.parse(line);
+          const choice = chunk.choices[0];
+          if (choice?.delta?.content) {
+            pieces += 1;
+            await page.evaluate(([c, text]) => window.__mock.send(c, { kind: "text", text }), [channel, choice.delta.content]);
+          }
+          if (choice?.finish_reason) finish = choice.finish_reason;
+          if (chunk.usage) {
+            await page.evaluate(([c, event]) => window.__mock.send(c, event), [channel, { kind: "done", finish, usage: chunk.usage, templated: true }]);
+          }
+        }
+      }
+    });
+    await openWith({ models: [MODELS[1]] });
+    await page.click('.nav[data-screen="chat"]');
+    await page.waitForFunction(() => document.querySelector("#chat-model").value !== "");
+    await page.fill("#chat-temp", "0");
+    await page.fill("#chat-max", "24");
+    await page.fill("#chat-input", prompt);
+    await page.click("#chat-send");
+    await page.waitForFunction(() => document.querySelector("#chat-usage").textContent !== "", null, { timeout: 60_000 });
+    assert.equal(await page.textContent(".msg.assistant .text"), expected.text);
+    assert.ok(pieces > 1, `streamed in ${pieces} pieces`);
+    assert.match(await page.textContent("#chat-usage"), /\+ 24 tokens · stopped at the token limit/);
+    await page.screenshot({ path: join(shots, "chat.png"), fullPage: true });
+  } finally {
+    for (const child of children) child.kill();
+    await rm(work, { recursive: true, force: true });
+  }
 });

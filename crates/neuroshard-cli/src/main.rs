@@ -487,9 +487,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     );
     let node = start_node(config).await?;
     eprintln!(
-        "node {} serving layers {} at {} on the {}",
+        "node {} serving layers {} of model {} at {} on the {}",
         node.id().short(),
         node.layers(),
+        node.model_id(),
         node.advertised(),
         if node.on_gpu() { "GPU" } else { "CPU" }
     );
