@@ -197,6 +197,53 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_mid_call_is_failed_over_with_the_tokens_unchanged() {
+    use neuroshard_node::node::Fault;
+    let model = TestModel::new(&ModelSpec::tiny());
+    let expected = local_reference(&model, 8).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    // Its compute worker panics from the fourth generated token on.
+    let prompt_len = expected.prompt_ids.len();
+    let faulty = swarm
+        .add_node_with(model.path(), 2, 4, |c| {
+            c.fault = Some(Fault::PanicFrom(prompt_len + 3))
+        })
+        .await
+        .advertised();
+    // A deadline that outlasts the panic hook's backtrace, so the panic's reply is what the
+    // client acts on.
+    let mut config = ClientConfig::new(swarm.tracker.url());
+    config.router.min_deadline = std::time::Duration::from_secs(20);
+    let client = SwarmClient::connect(config).await.unwrap();
+    // The healthy replica of 2..4 joins only now: the first plan can only use the faulty one.
+    swarm.add_node(model.path(), 2, 4).await;
+    let mut session = client.session();
+    let got = generate(&mut session, PROMPT, 8, &[], |_, _| {})
+        .await
+        .unwrap();
+    assert_same_generation(&got, &expected);
+    let events = session.events().to_vec();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains(&faulty) && events[0].contains("panicked"),
+        "{events:?}"
+    );
+    assert!(session.chain().iter().all(|h| h.addr != faulty));
+    session.close().await;
+    // The node outlives its worker's panic and still answers.
+    let node = swarm
+        .nodes
+        .iter()
+        .find(|n| n.advertised() == faulty)
+        .unwrap();
+    assert_eq!(
+        node.status().borrow().state,
+        neuroshard_node::lifecycle::RunState::Serving
+    );
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_request_fails_without_banning_healthy_peers() {
     let model = TestModel::new(&ModelSpec {
         max_positions: 1024,

@@ -31,6 +31,11 @@ pub enum NodeError {
         /// The span served.
         serves: neuroshard_base::LayerRange,
     },
+    /// The node failed at its own work (a compute worker panicked or its task died): the
+    /// caller's request was fine, and another node may serve it. INTERNAL, on which clients
+    /// fail over.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The model refused or failed the request.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -149,7 +154,7 @@ impl From<NodeError> for tonic::Status {
             | NodeError::ShuttingDown
             | NodeError::NotServing(_) => Code::Unavailable,
             NodeError::Remote { status, .. } => status.code(),
-            NodeError::Io { .. } | NodeError::Ledger(_) => Code::Internal,
+            NodeError::Io { .. } | NodeError::Ledger(_) | NodeError::Internal(_) => Code::Internal,
             NodeError::Identity(_) => Code::Unauthenticated,
             NodeError::Receipt(_) => Code::InvalidArgument,
             NodeError::Verification { .. } => Code::DataLoss,

@@ -92,6 +92,9 @@ pub enum Fault {
     CorruptChunk(usize),
     /// Cuts its first checkpoint transfer after this many chunks.
     CutCheckpointAfter(usize),
+    /// Panics in the compute worker of every Forward call that starts at this token position
+    /// or later.
+    PanicFrom(usize),
 }
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].
@@ -830,11 +833,14 @@ impl NodeState {
                     let (out, weights_hash) = out?;
                     Ok((out, compute, weights_hash))
                 }
-                Err(_) => {
+                Err(payload) => {
+                    // The worker's fault, not the caller's: the caller fails over.
                     state.sessions.abandon(checkout);
-                    Err(NodeError::BadRequest(
-                        "compute failed; the session was dropped".into(),
-                    ))
+                    let why = panic_text(payload.as_ref());
+                    tracing::error!("a compute worker panicked ({why}); its session was dropped");
+                    Err(NodeError::Internal(format!(
+                        "compute panicked ({why}); the session was dropped"
+                    )))
                 }
             };
             // The cache is back before the next turn starts: a caller that gave up on this
@@ -843,7 +849,7 @@ impl NodeState {
             result
         })
         .await
-        .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?
+        .map_err(|e| NodeError::Internal(format!("compute task failed: {}", panic_message(e))))?
     }
 
     /// Runs the call on `shard` (or misbehaves, for a test node with a [`Fault`]).
@@ -857,6 +863,11 @@ impl NodeState {
         input: ShardInput,
     ) -> Result<ShardOutput, NodeError> {
         let mut layers = layers.to_range();
+        if let Some(Fault::PanicFrom(at)) = &self.fault
+            && start_pos >= *at
+        {
+            panic!("injected fault at position {start_pos}");
+        }
         let out = match (&self.fault, &served.wrong_shard) {
             (Some(Fault::WrongWeights(_)), Some(wrong)) => {
                 let wrong = wrong.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1459,13 +1470,18 @@ impl NodeHandle {
 /// What a panicked task said, for an error message.
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "it panicked".into()),
+        Ok(payload) => panic_text(payload.as_ref()),
         Err(e) => e.to_string(),
     }
+}
+
+/// The message a panic carried.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "it panicked".into())
 }
 
 /// Loads the shard, binds, registers with the tracker (if any) and starts serving.
