@@ -1,4 +1,7 @@
-//! The one place generated protobuf types meet domain types.
+//! Conversions between the generated protobuf types and the domain types: tensors, dtypes,
+//! layer spans, peer records and DHT records. The gRPC services and clients (node, tracker,
+//! discovery, checkpoints) still build and read some protobuf messages themselves; their
+//! fields meet the domain here.
 
 use std::net::SocketAddr;
 

@@ -1,5 +1,11 @@
-//! A node: one layer range of one model served over gRPC, with its session store, metrics and
-//! tracker heartbeat.
+//! A node: one layer range of one model served over gRPC, with its session store, metrics,
+//! lifecycle (pause, drain, caps, duty cycle), receipts and tracker heartbeat.
+//!
+//! This file holds the node's config, the served shard and where its weights come from (disk,
+//! or fetched from a peer and kept), the state that serves `Forward`, the gRPC service and the
+//! [`NodeHandle`]. Its submodules serve the rest: `checkpoint` (`GetCheckpoint`,
+//! `PutCheckpoint`, `GetModelFile`), `training` and `outer` (the training stage and its DiLoCo
+//! round).
 //!
 //! [`start_node`] loads the shard (off the reactor), binds, and returns a [`NodeHandle`]; the
 //! server, the session sweeper and the heartbeat run as tasks tied to the handle's cancellation
