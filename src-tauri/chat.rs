@@ -85,16 +85,6 @@ impl Chats {
     }
 }
 
-impl From<ApiError> for CommandError {
-    fn from(e: ApiError) -> Self {
-        CommandError {
-            code: e.code.unwrap_or("chat"),
-            message: e.message,
-            field: e.param,
-        }
-    }
-}
-
 impl Desktop {
     /// The models the swarm announces, with their coverage and what their configs say (read
     /// from disk, else asked of a provider once).

@@ -9,8 +9,13 @@
 pub mod chat;
 pub mod commands;
 pub mod desktop;
+pub mod error;
+pub mod launch;
 pub mod layers;
+pub mod meter;
 pub mod models;
+pub mod policy;
+pub mod receipts;
 mod shell;
 pub mod status;
 pub mod tray;

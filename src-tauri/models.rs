@@ -1,13 +1,24 @@
-//! The models the swarm serves, as the model picker and the chat page show them, and where to
-//! fetch a chosen model's layers from: pure functions over the peers the tracker or the DHT
-//! list.
+//! The model the app serves: the swarm's models as the model picker and the chat page show
+//! them, where to fetch a chosen model's layers from (pure functions over the peers the tracker
+//! or the DHT list), and making the chosen model the served one (fetching its files and layers
+//! with progress in the status), or the shipped demo model by default.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use neuroshard_base::LayerRange;
-use neuroshard_model::LlamaConfig;
+use neuroshard_model::fetched::{self, FetchedModel};
+use neuroshard_model::{LlamaConfig, ModelInfo};
+use neuroshard_node::checkpoint;
 use neuroshard_node::convert::PeerRecord;
+use neuroshard_node::settings::{ModelChoice, Settings};
 use serde::Serialize;
+
+use crate::desktop::Desktop;
+use crate::error::{CommandError, model_error};
+use crate::launch::Launch;
+use crate::layers::LayerPlan;
+use crate::status::FetchStatus;
 
 /// A model the swarm announces.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -109,6 +120,188 @@ pub fn sources(
         at = end;
     }
     Ok(pieces)
+}
+
+impl Desktop {
+    /// The peers serving `model_id` (every model: none) that the tracker lists, else those the
+    /// running node found through the DHT.
+    pub(crate) async fn swarm_peers(
+        &self,
+        settings: &Settings,
+        model_id: Option<&str>,
+    ) -> Vec<PeerRecord> {
+        let mut peers = match self.node.read().await.as_ref() {
+            Some(node) => node.known_peers(),
+            None => Vec::new(),
+        };
+        if let Some(url) = &settings.network.tracker {
+            match neuroshard_node::client::tracker_client(url) {
+                Ok(client) => {
+                    match neuroshard_node::client::list_peers(client, url, model_id).await {
+                        Ok(list) => peers = list,
+                        Err(e) => tracing::warn!("the swarm's peers from the tracker unknown: {e}"),
+                    }
+                }
+                Err(e) => tracing::warn!("the swarm's peers unknown: {e}"),
+            }
+        }
+        if let Some(id) = model_id {
+            peers.retain(|p| p.model_id == id);
+        }
+        peers
+    }
+
+    /// Makes the model the settings choose the one served and plans its layers: a local
+    /// directory is read; a swarm model's small files and planned layers are fetched from its
+    /// peers (with progress in the status) unless they are on disk from before.
+    pub(crate) async fn prepare(&self, settings: &Settings) -> Result<LayerPlan, CommandError> {
+        let dir = model_dir(&self.launch, &self.default_dir, &settings.model);
+        let swarm_id = match &settings.model {
+            ModelChoice::Swarm { id } => Some(id.clone()),
+            _ => None,
+        };
+        let peers = match &swarm_id {
+            Some(id) => self.swarm_peers(settings, Some(id)).await,
+            None => Vec::new(),
+        };
+        if let Some(id) = &swarm_id
+            && FetchedModel::read(&dir)
+                .ok()
+                .flatten()
+                .is_none_or(|f| &f.model_id != id)
+        {
+            let peer = peers
+                .iter()
+                .find(|p| !p.is_relayed())
+                .or(peers.first())
+                .ok_or_else(|| model_error(format!("no peer serves model {id} now")))?;
+            self.set_fetch(Some(FetchStatus {
+                model_id: id.clone(),
+                layers: None,
+                done_bytes: 0,
+                total_bytes: 0,
+            }));
+            let fetched = checkpoint::fetch_model_files(&peer.addr, id, &dir).await;
+            self.set_fetch(None);
+            fetched.map_err(|e| model_error(format!("fetching model {id}: {e}")))?;
+        }
+        let model = ModelInfo::read(&dir).map_err(|e| CommandError {
+            field: matches!(settings.model, ModelChoice::Local { .. }).then(|| "model.dir".into()),
+            ..model_error(format!("{}: {e}", dir.display()))
+        })?;
+        let switched = model.id != self.model().id;
+        *self.model.lock().expect("model lock") = model.clone();
+        if switched {
+            self.chats.model_changed().await;
+        }
+        let plan = self.plan_layers(settings.layers).await?;
+        if swarm_id.is_some() {
+            self.fetch_layers(&model, &peers, plan.range).await?;
+        }
+        Ok(plan)
+    }
+
+    /// Fetches the weights of `range` of the swarm model `model` from `peers` and keeps them,
+    /// unless they are on disk already.
+    pub(crate) async fn fetch_layers(
+        &self,
+        model: &ModelInfo,
+        peers: &[PeerRecord],
+        range: LayerRange,
+    ) -> Result<(), CommandError> {
+        match fetched::load_shard(&model.dir, &model.config, range.to_range()) {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("fetching the layers again: {e}"),
+        }
+        let sources = crate::models::sources(peers, &model.id, range).map_err(model_error)?;
+        let mut status = FetchStatus {
+            model_id: model.id.clone(),
+            layers: Some(range),
+            done_bytes: 0,
+            total_bytes: 4 * neuroshard_model::init::shard_parameter_count(
+                &model.config,
+                range.to_range(),
+            ) as u64,
+        };
+        self.set_fetch(Some(status.clone()));
+        let fetched = checkpoint::fetch_layers(&sources, model, |p| {
+            status.done_bytes = p.done;
+            status.total_bytes = p.total;
+            self.set_fetch(Some(status.clone()));
+        })
+        .await;
+        self.set_fetch(None);
+        let (parameters, report) = fetched.map_err(|e| {
+            model_error(format!(
+                "fetching layers {range} of model {}: {e}",
+                model.id
+            ))
+        })?;
+        tracing::info!(
+            "fetched layers {range} of model {} ({} bytes in {} requests)",
+            model.id,
+            report.total_bytes,
+            report.requests
+        );
+        let dir = model.dir.clone();
+        let id = model.id.clone();
+        tokio::task::spawn_blocking(move || {
+            fetched::save_shard(&dir, &id, range.to_range(), &parameters)
+        })
+        .await
+        .map_err(|e| model_error(e.to_string()))?
+        .map_err(|e| model_error(format!("keeping the fetched layers: {e}")))
+    }
+
+    /// Shows a fetch's progress at once, between the status refreshes.
+    fn set_fetch(&self, fetch: Option<FetchStatus>) {
+        *self.fetch.lock().expect("fetch lock") = fetch.clone();
+        self.status.send_if_modified(|status| {
+            let changed = status.fetch != fetch;
+            status.fetch = fetch;
+            changed
+        });
+    }
+}
+
+/// The shipped trained demo model under the data dir, written the first time (and again over
+/// a damaged copy, or an older demo model an earlier version wrote there).
+pub(crate) async fn demo_model(data_dir: &Path) -> Result<PathBuf, CommandError> {
+    let dir = data_dir.join("models").join("demo");
+    let shipped = neuroshard_model::init::DEMO_MODEL_FILES;
+    let current = shipped
+        .iter()
+        .all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|b| b == *bytes));
+    if current {
+        return Ok(dir);
+    }
+    let target = dir.clone();
+    tokio::task::spawn_blocking(move || {
+        // Weights files of an older demo model would be read beside the new ones.
+        if let Ok(entries) = std::fs::read_dir(&target) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "safetensors") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        neuroshard_model::init::write_demo_model(&target)
+    })
+    .await
+    .map_err(|e| CommandError::new("model", e.to_string()))?
+    .map_err(|e| CommandError::new("model", format!("writing the demo model: {e}")))?;
+    Ok(dir)
+}
+
+/// Where the model `choice` names lives: the default model's directory, a local one, or the
+/// swarm model's under the data dir (named by its id, which the settings checked is hex).
+pub(crate) fn model_dir(launch: &Launch, default_dir: &Path, choice: &ModelChoice) -> PathBuf {
+    match choice {
+        ModelChoice::Demo => default_dir.to_path_buf(),
+        ModelChoice::Local { dir } => dir.clone(),
+        ModelChoice::Swarm { id } => launch.data_dir.join("models").join(id),
+    }
 }
 
 #[cfg(test)]

@@ -603,16 +603,14 @@ fn the_demo_model_is_the_shipped_one_and_replaces_an_older_or_damaged_copy() {
             .all(|(name, bytes)| std::fs::read(dir.join(name)).unwrap() == *bytes)
     };
     assert_eq!(
-        rt.block_on(crate::desktop::demo_model(data.path()))
-            .unwrap(),
+        rt.block_on(crate::models::demo_model(data.path())).unwrap(),
         dir
     );
     assert_eq!(names(), ["config.json", "model-00001-of-00001.safetensors"]);
     assert!(shipped());
     // A damaged copy is written again.
     std::fs::write(dir.join("model-00001-of-00001.safetensors"), b"not weights").unwrap();
-    rt.block_on(crate::desktop::demo_model(data.path()))
-        .unwrap();
+    rt.block_on(crate::models::demo_model(data.path())).unwrap();
     assert!(shipped());
 }
 

@@ -1,0 +1,91 @@
+//! Where the app keeps things and how its node listens (from the environment), and the
+//! machine's sensors the owner's rules read.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use neuroshard_node::discovery::LanConfig;
+use neuroshard_node::settings::SettingsStore;
+
+/// Where the app keeps things and how its node listens; from the environment, so tests and
+/// packagers can move every path.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Identity key, ledger, transfer meter: the CLI's data dir (`$NEUROSHARD_HOME`, else
+    /// `~/.local/share/neuroshard`), so `neuroshard proofs` reads the app's ledger.
+    pub data_dir: PathBuf,
+    /// The settings file (`$NEUROSHARD_CONFIG`/settings.json, else the OS config dir).
+    pub settings_path: PathBuf,
+    /// The model (`$NEUROSHARD_MODEL_DIR`); none for the demo model, written on first start.
+    pub model_dir: Option<PathBuf>,
+    /// Where the node listens (`$NEUROSHARD_LISTEN`, default `0.0.0.0:7420`).
+    pub listen: SocketAddr,
+    /// `host:port` announced to peers (`$NEUROSHARD_ADVERTISE`); none to derive it.
+    pub advertise: Option<String>,
+    /// LAN discovery over mDNS: on by default; `$NEUROSHARD_LAN` set to `off` turns it off and
+    /// `loopback` keeps it on this machine (tests).
+    pub lan: Option<LanConfig>,
+}
+
+/// The port a desktop node listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7420;
+
+impl Launch {
+    /// From the environment, with the OS directories as defaults.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let data_dir = neuroshard_node::identity::default_data_dir();
+        let listen = match var("NEUROSHARD_LISTEN") {
+            Some(v) => v.to_string_lossy().parse().map_err(|e| {
+                format!("NEUROSHARD_LISTEN {v:?} is not an address such as 127.0.0.1:7420: {e}")
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+        };
+        Ok(Self {
+            data_dir,
+            settings_path: SettingsStore::default_path(),
+            model_dir: var("NEUROSHARD_MODEL_DIR").map(PathBuf::from),
+            listen,
+            advertise: var("NEUROSHARD_ADVERTISE").map(|v| v.to_string_lossy().into_owned()),
+            lan: match var("NEUROSHARD_LAN").as_deref().and_then(|v| v.to_str()) {
+                Some("off") => None,
+                Some("loopback") => Some(LanConfig {
+                    loopback: true,
+                    ..LanConfig::default()
+                }),
+                None | Some("on") => Some(LanConfig::default()),
+                Some(other) => {
+                    return Err(format!(
+                        "NEUROSHARD_LAN {other:?} is not one of on, off or loopback"
+                    ));
+                }
+            },
+        })
+    }
+}
+
+/// What the machine says about its user and power, for "only when idle" and "not on battery".
+pub trait Machine: Send + Sync + std::fmt::Debug {
+    /// Time since the user's last input; none where it cannot be read (no X server).
+    fn idle(&self) -> Option<Duration>;
+    /// Whether the machine runs on a discharging battery; none where it cannot be read.
+    fn on_battery(&self) -> Option<bool>;
+}
+
+/// The real machine: the X server's screen-saver idle time (user-idle) and the batteries the
+/// OS reports (starship-battery).
+#[derive(Debug, Default)]
+pub struct SystemMachine;
+
+impl Machine for SystemMachine {
+    fn idle(&self) -> Option<Duration> {
+        user_idle::UserIdle::get_time().ok().map(|t| t.duration())
+    }
+
+    fn on_battery(&self) -> Option<bool> {
+        let manager = starship_battery::Manager::new().ok()?;
+        let mut batteries = manager.batteries().ok()?;
+        Some(batteries.any(|b| b.is_ok_and(|b| b.state() == starship_battery::State::Discharging)))
+    }
+}

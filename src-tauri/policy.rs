@@ -1,0 +1,272 @@
+//! The owner's rules as pure functions of (settings, holds, sensors, now): whether the node may
+//! serve, snooze lengths, the weekly schedule and local-time arithmetic.
+
+use std::time::Duration;
+
+use chrono::{Datelike, Local, TimeZone, Timelike};
+use neuroshard_node::settings::{ScheduleWindow, Settings, Weekday};
+use serde::{Deserialize, Serialize};
+
+use crate::launch::Machine;
+use crate::status::{AppState, BandwidthStatus};
+
+pub(crate) const MS_PER_HOUR: u64 = 3600 * 1000;
+pub(crate) const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
+
+/// Why the owner holds the node back.
+#[derive(Debug, Default)]
+pub struct Holds {
+    /// Paused from the tray or the dashboard.
+    pub paused: bool,
+    /// Snoozed until then, ms since the Unix epoch.
+    pub snoozed_until_ms: Option<u64>,
+}
+
+/// Snooze lengths the tray offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Snooze {
+    /// One hour.
+    OneHour,
+    /// Three hours.
+    ThreeHours,
+    /// Until 08:00 tomorrow, local time.
+    Tomorrow,
+}
+
+impl Snooze {
+    /// When a snooze of this length that starts at `now_ms` ends.
+    pub fn until(self, now_ms: u64) -> u64 {
+        match self {
+            Snooze::OneHour => now_ms + MS_PER_HOUR,
+            Snooze::ThreeHours => now_ms + 3 * MS_PER_HOUR,
+            Snooze::Tomorrow => tomorrow_at(now_ms, 8),
+        }
+    }
+}
+
+/// What the owner's holds and the settings want at `now`, before looking at the node: the
+/// first run, a pause, a snooze (cleared once it ends), a used-up transfer cap, the battery,
+/// idle time and the weekly schedule, in that order.
+pub fn decide(
+    settings: &Settings,
+    holds: &mut Holds,
+    machine: &dyn Machine,
+    bandwidth: &BandwidthStatus,
+    now: u64,
+) -> (AppState, Option<String>) {
+    if !settings.profile.onboarded {
+        return (AppState::Setup, None);
+    }
+    if holds.paused {
+        return (AppState::Paused, None);
+    }
+    match holds.snoozed_until_ms {
+        Some(until) if until > now => {
+            return (
+                AppState::Snoozed,
+                Some(format!("until {}", clock(until, now))),
+            );
+        }
+        Some(_) => holds.snoozed_until_ms = None,
+        None => {}
+    }
+    if let (Some(cap), Some(ends)) = (bandwidth.period_cap_bytes, bandwidth.period_ends_ms)
+        && bandwidth.period_bytes >= cap
+    {
+        return (
+            AppState::Waiting,
+            Some(format!("transfer cap used up until {}", clock(ends, now))),
+        );
+    }
+    let schedule = &settings.schedule;
+    if schedule.pause_on_battery && machine.on_battery() == Some(true) {
+        return (AppState::Waiting, Some("on battery power".into()));
+    }
+    if schedule.only_when_idle {
+        let wanted = Duration::from_secs(u64::from(schedule.idle_minutes) * 60);
+        match machine.idle() {
+            Some(idle) if idle >= wanted => {}
+            Some(_) => {
+                return (
+                    AppState::Waiting,
+                    Some(format!(
+                        "runs after {} min without input",
+                        schedule.idle_minutes
+                    )),
+                );
+            }
+            None => {
+                return (
+                    AppState::Waiting,
+                    Some("idle time cannot be read here".into()),
+                );
+            }
+        }
+    }
+    let local = Local
+        .timestamp_millis_opt(now as i64)
+        .single()
+        .unwrap_or_else(Local::now);
+    let weekday = WEEKDAYS[local.weekday().num_days_from_monday() as usize];
+    let minute = (local.hour() * 60 + local.minute()) as u16;
+    if !in_schedule(&settings.schedule.weekly, weekday, minute) {
+        return (
+            AppState::Waiting,
+            Some("outside the weekly schedule".into()),
+        );
+    }
+    (AppState::Serving, None)
+}
+
+const WEEKDAYS: [Weekday; 7] = [
+    Weekday::Mon,
+    Weekday::Tue,
+    Weekday::Wed,
+    Weekday::Thu,
+    Weekday::Fri,
+    Weekday::Sat,
+    Weekday::Sun,
+];
+
+/// Whether `minute` of `day` falls in one of the weekly windows; no windows means any time.
+pub fn in_schedule(weekly: &[ScheduleWindow], day: Weekday, minute: u16) -> bool {
+    weekly.is_empty()
+        || weekly
+            .iter()
+            .any(|w| w.day == day && (w.start_minute..w.end_minute).contains(&minute))
+}
+
+/// Local midnight before `now_ms`, in ms since the Unix epoch.
+pub fn local_midnight(now_ms: u64) -> u64 {
+    let now = Local
+        .timestamp_millis_opt(now_ms as i64)
+        .single()
+        .unwrap_or_else(Local::now);
+    now.date_naive()
+        .and_hms_opt(0, 0, 0)
+        .and_then(|t| Local.from_local_datetime(&t).earliest())
+        .map_or(now_ms - now_ms % MS_PER_DAY, |t| {
+            t.timestamp_millis() as u64
+        })
+}
+
+/// `hour`:00 local time on the day after `now_ms`.
+fn tomorrow_at(now_ms: u64, hour: u64) -> u64 {
+    let midnight = local_midnight(now_ms);
+    local_midnight(midnight + MS_PER_DAY + 2 * MS_PER_HOUR) + hour * MS_PER_HOUR
+}
+
+/// "15:30" for a time today, "Tue 08:00" for a later day.
+fn clock(at_ms: u64, now_ms: u64) -> String {
+    let Some(at) = Local.timestamp_millis_opt(at_ms as i64).single() else {
+        return String::new();
+    };
+    if local_midnight(at_ms) == local_midnight(now_ms) {
+        at.format("%H:%M").to_string()
+    } else {
+        at.format("%a %H:%M").to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Sensors {
+        idle: Option<Duration>,
+        battery: Option<bool>,
+    }
+
+    impl Machine for Sensors {
+        fn idle(&self) -> Option<Duration> {
+            self.idle
+        }
+
+        fn on_battery(&self) -> Option<bool> {
+            self.battery
+        }
+    }
+
+    #[test]
+    fn the_rules_apply_in_order_and_a_snooze_clears_once_it_ends() {
+        let now = 1_800_000_000_000;
+        let mut settings = Settings::default();
+        let mut holds = Holds::default();
+        let plugged = Sensors {
+            idle: Some(Duration::from_secs(3600)),
+            battery: Some(false),
+        };
+        let quiet = BandwidthStatus::default();
+        let state = |s: &Settings, h: &mut Holds, m: &Sensors, b: &BandwidthStatus| {
+            decide(s, h, m, b, now).0
+        };
+        assert_eq!(
+            state(&settings, &mut holds, &plugged, &quiet),
+            AppState::Setup
+        );
+        settings.profile.onboarded = true;
+        assert_eq!(
+            state(&settings, &mut holds, &plugged, &quiet),
+            AppState::Serving
+        );
+        // A pause wins over a snooze, and a used-up cap over the battery.
+        holds.snoozed_until_ms = Some(now + 1);
+        holds.paused = true;
+        assert_eq!(
+            state(&settings, &mut holds, &plugged, &quiet),
+            AppState::Paused
+        );
+        holds.paused = false;
+        assert_eq!(
+            state(&settings, &mut holds, &plugged, &quiet),
+            AppState::Snoozed
+        );
+        holds.snoozed_until_ms = Some(now);
+        assert_eq!(
+            state(&settings, &mut holds, &plugged, &quiet),
+            AppState::Serving
+        );
+        assert_eq!(holds.snoozed_until_ms, None, "an ended snooze is cleared");
+        let used_up = BandwidthStatus {
+            period_bytes: 10,
+            period_cap_bytes: Some(10),
+            period_ends_ms: Some(now + MS_PER_DAY),
+            ..BandwidthStatus::default()
+        };
+        let on_battery = Sensors {
+            battery: Some(true),
+            ..plugged
+        };
+        let (waiting, why) = decide(&settings, &mut holds, &on_battery, &used_up, now);
+        assert_eq!(waiting, AppState::Waiting);
+        assert!(why.unwrap().starts_with("transfer cap used up"));
+        let (_, why) = decide(&settings, &mut holds, &on_battery, &quiet, now);
+        assert_eq!(why.as_deref(), Some("on battery power"));
+        // Idle rules: too little idle time waits; none readable says so.
+        settings.schedule.only_when_idle = true;
+        let busy = Sensors {
+            idle: Some(Duration::from_secs(10)),
+            battery: None,
+        };
+        let (_, why) = decide(&settings, &mut holds, &busy, &quiet, now);
+        assert!(why.unwrap().contains("without input"));
+        let unreadable = Sensors {
+            idle: None,
+            battery: None,
+        };
+        let (_, why) = decide(&settings, &mut holds, &unreadable, &quiet, now);
+        assert_eq!(why.as_deref(), Some("idle time cannot be read here"));
+    }
+
+    #[test]
+    fn snoozes_end_when_they_say() {
+        let now = 1_800_000_000_000;
+        assert_eq!(Snooze::OneHour.until(now), now + MS_PER_HOUR);
+        assert_eq!(Snooze::ThreeHours.until(now), now + 3 * MS_PER_HOUR);
+        let tomorrow = Snooze::Tomorrow.until(now);
+        assert!(tomorrow > now && tomorrow - now <= 2 * MS_PER_DAY);
+        assert!(in_schedule(&[], Weekday::Mon, 0), "no windows: any time");
+    }
+}
