@@ -1,0 +1,399 @@
+//! Serving `Forward`: each call checked whole against the served shard, computed off the
+//! reactor on the compute threads against its session's cache, and answered with a receipt.
+
+use super::*;
+
+/// A validated Forward request.
+#[derive(Debug)]
+pub(super) struct ForwardCall {
+    /// The shard it was checked against, which computes it even if a swap follows.
+    pub(super) served: Arc<Served>,
+    pub(super) session_id: String,
+    pub(super) start_pos: usize,
+    pub(super) layers: LayerRange,
+    pub(super) input: ShardInput,
+    pub(super) tokens: usize,
+    pub(super) reply_dtype: WireDType,
+    /// SHA-256 of the input as received.
+    pub(super) input_hash: [u8; 32],
+    /// Nonce and requester key, when the caller wants a receipt.
+    pub(super) proof: Option<([u8; 16], PublicKey)>,
+}
+
+impl NodeState {
+    /// Serves one Forward call: validate, compute off the reactor, encode the reply.
+    pub(super) async fn forward(
+        self: Arc<Self>,
+        req: pb::ForwardRequest,
+    ) -> Result<pb::ForwardResponse, NodeError> {
+        if req.train {
+            return self.train_forward(req).await;
+        }
+        let _admitted = self.lifecycle.admit()?;
+        self.caps.check_budget()?;
+        let received_ms = crate::now_ms();
+        let call = self.parse_call(req)?;
+        let receipt = ReceiptBody {
+            version: neuroshard_proof::receipt::BODY_VERSION,
+            kind: WorkKind::Forward,
+            worker: self.key.public().0,
+            requester: call.proof.map_or([0; 32], |(_, key)| key.0),
+            model_id: self.model.id.clone(),
+            weights_hash: [0; 32],
+            layers: call.layers,
+            session_id: call.session_id.clone(),
+            start_pos: call.start_pos as u64,
+            tokens: call.tokens as u32,
+            flops: self.model.config.forward_flops(
+                call.layers.to_range(),
+                call.start_pos as u64,
+                call.tokens as u64,
+            ),
+            input_hash: call.input_hash,
+            output_hash: [0; 32],
+            fingerprint: Fingerprint::of(&[]),
+            nonce: call.proof.map_or([0; 16], |(nonce, _)| nonce),
+            received_ms,
+            replied_ms: 0,
+        };
+        let (tokens, reply_dtype, wants_receipt) =
+            (call.tokens, call.reply_dtype, call.proof.is_some());
+        let (out, compute, weights_hash) = self.clone().compute(call).await?;
+        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .tokens_served
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
+        let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
+        let receipt = wants_receipt.then(|| {
+            let receipt = ReceiptBody {
+                weights_hash,
+                output_hash: tensor_hash(&tensor),
+                fingerprint,
+                replied_ms: crate::now_ms().max(received_ms),
+                ..receipt
+            }
+            .sign(&self.key);
+            self.ledger.issued(receipt.clone());
+            receipt
+        });
+        use pb::forward_response::Output;
+        let tensor = tensor_to_proto(tensor);
+        Ok(pb::ForwardResponse {
+            output: Some(if logits {
+                Output::Logits(tensor)
+            } else {
+                Output::Hidden(tensor)
+            }),
+            compute_us: compute.as_micros() as u64,
+            receipt: receipt.map(|r| r.to_wire()).unwrap_or_default(),
+        })
+    }
+
+    /// Checks and stores countersigned receipts of this node's work.
+    pub(super) async fn submit_receipts(
+        self: Arc<Self>,
+        batch: Vec<Vec<u8>>,
+    ) -> Result<pb::SubmitReceiptsResponse, NodeError> {
+        if batch.len() > MAX_RECEIPTS_PER_SUBMIT {
+            return Err(NodeError::BadRequest(format!(
+                "{} countersigned receipts in one call; send at most {MAX_RECEIPTS_PER_SUBMIT}",
+                batch.len()
+            )));
+        }
+        let own = self.key.public();
+        let (valid, rejected) = tokio::task::spawn_blocking(move || {
+            let mut valid = Vec::new();
+            let mut rejected = Vec::new();
+            for checked in Countersignature::from_wire_batch(&batch, &own) {
+                match checked {
+                    Ok(cs) => valid.push(cs),
+                    Err(e) => rejected.push(e.to_string()),
+                }
+            }
+            (valid, rejected)
+        })
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("checking receipts failed: {e}")))?;
+        let settled = self.ledger.settle(valid).await?;
+        let stored = settled.iter().filter(|s| **s == Settlement::Stored).count();
+        Ok(pb::SubmitReceiptsResponse {
+            stored: stored as u32,
+            already_settled: (settled.len() - stored) as u32,
+            rejected,
+        })
+    }
+
+    /// Checks a call's session id and (when given) model id.
+    pub(super) fn check_ids(&self, session_id: &str, model_id: &str) -> Result<(), NodeError> {
+        if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
+            return Err(NodeError::BadRequest(format!(
+                "session_id must be 1..={MAX_SESSION_ID_BYTES} bytes"
+            )));
+        }
+        self.check_model(model_id)
+    }
+
+    /// Checks a call's model id, when it gives one.
+    pub(super) fn check_model(&self, model_id: &str) -> Result<(), NodeError> {
+        if !model_id.is_empty() && model_id != self.model.id {
+            return Err(NodeError::BadRequest(format!(
+                "model {model_id} requested, this node serves model {}",
+                self.model.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks every field of a Forward request against this node, before any session work.
+    pub(super) fn parse_call(&self, req: pb::ForwardRequest) -> Result<ForwardCall, NodeError> {
+        self.check_ids(&req.session_id, &req.model_id)?;
+        let layers = span_from_proto(req.layers)?;
+        let served = self.served();
+        if !served.range.covers(&layers) {
+            return Err(NodeError::WrongLayers {
+                asked: layers,
+                serves: served.range,
+            });
+        }
+        let proof = parse_proof(&req.nonce, &req.requester_key)?;
+        let input_hash = match &req.input {
+            Some(pb::forward_request::Input::Tokens(t)) => tokens_hash(&t.ids),
+            _ => [0; 32],
+        };
+        let (input, input_hash) = self.decode_input(req.input, input_hash)?;
+        let reply_dtype = match req.reply_dtype {
+            0 => WireDType::F16,
+            v => dtype_from_proto(v)?,
+        };
+        let start_pos = usize::try_from(req.start_pos)
+            .map_err(|_| NodeError::BadRequest("start_pos is out of range".into()))?;
+        let tokens = input.tokens(self.model.config.hidden_size);
+        if tokens > MAX_TOKENS_PER_CALL {
+            return Err(NodeError::BadRequest(format!(
+                "{tokens} tokens in one call; send at most {MAX_TOKENS_PER_CALL} per call"
+            )));
+        }
+        Ok(ForwardCall {
+            served,
+            session_id: req.session_id,
+            start_pos,
+            layers,
+            input,
+            tokens,
+            reply_dtype,
+            input_hash,
+            proof,
+        })
+    }
+
+    /// Runs the call on the shard in a blocking task against the session's checked-out cache.
+    ///
+    /// The blocking task owns the whole call, check-in included, so a caller that gives up (and
+    /// drops this future) cannot leave the session checked out.
+    pub(super) async fn compute(
+        self: Arc<Self>,
+        call: ForwardCall,
+    ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
+        // Waited for before the session is checked out, so giving up here leaves nothing behind.
+        let turn = self.duty.turn().await;
+        let (mut checkout, created) = self.sessions.checkout(
+            &call.session_id,
+            call.start_pos,
+            call.tokens,
+            call.layers.len() as usize,
+            Instant::now(),
+        )?;
+        if !Arc::ptr_eq(&call.served, &self.served()) {
+            // The shard changed since the call was checked: its sessions were dropped, and a
+            // cache made now on the old shard must not outlive it.
+            self.sessions.abandon(checkout);
+            return Err(NodeError::UnknownSession(call.session_id));
+        }
+        if created {
+            self.metrics
+                .sessions_started
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let state = self;
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let threads = &state.threads;
+            let out = threads.install(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let served = &call.served;
+                    let shard = served.shard.lock().unwrap_or_else(PoisonError::into_inner);
+                    let weights_hash = shard.weights_hash(call.layers.to_range())?;
+                    let out = state.run(
+                        served,
+                        &shard,
+                        &mut checkout.cache,
+                        call.start_pos,
+                        call.layers,
+                        call.input,
+                    )?;
+                    Ok::<_, NodeError>((out, weights_hash))
+                }))
+            });
+            let compute = started.elapsed();
+            state.busy.fetch_sub(1, Ordering::Relaxed);
+            let result = match out {
+                Ok(out) => {
+                    state.sessions.checkin(checkout, Instant::now());
+                    let (out, weights_hash) = out?;
+                    Ok((out, compute, weights_hash))
+                }
+                Err(payload) => {
+                    // The worker's fault, not the caller's: the caller fails over.
+                    state.sessions.abandon(checkout);
+                    let why = panic_text(payload.as_ref());
+                    tracing::error!("a compute worker panicked ({why}); its session was dropped");
+                    Err(NodeError::Internal(format!(
+                        "compute panicked ({why}); the session was dropped"
+                    )))
+                }
+            };
+            // The cache is back before the next turn starts: a caller that gave up on this
+            // call and asked again waits for its turn and then finds the session free.
+            turn.finish(compute);
+            result
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("compute task failed: {}", panic_message(e))))?
+    }
+
+    /// Runs the call on `shard` (or misbehaves, for a test node with a [`Fault`]).
+    pub(super) fn run(
+        &self,
+        served: &Served,
+        shard: &Shard,
+        cache: &mut neuroshard_model::KvCache,
+        start_pos: usize,
+        layers: LayerRange,
+        input: ShardInput,
+    ) -> Result<ShardOutput, NodeError> {
+        let mut layers = layers.to_range();
+        if let Some(Fault::PanicFrom(at)) = &self.fault
+            && start_pos >= *at
+        {
+            panic!("injected fault at position {start_pos}");
+        }
+        let out = match (&self.fault, &served.wrong_shard) {
+            (Some(Fault::WrongWeights(_)), Some(wrong)) => {
+                let wrong = wrong.lock().unwrap_or_else(PoisonError::into_inner);
+                wrong.forward(cache, start_pos, layers, input)?
+            }
+            (Some(Fault::SkipLayer), _) if layers.start > 0 && layers.len() >= 2 => {
+                layers.start += 1;
+                shard.forward(cache, start_pos, layers, input)?
+            }
+            _ => shard.forward(cache, start_pos, layers, input)?,
+        };
+        Ok(match (&self.fault, out) {
+            (Some(Fault::Noise { scale }), ShardOutput::Hidden(v)) => {
+                ShardOutput::Hidden(add_noise(v, *scale))
+            }
+            (Some(Fault::Noise { scale }), ShardOutput::Logits(v)) => {
+                ShardOutput::Logits(add_noise(v, *scale))
+            }
+            (_, out) => out,
+        })
+    }
+
+    /// The reply tensor, and whether it is logits: hidden states in the caller's dtype, logits
+    /// always as f32.
+    pub(super) fn encode_output(
+        &self,
+        out: ShardOutput,
+        tokens: usize,
+        reply_dtype: WireDType,
+    ) -> (codec::WireTensor, bool) {
+        match out {
+            ShardOutput::Hidden(values) => {
+                let shape = [1, tokens, self.model.config.hidden_size];
+                (codec::encode(&values, &shape, reply_dtype), false)
+            }
+            ShardOutput::Logits(values) => {
+                let shape = [1, values.len()];
+                (codec::encode(&values, &shape, WireDType::F32), true)
+            }
+        }
+    }
+
+    /// The input, and its hash (`tokens_hash` passes through for token input).
+    pub(super) fn decode_input(
+        &self,
+        input: Option<pb::forward_request::Input>,
+        tokens_hash: [u8; 32],
+    ) -> Result<(ShardInput, [u8; 32]), NodeError> {
+        use pb::forward_request::Input;
+        let hidden = self.model.config.hidden_size;
+        match input {
+            None => Err(NodeError::BadRequest("request has no input".into())),
+            Some(Input::Tokens(t)) => Ok((ShardInput::Tokens(t.ids), tokens_hash)),
+            Some(Input::Hidden(t)) => {
+                let tensor = tensor_from_proto(t)?;
+                let shape = tensor.shape.clone();
+                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
+                    return Err(NodeError::BadRequest(format!(
+                        "hidden states must have shape [1, tokens, {hidden}], got {shape:?}"
+                    )));
+                }
+                let hash = tensor_hash(&tensor);
+                Ok((ShardInput::Hidden(codec::decode(&tensor)?), hash))
+            }
+        }
+    }
+}
+/// The nonce and requester key of a call that wants a receipt; none when both are empty.
+pub(super) fn parse_proof(
+    nonce: &[u8],
+    requester: &[u8],
+) -> Result<Option<([u8; 16], PublicKey)>, NodeError> {
+    if nonce.is_empty() && requester.is_empty() {
+        return Ok(None);
+    }
+    let nonce: [u8; 16] = nonce.try_into().map_err(|_| {
+        NodeError::BadRequest(format!("nonce must be 16 bytes, got {}", nonce.len()))
+    })?;
+    Ok(Some((nonce, PublicKey::from_slice(requester)?)))
+}
+
+/// The row a receipt fingerprints: the last token's hidden state, or the logits.
+pub fn last_row(out: &ShardOutput, hidden: usize) -> &[f32] {
+    match out {
+        ShardOutput::Hidden(v) => &v[v.len().saturating_sub(hidden)..],
+        ShardOutput::Logits(v) => v,
+    }
+}
+
+/// `values` plus Gaussian noise of `scale` × their RMS.
+pub(super) fn add_noise(mut values: Vec<f32>, scale: f32) -> Vec<f32> {
+    use rand_distr::Distribution;
+    let rms = (values.iter().map(|v| v * v).sum::<f32>() / values.len().max(1) as f32).sqrt();
+    let normal = rand_distr::Normal::new(0.0, (scale * rms).max(f32::MIN_POSITIVE))
+        .expect("finite standard deviation");
+    let mut rng = rand::rng();
+    for v in &mut values {
+        *v += normal.sample(&mut rng);
+    }
+    values
+}
+
+/// What a panicked task said, for an error message.
+pub(super) fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => panic_text(payload.as_ref()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The message a panic carried.
+pub(super) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "it panicked".into())
+}

@@ -1,0 +1,337 @@
+//! Starting a node: load the shard (from disk or a peer), bind, test reachability, join the
+//! DHT and the tracker, and spawn the tasks tied to the handle's cancellation token.
+
+use super::*;
+
+/// Loads the shard, binds, registers with the tracker (if any) and starts serving.
+pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    config.validate()?;
+    let range = config.layers;
+    let on_disk = if config.weights_from.is_some() && !config.model_dir.join("config.json").exists()
+    {
+        Ok(None)
+    } else {
+        weights_on_disk(&config.model_dir, range)
+    };
+    let (model, source, fetched) = match (on_disk, &config.weights_from) {
+        (Ok(Some((model, source))), _) => (model, source, None),
+        (Ok(None), None) => {
+            return Err(NodeError::Config(format!(
+                "{} holds neither safetensors weights nor the fetched weights of layers {range}; \
+                 fetch them from a peer with weights_from",
+                config.model_dir.display()
+            )));
+        }
+        (Err(e), None) => return Err(e),
+        (stored, Some(peer)) => {
+            if let Err(e) = stored {
+                tracing::warn!("fetching the weights again: {e}");
+            }
+            let (model, checkpoint, report) = fetch_weights(
+                peer,
+                &config.model_dir,
+                range,
+                log_fetch_progress(peer, range),
+            )
+            .await?;
+            let source = WeightSource::Fetched(Box::new(model.clone()), checkpoint.parameters);
+            (model, source, Some(report))
+        }
+    };
+    let served = Served::load(source, range, config.device, config.fault.as_ref()).await?;
+    let (key, ledger) = match &config.data_dir {
+        Some(dir) => (
+            crate::identity::load_or_create(dir)?,
+            Ledger::open(&dir.join(LEDGER_FILE))?,
+        ),
+        None => (NodeKey::generate(), Ledger::in_memory()?),
+    };
+    let key = Arc::new(key);
+    let ledger = LedgerHandle::spawn(ledger)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| NodeError::io(format!("binding {}", config.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| NodeError::io("local address", e))?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        // Bound to every interface: the one the routing table uses toward the internet (no
+        // packet is sent), which is what peers on the LAN or through a router reach; loopback
+        // on a machine with no route out.
+        let ip = if addr.ip().is_unspecified() {
+            neuroshard_nat::local_ip_toward(([192, 0, 2, 1], 9).into())
+                .map_or_else(|_| "127.0.0.1".to_string(), |ip| ip.to_string())
+        } else {
+            addr.ip().to_string()
+        };
+        format!("{ip}:{}", addr.port())
+    });
+    let id = key.id();
+    let cancel = CancellationToken::new();
+    // Whatever started stops again if the node fails to start.
+    let stop_on_error = cancel.clone().drop_guard();
+    let stun = if config.stun {
+        match neuroshard_nat::stun::Server::start(addr, cancel.clone()).await {
+            Ok(server) => Some(server.addr()),
+            Err(e) => {
+                tracing::warn!("not answering STUN: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let relay = match &config.serve_relay {
+        Some(serve) => Some(
+            Relay::start(serve.listen, serve.config, cancel.clone())
+                .await
+                .map_err(|e| NodeError::Config(format!("serve_relay: {e}")))?,
+        ),
+        None => None,
+    };
+    let relay_addr = relay.as_ref().map_or_else(String::new, |r| {
+        let host = advertise
+            .rsplit_once(':')
+            .map_or(advertise.as_str(), |(h, _)| h);
+        format!("{host}:{}", r.addr().port())
+    });
+    let metrics = Arc::new(Metrics::default());
+    let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
+    let trainer = config
+        .train
+        .clone()
+        .map(|c| training::Trainer::new(c, metrics.clone()));
+    let state = Arc::new(NodeState {
+        sessions: SessionStore::new(SessionLimits {
+            budget_bytes: config.kv_budget_bytes,
+            idle_timeout: config.session_idle,
+            bytes_per_token_layer: model.config.kv_bytes_per_token_layer() as u64,
+        }),
+        record: PeerRecord {
+            node_id: id.to_string(),
+            addr: advertise.clone(),
+            model_id: model.id.clone(),
+            layers: range,
+            total_layers: model.config.num_hidden_layers as u32,
+            load: 0.0,
+            public_key: key.public(),
+            display_name: String::new(),
+            relay: relay_addr,
+        },
+        display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
+        reachability: tokio::sync::watch::channel(Reachability::untested(
+            &advertise,
+            "Reachability is being tested.",
+        ))
+        .0,
+        advertised: RwLock::new(advertise),
+        kept: tokio::sync::Mutex::new(Default::default()),
+        served: RwLock::new(Arc::new(served)),
+        resharding: tokio::sync::Mutex::new(()),
+        model_dir: config.model_dir.clone(),
+        model,
+        metrics,
+        peers: RwLock::new(KnownPeers::default()),
+        busy: AtomicUsize::new(0),
+        lifecycle: Lifecycle::new(if config.start_paused {
+            RunState::Paused
+        } else {
+            RunState::Serving
+        }),
+        caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
+        duty: DutyCycle::new(config.compute_share_percent),
+        threads: ComputeThreads::new(config.cpu_threads)?,
+        key,
+        ledger,
+        discovery,
+        beat_now: tokio::sync::watch::channel(0).0,
+        told: tokio::sync::watch::channel(None).0,
+        tracker: tokio::sync::Mutex::new(None),
+        heartbeat_every: config.heartbeat,
+        cancel: cancel.clone(),
+        fault: config.fault.clone(),
+        trainer,
+        weights_snapshot: Mutex::new(None),
+    });
+    tokio::spawn(sweep_sessions(
+        state.clone(),
+        config.session_idle / 4,
+        cancel.clone(),
+    ));
+    let service = NodeServer::new(NodeService {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(service)
+        .add_service(DhtService::server(state.discovery.dht().clone()));
+    let (circuits, relayed) = tokio::sync::mpsc::channel(16);
+    let server = crate::spawn_server(
+        routes,
+        listener,
+        Some(relayed),
+        state.caps.clone(),
+        cancel.clone(),
+        "node",
+    );
+    state
+        .test_reachability(&config, addr.port(), circuits)
+        .await;
+    state.follow_tracker(config.tracker.clone()).await?;
+    tokio::spawn(run_discovery(state.clone(), cancel.clone()));
+    tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
+    stop_on_error.disarm();
+    Ok(NodeHandle {
+        id,
+        addr,
+        stun,
+        relay,
+        state,
+        cancel,
+        server,
+        fetched,
+    })
+}
+
+/// Logs a weights transfer from `peer` at every tenth of the way.
+pub(super) fn log_fetch_progress(peer: &str, layers: LayerRange) -> impl FnMut(Progress) + use<> {
+    let peer = peer.to_string();
+    let mut shown = None;
+    move |p: Progress| {
+        let tenth = p.done * 10 / p.total.max(1);
+        if shown != Some(tenth) {
+            shown = Some(tenth);
+            tracing::info!(
+                "fetching the weights of layers {layers} from {peer}: {}% ({:.1} of {:.1} MB)",
+                tenth * 10,
+                p.done as f64 / 1e6,
+                p.total as f64 / 1e6
+            );
+        }
+    }
+}
+
+/// The node's DHT: serving at its advertised address where that resolves to an `ip:port`, else
+/// taking part as a client only.
+pub(super) async fn start_discovery(
+    config: &NodeConfig,
+    advertise: &str,
+    key: &Arc<NodeKey>,
+    metrics: &Arc<Metrics>,
+    cancel: CancellationToken,
+) -> Result<Discovery, NodeError> {
+    let resolved = tokio::net::lookup_host(advertise)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.find(|a| !a.ip().is_unspecified() && a.port() != 0));
+    if resolved.is_none() {
+        tracing::warn!(
+            "{advertise} does not resolve to an ip:port: taking part in the DHT as a client"
+        );
+    }
+    let local = Contact {
+        key: Key::of_node(&key.id()),
+        addr: resolved.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+    };
+    let pool = Arc::new(ConnectionPool::new(PoolConfig::default(), metrics.clone()));
+    pool.spawn_reaper();
+    Discovery::start(
+        local,
+        resolved.map(|_| key.clone()),
+        config.discovery.clone(),
+        config.bootstrap.clone(),
+        pool,
+        cancel,
+    )
+}
+
+/// Joins the DHT, keeps the node's records announced, and re-reads its model's providers every
+/// sweep (joining again when the table has emptied or the LAN names someone new), until
+/// cancelled.
+pub(super) async fn run_discovery(state: Arc<NodeState>, cancel: CancellationToken) {
+    let discovery = &state.discovery;
+    let join_then_keep_up = async {
+        // Referrals are unsigned: they only lead into the DHT, whose signed records name the
+        // peers this node hands out in turn.
+        discovery.join(&state.known_peers()).await;
+        let announcing = discovery.keep_announcing(
+            &state.key,
+            || state.announcement(),
+            state.lifecycle.watch(),
+            cancel.clone(),
+        );
+        tokio::join!(announcing, sweep_providers(&state));
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = join_then_keep_up => {}
+    }
+}
+
+/// Reads the node's model's providers from the DHT now and every sweep, joining again first
+/// when the routing table has emptied or the LAN named someone new; forever.
+pub(super) async fn sweep_providers(state: &NodeState) {
+    let discovery = &state.discovery;
+    let mut lan = discovery.lan().map(|lan| lan.count());
+    loop {
+        let providers = discovery
+            .providers(&state.model.id, state.record.total_layers)
+            .await;
+        state.learn_peers(PeerSource::Dht, providers, None);
+        let lan_changed = async {
+            match &mut lan {
+                Some(count) => count.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let rejoin = tokio::select! {
+            _ = tokio::time::sleep(discovery.config().sweep_every) => false,
+            true = lan_changed => true,
+        };
+        if rejoin || discovery.dht().stats().borrow().contacts == 0 {
+            discovery.join(&state.known_peers()).await;
+        }
+    }
+}
+
+pub(super) async fn sweep_sessions(
+    state: Arc<NodeState>,
+    period: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let expired = state.sessions.expire(Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "expired idle sessions");
+                }
+            }
+        }
+    }
+}
+
+/// Peers the reachability test may ask: the tracker's list and the bootstrap peers.
+pub(super) async fn reach_candidates(config: &NodeConfig) -> Vec<PeerRecord> {
+    let mut peers = Vec::new();
+    if let Some(url) = &config.tracker {
+        match crate::client::tracker_client(url) {
+            Ok(tracker) => match crate::client::list_peers(tracker, url, None).await {
+                Ok(listed) => peers.extend(listed),
+                Err(e) => tracing::warn!("reachability: listing the tracker's peers: {e}"),
+            },
+            Err(e) => tracing::warn!("reachability: {e}"),
+        }
+    }
+    for addr in &config.bootstrap {
+        let pinged = async { crate::convert::peer_from_proto(crate::reach::ping(addr).await?) };
+        match tokio::time::timeout(Duration::from_secs(5), pinged).await {
+            Ok(Ok(peer)) => peers.push(peer),
+            Ok(Err(e)) => tracing::warn!("reachability: bootstrap peer {addr}: {e}"),
+            Err(_) => tracing::warn!("reachability: bootstrap peer {addr} did not answer"),
+        }
+    }
+    peers
+}
