@@ -17,6 +17,7 @@ mod config;
 pub mod fetched;
 pub mod init;
 mod kv;
+mod layout;
 mod sampling;
 mod shard;
 mod tokenizer;

@@ -4,18 +4,24 @@
 //! LM head. Every call runs a sub-range of the shard's layers on the hidden states of the new
 //! tokens of one session, reading and extending that session's [`KvCache`].
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use sha2::{Digest, Sha256};
 
+mod layers;
+mod loader;
+
+pub use layers::DecoderLayer;
+pub(crate) use layers::{Heads, Positions};
+use loader::{Loader, Source};
+
 use crate::kv::KvCache;
+use crate::layout::to_vec;
 use crate::weights::WeightFiles;
 use crate::{LlamaConfig, ModelError, ModelInfo};
 
@@ -45,32 +51,6 @@ pub enum ShardOutput {
     Hidden(Vec<f32>),
     /// Logits of the last new token, `[vocab]` (the request ran the final layer).
     Logits(Vec<f32>),
-}
-
-/// One decoder block: pre-norm attention with grouped-query heads, then a SwiGLU MLP.
-#[derive(Module, Debug)]
-pub struct DecoderLayer {
-    input_norm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    /// Qwen3's RMSNorm over each query head, before RoPE.
-    q_norm: Option<RmsNorm>,
-    /// Qwen3's RMSNorm over each key head, before RoPE.
-    k_norm: Option<RmsNorm>,
-    o_proj: Linear,
-    post_attention_norm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-/// Head geometry shared by every layer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Heads {
-    query: usize,
-    kv: usize,
-    dim: usize,
 }
 
 /// The parameters of a shard, in a fixed order: embeddings (first shard), layers, final norm and
@@ -127,7 +107,7 @@ impl Shard {
                 "parameter value {i} is not finite"
             )));
         }
-        let tensors = crate::init::shard_tensors(&info.config, range.clone(), parameters)?
+        let tensors = crate::layout::shard_tensors(&info.config, range.clone(), parameters)?
             .into_iter()
             .map(|(name, shape, values)| (name, (shape, values)))
             .collect();
@@ -184,7 +164,7 @@ impl Shard {
     /// Every parameter as one flat vector in load order: the embeddings, each layer's tensors,
     /// the final norm and the LM head, projections as burn holds them (`[in, out]`).
     pub fn parameters(&self) -> Vec<f32> {
-        crate::train::flatten(&self.weights, None)
+        crate::layout::flatten(&self.weights, None)
     }
 
     /// The parameters a shard of `layers` (inside this one) would hold, as
@@ -196,18 +176,18 @@ impl Shard {
         if layers.start == 0
             && let Some(embed) = &w.embed
         {
-            out.extend(crate::train::flatten(embed, None));
+            out.extend(crate::layout::flatten(embed, None));
         }
         let local = layers.start - self.range.start..layers.end - self.range.start;
         for layer in &w.layers[local] {
-            out.extend(crate::train::flatten(layer, None));
+            out.extend(crate::layout::flatten(layer, None));
         }
         if layers.end == self.info.config.num_hidden_layers {
             if let Some(norm) = &w.final_norm {
-                out.extend(crate::train::flatten(norm, None));
+                out.extend(crate::layout::flatten(norm, None));
             }
             if let Some(head) = &w.lm_head {
-                out.extend(crate::train::flatten(head, None));
+                out.extend(crate::layout::flatten(head, None));
             }
         }
         Ok(out)
@@ -403,209 +383,6 @@ impl Shard {
     }
 }
 
-impl DecoderLayer {
-    /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`.
-    pub(crate) fn forward(
-        &self,
-        x: Tensor<3>,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-        positions: &Positions,
-        index: usize,
-        heads: Heads,
-    ) -> Tensor<3> {
-        let mask = positions.mask(index);
-        let attended = self.attention(
-            self.input_norm.forward(x.clone()),
-            cache,
-            &positions.rope,
-            mask,
-            heads,
-        );
-        let x = x + attended;
-        let h = self.post_attention_norm.forward(x.clone());
-        let mlp = self
-            .down_proj
-            .forward(silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h));
-        x + mlp
-    }
-
-    /// Grouped-query attention over the cached and new positions: `[1, n, hidden]` → same.
-    ///
-    /// Queries are grouped as `[1, kv_heads, group * n, dim]` so that each key/value head is used
-    /// by its group of query heads without copying keys and values per query head.
-    fn attention(
-        &self,
-        x: Tensor<3>,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-        rope: &Rope,
-        mask: Option<&Tensor<2>>,
-        heads: Heads,
-    ) -> Tensor<3> {
-        let [_, n, _] = x.dims();
-        let Heads { query, kv, dim } = heads;
-        let group = query / kv;
-        // [1, heads, n, dim], each head normed first where the family does (Qwen3).
-        let split = |t: Tensor<3>, h: usize, norm: Option<&RmsNorm>| {
-            let t = t.reshape([1, n, h, dim]);
-            let t = match norm {
-                Some(norm) => norm.forward(t),
-                None => t,
-            };
-            t.swap_dims(1, 2)
-        };
-        let q = rope.apply(split(
-            self.q_proj.forward(x.clone()),
-            query,
-            self.q_norm.as_ref(),
-        ));
-        let k = rope.apply(split(
-            self.k_proj.forward(x.clone()),
-            kv,
-            self.k_norm.as_ref(),
-        ));
-        let v = split(self.v_proj.forward(x), kv, None);
-        let (k, v) = match cache.take() {
-            Some((past_k, past_v)) => (
-                Tensor::cat(vec![past_k, k], 2),
-                Tensor::cat(vec![past_v, v], 2),
-            ),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let total = k.dims()[2];
-        // [1, kv, group * n, dim]
-        let q = q.reshape([1, kv, group * n, dim]);
-        // Multiplied by dim^-0.5 rather than divided by its root, as transformers does.
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
-        if let Some(mask) = mask {
-            // The mask is [n, total]; rows of the grouped queries repeat every n.
-            let mask = mask
-                .clone()
-                .repeat_dim(0, group)
-                .reshape([1, 1, group * n, total]);
-            scores = scores + mask;
-        }
-        let out = softmax(scores, 3)
-            .matmul(v)
-            .reshape([1, query, n, dim])
-            .swap_dims(1, 2)
-            .reshape([1, n, query * dim]);
-        self.o_proj.forward(out)
-    }
-}
-
-/// What every layer of one call needs about its positions `start..start + n`: the rotary
-/// tables and the attention masks (full causal, and within the sliding window where the model
-/// has one).
-pub(crate) struct Positions {
-    rope: Rope,
-    /// The causal mask of layers without a window.
-    full: Option<Tensor<2>>,
-    /// The mask of windowed layers (the model has one window size).
-    windowed: Option<Tensor<2>>,
-    /// Per layer, whether it uses the window.
-    sliding: Vec<bool>,
-}
-
-impl Positions {
-    pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
-        let window = config.sliding_window.as_ref();
-        Self {
-            rope: Rope::new(config, start, n, device),
-            full: causal_mask(start, n, None, device),
-            windowed: window.and_then(|w| causal_mask(start, n, Some(w.size), device)),
-            sliding: window.map(|w| w.layers.clone()).unwrap_or_default(),
-        }
-    }
-
-    /// The additive mask layer `index` attends with (`None`: every position is visible).
-    fn mask(&self, index: usize) -> Option<&Tensor<2>> {
-        match self.sliding.get(index) {
-            Some(true) => self.windowed.as_ref(),
-            _ => self.full.as_ref(),
-        }
-    }
-}
-
-/// Rotary position embedding in the Hugging Face (rotate-half) layout, for positions
-/// `start..start + n`.
-pub(crate) struct Rope {
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-    half: usize,
-}
-
-impl Rope {
-    /// The tables as transformers builds them: `position × inv_freq` in f32, its cos and sin,
-    /// times the scaling's attention factor.
-    pub(crate) fn new(config: &LlamaConfig, start: usize, n: usize, device: &Device) -> Self {
-        let dim = config.head_dim();
-        let half = dim / 2;
-        let (inv_freq, scale) =
-            config
-                .rope
-                .inv_freq(dim, start + n, config.max_position_embeddings);
-        let mut cos = Vec::with_capacity(n * dim);
-        let mut sin = Vec::with_capacity(n * dim);
-        for pos in start..start + n {
-            let angles: Vec<f64> = inv_freq.iter().map(|f| f64::from(pos as f32 * f)).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() as f32 * scale));
-                sin.extend(angles.iter().map(|a| a.sin() as f32 * scale));
-            }
-        }
-        let table = |values| Tensor::from_data(TensorData::new(values, [1, 1, n, dim]), device);
-        Self {
-            cos: table(cos),
-            sin: table(sin),
-            half,
-        }
-    }
-
-    /// `[1, heads, n, dim]` → same, rotated by position.
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, _, dim] = x.dims();
-        let first = x.clone().narrow(3, 0, self.half);
-        let second = x.clone().narrow(3, self.half, dim - self.half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
-    }
-}
-
-/// Additive mask `[n, start + n]` for new tokens at `start..start + n`: a query at position `p`
-/// sees keys `j <= p`, and with a window only those with `p - j < window` (transformers'
-/// `kv_idx > q_idx - sliding_window`). `None` when every cached position is visible (one new
-/// token inside the window).
-pub(crate) fn causal_mask(
-    start: usize,
-    n: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Option<Tensor<2>> {
-    let total = start + n;
-    let window = window.unwrap_or(usize::MAX);
-    if n == 1 && total <= window {
-        return None;
-    }
-    let values: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            let p = start + i;
-            (0..total).map(move |j| if j <= p && p - j < window { 0.0 } else { -1e9 })
-        })
-        .collect();
-    Some(Tensor::from_data(
-        TensorData::new(values, [n, total]),
-        device,
-    ))
-}
-
-pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor data converts to a Vec<f32>")
-}
-
 /// Whether `range` is a non-empty part of the model's layers.
 fn check_range(config: &LlamaConfig, range: &Range<usize>) -> Result<(), ModelError> {
     if range.start >= range.end || range.end > config.num_hidden_layers {
@@ -615,170 +392,6 @@ fn check_range(config: &LlamaConfig, range: &Range<usize>) -> Result<(), ModelEr
         )));
     }
     Ok(())
-}
-
-/// Where a shard's named tensors come from.
-enum Source<'a> {
-    /// A model directory's safetensors files.
-    Files(&'a WeightFiles),
-    /// Tensors in memory by name: stored shape and f32 values.
-    Memory(&'a HashMap<String, (Vec<usize>, Vec<f32>)>),
-}
-
-impl Source<'_> {
-    fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        match self {
-            Source::Files(files) => files.read_f32(name, shape),
-            Source::Memory(tensors) => match tensors.get(name) {
-                None => Err(ModelError::Weights(format!("tensor {name} is missing"))),
-                Some((stored, _)) if stored != shape => Err(ModelError::Weights(format!(
-                    "tensor {name} has shape {stored:?} but config.json implies {shape:?}"
-                ))),
-                Some((_, values)) => Ok(values.clone()),
-            },
-        }
-    }
-}
-
-/// Builds burn modules from named tensors, checking each shape against the config.
-struct Loader<'a> {
-    weights: Source<'a>,
-    config: &'a LlamaConfig,
-    device: &'a Device,
-    /// Hash of the values read since the last [`Loader::take_digest`].
-    digest: std::cell::RefCell<Sha256>,
-}
-
-impl Loader<'_> {
-    /// Reads a tensor as f32 and folds its values into the running digest.
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let values = self.weights.read_f32(name, shape)?;
-        let mut digest = self.digest.borrow_mut();
-        digest.update(name.as_bytes());
-        digest.update(bytemuck::cast_slice::<f32, u8>(&values));
-        Ok(values)
-    }
-
-    /// The digest of the values read since the last call.
-    fn take_digest(&self) -> [u8; 32] {
-        std::mem::take(&mut *self.digest.borrow_mut())
-            .finalize()
-            .into()
-    }
-
-    fn tensor<const D: usize>(
-        &self,
-        name: &str,
-        shape: [usize; D],
-    ) -> Result<Tensor<D>, ModelError> {
-        let values = self.read(name, &shape)?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape),
-            self.device,
-        ))
-    }
-
-    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer, with its
-    /// `[out]` bias when the config says the family has one.
-    fn linear(
-        &self,
-        prefix: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-    ) -> Result<Linear, ModelError> {
-        let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let weight = transpose(&values, d_out, d_in);
-        let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
-        let bias = bias
-            .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
-            .transpose()?
-            .map(Param::from_tensor);
-        Ok(Linear {
-            weight: Param::from_tensor(weight),
-            bias,
-        })
-    }
-
-    fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
-        self.norm_of(name, self.config.hidden_size)
-    }
-
-    fn norm_of(&self, name: &str, width: usize) -> Result<RmsNorm, ModelError> {
-        Ok(RmsNorm {
-            gamma: Param::from_tensor(self.tensor(name, [width])?),
-            epsilon: self.config.rms_norm_eps,
-        })
-    }
-
-    fn embedding(&self) -> Result<Embedding, ModelError> {
-        let shape = [self.config.vocab_size, self.config.hidden_size];
-        Ok(Embedding {
-            weight: Param::from_tensor(self.tensor("model.embed_tokens.weight", shape)?),
-        })
-    }
-
-    fn lm_head(&self) -> Result<Linear, ModelError> {
-        let name = if self.config.tie_word_embeddings {
-            "model.embed_tokens"
-        } else {
-            "lm_head"
-        };
-        self.linear(name, self.config.hidden_size, self.config.vocab_size, false)
-    }
-
-    fn layer(&self, index: usize) -> Result<DecoderLayer, ModelError> {
-        let c = self.config;
-        let p = format!("model.layers.{index}");
-        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-        let q_width = c.num_attention_heads * c.head_dim();
-        let kv_width = c.kv_heads() * c.head_dim();
-        let head_norm = |name: &str| {
-            c.qk_norm
-                .then(|| self.norm_of(&format!("{p}.self_attn.{name}.weight"), c.head_dim()))
-                .transpose()
-        };
-        // Read in the order of the fields, which is the flat parameter order.
-        Ok(DecoderLayer {
-            input_norm: self.norm(&format!("{p}.input_layernorm.weight"))?,
-            q_proj: self.linear(
-                &format!("{p}.self_attn.q_proj"),
-                hidden,
-                q_width,
-                c.qkv_bias,
-            )?,
-            k_proj: self.linear(
-                &format!("{p}.self_attn.k_proj"),
-                hidden,
-                kv_width,
-                c.qkv_bias,
-            )?,
-            v_proj: self.linear(
-                &format!("{p}.self_attn.v_proj"),
-                hidden,
-                kv_width,
-                c.qkv_bias,
-            )?,
-            q_norm: head_norm("q_norm")?,
-            k_norm: head_norm("k_norm")?,
-            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), q_width, hidden, c.o_bias)?,
-            post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hidden, inter, c.mlp_bias)?,
-            up_proj: self.linear(&format!("{p}.mlp.up_proj"), hidden, inter, c.mlp_bias)?,
-            down_proj: self.linear(&format!("{p}.mlp.down_proj"), inter, hidden, c.mlp_bias)?,
-        })
-    }
-}
-
-/// Row-major `[rows, cols]` → `[cols, rows]`.
-pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
 }
 
 #[cfg(test)]

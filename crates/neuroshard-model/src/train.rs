@@ -16,12 +16,13 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::shard::{Positions, Weights, to_vec};
+use crate::layout::{Fill, flatten, to_vec};
+use crate::shard::{Positions, Weights};
 use crate::{ModelError, Shard, ShardInput};
 
 /// Inner-optimizer settings of a stage.
@@ -426,58 +427,6 @@ impl ModuleVisitor for Scale<'_> {
         if let Some(grad) = self.grads.remove::<D>(param.id) {
             self.grads.register(param.id, grad.mul_scalar(self.scale));
         }
-    }
-}
-
-/// Every parameter of `module` (or, given `grads`, its gradient, zeros where there is none)
-/// as one flat vector in load order.
-pub(crate) fn flatten<M: Module>(module: &M, grads: Option<&GradientsParams>) -> Vec<f32> {
-    let mut flat = Flatten {
-        grads,
-        out: Vec::new(),
-    };
-    module.visit(&mut flat);
-    flat.out
-}
-
-/// Appends every parameter (or its gradient, zeros where there is none) to `out`.
-struct Flatten<'a> {
-    grads: Option<&'a GradientsParams>,
-    out: Vec<f32>,
-}
-
-impl ModuleVisitor for Flatten<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        match self.grads {
-            None => self.out.extend(to_vec(param.val().detach())),
-            Some(grads) => match grads.get::<D>(param.id) {
-                Some(grad) => self.out.extend(to_vec(grad)),
-                None => {
-                    let n: usize = param.val().dims().iter().product();
-                    self.out.extend(std::iter::repeat_n(0.0, n));
-                }
-            },
-        }
-    }
-}
-
-/// Replaces every parameter with the next values of a flat vector.
-struct Fill<'a> {
-    values: &'a [f32],
-    device: Device,
-}
-
-impl ModuleMapper for Fill<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let device = self.device.clone();
-        let values = &mut self.values;
-        param.map(|old| {
-            let shape = old.dims();
-            let n: usize = shape.iter().product();
-            let (mine, rest) = values.split_at(n);
-            *values = rest;
-            Tensor::from_data(TensorData::new(mine.to_vec(), shape), &device).require_grad()
-        })
     }
 }
 
