@@ -1,0 +1,539 @@
+//! A session over a chain of peers: each step runs hop by hop, a hop that fails or misses its
+//! deadline is replaced and the span's inputs replayed to the replacement at the same
+//! positions, and every reply's receipt is settled (`settle`) before the next step.
+
+use super::*;
+
+/// What a hop is sent.
+#[derive(Debug, Clone)]
+pub(super) enum HopInput {
+    Tokens(Vec<u32>),
+    Hidden(WireTensor),
+}
+
+impl HopInput {
+    pub(super) fn tokens(&self) -> usize {
+        match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden(t) => t.shape.get(1).copied().unwrap_or(0),
+        }
+    }
+
+    /// SHA-256 of the input as sent (what the worker hashes on receipt).
+    pub(super) fn hash(&self) -> [u8; 32] {
+        match self {
+            Self::Tokens(ids) => tokens_hash(ids),
+            Self::Hidden(t) => tensor_hash(t),
+        }
+    }
+
+    pub(super) fn to_shard_input(&self) -> Result<ShardInput, NodeError> {
+        Ok(match self {
+            Self::Tokens(ids) => ShardInput::Tokens(ids.clone()),
+            Self::Hidden(t) => ShardInput::Hidden(codec::decode(t)?),
+        })
+    }
+
+    pub(super) fn to_proto(&self) -> pb::forward_request::Input {
+        match self {
+            Self::Tokens(ids) => {
+                pb::forward_request::Input::Tokens(pb::TokenIds { ids: ids.clone() })
+            }
+            Self::Hidden(t) => pb::forward_request::Input::Hidden(tensor_to_proto(t.clone())),
+        }
+    }
+}
+
+/// What a hop returns.
+pub(super) enum HopOutput {
+    Hidden(WireTensor),
+    Logits(Vec<f32>),
+}
+
+impl HopOutput {
+    /// The row the worker fingerprinted: the last token's hidden state, or the logits.
+    pub(super) fn last_row(&self) -> Result<Vec<f32>, NodeError> {
+        match self {
+            Self::Hidden(t) => {
+                let width = t.shape.last().copied().unwrap_or(0);
+                let values = codec::decode(t)?;
+                Ok(values[values.len().saturating_sub(width)..].to_vec())
+            }
+            Self::Logits(values) => Ok(values.clone()),
+        }
+    }
+}
+
+/// One hop of a session's chain and the inputs it has been sent.
+#[derive(Debug)]
+pub(super) struct ChainHop {
+    pub(super) hop: Hop,
+    pub(super) log: Vec<(usize, HopInput)>,
+    /// The peer missed a deadline with nobody to replace it: its next call gets the
+    /// first-call deadline.
+    pub(super) patient: bool,
+}
+
+/// Latency figures of one hop over a session.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct HopTiming {
+    /// Node id of the peer.
+    pub node_id: String,
+    /// Its address.
+    pub addr: String,
+    /// Layers it ran.
+    pub layers: String,
+    /// Calls made (replays included).
+    pub calls: u64,
+    /// Wall time of those calls, ms.
+    pub total_ms: f64,
+    /// Compute the peer reported, ms.
+    pub compute_ms: f64,
+}
+
+impl HopTiming {
+    /// Mean wall time of a call, ms.
+    pub fn mean_ms(&self) -> f64 {
+        self.total_ms / self.calls.max(1) as f64
+    }
+
+    /// Mean network-and-codec overhead of a call (wall minus compute), ms.
+    pub fn mean_overhead_ms(&self) -> f64 {
+        (self.total_ms - self.compute_ms) / self.calls.max(1) as f64
+    }
+}
+
+pub(super) type StepFuture<'s> =
+    Pin<Box<dyn Future<Output = Result<HopOutput, NodeError>> + Send + 's>>;
+
+/// One generation over the swarm.
+#[derive(Debug)]
+pub struct SwarmSession<'c> {
+    pub(super) client: &'c SwarmClient,
+    pub(super) id: String,
+    pub(super) chain: Vec<ChainHop>,
+    pub(super) timings: BTreeMap<(LayerRange, String), HopTiming>,
+    pub(super) events: Vec<String>,
+    pub(super) failovers_left: usize,
+    /// Set when a failover could not restore the chain; the session cannot continue.
+    pub(super) broken: Option<String>,
+}
+
+impl SwarmSession<'_> {
+    /// The session id peers key their caches on.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current chain.
+    pub fn chain(&self) -> Vec<Hop> {
+        self.chain.iter().map(|h| h.hop.clone()).collect()
+    }
+
+    /// Per-hop latency, ordered by layer.
+    pub fn timings(&self) -> Vec<HopTiming> {
+        self.timings.values().cloned().collect()
+    }
+
+    /// Failovers that happened, as readable lines.
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+
+    /// Runs the new tokens at `start_pos` through the whole chain; logits of the last one.
+    /// Long inputs go in chunks of [`PREFILL_CHUNK_TOKENS`].
+    pub async fn forward(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        if let Some(why) = &self.broken {
+            return Err(NodeError::NoRoute(format!(
+                "session {} is broken: {why}",
+                self.id
+            )));
+        }
+        if ids.is_empty() {
+            return Err(NodeError::BadRequest("no tokens to run".into()));
+        }
+        if self.chain.is_empty() {
+            let all = LayerRange::new(0, self.client.total_layers)
+                .map_err(|e| NodeError::NoRoute(e.to_string()))?;
+            let hops = self.plan_or_refresh(all, ids.len()).await?;
+            self.chain = hops
+                .into_iter()
+                .map(|hop| ChainHop {
+                    hop,
+                    log: Vec::new(),
+                    patient: false,
+                })
+                .collect();
+        }
+        let mut logits = Vec::new();
+        for (n, chunk) in ids.chunks(PREFILL_CHUNK_TOKENS).enumerate() {
+            let pos = start_pos + n * PREFILL_CHUNK_TOKENS;
+            self.failovers_left = self.client.config.max_failovers_per_step;
+            let input = HopInput::Tokens(chunk.to_vec());
+            let out = self.run_from(0, self.client.total_layers, pos, input).await;
+            match out {
+                Ok(HopOutput::Logits(l)) => logits = l,
+                Ok(HopOutput::Hidden(_)) => {
+                    return Err(NodeError::BadRequest(
+                        "the chain ended without logits".into(),
+                    ));
+                }
+                Err(err) => {
+                    if self.broken.is_none() && !is_peer_fault(&err) {
+                        return Err(err);
+                    }
+                    self.broken.get_or_insert_with(|| err.to_string());
+                    return Err(err);
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    pub(super) async fn plan_or_refresh(
+        &self,
+        span: LayerRange,
+        tokens: usize,
+    ) -> Result<Vec<Hop>, NodeError> {
+        if let Some(hops) = self.client.plan(span, tokens) {
+            return Ok(hops);
+        }
+        self.client.refresh().await?;
+        self.client
+            .plan(span, tokens)
+            .ok_or_else(|| NodeError::NoRoute(format!("no live peers cover layers {span}")))
+    }
+
+    /// Sends `input` through hops from index `i` until the hop ending at layer `stop`.
+    pub(super) fn run_from(
+        &mut self,
+        mut i: usize,
+        stop: u32,
+        pos: usize,
+        mut input: HopInput,
+    ) -> StepFuture<'_> {
+        Box::pin(async move {
+            loop {
+                let result = match self.call(i, pos, &input).await {
+                    Ok((output, receipt)) => self
+                        .settle_hop(i, pos, &input, &output, receipt)
+                        .await
+                        .map(|()| output),
+                    Err(err) => Err(err),
+                };
+                match result {
+                    Ok(output) => {
+                        self.chain[i].log.push((pos, input.clone()));
+                        let end = self.chain[i].hop.layers.end;
+                        match output {
+                            out @ HopOutput::Logits(_) if end == self.client.total_layers => {
+                                return Ok(out);
+                            }
+                            HopOutput::Hidden(t) if end == stop => return Ok(HopOutput::Hidden(t)),
+                            HopOutput::Hidden(t) if end < stop => {
+                                input = HopInput::Hidden(t);
+                                i += 1;
+                            }
+                            _ => {
+                                let addr = self.chain[i].hop.addr.clone();
+                                let status = tonic::Status::internal(
+                                    "reply does not fit the requested layers",
+                                );
+                                self.chain[i].log.pop();
+                                self.fail_over(i, NodeError::Remote { peer: addr, status })
+                                    .await?;
+                            }
+                        }
+                    }
+                    Err(err) if is_peer_fault(&err) || is_stale_listing(&err) => {
+                        self.fail_over(i, err).await?
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+    }
+
+    /// Replaces hop `i` after `err`: ban, re-plan its span, replay its log to the replacement.
+    /// On failure the session is marked broken, since its chain no longer holds every cache.
+    pub(super) async fn fail_over(&mut self, i: usize, err: NodeError) -> Result<(), NodeError> {
+        let result = self.try_fail_over(i, err).await;
+        if let Err(e) = &result {
+            self.broken.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+
+    pub(super) async fn try_fail_over(
+        &mut self,
+        i: usize,
+        err: NodeError,
+    ) -> Result<(), NodeError> {
+        if self.failovers_left == 0 {
+            return Err(err);
+        }
+        self.failovers_left -= 1;
+        let addr = self.chain[i].hop.addr.clone();
+        let span = self.chain[i].hop.layers;
+        let stale = is_stale_listing(&err);
+        {
+            let mut router = self.client.router.lock().expect("router lock");
+            if stale {
+                // Not a failure: the peer serves other layers now. It is planned around until
+                // the listing, read again below, says what it serves.
+                router.forget(&addr);
+            } else {
+                router.record_failure(&addr, Instant::now());
+            }
+            self.client.update_peer_gauges(&router);
+        }
+        if stale {
+            if let Err(e) = self.client.refresh().await {
+                tracing::debug!("reading the peers again: {e}");
+            }
+        } else {
+            self.client.pool.evict(&addr);
+        }
+        let hops = match self.plan_or_refresh(span, 1).await {
+            Ok(hops) => hops,
+            Err(NodeError::NoRoute(_)) if is_deadline_miss(&err) => {
+                self.wait_longer(i, err);
+                return Ok(());
+            }
+            Err(NodeError::NoRoute(_)) if is_unreachable(&err) => {
+                // Down for a moment, as when its relay restarts: asked again after a pause
+                // that doubles with each try.
+                let tries = self.client.config.max_failovers_per_step - self.failovers_left;
+                let pause = UNREACHABLE_PAUSE * 2u32.pow(tries.saturating_sub(1).min(4) as u32);
+                self.wait_longer(i, err);
+                tokio::time::sleep(pause).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let broken = self.chain.remove(i);
+        self.client
+            .router
+            .lock()
+            .expect("router lock")
+            .adjust_sessions(&addr, -1);
+        self.events.push(format!(
+            "hop {span} on {addr} failed ({err}); replaying {} calls to {}",
+            broken.log.len(),
+            hops.iter()
+                .map(|h| format!("{} [{}]", h.addr, h.layers))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        tracing::warn!("{}", self.events.last().expect("just pushed"));
+        for (offset, hop) in hops.into_iter().enumerate() {
+            self.chain.insert(
+                i + offset,
+                ChainHop {
+                    hop,
+                    log: Vec::new(),
+                    patient: false,
+                },
+            );
+        }
+        for (pos, input) in broken.log {
+            self.run_from(i, span.end, pos, input).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps hop `i`, whose peer missed its deadline or could not be reached while no other
+    /// peer serves its span: a stalled peer (a GPU compiling kernels, a busy home PC) is slow,
+    /// not gone, and one behind a restarting relay is back once it has registered again. Its ban is
+    /// lifted and the call is sent again with the first-call deadline; the peer's cache takes
+    /// the repeated positions as a replay. Each wait spends one of the session's failovers, so
+    /// a peer that never answers still ends the generation.
+    pub(super) fn wait_longer(&mut self, i: usize, err: NodeError) {
+        let addr = self.chain[i].hop.addr.clone();
+        let span = self.chain[i].hop.layers;
+        self.client
+            .router
+            .lock()
+            .expect("router lock")
+            .lift_ban(&addr);
+        self.chain[i].patient = true;
+        self.events.push(format!(
+            "hop {span} on {addr} failed ({err}); no other peer serves {span}, so it is asked \
+             again with the first-call deadline"
+        ));
+        tracing::warn!("{}", self.events.last().expect("just pushed"));
+    }
+    /// One Forward call to hop `i`, under that peer's adaptive deadline, with its receipt
+    /// checked against the call.
+    pub(super) async fn call(
+        &mut self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+    ) -> Result<(HopOutput, Receipt), NodeError> {
+        let client = self.client;
+        let hop = self.chain[i].hop.clone();
+        let tokens = input.tokens();
+        let deadline = match std::mem::take(&mut self.chain[i].patient) {
+            true => client.config.router.first_call_deadline,
+            false => client
+                .router
+                .lock()
+                .expect("router lock")
+                .deadline(&hop.addr, tokens),
+        };
+        let request = pb::ForwardRequest {
+            session_id: self.id.clone(),
+            start_pos: pos as u64,
+            layers: Some(span_to_proto(hop.layers)),
+            input: Some(input.to_proto()),
+            model_id: client.model_id.clone(),
+            reply_dtype: dtype_to_proto(client.config.wire_dtype) as i32,
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+            requester_key: client.key.public().0.to_vec(),
+            ..Default::default()
+        };
+        let mut expected = Expectation {
+            worker_id: hop.node_id.clone(),
+            kind: WorkKind::Forward,
+            requester: client.key.public(),
+            nonce: request.nonce.as_slice().try_into().expect("16-byte nonce"),
+            model_id: client.model_id.clone(),
+            layers: hop.layers,
+            session_id: self.id.clone(),
+            start_pos: pos as u64,
+            tokens: tokens as u32,
+            input_hash: input.hash(),
+            output_hash: [0; 32],
+            weights_hash: None,
+            flops: None,
+            sent_ms: crate::now_ms(),
+            now_ms: 0,
+        };
+        if let Some(verifier) = &client.verifier {
+            expected.weights_hash = Some(verifier.weights_hash(hop.layers)?);
+            expected.flops = Some(verifier.flops(hop.layers, pos, tokens));
+        }
+        let sent = request.encoded_len();
+        let started = Instant::now();
+        let remote = |status: tonic::Status| NodeError::Remote {
+            peer: hop.addr.clone(),
+            status,
+        };
+        let reply = async {
+            let mut pooled = client.pool.client(&hop.addr).await?;
+            pooled.client.forward(request).await.map_err(remote)
+        };
+        let result = match tokio::time::timeout(deadline, reply).await {
+            Ok(result) => result,
+            Err(_) => Err(remote(tonic::Status::deadline_exceeded(format!(
+                "no reply within the {deadline:?} deadline"
+            )))),
+        };
+        let wall = started.elapsed();
+        client.metrics.record_rpc(wall, result.is_ok());
+        let reply = result?.into_inner();
+        client.metrics.record_bytes(sent, reply.encoded_len());
+        let compute = Duration::from_micros(reply.compute_us);
+        client
+            .router
+            .lock()
+            .expect("router lock")
+            .record_success(&hop.addr, wall, compute, tokens);
+        let timing = self
+            .timings
+            .entry((hop.layers, hop.node_id.clone()))
+            .or_insert_with(|| HopTiming {
+                node_id: hop.node_id.clone(),
+                addr: hop.addr.clone(),
+                layers: hop.layers.to_string(),
+                ..HopTiming::default()
+            });
+        timing.calls += 1;
+        timing.total_ms += wall.as_secs_f64() * 1000.0;
+        timing.compute_ms += compute.as_secs_f64() * 1000.0;
+        let bad_reply = |e: NodeError| remote(tonic::Status::internal(format!("bad reply: {e}")));
+        let output = match reply.output {
+            Some(pb::forward_response::Output::Hidden(t)) => {
+                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
+                expected.output_hash = tensor_hash(&tensor);
+                HopOutput::Hidden(tensor)
+            }
+            Some(pb::forward_response::Output::Logits(t)) => {
+                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
+                expected.output_hash = tensor_hash(&tensor);
+                HopOutput::Logits(codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?)
+            }
+            Some(pb::forward_response::Output::Loss(_)) | None => {
+                return Err(bad_reply(NodeError::BadRequest(
+                    "the reply holds neither hidden states nor logits".into(),
+                )));
+            }
+        };
+        expected.now_ms = crate::now_ms();
+        let receipt = Receipt::from_wire(&reply.receipt)?;
+        expected.check(&receipt)?;
+        Ok((output, receipt))
+    }
+
+    /// Frees the session's caches on every hop (best effort) and its router placements.
+    pub async fn close(mut self) {
+        let chain = self.release();
+        for hop in chain {
+            end_remote_session(&self.client.pool, &hop.addr, &self.id).await;
+        }
+    }
+
+    /// Takes the chain and removes its placements from the router and its verifier caches.
+    pub(super) fn release(&mut self) -> Vec<Hop> {
+        if let Some(verifier) = &self.client.verifier {
+            verifier.forget(&self.id);
+        }
+        let chain: Vec<Hop> = std::mem::take(&mut self.chain)
+            .into_iter()
+            .map(|h| h.hop)
+            .collect();
+        let mut router = self.client.router.lock().expect("router lock");
+        for hop in &chain {
+            router.adjust_sessions(&hop.addr, -1);
+        }
+        chain
+    }
+}
+
+/// A session dropped without [`SwarmSession::close`] (an error, an early return) still frees
+/// its router placements, and its remote caches in the background.
+impl Drop for SwarmSession<'_> {
+    fn drop(&mut self) {
+        let chain = self.release();
+        if chain.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = self.client.pool.clone();
+            let id = self.id.clone();
+            runtime.spawn(async move {
+                for hop in chain {
+                    end_remote_session(&pool, &hop.addr, &id).await;
+                }
+            });
+        }
+    }
+}
+
+/// Asks `addr` to drop session `id`'s cache, giving up after a second.
+pub(super) async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
+    if let Ok(mut pooled) = pool.control_client(addr).await {
+        let request = pb::EndSessionRequest {
+            session_id: id.to_string(),
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), pooled.client.end_session(request)).await;
+    }
+}
+
+impl Pipeline for SwarmSession<'_> {
+    async fn step(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        self.forward(start_pos, ids).await
+    }
+}

@@ -1,0 +1,127 @@
+//! Settling a hop's reply: the sampled spot check (re-executing the hop locally) and the
+//! countersigned receipt, or a voided one and a banned worker when the check fails.
+
+use super::*;
+
+impl SwarmSession<'_> {
+    /// Spot-checks hop `i`'s reply if the sample says so, then countersigns its receipt. A
+    /// failed check voids the receipt, bans the worker and returns the error to fail over.
+    pub(super) async fn settle_hop(
+        &mut self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+        output: &HopOutput,
+        receipt: Receipt,
+    ) -> Result<(), NodeError> {
+        let client = self.client;
+        let hop = self.chain[i].hop.clone();
+        let spot_checked = match self.spot_check(i, pos, input, output, &receipt).await {
+            Ok(checked) => checked,
+            Err(reason) => {
+                let reliability = {
+                    let mut router = client.router.lock().expect("router lock");
+                    let ban = router.reputation_mut().record_failure(&hop.node_id);
+                    router.ban(&hop.addr, Instant::now() + ban);
+                    client.update_peer_gauges(&router);
+                    router.reputation().reliability(&hop.node_id)
+                };
+                let voided = receipt.countersign(
+                    &client.key,
+                    Verdict::Voided,
+                    reliability as f32,
+                    crate::now_ms(),
+                );
+                client.outbox.push(&hop.addr, voided).await;
+                return Err(NodeError::Verification {
+                    peer: format!(
+                        "{} ({})",
+                        hop.addr,
+                        &hop.node_id[..hop.node_id.len().min(8)]
+                    ),
+                    reason,
+                });
+            }
+        };
+        let reliability = {
+            let mut router = client.router.lock().expect("router lock");
+            if spot_checked {
+                router.reputation_mut().record_pass(&hop.node_id);
+            }
+            router.reputation().reliability(&hop.node_id)
+        };
+        let accepted = receipt.countersign(
+            &client.key,
+            Verdict::Accepted { spot_checked },
+            reliability as f32,
+            crate::now_ms(),
+        );
+        client.outbox.push(&hop.addr, accepted).await;
+        Ok(())
+    }
+
+    /// Re-executes hop `i` if this client holds the model and the worker's sample is drawn.
+    /// Ok(true) when checked and matching, Ok(false) when not checked, Err with the mismatch.
+    pub(super) async fn spot_check(
+        &self,
+        i: usize,
+        pos: usize,
+        input: &HopInput,
+        output: &HopOutput,
+        receipt: &Receipt,
+    ) -> Result<bool, String> {
+        let client = self.client;
+        let hop = &self.chain[i].hop;
+        let Some(verifier) = client.verifier.clone() else {
+            return Ok(false);
+        };
+        let uniform: f64 = rand::random();
+        let sampled = {
+            let router = client.router.lock().expect("router lock");
+            router.reputation().should_check(&hop.node_id, uniform)
+        };
+        if !sampled {
+            return Ok(false);
+        }
+        let done = verifier.verified_up_to(&self.id, hop.layers);
+        let inputs = (|| {
+            let history = self.chain[i]
+                .log
+                .iter()
+                .filter(|(p, _)| *p < pos && *p >= done)
+                .map(|(p, input)| Ok((*p, input.to_shard_input()?)))
+                .collect::<Result<Vec<_>, NodeError>>()?;
+            Ok::<_, NodeError>((history, input.to_shard_input()?, output.last_row()?))
+        })();
+        let (history, current, received) = match inputs {
+            Ok(inputs) => inputs,
+            Err(e) => return Err(format!("its output does not decode: {e}")),
+        };
+        let (layers, session) = (hop.layers, self.id.clone());
+        let truth = tokio::task::spawn_blocking(move || {
+            verifier.recompute(&session, layers, history, pos, current)
+        })
+        .await;
+        let truth = match truth {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) => {
+                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
+                return Ok(false);
+            }
+        };
+        let tolerance = client.config.tolerance;
+        receipt
+            .body()
+            .fingerprint
+            .check(&truth, &tolerance)
+            .map_err(|e| format!("its receipt's fingerprint: {e}"))?;
+        Fingerprint::of(&received)
+            .check(&truth, &tolerance)
+            .map_err(|e| format!("its output: {e}"))?;
+        Ok(true)
+    }
+}
