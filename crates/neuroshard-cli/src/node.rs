@@ -1,0 +1,123 @@
+//! `neuroshard node`: one node serving a layer range.
+
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct NodeArgs {
+    /// Hugging Face model directory; with --weights-from it may start empty (the model's files
+    /// come from the peer) and keeps the fetched weights for the next start.
+    #[arg(long)]
+    model: PathBuf,
+    /// Layers to serve, as A..B.
+    #[arg(long)]
+    layers: LayerRange,
+    /// Fetch the layers' weights from this peer (host:port) serving them when --model does not
+    /// hold them; the transfer's progress is logged.
+    #[arg(long)]
+    weights_from: Option<String>,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// The name this node shows the swarm (anonymous without one).
+    #[arg(long)]
+    name: Option<String>,
+    /// Port to listen on (0 picks one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Interface to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// host:port other machines should dial (defaults to the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// How to become reachable from behind a router: auto tries the address as it is, then
+    /// UPnP, then STUN, then a relay, each proved by a peer dialing back.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(NatMode))]
+    nat: NatMode,
+    /// A STUN server (ip:port) to ask; repeat for more (default: the peers, which answer
+    /// STUN on their own ports).
+    #[arg(long = "stun-server")]
+    stun_servers: Vec<SocketAddr>,
+    /// The relay (host:port) to use when nothing else works (default: one a peer offers).
+    #[arg(long)]
+    relay_via: Option<String>,
+    /// Run a relay for nodes nobody can dial, on this port (0 picks one).
+    #[arg(long)]
+    serve_relay: Option<u16>,
+    /// Cap on relayed bytes, both ways together, in KB/s (0: none).
+    #[arg(long, default_value_t = 1000)]
+    relay_kbps: u32,
+    /// KV cache budget in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_budget_mib: u64,
+    /// CPU threads for compute (0: every core but one).
+    #[arg(long, default_value_t = 0)]
+    cpu_threads: u16,
+    /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this
+    /// build has one, else the CPU).
+    #[arg(long, value_enum)]
+    device: Option<neuroshard_node::settings::ComputeDevice>,
+    /// Where the node keeps its key and receipt ledger (default: $NEUROSHARD_HOME or
+    /// ~/.local/share/neuroshard).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let mut config = NodeConfig::new(&args.model, args.layers);
+    config.listen = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not a socket address",
+                args.host, args.port
+            )
+        })?;
+    config.advertise = args.advertise;
+    config.weights_from = args.weights_from;
+    config.reach = ReachConfig {
+        mode: args.nat,
+        stun_servers: args.stun_servers,
+        relay: args.relay_via,
+        ..ReachConfig::default()
+    };
+    config.serve_relay = args.serve_relay.map(|port| RelayServe {
+        listen: SocketAddr::new(config.listen.ip(), port),
+        config: neuroshard_nat::relay::RelayConfig {
+            kbps: args.relay_kbps,
+            ..Default::default()
+        },
+    });
+    config.discovery.lan = args.swarm.lan();
+    config.tracker = args.swarm.tracker;
+    config.bootstrap = args.swarm.bootstrap;
+    config.display_name = args.name;
+    config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
+    config.cpu_threads = args.cpu_threads;
+    config.device = args.device;
+    config.data_dir = Some(
+        args.data_dir
+            .unwrap_or_else(neuroshard_node::identity::default_data_dir),
+    );
+    eprintln!(
+        "loading layers {} of {}...",
+        args.layers,
+        args.model.display()
+    );
+    let node = start_node(config).await?;
+    eprintln!(
+        "node {} serving layers {} of model {} at {} on the {}",
+        node.id().short(),
+        node.layers(),
+        node.model_id(),
+        node.advertised(),
+        if node.on_gpu() { "GPU" } else { "CPU" }
+    );
+    if let Some(relay) = node.relay() {
+        eprintln!("relaying for others on port {}", relay.addr().port());
+    }
+    let reach = node.reachability().borrow().clone();
+    eprintln!("reachability {}", serde_json::to_string(&reach)?);
+    tokio::signal::ctrl_c().await?;
+    node.shutdown().await;
+    Ok(())
+}

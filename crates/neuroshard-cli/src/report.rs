@@ -1,0 +1,136 @@
+//! `neuroshard status` and `neuroshard proofs`: a node's or tracker's metrics, and the receipts
+//! this install earned.
+
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct ProofsArgs {
+    /// Data directory holding ledger.sqlite.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print totals, counts and the listed receipts as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write every receipt to FILE: CSV, or JSON when FILE ends in .json.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// List only receipts of this status: pending, verified or voided.
+    #[arg(long)]
+    status: Option<String>,
+    /// Receipts to list, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    /// Receipts to skip before listing.
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+}
+
+pub(crate) async fn print_status(
+    node: Option<String>,
+    tracker: Option<String>,
+) -> anyhow::Result<()> {
+    let json = if let Some(addr) = node {
+        let mut client = pb::node_client::NodeClient::connect(format!("http://{addr}")).await?;
+        let reply = client.ping(pb::PingRequest {}).await?.into_inner();
+        let metrics: neuroshard_node::metrics::MetricsSnapshot =
+            reply.metrics.unwrap_or_default().into();
+        let node = reply
+            .node
+            .map(neuroshard_node::convert::peer_from_proto)
+            .transpose()?;
+        serde_json::json!({ "node": node, "metrics": metrics })
+    } else if let Some(url) = tracker {
+        let mut client = pb::tracker_client::TrackerClient::connect(url).await?;
+        let stats = client.stats(pb::StatsRequest {}).await?.into_inner();
+        serde_json::json!({
+            "nodes": stats.nodes,
+            "layers_covered": stats.layers_covered,
+            "total_layers": stats.total_layers,
+            "requests": stats.requests,
+            "clone_warnings": stats.clone_warnings,
+        })
+    } else {
+        bail!("give --node HOST:PORT or --tracker URL");
+    };
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
+    use neuroshard_proof::{Ledger, Status};
+    let dir = args
+        .data_dir
+        .unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    let path = dir.join(neuroshard_node::node::LEDGER_FILE);
+    if !path.exists() {
+        bail!(
+            "no ledger at {}: has a node run with this data directory?",
+            path.display()
+        );
+    }
+    let ledger = Ledger::open(&path)?;
+    if let Some(file) = &args.export {
+        let out =
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+        let out = std::io::BufWriter::new(out);
+        if file.extension().is_some_and(|e| e == "json") {
+            ledger.export_json(out)?;
+        } else {
+            ledger.export_csv(out)?;
+        }
+        eprintln!("exported every receipt to {}", file.display());
+    }
+    let status = args
+        .status
+        .as_deref()
+        .map(Status::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let now = neuroshard_node::now_ms();
+    let day_start = now - now % (24 * 3600 * 1000);
+    let totals = ledger.totals(now, day_start)?;
+    let counts = ledger.status_counts()?;
+    let rows = ledger.page(status, args.offset, args.limit)?;
+    if args.json {
+        let json = serde_json::json!({ "totals": totals, "counts": counts, "receipts": rows });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "receipts: {} verified, {} pending, {} voided",
+        counts.verified, counts.pending, counts.voided
+    );
+    println!(
+        "{:<18} {:>26} {:>26} {:>26}",
+        "model", "today (UTC)", "last 7 days", "lifetime"
+    );
+    for t in &totals {
+        let cell = |t: &neuroshard_proof::Totals| format!("{} rcpt {:.3} cr", t.receipts, t.credit);
+        println!(
+            "{:<18} {:>26} {:>26} {:>26}",
+            t.model_id,
+            cell(&t.today),
+            cell(&t.week),
+            cell(&t.lifetime)
+        );
+    }
+    if !rows.is_empty() {
+        println!(
+            "\n{:<12} {:<9} {:<8} {:>6} {:>8} {:>12} {:>9}",
+            "receipt", "status", "layers", "pos", "tokens", "GFLOP", "credit"
+        );
+    }
+    for r in &rows {
+        println!(
+            "{:<12} {:<9} {:<8} {:>6} {:>8} {:>12.4} {:>9.4}",
+            &r.id[..12],
+            r.status.as_str(),
+            format!("{}..{}", r.layer_start, r.layer_end),
+            r.start_pos,
+            r.tokens,
+            r.flops as f64 / 1e9,
+            r.credit
+        );
+    }
+    Ok(())
+}
