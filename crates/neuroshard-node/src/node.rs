@@ -64,7 +64,11 @@ mod service;
 mod startup;
 mod training;
 
-pub use config::{Fault, NodeConfig};
+#[cfg(feature = "test-faults")]
+pub use config::Fault;
+#[cfg(not(feature = "test-faults"))]
+use config::Fault;
+pub use config::NodeConfig;
 pub use forward::last_row;
 use forward::{panic_message, parse_proof};
 pub use handle::{NodeHandle, NodeLimits};

@@ -3,10 +3,12 @@
 
 use super::*;
 
-/// Misbehaviours a test node can be told to show, to prove that requesters catch them. Not
-/// reachable from the CLI or settings.
+/// Misbehaviours a test node can be told to show, to prove that requesters catch them. Only a
+/// build with the `test-faults` feature can set one ([`NodeConfig::fault`]); the CLI, the app
+/// and settings cannot.
 #[doc(hidden)]
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(not(feature = "test-faults"), allow(dead_code))]
 pub enum Fault {
     /// Adds Gaussian noise of `scale` × the output's RMS to every output.
     Noise {
@@ -98,9 +100,20 @@ pub struct NodeConfig {
     /// from (`GetCheckpoint`, hashed chunk by chunk) instead of reading them from `model_dir`,
     /// which then needs only `config.json`. Default none.
     pub weights_from: Option<String>,
-    /// Test-only misbehaviour.
+    /// Test-only misbehaviour (the `test-faults` feature).
+    #[cfg(feature = "test-faults")]
     #[doc(hidden)]
     pub fault: Option<Fault>,
+}
+
+impl NodeConfig {
+    /// The misbehaviour this node is told to show: none in a build without `test-faults`.
+    pub(super) fn fault(&self) -> Option<Fault> {
+        #[cfg(feature = "test-faults")]
+        return self.fault.clone();
+        #[cfg(not(feature = "test-faults"))]
+        None
+    }
 }
 
 impl NodeConfig {
@@ -130,6 +143,7 @@ impl NodeConfig {
             serve_relay: None,
             train: None,
             weights_from: None,
+            #[cfg(feature = "test-faults")]
             fault: None,
         }
     }

@@ -38,7 +38,8 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             (model, source, Some(report))
         }
     };
-    let served = Served::load(source, range, config.device, config.fault.as_ref()).await?;
+    let fault = config.fault();
+    let served = Served::load(source, range, config.device, fault.as_ref()).await?;
     let (key, ledger) = match &config.data_dir {
         Some(dir) => (
             crate::identity::load_or_create(dir)?,
@@ -149,7 +150,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tracker: tokio::sync::Mutex::new(None),
         heartbeat_every: config.heartbeat,
         cancel: cancel.clone(),
-        fault: config.fault.clone(),
+        fault,
         trainer,
         weights_snapshot: Mutex::new(None),
     });
