@@ -142,7 +142,8 @@ fn a_swarm_model_is_listed_fetched_from_a_peer_with_progress_kept_and_served() {
     });
     let layers: Vec<_> = progress.iter().filter(|p| p.layers.is_some()).collect();
     let bytes = 4 * neuroshard_model::init::shard_parameter_count(&spec.config(), 2..6) as u64;
-    assert!(layers.len() >= 2, "progress along the way: {progress:?}");
+    // The status is a watch: quick chunks may coalesce, but the fetch shows at least once.
+    assert!(!layers.is_empty(), "progress along the way: {progress:?}");
     assert!(
         layers
             .iter()
