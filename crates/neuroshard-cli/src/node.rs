@@ -1,6 +1,7 @@
 //! `neuroshard node`: one node serving a layer range.
 
 use super::*;
+use neuroshard_node::settings::ComputeDevice;
 
 #[derive(Args)]
 pub(crate) struct NodeArgs {
@@ -55,7 +56,7 @@ pub(crate) struct NodeArgs {
     /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this
     /// build has one, else the CPU).
     #[arg(long, value_enum)]
-    device: Option<neuroshard_node::settings::ComputeDevice>,
+    device: Option<Device>,
     /// Where the node keeps its key and receipt ledger (default: $NEUROSHARD_HOME or
     /// ~/.local/share/neuroshard).
     #[arg(long)]
@@ -93,7 +94,10 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.display_name = args.name;
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.cpu_threads = args.cpu_threads;
-    config.device = args.device;
+    config.device = args.device.map(|d| match d {
+        Device::Gpu => ComputeDevice::Gpu,
+        Device::Cpu => ComputeDevice::Cpu,
+    });
     config.data_dir = Some(
         args.data_dir
             .unwrap_or_else(neuroshard_node::identity::default_data_dir),
@@ -120,4 +124,13 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await?;
     node.shutdown().await;
     Ok(())
+}
+
+/// `--device`: the settings' [`ComputeDevice`], as the command line names it.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Device {
+    /// The GPU through wgpu, where one is found.
+    Gpu,
+    /// The CPU backend.
+    Cpu,
 }

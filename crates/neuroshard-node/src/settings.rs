@@ -197,7 +197,7 @@ impl LayerChoice {
 }
 
 /// Where compute runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ComputeDevice {
     /// The GPU through wgpu, where one is found.
