@@ -219,7 +219,7 @@ impl Desktop {
         let dir = if own.id == id {
             own.dir
         } else {
-            if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !neuroshard_node::settings::is_model_id(id) {
                 return Err(ApiError::unknown_model(id).into());
             }
             let dir = self.launch.data_dir.join("models").join(id);

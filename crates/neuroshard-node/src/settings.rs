@@ -385,9 +385,7 @@ impl Settings {
         self.schedule.validate()?;
         self.network.validate()?;
         match &self.model {
-            ModelChoice::Swarm { id }
-                if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
+            ModelChoice::Swarm { id } if !is_model_id(id) => {
                 return bad("model.id", "must be a model id of 16 hex digits");
             }
             ModelChoice::Local { dir } if !dir.is_absolute() => {
@@ -457,6 +455,11 @@ impl Schedule {
         }
         Ok(())
     }
+}
+
+/// Whether `id` reads as a model's content id: 16 hex digits (safe as a folder name too).
+pub fn is_model_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether `peer` reads as `host:port` with a nonzero port.
