@@ -3,7 +3,7 @@
 use neuroshard_base::LayerRange;
 use neuroshard_model::codec::{WireDType, encode};
 use neuroshard_model::init::{ModelSpec, write_model};
-use neuroshard_node::convert::{span_to_proto, tensor_to_proto};
+use neuroshard_net::convert::{span_to_proto, tensor_to_proto};
 use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
 use neuroshard_proto as pb;
 
@@ -47,7 +47,7 @@ pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> No
 /// A tracker and nodes serving `ranges` of the model in `dir`, on loopback.
 pub struct BenchSwarm {
     /// The tracker.
-    pub tracker: neuroshard_node::tracker::TrackerHandle,
+    pub tracker: neuroshard_discovery::tracker::TrackerHandle,
     /// The nodes.
     pub nodes: Vec<NodeHandle>,
 }
@@ -55,7 +55,7 @@ pub struct BenchSwarm {
 impl BenchSwarm {
     /// Starts the tracker and the nodes.
     pub async fn start(dir: &std::path::Path, ranges: &[(u32, u32)]) -> Self {
-        use neuroshard_node::tracker::{TrackerConfig, start_tracker};
+        use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
         let tracker = start_tracker(TrackerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..TrackerConfig::default()

@@ -11,9 +11,9 @@ use std::time::Duration;
 use neuroshard_api::engine::PieceReceiver;
 use neuroshard_api::openai::{Prompt, Request};
 use neuroshard_api::{ApiConfig, ApiError, ApiServer, Backend, Piece, ServedModel, Usage};
+use neuroshard_client::ClientConfig;
+use neuroshard_client::generate::Finish;
 use neuroshard_model::ModelInfo;
-use neuroshard_node::client::ClientConfig;
-use neuroshard_node::generate::Finish;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -110,7 +110,7 @@ impl Desktop {
                         .find(|p| p.model_id == model.id && !p.is_relayed());
                     match peer {
                         Some(peer) => {
-                            let asked = neuroshard_node::checkpoint::peer_model_config(
+                            let asked = neuroshard_client::checkpoint::peer_model_config(
                                 &peer.addr, &model.id,
                             );
                             match tokio::time::timeout(ABOUT_TIMEOUT, asked).await {
@@ -219,7 +219,7 @@ impl Desktop {
         let dir = if own.id == id {
             own.dir
         } else {
-            if !neuroshard_node::settings::is_model_id(id) {
+            if !neuroshard_settings::is_model_id(id) {
                 return Err(ApiError::unknown_model(id).into());
             }
             let dir = self.launch.data_dir.join("models").join(id);
@@ -228,7 +228,7 @@ impl Desktop {
             } else {
                 let peers = self.swarm_peers(&self.settings(), Some(id)).await;
                 let peer = peers.first().ok_or_else(|| ApiError::unknown_model(id))?;
-                neuroshard_node::checkpoint::fetch_model_files(&peer.addr, id, &dir)
+                neuroshard_client::checkpoint::fetch_model_files(&peer.addr, id, &dir)
                     .await
                     .map_err(|e| CommandError {
                         code: "model",

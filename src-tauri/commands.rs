@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use neuroshard_node::settings::{LayerChoice, Preset, Settings};
 use neuroshard_proof::ledger::SeriesPoint;
+use neuroshard_settings::{LayerChoice, Preset, Settings};
 use serde_json::Value;
 use tauri::ipc::Channel;
 use tauri::{Runtime, State};
@@ -78,7 +78,7 @@ pub async fn drain(core: Core<'_>) -> Reply<DesktopStatus> {
 /// Pauses for a while.
 #[tauri::command]
 pub async fn snooze(core: Core<'_>, length: Snooze) -> Reply<DesktopStatus> {
-    Ok(core.snooze(length, neuroshard_node::now_ms()).await)
+    Ok(core.snooze(length, neuroshard_net::now_ms()).await)
 }
 
 /// A page of receipts, newest first.
@@ -95,19 +95,19 @@ pub async fn receipts(
 /// Verified totals: today, 7 days, ever.
 #[tauri::command]
 pub async fn receipt_totals(core: Core<'_>) -> Reply<PeriodTotals> {
-    core.totals(neuroshard_node::now_ms()).await
+    core.totals(neuroshard_net::now_ms()).await
 }
 
 /// Throughput and credit over `24h` or `7d`.
 #[tauri::command]
 pub async fn series(core: Core<'_>, range: String) -> Reply<Vec<SeriesPoint>> {
-    core.series(&range, neuroshard_node::now_ms()).await
+    core.series(&range, neuroshard_net::now_ms()).await
 }
 
 /// Writes every receipt as CSV (into `dir`, else Downloads); returns the file's path.
 #[tauri::command]
 pub async fn export_receipts(core: Core<'_>, dir: Option<PathBuf>) -> Reply<String> {
-    let path = core.export_csv(dir, neuroshard_node::now_ms()).await?;
+    let path = core.export_csv(dir, neuroshard_net::now_ms()).await?;
     Ok(path.display().to_string())
 }
 

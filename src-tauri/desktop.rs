@@ -1,8 +1,8 @@
 //! The app's core, free of any window: the embedded node, the settings store, the owner's
 //! holds (pause, snooze), the model served and the status snapshot. Tauri commands and the
-//! tray are thin over this, and the tests drive it directly. The owner's rules (`policy`), the
-//! transfer meter (`meter`), the receipts view (`receipts`) and the model choice (`models`)
-//! live beside it.
+//! tray are thin over this, and the tests drive it directly. The owner's rules and the transfer
+//! meter are shared with a headless node (`neuroshard_settings::policy`, `neuroshard_node::owner`);
+//! the receipts view (`receipts`) and the model choice (`models`) live beside it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,24 +10,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use neuroshard_model::ModelInfo;
-use neuroshard_node::NodeError;
+use neuroshard_net::NodeError;
 use neuroshard_node::lifecycle::{NodeStatus, RunState};
 use neuroshard_node::node::{NodeConfig, NodeHandle, NodeLimits, start_node};
-use neuroshard_node::settings::{
+use neuroshard_settings::{
     ComputeDevice, LayerChoice, ModelChoice, Preset, Settings, SettingsStore,
 };
 use serde_json::Value;
 use tokio::sync::{RwLock, watch};
 
 pub use crate::error::CommandError;
-pub use crate::launch::{DEFAULT_PORT, Launch, Machine, SystemMachine};
+pub use crate::launch::{DEFAULT_PORT, Launch, SystemMachine};
 use crate::layers::{self, LayerPlan};
-use crate::meter::{self, Usage};
 use crate::models::{demo_model, model_dir};
-pub use crate::policy::Snooze;
-use crate::policy::{self, Holds, local_midnight};
 pub use crate::receipts::{MAX_PAGE, PeriodTotals, ReceiptPage};
 use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rates};
+use neuroshard_node::owner::Owner;
+pub use neuroshard_settings::policy::{Decision, Machine, Snooze};
+use neuroshard_settings::policy::{Holds, local_midnight};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -60,7 +60,7 @@ pub struct Desktop {
     bound: Mutex<Option<SocketAddr>>,
     holds: Mutex<Holds>,
     rates: Mutex<Rates>,
-    usage: Mutex<Usage>,
+    owner: Mutex<Owner>,
     pub(crate) status: watch::Sender<DesktopStatus>,
 }
 
@@ -91,7 +91,7 @@ impl Desktop {
         let model = ModelInfo::read(&chosen)
             .or_else(|_| ModelInfo::read(&default_dir))
             .map_err(|e| CommandError::new("model", format!("{}: {e}", default_dir.display())))?;
-        let usage = Usage::load(&launch.data_dir);
+        let owner = Owner::load(&launch.data_dir);
         Ok(Arc::new(Self {
             launch,
             machine,
@@ -106,7 +106,7 @@ impl Desktop {
             bound: Mutex::new(None),
             holds: Mutex::new(Holds::default()),
             rates: Mutex::new(Rates::default()),
-            usage: Mutex::new(usage),
+            owner: Mutex::new(owner),
             status: watch::Sender::new(DesktopStatus::starting()),
         }))
     }
@@ -483,7 +483,7 @@ impl Desktop {
     /// Samples the node, applies the holds (snooze ends, transfer cap, schedule), and publishes
     /// the status. The app calls it every second and after every command.
     pub async fn refresh(&self) -> DesktopStatus {
-        let now = neuroshard_node::now_ms();
+        let now = neuroshard_net::now_ms();
         let settings = self.settings();
         let guard = self.node.read().await;
         let Some(node) = guard.as_ref() else {
@@ -505,45 +505,20 @@ impl Desktop {
             .lock()
             .expect("rates lock")
             .sample(now, metrics.clone());
-        // The transport's own count: every byte of every connection, not only Forward payloads.
-        let moved = node.transport_bytes();
-        let bandwidth = {
-            let mut usage = self.usage.lock().expect("usage lock");
-            let (bandwidth, save) = meter::sample(&mut usage, &settings, moved, now);
-            if save {
-                usage.save(&self.launch.data_dir);
-            }
-            bandwidth
-        };
-        // The node itself refuses new work once the period's cap is used up, even between two
-        // refreshes of the app.
-        node.set_transfer_budget(
-            bandwidth
-                .period_cap_bytes
-                .map(|cap| moved + cap.saturating_sub(bandwidth.period_bytes)),
-        );
-        let (state, detail) = policy::decide(
+        let verdict = self.owner.lock().expect("owner lock").tick(
+            node,
             &settings,
             &mut self.holds.lock().expect("holds lock"),
             self.machine.as_ref(),
-            &bandwidth,
             now,
         );
         let running = node.status().borrow().to_owned();
-        let want = state == AppState::Serving;
         let state = match running.state {
-            RunState::Serving if !want => {
-                node.pause();
-                state
-            }
-            RunState::Paused if want => {
-                node.resume();
-                state
-            }
             RunState::Draining => AppState::Draining,
             RunState::Stopped => AppState::Offline,
-            _ => state,
+            _ => AppState::from(verdict.decision),
         };
+        let (detail, period) = (verdict.detail, verdict.period);
         let today = local_midnight(now);
         let (today_totals, pending) = node
             .ledger()
@@ -570,7 +545,11 @@ impl Desktop {
             bandwidth: BandwidthStatus {
                 up_bps: rate.sent,
                 down_bps: rate.received,
-                ..bandwidth
+                up_cap_kbps: settings.bandwidth.upload_kbps,
+                down_cap_kbps: settings.bandwidth.download_kbps,
+                period_bytes: period.bytes,
+                period_cap_bytes: period.cap_bytes,
+                period_ends_ms: period.ends_ms,
             },
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
@@ -601,8 +580,7 @@ impl Desktop {
 
     /// Saves the meter and stops the node.
     pub async fn shutdown(&self) {
-        let usage = *self.usage.lock().expect("usage lock");
-        usage.save(&self.launch.data_dir);
+        self.owner.lock().expect("owner lock").save();
         self.chats.stop_api().await;
         if let Some(node) = self.node.write().await.take() {
             node.shutdown().await;

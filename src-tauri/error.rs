@@ -1,9 +1,9 @@
 //! A failed command as the page receives it, from every error the core meets.
 
 use neuroshard_api::ApiError;
-use neuroshard_node::NodeError;
-use neuroshard_node::settings::SettingsError;
+use neuroshard_net::NodeError;
 use neuroshard_proof::ledger::LedgerError;
+use neuroshard_settings::SettingsError;
 use serde::Serialize;
 
 /// A failed command, as the front end receives it: a stable code, a sentence, and for a bad

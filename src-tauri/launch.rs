@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use neuroshard_node::discovery::LanConfig;
-use neuroshard_node::settings::SettingsStore;
+use neuroshard_discovery::LanConfig;
+use neuroshard_settings::SettingsStore;
+use neuroshard_settings::policy::Machine;
 
 /// Where the app keeps things and how its node listens; from the environment, so tests and
 /// packagers can move every path.
@@ -63,14 +64,6 @@ impl Launch {
             },
         })
     }
-}
-
-/// What the machine says about its user and power, for "only when idle" and "not on battery".
-pub trait Machine: Send + Sync + std::fmt::Debug {
-    /// Time since the user's last input; none where it cannot be read (no X server).
-    fn idle(&self) -> Option<Duration>;
-    /// Whether the machine runs on a discharging battery; none where it cannot be read.
-    fn on_battery(&self) -> Option<bool>;
 }
 
 /// The real machine: the X server's screen-saver idle time (user-idle) and the batteries the

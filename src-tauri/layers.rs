@@ -5,8 +5,8 @@
 use neuroshard_base::LayerRange;
 use neuroshard_model::LlamaConfig;
 use neuroshard_model::init::shard_parameter_count;
-use neuroshard_node::convert::PeerRecord;
-use neuroshard_node::settings::LayerChoice;
+use neuroshard_net::convert::PeerRecord;
+use neuroshard_settings::LayerChoice;
 use serde::Serialize;
 
 /// Bytes per weight as shards are held in memory (f32).

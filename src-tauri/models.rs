@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use neuroshard_base::LayerRange;
+use neuroshard_client::checkpoint;
 use neuroshard_model::fetched::{self, FetchedModel};
 use neuroshard_model::{LlamaConfig, ModelInfo};
-use neuroshard_node::checkpoint;
-use neuroshard_node::convert::PeerRecord;
-use neuroshard_node::settings::{ModelChoice, Settings};
+use neuroshard_net::convert::PeerRecord;
+use neuroshard_settings::{ModelChoice, Settings};
 use serde::Serialize;
 
 use crate::desktop::Desktop;
@@ -135,13 +135,11 @@ impl Desktop {
             None => Vec::new(),
         };
         if let Some(url) = &settings.network.tracker {
-            match neuroshard_node::client::tracker_client(url) {
-                Ok(client) => {
-                    match neuroshard_node::client::list_peers(client, url, model_id).await {
-                        Ok(list) => peers = list,
-                        Err(e) => tracing::warn!("the swarm's peers from the tracker unknown: {e}"),
-                    }
-                }
+            match neuroshard_client::tracker_client(url) {
+                Ok(client) => match neuroshard_client::list_peers(client, url, model_id).await {
+                    Ok(list) => peers = list,
+                    Err(e) => tracing::warn!("the swarm's peers from the tracker unknown: {e}"),
+                },
                 Err(e) => tracing::warn!("the swarm's peers unknown: {e}"),
             }
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::desktop::Desktop;
 use crate::error::CommandError;
-use crate::policy::{MS_PER_DAY, MS_PER_HOUR, local_midnight};
+use neuroshard_settings::policy::{MS_PER_DAY, MS_PER_HOUR, local_midnight};
 
 /// Receipts a page of the receipts table may hold.
 pub const MAX_PAGE: u32 = 200;

@@ -124,7 +124,7 @@ fn build_tray<R: Runtime>(app: &AppHandle<R>) -> tauri::Result<TrayItems<R>> {
 
 fn on_menu<R: Runtime>(app: &AppHandle<R>, event: MenuEvent) {
     let desktop = app.state::<Arc<Desktop>>().inner().clone();
-    let now = neuroshard_node::now_ms();
+    let now = neuroshard_net::now_ms();
     match event.id().as_ref() {
         "toggle" => {
             let paused = tray::view(&desktop.watch().borrow()).toggle_label == "Pause now";

@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 
 use neuroshard_base::LayerRange;
-use neuroshard_node::metrics::MetricsSnapshot;
+use neuroshard_net::metrics::MetricsSnapshot;
+use neuroshard_settings::policy::Decision;
 use serde::Serialize;
 
 /// The app's state as a person thinks of it; several can map to a paused node.
@@ -29,6 +30,18 @@ pub enum AppState {
     Error,
     /// No node runs (shut down).
     Offline,
+}
+
+impl From<Decision> for AppState {
+    fn from(decision: Decision) -> Self {
+        match decision {
+            Decision::Setup => AppState::Setup,
+            Decision::Paused => AppState::Paused,
+            Decision::Snoozed => AppState::Snoozed,
+            Decision::Waiting => AppState::Waiting,
+            Decision::Serving => AppState::Serving,
+        }
+    }
 }
 
 /// Bandwidth in use against the caps.

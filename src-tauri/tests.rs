@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use neuroshard_node::lifecycle::RunState;
-use neuroshard_node::settings::Settings;
+use neuroshard_settings::Settings;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tauri::ipc::{CallbackFn, InvokeBody};
@@ -230,7 +230,7 @@ fn settings_commands_validate_persist_and_reach_the_node() {
         (64, 0, 80, 2),
         "caps, share and threads reach the running node"
     );
-    let reread = neuroshard_node::settings::SettingsStore::open(&stored).unwrap();
+    let reread = neuroshard_settings::SettingsStore::open(&stored).unwrap();
     assert_eq!(reread.get(), &s, "persisted");
 }
 
@@ -408,7 +408,7 @@ fn bootstrap_peers_take_the_node_into_the_swarm_and_it_announces_its_display_nam
         peer.discovery().dht().get(key).await.unwrap().records
     });
     assert_eq!(record.len(), 1);
-    let announced = neuroshard_node::convert::peer_from_record(&record[0]).unwrap();
+    let announced = neuroshard_net::convert::peer_from_record(&record[0]).unwrap();
     assert_eq!(announced.display_name, "Ada");
     let addr = tauri::async_runtime::block_on(f.desktop.node_addr()).unwrap();
     assert_eq!(announced.addr, addr.to_string());
@@ -425,7 +425,7 @@ fn the_device_setting_picks_where_compute_runs_and_the_status_says_why() {
     let status: Value = f.ok("get_status", json!({}));
     assert_eq!(
         Settings::default().compute.device,
-        neuroshard_node::settings::ComputeDevice::Gpu
+        neuroshard_settings::ComputeDevice::Gpu
     );
     if neuroshard_model::GPU_BUILD {
         // A machine without a usable adapter falls back to the CPU and says so.
@@ -516,7 +516,7 @@ fn a_used_up_transfer_cap_holds_the_node_until_its_period_ends() {
     let f = fixture_with(|dir| {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let meter = json!({"period_start_ms": neuroshard_node::now_ms() - DAY_MS, "bytes": 1_000_000_000u64});
+        let meter = json!({"period_start_ms": neuroshard_net::now_ms() - DAY_MS, "bytes": 1_000_000_000u64});
         std::fs::write(data.join("transfer.json"), meter.to_string()).unwrap();
     });
     f.ok::<Settings>(

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use neuroshard_base::LayerRange;
+use neuroshard_discovery::tracker::{TrackerConfig, TrackerHandle, start_tracker};
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
-use neuroshard_node::tracker::{TrackerConfig, TrackerHandle, start_tracker};
 use neuroshard_proto::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -104,7 +104,7 @@ pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
     NodeClient::connect(format!("http://{}", node.advertised()))
         .await
         .expect("connects")
-        .max_decoding_message_size(neuroshard_node::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(neuroshard_net::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(512 * 1024 * 1024)
 }
 
@@ -115,9 +115,9 @@ pub fn signed_register(
 ) -> neuroshard_proto::RegisterRequest {
     info.node_id = key.id().to_string();
     info.public_key = key.public().0.to_vec();
-    let record = neuroshard_node::convert::peer_from_proto(info.clone()).expect("valid peer");
-    let timestamp_ms = neuroshard_node::now_ms();
-    let message = neuroshard_node::tracker::announcement("register", &record, timestamp_ms);
+    let record = neuroshard_net::convert::peer_from_proto(info.clone()).expect("valid peer");
+    let timestamp_ms = neuroshard_net::now_ms();
+    let message = neuroshard_discovery::tracker::announcement("register", &record, timestamp_ms);
     neuroshard_proto::RegisterRequest {
         node: Some(info),
         timestamp_ms,
@@ -135,9 +135,9 @@ pub fn signed_heartbeat(
     info.node_id = key.id().to_string();
     info.public_key = key.public().0.to_vec();
     info.load = load;
-    let record = neuroshard_node::convert::peer_from_proto(info.clone()).expect("valid peer");
-    let timestamp_ms = neuroshard_node::now_ms();
-    let message = neuroshard_node::tracker::announcement("heartbeat", &record, timestamp_ms);
+    let record = neuroshard_net::convert::peer_from_proto(info.clone()).expect("valid peer");
+    let timestamp_ms = neuroshard_net::now_ms();
+    let message = neuroshard_discovery::tracker::announcement("heartbeat", &record, timestamp_ms);
     neuroshard_proto::HeartbeatRequest {
         node_id: info.node_id,
         layers: info.layers,

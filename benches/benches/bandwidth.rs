@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use neuroshard_node::bandwidth::{BandwidthCaps, Throttled};
+use neuroshard_net::bandwidth::{BandwidthCaps, Throttled};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Bytes written per iteration.

@@ -59,7 +59,7 @@ fn main() {
         futures::future::join_all(nodes.iter().map(|n| n.announce())).await;
 
         let owner = NodeKey::generate();
-        let expires_ms = neuroshard_node::now_ms() + 3_600_000;
+        let expires_ms = neuroshard_net::now_ms() + 3_600_000;
         let mut puts = Vec::new();
         for i in 0..PUTS {
             let key = RecordKey::Checkpoint(format!("bench-{i}"));

@@ -15,8 +15,8 @@ use neuroshard_benches::{
     write_temp_model,
 };
 use neuroshard_model::codec::{WireDType, decode, encode};
-use neuroshard_node::metrics::Metrics;
-use neuroshard_node::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::metrics::Metrics;
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
 
 fn hop_overhead(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();

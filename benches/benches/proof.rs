@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group};
 use neuroshard_base::{LayerRange, NodeKey};
 use neuroshard_benches::{BenchSwarm, activations, write_temp_model};
+use neuroshard_client::generate::{Pipeline, generate};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::codec::{WireDType, encode};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::convert::tensor_hash;
-use neuroshard_node::generate::{Pipeline, generate};
+use neuroshard_net::convert::tensor_hash;
 use neuroshard_proof::{
     Countersignature, Expectation, Fingerprint, Receipt, ReceiptBody, Verdict, WorkKind,
 };

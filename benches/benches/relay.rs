@@ -21,9 +21,9 @@ use neuroshard_benches::{
     bench_config, forward_overhead, hidden_request, hop_model_spec, write_temp_model,
 };
 use neuroshard_nat::relay::{Relay, RelayConfig};
-use neuroshard_node::metrics::Metrics;
+use neuroshard_net::metrics::Metrics;
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
 use neuroshard_node::node::start_node;
-use neuroshard_node::pool::{ConnectionPool, PoolConfig};
 use neuroshard_node::reach::{NatMode, ReachConfig, ReachPath};
 use tokio_util::sync::CancellationToken;
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
 use neuroshard_benches::{BenchSwarm, write_temp_model};
+use neuroshard_client::generate::{LocalPipeline, Pipeline};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::{LocalPipeline, Pipeline};
 
 const PROMPT_LEN: usize = 32;
 

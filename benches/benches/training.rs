@@ -13,12 +13,12 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use neuroshard_base::LayerRange;
+use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
+use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainShard};
-use neuroshard_node::client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_node::node::{Compression, NodeConfig, TrainingConfig, start_node};
-use neuroshard_node::tracker::{TrackerConfig, start_tracker};
 use neuroshard_node::train::{TrainOptions, run_training};
 
 const SEQUENCE: usize = 64;

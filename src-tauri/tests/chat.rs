@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use neuroshard_api::{Backend, Piece, ServedModel};
 use neuroshard_base::LayerRange;
+use neuroshard_discovery::tracker::{TrackerConfig, TrackerHandle, start_tracker};
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_node::node::{NodeConfig, start_node};
-use neuroshard_node::settings::Settings;
-use neuroshard_node::tracker::{TrackerConfig, TrackerHandle, start_tracker};
+use neuroshard_settings::Settings;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -188,7 +188,7 @@ fn a_swarm_model_is_listed_fetched_from_a_peer_with_progress_kept_and_served() {
     let settings: Settings = f.ok("get_settings", json!({}));
     assert!(matches!(
         settings.model,
-        neuroshard_node::settings::ModelChoice::Swarm { .. }
+        neuroshard_settings::ModelChoice::Swarm { .. }
     ));
 }
 

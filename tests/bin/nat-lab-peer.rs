@@ -112,12 +112,13 @@ async fn main() -> anyhow::Result<()> {
             say("stopped", ());
         }
         ["tracker", addr] => {
-            let tracker =
-                neuroshard_node::tracker::start_tracker(neuroshard_node::tracker::TrackerConfig {
+            let tracker = neuroshard_discovery::tracker::start_tracker(
+                neuroshard_discovery::tracker::TrackerConfig {
                     listen: addr.parse()?,
                     ..Default::default()
-                })
-                .await?;
+                },
+            )
+            .await?;
             say("tracker", tracker.addr);
             until_stop(&mut stdin).await?;
         }
@@ -155,12 +156,12 @@ async fn main() -> anyhow::Result<()> {
             say("stopped", ());
         }
         ["generate", tracker, tokens, pause_at] => {
-            use neuroshard_node::client::{ClientConfig, SwarmClient};
+            use neuroshard_client::{ClientConfig, SwarmClient};
             let (tokens, pause_at): (usize, usize) = (tokens.parse()?, pause_at.parse()?);
             let client = SwarmClient::connect(ClientConfig::new(tracker.to_string())).await?;
             let mut session = client.session();
             let prompt = [256, 84, 104, 101, 32, 115, 119, 97, 114, 109];
-            let report = neuroshard_node::generate::generate(
+            let report = neuroshard_client::generate::generate(
                 &mut session,
                 &prompt,
                 tokens,

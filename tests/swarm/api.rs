@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use neuroshard_api::{ApiConfig, ApiServer, Backend, ServedModel, start_api};
+use neuroshard_client::ClientConfig;
+use neuroshard_client::generate::{GenerateOptions, LocalPipeline, generate_with};
 use neuroshard_model::{ChatMessage, ChatTemplate, ModelInfo, SamplingParams, TextTokenizer};
-use neuroshard_node::client::ClientConfig;
-use neuroshard_node::generate::{GenerateOptions, LocalPipeline, generate_with};
 use neuroshard_tests::Swarm;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use neuroshard_model::codec::{WireDType, encode};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::convert::{span_to_proto, tensor_to_proto};
+use neuroshard_net::convert::{span_to_proto, tensor_to_proto};
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel, node_client};
 use pb::forward_request::Input;
@@ -102,7 +102,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
 
     // Oversized message, actually sent: tonic's decode limit refuses it.
     let mut t = hidden_tensor(1);
-    t.payload = Bytes::from(vec![0u8; neuroshard_node::MAX_MESSAGE_BYTES + 1]);
+    t.payload = Bytes::from(vec![0u8; neuroshard_net::MAX_MESSAGE_BYTES + 1]);
     let status = client
         .forward(request("bad4", 0, 2, 4, Input::Hidden(t)))
         .await
@@ -303,7 +303,7 @@ async fn a_model_whose_config_and_tensors_disagree_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_computes_on_the_device_asked_for_or_says_why_not() {
-    use neuroshard_node::settings::ComputeDevice;
+    use neuroshard_settings::ComputeDevice;
     let model = TestModel::new(&ModelSpec::tiny());
     let config = |device| {
         let mut config = neuroshard_node::node::NodeConfig::new(

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use neuroshard_base::{LayerRange, NodeKey};
+use neuroshard_client::generate::generate;
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_dht::{Record, RecordKey};
+use neuroshard_discovery::{DiscoveryConfig, LanConfig};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::discovery::{DiscoveryConfig, LanConfig};
-use neuroshard_node::generate::generate;
 use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel};
@@ -136,14 +136,14 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
         .await
         .unwrap();
     assert_eq!(outcome.records.len(), 1);
-    let announced = neuroshard_node::convert::peer_from_record(&outcome.records[0]).unwrap();
+    let announced = neuroshard_net::convert::peer_from_record(&outcome.records[0]).unwrap();
     assert_eq!(announced.addr, subject.advertised());
     assert_eq!(announced.layers, subject.layers());
 
     // A record put with a 3 s lifetime is found, then gone once it expires.
     let publisher = NodeKey::generate();
     let key = RecordKey::Checkpoint("run-1.step-400".into());
-    let expires_ms = neuroshard_node::now_ms() + 3_000;
+    let expires_ms = neuroshard_net::now_ms() + 3_000;
     let record = Record::sign(
         key.clone(),
         b"shard hashes".to_vec(),
@@ -169,7 +169,7 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
     let leaver = nodes.remove(7);
     let (layer, leaver_id) = (leaver.layers().start, leaver.id().to_string());
     leaver.shutdown().await;
-    let left_ms = neuroshard_node::now_ms();
+    let left_ms = neuroshard_net::now_ms();
     assert!(
         providers(&nodes[30], &model_id, layer)
             .await
@@ -187,7 +187,7 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
 
 /// Waits until the wall clock reaches `ms`: records expire by wall-clock time.
 async fn sleep_until_ms(ms: u64) {
-    let now = neuroshard_node::now_ms();
+    let now = neuroshard_net::now_ms();
     tokio::time::sleep(Duration::from_millis(ms.saturating_sub(now) + 50)).await;
 }
 
@@ -307,7 +307,7 @@ async fn dht_client(node: &NodeHandle) -> pb::dht_client::DhtClient<tonic::trans
 
 /// A request's sender: `key`'s contact at `addr`, signed at `timestamp_ms`.
 fn sender(key: &NodeKey, addr: &str, timestamp_ms: u64) -> Option<pb::DhtSender> {
-    Some(neuroshard_node::convert::sender_to_proto(
+    Some(neuroshard_net::convert::sender_to_proto(
         key,
         addr.parse().unwrap(),
         timestamp_ms,
@@ -316,7 +316,7 @@ fn sender(key: &NodeKey, addr: &str, timestamp_ms: u64) -> Option<pb::DhtSender>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_dht_messages_oversized_records_and_bad_signatures_get_clear_errors() {
-    use neuroshard_node::convert::record_to_proto;
+    use neuroshard_net::convert::record_to_proto;
     let model = TestModel::new(&ModelSpec::tiny());
     let node = start_free(
         model.path(),
@@ -329,7 +329,7 @@ async fn malformed_dht_messages_oversized_records_and_bad_signatures_get_clear_e
     announced.wait_for(|a| a.rounds > 0).await.unwrap();
     let mut dht = dht_client(&node).await;
     let owner = NodeKey::generate();
-    let now = neuroshard_node::now_ms;
+    let now = neuroshard_net::now_ms;
     let key = RecordKey::Checkpoint("kept".into());
     let kept = Record::sign(key.clone(), b"v1".to_vec(), now() + 60_000, &owner).unwrap();
     dht.store(pb::StoreRequest {

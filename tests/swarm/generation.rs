@@ -1,9 +1,9 @@
 //! Generation through a swarm against the local reference, with failover and replicas.
 
 use neuroshard_base::LayerRange;
+use neuroshard_client::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::{GenerationReport, LocalPipeline, generate};
 use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_tests::{Swarm, TestModel};
 
@@ -266,11 +266,11 @@ async fn a_bad_request_fails_without_banning_healthy_peers() {
     let logits = session.forward(0, &[1, 2, 3]).await.unwrap();
     assert_eq!(logits.len(), neuroshard_model::BYTE_VOCAB);
     // A prompt longer than one call is sent in chunks and matches the local model.
-    let long: Vec<u32> = (0..neuroshard_node::client::PREFILL_CHUNK_TOKENS as u32 + 40)
+    let long: Vec<u32> = (0..neuroshard_client::PREFILL_CHUNK_TOKENS as u32 + 40)
         .map(|i| i % 250)
         .collect();
     let mut local = LocalPipeline::load(model.path()).unwrap();
-    let expected = neuroshard_node::generate::Pipeline::step(&mut local, 0, &long)
+    let expected = neuroshard_client::generate::Pipeline::step(&mut local, 0, &long)
         .await
         .unwrap();
     let mut chunked = client.session();
@@ -322,8 +322,8 @@ async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_gen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from_disk() {
+    use neuroshard_client::checkpoint::fetch_weights;
     use neuroshard_model::init::shard_parameter_count;
-    use neuroshard_node::checkpoint::fetch_weights;
     let model = TestModel::new(&ModelSpec::demo());
     let config = neuroshard_model::ModelInfo::read(model.path())
         .unwrap()

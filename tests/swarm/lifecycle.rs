@@ -1,10 +1,11 @@
 //! Pausing and resuming a node through its handle, as the desktop tray does: a paused node
 //! refuses work, clients fail over to a replica, and its status watch and events say so.
 
+use neuroshard_client::generate::{GenerationReport, generate};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::{GenerationReport, generate};
 use neuroshard_node::lifecycle::{NodeEvent, RunState};
+use neuroshard_node::node::NodeConfig;
 use neuroshard_tests::{Swarm, TestModel};
 
 use crate::generation::{PROMPT, assert_same_generation, local_reference};
@@ -61,7 +62,7 @@ async fn a_paused_node_is_failed_over_and_serves_again_when_resumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stays_paused_until_its_owner_finishes_the_first_run() {
-    use neuroshard_node::settings::{Preset, Settings, SettingsStore};
+    use neuroshard_settings::{Preset, Settings, SettingsStore};
     let model = TestModel::new(&ModelSpec::tiny());
     let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
     let node = &swarm.nodes[0];
@@ -96,7 +97,7 @@ async fn a_node_stays_paused_until_its_owner_finishes_the_first_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
     use neuroshard_base::LayerRange;
-    use neuroshard_node::generate::{LocalPipeline, Pipeline};
+    use neuroshard_client::generate::{LocalPipeline, Pipeline};
 
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, NEW_TOKENS).await;
@@ -159,8 +160,8 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
 
     // The tracker lists the new layers, and the DHT no longer names the mover for 2..4.
     let url = swarm.tracker.url();
-    let tracker = neuroshard_node::client::tracker_client(&url).unwrap();
-    let listed = neuroshard_node::client::list_peers(tracker, &url, Some(mover.model_id()))
+    let tracker = neuroshard_client::tracker_client(&url).unwrap();
+    let listed = neuroshard_client::list_peers(tracker, &url, Some(mover.model_id()))
         .await
         .unwrap();
     let moved = listed.iter().find(|p| p.node_id == id.to_string()).unwrap();
@@ -183,7 +184,7 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
         let named: Vec<_> = records
             .records
             .iter()
-            .filter_map(|r| neuroshard_node::convert::peer_from_record(r).ok())
+            .filter_map(|r| neuroshard_net::convert::peer_from_record(r).ok())
             .map(|p| p.node_id)
             .collect();
         assert!(!named.contains(&id.to_string()), "layer {index}: {named:?}");
@@ -222,4 +223,76 @@ fn argmax(logits: &[f32]) -> u32 {
         .max_by(|a, b| a.1.total_cmp(b.1))
         .unwrap();
     best.0 as u32
+}
+
+/// A headless node started with `--settings FILE` keeps to the file as the desktop app's node
+/// does, and follows its changes: caps apply, a rule that cannot be met holds the node back
+/// with its reason, and lifting the rule resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
+    use neuroshard_node::owner::{follow_settings_file, read_settings};
+    use neuroshard_settings::policy::NoSensors;
+    use std::time::Duration;
+
+    let model = TestModel::new(&ModelSpec::tiny());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings.json");
+    let write = |json: serde_json::Value| std::fs::write(&path, json.to_string()).unwrap();
+    // A server cannot read its idle time, so "only when idle" holds it back.
+    write(serde_json::json!({
+        "version": 1,
+        "bandwidth": {"upload_kbps": 256, "download_kbps": 512},
+        "schedule": {"only_when_idle": true},
+    }));
+    let node = neuroshard_node::node::start_node(NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(0, 4).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let node = std::sync::Arc::new(node);
+    let status = node.status();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let follow = tokio::spawn(follow_settings_file(
+        node.clone(),
+        path.clone(),
+        dir.path().to_path_buf(),
+        Box::new(NoSensors),
+        Duration::from_millis(50),
+        cancel.clone(),
+    ));
+    wait_for_state(status.clone(), RunState::Paused).await;
+    let limits = node.limits();
+    assert_eq!((limits.upload_kbps, limits.download_kbps), (256, 512));
+
+    write(serde_json::json!({"version": 1, "bandwidth": {"upload_kbps": 128}}));
+    wait_for_state(status.clone(), RunState::Serving).await;
+    assert_eq!(node.limits().upload_kbps, 128);
+
+    // A value the settings refuse is named; the node keeps what it had.
+    write(serde_json::json!({"version": 1, "bandwidth": {"upload_kbps": "fast"}}));
+    let err = read_settings(&path).unwrap_err().to_string();
+    assert!(err.contains("bandwidth.upload_kbps"), "{err}");
+    assert!(read_settings(&dir.path().join("missing.json")).is_err());
+
+    cancel.cancel();
+    follow.await.unwrap();
+    assert!(
+        dir.path().join("transfer.json").exists(),
+        "the meter is saved"
+    );
+    assert_eq!(node.limits().upload_kbps, 128);
+    std::sync::Arc::try_unwrap(node).unwrap().shutdown().await;
+}
+
+/// Waits until the node's status reads `state`, for at most 20 s.
+async fn wait_for_state(
+    mut status: tokio::sync::watch::Receiver<neuroshard_node::lifecycle::NodeStatus>,
+    state: RunState,
+) {
+    let changed = status.wait_for(|s| s.state == state);
+    tokio::time::timeout(std::time::Duration::from_secs(20), changed)
+        .await
+        .expect("the node's state changes within 20 s")
+        .unwrap();
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use neuroshard_model::codec::{WireDType, encode};
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::convert::{span_to_proto, tensor_to_proto};
+use neuroshard_net::convert::{span_to_proto, tensor_to_proto};
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel};
 use pb::forward_request::Input;

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use neuroshard_model::init::ModelSpec;
-use neuroshard_node::metrics::Metrics;
-use neuroshard_node::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::metrics::Metrics;
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel};
 use tokio::time::Instant;

@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use neuroshard_base::{LayerRange, NodeKey};
+use neuroshard_client::generate::generate;
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_model::{LlamaConfig, ModelInfo};
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::generate;
 use neuroshard_node::node::{Fault, NodeHandle};
 use neuroshard_proof::{Receipt, Status, Verdict};
 use neuroshard_proto as pb;
@@ -74,7 +74,7 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
         );
         let totals = node
             .ledger()
-            .read(|l| l.totals(neuroshard_node::now_ms(), 0))
+            .read(|l| l.totals(neuroshard_net::now_ms(), 0))
             .await
             .unwrap();
         assert_eq!(totals.len(), 1);

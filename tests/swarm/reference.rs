@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use neuroshard_client::generate::{GenerateOptions, LocalPipeline, Pipeline, generate_with};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::{ChatMessage, ChatTemplate, ModelInfo, SamplingParams, TextTokenizer};
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::{GenerateOptions, LocalPipeline, Pipeline, generate_with};
 use neuroshard_tests::Swarm;
 use serde::Deserialize;
 

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 
+use neuroshard_client::generate::generate;
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_nat::relay::{Relay, RelayConfig};
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::generate;
 use neuroshard_node::node::RelayServe;
 use neuroshard_node::reach::{NatMode, ReachConfig, ReachPath};
 use neuroshard_tests::{Swarm, TestModel};

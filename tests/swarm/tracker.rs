@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use neuroshard_base::NodeKey;
+use neuroshard_discovery::tracker::{TrackerConfig, TrackerService, start_tracker};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::node::{NodeConfig, start_node};
-use neuroshard_node::tracker::{TrackerConfig, TrackerService, start_tracker};
 use neuroshard_proto as pb;
 use neuroshard_tests::{TestModel, signed_heartbeat, signed_register};
 use pb::tracker_server::Tracker;
@@ -194,8 +194,8 @@ async fn a_running_node_moves_between_trackers_without_a_restart() {
     };
     let (first, second) = (start().await.unwrap(), start().await.unwrap());
     let listed = |url: String| async move {
-        let tracker = neuroshard_node::client::tracker_client(&url).unwrap();
-        neuroshard_node::client::list_peers(tracker, &url, None)
+        let tracker = neuroshard_client::tracker_client(&url).unwrap();
+        neuroshard_client::list_peers(tracker, &url, None)
             .await
             .unwrap()
             .into_iter()

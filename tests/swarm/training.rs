@@ -1,13 +1,13 @@
 //! Training through the swarm: a pipeline backward that gives single-process autodiff's
 //! gradients, a loss that falls, receipts for every training call, and bad calls refused.
 
+use neuroshard_client::checkpoint::{Checkpoint, fetch_checkpoint, push_checkpoint};
+use neuroshard_client::router::Hop;
+use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainOutput, TrainShard};
-use neuroshard_node::checkpoint::{Checkpoint, fetch_checkpoint, push_checkpoint};
-use neuroshard_node::client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_node::node::NodeHandle;
 use neuroshard_node::node::{Compression, Fault, TrainingConfig};
-use neuroshard_node::router::Hop;
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel, node_client};
 
@@ -202,14 +202,14 @@ async fn bad_training_calls_are_refused_by_name_and_the_node_keeps_training() {
     first.forward(forward(0, 2, vec![1, 2, 3])).await.unwrap();
     let e = first.backward(backward(None)).await.unwrap_err();
     assert!(e.message().contains("missing"), "{e}");
-    let wrong = neuroshard_node::convert::tensor_to_proto(neuroshard_model::codec::encode(
+    let wrong = neuroshard_net::convert::tensor_to_proto(neuroshard_model::codec::encode(
         &[0.0; 3 * 32],
         &[1, 3, 32],
         neuroshard_model::codec::WireDType::F32,
     ));
     let e = first.backward(backward(Some(wrong))).await.unwrap_err();
     assert!(e.message().contains("shape"), "{e}");
-    let right = neuroshard_node::convert::tensor_to_proto(neuroshard_model::codec::encode(
+    let right = neuroshard_net::convert::tensor_to_proto(neuroshard_model::codec::encode(
         &[0.01; 3 * 64],
         &[1, 3, 64],
         neuroshard_model::codec::WireDType::F32,
@@ -477,7 +477,7 @@ async fn a_cut_checkpoint_transfer_resumes_with_the_missing_chunks_only() {
     let first_two: Vec<pb::CheckpointChunk> = (0..2)
         .map(|i| pb::CheckpointChunk {
             manifest: (i == 0)
-                .then(|| neuroshard_node::checkpoint::manifest_to_proto(&manifest, pushed.round)),
+                .then(|| neuroshard_client::checkpoint::manifest_to_proto(&manifest, pushed.round)),
             index: i as u32,
             data: bytes[i * (64 << 10)..(i + 1) * (64 << 10)].to_vec(),
             layers: Some(pb::LayerSpan { start: 0, end: 4 }),
@@ -502,7 +502,9 @@ async fn a_cut_checkpoint_transfer_resumes_with_the_missing_chunks_only() {
     assert_eq!(snapshot.parameters, pushed.parameters);
     // A corrupted chunk in a push is listed as missing, by number.
     let mut bad = pb::CheckpointChunk {
-        manifest: Some(neuroshard_node::checkpoint::manifest_to_proto(&manifest, 8)),
+        manifest: Some(neuroshard_client::checkpoint::manifest_to_proto(
+            &manifest, 8,
+        )),
         index: 0,
         data: bytes[..64 << 10].to_vec(),
         layers: Some(pb::LayerSpan { start: 0, end: 4 }),

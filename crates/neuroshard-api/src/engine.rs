@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use neuroshard_client::generate::{Finish, GenerateOptions, Generation, LocalPipeline, Pipeline};
+use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::{ChatTemplate, ModelInfo, Shard, StopStrings, TextStream, TextTokenizer};
-use neuroshard_node::client::{ClientConfig, SwarmClient};
-use neuroshard_node::generate::{Finish, GenerateOptions, Generation, LocalPipeline, Pipeline};
 
 use crate::openai::{ApiError, Prompt, Request, Usage};
 

@@ -115,9 +115,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<neuroshard_node::NodeError> for ApiError {
-    fn from(e: neuroshard_node::NodeError) -> Self {
-        use neuroshard_node::NodeError;
+impl From<neuroshard_net::NodeError> for ApiError {
+    fn from(e: neuroshard_net::NodeError) -> Self {
+        use neuroshard_net::NodeError;
         match e {
             NodeError::BadRequest(m) => Self::invalid("", m),
             NodeError::Model(neuroshard_model::ModelError::Request(m)) => Self::invalid("", m),

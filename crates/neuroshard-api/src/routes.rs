@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
-use neuroshard_node::generate::Finish;
+use neuroshard_client::generate::Finish;
 
 use crate::engine::{Piece, PieceReceiver, ServedModel};
 use crate::openai::{ApiError, Prompt, Request, Usage};

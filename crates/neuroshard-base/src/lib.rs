@@ -233,6 +233,15 @@ impl fmt::Debug for NodeKey {
     }
 }
 
+/// Longest display name: it is shown in other people's peer lists, not a profile page.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 40;
+
+/// Whether `peer` reads as `host:port` with a nonzero port.
+pub fn is_host_port(peer: &str) -> bool {
+    peer.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

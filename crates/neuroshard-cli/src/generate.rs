@@ -198,7 +198,7 @@ impl<'a> Printer<'a> {
     }
 
     /// Takes the newest step; returns whether generation goes on.
-    fn step(&mut self, steps: &[neuroshard_node::generate::StepReport]) -> bool {
+    fn step(&mut self, steps: &[neuroshard_client::generate::StepReport]) -> bool {
         let Some(step) = steps.last() else {
             return true;
         };
@@ -238,7 +238,7 @@ impl<'a> Printer<'a> {
             }
         }
         if self.stopped {
-            report.finish = neuroshard_node::generate::Finish::Stop;
+            report.finish = neuroshard_client::generate::Finish::Stop;
         }
         if self.show {
             println!();

@@ -14,18 +14,20 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use neuroshard_base::LayerRange;
+use neuroshard_client::generate::{
+    GenerateOptions, GenerationReport, LocalPipeline, generate_with,
+};
+use neuroshard_client::{ClientConfig, HopTiming, SwarmClient};
+use neuroshard_discovery::LanConfig;
+use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_model::{
     ChatMessage, ChatTemplate, SamplingParams, StopStrings, TextStream, TextTokenizer,
 };
-use neuroshard_node::client::{ClientConfig, HopTiming, SwarmClient};
 use neuroshard_node::demo::{DemoOptions, run_demo};
-use neuroshard_node::discovery::LanConfig;
-use neuroshard_node::generate::{GenerateOptions, GenerationReport, LocalPipeline, generate_with};
 use neuroshard_node::node::{NodeConfig, RelayServe, start_node};
 use neuroshard_node::reach::{NatMode, ReachConfig};
-use neuroshard_node::tracker::{TrackerConfig, start_tracker};
 use neuroshard_proto as pb;
 
 use generate::{GenerateArgs, print_hops, print_speed, run_generate};

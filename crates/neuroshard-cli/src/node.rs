@@ -1,7 +1,7 @@
 //! `neuroshard node`: one node serving a layer range.
 
 use super::*;
-use neuroshard_node::settings::ComputeDevice;
+use neuroshard_settings::ComputeDevice;
 
 #[derive(Args)]
 pub(crate) struct NodeArgs {
@@ -61,6 +61,12 @@ pub(crate) struct NodeArgs {
     /// ~/.local/share/neuroshard).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The owner's settings.json, as the desktop app writes it: bandwidth caps, the transfer
+    /// cap, compute share and threads, the weekly schedule and the display name apply from the
+    /// start and again whenever the file changes. Flags given here win over its network
+    /// section and name.
+    #[arg(long)]
+    settings: Option<PathBuf>,
 }
 
 pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -98,10 +104,15 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         Device::Gpu => ComputeDevice::Gpu,
         Device::Cpu => ComputeDevice::Cpu,
     });
-    config.data_dir = Some(
-        args.data_dir
-            .unwrap_or_else(neuroshard_node::identity::default_data_dir),
-    );
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    config.data_dir = Some(data_dir.clone());
+    if let Some(path) = &args.settings {
+        let settings = neuroshard_node::owner::read_settings(path)
+            .with_context(|| format!("--settings {}", path.display()))?;
+        apply_settings(&mut config, &settings);
+    }
     eprintln!(
         "loading layers {} of {}...",
         args.layers,
@@ -121,9 +132,48 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     let reach = node.reachability().borrow().clone();
     eprintln!("reachability {}", serde_json::to_string(&reach)?);
+    let node = std::sync::Arc::new(node);
+    let owner = tokio_util::sync::CancellationToken::new();
+    let follow = args.settings.map(|path| {
+        eprintln!("following the settings in {}", path.display());
+        tokio::spawn(neuroshard_node::owner::follow_settings_file(
+            node.clone(),
+            path,
+            data_dir,
+            Box::new(neuroshard_settings::policy::NoSensors),
+            neuroshard_node::owner::HEADLESS_TICK,
+            owner.clone(),
+        ))
+    });
     tokio::signal::ctrl_c().await?;
-    node.shutdown().await;
+    owner.cancel();
+    if let Some(follow) = follow {
+        let _ = follow.await;
+    }
+    if let Ok(node) = std::sync::Arc::try_unwrap(node) {
+        node.shutdown().await;
+    }
     Ok(())
+}
+
+/// What the settings file sets at start: what the flags left open of the network and the name,
+/// the caps and the compute share, and a paused start (the owner's rules resume it at once
+/// when they allow).
+fn apply_settings(config: &mut NodeConfig, settings: &neuroshard_settings::Settings) {
+    if config.tracker.is_none() {
+        config.tracker = settings.network.tracker.clone();
+    }
+    if config.bootstrap.is_empty() {
+        config.bootstrap = settings.network.bootstrap.clone();
+    }
+    if config.display_name.is_none() && !settings.profile.anonymous {
+        config.display_name = settings.profile.display_name.clone();
+    }
+    config.upload_kbps = settings.bandwidth.upload_kbps;
+    config.download_kbps = settings.bandwidth.download_kbps;
+    config.compute_share_percent = settings.compute.gpu_share_percent;
+    config.cpu_threads = settings.compute.cpu_threads;
+    config.start_paused = true;
 }
 
 /// `--device`: the settings' [`ComputeDevice`], as the command line names it.

@@ -32,11 +32,11 @@ pub(crate) async fn print_status(
     let json = if let Some(addr) = node {
         let mut client = pb::node_client::NodeClient::connect(format!("http://{addr}")).await?;
         let reply = client.ping(pb::PingRequest {}).await?.into_inner();
-        let metrics: neuroshard_node::metrics::MetricsSnapshot =
+        let metrics: neuroshard_net::metrics::MetricsSnapshot =
             reply.metrics.unwrap_or_default().into();
         let node = reply
             .node
-            .map(neuroshard_node::convert::peer_from_proto)
+            .map(neuroshard_net::convert::peer_from_proto)
             .transpose()?;
         serde_json::json!({ "node": node, "metrics": metrics })
     } else if let Some(url) = tracker {
@@ -86,7 +86,7 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
         .map(Status::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let now = neuroshard_node::now_ms();
+    let now = neuroshard_net::now_ms();
     let day_start = now - now % (24 * 3600 * 1000);
     let totals = ledger.totals(now, day_start)?;
     let counts = ledger.status_counts()?;

@@ -6,11 +6,11 @@ use neuroshard_base::LayerRange;
 use neuroshard_model::TextTokenizer;
 use neuroshard_model::init::{ModelSpec, write_demo_model, write_model};
 
-use crate::NodeError;
-use crate::client::{ClientConfig, HopTiming, SwarmClient};
-use crate::generate::{GenerationReport, LocalPipeline, generate};
 use crate::node::{NodeConfig, NodeHandle, start_node};
-use crate::tracker::{TrackerConfig, start_tracker};
+use neuroshard_client::generate::{GenerationReport, LocalPipeline, generate};
+use neuroshard_client::{ClientConfig, HopTiming, SwarmClient};
+use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
+use neuroshard_net::NodeError;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -194,7 +194,10 @@ pub async fn run_demo(
     let mut demo_nodes = Vec::new();
     for n in &nodes {
         let receipts = n.ledger().read(|l| l.status_counts()).await?;
-        let totals = n.ledger().read(|l| l.totals(crate::now_ms(), 0)).await?;
+        let totals = n
+            .ledger()
+            .read(|l| l.totals(neuroshard_net::now_ms(), 0))
+            .await?;
         demo_nodes.push(DemoNode {
             id: n.id().short(),
             addr: n.advertised().to_string(),

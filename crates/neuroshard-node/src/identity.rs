@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use neuroshard_base::NodeKey;
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "node.key";

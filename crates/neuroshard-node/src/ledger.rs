@@ -5,7 +5,7 @@
 use neuroshard_proof::{Countersignature, Ledger, LedgerError, Receipt, Settlement};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// Commands queued at most. 4096 pending receipts cover seconds of decode traffic; beyond
 /// that a receipt is not recorded as pending (it is still stored when countersigned).
@@ -102,7 +102,7 @@ fn run(mut ledger: Ledger, mut rx: mpsc::Receiver<Command>) {
         }
         match next {
             Some(Command::Settle(items, reply)) => {
-                let now = crate::now_ms();
+                let now = neuroshard_net::now_ms();
                 let _ = reply.send(ledger.settle(&items, now));
             }
             Some(Command::Read(f)) => f(&ledger),

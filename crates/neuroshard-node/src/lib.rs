@@ -1,161 +1,21 @@
-//! The NeuroShard node runtime.
+//! The NeuroShard node: a process that serves a contiguous layer range of one model over gRPC
+//! ([`node`]), with its session store, lifecycle (pause, drain, caps, duty cycle), receipt
+//! ledger, identity, reachability, and the training stage with its DiLoCo round.
 //!
-//! A node serves a contiguous layer range of one model over gRPC ([`node`]); a tracker keeps the
-//! list of live nodes ([`tracker`]); a client plans a chain of nodes covering every layer
-//! ([`router`]), talks to them through a [`pool`] of connections, and generates text through the
-//! chain, re-planning around failed hops by replaying their inputs ([`client`]). [`generate`]
-//! runs the same greedy loop over the swarm or over a local model, which is the reference.
-//!
-//! Layers: generated protobuf types stay in [`convert`] and the service impls; everything else
-//! works on domain types ([`convert::PeerRecord`], `WireTensor`, `LayerRange`).
+//! It stands on the other runtime crates: `neuroshard-net` (connections, the server, the
+//! protobuf conversions, the error type), `neuroshard-discovery` (tracker, DHT, LAN),
+//! `neuroshard-client` (chains, failover, generation; a node is a client of its peers when it
+//! fetches weights or checks receipts) and `neuroshard-settings`. [`demo`] and [`train`] start
+//! whole loopback swarms from it.
 
-pub mod bandwidth;
-pub mod checkpoint;
-pub mod client;
-pub mod convert;
 pub mod demo;
-pub mod discovery;
 pub mod duty;
-mod error;
-pub mod generate;
 pub mod identity;
 pub mod ledger;
 pub mod lifecycle;
-pub mod metrics;
 pub mod node;
-pub mod outbox;
-pub mod pool;
+pub mod owner;
 pub mod reach;
-pub mod router;
 pub mod sessions;
-pub mod settings;
 pub mod threads;
-pub mod tracker;
 pub mod train;
-pub mod verify;
-
-pub use error::NodeError;
-
-/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Largest gRPC message sent or accepted: the codec's 100 MiB tensor cap plus 1 MiB for the
-/// envelope (ids, shape, receipt), so a tensor at the cap still fits and nothing larger does.
-pub const MAX_MESSAGE_BYTES: usize = neuroshard_model::codec::MAX_TENSOR_BYTES + 1024 * 1024;
-
-/// Calls one connection may have in flight; a client pools up to three connections, so this
-/// bounds what one peer can make a server decode at once.
-const MAX_CALLS_PER_CONNECTION: usize = 16;
-
-/// HTTP/2 frame size both ends accept: 1 MiB, so a megabyte of activations crosses in a frame
-/// or two instead of 64 of the 16 KiB default.
-pub(crate) const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
-
-/// Serves `routes` on `listener`, and on every circuit that arrives on `relayed`, until `cancel`
-/// fires, with the transport settings every NeuroShard server shares: Nagle off on accepted
-/// sockets (a decode step is one small message each way, and delayed ACKs would add tens of
-/// milliseconds per hop), adaptive HTTP/2 windows and 1 MiB frames for megabyte activations,
-/// and a cap on calls in flight per connection.
-///
-/// Every accepted connection, relayed or not, keeps to `caps`.
-pub(crate) fn spawn_server(
-    routes: tonic::service::Routes,
-    listener: tokio::net::TcpListener,
-    relayed: Option<tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>>,
-    caps: std::sync::Arc<bandwidth::BandwidthCaps>,
-    cancel: tokio_util::sync::CancellationToken,
-    name: &'static str,
-) -> tokio::task::JoinHandle<()> {
-    use futures::StreamExt;
-    let direct = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|accepted| accepted.map(Accepted::Tcp));
-    let relayed = futures::stream::iter(relayed)
-        .flat_map(tokio_stream::wrappers::ReceiverStream::new)
-        .map(|circuit| Ok(Accepted::Relayed(circuit)));
-    let incoming = futures::stream::select(direct, relayed)
-        .map(move |accepted| accepted.map(|conn| bandwidth::Throttled::new(conn, caps.clone())));
-    tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
-            .http2_adaptive_window(Some(true))
-            .max_frame_size(HTTP2_MAX_FRAME_BYTES)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!("{name} server failed: {e}");
-        }
-    })
-}
-
-/// A connection a server accepted: over TCP, or a circuit through a relay (secured end to end;
-/// it has no peer address, so handlers see none).
-pub(crate) enum Accepted {
-    Tcp(tokio::net::TcpStream),
-    Relayed(tokio::io::DuplexStream),
-}
-
-impl tokio::io::AsyncRead for Accepted {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Accepted {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Accepted::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Accepted::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Accepted::Tcp(s) => s.connect_info(),
-            Accepted::Relayed(_) => tonic::transport::server::TcpConnectInfo {
-                local_addr: None,
-                remote_addr: None,
-            },
-        }
-    }
-}

@@ -7,7 +7,7 @@
 
 use tokio::sync::{broadcast, watch};
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// Events kept for a slow subscriber before it starts missing the oldest: state changes are
 /// rare, so a few dozen cover any UI that is alive at all.
@@ -98,7 +98,9 @@ impl Lifecycle {
         match self.state() {
             RunState::Serving => Ok(admitted),
             RunState::Stopped => Err(NodeError::ShuttingDown),
-            state => Err(NodeError::NotServing(state)),
+            state => Err(NodeError::NotServing {
+                draining: state == RunState::Draining,
+            }),
         }
     }
 
@@ -152,7 +154,7 @@ mod tests {
         assert_eq!(life.state(), RunState::Draining);
         assert!(matches!(
             life.admit(),
-            Err(NodeError::NotServing(RunState::Draining))
+            Err(NodeError::NotServing { draining: true })
         ));
         drop(call);
         drain.await;

@@ -34,24 +34,25 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::bandwidth::BandwidthCaps;
-use crate::checkpoint::{Progress, TransferReport, fetch_weights};
-use crate::convert::{
-    PeerRecord, check_display_name, contact_of_peer, contact_to_proto, dtype_from_proto,
-    peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
-};
-use crate::discovery::{AnnounceStatus, DhtService, Discovery, DiscoveryConfig};
 use crate::duty::DutyCycle;
 use crate::ledger::LedgerHandle;
 use crate::lifecycle::{Lifecycle, NodeEvent, NodeStatus, RunState};
-use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::pool::{ConnectionPool, PoolConfig};
 use crate::reach::{NatMode, ReachConfig, Reachability};
 use crate::sessions::{SessionLimits, SessionStore};
-use crate::settings::ComputeDevice;
 use crate::threads::ComputeThreads;
-use crate::{MAX_MESSAGE_BYTES, NodeError};
+use neuroshard_client::checkpoint::{Progress, TransferReport, fetch_weights};
+use neuroshard_client::verify::last_row;
+use neuroshard_discovery::{AnnounceStatus, DhtService, Discovery, DiscoveryConfig};
 use neuroshard_nat::relay::{Relay, RelayConfig};
+use neuroshard_net::bandwidth::BandwidthCaps;
+use neuroshard_net::convert::{
+    PeerRecord, check_display_name, contact_of_peer, contact_to_proto, dtype_from_proto,
+    peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
+};
+use neuroshard_net::metrics::{Metrics, MetricsSnapshot};
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
+use neuroshard_settings::ComputeDevice;
 
 mod checkpoint;
 mod config;
@@ -69,7 +70,6 @@ pub use config::Fault;
 #[cfg(not(feature = "test-faults"))]
 use config::Fault;
 pub use config::NodeConfig;
-pub use forward::last_row;
 use forward::{panic_message, parse_proof};
 pub use handle::{NodeHandle, NodeLimits};
 use heartbeat::Heartbeat;
@@ -78,11 +78,9 @@ use served::{Served, WeightSource, weights_on_disk};
 pub use service::NodeService;
 use startup::reach_candidates;
 pub use startup::start_node;
-pub use training::{TrainingSnapshot, loss_tensor};
+pub use training::TrainingSnapshot;
 
-/// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
-/// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
-pub const MAX_TOKENS_PER_CALL: usize = 2048;
+pub use neuroshard_net::MAX_TOKENS_PER_CALL;
 
 /// Longest session id accepted: ids are client-chosen keys, not payloads.
 const MAX_SESSION_ID_BYTES: usize = 128;
@@ -115,7 +113,7 @@ impl KnownPeers {
     /// Every peer once, the tracker's announcement where both have one (its load is fresher).
     fn all(&self) -> Vec<PeerRecord> {
         let both = self.tracker.iter().chain(&self.dht).cloned().collect();
-        crate::discovery::dedup_peers(both)
+        neuroshard_discovery::dedup_peers(both)
     }
 }
 

@@ -18,8 +18,8 @@ use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::NodeError;
-use crate::convert::PeerRecord;
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::PeerRecord;
 
 /// How long a dial-back may take: connecting, then a ping.
 pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -442,7 +442,7 @@ pub async fn ask_dial_back(
     addr: &str,
     node_id: &str,
 ) -> Result<pb::DialBackResponse, NodeError> {
-    let channel = crate::pool::connect(helper, Duration::from_secs(3)).await?;
+    let channel = neuroshard_net::pool::connect(helper, Duration::from_secs(3)).await?;
     let mut client = pb::node_client::NodeClient::new(channel);
     let request = pb::DialBackRequest {
         addr: addr.to_string(),
@@ -523,7 +523,7 @@ pub(crate) async fn dial_back(
 /// Pings the node at `addr` over a fresh connection (not pooled: the point is to connect); its
 /// record as it answers.
 pub(crate) async fn ping(addr: &str) -> Result<pb::PeerInfo, NodeError> {
-    let channel = crate::pool::connect(addr, Duration::from_secs(3)).await?;
+    let channel = neuroshard_net::pool::connect(addr, Duration::from_secs(3)).await?;
     let reply = pb::node_client::NodeClient::new(channel)
         .ping(pb::PingRequest {})
         .await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use neuroshard_model::KvCache;
 use tokio::time::Instant;
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// Budget and lifetime of sessions.
 #[derive(Debug, Clone, Copy)]

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// Threads for a setting: the number itself, or for 0 every core but one (at least one), so
 /// the machine stays usable while it serves.

@@ -17,11 +17,11 @@ use neuroshard_model::init::{ModelSpec, write_trained};
 use neuroshard_model::{ModelInfo, TextTokenizer, TrainConfig};
 use rand::{Rng, SeedableRng};
 
-use crate::NodeError;
-use crate::client::{ClientConfig, Microbatch, SwarmClient};
 use crate::demo::{model_dir_or, scratch_dir, split_layers};
 use crate::node::{Compression, NodeConfig, NodeHandle, TrainingConfig, start_node};
-use crate::tracker::{TrackerConfig, start_tracker};
+use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
+use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
+use neuroshard_net::NodeError;
 
 /// What `neuroshard train` runs.
 #[derive(Debug, Clone)]

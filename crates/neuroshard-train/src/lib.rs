@@ -6,11 +6,14 @@
 //!   gap-coded indices.
 //! - [`outer`]: the robust aggregate (a coordinate-wise trimmed mean) and the outer Nesterov
 //!   step.
+//! - [`round`]: the exchange of a round as a state machine: who sends, who waits, what a call
+//!   is answered, when a round closes and with what, when a replica must catch up.
 //! - [`checkpoint`]: shards in transit as hashed chunks under a manifest, assembled in any
 //!   order, resumed from the first missing chunk, handed over only when the whole checks out.
 
 pub mod checkpoint;
 pub mod outer;
+pub mod round;
 pub mod sparse;
 
 /// The corpus `neuroshard train` trains on, embedded: public-domain English (the Gettysburg

@@ -13,11 +13,11 @@ use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, Manifest};
 
 use super::{Fault, NodeState};
-use crate::NodeError;
-use crate::checkpoint::{
+use neuroshard_client::checkpoint::{
     Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto, parameter_bytes,
 };
-use crate::convert::{span_from_proto, span_to_proto};
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{span_from_proto, span_to_proto};
 
 /// Most chunk numbers one request may name.
 const MAX_CHUNKS_ASKED: usize = 1 << 16;
@@ -417,7 +417,8 @@ impl NodeState {
             layers: Some(span_to_proto(layers)),
             ..Default::default()
         };
-        let mut best: Option<(u64, String)> = None;
+        // A probe carries no contribution: the replies say only which round each replica is in.
+        let mut gathered = neuroshard_train::round::Gathered::<String, ()>::default();
         for addr in self.replica_addrs(layers) {
             let ask = async {
                 let mut client = trainer.pool.client(&addr).await?.client.clone();
@@ -431,15 +432,12 @@ impl NodeState {
                     })
             };
             match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
-                Ok(Ok(reply)) if reply.outer_step > best.as_ref().map_or(0, |b| b.0) => {
-                    best = Some((reply.outer_step, addr));
-                }
-                Ok(Ok(_)) => {}
+                Ok(Ok(reply)) => gathered.reply(0, addr, reply.outer_step, None),
                 Ok(Err(e)) => tracing::debug!("replica {addr} did not answer the probe: {e}"),
                 Err(_) => tracing::debug!("replica {addr} did not answer the probe in time"),
             }
         }
-        if let Some((round, addr)) = best {
+        if let Some((round, addr)) = gathered.ahead {
             tracing::info!("replicas are in round {round}: fetching the weights from {addr}");
             self.catch_up(&addr, layers).await?;
         }

@@ -171,7 +171,7 @@ impl NodeConfig {
         {
             return bad("tracker", "is not a valid URL (expected http://host:port)");
         }
-        crate::discovery::check_bootstrap(&self.bootstrap)?;
+        neuroshard_discovery::check_bootstrap(&self.bootstrap)?;
         if let Some(peer) = &self.weights_from {
             if peer.trim().is_empty() {
                 return bad("weights_from", "must name a peer (host:port)");

@@ -31,7 +31,7 @@ impl NodeState {
         }
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
-        let received_ms = crate::now_ms();
+        let received_ms = neuroshard_net::now_ms();
         let call = self.parse_call(req)?;
         let receipt = ReceiptBody {
             version: neuroshard_proof::receipt::BODY_VERSION,
@@ -70,7 +70,7 @@ impl NodeState {
                 weights_hash,
                 output_hash: tensor_hash(&tensor),
                 fingerprint,
-                replied_ms: crate::now_ms().max(received_ms),
+                replied_ms: neuroshard_net::now_ms().max(received_ms),
                 ..receipt
             }
             .sign(&self.key);
@@ -358,14 +358,6 @@ pub(super) fn parse_proof(
         NodeError::BadRequest(format!("nonce must be 16 bytes, got {}", nonce.len()))
     })?;
     Ok(Some((nonce, PublicKey::from_slice(requester)?)))
-}
-
-/// The row a receipt fingerprints: the last token's hidden state, or the logits.
-pub fn last_row(out: &ShardOutput, hidden: usize) -> &[f32] {
-    match out {
-        ShardOutput::Hidden(v) => &v[v.len().saturating_sub(hidden)..],
-        ShardOutput::Logits(v) => v,
-    }
 }
 
 /// `values` plus Gaussian noise of `scale` × their RMS.

@@ -47,8 +47,8 @@ impl NodeHandle {
     }
 
     /// This node as a hop of a chain running its whole range.
-    pub fn hop(&self) -> crate::router::Hop {
-        crate::router::Hop {
+    pub fn hop(&self) -> neuroshard_client::router::Hop {
+        neuroshard_client::router::Hop {
             addr: self.advertised(),
             node_id: self.id().to_string(),
             layers: self.layers(),
@@ -244,7 +244,7 @@ impl NodeHandle {
     /// pause outlasts a settings change; the app resumes when the first run ends. Layers and
     /// device take a shard load ([`NodeHandle::reshard`], which the app plans for) and are not
     /// applied here.
-    pub fn apply_settings(&self, settings: &crate::settings::Settings) {
+    pub fn apply_settings(&self, settings: &neuroshard_settings::Settings) {
         let bandwidth = &settings.bandwidth;
         self.set_bandwidth(bandwidth.upload_kbps, bandwidth.download_kbps);
         self.set_compute_share(settings.compute.gpu_share_percent);

@@ -21,7 +21,7 @@ impl Heartbeat {
     ) -> Result<Self, NodeError> {
         Ok(Self {
             state,
-            tracker: crate::client::tracker_client(url)?,
+            tracker: neuroshard_client::tracker_client(url)?,
             url: url.to_string(),
             registered: false,
             stop,
@@ -54,11 +54,12 @@ impl Heartbeat {
     pub(super) async fn beat(&mut self) {
         let record = self.state.record();
         if self.registered {
-            let timestamp_ms = crate::now_ms();
-            let message = crate::tracker::announcement("heartbeat", &record, timestamp_ms);
+            let timestamp_ms = neuroshard_net::now_ms();
+            let message =
+                neuroshard_discovery::tracker::announcement("heartbeat", &record, timestamp_ms);
             let request = pb::HeartbeatRequest {
                 node_id: record.node_id.clone(),
-                layers: Some(crate::convert::span_to_proto(record.layers)),
+                layers: Some(neuroshard_net::convert::span_to_proto(record.layers)),
                 load: record.load,
                 timestamp_ms,
                 signature: self.state.key.sign(&message).to_vec(),
@@ -73,8 +74,9 @@ impl Heartbeat {
             }
         }
         if !self.registered {
-            let timestamp_ms = crate::now_ms();
-            let message = crate::tracker::announcement("register", &record, timestamp_ms);
+            let timestamp_ms = neuroshard_net::now_ms();
+            let message =
+                neuroshard_discovery::tracker::announcement("register", &record, timestamp_ms);
             let request = pb::RegisterRequest {
                 node: Some(peer_to_proto(&record)),
                 timestamp_ms,
@@ -98,7 +100,7 @@ impl Heartbeat {
 
     pub(super) async fn refresh_peers(&mut self, model_id: &str) {
         let Ok(peers) =
-            crate::client::list_peers(self.tracker.clone(), &self.url, Some(model_id)).await
+            neuroshard_client::list_peers(self.tracker.clone(), &self.url, Some(model_id)).await
         else {
             return;
         };

@@ -146,7 +146,7 @@ impl Node for NodeService {
         request: Request<pb::GetPeersRequest>,
     ) -> Result<Response<pb::GetPeersResponse>, Status> {
         let reached_at = request.local_addr();
-        let near = crate::convert::near_key(&request.into_inner().near)?;
+        let near = neuroshard_net::convert::near_key(&request.into_inner().near)?;
         let dht = self.state.discovery.dht();
         let own = dht.local();
         let mut contacts = dht.closest(near.unwrap_or(own.key)).await;

@@ -167,7 +167,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
     let (circuits, relayed) = tokio::sync::mpsc::channel(16);
-    let server = crate::spawn_server(
+    let server = neuroshard_net::spawn_server(
         routes,
         listener,
         Some(relayed),
@@ -318,8 +318,8 @@ pub(super) async fn sweep_sessions(
 pub(super) async fn reach_candidates(config: &NodeConfig) -> Vec<PeerRecord> {
     let mut peers = Vec::new();
     if let Some(url) = &config.tracker {
-        match crate::client::tracker_client(url) {
-            Ok(tracker) => match crate::client::list_peers(tracker, url, None).await {
+        match neuroshard_client::tracker_client(url) {
+            Ok(tracker) => match neuroshard_client::list_peers(tracker, url, None).await {
                 Ok(listed) => peers.extend(listed),
                 Err(e) => tracing::warn!("reachability: listing the tracker's peers: {e}"),
             },
@@ -327,7 +327,8 @@ pub(super) async fn reach_candidates(config: &NodeConfig) -> Vec<PeerRecord> {
         }
     }
     for addr in &config.bootstrap {
-        let pinged = async { crate::convert::peer_from_proto(crate::reach::ping(addr).await?) };
+        let pinged =
+            async { neuroshard_net::convert::peer_from_proto(crate::reach::ping(addr).await?) };
         match tokio::time::timeout(Duration::from_secs(5), pinged).await {
             Ok(Ok(peer)) => peers.push(peer),
             Ok(Err(e)) => tracing::warn!("reachability: bootstrap peer {addr}: {e}"),

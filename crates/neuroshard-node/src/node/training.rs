@@ -17,12 +17,13 @@ use neuroshard_proto as pb;
 
 use super::outer::{Exchange, Outer, TrainingConfig};
 use super::{NodeState, Served, parse_proof};
-use crate::NodeError;
-use crate::convert::{
+use neuroshard_client::loss_tensor;
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{
     dtype_from_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto,
 };
-use crate::metrics::Metrics;
-use crate::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::metrics::Metrics;
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
 
 /// The node's trainable copy of its shard, made on the first training call, with its outer
 /// loop and the connections it exchanges over.
@@ -121,7 +122,7 @@ impl NodeState {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
         self.trainer()?;
-        let received_ms = crate::now_ms();
+        let received_ms = neuroshard_net::now_ms();
         if req.start_pos != 0 {
             return Err(NodeError::BadRequest(
                 "a training microbatch starts at position 0".into(),
@@ -190,7 +191,7 @@ impl NodeState {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
         self.trainer()?;
-        let received_ms = crate::now_ms();
+        let received_ms = neuroshard_net::now_ms();
         self.check_ids(&req.session_id, &req.model_id)?;
         let layers = span_from_proto(req.layers)?;
         let served = self.served();
@@ -452,7 +453,7 @@ impl NodeState {
             fingerprint: m.fingerprint,
             nonce,
             received_ms: m.received_ms,
-            replied_ms: crate::now_ms().max(m.received_ms),
+            replied_ms: neuroshard_net::now_ms().max(m.received_ms),
         }
         .sign(&self.key);
         self.ledger.issued(receipt.clone());
@@ -501,9 +502,4 @@ struct Measures {
     fingerprint: Fingerprint,
     weights_hash: [u8; 32],
     received_ms: u64,
-}
-
-/// A loss as the one-value tensor its receipt hashes.
-pub fn loss_tensor(loss: f32) -> codec::WireTensor {
-    codec::encode(&[loss], &[1], WireDType::F32)
 }

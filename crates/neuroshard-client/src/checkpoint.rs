@@ -17,8 +17,8 @@ use neuroshard_train::checkpoint::{Assembly, MAX_CHECKPOINT_BYTES, Manifest};
 use pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use crate::convert::{span_from_proto, span_to_proto};
-use crate::{MAX_MESSAGE_BYTES, NodeError};
+use neuroshard_net::convert::{span_from_proto, span_to_proto};
+use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
 
 /// Requests one transfer may take before giving up.
 pub const MAX_ATTEMPTS: usize = 6;
@@ -234,7 +234,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client of the node at `peer`, with the runtime's message limits.
 async fn node_client(peer: &str) -> Result<NodeClient<Channel>, NodeError> {
-    let channel = crate::pool::connect(peer, CONNECT_TIMEOUT).await?;
+    let channel = neuroshard_net::pool::connect(peer, CONNECT_TIMEOUT).await?;
     Ok(NodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

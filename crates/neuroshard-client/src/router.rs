@@ -16,7 +16,7 @@ use neuroshard_proof::{Reputation, SpotCheckPolicy};
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::convert::PeerRecord;
+use neuroshard_net::convert::PeerRecord;
 
 /// Router tuning.
 #[derive(Debug, Clone, Copy)]

@@ -77,11 +77,15 @@ pub enum NodeError {
     #[error("node is shutting down")]
     ShuttingDown,
     /// The node's owner paused it, or it is finishing its calls before pausing.
-    #[error("node is not serving: {}", match .0 {
-        crate::lifecycle::RunState::Draining => "finishing its current requests, then pausing",
-        _ => "paused by its owner",
+    #[error("node is not serving: {}", if *.draining {
+        "finishing its current requests, then pausing"
+    } else {
+        "paused by its owner"
     })]
-    NotServing(crate::lifecycle::RunState),
+    NotServing {
+        /// Whether it is finishing its calls (else paused or stopped).
+        draining: bool,
+    },
     /// The owner's transfer cap for this period is used up.
     #[error(
         "transfer cap reached: {used} of {budget} bytes moved this period; no new work until it ends"
@@ -152,7 +156,7 @@ impl From<NodeError> for tonic::Status {
             NodeError::NoRoute(_)
             | NodeError::Connect { .. }
             | NodeError::ShuttingDown
-            | NodeError::NotServing(_) => Code::Unavailable,
+            | NodeError::NotServing { .. } => Code::Unavailable,
             NodeError::Remote { status, .. } => status.code(),
             NodeError::Io { .. } | NodeError::Ledger(_) | NodeError::Internal(_) => Code::Internal,
             NodeError::Identity(_) => Code::Unauthenticated,

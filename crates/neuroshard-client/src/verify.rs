@@ -14,8 +14,9 @@ use std::sync::Mutex;
 use neuroshard_base::LayerRange;
 use neuroshard_model::{KvCache, LlamaConfig, Shard, ShardInput};
 
-use crate::NodeError;
-use crate::node::{MAX_TOKENS_PER_CALL, last_row};
+use neuroshard_model::ShardOutput;
+use neuroshard_net::MAX_TOKENS_PER_CALL;
+use neuroshard_net::NodeError;
 
 /// The whole model, loaded by a requester to re-execute sampled hops.
 #[derive(Debug)]
@@ -181,4 +182,12 @@ fn merge_history(history: Vec<(usize, ShardInput)>, hidden: usize) -> Vec<(usize
         out.push((pos, input));
     }
     out
+}
+
+/// The row a receipt fingerprints: the last token's hidden state, or the logits.
+pub fn last_row(out: &ShardOutput, hidden: usize) -> &[f32] {
+    match out {
+        ShardOutput::Hidden(v) => &v[v.len().saturating_sub(hidden)..],
+        ShardOutput::Logits(v) => v,
+    }
 }

@@ -1,17 +1,56 @@
-//! The owner's rules as pure functions of (settings, holds, sensors, now): whether the node may
-//! serve, snooze lengths, the weekly schedule and local-time arithmetic.
+//! The owner's rules as pure functions of (settings, holds, sensors, meter, now): whether the
+//! node may serve, snooze lengths, the weekly schedule and local-time arithmetic. The desktop
+//! app and a headless node (`neuroshard node --settings FILE`) both decide through them.
 
 use std::time::Duration;
 
 use chrono::{Datelike, Local, TimeZone, Timelike};
-use neuroshard_node::settings::{ScheduleWindow, Settings, Weekday};
 use serde::{Deserialize, Serialize};
 
-use crate::launch::Machine;
-use crate::status::{AppState, BandwidthStatus};
+use crate::meter::Period;
+use crate::{ScheduleWindow, Settings, Weekday};
 
-pub(crate) const MS_PER_HOUR: u64 = 3600 * 1000;
-pub(crate) const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
+/// Milliseconds in an hour.
+pub const MS_PER_HOUR: u64 = 3600 * 1000;
+/// Milliseconds in a day.
+pub const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
+
+/// What the machine says about its user and power, for "only when idle" and "not on battery".
+pub trait Machine: Send + Sync + std::fmt::Debug {
+    /// Time since the user's last input; none where it cannot be read (no X server).
+    fn idle(&self) -> Option<Duration>;
+    /// Whether the machine runs on a discharging battery; none where it cannot be read.
+    fn on_battery(&self) -> Option<bool>;
+}
+
+/// A machine with no sensors (a server): its idle time and battery cannot be read.
+#[derive(Debug, Default)]
+pub struct NoSensors;
+
+impl Machine for NoSensors {
+    fn idle(&self) -> Option<Duration> {
+        None
+    }
+
+    fn on_battery(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// What the owner's rules want of the node now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The first run is not finished: nothing is lent yet.
+    Setup,
+    /// Paused by its owner.
+    Paused,
+    /// Snoozed for a while.
+    Snoozed,
+    /// Held back by a rule (transfer cap, battery, idle time, schedule).
+    Waiting,
+    /// May serve.
+    Serving,
+}
 
 /// Why the owner holds the node back.
 #[derive(Debug, Default)]
@@ -52,36 +91,36 @@ pub fn decide(
     settings: &Settings,
     holds: &mut Holds,
     machine: &dyn Machine,
-    bandwidth: &BandwidthStatus,
+    period: &Period,
     now: u64,
-) -> (AppState, Option<String>) {
+) -> (Decision, Option<String>) {
     if !settings.profile.onboarded {
-        return (AppState::Setup, None);
+        return (Decision::Setup, None);
     }
     if holds.paused {
-        return (AppState::Paused, None);
+        return (Decision::Paused, None);
     }
     match holds.snoozed_until_ms {
         Some(until) if until > now => {
             return (
-                AppState::Snoozed,
+                Decision::Snoozed,
                 Some(format!("until {}", clock(until, now))),
             );
         }
         Some(_) => holds.snoozed_until_ms = None,
         None => {}
     }
-    if let (Some(cap), Some(ends)) = (bandwidth.period_cap_bytes, bandwidth.period_ends_ms)
-        && bandwidth.period_bytes >= cap
+    if let (Some(cap), Some(ends)) = (period.cap_bytes, period.ends_ms)
+        && period.bytes >= cap
     {
         return (
-            AppState::Waiting,
+            Decision::Waiting,
             Some(format!("transfer cap used up until {}", clock(ends, now))),
         );
     }
     let schedule = &settings.schedule;
     if schedule.pause_on_battery && machine.on_battery() == Some(true) {
-        return (AppState::Waiting, Some("on battery power".into()));
+        return (Decision::Waiting, Some("on battery power".into()));
     }
     if schedule.only_when_idle {
         let wanted = Duration::from_secs(u64::from(schedule.idle_minutes) * 60);
@@ -89,7 +128,7 @@ pub fn decide(
             Some(idle) if idle >= wanted => {}
             Some(_) => {
                 return (
-                    AppState::Waiting,
+                    Decision::Waiting,
                     Some(format!(
                         "runs after {} min without input",
                         schedule.idle_minutes
@@ -98,7 +137,7 @@ pub fn decide(
             }
             None => {
                 return (
-                    AppState::Waiting,
+                    Decision::Waiting,
                     Some("idle time cannot be read here".into()),
                 );
             }
@@ -112,11 +151,11 @@ pub fn decide(
     let minute = (local.hour() * 60 + local.minute()) as u16;
     if !in_schedule(&settings.schedule.weekly, weekday, minute) {
         return (
-            AppState::Waiting,
+            Decision::Waiting,
             Some("outside the weekly schedule".into()),
         );
     }
-    (AppState::Serving, None)
+    (Decision::Serving, None)
 }
 
 const WEEKDAYS: [Weekday; 7] = [
@@ -198,49 +237,47 @@ mod tests {
             idle: Some(Duration::from_secs(3600)),
             battery: Some(false),
         };
-        let quiet = BandwidthStatus::default();
-        let state = |s: &Settings, h: &mut Holds, m: &Sensors, b: &BandwidthStatus| {
-            decide(s, h, m, b, now).0
-        };
+        let quiet = Period::default();
+        let state =
+            |s: &Settings, h: &mut Holds, m: &Sensors, b: &Period| decide(s, h, m, b, now).0;
         assert_eq!(
             state(&settings, &mut holds, &plugged, &quiet),
-            AppState::Setup
+            Decision::Setup
         );
         settings.profile.onboarded = true;
         assert_eq!(
             state(&settings, &mut holds, &plugged, &quiet),
-            AppState::Serving
+            Decision::Serving
         );
         // A pause wins over a snooze, and a used-up cap over the battery.
         holds.snoozed_until_ms = Some(now + 1);
         holds.paused = true;
         assert_eq!(
             state(&settings, &mut holds, &plugged, &quiet),
-            AppState::Paused
+            Decision::Paused
         );
         holds.paused = false;
         assert_eq!(
             state(&settings, &mut holds, &plugged, &quiet),
-            AppState::Snoozed
+            Decision::Snoozed
         );
         holds.snoozed_until_ms = Some(now);
         assert_eq!(
             state(&settings, &mut holds, &plugged, &quiet),
-            AppState::Serving
+            Decision::Serving
         );
         assert_eq!(holds.snoozed_until_ms, None, "an ended snooze is cleared");
-        let used_up = BandwidthStatus {
-            period_bytes: 10,
-            period_cap_bytes: Some(10),
-            period_ends_ms: Some(now + MS_PER_DAY),
-            ..BandwidthStatus::default()
+        let used_up = Period {
+            bytes: 10,
+            cap_bytes: Some(10),
+            ends_ms: Some(now + MS_PER_DAY),
         };
         let on_battery = Sensors {
             battery: Some(true),
             ..plugged
         };
         let (waiting, why) = decide(&settings, &mut holds, &on_battery, &used_up, now);
-        assert_eq!(waiting, AppState::Waiting);
+        assert_eq!(waiting, Decision::Waiting);
         assert!(why.unwrap().starts_with("transfer cap used up"));
         let (_, why) = decide(&settings, &mut holds, &on_battery, &quiet, now);
         assert_eq!(why.as_deref(), Some("on battery power"));

@@ -14,7 +14,7 @@ use crate::NodeError;
 
 /// Longest display name a peer may announce, in bytes: the settings' 40 characters at up to 4
 /// bytes each.
-pub const MAX_DISPLAY_NAME_BYTES: usize = 4 * crate::settings::MAX_DISPLAY_NAME_CHARS;
+pub const MAX_DISPLAY_NAME_BYTES: usize = 4 * neuroshard_base::MAX_DISPLAY_NAME_CHARS;
 
 /// Most layers an announced model may have: the largest open models have about 130, and a peer
 /// claiming billions would make readers look up every one.

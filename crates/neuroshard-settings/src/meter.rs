@@ -2,11 +2,10 @@
 
 use std::path::Path;
 
-use neuroshard_node::settings::Settings;
 use serde::{Deserialize, Serialize};
 
+use crate::Settings;
 use crate::policy::MS_PER_DAY;
-use crate::status::BandwidthStatus;
 
 /// The meter's file in the data dir.
 pub const USAGE_FILE: &str = "transfer.json";
@@ -42,15 +41,30 @@ impl Usage {
     }
 }
 
+/// The current transfer-cap period as the meter reads it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Period {
+    /// Bytes moved in it.
+    pub bytes: u64,
+    /// The cap, if the settings set one.
+    pub cap_bytes: Option<u64>,
+    /// When it ends, ms since the Unix epoch (with a cap).
+    pub ends_ms: Option<u64>,
+}
+
+impl Period {
+    /// The transport byte count at which the node must stop taking work, given its count now
+    /// (`moved`): none without a cap.
+    pub fn budget(&self, moved: u64) -> Option<u64> {
+        self.cap_bytes
+            .map(|cap| moved + cap.saturating_sub(self.bytes))
+    }
+}
+
 /// Adds the bytes moved since the node's byte `counter` was last sampled to the period's
-/// meter and starts a new period when the last one ended. Returns what the status shows,
-/// and whether the meter is due to be saved (every 10 s).
-pub fn sample(
-    usage: &mut Usage,
-    settings: &Settings,
-    counter: u64,
-    now: u64,
-) -> (BandwidthStatus, bool) {
+/// meter and starts a new period when the last one ended. Returns the period, and whether the
+/// meter is due to be saved (every 10 s).
+pub fn sample(usage: &mut Usage, settings: &Settings, counter: u64, now: u64) -> (Period, bool) {
     let moved = counter.checked_sub(usage.last_counter).unwrap_or(counter);
     usage.last_counter = counter;
     usage.bytes += moved;
@@ -64,21 +78,18 @@ pub fn sample(
     if save {
         usage.last_saved_ms = now;
     }
-    let status = BandwidthStatus {
-        up_cap_kbps: settings.bandwidth.upload_kbps,
-        down_cap_kbps: settings.bandwidth.download_kbps,
-        period_bytes: usage.bytes,
-        period_cap_bytes: cap.map(|c| u64::from(c.gigabytes) * 1_000_000_000),
-        period_ends_ms: period_ms.map(|p| usage.period_start_ms + p),
-        ..BandwidthStatus::default()
+    let period = Period {
+        bytes: usage.bytes,
+        cap_bytes: cap.map(|c| u64::from(c.gigabytes) * 1_000_000_000),
+        ends_ms: period_ms.map(|p| usage.period_start_ms + p),
     };
-    (status, save)
+    (period, save)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use neuroshard_node::settings::TransferCap;
+    use crate::TransferCap;
 
     #[test]
     fn the_meter_counts_across_node_restarts_and_starts_a_new_period_when_one_ends() {
@@ -92,16 +103,16 @@ mod tests {
         let (_, save) = sample(&mut usage, &settings, 0, start);
         assert!(save, "the first sample is saved");
         let (status, save) = sample(&mut usage, &settings, 500, start + 1000);
-        assert_eq!(status.period_bytes, 500);
+        assert_eq!(status.bytes, 500);
         assert!(!save, "not again within 10 s");
-        assert_eq!(status.period_cap_bytes, Some(1_000_000_000));
-        assert_eq!(status.period_ends_ms, Some(start + MS_PER_DAY));
+        assert_eq!(status.cap_bytes, Some(1_000_000_000));
+        assert_eq!(status.ends_ms, Some(start + MS_PER_DAY));
         // A new node's counter starts at 0 again: its bytes add on.
         let (status, _) = sample(&mut usage, &settings, 200, start + 2000);
-        assert_eq!(status.period_bytes, 700);
+        assert_eq!(status.bytes, 700);
         let (status, save) = sample(&mut usage, &settings, 300, start + MS_PER_DAY);
-        assert_eq!(status.period_bytes, 0, "a new period");
-        assert_eq!(status.period_ends_ms, Some(start + 2 * MS_PER_DAY));
+        assert_eq!(status.bytes, 0, "a new period");
+        assert_eq!(status.ends_ms, Some(start + 2 * MS_PER_DAY));
         assert!(save);
     }
 }

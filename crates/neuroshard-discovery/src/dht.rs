@@ -22,11 +22,11 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::NodeError;
-use crate::convert::{
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{
     contacts_from_proto, record_from_proto, record_to_proto, sender_from_proto, sender_to_proto,
 };
-use crate::pool::ConnectionPool;
+use neuroshard_net::pool::ConnectionPool;
 
 /// Commands waiting for the actor: inbound requests and local queries. 1024 holds a burst from
 /// many peers at once; past it inbound requests are refused as busy rather than queued without
@@ -79,7 +79,7 @@ impl SignedContact {
 
     /// The contact, signed within the last minute.
     pub fn current(&self) -> pb::DhtSender {
-        let now = crate::now_ms();
+        let now = neuroshard_net::now_ms();
         let mut signed = self.signed.lock().expect("sender lock");
         match &*signed {
             Some(s) if now.saturating_sub(s.timestamp_ms) < SENDER_RESIGN_MS => s.clone(),
@@ -96,7 +96,7 @@ impl SignedContact {
 /// senders get.
 fn check_responder(to: &Contact, responder: Option<pb::DhtSender>) -> Result<(), String> {
     let skew = crate::tracker::ANNOUNCE_SKEW_MS;
-    match sender_from_proto(responder, crate::now_ms(), skew) {
+    match sender_from_proto(responder, neuroshard_net::now_ms(), skew) {
         Ok(Some(c)) if c.key == to.key => Ok(()),
         Ok(Some(_)) => Err(format!("{} answered as another node", to.addr)),
         Ok(None) => Err(format!("{} answered without naming itself", to.addr)),
@@ -171,7 +171,13 @@ impl DhtHandle {
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (answers_tx, answers) = mpsc::channel(ANSWER_QUEUE);
         let (stats_tx, stats) = watch::channel(DhtStats::default());
-        let kad = Kademlia::new(local, mode, config, StdRng::from_os_rng(), crate::now_ms());
+        let kad = Kademlia::new(
+            local,
+            mode,
+            config,
+            StdRng::from_os_rng(),
+            neuroshard_net::now_ms(),
+        );
         let actor = DhtActor {
             kad,
             commands,
@@ -397,7 +403,7 @@ impl DhtActor {
     /// every handle is gone.
     async fn run(mut self, cancel: CancellationToken) {
         loop {
-            let now = crate::now_ms();
+            let now = neuroshard_net::now_ms();
             let nap =
                 Duration::from_millis(self.kad.next_wakeup().saturating_sub(now)).min(MAX_NAP);
             tokio::select! {
@@ -407,7 +413,7 @@ impl DhtActor {
                     None => return,
                 },
                 Some((id, result)) = self.answers.recv() => {
-                    self.kad.handle_response(id, result, crate::now_ms());
+                    self.kad.handle_response(id, result, neuroshard_net::now_ms());
                 }
                 _ = tokio::time::sleep(nap) => {}
             }
@@ -416,7 +422,7 @@ impl DhtActor {
     }
 
     fn on_command(&mut self, command: Command) {
-        let now = crate::now_ms();
+        let now = neuroshard_net::now_ms();
         match command {
             Command::Inbound {
                 sender,
@@ -474,7 +480,7 @@ impl DhtActor {
     /// Polls the state machine and does what it asks: send requests, answer finished queries.
     /// The stats are published first, so whoever a finished query wakes sees them.
     fn carry_out(&mut self) {
-        let outputs = self.kad.poll(crate::now_ms());
+        let outputs = self.kad.poll(neuroshard_net::now_ms());
         self.publish_stats();
         for output in outputs {
             match output {
@@ -507,7 +513,8 @@ mod tests {
             key: Key::of_node(&asked.id()),
             addr: "127.0.0.1:7000".parse().unwrap(),
         };
-        let signed_by = |key: &NodeKey| Some(sender_to_proto(key, to.addr, crate::now_ms()));
+        let signed_by =
+            |key: &NodeKey| Some(sender_to_proto(key, to.addr, neuroshard_net::now_ms()));
         check_responder(&to, signed_by(&asked)).unwrap();
         let err = check_responder(&to, signed_by(&NodeKey::generate())).unwrap_err();
         assert!(err.contains("answered as another node"), "{err}");

@@ -3,16 +3,41 @@
 
 use super::*;
 
-/// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
+/// Whose fault `err` is, for the failover chain.
+pub(super) fn fault_of(err: &NodeError) -> Fault {
+    if is_stale_listing(err) {
+        Fault::StaleListing
+    } else if !is_peer_fault(err) {
+        Fault::Request
+    } else if is_deadline_miss(err) {
+        Fault::Deadline
+    } else if is_unreachable(err) {
+        Fault::Unreachable
+    } else {
+        Fault::Peer
+    }
+}
+
+/// What the chain's own refusals are as the runtime's errors.
+impl From<ChainError> for NodeError {
+    fn from(err: ChainError) -> Self {
+        match err {
+            ChainError::Broken(_) => NodeError::NoRoute(err.to_string()),
+            ChainError::Misfit { addr, .. } => NodeError::Remote {
+                peer: addr,
+                status: tonic::Status::internal("reply does not fit the requested layers"),
+            },
+            ChainError::NoLogits => NodeError::BadRequest(err.to_string()),
+        }
+    }
+}
+
 /// Whether `err` says the peer could not be reached: it, or the relay in front of it, is down.
 pub(super) fn is_unreachable(err: &NodeError) -> bool {
     matches!(err, NodeError::Connect { .. }) || remote_code(err) == Some(tonic::Code::Unavailable)
 }
 
-/// The first pause before asking an unreachable peer that nobody can replace again; it doubles
-/// with each try, so the session's failovers (4 by default) cover about 4 s.
-pub(super) const UNREACHABLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
-
+/// Whether `err` is a call that outlived its deadline (the peer may still be working on it).
 pub(super) fn is_deadline_miss(err: &NodeError) -> bool {
     remote_code(err) == Some(tonic::Code::DeadlineExceeded)
 }

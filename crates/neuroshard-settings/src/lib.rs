@@ -6,6 +6,10 @@
 //! so the desktop app needs one command for every field. The store keeps the settings as JSON in
 //! the OS config directory, writes them atomically, migrates files of older versions, and never
 //! replaces a file it could not read or a value it refused: stored settings stay as they were.
+//!
+//! The owner's rules over them ([`policy`]: pause, snooze, battery, idle time, the weekly
+//! schedule) and the transfer meter ([`meter`]) are pure functions here too, so the desktop app
+//! and a headless node (`neuroshard node --settings FILE`) hold a node back the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +18,9 @@ use serde_json::Value;
 
 use neuroshard_base::LayerRange;
 
+pub mod meter;
+pub mod policy;
+
 /// Version of the settings file this build writes. Files carry it so a later build can migrate
 /// them; see [`migrate`].
 pub const SETTINGS_VERSION: u32 = 1;
@@ -21,8 +28,7 @@ pub const SETTINGS_VERSION: u32 = 1;
 /// File name of the settings inside the config directory.
 pub const SETTINGS_FILE: &str = "settings.json";
 
-/// Longest display name: it is shown in other people's peer lists, not a profile page.
-pub const MAX_DISPLAY_NAME_CHARS: usize = 40;
+pub use neuroshard_base::{MAX_DISPLAY_NAME_CHARS, is_host_port};
 
 /// Why settings were refused or could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -460,12 +466,6 @@ impl Schedule {
 /// Whether `id` reads as a model's content id: 16 hex digits (safe as a folder name too).
 pub fn is_model_id(id: &str) -> bool {
     id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Whether `peer` reads as `host:port` with a nonzero port.
-pub fn is_host_port(peer: &str) -> bool {
-    peer.rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
 impl NetworkSettings {

@@ -12,7 +12,7 @@ use neuroshard_proof::Countersignature;
 use neuroshard_proto as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pool::ConnectionPool;
+use neuroshard_net::pool::ConnectionPool;
 
 /// Countersignatures queued at most before pushing waits.
 const OUTBOX_QUEUE: usize = 4096;

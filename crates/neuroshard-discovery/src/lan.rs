@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::dht::DhtHandle;
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// The DNS-SD service type NeuroShard nodes announce.
 pub const SERVICE_TYPE: &str = "_neuroshard._tcp.local.";

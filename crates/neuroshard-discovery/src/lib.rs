@@ -1,4 +1,5 @@
-//! Finding peers and layer providers with or without a tracker.
+//! Finding peers and layer providers with or without a tracker: the [`tracker`] (server and
+//! client), the DHT driver, LAN discovery and referrals.
 //!
 //! Every reachable node serves a Kademlia DHT ([`neuroshard_dht`], driven over gRPC by the
 //! [`dht`] actor and [`service`]) and publishes signed, expiring records of itself: `/nodes/{id}`
@@ -16,6 +17,7 @@
 pub mod dht;
 pub mod lan;
 mod service;
+pub mod tracker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,12 +34,12 @@ pub use dht::{DhtHandle, DhtStats};
 pub use lan::{Lan, LanConfig};
 pub use service::DhtService;
 
-use crate::NodeError;
-use crate::convert::{
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{
     PeerRecord, contact_of_peer, contacts_from_proto, peer_from_proto, peer_from_record,
     peer_record_value,
 };
-use crate::pool::ConnectionPool;
+use neuroshard_net::pool::ConnectionPool;
 
 /// How long a referral request may take: a bootstrap peer slower than this is skipped.
 const REFERRAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -125,7 +127,7 @@ impl DiscoveryConfig {
 
 /// Checks bootstrap peers: each must read as `host:port`.
 pub fn check_bootstrap(peers: &[String]) -> Result<(), NodeError> {
-    match peers.iter().find(|p| !crate::settings::is_host_port(p)) {
+    match peers.iter().find(|p| !neuroshard_base::is_host_port(p)) {
         Some(peer) => Err(NodeError::Config(format!(
             "bootstrap: {peer:?} is not host:port"
         ))),
@@ -374,7 +376,7 @@ impl Discovery {
         key: &NodeKey,
         keys: Vec<RecordKey>,
     ) -> Result<(usize, u64), NodeError> {
-        let expires_ms = crate::now_ms() + self.config.record_ttl.as_millis() as u64;
+        let expires_ms = neuroshard_net::now_ms() + self.config.record_ttl.as_millis() as u64;
         let value = peer_record_value(me);
         let records = keys
             .into_iter()
@@ -456,7 +458,7 @@ fn layer_keys(
 }
 
 /// One record per node, the first seen, in node id order.
-pub(crate) fn dedup_peers(peers: Vec<PeerRecord>) -> Vec<PeerRecord> {
+pub fn dedup_peers(peers: Vec<PeerRecord>) -> Vec<PeerRecord> {
     let mut by_id: BTreeMap<String, PeerRecord> = BTreeMap::new();
     for p in peers {
         by_id.entry(p.node_id.clone()).or_insert(p);
@@ -497,7 +499,7 @@ mod tests {
             display_name: "Ada".into(),
             relay: String::new(),
         };
-        let expires = crate::now_ms() + 60_000;
+        let expires = neuroshard_net::now_ms() + 60_000;
         let sign = |k: RecordKey, value: Vec<u8>, signer: &NodeKey| {
             Record::sign(k, value, expires, signer).unwrap()
         };

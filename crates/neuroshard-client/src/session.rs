@@ -64,16 +64,6 @@ impl HopOutput {
     }
 }
 
-/// One hop of a session's chain and the inputs it has been sent.
-#[derive(Debug)]
-pub(super) struct ChainHop {
-    pub(super) hop: Hop,
-    pub(super) log: Vec<(usize, HopInput)>,
-    /// The peer missed a deadline with nobody to replace it: its next call gets the
-    /// first-call deadline.
-    pub(super) patient: bool,
-}
-
 /// Latency figures of one hop over a session.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct HopTiming {
@@ -103,20 +93,14 @@ impl HopTiming {
     }
 }
 
-pub(super) type StepFuture<'s> =
-    Pin<Box<dyn Future<Output = Result<HopOutput, NodeError>> + Send + 's>>;
-
 /// One generation over the swarm.
 #[derive(Debug)]
 pub struct SwarmSession<'c> {
     pub(super) client: &'c SwarmClient,
     pub(super) id: String,
-    pub(super) chain: Vec<ChainHop>,
+    /// The chain and its replay logs; it decides what each reply or failure leads to.
+    pub(super) chain: Chain<HopInput, Vec<f32>, NodeError>,
     pub(super) timings: BTreeMap<(LayerRange, String), HopTiming>,
-    pub(super) events: Vec<String>,
-    pub(super) failovers_left: usize,
-    /// Set when a failover could not restore the chain; the session cannot continue.
-    pub(super) broken: Option<String>,
 }
 
 impl SwarmSession<'_> {
@@ -127,7 +111,7 @@ impl SwarmSession<'_> {
 
     /// The current chain.
     pub fn chain(&self) -> Vec<Hop> {
-        self.chain.iter().map(|h| h.hop.clone()).collect()
+        self.chain.hops().cloned().collect()
     }
 
     /// Per-hop latency, ordered by layer.
@@ -137,57 +121,78 @@ impl SwarmSession<'_> {
 
     /// Failovers that happened, as readable lines.
     pub fn events(&self) -> &[String] {
-        &self.events
+        self.chain.events()
     }
 
     /// Runs the new tokens at `start_pos` through the whole chain; logits of the last one.
     /// Long inputs go in chunks of [`PREFILL_CHUNK_TOKENS`].
     pub async fn forward(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
-        if let Some(why) = &self.broken {
-            return Err(NodeError::NoRoute(format!(
-                "session {} is broken: {why}",
-                self.id
-            )));
-        }
         if ids.is_empty() {
             return Err(NodeError::BadRequest("no tokens to run".into()));
         }
-        if self.chain.is_empty() {
+        if self.chain.links().is_empty() && self.chain.broken().is_none() {
             let all = LayerRange::new(0, self.client.total_layers)
                 .map_err(|e| NodeError::NoRoute(e.to_string()))?;
             let hops = self.plan_or_refresh(all, ids.len()).await?;
-            self.chain = hops
-                .into_iter()
-                .map(|hop| ChainHop {
-                    hop,
-                    log: Vec::new(),
-                    patient: false,
-                })
-                .collect();
+            self.chain.set_hops(hops);
         }
         let mut logits = Vec::new();
         for (n, chunk) in ids.chunks(PREFILL_CHUNK_TOKENS).enumerate() {
             let pos = start_pos + n * PREFILL_CHUNK_TOKENS;
-            self.failovers_left = self.client.config.max_failovers_per_step;
-            let input = HopInput::Tokens(chunk.to_vec());
-            let out = self.run_from(0, self.client.total_layers, pos, input).await;
-            match out {
-                Ok(HopOutput::Logits(l)) => logits = l,
-                Ok(HopOutput::Hidden(_)) => {
-                    return Err(NodeError::BadRequest(
-                        "the chain ended without logits".into(),
-                    ));
-                }
-                Err(err) => {
-                    if self.broken.is_none() && !is_peer_fault(&err) {
-                        return Err(err);
-                    }
-                    self.broken.get_or_insert_with(|| err.to_string());
-                    return Err(err);
-                }
-            }
+            logits = self.step(pos, HopInput::Tokens(chunk.to_vec())).await?;
         }
         Ok(logits)
+    }
+
+    /// Drives the chain through one input: makes the calls and plans it asks for, and feeds
+    /// their results back until it is done or fails.
+    async fn step(&mut self, pos: usize, input: HopInput) -> Result<Vec<f32>, NodeError> {
+        let mut action = self.chain.start(pos, input);
+        loop {
+            let logged = self.chain.events().len();
+            action = match action {
+                Action::Call {
+                    hop,
+                    pos,
+                    input,
+                    patient,
+                } => {
+                    let result = match self.call(hop, pos, &input, patient).await {
+                        Ok((output, receipt)) => self
+                            .settle_hop(hop, pos, &input, &output, receipt)
+                            .await
+                            .map(|()| output),
+                        Err(err) => Err(err),
+                    };
+                    match result {
+                        Ok(HopOutput::Hidden(t)) => {
+                            self.chain.replied(Reply::Hidden(HopInput::Hidden(t)))
+                        }
+                        Ok(HopOutput::Logits(l)) => self.chain.replied(Reply::Logits(l)),
+                        Err(err) => self.chain.failed(fault_of(&err), err),
+                    }
+                }
+                Action::Replace { hop, span, stale } => {
+                    let plan = self.replace(hop, span, stale).await;
+                    self.chain.replanned(plan)
+                }
+                Action::Wait { hop, pause } => {
+                    let addr = &self.chain.links()[hop].hop.addr;
+                    self.client
+                        .router
+                        .lock()
+                        .expect("router lock")
+                        .lift_ban(addr);
+                    tokio::time::sleep(pause).await;
+                    self.chain.resume()
+                }
+                Action::Done(logits) => return Ok(logits),
+                Action::Fail(err) => return Err(err),
+            };
+            for event in &self.chain.events()[logged..] {
+                tracing::warn!("{event}");
+            }
+        }
     }
 
     pub(super) async fn plan_or_refresh(
@@ -204,78 +209,10 @@ impl SwarmSession<'_> {
             .ok_or_else(|| NodeError::NoRoute(format!("no live peers cover layers {span}")))
     }
 
-    /// Sends `input` through hops from index `i` until the hop ending at layer `stop`.
-    pub(super) fn run_from(
-        &mut self,
-        mut i: usize,
-        stop: u32,
-        pos: usize,
-        mut input: HopInput,
-    ) -> StepFuture<'_> {
-        Box::pin(async move {
-            loop {
-                let result = match self.call(i, pos, &input).await {
-                    Ok((output, receipt)) => self
-                        .settle_hop(i, pos, &input, &output, receipt)
-                        .await
-                        .map(|()| output),
-                    Err(err) => Err(err),
-                };
-                match result {
-                    Ok(output) => {
-                        self.chain[i].log.push((pos, input.clone()));
-                        let end = self.chain[i].hop.layers.end;
-                        match output {
-                            out @ HopOutput::Logits(_) if end == self.client.total_layers => {
-                                return Ok(out);
-                            }
-                            HopOutput::Hidden(t) if end == stop => return Ok(HopOutput::Hidden(t)),
-                            HopOutput::Hidden(t) if end < stop => {
-                                input = HopInput::Hidden(t);
-                                i += 1;
-                            }
-                            _ => {
-                                let addr = self.chain[i].hop.addr.clone();
-                                let status = tonic::Status::internal(
-                                    "reply does not fit the requested layers",
-                                );
-                                self.chain[i].log.pop();
-                                self.fail_over(i, NodeError::Remote { peer: addr, status })
-                                    .await?;
-                            }
-                        }
-                    }
-                    Err(err) if is_peer_fault(&err) || is_stale_listing(&err) => {
-                        self.fail_over(i, err).await?
-                    }
-                    Err(err) => return Err(err),
-                }
-            }
-        })
-    }
-
-    /// Replaces hop `i` after `err`: ban, re-plan its span, replay its log to the replacement.
-    /// On failure the session is marked broken, since its chain no longer holds every cache.
-    pub(super) async fn fail_over(&mut self, i: usize, err: NodeError) -> Result<(), NodeError> {
-        let result = self.try_fail_over(i, err).await;
-        if let Err(e) = &result {
-            self.broken.get_or_insert_with(|| e.to_string());
-        }
-        result
-    }
-
-    pub(super) async fn try_fail_over(
-        &mut self,
-        i: usize,
-        err: NodeError,
-    ) -> Result<(), NodeError> {
-        if self.failovers_left == 0 {
-            return Err(err);
-        }
-        self.failovers_left -= 1;
-        let addr = self.chain[i].hop.addr.clone();
-        let span = self.chain[i].hop.layers;
-        let stale = is_stale_listing(&err);
+    /// Counts hop `i`'s failure against its peer (or, for a stale listing, forgets the peer
+    /// and reads the listing again), then plans the hop's span anew.
+    async fn replace(&mut self, i: usize, span: LayerRange, stale: bool) -> Replan<NodeError> {
+        let addr = self.chain.links()[i].hop.addr.clone();
         {
             let mut router = self.client.router.lock().expect("router lock");
             if stale {
@@ -294,75 +231,17 @@ impl SwarmSession<'_> {
         } else {
             self.client.pool.evict(&addr);
         }
-        let hops = match self.plan_or_refresh(span, 1).await {
-            Ok(hops) => hops,
-            Err(NodeError::NoRoute(_)) if is_deadline_miss(&err) => {
-                self.wait_longer(i, err);
-                return Ok(());
+        match self.plan_or_refresh(span, 1).await {
+            Ok(hops) => {
+                let mut router = self.client.router.lock().expect("router lock");
+                router.adjust_sessions(&addr, -1);
+                Replan::Hops(hops)
             }
-            Err(NodeError::NoRoute(_)) if is_unreachable(&err) => {
-                // Down for a moment, as when its relay restarts: asked again after a pause
-                // that doubles with each try.
-                let tries = self.client.config.max_failovers_per_step - self.failovers_left;
-                let pause = UNREACHABLE_PAUSE * 2u32.pow(tries.saturating_sub(1).min(4) as u32);
-                self.wait_longer(i, err);
-                tokio::time::sleep(pause).await;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let broken = self.chain.remove(i);
-        self.client
-            .router
-            .lock()
-            .expect("router lock")
-            .adjust_sessions(&addr, -1);
-        self.events.push(format!(
-            "hop {span} on {addr} failed ({err}); replaying {} calls to {}",
-            broken.log.len(),
-            hops.iter()
-                .map(|h| format!("{} [{}]", h.addr, h.layers))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        tracing::warn!("{}", self.events.last().expect("just pushed"));
-        for (offset, hop) in hops.into_iter().enumerate() {
-            self.chain.insert(
-                i + offset,
-                ChainHop {
-                    hop,
-                    log: Vec::new(),
-                    patient: false,
-                },
-            );
+            Err(e @ NodeError::NoRoute(_)) => Replan::NoRoute(e),
+            Err(e) => Replan::Failed(e),
         }
-        for (pos, input) in broken.log {
-            self.run_from(i, span.end, pos, input).await?;
-        }
-        Ok(())
     }
 
-    /// Keeps hop `i`, whose peer missed its deadline or could not be reached while no other
-    /// peer serves its span: a stalled peer (a GPU compiling kernels, a busy home PC) is slow,
-    /// not gone, and one behind a restarting relay is back once it has registered again. Its ban is
-    /// lifted and the call is sent again with the first-call deadline; the peer's cache takes
-    /// the repeated positions as a replay. Each wait spends one of the session's failovers, so
-    /// a peer that never answers still ends the generation.
-    pub(super) fn wait_longer(&mut self, i: usize, err: NodeError) {
-        let addr = self.chain[i].hop.addr.clone();
-        let span = self.chain[i].hop.layers;
-        self.client
-            .router
-            .lock()
-            .expect("router lock")
-            .lift_ban(&addr);
-        self.chain[i].patient = true;
-        self.events.push(format!(
-            "hop {span} on {addr} failed ({err}); no other peer serves {span}, so it is asked \
-             again with the first-call deadline"
-        ));
-        tracing::warn!("{}", self.events.last().expect("just pushed"));
-    }
     /// One Forward call to hop `i`, under that peer's adaptive deadline, with its receipt
     /// checked against the call.
     pub(super) async fn call(
@@ -370,11 +249,12 @@ impl SwarmSession<'_> {
         i: usize,
         pos: usize,
         input: &HopInput,
+        patient: bool,
     ) -> Result<(HopOutput, Receipt), NodeError> {
         let client = self.client;
-        let hop = self.chain[i].hop.clone();
+        let hop = self.chain.links()[i].hop.clone();
         let tokens = input.tokens();
-        let deadline = match std::mem::take(&mut self.chain[i].patient) {
+        let deadline = match patient {
             true => client.config.router.first_call_deadline,
             false => client
                 .router
@@ -407,7 +287,7 @@ impl SwarmSession<'_> {
             output_hash: [0; 32],
             weights_hash: None,
             flops: None,
-            sent_ms: crate::now_ms(),
+            sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         };
         if let Some(verifier) = &client.verifier {
@@ -470,7 +350,7 @@ impl SwarmSession<'_> {
                 )));
             }
         };
-        expected.now_ms = crate::now_ms();
+        expected.now_ms = neuroshard_net::now_ms();
         let receipt = Receipt::from_wire(&reply.receipt)?;
         expected.check(&receipt)?;
         Ok((output, receipt))
@@ -489,10 +369,7 @@ impl SwarmSession<'_> {
         if let Some(verifier) = &self.client.verifier {
             verifier.forget(&self.id);
         }
-        let chain: Vec<Hop> = std::mem::take(&mut self.chain)
-            .into_iter()
-            .map(|h| h.hop)
-            .collect();
+        let chain = self.chain.take_hops();
         let mut router = self.client.router.lock().expect("router lock");
         for hop in &chain {
             router.adjust_sessions(&hop.addr, -1);

@@ -15,7 +15,7 @@ impl SwarmSession<'_> {
         receipt: Receipt,
     ) -> Result<(), NodeError> {
         let client = self.client;
-        let hop = self.chain[i].hop.clone();
+        let hop = self.chain.links()[i].hop.clone();
         let spot_checked = match self.spot_check(i, pos, input, output, &receipt).await {
             Ok(checked) => checked,
             Err(reason) => {
@@ -30,7 +30,7 @@ impl SwarmSession<'_> {
                     &client.key,
                     Verdict::Voided,
                     reliability as f32,
-                    crate::now_ms(),
+                    neuroshard_net::now_ms(),
                 );
                 client.outbox.push(&hop.addr, voided).await;
                 return Err(NodeError::Verification {
@@ -54,7 +54,7 @@ impl SwarmSession<'_> {
             &client.key,
             Verdict::Accepted { spot_checked },
             reliability as f32,
-            crate::now_ms(),
+            neuroshard_net::now_ms(),
         );
         client.outbox.push(&hop.addr, accepted).await;
         Ok(())
@@ -71,7 +71,7 @@ impl SwarmSession<'_> {
         receipt: &Receipt,
     ) -> Result<bool, String> {
         let client = self.client;
-        let hop = &self.chain[i].hop;
+        let hop = &self.chain.links()[i].hop;
         let Some(verifier) = client.verifier.clone() else {
             return Ok(false);
         };
@@ -85,8 +85,9 @@ impl SwarmSession<'_> {
         }
         let done = verifier.verified_up_to(&self.id, hop.layers);
         let inputs = (|| {
-            let history = self.chain[i]
+            let history = self.chain.links()[i]
                 .log
+                .entries()
                 .iter()
                 .filter(|(p, _)| *p < pos && *p >= done)
                 .map(|(p, input)| Ok((*p, input.to_shard_input()?)))

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{PeerRecord, peer_from_proto, peer_to_proto, span_from_proto};
-use crate::{MAX_MESSAGE_BYTES, NodeError};
+use neuroshard_net::convert::{PeerRecord, peer_from_proto, peer_to_proto, span_from_proto};
+use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
 
 /// Tracker settings.
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ fn check_announcement(
     timestamp_ms: u64,
     signature: &[u8],
 ) -> Result<(), NodeError> {
-    let now = crate::now_ms();
+    let now = neuroshard_net::now_ms();
     if now.abs_diff(timestamp_ms) > ANNOUNCE_SKEW_MS {
         return Err(NodeError::BadRequest(format!(
             "{kind} signed at {timestamp_ms} ms, the tracker's clock reads {now} ms"
@@ -454,12 +454,12 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let server = TrackerServer::new(service.clone())
         .max_decoding_message_size(MAX_TRACKER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let task = crate::spawn_server(
+    let task = neuroshard_net::spawn_server(
         tonic::service::Routes::new(server),
         listener,
         None,
         // Trackers run on servers, not on volunteers' lines: no caps.
-        crate::bandwidth::BandwidthCaps::new(0, 0),
+        neuroshard_net::bandwidth::BandwidthCaps::new(0, 0),
         cancel.clone(),
         "tracker",
     );

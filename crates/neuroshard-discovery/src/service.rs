@@ -9,8 +9,8 @@ use pb::dht_server::{Dht, DhtServer};
 use tonic::{Status, async_trait};
 
 use super::dht::{DhtHandle, MAX_DHT_REPLY_BYTES};
-use crate::NodeError;
-use crate::convert::{
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{
     contact_to_proto, key_from_proto, record_from_proto, record_to_proto, sender_from_proto,
 };
 
@@ -31,7 +31,11 @@ fn vouched_sender(
     sender: Option<pb::DhtSender>,
     remote: Option<SocketAddr>,
 ) -> Result<Option<Contact>, NodeError> {
-    let sender = sender_from_proto(sender, crate::now_ms(), crate::tracker::ANNOUNCE_SKEW_MS)?;
+    let sender = sender_from_proto(
+        sender,
+        neuroshard_net::now_ms(),
+        crate::tracker::ANNOUNCE_SKEW_MS,
+    )?;
     Ok(sender
         .filter(|c| remote.is_some_and(|r| r.ip().to_canonical() == c.addr.ip().to_canonical())))
 }

@@ -11,7 +11,7 @@ use neuroshard_model::{
     KvCache, ModelInfo, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
 };
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
 /// Something that turns new tokens at a position into the logits of the last one.
 pub trait Pipeline {

@@ -1,4 +1,7 @@
-//! The client side of swarm inference: a session planned over a chain of peers, with failover.
+//! The client side of the swarm: a session planned over a chain of peers, with failover
+//! ([`router`] plans the chain), generation and sampling ([`generate`]), spot checks
+//! ([`verify`]), the receipt [`outbox`], the training client, and fetching weights and
+//! checkpoints from peers ([`checkpoint`]).
 //!
 //! Each hop of a [`SwarmSession`] keeps a replay log of the inputs it was sent, with their
 //! absolute positions. When a hop fails or misses its deadline, the peer is banned, the hop's
@@ -16,8 +19,6 @@
 //! `faults` whose fault an error is, `training` the training session.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,27 +38,34 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::NodeError;
+use neuroshard_net::NodeError;
 
+pub mod chain;
+pub mod checkpoint;
 mod faults;
+pub mod generate;
+pub mod outbox;
+pub mod router;
 mod session;
 mod settle;
 mod training;
-use crate::convert::{
-    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
-    tensor_to_proto, tokens_hash,
-};
-use crate::discovery::{Discovery, DiscoveryConfig};
+pub mod verify;
+use crate::chain::{Action, Chain, ChainError, Fault, Replan, Reply};
 use crate::generate::Pipeline;
-use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbox::{OutboxReport, ReceiptOutbox};
-use crate::pool::{ConnectionPool, PoolConfig};
 use crate::router::{Hop, Router, RouterConfig};
 use crate::verify::LocalVerifier;
 use faults::*;
+use neuroshard_discovery::{Discovery, DiscoveryConfig};
+use neuroshard_net::convert::{
+    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
+    tensor_to_proto, tokens_hash,
+};
+use neuroshard_net::metrics::{Metrics, MetricsSnapshot};
+use neuroshard_net::pool::{ConnectionPool, PoolConfig};
 use session::{HopInput, HopOutput};
 pub use session::{HopTiming, SwarmSession};
-pub use training::{Microbatch, StepReport, TrainSession};
+pub use training::{Microbatch, StepReport, TrainSession, loss_tensor};
 
 /// Largest tracker reply read: 1000 listed peers at the longest allowed fields fit.
 const MAX_TRACKER_REPLY_BYTES: usize = 1024 * 1024;
@@ -186,7 +194,7 @@ impl SwarmClient {
     /// Learns the swarm's peers and model from the tracker, or else through the DHT.
     pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
         let tracker = config.tracker.as_deref().map(tracker_client).transpose()?;
-        crate::discovery::check_bootstrap(&config.bootstrap)?;
+        neuroshard_discovery::check_bootstrap(&config.bootstrap)?;
         let metrics = Arc::new(Metrics::default());
         config
             .router
@@ -359,11 +367,12 @@ impl SwarmClient {
         SwarmSession {
             client: self,
             id: format!("{:016x}-{n}", rand::random::<u64>()),
-            chain: Vec::new(),
+            chain: Chain::new(
+                Vec::new(),
+                self.total_layers,
+                self.config.max_failovers_per_step,
+            ),
             timings: BTreeMap::new(),
-            events: Vec::new(),
-            failovers_left: 0,
-            broken: None,
         }
     }
 

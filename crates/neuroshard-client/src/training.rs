@@ -5,16 +5,17 @@
 
 use std::time::Duration;
 
-use neuroshard_model::codec::WireDType;
+use neuroshard_model::codec::{WireDType, WireTensor};
 use neuroshard_proof::{Expectation, Receipt, Verdict, WorkKind};
 use neuroshard_proto as pb;
 use prost::Message;
 
 use super::SwarmClient;
-use crate::NodeError;
-use crate::convert::{span_to_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash};
-use crate::node::loss_tensor;
 use crate::router::Hop;
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{
+    span_to_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
+};
 
 /// How long one training call may take. Training calls are not latency-routed: a microbatch of
 /// a few hundred tokens through a home PC's layers takes seconds, not milliseconds.
@@ -304,7 +305,7 @@ impl TrainSession<'_> {
             output_hash: [0; 32],
             weights_hash: None,
             flops: None,
-            sent_ms: crate::now_ms(),
+            sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         }
     }
@@ -320,7 +321,7 @@ impl TrainSession<'_> {
         let receipt = Receipt::from_wire(receipt)?;
         let expected = Expectation {
             output_hash,
-            now_ms: crate::now_ms(),
+            now_ms: neuroshard_net::now_ms(),
             ..expected
         };
         expected.check(&receipt)?;
@@ -337,7 +338,7 @@ impl TrainSession<'_> {
                 spot_checked: false,
             },
             reliability as f32,
-            crate::now_ms(),
+            neuroshard_net::now_ms(),
         );
         self.client.outbox.push(&hop.addr, accepted).await;
         Ok(())
@@ -366,4 +367,9 @@ fn bad_reply(hop: &Hop, what: &str) -> NodeError {
         peer: hop.addr.clone(),
         status: tonic::Status::internal(format!("bad reply: {what}")),
     }
+}
+
+/// A loss as the one-value tensor its receipt hashes.
+pub fn loss_tensor(loss: f32) -> WireTensor {
+    neuroshard_model::codec::encode(&[loss], &[1], WireDType::F32)
 }
