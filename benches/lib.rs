@@ -5,6 +5,7 @@ use neuroshard_model::codec::{WireDType, encode};
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_net::convert::{span_to_proto, tensor_to_proto};
 use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
+use neuroshard_node::swarm::LocalSwarm;
 use neuroshard_proto as pb;
 
 /// A model with hidden size 2048 and three thin layers: the benchmark serves the middle one, so a
@@ -44,40 +45,20 @@ pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> No
         .expect("node starts")
 }
 
-/// A tracker and nodes serving `ranges` of the model in `dir`, on loopback.
-pub struct BenchSwarm {
-    /// The tracker.
-    pub tracker: neuroshard_discovery::tracker::TrackerHandle,
-    /// The nodes.
-    pub nodes: Vec<NodeHandle>,
-}
-
-impl BenchSwarm {
-    /// Starts the tracker and the nodes.
-    pub async fn start(dir: &std::path::Path, ranges: &[(u32, u32)]) -> Self {
-        use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
-        let tracker = start_tracker(TrackerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..TrackerConfig::default()
-        })
-        .await
-        .expect("tracker starts");
-        let mut nodes = Vec::new();
-        for &(start, end) in ranges {
-            let mut config = bench_config(dir, start, end);
-            config.tracker = Some(tracker.url());
-            nodes.push(start_node(config).await.expect("node starts"));
-        }
-        Self { tracker, nodes }
+/// A tracker and nodes serving `ranges` of the model in `dir`, on loopback, each computing on
+/// every core ([`bench_config`]).
+pub async fn start_bench_swarm(dir: &std::path::Path, ranges: &[(u32, u32)]) -> LocalSwarm {
+    let mut swarm = LocalSwarm::tracker_only().await.expect("tracker starts");
+    for &(start, end) in ranges {
+        let every_core = |config: &mut NodeConfig| {
+            config.cpu_threads = bench_config(dir, start, end).cpu_threads;
+        };
+        swarm
+            .add_node_with(dir, start, end, every_core)
+            .await
+            .expect("node starts");
     }
-
-    /// Stops every node and the tracker.
-    pub async fn shutdown(self) {
-        for node in self.nodes {
-            node.shutdown().await;
-        }
-        self.tracker.shutdown().await;
-    }
+    swarm
 }
 
 /// `n` values spread like activations: uniform noise in [-2, 2), which (like real hidden

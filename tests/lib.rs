@@ -3,10 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use neuroshard_base::LayerRange;
-use neuroshard_discovery::tracker::{TrackerConfig, TrackerHandle, start_tracker};
 use neuroshard_model::init::{ModelSpec, write_model};
-use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
+use neuroshard_node::node::NodeHandle;
 use neuroshard_proto::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -34,70 +32,8 @@ impl TestModel {
     }
 }
 
-/// A tracker and nodes on loopback.
-pub struct Swarm {
-    /// The tracker.
-    pub tracker: TrackerHandle,
-    /// The nodes, in start order.
-    pub nodes: Vec<NodeHandle>,
-}
-
-impl Swarm {
-    /// Starts a tracker and one node per range.
-    pub async fn start(model: &Path, ranges: &[(u32, u32)]) -> Self {
-        let tracker = start_tracker(TrackerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..TrackerConfig::default()
-        })
-        .await
-        .expect("tracker starts");
-        let mut swarm = Self {
-            tracker,
-            nodes: Vec::new(),
-        };
-        for &(start, end) in ranges {
-            swarm.add_node(model, start, end).await;
-        }
-        swarm
-    }
-
-    /// Starts one more node serving `start..end`.
-    pub async fn add_node(&mut self, model: &Path, start: u32, end: u32) -> &NodeHandle {
-        self.add_node_with(model, start, end, |_| {}).await
-    }
-
-    /// Starts one more node serving `start..end`, its config adjusted by `configure`.
-    pub async fn add_node_with(
-        &mut self,
-        model: &Path,
-        start: u32,
-        end: u32,
-        configure: impl FnOnce(&mut NodeConfig),
-    ) -> &NodeHandle {
-        let mut config = NodeConfig::new(model, LayerRange::new(start, end).unwrap());
-        config.tracker = Some(self.tracker.url());
-        configure(&mut config);
-        self.nodes
-            .push(start_node(config).await.expect("node starts"));
-        self.nodes.last().unwrap()
-    }
-
-    /// The node advertised at `addr`.
-    pub fn node_at(&self, addr: &str) -> &NodeHandle {
-        self.nodes
-            .iter()
-            .find(|n| n.advertised() == addr)
-            .expect("node with that address")
-    }
-
-    /// Stops everything.
-    pub async fn shutdown(self) {
-        for node in self.nodes {
-            node.shutdown().await;
-        }
-        self.tracker.shutdown().await;
-    }
-}
+/// The loopback swarm every test starts: a tracker and nodes on ephemeral ports.
+pub use neuroshard_node::swarm::LocalSwarm as Swarm;
 
 /// A raw gRPC client to a node.
 pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {

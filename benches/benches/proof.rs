@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
 use neuroshard_base::{LayerRange, NodeKey};
-use neuroshard_benches::{BenchSwarm, activations, write_temp_model};
+use neuroshard_benches::{activations, start_bench_swarm, write_temp_model};
 use neuroshard_client::generate::{Pipeline, generate};
 use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::codec::{WireDType, encode};
@@ -124,7 +124,7 @@ fn proof_costs(c: &mut Criterion) {
     let (on_path, settle) = receipt_cost(c);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = write_temp_model(&ModelSpec::demo());
-    let swarm = runtime.block_on(BenchSwarm::start(dir.path(), &[(0, 2), (2, 4), (4, 6)]));
+    let swarm = runtime.block_on(start_bench_swarm(dir.path(), &[(0, 2), (2, 4), (4, 6)]));
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| 65 + i % 26).collect();
     let client = |probation: u64, verify: bool| {
         let mut config = ClientConfig::new(swarm.tracker.url());

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
-use neuroshard_benches::{BenchSwarm, write_temp_model};
+use neuroshard_benches::{start_bench_swarm, write_temp_model};
 use neuroshard_client::generate::{LocalPipeline, Pipeline};
 use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
@@ -19,7 +19,7 @@ fn swarm_vs_local(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = write_temp_model(&ModelSpec::bench());
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| 65 + i % 26).collect();
-    let swarm = runtime.block_on(BenchSwarm::start(dir.path(), &[(0, 2), (2, 4), (4, 6)]));
+    let swarm = runtime.block_on(start_bench_swarm(dir.path(), &[(0, 2), (2, 4), (4, 6)]));
     let client = runtime
         .block_on(SwarmClient::connect(ClientConfig::new(swarm.tracker.url())))
         .unwrap();

@@ -12,13 +12,12 @@
 //!   dense data-parallel all-reduce of the same 20 steps, and the two runs against each other.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use neuroshard_base::LayerRange;
 use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
-use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainShard};
-use neuroshard_node::node::{Compression, NodeConfig, TrainingConfig, start_node};
+use neuroshard_node::node::{Compression, NodeConfig, TrainingConfig};
+use neuroshard_node::swarm::LocalSwarm;
 use neuroshard_node::train::{TrainOptions, run_training};
 
 const SEQUENCE: usize = 64;
@@ -77,29 +76,26 @@ fn throughput(c: &mut Criterion) {
     write_model(dir.path(), &spec()).unwrap();
     let mut local =
         TrainShard::load(dir.path(), 0..4, &Device::default(), TrainConfig::default()).unwrap();
-    let (tracker, nodes) = rt.block_on(async {
-        let tracker = start_tracker(TrackerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..TrackerConfig::default()
-        })
-        .await
-        .unwrap();
-        let mut nodes = Vec::new();
+    let swarm = rt.block_on(async {
+        let mut swarm = LocalSwarm::tracker_only().await.unwrap();
         for (start, end) in [(0, 2), (2, 4)] {
-            let mut config = NodeConfig::new(dir.path(), LayerRange::new(start, end).unwrap());
-            config.tracker = Some(tracker.url());
-            config.train = Some(TrainingConfig {
-                outer_every: u64::MAX,
-                ..TrainingConfig::default()
-            });
-            nodes.push(start_node(config).await.unwrap());
+            let train = |config: &mut NodeConfig| {
+                config.train = Some(TrainingConfig {
+                    outer_every: u64::MAX,
+                    ..TrainingConfig::default()
+                })
+            };
+            swarm
+                .add_node_with(dir.path(), start, end, train)
+                .await
+                .unwrap();
         }
-        (tracker, nodes)
+        swarm
     });
     let client = rt
-        .block_on(SwarmClient::connect(ClientConfig::new(tracker.url())))
+        .block_on(SwarmClient::connect(ClientConfig::new(swarm.tracker.url())))
         .unwrap();
-    let chain = nodes.iter().map(|n| n.hop()).collect();
+    let chain = swarm.nodes.iter().map(|n| n.hop()).collect();
     let mut session = client.train_session(chain).unwrap();
     // Warm both up (the nodes load their trainable copies on the first call).
     rt.block_on(session.step(&batch(0))).unwrap();
@@ -140,12 +136,7 @@ fn throughput(c: &mut Criterion) {
     });
     group.finish();
     drop(session);
-    rt.block_on(async {
-        for node in nodes {
-            node.shutdown().await;
-        }
-        tracker.shutdown().await;
-    });
+    rt.block_on(swarm.shutdown());
 }
 
 fn layout(_: &mut Criterion) {

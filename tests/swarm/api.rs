@@ -40,7 +40,7 @@ impl Api {
     async fn start(key: Option<&str>) -> Self {
         let model = demo_model();
         let dir = model.path().join("demo");
-        let swarm = Swarm::start(&dir, &[(0, 2), (2, 4), (4, 6)]).await;
+        let swarm = Swarm::start(&dir, &[(0, 2), (2, 4), (4, 6)]).await.unwrap();
         let backend = Backend::Swarm(Box::new(ClientConfig::new(swarm.tracker.url())));
         let served = ServedModel::load(&dir, &backend).await.unwrap();
         let config = ApiConfig {

@@ -39,7 +39,7 @@ fn hidden(tokens: usize) -> Input {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(2, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(2, 4)]).await.unwrap();
     let node = &swarm.nodes[0];
     let mut client = node_client(node).await;
 
@@ -208,7 +208,7 @@ async fn a_full_kv_budget_answers_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_does_not_train_refuses_every_training_call_by_name() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await.unwrap();
     let mut client = node_client(&swarm.nodes[0]).await;
     let span = Some(pb::LayerSpan { start: 0, end: 4 });
     let refused = |status: tonic::Status| {
@@ -333,7 +333,7 @@ async fn the_node_computes_on_the_device_asked_for_or_says_why_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(2, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(2, 4)]).await.unwrap();
     let node = &swarm.nodes[0];
     let mut client = node_client(node).await;
     let requester = neuroshard_base::NodeKey::generate();
@@ -421,7 +421,7 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_hands_out_its_model_files_and_nothing_else() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await.unwrap();
     let node = &swarm.nodes[0];
     std::fs::write(model.path().join("secret.json"), b"{}").unwrap();
     let mut client = node_client(node).await;

@@ -38,7 +38,9 @@ pub(crate) fn assert_same_generation(swarm: &GenerationReport, local: &Generatio
 async fn three_node_swarm_matches_local_generation() {
     let model = TestModel::new(&ModelSpec::demo());
     let expected = local_reference(&model, 24).await;
-    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)])
+        .await
+        .unwrap();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await
         .unwrap();
@@ -75,8 +77,10 @@ async fn three_node_swarm_matches_local_generation() {
 async fn killing_the_middle_node_mid_generation_keeps_the_tokens() {
     let model = TestModel::new(&ModelSpec::demo());
     let expected = local_reference(&model, 20).await;
-    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)]).await;
-    swarm.add_node(model.path(), 2, 4).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)])
+        .await
+        .unwrap();
+    swarm.add_node(model.path(), 2, 4).await.unwrap();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await
         .unwrap();
@@ -86,7 +90,7 @@ async fn killing_the_middle_node_mid_generation_keeps_the_tokens() {
         if n == 8 {
             let middle = s.chain()[1].clone();
             assert_eq!((middle.layers.start, middle.layers.end), (2, 4));
-            swarm.node_at(&middle.addr).kill();
+            swarm.node_at(&middle.addr).unwrap().kill();
             victim = Some(middle.addr);
         }
     })
@@ -114,7 +118,9 @@ async fn killing_the_middle_node_mid_generation_keeps_the_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_spread_over_replicas() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)])
+        .await
+        .unwrap();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await
         .unwrap();
@@ -147,7 +153,7 @@ async fn sessions_spread_over_replicas() {
 async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, 6).await;
-    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
     // A peer that accepts connections and never says a word, announced for layers 2..4.
     let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hole_addr = black_hole.local_addr().unwrap().to_string();
@@ -179,7 +185,7 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
     config.router.first_call_deadline = std::time::Duration::from_millis(300);
     let client = SwarmClient::connect(config).await.unwrap();
     // The real replica of 2..4 joins only now: the first plan can only use the silent peer.
-    swarm.add_node(model.path(), 2, 4).await;
+    swarm.add_node(model.path(), 2, 4).await.unwrap();
     let mut session = client.session();
     let got = generate(&mut session, PROMPT, 6, &[], |_, _| {})
         .await
@@ -201,7 +207,7 @@ async fn a_worker_that_panics_mid_call_is_failed_over_with_the_tokens_unchanged(
     use neuroshard_node::node::Fault;
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, 8).await;
-    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
     // Its compute worker panics from the fourth generated token on.
     let prompt_len = expected.prompt_ids.len();
     let faulty = swarm
@@ -209,6 +215,7 @@ async fn a_worker_that_panics_mid_call_is_failed_over_with_the_tokens_unchanged(
             c.fault = Some(Fault::PanicFrom(prompt_len + 3))
         })
         .await
+        .unwrap()
         .advertised();
     // A deadline that outlasts the panic hook's backtrace, so the panic's reply is what the
     // client acts on.
@@ -216,7 +223,7 @@ async fn a_worker_that_panics_mid_call_is_failed_over_with_the_tokens_unchanged(
     config.router.min_deadline = std::time::Duration::from_secs(20);
     let client = SwarmClient::connect(config).await.unwrap();
     // The healthy replica of 2..4 joins only now: the first plan can only use the faulty one.
-    swarm.add_node(model.path(), 2, 4).await;
+    swarm.add_node(model.path(), 2, 4).await.unwrap();
     let mut session = client.session();
     let got = generate(&mut session, PROMPT, 8, &[], |_, _| {})
         .await
@@ -249,7 +256,7 @@ async fn a_bad_request_fails_without_banning_healthy_peers() {
         max_positions: 1024,
         ..ModelSpec::tiny()
     });
-    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await.unwrap();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await
         .unwrap();
@@ -290,7 +297,7 @@ async fn a_bad_request_fails_without_banning_healthy_peers() {
 async fn a_slow_peer_nobody_can_replace_is_waited_for_instead_of_failing_the_generation() {
     let model = TestModel::new(&ModelSpec::demo());
     let expected = local_reference(&model, 4).await;
-    let swarm = Swarm::start(model.path(), &[(0, 6)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 6)]).await.unwrap();
     let mut config = ClientConfig::new(swarm.tracker.url());
     // A 10 ms floor under the deadline, so that the rest below outlasts it on any machine.
     config.router.min_deadline = std::time::Duration::from_millis(10);
@@ -329,7 +336,7 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
         .unwrap()
         .config;
     let expected = local_reference(&model, 12).await;
-    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 6)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2), (2, 6)]).await.unwrap();
     let source = swarm.nodes[1].advertised();
     // A model directory holding config.json alone: the weights come from the peer.
     let bare = tempfile::tempdir().unwrap();
@@ -377,7 +384,8 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
     let model_id = swarm.nodes[0].model_id().to_string();
     let fetched = swarm
         .add_node_with(bare.path(), 2, 6, |c| c.weights_from = Some(source.clone()))
-        .await;
+        .await
+        .unwrap();
     let report = fetched.weights_fetch().unwrap().clone();
     assert_eq!(report.requests, 1, "{report:?}");
     assert_eq!(report.chunks_moved, report.chunks);
@@ -394,7 +402,8 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
         .add_node_with(empty.path(), 2, 6, |c| {
             c.weights_from = Some(source.clone())
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(keeper.model_id(), model_id);
     let kept_addr = keeper.advertised();
     assert_eq!(
@@ -427,7 +436,7 @@ async fn a_node_fetching_its_weights_from_a_peer_serves_as_one_reading_them_from
     for node in swarm.nodes.drain(1..) {
         node.shutdown().await;
     }
-    let restarted = swarm.add_node(empty.path(), 2, 6).await;
+    let restarted = swarm.add_node(empty.path(), 2, 6).await.unwrap();
     assert!(restarted.weights_fetch().is_none(), "read from disk");
     assert_eq!(restarted.model_id(), model_id);
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))

@@ -29,7 +29,7 @@ async fn generate_with_a_new_client(swarm: &Swarm, expected: &GenerationReport) 
 async fn a_paused_node_is_failed_over_and_serves_again_when_resumed() {
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, NEW_TOKENS).await;
-    let swarm = Swarm::start(model.path(), &[(0, 4), (0, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 4), (0, 4)]).await.unwrap();
     let (first, second) = (&swarm.nodes[0], &swarm.nodes[1]);
     let mut events = first.events();
 
@@ -64,7 +64,7 @@ async fn a_paused_node_is_failed_over_and_serves_again_when_resumed() {
 async fn a_node_stays_paused_until_its_owner_finishes_the_first_run() {
     use neuroshard_settings::{Preset, Settings, SettingsStore};
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await.unwrap();
     let node = &swarm.nodes[0];
     let dir = tempfile::tempdir().unwrap();
     let mut store = SettingsStore::open(dir.path().join("settings.json")).unwrap();
@@ -101,7 +101,9 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
 
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, NEW_TOKENS).await;
-    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (2, 4)])
+        .await
+        .unwrap();
     for node in &swarm.nodes {
         let mut announced = node.discovery().announced();
         announced.wait_for(|a| a.least_stored > 0).await.unwrap();
@@ -126,7 +128,7 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
     // is open: same address, same identity, no restart.
     let upper = session.chain()[1].clone();
     assert_eq!(upper.layers, LayerRange::new(2, 4).unwrap());
-    let mover = swarm.node_at(&upper.addr);
+    let mover = swarm.node_at(&upper.addr).unwrap();
     let (id, addr) = (mover.id(), mover.addr());
     let status = mover.status();
     mover

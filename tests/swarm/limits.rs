@@ -58,10 +58,11 @@ async fn forward_rate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_traffic_keeps_to_the_caps_and_cap_changes_apply_live() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     let node = swarm
         .add_node_with(model.path(), 1, 3, |c| c.upload_kbps = CAP_KBPS)
-        .await;
+        .await
+        .unwrap();
     let mut client = pb::node_client::NodeClient::connect(format!("http://{}", node.advertised()))
         .await
         .unwrap();
@@ -96,8 +97,8 @@ async fn forward_traffic_keeps_to_the_caps_and_cap_changes_apply_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_used_up_transfer_budget_refuses_new_work_counting_every_transport_byte() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let mut swarm = Swarm::start(model.path(), &[]).await;
-    let node = swarm.add_node(model.path(), 1, 3).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
+    let node = swarm.add_node(model.path(), 1, 3).await.unwrap();
     let mut client = pb::node_client::NodeClient::connect(format!("http://{}", node.advertised()))
         .await
         .unwrap();

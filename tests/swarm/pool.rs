@@ -13,7 +13,7 @@ use tokio::time::Instant;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_reused_capped_closed_when_idle_and_reopened() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 4)]).await.unwrap();
     let addr = swarm.nodes[0].advertised().to_string();
     let metrics = Arc::new(Metrics::default());
     let pool = ConnectionPool::new(PoolConfig::default(), metrics.clone());

@@ -44,7 +44,9 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
     let model = TestModel::new(&ModelSpec::tiny());
     let config = ModelInfo::read(model.path()).unwrap().config;
     let expected = local_reference(&model, NEW_TOKENS).await;
-    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 3), (3, 4)]).await;
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 3), (3, 4)])
+        .await
+        .unwrap();
     let client = SwarmClient::connect(verifying_client(&swarm, &model))
         .await
         .unwrap();
@@ -105,16 +107,17 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
 /// only those two), adds an honest 2..4, and generates.
 async fn catch(fault: Fault, model: &TestModel) {
     let expected = local_reference(model, NEW_TOKENS).await;
-    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
     let cheater = swarm
         .add_node_with(model.path(), 2, 4, |c| c.fault = Some(fault.clone()))
         .await
+        .unwrap()
         .id()
         .to_string();
     let client = SwarmClient::connect(verifying_client(&swarm, model))
         .await
         .unwrap();
-    swarm.add_node(model.path(), 2, 4).await;
+    swarm.add_node(model.path(), 2, 4).await.unwrap();
     let mut session = client.session();
     let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
         .await

@@ -177,7 +177,7 @@ async fn exact_client(swarm: &Swarm) -> SwarmClient {
 async fn every_family_and_layout_matches_transformers_through_a_three_node_swarm() {
     for (dir, reference) in model_cases() {
         let case = &reference.case;
-        let swarm = Swarm::start(&dir, &[(0, 1), (1, 2), (2, 3)]).await;
+        let swarm = Swarm::start(&dir, &[(0, 1), (1, 2), (2, 3)]).await.unwrap();
         let client = exact_client(&swarm).await;
         let eos = ModelInfo::read(&dir).unwrap().config.eos_token_ids;
         for prompt in &reference.prompts {
@@ -226,7 +226,7 @@ async fn the_same_seed_samples_the_same_tokens_locally_and_through_a_swarm() {
         "another seed, other tokens"
     );
 
-    let swarm = Swarm::start(&dir, &[(0, 1), (1, 2), (2, 3)]).await;
+    let swarm = Swarm::start(&dir, &[(0, 1), (1, 2), (2, 3)]).await.unwrap();
     let client = exact_client(&swarm).await;
     let mut session = client.session();
     let got = generate_with(&mut session, prompt, &sampled(11), |_, _| true)

@@ -25,7 +25,7 @@ fn loopback() -> SocketAddr {
 async fn a_node_nobody_dials_is_reached_through_a_relay_a_peer_offers() {
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, NEW_TOKENS).await;
-    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     swarm
         .add_node_with(model.path(), 0, 2, |c| {
             c.serve_relay = Some(RelayServe {
@@ -33,7 +33,8 @@ async fn a_node_nobody_dials_is_reached_through_a_relay_a_peer_offers() {
                 config: RelayConfig::default(),
             });
         })
-        .await;
+        .await
+        .unwrap();
     let public = swarm.nodes[0].advertised();
     // Relay mode skips the direct path, as a node behind a NAT would find it closed.
     swarm
@@ -43,7 +44,8 @@ async fn a_node_nobody_dials_is_reached_through_a_relay_a_peer_offers() {
                 ..ReachConfig::default()
             };
         })
-        .await;
+        .await
+        .unwrap();
     let home = &swarm.nodes[1];
     let reach = home.reachability().borrow().clone();
     assert_eq!(reach.path, ReachPath::Relayed, "{reach:?}");
@@ -89,7 +91,7 @@ async fn a_relay_restarted_mid_session_is_ridden_out_with_the_same_tokens() {
         .await
         .unwrap();
     let relay_addr = relay.addr();
-    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
     swarm
         .add_node_with(model.path(), 2, 4, |c| {
             c.reach = ReachConfig {
@@ -98,7 +100,8 @@ async fn a_relay_restarted_mid_session_is_ridden_out_with_the_same_tokens() {
                 ..ReachConfig::default()
             };
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
         swarm.nodes[1].reachability().borrow().path,
         ReachPath::Relayed
@@ -158,13 +161,14 @@ fn hex(bytes: [u8; 32]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let mut swarm = Swarm::start(model.path(), &[(0, 4)]).await;
+    let mut swarm = Swarm::start(model.path(), &[(0, 4)]).await.unwrap();
     let helper = swarm.nodes[0].advertised();
     swarm
         .add_node_with(model.path(), 0, 4, |c| {
             c.reach.mode = NatMode::Auto;
         })
-        .await;
+        .await
+        .unwrap();
     let node = &swarm.nodes[1];
     let reach = node.reachability().borrow().clone();
     assert_eq!(reach.path, ReachPath::Direct, "{reach:?}");

@@ -29,13 +29,14 @@ fn windows(first: usize, count: usize, len: usize, stride: usize) -> Vec<Microba
 }
 
 async fn training_swarm(model: &TestModel) -> Swarm {
-    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     for (start, end) in [(0, 2), (2, 4)] {
         swarm
             .add_node_with(model.path(), start, end, |c| {
                 c.train = Some(TrainingConfig::default())
             })
-            .await;
+            .await
+            .unwrap();
     }
     swarm
 }
@@ -154,7 +155,7 @@ async fn training_through_the_swarm_lowers_the_loss_by_a_third() {
 async fn bad_training_calls_are_refused_by_name_and_the_node_keeps_training() {
     let model = TestModel::new(&ModelSpec::tiny());
     let mut swarm = training_swarm(&model).await;
-    swarm.add_node(model.path(), 0, 4).await;
+    swarm.add_node(model.path(), 0, 4).await.unwrap();
     let tokens = |ids: Vec<u32>| Some(pb::forward_request::Input::Tokens(pb::TokenIds { ids }));
     let forward = |start, end, ids: Vec<u32>| pb::ForwardRequest {
         session_id: "mb".into(),
@@ -229,14 +230,15 @@ async fn bad_training_calls_are_refused_by_name_and_the_node_keeps_training() {
 
 /// Starts `configs.len()` replicas of the whole model, each told of the others.
 async fn replicas(model: &TestModel, configs: Vec<(TrainingConfig, Option<Fault>)>) -> Swarm {
-    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     for (train, fault) in configs {
         swarm
             .add_node_with(model.path(), 0, 4, |c| {
                 c.train = Some(train);
                 c.fault = fault;
             })
-            .await;
+            .await
+            .unwrap();
     }
     let addrs: Vec<String> = swarm.nodes.iter().map(|n| n.advertised()).collect();
     for node in &swarm.nodes {
@@ -375,7 +377,8 @@ async fn a_replica_that_joins_late_starts_from_the_current_round() {
         .add_node_with(model.path(), 0, 4, |c| {
             c.train = Some(config.clone());
         })
-        .await;
+        .await
+        .unwrap();
     let addrs: Vec<String> = swarm.nodes.iter().map(|n| n.advertised()).collect();
     swarm.nodes[2].set_training_replicas(addrs);
     // Its first training call loads the stage and finds the others in round 2.
@@ -407,7 +410,7 @@ async fn a_replica_that_joins_late_starts_from_the_current_round() {
 /// One training node whose checkpoints are in chunks of 64 KiB, with `fault`, that has trained
 /// a step.
 async fn checkpoint_node(model: &TestModel, fault: Option<Fault>) -> Swarm {
-    let mut swarm = Swarm::start(model.path(), &[]).await;
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     swarm
         .add_node_with(model.path(), 0, 4, |c| {
             c.train = Some(TrainingConfig {
@@ -416,7 +419,8 @@ async fn checkpoint_node(model: &TestModel, fault: Option<Fault>) -> Swarm {
             });
             c.fault = fault;
         })
-        .await;
+        .await
+        .unwrap();
     let client = client(&swarm).await;
     let mut session = client.train_session(chain(&swarm)).unwrap();
     session.step(&windows(0, 1, 16, 1)).await.unwrap();

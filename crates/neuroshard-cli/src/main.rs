@@ -30,6 +30,11 @@ use neuroshard_node::node::{NodeConfig, RelayServe, start_node};
 use neuroshard_node::reach::{NatMode, ReachConfig};
 use neuroshard_proto as pb;
 
+/// What the runtime logs unless `RUST_LOG` says otherwise: the crates split out of the node
+/// runtime, at `info`.
+const DEFAULT_LOG: &str = "neuroshard_node=info,neuroshard_net=info,neuroshard_discovery=info,\
+                           neuroshard_client=info,neuroshard_settings=info";
+
 use generate::{GenerateArgs, print_hops, print_speed, run_generate};
 use node::{NodeArgs, run_node};
 use report::{ProofsArgs, print_proofs, print_status};
@@ -166,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "neuroshard_node=info".into()),
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -6,10 +6,9 @@ use neuroshard_base::LayerRange;
 use neuroshard_model::TextTokenizer;
 use neuroshard_model::init::{ModelSpec, write_demo_model, write_model};
 
-use crate::node::{NodeConfig, NodeHandle, start_node};
+use crate::swarm::LocalSwarm;
 use neuroshard_client::generate::{GenerationReport, LocalPipeline, generate};
 use neuroshard_client::{ClientConfig, HopTiming, SwarmClient};
-use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
 use neuroshard_net::NodeError;
 
 /// What the demo runs.
@@ -122,35 +121,29 @@ pub async fn run_demo(
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
     let prompt = tokenizer.encode_prompt(&options.prompt, info.config.bos_token_id)?;
 
-    let tracker = start_tracker(TrackerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
-        ..TrackerConfig::default()
-    })
-    .await?;
+    let mut local = LocalSwarm::tracker_only().await?;
     let mut ranges = split_layers(info.config.num_hidden_layers as u32, options.nodes as u32);
     let victim_range = ranges[ranges.len() / 2];
     if options.kill_one {
         ranges.push(victim_range);
     }
-    let mut nodes: Vec<NodeHandle> = Vec::new();
     for (i, range) in ranges.iter().enumerate() {
         progress(&format!("starting node {} with layers {range}...", i + 1));
-        let mut config = NodeConfig::new(&model_dir, *range);
-        config.tracker = Some(tracker.url());
-        nodes.push(start_node(config).await?);
+        local.add_node(&model_dir, range.start, range.end).await?;
     }
+    let (tracker, nodes) = (&local.tracker, &local.nodes);
 
     progress("generating in one process (the reference)...");
-    let mut local = LocalPipeline::load(&model_dir)?;
+    let mut pipeline = LocalPipeline::load(&model_dir)?;
     let local_report = generate(
-        &mut local,
+        &mut pipeline,
         &prompt,
         options.max_new_tokens,
         &info.config.eos_token_ids,
         |_, _| {},
     )
     .await?;
-    drop(local);
+    drop(pipeline);
 
     progress("generating through the swarm...");
     let mut client_config = ClientConfig::new(tracker.url());
@@ -192,7 +185,7 @@ pub async fn run_demo(
     session.close().await;
     client.flush_receipts().await;
     let mut demo_nodes = Vec::new();
-    for n in &nodes {
+    for n in nodes {
         let receipts = n.ledger().read(|l| l.status_counts()).await?;
         let totals = n
             .ledger()
@@ -216,10 +209,7 @@ pub async fn run_demo(
         hops,
         events,
     };
-    for node in nodes {
-        node.shutdown().await;
-    }
-    tracker.shutdown().await;
+    local.shutdown().await;
     Ok(report)
 }
 

@@ -5,8 +5,8 @@
 //! It stands on the other runtime crates: `neuroshard-net` (connections, the server, the
 //! protobuf conversions, the error type), `neuroshard-discovery` (tracker, DHT, LAN),
 //! `neuroshard-client` (chains, failover, generation; a node is a client of its peers when it
-//! fetches weights or checks receipts) and `neuroshard-settings`. [`demo`] and [`train`] start
-//! whole loopback swarms from it.
+//! fetches weights or checks receipts) and `neuroshard-settings`. [`swarm`] starts a whole
+//! swarm on loopback, which [`demo`], [`train`], the tests and the benchmarks use.
 
 pub mod demo;
 pub mod duty;
@@ -17,5 +17,6 @@ pub mod node;
 pub mod owner;
 pub mod reach;
 pub mod sessions;
+pub mod swarm;
 pub mod threads;
 pub mod train;

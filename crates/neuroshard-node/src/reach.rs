@@ -4,7 +4,8 @@
 //! dials it back), a UPnP port mapping on the router, STUN's mapped address (reachable only
 //! where the router forwards the port), then a relay found through the tracker or the DHT.
 //! Each step is proved by a peer dialing the node back at the address it would announce; the
-//! outcome, with advice for the owner, is the node's [`Reachability`].
+//! outcome, with advice for the owner, is the node's [`Reachability`]. What to try next given
+//! what was learned is decided by the IO-free [`Plan`]; this file makes the probes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::PeerRecord;
+
+mod plan;
+pub use plan::{Learned, Plan, Probe};
 
 /// How long a dial-back may take: connecting, then a ping.
 pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -133,6 +137,8 @@ pub struct ReachConfig {
 pub(crate) struct Kept {
     pub mapper: Option<PortMapper>,
     pub link: Option<tokio::sync::watch::Receiver<LinkState>>,
+    /// Ends the relay link.
+    pub stop: Option<CancellationToken>,
 }
 
 /// The node running the self-test.
@@ -169,183 +175,114 @@ pub(crate) async fn establish(
     (reach, kept)
 }
 
+/// Drives the [`Plan`]: makes the probes it asks for and keeps the mapping or link its
+/// outcome relies on; releases the others.
 async fn run_chain(
     subject: &Subject<'_>,
     config: &ReachConfig,
     peers: &[PeerRecord],
     kept: &mut Kept,
 ) -> Reachability {
-    let mode = config.mode;
-    let port = subject.port;
-    let mut reach = Reachability::untested(&subject.advertised, "");
     let helpers: Vec<&PeerRecord> = peers
         .iter()
         .filter(|p| p.node_id != subject.node_id && !p.is_relayed())
         .collect();
-    if mode == NatMode::Off {
-        reach.advice = "Reachability is not tested (NAT traversal is off).".into();
-        return reach;
-    }
-    let ask = |addr: String| dial_back_by_any(helpers.clone(), addr, subject.node_id.clone());
-
-    if mode == NatMode::Auto
-        && let Some(Ok(by)) = ask(subject.advertised.clone()).await
-    {
-        return Reachability {
-            path: ReachPath::Direct,
-            checked_by: Some(by),
-            advice: format!("Peers reach this node directly at {}.", subject.advertised),
-            ..reach
-        };
-    }
-
-    if mode == NatMode::Auto && on_loopback(&subject.advertised) {
-        reach.advice = "The node announces a loopback address: only this machine reaches it, \
-                        and there is no router to traverse."
-            .into();
-        return reach;
-    }
-
-    let mut why_not = Vec::new();
-    if matches!(mode, NatMode::Auto | NatMode::Upnp) {
-        match PortMapper::spawn(config.portmap.clone(), subject.cancel.clone()) {
-            Ok(mapper) => match mapper.map(Protocol::Tcp, port).await {
-                PortMapState::Mapped { external, .. } => {
-                    let external = external.to_string();
-                    match ask(external.clone()).await {
-                        Some(Err(e)) => {
-                            why_not.push(format!(
-                                "the UPnP mapping {external} was not reachable ({e})"
-                            ));
-                            mapper.shutdown().await;
-                        }
-                        asked => {
-                            kept.mapper = Some(mapper);
-                            return Reachability {
-                                path: ReachPath::Mapped,
-                                addr: external.clone(),
-                                checked_by: asked.and_then(Result::ok),
-                                advice: format!(
-                                    "Your router forwards {external} to this node through UPnP."
-                                ),
-                                ..reach
-                            };
-                        }
-                    }
+    let relays: Vec<String> = config
+        .relay
+        .iter()
+        .cloned()
+        .chain(
+            helpers
+                .iter()
+                .filter(|p| !p.relay.is_empty())
+                .map(|p| p.relay.clone()),
+        )
+        .collect();
+    let mut plan = Plan::new(
+        config.mode,
+        &subject.advertised,
+        subject.port,
+        !helpers.is_empty(),
+        relays,
+    );
+    // The mapping or link made last, until the plan keeps or drops it.
+    let mut made = Kept::default();
+    let mut probe = plan.start();
+    loop {
+        let learned = match probe {
+            Probe::Done { reach, keep } => {
+                match keep {
+                    true => *kept = made,
+                    false => release(made).await,
                 }
-                state => {
-                    why_not.push(match state {
-                        PortMapState::Failed { why } => format!("UPnP failed: {why}"),
-                        other => format!("UPnP ended {other:?}"),
-                    });
-                    mapper.shutdown().await;
-                }
-            },
-            Err(e) => why_not.push(format!("UPnP: {e}")),
-        }
-    }
-
-    if matches!(mode, NatMode::Auto | NatMode::Stun) {
-        let servers = stun_servers(config, &helpers).await;
-        if servers.is_empty() {
-            why_not.push("no STUN server to ask".into());
-        } else {
-            match neuroshard_nat::stun::probe(&servers, Retransmit::default()).await {
-                Ok(report) => {
-                    reach.nat_mapping = report.mapping;
-                    if let Some(mapped) = report.external() {
-                        reach.stun_mapped = Some(mapped.to_string());
-                        // Reachable there only if the router forwards our port by hand.
-                        let forwarded = SocketAddr::new(mapped.ip(), port).to_string();
-                        match ask(forwarded.clone()).await {
-                            Some(Ok(by)) => {
-                                return Reachability {
-                                    path: ReachPath::Direct,
-                                    addr: forwarded.clone(),
-                                    checked_by: Some(by),
-                                    advice: format!(
-                                        "Your router forwards {forwarded} to this node."
-                                    ),
-                                    ..reach
-                                };
-                            }
-                            Some(Err(e)) => {
-                                why_not.push(format!("{forwarded} is not forwarded ({e})"))
-                            }
-                            None => why_not.push("no peer could dial back".into()),
-                        }
-                    }
-                }
-                Err(e) => why_not.push(format!("STUN: {e}")),
+                return reach;
             }
-        }
-    }
-
-    if matches!(mode, NatMode::Auto | NatMode::Relay) {
-        let relays: Vec<String> = config
-            .relay
-            .iter()
-            .cloned()
-            .chain(
-                helpers
-                    .iter()
-                    .filter(|p| !p.relay.is_empty())
-                    .map(|p| p.relay.clone()),
-            )
-            .collect();
-        for relay in relays.into_iter().take(ASK_AT_MOST) {
-            match link_to(subject, &relay).await {
-                Ok((addr, link, stop)) => {
-                    let addr = addr.to_string();
-                    match ask(addr.clone()).await {
-                        Some(Err(e)) => {
-                            // Not announced, so not kept registered there either.
-                            stop.cancel();
-                            why_not.push(format!("relayed at {addr}, not reachable: {e}"))
-                        }
-                        asked => {
-                            kept.link = Some(link);
-                            return Reachability {
-                                path: ReachPath::Relayed,
-                                addr,
-                                checked_by: asked.and_then(Result::ok),
-                                advice: format!(
-                                    "Peers reach this node through the relay at {relay}, an \
-                                     extra hop. For a direct path, enable UPnP on your router \
-                                     or forward TCP port {port} to this PC."
-                                ),
-                                ..reach
-                            };
-                        }
-                    }
-                }
-                Err(e) => why_not.push(e),
+            Probe::DialBack(addr) => {
+                let asked = dial_back_by_any(helpers.clone(), addr, subject.node_id.clone());
+                Learned::DialBack(asked.await)
             }
-        }
-        if config.relay.is_none() && !helpers.iter().any(|p| !p.relay.is_empty()) {
-            why_not.push("no peer offers a relay".into());
-        }
-    }
-
-    if helpers.is_empty() {
-        return Reachability {
-            advice: format!(
-                "No peer was there to dial this node back, so its reachability is unknown. \
-                 If peers cannot reach it, enable UPnP on your router or forward TCP port \
-                 {port} to this PC. ({})",
-                why_not.join("; ")
-            ),
-            ..reach
+            Probe::MapPort => {
+                release(std::mem::take(&mut made)).await;
+                Learned::Mapped(map_port(subject, config, &mut made).await)
+            }
+            Probe::Stun => {
+                release(std::mem::take(&mut made)).await;
+                let servers = stun_servers(config, &helpers).await;
+                Learned::Stun(match servers.is_empty() {
+                    true => Err("no STUN server to ask".into()),
+                    false => neuroshard_nat::stun::probe(&servers, Retransmit::default())
+                        .await
+                        .map(|report| (report.external(), report.mapping))
+                        .map_err(|e| format!("STUN: {e}")),
+                })
+            }
+            Probe::Link(relay) => {
+                release(std::mem::take(&mut made)).await;
+                Learned::Linked(match link_to(subject, &relay).await {
+                    Ok((addr, link, stop)) => {
+                        made.link = Some(link);
+                        made.stop = Some(stop);
+                        Ok(addr.to_string())
+                    }
+                    Err(e) => Err(e),
+                })
+            }
         };
+        probe = plan.learn(learned);
     }
-    Reachability {
-        path: ReachPath::Unreachable,
-        advice: format!(
-            "Peers cannot reach this node. Enable UPnP on your router, or forward TCP port \
-             {port} to this PC. ({})",
-            why_not.join("; ")
-        ),
-        ..reach
+}
+
+/// Maps the node's port with UPnP; the external address, with the mapper left in `made`.
+async fn map_port(
+    subject: &Subject<'_>,
+    config: &ReachConfig,
+    made: &mut Kept,
+) -> Result<String, String> {
+    let mapper = PortMapper::spawn(config.portmap.clone(), subject.cancel.clone())
+        .map_err(|e| format!("UPnP: {e}"))?;
+    match mapper.map(Protocol::Tcp, subject.port).await {
+        PortMapState::Mapped { external, .. } => {
+            made.mapper = Some(mapper);
+            Ok(external.to_string())
+        }
+        state => {
+            mapper.shutdown().await;
+            Err(match state {
+                PortMapState::Failed { why } => format!("UPnP failed: {why}"),
+                other => format!("UPnP ended {other:?}"),
+            })
+        }
+    }
+}
+
+/// Undoes a mapping or link the outcome does not rely on.
+async fn release(made: Kept) {
+    if let Some(mapper) = made.mapper {
+        mapper.shutdown().await;
+    }
+    // Not announced, so not kept registered there either.
+    if let Some(stop) = made.stop {
+        stop.cancel();
     }
 }
 

@@ -18,9 +18,9 @@ use neuroshard_model::{ModelInfo, TextTokenizer, TrainConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::demo::{model_dir_or, scratch_dir, split_layers};
-use crate::node::{Compression, NodeConfig, NodeHandle, TrainingConfig, start_node};
+use crate::node::{Compression, NodeHandle, TrainingConfig};
+use crate::swarm::LocalSwarm;
 use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
-use neuroshard_discovery::tracker::{TrackerConfig, start_tracker};
 use neuroshard_net::NodeError;
 
 /// What `neuroshard train` runs.
@@ -182,11 +182,7 @@ pub async fn run_training(
             options.batch
         )));
     }
-    let tracker = start_tracker(TrackerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
-        ..TrackerConfig::default()
-    })
-    .await?;
+    let mut swarm = LocalSwarm::tracker_only().await?;
     let ranges = split_layers(info.config.num_hidden_layers as u32, options.stages);
     let training = TrainingConfig {
         inner: TrainConfig {
@@ -204,28 +200,27 @@ pub async fn run_training(
         outer_momentum: options.outer_momentum,
         ..TrainingConfig::default()
     };
-    // nodes[r][s]: stage s of replica r.
-    let mut nodes: Vec<Vec<NodeHandle>> = Vec::new();
     for r in 0..options.replicas {
-        let mut chain = Vec::new();
         for range in &ranges {
             progress(&format!(
                 "starting replica {r}'s node for layers {range}..."
             ));
-            let mut config = NodeConfig::new(&model_dir, *range);
-            config.tracker = Some(tracker.url());
-            config.train = Some(training.clone());
-            chain.push(start_node(config).await?);
+            swarm
+                .add_node_with(&model_dir, range.start, range.end, |config| {
+                    config.train = Some(training.clone());
+                })
+                .await?;
         }
-        nodes.push(chain);
     }
+    // nodes[r][s]: stage s of replica r.
+    let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
     for s in 0..ranges.len() {
         let addrs: Vec<String> = nodes.iter().map(|chain| chain[s].advertised()).collect();
         for chain in &nodes {
             chain[s].set_training_replicas(addrs.clone());
         }
     }
-    let client = SwarmClient::connect(ClientConfig::new(tracker.url())).await?;
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url())).await?;
     let mut sessions = Vec::new();
     for chain in &nodes {
         sessions.push(client.train_session(chain.iter().map(NodeHandle::hop).collect())?);
@@ -271,7 +266,7 @@ pub async fn run_training(
     }
     report.seconds = started.elapsed().as_secs_f64();
     for chain in &nodes {
-        for node in chain {
+        for node in chain.iter() {
             let snapshot = node.training_snapshot().ok_or_else(|| {
                 NodeError::BadRequest(format!("node {} never trained", node.layers()))
             })?;
@@ -292,7 +287,7 @@ pub async fn run_training(
     report.uncompressed_diloco_bytes = report.outer_rounds * n * (n - 1) * fp32_bytes;
     if let Some(dir) = &options.save {
         let mut parameters = Vec::with_capacity(report.parameters);
-        for node in &nodes[0] {
+        for node in nodes[0] {
             parameters.extend(
                 node.training_snapshot()
                     .map(|s| s.parameters)
@@ -307,11 +302,7 @@ pub async fn run_training(
         progress(&format!("wrote the trained model to {}", dir.display()));
     }
     drop(sessions);
-    for chain in nodes {
-        for node in chain {
-            node.shutdown().await;
-        }
-    }
-    tracker.shutdown().await;
+    drop(client);
+    swarm.shutdown().await;
     Ok(report)
 }
