@@ -3,6 +3,7 @@
 //! over the swarm this app is part of; the page gets the answer's pieces over a Tauri channel,
 //! local tools over HTTP on loopback.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -68,12 +69,12 @@ impl Chats {
 
     /// Where the API answers, when it serves.
     pub fn api_url(&self) -> Option<String> {
-        self.api_shown.lock().expect("api lock").0.clone()
+        self.api_shown.lock_or_recover().0.clone()
     }
 
     /// Why the API is not serving though it is turned on.
     pub fn api_error(&self) -> Option<String> {
-        self.api_shown.lock().expect("api lock").1.clone()
+        self.api_shown.lock_or_recover().1.clone()
     }
 
     /// Stops the API server, if one runs.
@@ -81,7 +82,7 @@ impl Chats {
         if let Some((server, _, _)) = self.api.lock().await.take() {
             server.shutdown().await;
         }
-        *self.api_shown.lock().expect("api lock") = (None, None);
+        *self.api_shown.lock_or_recover() = (None, None);
     }
 }
 
@@ -94,13 +95,7 @@ impl Desktop {
         let mut models = swarm_models(&peers);
         let own = self.model();
         for model in &mut models {
-            let known = self
-                .chats
-                .about
-                .lock()
-                .expect("about lock")
-                .get(&model.id)
-                .cloned();
+            let known = self.chats.about.lock_or_recover().get(&model.id).cloned();
             let about = match known {
                 Some(about) => Some(about),
                 None if model.id == own.id => Some(ModelAbout::of(&own.config)),
@@ -129,8 +124,7 @@ impl Desktop {
             if let Some(about) = &about {
                 self.chats
                     .about
-                    .lock()
-                    .expect("about lock")
+                    .lock_or_recover()
                     .insert(model.id.clone(), about.clone());
             }
             model.about = about;
@@ -168,8 +162,7 @@ impl Desktop {
         let (stop, mut stopped) = oneshot::channel();
         self.chats
             .running
-            .lock()
-            .expect("running lock")
+            .lock_or_recover()
             .insert(id.to_string(), stop);
         let result = loop {
             let piece = tokio::select! {
@@ -198,13 +191,13 @@ impl Desktop {
                 None => break Err(ApiError::internal("the answer ended without a result").into()),
             }
         };
-        self.chats.running.lock().expect("running lock").remove(id);
+        self.chats.running.lock_or_recover().remove(id);
         result
     }
 
     /// Stops the answer `id` is writing; false when none is.
     pub fn stop_chat(&self, id: &str) -> bool {
-        let stop = self.chats.running.lock().expect("running lock").remove(id);
+        let stop = self.chats.running.lock_or_recover().remove(id);
         stop.is_some_and(|s| s.send(()).is_ok())
     }
 
@@ -278,7 +271,7 @@ impl Desktop {
             server.shutdown().await;
         }
         let Some((port, _)) = wanted else {
-            *self.chats.api_shown.lock().expect("api lock") = (None, None);
+            *self.chats.api_shown.lock_or_recover() = (None, None);
             drop(api);
             self.refresh().await;
             return;
@@ -304,7 +297,7 @@ impl Desktop {
                 (None, Some(e.message))
             }
         };
-        *self.chats.api_shown.lock().expect("api lock") = shown;
+        *self.chats.api_shown.lock_or_recover() = shown;
         drop(api);
         self.refresh().await;
     }

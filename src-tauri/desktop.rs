@@ -4,6 +4,7 @@
 //! meter are shared with a headless node (`neuroshard_settings::policy`, `neuroshard_node::owner`);
 //! the receipts view (`receipts`) and the model choice (`models`) live beside it.
 
+use neuroshard_base::sync::LockExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -118,7 +119,7 @@ impl Desktop {
 
     /// The settings in force.
     pub fn settings(&self) -> Settings {
-        self.settings.lock().expect("settings lock").get().clone()
+        self.settings.lock_or_recover().get().clone()
     }
 
     /// Where the app keeps its data.
@@ -128,7 +129,7 @@ impl Desktop {
 
     /// The model the node serves, or is about to serve.
     pub fn model(&self) -> ModelInfo {
-        self.model.lock().expect("model lock").clone()
+        self.model.lock_or_recover().clone()
     }
 
     /// The address the running node is bound to.
@@ -202,8 +203,7 @@ impl Desktop {
             }
             Err(e) => Err(e),
         };
-        *self.node_error.lock().expect("error lock") =
-            result.as_ref().err().map(|e| e.message.clone());
+        *self.node_error.lock_or_recover() = result.as_ref().err().map(|e| e.message.clone());
         self.refresh().await;
         // The API serves the model the node serves.
         self.sync_api().await;
@@ -216,11 +216,7 @@ impl Desktop {
         plan: LayerPlan,
     ) -> Result<NodeHandle, CommandError> {
         let mut config = NodeConfig::new(self.model().dir, plan.range);
-        config.listen = self
-            .bound
-            .lock()
-            .expect("bound lock")
-            .unwrap_or(self.launch.listen);
+        config.listen = self.bound.lock_or_recover().unwrap_or(self.launch.listen);
         config.advertise = self.launch.advertise.clone();
         config.tracker = settings.network.tracker.clone();
         // The whole chain: the address as it is, UPnP, STUN, a relay a peer offers.
@@ -250,8 +246,8 @@ impl Desktop {
             }
             started => started?,
         };
-        *self.device_note.lock().expect("note lock") = note;
-        *self.bound.lock().expect("bound lock") = Some(node.addr());
+        *self.device_note.lock_or_recover() = note;
+        *self.bound.lock_or_recover() = Some(node.addr());
         node.apply_settings(settings);
         tracing::info!("node {} serving layers {}", node.id(), plan.range);
         Ok(node)
@@ -282,13 +278,12 @@ impl Desktop {
                 }
                 moved => moved?,
             }
-            *self.device_note.lock().expect("note lock") = note;
+            *self.device_note.lock_or_recover() = note;
             tracing::info!("node {} now serving layers {}", node.id(), plan.range);
             Ok(())
         }
         .await;
-        *self.node_error.lock().expect("error lock") =
-            result.as_ref().err().map(|e| e.message.clone());
+        *self.node_error.lock_or_recover() = result.as_ref().err().map(|e| e.message.clone());
         self.refresh().await;
         result
     }
@@ -318,18 +313,14 @@ impl Desktop {
         if patch.get("layers").is_some_and(|choice| !choice.is_null())
             && patch.get("model").is_none_or(Value::is_null)
         {
-            let next = self
-                .settings
-                .lock()
-                .expect("settings lock")
-                .preview(patch)?;
+            let next = self.settings.lock_or_recover().preview(patch)?;
             // Whether the choice fits the model needs no swarm coverage: no tracker call here,
             // the shard swap that applies it plans with the swarm.
             let none = vec![0; self.model().config.num_hidden_layers];
             self.plan_with(next.layers, &none, &next)?;
         }
         let (before, after) = {
-            let mut store = self.settings.lock().expect("settings lock");
+            let mut store = self.settings.lock_or_recover();
             let before = store.get().clone();
             let after = store.update(patch)?.clone();
             (before, after)
@@ -346,7 +337,7 @@ impl Desktop {
         preset: Preset,
     ) -> Result<Settings, CommandError> {
         let (before, after) = {
-            let mut store = self.settings.lock().expect("settings lock");
+            let mut store = self.settings.lock_or_recover();
             let before = store.get().clone();
             let mut next = before.clone().with_preset(preset);
             next.profile.anonymous = anonymous;
@@ -432,7 +423,7 @@ impl Desktop {
     /// Pauses now (calls in flight finish) or resumes, clearing any snooze.
     pub async fn set_paused(&self, paused: bool) -> DesktopStatus {
         {
-            let mut holds = self.holds.lock().expect("holds lock");
+            let mut holds = self.holds.lock_or_recover();
             holds.paused = paused;
             holds.snoozed_until_ms = None;
         }
@@ -449,7 +440,7 @@ impl Desktop {
     /// "Finish current requests, then pause": refuses new calls at once; the node pauses when
     /// the calls in flight are done.
     pub async fn drain(self: &Arc<Self>) -> DesktopStatus {
-        self.holds.lock().expect("holds lock").paused = true;
+        self.holds.lock_or_recover().paused = true;
         let desktop = self.clone();
         tokio::spawn(async move {
             if let Some(node) = desktop.node.read().await.as_ref() {
@@ -467,7 +458,7 @@ impl Desktop {
 
     /// Pauses until the snooze ends; the next tick after that resumes.
     pub async fn snooze(&self, length: Snooze, now_ms: u64) -> DesktopStatus {
-        self.holds.lock().expect("holds lock").snoozed_until_ms = Some(length.until(now_ms));
+        self.holds.lock_or_recover().snoozed_until_ms = Some(length.until(now_ms));
         self.refresh().await
     }
 
@@ -487,9 +478,9 @@ impl Desktop {
         let settings = self.settings();
         let guard = self.node.read().await;
         let Some(node) = guard.as_ref() else {
-            let error = self.node_error.lock().expect("error lock").clone();
+            let error = self.node_error.lock_or_recover().clone();
             let mut status = DesktopStatus {
-                fetch: self.fetch.lock().expect("fetch lock").clone(),
+                fetch: self.fetch.lock_or_recover().clone(),
                 ..DesktopStatus::starting()
             };
             if let Some(e) = error {
@@ -500,15 +491,11 @@ impl Desktop {
         };
         let node_layers_total = self.model().config.num_hidden_layers as u32;
         let metrics = node.metrics();
-        let rate = self
-            .rates
-            .lock()
-            .expect("rates lock")
-            .sample(now, metrics.clone());
-        let verdict = self.owner.lock().expect("owner lock").tick(
+        let rate = self.rates.lock_or_recover().sample(now, metrics.clone());
+        let verdict = self.owner.lock_or_recover().tick(
             node,
             &settings,
-            &mut self.holds.lock().expect("holds lock"),
+            &mut self.holds.lock_or_recover(),
             self.machine.as_ref(),
             now,
         );
@@ -553,13 +540,13 @@ impl Desktop {
             },
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
-            device_note: self.device_note.lock().expect("note lock").clone(),
+            device_note: self.device_note.lock_or_recover().clone(),
             reachability: reach_path_name(reach.path).into(),
             reachability_advice: reach.advice,
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
             credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
             receipts_pending: pending,
-            fetch: self.fetch.lock().expect("fetch lock").clone(),
+            fetch: self.fetch.lock_or_recover().clone(),
             api_url: self.chats.api_url(),
             api_error: self.chats.api_error(),
         };
@@ -580,7 +567,7 @@ impl Desktop {
 
     /// Saves the meter and stops the node.
     pub async fn shutdown(&self) {
-        self.owner.lock().expect("owner lock").save();
+        self.owner.lock_or_recover().save();
         self.chats.stop_api().await;
         if let Some(node) = self.node.write().await.take() {
             node.shutdown().await;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use neuroshard_base::Invalid;
 use neuroshard_discovery::LanConfig;
 use neuroshard_settings::SettingsStore;
 use neuroshard_settings::policy::Machine;
@@ -34,12 +35,13 @@ pub const DEFAULT_PORT: u16 = 7420;
 
 impl Launch {
     /// From the environment, with the OS directories as defaults.
-    pub fn from_env() -> Result<Self, String> {
+    pub fn from_env() -> Result<Self, Invalid> {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
         let data_dir = neuroshard_node::identity::default_data_dir();
         let listen = match var("NEUROSHARD_LISTEN") {
             Some(v) => v.to_string_lossy().parse().map_err(|e| {
-                format!("NEUROSHARD_LISTEN {v:?} is not an address such as 127.0.0.1:7420: {e}")
+                let problem = format!("{v:?} is not an address such as 127.0.0.1:7420: {e}");
+                Invalid::new("NEUROSHARD_LISTEN", problem)
             })?,
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
         };
@@ -57,9 +59,8 @@ impl Launch {
                 }),
                 None | Some("on") => Some(LanConfig::default()),
                 Some(other) => {
-                    return Err(format!(
-                        "NEUROSHARD_LAN {other:?} is not one of on, off or loopback"
-                    ));
+                    let problem = format!("{other:?} is not one of on, off or loopback");
+                    return Err(Invalid::new("NEUROSHARD_LAN", problem));
                 }
             },
         })

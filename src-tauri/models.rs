@@ -3,6 +3,7 @@
 //! or the DHT list), and making the chosen model the served one (fetching its files and layers
 //! with progress in the status), or the shipped demo model by default.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -188,7 +189,7 @@ impl Desktop {
             ..model_error(format!("{}: {e}", dir.display()))
         })?;
         let switched = model.id != self.model().id;
-        *self.model.lock().expect("model lock") = model.clone();
+        *self.model.lock_or_recover() = model.clone();
         if switched {
             self.chats.model_changed().await;
         }
@@ -254,7 +255,7 @@ impl Desktop {
 
     /// Shows a fetch's progress at once, between the status refreshes.
     fn set_fetch(&self, fetch: Option<FetchStatus>) {
-        *self.fetch.lock().expect("fetch lock") = fetch.clone();
+        *self.fetch.lock_or_recover() = fetch.clone();
         self.status.send_if_modified(|status| {
             let changed = status.fetch != fetch;
             status.fetch = fetch;

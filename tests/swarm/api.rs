@@ -465,6 +465,8 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         listen: "0.0.0.0:0".parse().unwrap(),
         ..ApiConfig::default()
     };
-    assert!(open.validate().unwrap_err().contains("API key"));
+    let refused = open.validate().unwrap_err();
+    assert_eq!(refused.field, "listen");
+    assert!(refused.problem.contains("API key"), "{refused}");
     api.server.shutdown().await;
 }

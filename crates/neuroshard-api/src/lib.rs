@@ -59,23 +59,26 @@ impl Default for ApiConfig {
 impl ApiConfig {
     /// Names the bad setting: a public address without a key, no room for a generation, a
     /// malformed origin.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), neuroshard_base::Invalid> {
+        use neuroshard_base::Invalid;
         if !self.listen.ip().is_loopback() && self.api_key.as_deref().is_none_or(str::is_empty) {
-            return Err(format!(
-                "listen: {} is reachable from other machines; set an API key (--api-key or \
+            let problem = format!(
+                "{} is reachable from other machines; set an API key (--api-key or \
                  NEUROSHARD_API_KEY) or listen on loopback",
                 self.listen
-            ));
+            );
+            return Err(Invalid::new("listen", problem));
         }
         if self.max_concurrent == 0 {
-            return Err("max_concurrent: must be at least 1".into());
+            return Err(Invalid::new("max_concurrent", "must be at least 1"));
         }
         if let Some(bad) = self
             .cors_origins
             .iter()
             .find(|o| o.parse::<axum::http::HeaderValue>().is_err())
         {
-            return Err(format!("cors_origins: {bad:?} is not a valid origin"));
+            let problem = format!("{bad:?} is not a valid origin");
+            return Err(Invalid::new("cors_origins", problem));
         }
         Ok(())
     }
@@ -100,7 +103,9 @@ impl ApiServer {
 
 /// Starts serving `models` as `config` says.
 pub async fn start_api(config: ApiConfig, models: Vec<ServedModel>) -> Result<ApiServer, ApiError> {
-    config.validate().map_err(ApiError::internal)?;
+    config
+        .validate()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     if models.is_empty() {
         return Err(ApiError::internal("no model to serve"));
     }

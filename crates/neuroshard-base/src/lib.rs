@@ -1,5 +1,7 @@
 //! Identifiers and layer ranges shared by every NeuroShard crate. No IO lives here.
 
+pub mod sync;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -230,6 +232,27 @@ impl NodeKey {
 impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "NodeKey({})", self.id().short())
+    }
+}
+
+/// A configuration or input value refused, naming the field and what is wrong with it: what
+/// every `validate` of the project returns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct Invalid {
+    /// The field, as its owner writes it (`weights.load`, `NEUROSHARD_LISTEN`).
+    pub field: String,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+impl Invalid {
+    /// `field` is refused because of `problem`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 

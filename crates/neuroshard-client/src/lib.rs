@@ -18,6 +18,7 @@
 //! routing); `session` the session and its failover, `settle` the receipts and spot checks,
 //! `faults` whose fault an error is, `training` the training session.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -274,7 +275,7 @@ impl SwarmClient {
             match list_peers(tracker.clone(), url, self.config.model_id.as_deref()).await {
                 Ok(peers) if !peers.is_empty() => {
                     // Kept to join the DHT through, should the tracker go.
-                    *self.listed.lock().expect("listed lock") = peers.clone();
+                    *self.listed.lock_or_recover() = peers.clone();
                     return Ok(peers);
                 }
                 Ok(_) => tracing::info!("the tracker lists no peers; asking the DHT"),
@@ -282,7 +283,7 @@ impl SwarmClient {
             }
         }
         let referred = if self.discovery.dht().stats().borrow().contacts == 0 {
-            let listed = self.listed.lock().expect("listed lock").clone();
+            let listed = self.listed.lock_or_recover().clone();
             self.discovery.join(&listed).await
         } else {
             Vec::new()
@@ -302,7 +303,7 @@ impl SwarmClient {
             .into_iter()
             .filter(|p| p.model_id == self.model_id)
             .collect();
-        let mut router = self.router.lock().expect("router lock");
+        let mut router = self.router.lock_or_recover();
         router.set_peers(peers);
         self.update_peer_gauges(&router);
     }
@@ -325,8 +326,7 @@ impl SwarmClient {
     /// the chain): what an API lists as servable.
     pub fn covers_every_layer(&self) -> bool {
         self.router
-            .lock()
-            .expect("router lock")
+            .lock_or_recover()
             .covers(self.total_layers, Instant::now())
     }
 
@@ -342,11 +342,7 @@ impl SwarmClient {
 
     /// Verified results of a node, as this client has seen them.
     pub fn reputation(&self, node_id: &str) -> Reputation {
-        self.router
-            .lock()
-            .expect("router lock")
-            .reputation()
-            .record(node_id)
+        self.router.lock_or_recover().reputation().record(node_id)
     }
 
     /// Sends every queued countersigned receipt and reports the totals delivered so far.
@@ -377,8 +373,8 @@ impl SwarmClient {
     }
 
     fn plan(&self, span: LayerRange, tokens: usize) -> Option<Vec<Hop>> {
-        let mut router = self.router.lock().expect("router lock");
-        let mut rng = self.rng.lock().expect("rng lock");
+        let mut router = self.router.lock_or_recover();
+        let mut rng = self.rng.lock_or_recover();
         let hops = router.plan(span, tokens, Instant::now(), &mut *rng)?;
         for hop in &hops {
             router.adjust_sessions(&hop.addr, 1);

@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{Invalid, LayerRange};
 use neuroshard_proof::{Reputation, SpotCheckPolicy};
 use rand::Rng;
 use tokio::time::Instant;
@@ -72,7 +72,7 @@ impl Default for ScoreWeights {
 
 impl ScoreWeights {
     /// Names the first bad weight.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let all = [
             ("capability", self.capability),
             ("load", self.load),
@@ -80,12 +80,13 @@ impl ScoreWeights {
             ("reliability", self.reliability),
         ];
         if let Some((name, w)) = all.iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
-            return Err(format!(
-                "weights.{name}: {w} is not a finite non-negative number"
+            return Err(Invalid::new(
+                format!("weights.{name}"),
+                format!("{w} is not a finite non-negative number"),
             ));
         }
         if all.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
-            return Err("weights: at least one must be positive".into());
+            return Err(Invalid::new("weights", "at least one must be positive"));
         }
         Ok(())
     }

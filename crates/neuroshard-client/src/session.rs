@@ -3,6 +3,7 @@
 //! positions, and every reply's receipt is settled (`settle`) before the next step.
 
 use super::*;
+use neuroshard_base::sync::LockExt;
 
 /// What a hop is sent.
 #[derive(Debug, Clone)]
@@ -178,11 +179,7 @@ impl SwarmSession<'_> {
                 }
                 Action::Wait { hop, pause } => {
                     let addr = &self.chain.links()[hop].hop.addr;
-                    self.client
-                        .router
-                        .lock()
-                        .expect("router lock")
-                        .lift_ban(addr);
+                    self.client.router.lock_or_recover().lift_ban(addr);
                     tokio::time::sleep(pause).await;
                     self.chain.resume()
                 }
@@ -214,7 +211,7 @@ impl SwarmSession<'_> {
     async fn replace(&mut self, i: usize, span: LayerRange, stale: bool) -> Replan<NodeError> {
         let addr = self.chain.links()[i].hop.addr.clone();
         {
-            let mut router = self.client.router.lock().expect("router lock");
+            let mut router = self.client.router.lock_or_recover();
             if stale {
                 // Not a failure: the peer serves other layers now. It is planned around until
                 // the listing, read again below, says what it serves.
@@ -233,7 +230,7 @@ impl SwarmSession<'_> {
         }
         match self.plan_or_refresh(span, 1).await {
             Ok(hops) => {
-                let mut router = self.client.router.lock().expect("router lock");
+                let mut router = self.client.router.lock_or_recover();
                 router.adjust_sessions(&addr, -1);
                 Replan::Hops(hops)
             }
@@ -256,11 +253,7 @@ impl SwarmSession<'_> {
         let tokens = input.tokens();
         let deadline = match patient {
             true => client.config.router.first_call_deadline,
-            false => client
-                .router
-                .lock()
-                .expect("router lock")
-                .deadline(&hop.addr, tokens),
+            false => client.router.lock_or_recover().deadline(&hop.addr, tokens),
         };
         let request = pb::ForwardRequest {
             session_id: self.id.clone(),
@@ -317,8 +310,7 @@ impl SwarmSession<'_> {
         let compute = Duration::from_micros(reply.compute_us);
         client
             .router
-            .lock()
-            .expect("router lock")
+            .lock_or_recover()
             .record_success(&hop.addr, wall, compute, tokens);
         let timing = self
             .timings
@@ -370,7 +362,7 @@ impl SwarmSession<'_> {
             verifier.forget(&self.id);
         }
         let chain = self.chain.take_hops();
-        let mut router = self.client.router.lock().expect("router lock");
+        let mut router = self.client.router.lock_or_recover();
         for hop in &chain {
             router.adjust_sessions(&hop.addr, -1);
         }

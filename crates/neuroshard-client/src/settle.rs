@@ -2,6 +2,7 @@
 //! countersigned receipt, or a voided one and a banned worker when the check fails.
 
 use super::*;
+use neuroshard_base::sync::LockExt;
 
 impl SwarmSession<'_> {
     /// Spot-checks hop `i`'s reply if the sample says so, then countersigns its receipt. A
@@ -20,7 +21,7 @@ impl SwarmSession<'_> {
             Ok(checked) => checked,
             Err(reason) => {
                 let reliability = {
-                    let mut router = client.router.lock().expect("router lock");
+                    let mut router = client.router.lock_or_recover();
                     let ban = router.reputation_mut().record_failure(&hop.node_id);
                     router.ban(&hop.addr, Instant::now() + ban);
                     client.update_peer_gauges(&router);
@@ -44,7 +45,7 @@ impl SwarmSession<'_> {
             }
         };
         let reliability = {
-            let mut router = client.router.lock().expect("router lock");
+            let mut router = client.router.lock_or_recover();
             if spot_checked {
                 router.reputation_mut().record_pass(&hop.node_id);
             }
@@ -77,7 +78,7 @@ impl SwarmSession<'_> {
         };
         let uniform: f64 = rand::random();
         let sampled = {
-            let router = client.router.lock().expect("router lock");
+            let router = client.router.lock_or_recover();
             router.reputation().should_check(&hop.node_id, uniform)
         };
         if !sampled {

@@ -3,6 +3,7 @@
 //! reverse, each node sending back the gradient of its input hidden states. Every call's receipt
 //! is checked and countersigned as inference's are.
 
+use neuroshard_base::sync::LockExt;
 use std::time::Duration;
 
 use neuroshard_model::codec::{WireDType, WireTensor};
@@ -328,8 +329,7 @@ impl TrainSession<'_> {
         let reliability = self
             .client
             .router
-            .lock()
-            .expect("router lock")
+            .lock_or_recover()
             .reputation()
             .reliability(&hop.node_id);
         let accepted = receipt.countersign(

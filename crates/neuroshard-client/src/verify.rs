@@ -7,6 +7,7 @@
 //! recomputed at most once per checked span, in batches; the sample rate
 //! ([`neuroshard_proof::Reputation::check_rate`]) decides how soon a bad hop is seen.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -69,10 +70,7 @@ impl LocalVerifier {
     /// Positions of `session`'s hop over `layers` already recomputed: history before it need
     /// not be passed again.
     pub fn verified_up_to(&self, session: &str, layers: LayerRange) -> usize {
-        let caches = self
-            .caches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let caches = self.caches.lock_or_recover();
         caches
             .get(&(session.to_string(), layers))
             .map_or(0, |c| c.next)
@@ -80,10 +78,7 @@ impl LocalVerifier {
 
     /// Drops the caches of a finished session.
     pub fn forget(&self, session: &str) {
-        let mut caches = self
-            .caches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut caches = self.caches.lock_or_recover();
         caches.retain(|(s, _), _| s != session);
     }
 
@@ -100,10 +95,7 @@ impl LocalVerifier {
     ) -> Result<Vec<f32>, NodeError> {
         let key = (session.to_string(), layers);
         let taken = {
-            let mut caches = self
-                .caches
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut caches = self.caches.lock_or_recover();
             caches.remove(&key)
         };
         let VerifiedPrefix {
@@ -133,10 +125,7 @@ impl LocalVerifier {
         let tokens = input.tokens(hidden);
         let out = shard.forward(&mut cache, pos, layers.to_range(), input)?;
         let row = last_row(&out, hidden).to_vec();
-        let mut caches = self
-            .caches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut caches = self.caches.lock_or_recover();
         if caches.len() >= MAX_CACHES {
             caches.clear();
         }
@@ -151,9 +140,7 @@ impl LocalVerifier {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shard> {
-        self.shard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shard.lock_or_recover()
     }
 }
 

@@ -6,6 +6,7 @@
 //! what it returns: each request to a peer goes out on a task of its own through the connection
 //! pool, and each finished query answers whoever is waiting for it.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +81,7 @@ impl SignedContact {
     /// The contact, signed within the last minute.
     pub fn current(&self) -> pb::DhtSender {
         let now = neuroshard_net::now_ms();
-        let mut signed = self.signed.lock().expect("sender lock");
+        let mut signed = self.signed.lock_or_recover();
         match &*signed {
             Some(s) if now.saturating_sub(s.timestamp_ms) < SENDER_RESIGN_MS => s.clone(),
             _ => {

@@ -1,6 +1,7 @@
 //! LAN discovery over mDNS (DNS-SD): a serving node announces its DHT contact as a service
 //! instance; every node and client browses for the others and hands what it finds to its DHT.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -102,7 +103,7 @@ impl Lan {
                 let added = match event {
                     ServiceEvent::ServiceResolved(service) => match contact_of(&service) {
                         Some(contact) if Some(contact.key) != own => {
-                            let mut found = shared.lock().expect("lan lock");
+                            let mut found = shared.lock_or_recover();
                             let room = found.len() < MAX_LAN_PEERS
                                 || found.contains_key(service.get_fullname());
                             let new = room
@@ -113,7 +114,7 @@ impl Lan {
                         _ => None,
                     },
                     ServiceEvent::ServiceRemoved(_, name) => {
-                        shared.lock().expect("lan lock").remove(&name);
+                        shared.lock_or_recover().remove(&name);
                         None
                     }
                     _ => None,
@@ -123,7 +124,7 @@ impl Lan {
                     dht.add_candidates(vec![contact]).await;
                 }
                 count_tx.send_if_modified(|n| {
-                    let now = shared.lock().expect("lan lock").len();
+                    let now = shared.lock_or_recover().len();
                     let changed = *n != now;
                     *n = now;
                     changed
@@ -140,12 +141,7 @@ impl Lan {
 
     /// The peers found so far.
     pub fn found(&self) -> Vec<Contact> {
-        self.found
-            .lock()
-            .expect("lan lock")
-            .values()
-            .copied()
-            .collect()
+        self.found.lock_or_recover().values().copied().collect()
     }
 
     /// A watch of how many peers are found (it changes as they come and go).

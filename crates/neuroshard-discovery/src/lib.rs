@@ -19,6 +19,7 @@ pub mod lan;
 mod service;
 pub mod tracker;
 
+use neuroshard_base::sync::RwLockExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,21 +97,23 @@ impl Default for DiscoveryConfig {
 
 impl DiscoveryConfig {
     /// Names the first invalid field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), neuroshard_base::Invalid> {
+        use neuroshard_base::Invalid;
         let ttl = self.record_ttl.as_millis() as u64;
         if ttl == 0 || ttl > neuroshard_dht::record::MAX_TTL_MS {
-            return Err("discovery.record_ttl: must be between 1 ms and 24 h".into());
+            let problem = "must be between 1 ms and 24 h";
+            return Err(Invalid::new("discovery.record_ttl", problem));
         }
         if self.announce_every.is_zero() || self.announce_every >= self.record_ttl {
-            return Err(
-                "discovery.announce_every: must be positive and shorter than record_ttl".into(),
-            );
+            let problem = "must be positive and shorter than record_ttl";
+            return Err(Invalid::new("discovery.announce_every", problem));
         }
         if self.sweep_every.is_zero() {
-            return Err("discovery.sweep_every: must be positive".into());
+            return Err(Invalid::new("discovery.sweep_every", "must be positive"));
         }
         if self.kad.k == 0 || self.kad.alpha == 0 || self.kad.disjoint_paths == 0 {
-            return Err("discovery.kad: k, alpha and disjoint_paths must be positive".into());
+            let problem = "k, alpha and disjoint_paths must be positive";
+            return Err(Invalid::new("discovery.kad", problem));
         }
         Ok(())
     }
@@ -170,7 +173,7 @@ impl Discovery {
         pool: Arc<ConnectionPool>,
         cancel: CancellationToken,
     ) -> Result<Self, NodeError> {
-        config.validate().map_err(NodeError::Config)?;
+        config.validate()?;
         let serving = key.is_some();
         let dht = DhtHandle::spawn(local, key, config.kad(), pool.clone(), cancel.clone());
         let lan = match &config.lan {
@@ -199,13 +202,13 @@ impl Discovery {
 
     /// The bootstrap peers asked on [`Self::join`].
     pub fn bootstrap(&self) -> Vec<String> {
-        self.bootstrap.read().expect("bootstrap lock").clone()
+        self.bootstrap.read_or_recover().clone()
     }
 
     /// Replaces the bootstrap peers (checked as `host:port`) for the next [`Self::join`].
     pub fn set_bootstrap(&self, peers: Vec<String>) -> Result<(), NodeError> {
         check_bootstrap(&peers)?;
-        *self.bootstrap.write().expect("bootstrap lock") = peers;
+        *self.bootstrap.write_or_recover() = peers;
         Ok(())
     }
 
@@ -476,12 +479,15 @@ mod tests {
             announce_every: Duration::from_secs(900),
             ..DiscoveryConfig::default()
         };
-        assert!(config.validate().unwrap_err().contains("announce_every"));
+        assert_eq!(
+            config.validate().unwrap_err().field,
+            "discovery.announce_every"
+        );
         let config = DiscoveryConfig {
             record_ttl: Duration::from_secs(2 * 24 * 3600),
             ..DiscoveryConfig::default()
         };
-        assert!(config.validate().unwrap_err().contains("record_ttl"));
+        assert_eq!(config.validate().unwrap_err().field, "discovery.record_ttl");
         DiscoveryConfig::default().validate().unwrap();
     }
 

@@ -3,6 +3,7 @@
 //! [`TrackerState`] is the logic, fed `now`; [`TrackerService`] serves it over gRPC and a sweeper
 //! drops nodes silent for longer than the timeout.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -321,7 +322,7 @@ impl TrackerService {
     }
 
     fn with_state<T>(&self, f: impl FnOnce(&mut TrackerState, Instant) -> T) -> T {
-        let mut state = self.state.lock().expect("tracker lock");
+        let mut state = self.state.lock_or_recover();
         let out = f(&mut state, Instant::now());
         self.nodes_tx.send_if_modified(|n| {
             let changed = *n != state.len();

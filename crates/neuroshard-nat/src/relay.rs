@@ -17,6 +17,7 @@ pub mod secure;
 #[cfg(test)]
 mod tests;
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -224,7 +225,7 @@ impl Relay {
     /// Counts so far.
     pub fn stats(&self) -> RelayStats {
         RelayStats {
-            nodes: self.shared.nodes.lock().expect("relay lock").len(),
+            nodes: self.shared.nodes.lock_or_recover().len(),
             circuits: self.shared.circuits.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
         }
@@ -261,7 +262,7 @@ impl Shared {
             }
             Frame::Connect { key } => self.connect(stream, key).await,
             Frame::Accept { circuit } => {
-                let waiting = self.pending.lock().expect("relay lock").remove(&circuit);
+                let waiting = self.pending.lock_or_recover().remove(&circuit);
                 match waiting {
                     Some(waiting) => {
                         let _ = waiting.send(stream);
@@ -293,7 +294,7 @@ impl Shared {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (to_node, mut outgoing) = mpsc::channel(64);
         let full = {
-            let mut nodes = self.nodes.lock().expect("relay lock");
+            let mut nodes = self.nodes.lock_or_recover();
             let full = nodes.len() >= self.config.max_nodes && !nodes.contains_key(&key);
             if !full {
                 // A node that reconnects replaces its old link, which then ends.
@@ -343,7 +344,7 @@ impl Shared {
             }
         }
         .await;
-        let mut nodes = self.nodes.lock().expect("relay lock");
+        let mut nodes = self.nodes.lock_or_recover();
         if nodes.get(&key).is_some_and(|r| r.generation == generation) {
             nodes.remove(&key);
         }
@@ -355,8 +356,7 @@ impl Shared {
     async fn connect(&self, mut caller: TcpStream, key: KeyBytes) -> Result<(), NatError> {
         let to_node = self
             .nodes
-            .lock()
-            .expect("relay lock")
+            .lock_or_recover()
             .get(&key)
             .map(|r| r.to_node.clone());
         let Some(to_node) = to_node else {
@@ -385,10 +385,7 @@ impl Shared {
         let _slot = CircuitSlot(&self.circuits);
         let circuit: u64 = rand::random();
         let (handover, node_side) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("relay lock")
-            .insert(circuit, handover);
+        self.pending.lock_or_recover().insert(circuit, handover);
         // A node that stops reading its link cannot hold the caller: the whole opening is timed.
         let opened = tokio::time::timeout(FRAME_TIMEOUT, async {
             to_node.send(Frame::Incoming { circuit }).await.ok()?;
@@ -397,7 +394,7 @@ impl Shared {
         .await
         .ok()
         .flatten();
-        self.pending.lock().expect("relay lock").remove(&circuit);
+        self.pending.lock_or_recover().remove(&circuit);
         let Some(node) = opened else {
             return refuse(
                 &mut caller,

@@ -5,6 +5,7 @@
 //! Forward traffic, receipts and pings all count, and nothing is read ahead of the cap. The caps
 //! live in [`BandwidthCaps`] and can be changed while connections are open.
 
+use neuroshard_base::sync::RwLockExt;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
@@ -59,14 +60,14 @@ impl BandwidthCaps {
 
     /// Replaces both caps; open connections follow from their next read or write.
     pub fn set(&self, upload_kbps: u32, download_kbps: u32) {
-        *self.upload.write().expect("caps lock") = limiter(upload_kbps);
-        *self.download.write().expect("caps lock") = limiter(download_kbps);
-        *self.kbps.write().expect("caps lock") = (upload_kbps, download_kbps);
+        *self.upload.write_or_recover() = limiter(upload_kbps);
+        *self.download.write_or_recover() = limiter(download_kbps);
+        *self.kbps.write_or_recover() = (upload_kbps, download_kbps);
     }
 
     /// The caps in force, KB/s (upload, download); 0 for none.
     pub fn kbps(&self) -> (u32, u32) {
-        *self.kbps.read().expect("caps lock")
+        *self.kbps.read_or_recover()
     }
 
     /// Bytes the transport has sent and received, both ways, since the node started.
@@ -101,11 +102,11 @@ impl BandwidthCaps {
     }
 
     fn upload(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
-        self.upload.read().expect("caps lock").clone()
+        self.upload.read_or_recover().clone()
     }
 
     fn download(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
-        self.download.read().expect("caps lock").clone()
+        self.download.read_or_recover().clone()
     }
 }
 

@@ -20,12 +20,12 @@ pub const MAX_DISPLAY_NAME_BYTES: usize = 4 * neuroshard_base::MAX_DISPLAY_NAME_
 /// claiming billions would make readers look up every one.
 pub const MAX_TOTAL_LAYERS: u32 = 1024;
 
-/// Whether `name` may be shown to the swarm; the reason when not.
-pub fn check_display_name(name: &str) -> Result<(), String> {
+/// Whether `name` may be shown to the swarm as a `display_name`; the reason when not.
+pub fn check_display_name(name: &str) -> Result<(), neuroshard_base::Invalid> {
     if name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control) {
-        return Err(format!(
-            "must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters"
-        ));
+        let problem =
+            format!("must be at most {MAX_DISPLAY_NAME_BYTES} bytes without control characters");
+        return Err(neuroshard_base::Invalid::new("display_name", problem));
     }
     Ok(())
 }
@@ -185,7 +185,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
     }
     let layers = span_from_proto(p.layers)?;
     check_display_name(&p.display_name)
-        .map_err(|why| NodeError::BadRequest(format!("peer display_name {why}")))?;
+        .map_err(|why| NodeError::BadRequest(format!("peer {why}")))?;
     if p.total_layers > MAX_TOTAL_LAYERS {
         return Err(NodeError::BadRequest(format!(
             "peer announces a model of {} layers; at most {MAX_TOTAL_LAYERS} are served",

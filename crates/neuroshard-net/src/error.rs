@@ -124,6 +124,13 @@ pub enum NodeError {
     Dht(#[from] neuroshard_dht::DhtError),
 }
 
+/// A refused setting is an invalid config, naming its field.
+impl From<neuroshard_base::Invalid> for NodeError {
+    fn from(invalid: neuroshard_base::Invalid) -> Self {
+        NodeError::Config(invalid.to_string())
+    }
+}
+
 impl NodeError {
     /// Shorthand for an IO error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {

@@ -1,5 +1,6 @@
 //! Counters a node or client keeps, readable through Ping and as JSON status.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +87,7 @@ impl Metrics {
         if !ok {
             self.rpc_failures.fetch_add(1, Ordering::Relaxed);
         }
-        let mut window = self.latencies_us.lock().expect("latency window lock");
+        let mut window = self.latencies_us.lock_or_recover();
         if window.len() == LATENCY_WINDOW {
             window.pop_front();
         }
@@ -105,8 +106,7 @@ impl Metrics {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut sorted: Vec<u64> = self
             .latencies_us
-            .lock()
-            .expect("latency window lock")
+            .lock_or_recover()
             .iter()
             .copied()
             .collect();

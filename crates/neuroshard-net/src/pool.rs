@@ -4,6 +4,7 @@
 //! opened only when every pooled channel to that peer already has a call in flight, so large
 //! prefills do not queue behind each other on one TCP stream.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,7 +107,7 @@ impl ConnectionPool {
         // Another task may have filled the pool meanwhile; then its channels serve. Evicted
         // meanwhile, the new channel serves this call unpooled.
         let picked = {
-            let mut peers = self.peers.lock().expect("pool lock");
+            let mut peers = self.peers.lock_or_recover();
             peers
                 .get_mut(addr)
                 .and_then(|peer| Self::pick(peer, true, self.config.max_per_peer))
@@ -118,7 +119,7 @@ impl ConnectionPool {
     async fn open(&self, addr: &str) -> Result<Channel, NodeError> {
         let channel = self.connect(addr).await?;
         {
-            let mut peers = self.peers.lock().expect("pool lock");
+            let mut peers = self.peers.lock_or_recover();
             let peer = peers.entry(addr.to_string()).or_default();
             if peer.channels.len() < self.config.max_per_peer {
                 peer.channels.push(Pooled {
@@ -144,7 +145,7 @@ impl ConnectionPool {
     /// serves (the DHT): it never counts as in flight.
     pub async fn control_channel(&self, addr: &str) -> Result<Channel, NodeError> {
         let pooled = {
-            let mut peers = self.peers.lock().expect("pool lock");
+            let mut peers = self.peers.lock_or_recover();
             peers.get_mut(addr).and_then(|peer| {
                 peer.last_used = Some(Instant::now());
                 Some(peer.channels.first()?.channel.clone())
@@ -158,7 +159,7 @@ impl ConnectionPool {
 
     /// A channel to `addr` with no call in flight, or the least busy one when at the cap.
     fn reuse(&self, addr: &str) -> Option<PooledClient> {
-        let mut peers = self.peers.lock().expect("pool lock");
+        let mut peers = self.peers.lock_or_recover();
         Self::pick(peers.get_mut(addr)?, false, self.config.max_per_peer)
     }
 
@@ -184,14 +185,14 @@ impl ConnectionPool {
 
     /// Closes every channel to `addr` (after a transport failure), so the next call reconnects.
     pub fn evict(&self, addr: &str) {
-        self.peers.lock().expect("pool lock").remove(addr);
+        self.peers.lock_or_recover().remove(addr);
         self.update_gauges();
     }
 
     /// Closes channels of peers idle longer than the idle timeout; how many peers.
     pub fn reap(&self, now: Instant) -> usize {
         let idle = self.config.idle_timeout;
-        let mut peers = self.peers.lock().expect("pool lock");
+        let mut peers = self.peers.lock_or_recover();
         let before = peers.len();
         peers.retain(|_, p| {
             let busy = p
@@ -209,14 +210,13 @@ impl ConnectionPool {
     /// Channels to `addr` now pooled.
     pub fn channels_to(&self, addr: &str) -> usize {
         self.peers
-            .lock()
-            .expect("pool lock")
+            .lock_or_recover()
             .get(addr)
             .map_or(0, |p| p.channels.len())
     }
 
     fn update_gauges(&self) {
-        let peers = self.peers.lock().expect("pool lock");
+        let peers = self.peers.lock_or_recover();
         let channels: usize = peers.values().map(|p| p.channels.len()).sum();
         self.metrics
             .active_connections

@@ -12,12 +12,13 @@
 //! server, the session sweeper and the heartbeat run as tasks tied to the handle's cancellation
 //! token.
 
+use neuroshard_base::sync::RwLockExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
@@ -182,7 +183,7 @@ impl NodeState {
 
     /// The shard served now.
     fn served(&self) -> Arc<Served> {
-        self.served.read().expect("served lock").clone()
+        self.served.read_or_recover().clone()
     }
 
     /// What this node announces.
@@ -190,8 +191,8 @@ impl NodeState {
         PeerRecord {
             load: self.load(),
             layers: self.served().range,
-            display_name: self.display_name.read().expect("name lock").clone(),
-            addr: self.advertised.read().expect("address lock").clone(),
+            display_name: self.display_name.read_or_recover().clone(),
+            addr: self.advertised.read_or_recover().clone(),
             ..self.record.clone()
         }
     }
@@ -250,7 +251,7 @@ impl NodeState {
         port: u16,
         circuits: tokio::sync::mpsc::Sender<tokio::io::DuplexStream>,
     ) {
-        let advertised = self.advertised.read().expect("address lock").clone();
+        let advertised = self.advertised.read_or_recover().clone();
         if config.reach.mode == NatMode::Off {
             self.reachability.send_replace(Reachability::untested(
                 &advertised,
@@ -269,7 +270,7 @@ impl NodeState {
         };
         let (reach, kept) = crate::reach::establish(&subject, &config.reach, &peers).await;
         if reach.path != crate::reach::ReachPath::Unreachable {
-            *self.advertised.write().expect("address lock") = reach.addr.clone();
+            *self.advertised.write_or_recover() = reach.addr.clone();
         }
         *self.kept.lock().await = kept;
         self.reachability.send_replace(reach);
@@ -315,7 +316,7 @@ impl NodeState {
 
     /// The serving peers this node knows of (from the tracker and the DHT), without itself.
     fn known_peers(&self) -> Vec<PeerRecord> {
-        self.peers.read().expect("peers lock").all()
+        self.peers.read_or_recover().all()
     }
 
     /// Replaces the peers learned from one source and updates the peer gauges; not once
@@ -327,7 +328,7 @@ impl NodeState {
         peers: Vec<PeerRecord>,
         unless: Option<&CancellationToken>,
     ) {
-        let mut known = self.peers.write().expect("peers lock");
+        let mut known = self.peers.write_or_recover();
         if unless.is_some_and(CancellationToken::is_cancelled) {
             return;
         }

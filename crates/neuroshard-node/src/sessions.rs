@@ -4,6 +4,7 @@
 //! take), computes off the reactor, and checks it back in. The store only does bookkeeping
 //! under a short lock; time comes in as `now`, so expiry is testable with paused time.
 
+use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -75,7 +76,7 @@ impl SessionStore {
         layers: usize,
         now: Instant,
     ) -> Result<(Checkout, bool), NodeError> {
-        let mut sessions = self.sessions.lock().expect("session lock");
+        let mut sessions = self.sessions.lock_or_recover();
         let need = (tokens * layers) as u64;
         let created = match sessions.get(id) {
             None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
@@ -122,7 +123,7 @@ impl SessionStore {
 
     /// Returns a cache after a call (successful or not); an empty new session is dropped.
     pub fn checkin(&self, checkout: Checkout, now: Instant) {
-        let mut sessions = self.sessions.lock().expect("session lock");
+        let mut sessions = self.sessions.lock_or_recover();
         let Some(entry) = sessions.get_mut(&checkout.id) else {
             return;
         };
@@ -141,7 +142,7 @@ impl SessionStore {
 
     /// Drops a checked-out session whose call failed without a usable cache.
     pub fn abandon(&self, checkout: Checkout) {
-        let mut sessions = self.sessions.lock().expect("session lock");
+        let mut sessions = self.sessions.lock_or_recover();
         if sessions
             .get(&checkout.id)
             .is_some_and(|e| e.generation == checkout.generation)
@@ -152,17 +153,13 @@ impl SessionStore {
 
     /// Drops a session; whether it existed.
     pub fn end(&self, id: &str) -> bool {
-        self.sessions
-            .lock()
-            .expect("session lock")
-            .remove(id)
-            .is_some()
+        self.sessions.lock_or_recover().remove(id).is_some()
     }
 
     /// Drops every session (the node now serves other layers); how many. Calls in flight
     /// find theirs gone when they check in, and their caches are dropped.
     pub fn clear(&self) -> usize {
-        let mut sessions = self.sessions.lock().expect("session lock");
+        let mut sessions = self.sessions.lock_or_recover();
         let count = sessions.len();
         sessions.clear();
         count
@@ -170,7 +167,7 @@ impl SessionStore {
 
     /// Drops sessions idle longer than the timeout; how many.
     pub fn expire(&self, now: Instant) -> usize {
-        let mut sessions = self.sessions.lock().expect("session lock");
+        let mut sessions = self.sessions.lock_or_recover();
         Self::expire_locked(&mut sessions, self.limits.idle_timeout, now)
     }
 
@@ -182,7 +179,7 @@ impl SessionStore {
 
     /// Sessions held and their KV bytes.
     pub fn usage(&self) -> (u64, u64) {
-        let sessions = self.sessions.lock().expect("session lock");
+        let sessions = self.sessions.lock_or_recover();
         (
             sessions.len() as u64,
             self.held(&sessions) * self.limits.bytes_per_token_layer,

@@ -2,6 +2,7 @@
 //! on the current rayon pool, so each node runs its compute inside a pool of its own, sized by
 //! its owner's setting and rebuilt when the setting changes.
 
+use neuroshard_base::sync::RwLockExt;
 use std::sync::{Arc, RwLock};
 
 use neuroshard_net::NodeError;
@@ -47,18 +48,18 @@ impl ComputeThreads {
             return Ok(());
         }
         let pool = build(setting)?;
-        *self.pool.write().expect("pool lock") = (setting, pool);
+        *self.pool.write_or_recover() = (setting, pool);
         Ok(())
     }
 
     /// The setting in force.
     pub fn setting(&self) -> u16 {
-        self.pool.read().expect("pool lock").0
+        self.pool.read_or_recover().0
     }
 
     /// Runs `f` on the pool, so the compute inside uses its threads; blocks until done.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let pool = self.pool.read().expect("pool lock").1.clone();
+        let pool = self.pool.read_or_recover().1.clone();
         pool.install(f)
     }
 }

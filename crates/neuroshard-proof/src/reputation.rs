@@ -36,12 +36,19 @@ impl Default for SpotCheckPolicy {
 
 impl SpotCheckPolicy {
     /// Names the first bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), neuroshard_base::Invalid> {
+        use neuroshard_base::Invalid;
         if !(self.floor > 0.0 && self.floor <= 1.0) {
-            return Err(format!("floor: {} is not in (0, 1]", self.floor));
+            return Err(Invalid::new(
+                "floor",
+                format!("{} is not in (0, 1]", self.floor),
+            ));
         }
         if self.first_ban.is_zero() || self.max_ban < self.first_ban {
-            return Err("first_ban: must be positive and at most max_ban".into());
+            return Err(Invalid::new(
+                "first_ban",
+                "must be positive and at most max_ban",
+            ));
         }
         Ok(())
     }

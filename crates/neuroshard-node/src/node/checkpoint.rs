@@ -4,8 +4,9 @@
 //! from disk), `PutCheckpoint` takes a stage's weights (resuming a cut transfer), and a node
 //! behind its replicas catches up from one of them.
 
+use neuroshard_base::sync::LockExt;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
 
 use neuroshard_base::LayerRange;
 use neuroshard_model::fetched::MODEL_FILES;
@@ -143,14 +144,11 @@ impl NodeState {
     /// The checkpoint of the round in progress, made once per round.
     fn snapshot(&self) -> Result<Arc<Snapshot>, NodeError> {
         let trainer = self.trainer()?;
-        let stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let stage = trainer.stage.lock_or_recover();
         let stage = stage
             .as_ref()
             .ok_or_else(|| NodeError::NotTraining("this node has not started training".into()))?;
-        let mut cached = trainer
-            .snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cached = trainer.snapshot.lock_or_recover();
         if let Some(s) = cached.as_ref().filter(|s| s.round == stage.outer.round) {
             return Ok(s.clone());
         }
@@ -167,10 +165,7 @@ impl NodeState {
     /// layers share one while any is streaming; the last to end frees it (made again, the
     /// bytes and hashes are the same, so a resumed transfer still matches).
     fn weights_snapshot(&self, layers: LayerRange) -> Result<Arc<Snapshot>, NodeError> {
-        let mut cached = self
-            .weights_snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cached = self.weights_snapshot.lock_or_recover();
         if let Some(s) = cached
             .as_ref()
             .filter(|(range, _)| *range == layers)
@@ -181,8 +176,7 @@ impl NodeState {
         let served = self.served();
         let parameters = served
             .shard
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .lock_or_recover()
             .parameters_of(layers.to_range())?;
         let snapshot = Snapshot::new(0, &parameters, neuroshard_train::checkpoint::CHUNK_BYTES);
         *cached = Some((layers, Arc::downgrade(&snapshot)));
@@ -281,10 +275,7 @@ impl NodeState {
             let layers = span_from_proto(message.layers)?;
             self.check_whole_range(&served, layers)?;
             layers_seen = Some(layers);
-            let mut incoming = trainer
-                .incoming
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut incoming = trainer.incoming.lock_or_recover();
             if let Some(manifest) = message.manifest {
                 let (manifest, round) = manifest_from_proto(manifest)?;
                 let expected = self.stage_parameters()? as u64 * 4;
@@ -321,10 +312,7 @@ impl NodeState {
             return Err(NodeError::BadRequest("no checkpoint chunk arrived".into()));
         }
         let whole = {
-            let mut incoming = trainer
-                .incoming
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut incoming = trainer.incoming.lock_or_recover();
             let Some(current) = incoming.as_ref() else {
                 return Err(NodeError::BadRequest(
                     "no checkpoint manifest arrived".into(),
@@ -361,7 +349,7 @@ impl NodeState {
         let round = checkpoint.round;
         tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
             let trainer = state.trainer()?;
-            let mut stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stage = trainer.stage.lock_or_recover();
             let stage = stage.as_mut().ok_or_else(|| {
                 NodeError::NotTraining("this node has not started training".into())
             })?;

@@ -184,11 +184,9 @@ impl NodeConfig {
                 );
             }
         }
-        if let Some(name) = &self.display_name
-            && let Err(why) = check_display_name(name)
-        {
-            return bad("display_name", &why);
+        if let Some(name) = &self.display_name {
+            check_display_name(name)?;
         }
-        self.discovery.validate().map_err(NodeError::Config)
+        Ok(self.discovery.validate()?)
     }
 }

@@ -2,6 +2,7 @@
 //! reactor on the compute threads against its session's cache, and answered with a receipt.
 
 use super::*;
+use neuroshard_base::sync::LockExt;
 
 /// A validated Forward request.
 #[derive(Debug)]
@@ -223,7 +224,7 @@ impl NodeState {
             let out = threads.install(|| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let served = &call.served;
-                    let shard = served.shard.lock().unwrap_or_else(PoisonError::into_inner);
+                    let shard = served.shard.lock_or_recover();
                     let weights_hash = shard.weights_hash(call.layers.to_range())?;
                     let out = state.run(
                         served,
@@ -281,7 +282,7 @@ impl NodeState {
         }
         let out = match (&self.fault, &served.wrong_shard) {
             (Some(Fault::WrongWeights(_)), Some(wrong)) => {
-                let wrong = wrong.lock().unwrap_or_else(PoisonError::into_inner);
+                let wrong = wrong.lock_or_recover();
                 wrong.forward(cache, start_pos, layers, input)?
             }
             (Some(Fault::SkipLayer), _) if layers.start > 0 && layers.len() >= 2 => {

@@ -2,6 +2,7 @@
 //! pause, drain, reshard and stop it.
 
 use super::*;
+use neuroshard_base::sync::RwLockExt;
 
 /// What a running node enforces, as its owner set it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -59,7 +60,7 @@ impl NodeHandle {
     /// the peers of its layers it knows; nothing for a node that does not train.
     pub fn set_training_replicas(&self, replicas: Vec<String>) {
         if let Some(trainer) = &self.state.trainer {
-            *trainer.replicas.write().expect("replicas lock") = replicas;
+            *trainer.replicas.write_or_recover() = replicas;
         }
     }
 
@@ -80,7 +81,7 @@ impl NodeHandle {
 
     /// The advertised address: `host:port`, or `relay://RELAY/KEY` for a relayed node.
     pub fn advertised(&self) -> String {
-        self.state.advertised.read().expect("address lock").clone()
+        self.state.advertised.read_or_recover().clone()
     }
 
     /// The reachability self-test's outcome, as it changes.
@@ -220,7 +221,7 @@ impl NodeHandle {
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
             // the old caches.
-            let mut served = state.served.write().expect("served lock");
+            let mut served = state.served.write_or_recover();
             *served = Arc::new(next);
             state.sessions.clear()
         };
@@ -309,9 +310,8 @@ impl NodeHandle {
     /// The name the node shows the swarm (none: anonymous); announced at once.
     pub fn set_display_name(&self, name: Option<&str>) -> Result<(), NodeError> {
         let name = name.unwrap_or_default();
-        check_display_name(name)
-            .map_err(|why| NodeError::Config(format!("display_name: {why}")))?;
-        let mut current = self.state.display_name.write().expect("name lock");
+        check_display_name(name)?;
+        let mut current = self.state.display_name.write_or_recover();
         if *current != name {
             *current = name.to_string();
             drop(current);

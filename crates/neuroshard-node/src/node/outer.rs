@@ -28,8 +28,9 @@
 //!   that needs the round's starting weights' hash in the exchange and a catch-up of the
 //!   replicas that differ.
 
+use neuroshard_base::sync::{LockExt, RwLockExt};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use neuroshard_base::{LayerRange, PublicKey};
@@ -173,7 +174,7 @@ impl Default for Exchange {
 
 impl Exchange {
     fn lock(&self) -> std::sync::MutexGuard<'_, Mailbox<Contribution>> {
-        self.mailbox.lock().unwrap_or_else(PoisonError::into_inner)
+        self.mailbox.lock_or_recover()
     }
 
     fn bump(&self) {
@@ -293,8 +294,7 @@ impl NodeState {
                 // Configured replicas are admitted once met in their replies.
                 let met = trainer
                     .replica_keys
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+                    .lock_or_recover()
                     .values()
                     .any(|k| theirs.as_ref().is_some_and(|c| c.key.0 == *k));
                 let admitted = theirs
@@ -343,9 +343,9 @@ impl NodeState {
 
     /// Where to find replicas of `layers`: configured ones and known peers serving the same.
     pub(super) fn replica_addrs(&self, layers: LayerRange) -> Vec<String> {
-        let own = self.advertised.read().expect("address lock").clone();
+        let own = self.advertised.read_or_recover().clone();
         let mut addrs: Vec<String> = match self.trainer.as_ref() {
-            Some(t) => t.replicas.read().expect("replicas lock").clone(),
+            Some(t) => t.replicas.read_or_recover().clone(),
             None => Vec::new(),
         };
         addrs.extend(
@@ -400,7 +400,7 @@ impl NodeState {
     /// Parameters of the trainable stage (loading it is the training calls' job).
     pub(super) fn stage_parameters(&self) -> Result<usize, NodeError> {
         let trainer = self.trainer()?;
-        let stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let stage = trainer.stage.lock_or_recover();
         stage
             .as_ref()
             .map(|s| s.shard.num_parameters())
@@ -434,10 +434,7 @@ impl NodeState {
         // node's in the reply.
         let own = self.key.public().0;
         let Plan { send, mut wait_for } = {
-            let keys = trainer
-                .replica_keys
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let keys = trainer.replica_keys.lock_or_recover();
             let replicas = self.replica_addrs(layers).into_iter().map(|addr| {
                 let key = keys.get(&addr).copied();
                 (addr, key)
@@ -544,8 +541,7 @@ impl NodeState {
                 Ok(Some(c)) => {
                     trainer
                         .replica_keys
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
+                        .lock_or_recover()
                         .insert(addr.clone(), c.key.0);
                     gathered.reply(round, addr, reply.outer_step, Some((c.key.0, c)));
                 }
@@ -559,7 +555,7 @@ impl NodeState {
     /// signed.
     fn contribute(&self) -> Result<(u64, LayerRange, Contribution), NodeError> {
         let trainer = self.trainer()?;
-        let mut guard = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = trainer.stage.lock_or_recover();
         let stage = guard
             .as_mut()
             .ok_or_else(|| NodeError::NotTraining("this node has not started training".into()))?;
@@ -606,7 +602,7 @@ impl NodeState {
             .min(views.len().saturating_sub(1) / 2);
         let mean = trimmed_mean(&views, trim)
             .map_err(|e| NodeError::BadRequest(format!("aggregate: {e}")))?;
-        let mut guard = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = trainer.stage.lock_or_recover();
         let stage = guard
             .as_mut()
             .ok_or_else(|| NodeError::NotTraining("this node has not started training".into()))?;

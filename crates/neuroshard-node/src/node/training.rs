@@ -6,7 +6,8 @@
 //! trainable copy of the shard is loaded on the first training call, on the served shard's
 //! device, and loaded again after a change of layers.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use neuroshard_base::sync::LockExt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use neuroshard_base::LayerRange;
@@ -329,11 +330,7 @@ impl NodeState {
             }
             Err(_) => {
                 // The stage may be half-updated: drop it, to be loaded again.
-                self.trainer()?
-                    .stage
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
+                self.trainer()?.stage.lock_or_recover().take();
                 Err(NodeError::BadRequest(
                     "training compute failed; the stage was dropped".into(),
                 ))
@@ -352,8 +349,7 @@ impl NodeState {
         let _loading = trainer.loading.lock().await;
         let loaded = trainer
             .stage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .lock_or_recover()
             .as_ref()
             .is_some_and(|s| s.range == served.range);
         if loaded {
@@ -369,12 +365,7 @@ impl NodeState {
 
     fn load_stage(&self, served: &Served) -> Result<(), NodeError> {
         let trainer = self.trainer()?;
-        let device = served
-            .shard
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .device()
-            .clone();
+        let device = served.shard.lock_or_recover().device().clone();
         let shard = self.threads.install(|| {
             TrainShard::load(
                 &self.model_dir,
@@ -384,7 +375,7 @@ impl NodeState {
             )
         })?;
         let outer = Outer::new(&trainer.config, shard.parameters(), shard.steps())?;
-        *trainer.stage.lock().unwrap_or_else(PoisonError::into_inner) = Some(Stage {
+        *trainer.stage.lock_or_recover() = Some(Stage {
             range: served.range,
             shard,
             outer,
@@ -401,7 +392,7 @@ impl NodeState {
         work: Work,
     ) -> Result<(Done, [u8; 32]), NodeError> {
         let trainer = self.trainer()?;
-        let mut guard = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = trainer.stage.lock_or_recover();
         let stage = guard
             .as_mut()
             .filter(|s| s.range == served.range)
@@ -464,7 +455,7 @@ impl NodeState {
     /// outer loop; none before the first training call.
     pub(super) fn training_snapshot(&self) -> Option<TrainingSnapshot> {
         let trainer = self.trainer.as_ref()?;
-        let mut stage = trainer.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stage = trainer.stage.lock_or_recover();
         let stage = stage.as_mut()?;
         Some(TrainingSnapshot {
             parameters: stage.shard.parameters(),
