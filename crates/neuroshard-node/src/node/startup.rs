@@ -7,6 +7,68 @@ use super::*;
 pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
     let range = config.layers;
+    let (model, source, fetched) = find_weights(&config).await?;
+    let fault = config.fault();
+    let served = Served::load(source, range, config.device, fault.as_ref()).await?;
+    let (key, ledger) = open_identity(&config)?;
+    let (listener, addr, advertise) = bind(&config).await?;
+    let id = key.id();
+    let cancel = CancellationToken::new();
+    // Whatever started stops again if the node fails to start.
+    let stop_on_error = cancel.clone().drop_guard();
+    let (stun, relay, relay_addr) = start_side_servers(&config, addr, &advertise, &cancel).await?;
+    let metrics = Arc::new(Metrics::default());
+    let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
+    let trainer = config
+        .train
+        .clone()
+        .map(|c| training::Trainer::new(c, metrics.clone()));
+    let record = own_record(&key, &model, range, &advertise, relay_addr);
+    let parts = Parts {
+        record,
+        advertise,
+        served,
+        model,
+        metrics,
+        key,
+        ledger,
+        discovery,
+        cancel: cancel.clone(),
+        fault,
+        trainer,
+    };
+    let state = Arc::new(NodeState::new(&config, parts)?);
+    tokio::spawn(sweep_sessions(
+        state.clone(),
+        config.session_idle / 4,
+        cancel.clone(),
+    ));
+    let (circuits, relayed) = tokio::sync::mpsc::channel(16);
+    let server = serve(&state, listener, relayed, &cancel);
+    state
+        .test_reachability(&config, addr.port(), circuits)
+        .await;
+    state.follow_tracker(config.tracker.clone()).await?;
+    tokio::spawn(run_discovery(state.clone(), cancel.clone()));
+    tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
+    stop_on_error.disarm();
+    Ok(NodeHandle {
+        id,
+        addr,
+        stun,
+        relay,
+        state,
+        cancel,
+        server,
+        fetched,
+    })
+}
+
+/// The shard's weights: on disk, else fetched from `weights_from` (and kept for next time).
+async fn find_weights(
+    config: &NodeConfig,
+) -> Result<(ModelInfo, WeightSource, Option<TransferReport>), NodeError> {
+    let range = config.layers;
     let on_disk = if config.weights_from.is_some() && !config.model_dir.join("config.json").exists()
     {
         Ok(None)
@@ -38,8 +100,11 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             (model, source, Some(report))
         }
     };
-    let fault = config.fault();
-    let served = Served::load(source, range, config.device, fault.as_ref()).await?;
+    Ok((model, source, fetched))
+}
+
+/// The node's key and receipt ledger: kept in the data dir, or fresh and in memory.
+fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), NodeError> {
     let (key, ledger) = match &config.data_dir {
         Some(dir) => (
             crate::identity::load_or_create(dir)?,
@@ -47,8 +112,13 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         ),
         None => (NodeKey::generate(), Ledger::in_memory()?),
     };
-    let key = Arc::new(key);
-    let ledger = LedgerHandle::spawn(ledger)?;
+    Ok((Arc::new(key), LedgerHandle::spawn(ledger)?))
+}
+
+/// Binds the listen address; the listener, its address, and the address peers are told.
+async fn bind(
+    config: &NodeConfig,
+) -> Result<(tokio::net::TcpListener, SocketAddr, String), NodeError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| NodeError::io(format!("binding {}", config.listen), e))?;
@@ -67,10 +137,17 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         };
         format!("{ip}:{}", addr.port())
     });
-    let id = key.id();
-    let cancel = CancellationToken::new();
-    // Whatever started stops again if the node fails to start.
-    let stop_on_error = cancel.clone().drop_guard();
+    Ok((listener, addr, advertise))
+}
+
+/// The STUN answerer on the node's port and the relay it offers, where configured; with the
+/// relay's address as announced.
+async fn start_side_servers(
+    config: &NodeConfig,
+    addr: SocketAddr,
+    advertise: &str,
+    cancel: &CancellationToken,
+) -> Result<(Option<SocketAddr>, Option<Relay>, String), NodeError> {
     let stun = if config.stun {
         match neuroshard_nat::stun::Server::start(addr, cancel.clone()).await {
             Ok(server) => Some(server.addr()),
@@ -91,74 +168,55 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         None => None,
     };
     let relay_addr = relay.as_ref().map_or_else(String::new, |r| {
-        let host = advertise
-            .rsplit_once(':')
-            .map_or(advertise.as_str(), |(h, _)| h);
+        let host = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
         format!("{host}:{}", r.addr().port())
     });
-    let metrics = Arc::new(Metrics::default());
-    let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
-    let trainer = config
-        .train
-        .clone()
-        .map(|c| training::Trainer::new(c, metrics.clone()));
-    let state = Arc::new(NodeState {
-        sessions: SessionStore::new(SessionLimits {
-            budget_bytes: config.kv_budget_bytes,
-            idle_timeout: config.session_idle,
-            bytes_per_token_layer: model.config.kv_bytes_per_token_layer() as u64,
-        }),
-        record: PeerRecord {
-            node_id: id.to_string(),
-            addr: advertise.clone(),
-            model_id: model.id.clone(),
-            layers: range,
-            total_layers: model.config.num_hidden_layers as u32,
-            load: 0.0,
-            public_key: key.public(),
-            display_name: String::new(),
-            relay: relay_addr,
-        },
-        display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
-        reachability: tokio::sync::watch::channel(Reachability::untested(
-            &advertise,
-            "Reachability is being tested.",
-        ))
-        .0,
-        advertised: RwLock::new(advertise),
-        kept: tokio::sync::Mutex::new(Default::default()),
-        served: RwLock::new(Arc::new(served)),
-        resharding: tokio::sync::Mutex::new(()),
-        model_dir: config.model_dir.clone(),
-        model,
-        metrics,
-        peers: RwLock::new(KnownPeers::default()),
-        busy: AtomicUsize::new(0),
-        lifecycle: Lifecycle::new(if config.start_paused {
-            RunState::Paused
-        } else {
-            RunState::Serving
-        }),
-        caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
-        duty: DutyCycle::new(config.compute_share_percent),
-        threads: ComputeThreads::new(config.cpu_threads)?,
-        key,
-        ledger,
-        discovery,
-        beat_now: tokio::sync::watch::channel(0).0,
-        told: tokio::sync::watch::channel(None).0,
-        tracker: tokio::sync::Mutex::new(None),
-        heartbeat_every: config.heartbeat,
-        cancel: cancel.clone(),
-        fault,
-        trainer,
-        weights_snapshot: Mutex::new(None),
-    });
-    tokio::spawn(sweep_sessions(
-        state.clone(),
-        config.session_idle / 4,
-        cancel.clone(),
-    ));
+    Ok((stun, relay, relay_addr))
+}
+
+/// The record the node announces of itself.
+fn own_record(
+    key: &NodeKey,
+    model: &ModelInfo,
+    range: LayerRange,
+    advertise: &str,
+    relay: String,
+) -> PeerRecord {
+    PeerRecord {
+        node_id: key.id().to_string(),
+        addr: advertise.to_string(),
+        model_id: model.id.clone(),
+        layers: range,
+        total_layers: model.config.num_hidden_layers as u32,
+        load: 0.0,
+        public_key: key.public(),
+        display_name: String::new(),
+        relay,
+    }
+}
+
+/// What a node's state is built from, beside its config.
+struct Parts {
+    record: PeerRecord,
+    advertise: String,
+    served: Served,
+    model: ModelInfo,
+    metrics: Arc<Metrics>,
+    key: Arc<NodeKey>,
+    ledger: LedgerHandle,
+    discovery: Discovery,
+    cancel: CancellationToken,
+    fault: Option<Fault>,
+    trainer: Option<training::Trainer>,
+}
+
+/// Serves the node's gRPC services (and the DHT) on `listener` and on relayed circuits.
+fn serve(
+    state: &Arc<NodeState>,
+    listener: tokio::net::TcpListener,
+    relayed: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let service = NodeServer::new(NodeService {
         state: state.clone(),
     })
@@ -166,32 +224,63 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
-    let (circuits, relayed) = tokio::sync::mpsc::channel(16);
-    let server = neuroshard_net::spawn_server(
+    neuroshard_net::spawn_server(
         routes,
         listener,
         Some(relayed),
         state.caps.clone(),
         cancel.clone(),
         "node",
-    );
-    state
-        .test_reachability(&config, addr.port(), circuits)
-        .await;
-    state.follow_tracker(config.tracker.clone()).await?;
-    tokio::spawn(run_discovery(state.clone(), cancel.clone()));
-    tracing::info!(%addr, layers = %range, id = %id.short(), "node serving");
-    stop_on_error.disarm();
-    Ok(NodeHandle {
-        id,
-        addr,
-        stun,
-        relay,
-        state,
-        cancel,
-        server,
-        fetched,
-    })
+    )
+}
+
+impl NodeState {
+    /// The state of a node about to serve.
+    fn new(config: &NodeConfig, parts: Parts) -> Result<Self, NodeError> {
+        let initial = match config.start_paused {
+            true => RunState::Paused,
+            false => RunState::Serving,
+        };
+        let testing = "Reachability is being tested.";
+        Ok(NodeState {
+            sessions: SessionStore::new(SessionLimits {
+                budget_bytes: config.kv_budget_bytes,
+                idle_timeout: config.session_idle,
+                bytes_per_token_layer: parts.model.config.kv_bytes_per_token_layer() as u64,
+            }),
+            record: parts.record,
+            display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
+            reachability: tokio::sync::watch::channel(Reachability::untested(
+                &parts.advertise,
+                testing,
+            ))
+            .0,
+            advertised: RwLock::new(parts.advertise),
+            kept: tokio::sync::Mutex::new(Default::default()),
+            served: RwLock::new(Arc::new(parts.served)),
+            resharding: tokio::sync::Mutex::new(()),
+            model_dir: config.model_dir.clone(),
+            model: parts.model,
+            metrics: parts.metrics,
+            peers: RwLock::new(KnownPeers::default()),
+            busy: AtomicUsize::new(0),
+            lifecycle: Lifecycle::new(initial),
+            caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
+            duty: DutyCycle::new(config.compute_share_percent),
+            threads: ComputeThreads::new(config.cpu_threads)?,
+            key: parts.key,
+            ledger: parts.ledger,
+            discovery: parts.discovery,
+            beat_now: tokio::sync::watch::channel(0).0,
+            told: tokio::sync::watch::channel(None).0,
+            tracker: tokio::sync::Mutex::new(None),
+            heartbeat_every: config.heartbeat,
+            cancel: parts.cancel,
+            fault: parts.fault,
+            trainer: parts.trainer,
+            weights_snapshot: Mutex::new(None),
+        })
+    }
 }
 
 /// Logs a weights transfer from `peer` at every tenth of the way.
