@@ -121,16 +121,12 @@ pub async fn run_demo(
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
     let prompt = tokenizer.encode_prompt(&options.prompt, info.config.bos_token_id)?;
 
-    let mut local = LocalSwarm::tracker_only().await?;
     let mut ranges = split_layers(info.config.num_hidden_layers as u32, options.nodes as u32);
     let victim_range = ranges[ranges.len() / 2];
     if options.kill_one {
         ranges.push(victim_range);
     }
-    for (i, range) in ranges.iter().enumerate() {
-        progress(&format!("starting node {} with layers {range}...", i + 1));
-        local.add_node(&model_dir, range.start, range.end).await?;
-    }
+    let local = start_swarm(&model_dir, &ranges, &progress).await?;
     let (tracker, nodes) = (&local.tracker, &local.nodes);
 
     progress("generating in one process (the reference)...");
@@ -160,22 +156,7 @@ pub async fn run_demo(
         &info.config.eos_token_ids,
         |s, n| {
             if options.kill_one && n == kill_at && killed.is_none() {
-                let chain = s.chain();
-                let middle = chain
-                    .iter()
-                    .find(|h| h.layers == victim_range)
-                    .or(chain.get(chain.len() / 2));
-                if let Some(node) =
-                    middle.and_then(|hop| nodes.iter().find(|n| n.advertised() == hop.addr))
-                {
-                    progress(&format!(
-                        "killing node {} (layers {}) after token {n}",
-                        node.id().short(),
-                        node.layers()
-                    ));
-                    node.kill();
-                    killed = Some(node.advertised().to_string());
-                }
+                killed = kill_in_chain(&s.chain(), nodes, victim_range, n, &progress);
             }
         },
     )
@@ -184,6 +165,61 @@ pub async fn run_demo(
     let events = session.events().to_vec();
     session.close().await;
     client.flush_receipts().await;
+    let report = DemoReport {
+        nodes: demo_nodes(nodes, killed.as_deref()).await?,
+        prompt: options.prompt.clone(),
+        text: tokenizer.decode(&swarm.generated_ids)?,
+        swarm,
+        local: local_report,
+        hops,
+        events,
+    };
+    local.shutdown().await;
+    Ok(report)
+}
+
+/// Kills the node of `chain` serving `victim` (else the chain's middle one) after token `n`;
+/// its address.
+fn kill_in_chain(
+    chain: &[neuroshard_client::router::Hop],
+    nodes: &[crate::node::NodeHandle],
+    victim: LayerRange,
+    n: usize,
+    progress: &impl Fn(&str),
+) -> Option<String> {
+    let middle = chain
+        .iter()
+        .find(|h| h.layers == victim)
+        .or(chain.get(chain.len() / 2))?;
+    let node = nodes.iter().find(|n| n.advertised() == middle.addr)?;
+    progress(&format!(
+        "killing node {} (layers {}) after token {n}",
+        node.id().short(),
+        node.layers()
+    ));
+    node.kill();
+    Some(node.advertised().to_string())
+}
+
+/// A tracker and one node per range of the model in `model_dir`, on loopback.
+async fn start_swarm(
+    model_dir: &std::path::Path,
+    ranges: &[LayerRange],
+    progress: &impl Fn(&str),
+) -> Result<LocalSwarm, NodeError> {
+    let mut local = LocalSwarm::tracker_only().await?;
+    for (i, range) in ranges.iter().enumerate() {
+        progress(&format!("starting node {} with layers {range}...", i + 1));
+        local.add_node(model_dir, range.start, range.end).await?;
+    }
+    Ok(local)
+}
+
+/// What each node's ledger holds after the generation; `killed`: the address stopped midway.
+async fn demo_nodes(
+    nodes: &[crate::node::NodeHandle],
+    killed: Option<&str>,
+) -> Result<Vec<DemoNode>, NodeError> {
     let mut demo_nodes = Vec::new();
     for n in nodes {
         let receipts = n.ledger().read(|l| l.status_counts()).await?;
@@ -195,22 +231,12 @@ pub async fn run_demo(
             id: n.id().short(),
             addr: n.advertised().to_string(),
             layers: n.layers().to_string(),
-            killed: killed.as_deref() == Some(n.advertised().as_str()),
+            killed: killed == Some(n.advertised().as_str()),
             receipts,
             credit: totals.iter().map(|t| t.lifetime.credit).sum(),
         });
     }
-    let report = DemoReport {
-        nodes: demo_nodes,
-        prompt: options.prompt.clone(),
-        text: tokenizer.decode(&swarm.generated_ids)?,
-        swarm,
-        local: local_report,
-        hops,
-        events,
-    };
-    local.shutdown().await;
-    Ok(report)
+    Ok(demo_nodes)
 }
 
 #[cfg(test)]

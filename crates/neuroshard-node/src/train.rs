@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use neuroshard_base::LayerRange;
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_trained};
 use neuroshard_model::{ModelInfo, TextTokenizer, TrainConfig};
@@ -160,30 +161,14 @@ fn sample_windows(ids: &[u32], len: usize, count: usize, rng: &mut impl Rng) -> 
 }
 
 /// Runs the training, reporting progress lines through `progress`.
-pub async fn run_training(
-    options: TrainOptions,
-    progress: impl Fn(&str),
-) -> Result<TrainReport, NodeError> {
-    options.check()?;
-    let scratch = scratch_dir()?;
-    let spec = ModelSpec {
-        seed: options.seed,
-        ..options.spec.clone()
-    };
-    let model_dir = model_dir_or(&scratch, options.model_dir.as_ref(), &spec)?;
-    let info = ModelInfo::read(&model_dir)?;
-    let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
-    let ids = tokenizer.encode(&options.corpus)?;
-    if ids.len() <= options.sequence + 1 || options.sequence == 0 || options.batch == 0 {
-        return Err(NodeError::Config(format!(
-            "a corpus of {} tokens cannot fill windows of {} (batch {})",
-            ids.len(),
-            options.sequence,
-            options.batch
-        )));
-    }
-    let mut swarm = LocalSwarm::tracker_only().await?;
-    let ranges = split_layers(info.config.num_hidden_layers as u32, options.stages);
+/// The training nodes: `options.replicas` chains of one node per range, on loopback, each
+/// stage's replicas told of each other.
+async fn start_replicas(
+    options: &TrainOptions,
+    model_dir: &std::path::Path,
+    ranges: &[LayerRange],
+    progress: &impl Fn(&str),
+) -> Result<LocalSwarm, NodeError> {
     let training = TrainingConfig {
         inner: TrainConfig {
             lr: options.lr,
@@ -200,42 +185,153 @@ pub async fn run_training(
         outer_momentum: options.outer_momentum,
         ..TrainingConfig::default()
     };
+    let mut swarm = LocalSwarm::tracker_only().await?;
     for r in 0..options.replicas {
-        for range in &ranges {
+        for range in ranges {
             progress(&format!(
                 "starting replica {r}'s node for layers {range}..."
             ));
+            let train = |config: &mut crate::node::NodeConfig| {
+                config.train = Some(training.clone());
+            };
             swarm
-                .add_node_with(&model_dir, range.start, range.end, |config| {
-                    config.train = Some(training.clone());
-                })
+                .add_node_with(model_dir, range.start, range.end, train)
                 .await?;
         }
     }
-    // nodes[r][s]: stage s of replica r.
-    let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
     for s in 0..ranges.len() {
-        let addrs: Vec<String> = nodes.iter().map(|chain| chain[s].advertised()).collect();
-        for chain in &nodes {
-            chain[s].set_training_replicas(addrs.clone());
+        let stage = swarm.nodes.iter().skip(s).step_by(ranges.len());
+        let addrs: Vec<String> = stage.clone().map(NodeHandle::advertised).collect();
+        for node in stage {
+            node.set_training_replicas(addrs.clone());
         }
     }
+    Ok(swarm)
+}
+
+/// Adds to `report` what the replicas exchanged, the parameters of one replica (`first`), and
+/// what dense all-reduce and uncompressed DiLoCo would have sent instead.
+fn count_exchange(
+    report: &mut TrainReport,
+    all: &[NodeHandle],
+    first: &[NodeHandle],
+    options: &TrainOptions,
+) -> Result<(), NodeError> {
+    for node in all {
+        let snapshot = node.training_snapshot().ok_or_else(|| {
+            NodeError::BadRequest(format!("node {} never trained", node.layers()))
+        })?;
+        report.exchange_bytes += snapshot.exchange_bytes_sent;
+        report.outer_rounds = report.outer_rounds.max(snapshot.outer_round);
+    }
+    report.parameters = first
+        .iter()
+        .map(|n| n.training_snapshot().map_or(0, |s| s.parameters.len()))
+        .sum();
+    let n = options.replicas as u64;
+    let fp32_bytes = 4 * report.parameters as u64;
+    // A ring all-reduce has every replica send 2(n-1)/n of the gradient each step.
+    report.dense_allreduce_bytes = options.steps as u64 * 2 * (n - 1) * fp32_bytes;
+    // Dense DiLoCo: each replica's whole pseudo-gradient to each other replica, every round.
+    report.uncompressed_diloco_bytes = report.outer_rounds * n * (n - 1) * fp32_bytes;
+    Ok(())
+}
+
+impl TrainOptions {
+    /// The corpus as the model's tokens, refused when it cannot fill one batch of windows.
+    fn corpus_ids(&self, model_dir: &std::path::Path) -> Result<Vec<u32>, NodeError> {
+        let ids = TextTokenizer::for_model_dir(model_dir)?.encode(&self.corpus)?;
+        if ids.len() <= self.sequence + 1 || self.sequence == 0 || self.batch == 0 {
+            return Err(NodeError::Config(format!(
+                "a corpus of {} tokens cannot fill windows of {} (batch {})",
+                ids.len(),
+                self.sequence,
+                self.batch
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// What the run does, in a line.
+    fn describe(&self, stages: usize) -> String {
+        format!(
+            "training {stages} stages × {} replicas for {} steps of {} × {} tokens (outer round \
+             every {} steps, {:?})",
+            self.replicas,
+            self.steps,
+            self.batch,
+            self.sequence,
+            self.outer_every,
+            self.compression
+        )
+    }
+}
+
+/// Writes the weights of one replica (`first`: its stages in order) as a model in `dir`.
+fn save_replica(
+    dir: &std::path::Path,
+    first: &[NodeHandle],
+    info: &ModelInfo,
+    options: &TrainOptions,
+) -> Result<(), NodeError> {
+    let mut parameters = Vec::new();
+    for node in first {
+        parameters.extend(
+            node.training_snapshot()
+                .map(|s| s.parameters)
+                .unwrap_or_default(),
+        );
+    }
+    let metadata = HashMap::from([
+        ("neuroshard_seed".to_string(), options.seed.to_string()),
+        ("neuroshard_steps".to_string(), options.steps.to_string()),
+    ]);
+    write_trained(dir, &info.config, &parameters, WireDType::BF16, metadata)?;
+    Ok(())
+}
+
+impl TrainReport {
+    /// Counts one step of every replica; the mean loss.
+    fn step(
+        &mut self,
+        results: Vec<Result<neuroshard_client::StepReport, NodeError>>,
+    ) -> Result<f32, NodeError> {
+        let replicas = results.len() as f32;
+        let mut loss = 0.0;
+        for result in results {
+            let r = result?;
+            loss += r.loss / replicas;
+            self.tokens += r.tokens as u64;
+            self.pipeline_bytes += r.bytes_sent + r.bytes_received;
+        }
+        self.losses.push(loss);
+        Ok(loss)
+    }
+}
+
+pub async fn run_training(
+    options: TrainOptions,
+    progress: impl Fn(&str),
+) -> Result<TrainReport, NodeError> {
+    options.check()?;
+    let scratch = scratch_dir()?;
+    let spec = ModelSpec {
+        seed: options.seed,
+        ..options.spec.clone()
+    };
+    let model_dir = model_dir_or(&scratch, options.model_dir.as_ref(), &spec)?;
+    let info = ModelInfo::read(&model_dir)?;
+    let ids = options.corpus_ids(&model_dir)?;
+    let ranges = split_layers(info.config.num_hidden_layers as u32, options.stages);
+    let swarm = start_replicas(&options, &model_dir, &ranges, &progress).await?;
+    // nodes[r][s]: stage s of replica r.
+    let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url())).await?;
     let mut sessions = Vec::new();
     for chain in &nodes {
         sessions.push(client.train_session(chain.iter().map(NodeHandle::hop).collect())?);
     }
-    progress(&format!(
-        "training {} stages × {} replicas for {} steps of {} × {} tokens (outer round every {} \
-         steps, {:?})",
-        ranges.len(),
-        options.replicas,
-        options.steps,
-        options.batch,
-        options.sequence,
-        options.outer_every,
-        options.compression
-    ));
+    progress(&options.describe(ranges.len()));
     let started = Instant::now();
     let mut report = TrainReport::default();
     let mut rngs: Vec<_> = (0..options.replicas)
@@ -250,55 +346,16 @@ pub async fn run_training(
             .iter_mut()
             .zip(&batches)
             .map(|(session, batch)| session.step(batch));
-        let results = futures::future::join_all(steps).await;
-        let mut loss = 0.0;
-        for result in results {
-            let r = result?;
-            loss += r.loss / options.replicas as f32;
-            report.tokens += r.tokens as u64;
-            report.pipeline_bytes += r.bytes_sent + r.bytes_received;
-        }
-        report.losses.push(loss);
+        let loss = report.step(futures::future::join_all(steps).await)?;
         let every = (options.steps / 20).max(1);
         if step % every == 0 || step + 1 == options.steps {
             progress(&format!("step {:>5}  loss {loss:.4}", step + 1));
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
-    for chain in &nodes {
-        for node in chain.iter() {
-            let snapshot = node.training_snapshot().ok_or_else(|| {
-                NodeError::BadRequest(format!("node {} never trained", node.layers()))
-            })?;
-            report.exchange_bytes += snapshot.exchange_bytes_sent;
-            report.outer_rounds = report.outer_rounds.max(snapshot.outer_round);
-        }
-    }
-    let stage_parameters: Vec<usize> = nodes[0]
-        .iter()
-        .map(|n| n.training_snapshot().map_or(0, |s| s.parameters.len()))
-        .collect();
-    report.parameters = stage_parameters.iter().sum();
-    let n = options.replicas as u64;
-    let fp32_bytes = 4 * report.parameters as u64;
-    // A ring all-reduce has every replica send 2(n-1)/n of the gradient each step.
-    report.dense_allreduce_bytes = options.steps as u64 * 2 * (n - 1) * fp32_bytes;
-    // Dense DiLoCo: each replica's whole pseudo-gradient to each other replica, every round.
-    report.uncompressed_diloco_bytes = report.outer_rounds * n * (n - 1) * fp32_bytes;
+    count_exchange(&mut report, &swarm.nodes, nodes[0], &options)?;
     if let Some(dir) = &options.save {
-        let mut parameters = Vec::with_capacity(report.parameters);
-        for node in nodes[0] {
-            parameters.extend(
-                node.training_snapshot()
-                    .map(|s| s.parameters)
-                    .unwrap_or_default(),
-            );
-        }
-        let metadata = HashMap::from([
-            ("neuroshard_seed".to_string(), options.seed.to_string()),
-            ("neuroshard_steps".to_string(), options.steps.to_string()),
-        ]);
-        write_trained(dir, &info.config, &parameters, WireDType::BF16, metadata)?;
+        save_replica(dir, nodes[0], &info, &options)?;
         progress(&format!("wrote the trained model to {}", dir.display()));
     }
     drop(sessions);
