@@ -33,9 +33,13 @@ pub fn write_temp_model(spec: &ModelSpec) -> tempfile::TempDir {
 /// global thread pool does, so swarm and local figures compare like for like.
 pub fn bench_config(dir: &std::path::Path, start: u32, end: u32) -> NodeConfig {
     let mut config = NodeConfig::new(dir, LayerRange::new(start, end).unwrap());
-    config.cpu_threads = std::thread::available_parallelism()
-        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
+    config.cpu_threads = every_core();
     config
+}
+
+/// Compute threads on every core of this machine.
+fn every_core() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX))
 }
 
 /// Starts an unlisted node serving `start..end` of the model in `dir`.
@@ -50,11 +54,8 @@ pub async fn start_bench_node(dir: &std::path::Path, start: u32, end: u32) -> No
 pub async fn start_bench_swarm(dir: &std::path::Path, ranges: &[(u32, u32)]) -> LocalSwarm {
     let mut swarm = LocalSwarm::tracker_only().await.expect("tracker starts");
     for &(start, end) in ranges {
-        let every_core = |config: &mut NodeConfig| {
-            config.cpu_threads = bench_config(dir, start, end).cpu_threads;
-        };
         swarm
-            .add_node_with(dir, start, end, every_core)
+            .add_node_with(dir, start, end, |config| config.cpu_threads = every_core())
             .await
             .expect("node starts");
     }

@@ -218,24 +218,13 @@ impl Desktop {
         let mut config = NodeConfig::new(self.model().dir, plan.range);
         config.listen = self.bound.lock_or_recover().unwrap_or(self.launch.listen);
         config.advertise = self.launch.advertise.clone();
-        config.tracker = settings.network.tracker.clone();
         // The whole chain: the address as it is, UPnP, STUN, a relay a peer offers.
         config.reach.mode = neuroshard_node::reach::NatMode::Auto;
-        config.bootstrap = settings.network.bootstrap.clone();
         config.discovery.lan = self.launch.lan.clone();
-        config.display_name = settings
-            .profile
-            .display_name
-            .clone()
-            .filter(|_| !settings.profile.anonymous);
         config.data_dir = Some(self.launch.data_dir.clone());
-        config.upload_kbps = settings.bandwidth.upload_kbps;
-        config.download_kbps = settings.bandwidth.download_kbps;
-        config.compute_share_percent = settings.compute.gpu_share_percent;
-        config.cpu_threads = settings.compute.cpu_threads;
         // Held back (first run, pause, snooze, schedule) from the first call; the next refresh
         // resumes a node that may serve.
-        config.start_paused = true;
+        config.follow_settings(settings);
         let (device, mut note) = device_for(settings);
         config.device = Some(device);
         let node = match start_node(config.clone()).await {

@@ -111,7 +111,7 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.settings {
         let settings = neuroshard_node::owner::read_settings(path)
             .with_context(|| format!("--settings {}", path.display()))?;
-        apply_settings(&mut config, &settings);
+        config.follow_settings(&settings);
     }
     eprintln!(
         "loading layers {} of {}...",
@@ -154,26 +154,6 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         node.shutdown().await;
     }
     Ok(())
-}
-
-/// What the settings file sets at start: what the flags left open of the network and the name,
-/// the caps and the compute share, and a paused start (the owner's rules resume it at once
-/// when they allow).
-fn apply_settings(config: &mut NodeConfig, settings: &neuroshard_settings::Settings) {
-    if config.tracker.is_none() {
-        config.tracker = settings.network.tracker.clone();
-    }
-    if config.bootstrap.is_empty() {
-        config.bootstrap = settings.network.bootstrap.clone();
-    }
-    if config.display_name.is_none() && !settings.profile.anonymous {
-        config.display_name = settings.profile.display_name.clone();
-    }
-    config.upload_kbps = settings.bandwidth.upload_kbps;
-    config.download_kbps = settings.bandwidth.download_kbps;
-    config.compute_share_percent = settings.compute.gpu_share_percent;
-    config.cpu_threads = settings.compute.cpu_threads;
-    config.start_paused = true;
 }
 
 /// `--device`: the settings' [`ComputeDevice`], as the command line names it.

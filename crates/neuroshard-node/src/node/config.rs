@@ -114,6 +114,27 @@ impl NodeConfig {
         #[cfg(not(feature = "test-faults"))]
         None
     }
+
+    /// Takes what the owner's settings say a node starts with, for the desktop app and for
+    /// `neuroshard node --settings FILE`: the network and the display name where nothing set
+    /// them yet, the caps, the compute share and threads, and a paused start (the owner's
+    /// rules resume it at once when they allow).
+    pub fn follow_settings(&mut self, settings: &neuroshard_settings::Settings) {
+        if self.tracker.is_none() {
+            self.tracker = settings.network.tracker.clone();
+        }
+        if self.bootstrap.is_empty() {
+            self.bootstrap = settings.network.bootstrap.clone();
+        }
+        if self.display_name.is_none() && !settings.profile.anonymous {
+            self.display_name = settings.profile.display_name.clone();
+        }
+        self.upload_kbps = settings.bandwidth.upload_kbps;
+        self.download_kbps = settings.bandwidth.download_kbps;
+        self.compute_share_percent = settings.compute.gpu_share_percent;
+        self.cpu_threads = settings.compute.cpu_threads;
+        self.start_paused = true;
+    }
 }
 
 impl NodeConfig {
