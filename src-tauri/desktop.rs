@@ -170,10 +170,10 @@ impl Desktop {
             coverage,
             settings.compute.vram_budget_mib.saturating_mul(MIB),
         )
-        .map_err(|message| CommandError {
+        .map_err(|e| CommandError {
             code: "invalid_setting",
-            message,
-            field: Some("layers".into()),
+            message: e.problem,
+            field: Some(e.field),
         })
     }
 

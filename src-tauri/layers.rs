@@ -2,7 +2,7 @@
 //! model's config and the swarm's coverage, so the settings screen can show the estimate
 //! before anything is applied.
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{Invalid, LayerRange};
 use neuroshard_model::LlamaConfig;
 use neuroshard_model::init::shard_parameter_count;
 use neuroshard_net::convert::PeerRecord;
@@ -101,20 +101,22 @@ pub fn plan(
     choice: LayerChoice,
     coverage: &[u32],
     budget_bytes: u64,
-) -> Result<LayerPlan, String> {
+) -> Result<LayerPlan, Invalid> {
     let total = c.num_hidden_layers as u32;
+    let refused = |problem: String| Invalid::new("layers", problem);
     let range = match choice {
         LayerChoice::Range { start, end } => {
             if end > total {
-                return Err(format!(
-                    "layers {start}..{end} go past the model's {total} layers"
-                ));
+                let problem = format!("layers {start}..{end} go past the model's {total} layers");
+                return Err(refused(problem));
             }
-            LayerRange::new(start, end).map_err(|e| e.to_string())?
+            LayerRange::new(start, end).map_err(|e| refused(e.to_string()))?
         }
         LayerChoice::Count { count } => {
             if count > total {
-                return Err(format!("{count} layers asked, the model has {total}"));
+                return Err(refused(format!(
+                    "{count} layers asked, the model has {total}"
+                )));
             }
             least_covered(coverage, count)
         }
@@ -173,7 +175,8 @@ mod tests {
             0,
         )
         .unwrap_err();
-        assert!(err.contains("past the model"), "{err}");
+        assert_eq!(err.field, "layers");
+        assert!(err.problem.contains("past the model"), "{err}");
         let first = estimate(&c, LayerRange::new(0, 1).unwrap());
         let middle = estimate(&c, LayerRange::new(1, 2).unwrap());
         assert!(

@@ -97,6 +97,16 @@ pub fn swarm_models(peers: &[PeerRecord]) -> Vec<SwarmModel> {
     models
 }
 
+/// A layer of a model that no known peer serves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no peer serves layer {layer} of model {model_id}")]
+pub struct Unserved {
+    /// The first layer nobody serves.
+    pub layer: u32,
+    /// The model.
+    pub model_id: String,
+}
+
 /// Where to fetch `range` of `model_id` from: consecutive pieces, each from a peer serving it,
 /// as few as can be (at each layer, the peer whose range reaches furthest; direct peers before
 /// relayed ones). The error names the first layer no peer serves.
@@ -104,7 +114,7 @@ pub fn sources(
     peers: &[PeerRecord],
     model_id: &str,
     range: LayerRange,
-) -> Result<Vec<(String, LayerRange)>, String> {
+) -> Result<Vec<(String, LayerRange)>, Unserved> {
     let mut pieces = Vec::new();
     let mut at = range.start;
     while at < range.end {
@@ -112,7 +122,10 @@ pub fn sources(
             .iter()
             .filter(|p| p.model_id == model_id && p.layers.start <= at && p.layers.end > at)
             .max_by_key(|p| (p.layers.end.min(range.end), !p.is_relayed()))
-            .ok_or_else(|| format!("no peer serves layer {at} of model {model_id}"))?;
+            .ok_or_else(|| Unserved {
+                layer: at,
+                model_id: model_id.to_string(),
+            })?;
         let end = best.layers.end.min(range.end);
         pieces.push((
             best.addr.clone(),
@@ -213,7 +226,8 @@ impl Desktop {
             Ok(None) => {}
             Err(e) => tracing::warn!("fetching the layers again: {e}"),
         }
-        let sources = crate::models::sources(peers, &model.id, range).map_err(model_error)?;
+        let sources = crate::models::sources(peers, &model.id, range)
+            .map_err(|e| model_error(e.to_string()))?;
         let mut status = FetchStatus {
             model_id: model.id.clone(),
             layers: Some(range),
@@ -352,6 +366,7 @@ mod tests {
         assert_eq!(ranges, ["1..5", "5..7"]);
         assert_eq!(got[0].0, "10.0.0.0:5");
         let e = sources(&peers[..2], "aa", LayerRange::new(2, 8).unwrap()).unwrap_err();
-        assert_eq!(e, "no peer serves layer 5 of model aa");
+        assert_eq!(e.layer, 5);
+        assert_eq!(e.to_string(), "no peer serves layer 5 of model aa");
     }
 }

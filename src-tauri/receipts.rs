@@ -55,7 +55,7 @@ impl Desktop {
         let status = status
             .map(Status::parse)
             .transpose()
-            .map_err(CommandError::bad_request)?;
+            .map_err(|e| CommandError::bad_request(e.to_string()))?;
         let offset = u64::from(page) * u64::from(per_page);
         let (rows, counts) = self
             .ledger(move |l| Ok((l.page(status, offset, per_page)?, l.status_counts()?)))

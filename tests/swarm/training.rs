@@ -6,6 +6,7 @@ use neuroshard_client::router::Hop;
 use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_model::{Device, ShardInput, TrainConfig, TrainOutput, TrainShard};
+use neuroshard_net::NodeError;
 use neuroshard_node::node::NodeHandle;
 use neuroshard_node::node::{Compression, Fault, TrainingConfig};
 use neuroshard_proto as pb;
@@ -249,19 +250,19 @@ async fn replicas(model: &TestModel, configs: Vec<(TrainingConfig, Option<Fault>
 
 /// Trains every replica of `swarm` for `steps` inner steps at once, each on its own slice of
 /// the text; each replica's losses.
-async fn train_replicas(swarm: &Swarm, steps: usize) -> Result<Vec<Vec<f32>>, String> {
+async fn train_replicas(swarm: &Swarm, steps: usize) -> Result<Vec<Vec<f32>>, NodeError> {
     let client = client(swarm).await;
     let runs = chain(swarm).into_iter().enumerate().map(|(r, hop)| {
         let client = &client;
         async move {
-            let mut session = client.train_session(vec![hop]).map_err(|e| e.to_string())?;
+            let mut session = client.train_session(vec![hop])?;
             let mut losses = Vec::new();
             for step in 0..steps {
                 let batch = windows(r * 61 + step * 37, 2, 32, 101);
-                let report = session.step(&batch).await.map_err(|e| e.to_string())?;
+                let report = session.step(&batch).await?;
                 losses.push(report.loss);
             }
-            Ok::<_, String>(losses)
+            Ok::<_, NodeError>(losses)
         }
     });
     futures::future::join_all(runs).await.into_iter().collect()
@@ -362,7 +363,7 @@ async fn a_replica_sending_flipped_and_scaled_pseudo_gradients_does_not_stop_the
             let fell = last < 0.7 * honest[0];
             assert!(!fell, "a plain mean survived: {runs:?}");
         }
-        Err(e) => assert!(e.contains("not finite"), "{e}"),
+        Err(e) => assert!(e.to_string().contains("not finite"), "{e}"),
     }
     swarm.shutdown().await;
 }

@@ -80,12 +80,7 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
         }
         eprintln!("exported every receipt to {}", file.display());
     }
-    let status = args
-        .status
-        .as_deref()
-        .map(Status::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let status = args.status.as_deref().map(Status::parse).transpose()?;
     let now = neuroshard_net::now_ms();
     let day_start = now - now % (24 * 3600 * 1000);
     let totals = ledger.totals(now, day_start)?;

@@ -3,6 +3,21 @@
 
 use super::*;
 use neuroshard_base::sync::LockExt;
+use neuroshard_proof::Mismatch;
+
+/// Why a spot check condemned a hop's reply.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CheckFailed {
+    /// The reply or the inputs kept for it do not decode.
+    #[error("its output does not decode: {0}")]
+    Undecodable(NodeError),
+    /// The receipt's fingerprint does not match the recomputed row.
+    #[error("its receipt's fingerprint: {0}")]
+    Receipt(Mismatch),
+    /// The reply itself does not match the recomputed row.
+    #[error("its output: {0}")]
+    Output(Mismatch),
+}
 
 impl SwarmSession<'_> {
     /// Spot-checks hop `i`'s reply if the sample says so, then countersigns its receipt. A
@@ -40,7 +55,7 @@ impl SwarmSession<'_> {
                         hop.addr,
                         &hop.node_id[..hop.node_id.len().min(8)]
                     ),
-                    reason,
+                    reason: reason.to_string(),
                 });
             }
         };
@@ -70,7 +85,7 @@ impl SwarmSession<'_> {
         input: &HopInput,
         output: &HopOutput,
         receipt: &Receipt,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, CheckFailed> {
         let client = self.client;
         let hop = &self.chain.links()[i].hop;
         let Some(verifier) = client.verifier.clone() else {
@@ -97,7 +112,7 @@ impl SwarmSession<'_> {
         })();
         let (history, current, received) = match inputs {
             Ok(inputs) => inputs,
-            Err(e) => return Err(format!("its output does not decode: {e}")),
+            Err(e) => return Err(CheckFailed::Undecodable(e)),
         };
         let (layers, session) = (hop.layers, self.id.clone());
         let truth = tokio::task::spawn_blocking(move || {
@@ -120,10 +135,10 @@ impl SwarmSession<'_> {
             .body()
             .fingerprint
             .check(&truth, &tolerance)
-            .map_err(|e| format!("its receipt's fingerprint: {e}"))?;
+            .map_err(CheckFailed::Receipt)?;
         Fingerprint::of(&received)
             .check(&truth, &tolerance)
-            .map_err(|e| format!("its output: {e}"))?;
+            .map_err(CheckFailed::Output)?;
         Ok(true)
     }
 }

@@ -117,6 +117,29 @@ pub enum DhtError {
     Record(#[from] RecordError),
 }
 
+/// Why an outbound request brought no usable answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoAnswer {
+    /// No answer before the request's deadline.
+    #[error("no answer in time")]
+    TimedOut,
+    /// The peer could not be reached (refused connection, broken link).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The peer answered with an error.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The answer did not come from the key asked, or did not parse.
+    #[error("bad answer: {0}")]
+    BadAnswer(String),
+}
+
+impl From<DhtError> for NoAnswer {
+    fn from(e: DhtError) -> Self {
+        Self::Refused(e.to_string())
+    }
+}
+
 /// Names an outbound request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub u64);
@@ -467,7 +490,7 @@ impl<R: Rng> Kademlia<R> {
     pub fn handle_response(
         &mut self,
         id: RequestId,
-        result: Result<Response, String>,
+        result: Result<Response, NoAnswer>,
         now_ms: u64,
     ) {
         let Some(pending) = self.pending.remove(&id) else {
@@ -620,7 +643,7 @@ impl<R: Rng> Kademlia<R> {
             .collect();
         expired.sort();
         for id in expired {
-            self.handle_response(id, Err("timed out".into()), now_ms);
+            self.handle_response(id, Err(NoAnswer::TimedOut), now_ms);
         }
         if self.store.next_expiry().is_some_and(|t| t <= now_ms) {
             self.store.expire(now_ms);

@@ -20,8 +20,8 @@ pub mod store;
 pub mod table;
 
 pub use kad::{
-    Config, DhtError, Kademlia, Mode, Outcome, Output, QueryId, QueryKind, Request, RequestId,
-    Response,
+    Config, DhtError, Kademlia, Mode, NoAnswer, Outcome, Output, QueryId, QueryKind, Request,
+    RequestId, Response,
 };
 pub use key::{Distance, Key};
 pub use record::{Record, RecordError, RecordKey};

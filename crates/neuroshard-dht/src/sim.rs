@@ -17,7 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::kad::{
-    Config, Kademlia, Mode, Outcome, Output, QueryId, QueryKind, Request, RequestId, Response,
+    Config, Kademlia, Mode, NoAnswer, Outcome, Output, QueryId, QueryKind, Request, RequestId,
+    Response,
 };
 use crate::key::Key;
 use crate::record::{Record, RecordKey};
@@ -109,7 +110,7 @@ enum Event {
     Reply {
         to: usize,
         id: RequestId,
-        result: Result<Response, String>,
+        result: Result<Response, NoAnswer>,
     },
     Wake(usize),
 }
@@ -291,7 +292,7 @@ impl Simulator {
         }
     }
 
-    fn answer(&mut self, to: usize, from: usize, request: Request) -> Result<Response, String> {
+    fn answer(&mut self, to: usize, from: usize, request: Request) -> Result<Response, NoAnswer> {
         if self.nodes[to].sybil {
             return Ok(match request {
                 Request::Ping => Response::Pong,
@@ -311,7 +312,7 @@ impl Simulator {
         self.nodes[to]
             .kad
             .handle_request(Some(sender), request, now)
-            .map_err(|e| e.to_string())
+            .map_err(NoAnswer::from)
     }
 
     /// The k Sybils closest to `target`, found with a bounded heap rather than a copy of all.

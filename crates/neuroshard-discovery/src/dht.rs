@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use neuroshard_base::{NodeKey, PublicKey};
 use neuroshard_dht::{
-    Contact, DhtError, Kademlia, Key, Mode, Outcome, Output, QueryId, Record, RecordKey, Request,
-    RequestId, Response,
+    Contact, DhtError, Kademlia, Key, Mode, NoAnswer, Outcome, Output, QueryId, Record, RecordKey,
+    Request, RequestId, Response,
 };
 use neuroshard_proto as pb;
 use pb::dht_client::DhtClient;
@@ -95,13 +95,14 @@ impl SignedContact {
 
 /// Checks that an answer comes from the key asked: signed by it, within the clock skew the
 /// senders get.
-fn check_responder(to: &Contact, responder: Option<pb::DhtSender>) -> Result<(), String> {
+fn check_responder(to: &Contact, responder: Option<pb::DhtSender>) -> Result<(), NoAnswer> {
     let skew = crate::tracker::ANNOUNCE_SKEW_MS;
+    let bad = |why: String| Err(NoAnswer::BadAnswer(format!("{}: {why}", to.addr)));
     match sender_from_proto(responder, neuroshard_net::now_ms(), skew) {
         Ok(Some(c)) if c.key == to.key => Ok(()),
-        Ok(Some(_)) => Err(format!("{} answered as another node", to.addr)),
-        Ok(None) => Err(format!("{} answered without naming itself", to.addr)),
-        Err(e) => Err(format!("{}: {e}", to.addr)),
+        Ok(Some(_)) => bad("answered as another node".into()),
+        Ok(None) => bad("answered without naming itself".into()),
+        Err(e) => bad(e.to_string()),
     }
 }
 
@@ -313,16 +314,21 @@ struct Transport {
 
 impl Transport {
     /// Sends `request` to `to` and returns its answer, or why there is none.
-    async fn call(&self, to: Contact, request: Request) -> Result<Response, String> {
+    async fn call(&self, to: Contact, request: Request) -> Result<Response, NoAnswer> {
         let sender = self.signer.as_ref().map(|s| s.current());
         let exchange = async {
             let channel = self
                 .pool
                 .control_channel(&to.addr.to_string())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| NoAnswer::Unreachable(e.to_string()))?;
             let mut client = DhtClient::new(channel).max_decoding_message_size(MAX_DHT_REPLY_BYTES);
-            let status = |s: tonic::Status| format!("{}: {}", to.addr, s.message());
+            let status = |s: tonic::Status| match s.code() {
+                tonic::Code::Unavailable => {
+                    NoAnswer::Unreachable(format!("{}: {}", to.addr, s.message()))
+                }
+                _ => NoAnswer::Refused(format!("{}: {}", to.addr, s.message())),
+            };
             match request {
                 Request::Ping => {
                     let reply = client
@@ -385,15 +391,15 @@ impl Transport {
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("{}: no answer in {:?}", to.addr, self.timeout)))
+            .unwrap_or(Err(NoAnswer::TimedOut))
     }
 }
 
 struct DhtActor {
     kad: Kademlia<StdRng>,
     commands: mpsc::Receiver<Command>,
-    answers: mpsc::Receiver<(RequestId, Result<Response, String>)>,
-    answers_tx: mpsc::Sender<(RequestId, Result<Response, String>)>,
+    answers: mpsc::Receiver<(RequestId, Result<Response, NoAnswer>)>,
+    answers_tx: mpsc::Sender<(RequestId, Result<Response, NoAnswer>)>,
     waiting: HashMap<QueryId, oneshot::Sender<Result<Outcome, NodeError>>>,
     transport: Arc<Transport>,
     stats: watch::Sender<DhtStats>,
@@ -518,12 +524,21 @@ mod tests {
             |key: &NodeKey| Some(sender_to_proto(key, to.addr, neuroshard_net::now_ms()));
         check_responder(&to, signed_by(&asked)).unwrap();
         let err = check_responder(&to, signed_by(&NodeKey::generate())).unwrap_err();
-        assert!(err.contains("answered as another node"), "{err}");
+        assert!(
+            matches!(&err, NoAnswer::BadAnswer(why) if why.contains("answered as another node")),
+            "{err}"
+        );
         let err = check_responder(&to, None).unwrap_err();
-        assert!(err.contains("without naming itself"), "{err}");
+        assert!(
+            matches!(&err, NoAnswer::BadAnswer(why) if why.contains("without naming itself")),
+            "{err}"
+        );
         let mut forged = signed_by(&asked).unwrap();
         forged.timestamp_ms += 1;
         let err = check_responder(&to, Some(forged)).unwrap_err();
-        assert!(err.contains("signature"), "{err}");
+        assert!(
+            matches!(&err, NoAnswer::BadAnswer(why) if why.contains("signature")),
+            "{err}"
+        );
     }
 }

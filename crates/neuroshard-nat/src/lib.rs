@@ -25,7 +25,7 @@ pub enum NatError {
         /// Who sent it.
         from: String,
         /// What is wrong with it.
-        why: String,
+        why: crate::stun::StunFault,
     },
     /// A STUN server did not answer.
     #[error("STUN server {server} did not answer within {waited:?}")]

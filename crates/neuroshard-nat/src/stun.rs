@@ -88,20 +88,54 @@ impl StunReport {
     }
 }
 
+/// What is wrong with a datagram that was taken for STUN.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StunFault {
+    /// The bytes do not decode as a STUN message.
+    #[error("not a STUN message: {0}")]
+    NotStun(String),
+    /// The FINGERPRINT attribute is misplaced, malformed or does not match.
+    #[error("the FINGERPRINT {0}")]
+    Fingerprint(String),
+    /// A method other than Binding.
+    #[error("method {0} is not Binding")]
+    NotBinding(String),
+    /// The answer is to a transaction this side did not start.
+    #[error("the answer is to another transaction")]
+    OtherTransaction,
+    /// The server answered with an error.
+    #[error("error response {0}")]
+    ErrorResponse(String),
+    /// A request where a response belongs, or the other way round.
+    #[error("a {found} where a {expected} belongs")]
+    WrongClass {
+        /// The class received.
+        found: String,
+        /// What belongs there.
+        expected: &'static str,
+    },
+    /// The response names no address, or a malformed one.
+    #[error("the response has no XOR-MAPPED-ADDRESS or MAPPED-ADDRESS it can read{0}")]
+    NoAddress(String),
+}
+
 /// Decodes a message from the network, checking its FINGERPRINT where it has one.
 /// MESSAGE-INTEGRITY is not checked: Binding here carries no credentials (the answer is the
 /// asker's own address), so a request or response that has one is taken as if it had none.
-fn decode(bytes: &[u8]) -> Result<StunMessage, String> {
+fn decode(bytes: &[u8]) -> Result<StunMessage, StunFault> {
     let (message, _) = MessageDecoderBuilder::default()
         .build()
         .decode(bytes)
-        .map_err(|e| format!("not a STUN message: {e}"))?;
+        .map_err(|e| StunFault::NotStun(e.to_string()))?;
     if let Some(fingerprint) = message.get::<Fingerprint>() {
-        let fingerprint = fingerprint.as_fingerprint().map_err(|e| e.to_string())?;
+        let fault = |why: String| StunFault::Fingerprint(why);
+        let fingerprint = fingerprint
+            .as_fingerprint()
+            .map_err(|e| fault(format!("is malformed: {e}")))?;
         let covered = stun_rs::get_input_text::<Fingerprint>(bytes)
-            .ok_or("the FINGERPRINT attribute is misplaced")?;
+            .ok_or_else(|| fault("attribute is misplaced".into()))?;
         if !fingerprint.validate(&covered) {
-            return Err("the FINGERPRINT does not match the message".into());
+            return Err(fault("does not match the message".into()));
         }
     }
     Ok(message)
@@ -127,13 +161,13 @@ pub fn binding_request() -> (TransactionId, Vec<u8>) {
 }
 
 /// The mapped address a Binding success response to `tid` carries; what is wrong otherwise.
-pub fn parse_binding_response(bytes: &[u8], tid: &TransactionId) -> Result<SocketAddr, String> {
+pub fn parse_binding_response(bytes: &[u8], tid: &TransactionId) -> Result<SocketAddr, StunFault> {
     let message = decode(bytes)?;
     if message.method() != BINDING {
-        return Err(format!("method {:?} is not Binding", message.method()));
+        return Err(StunFault::NotBinding(format!("{:?}", message.method())));
     }
     if message.transaction_id() != tid {
-        return Err("the answer is to another transaction".into());
+        return Err(StunFault::OtherTransaction);
     }
     match message.class() {
         MessageClass::SuccessResponse => {}
@@ -143,33 +177,38 @@ pub fn parse_binding_response(bytes: &[u8], tid: &TransactionId) -> Result<Socke
                 .and_then(|a| a.as_error_code().ok())
                 .map(|e| format!("{:?}", e.error_code()))
                 .unwrap_or_else(|| "with no ERROR-CODE".into());
-            return Err(format!("error response {code}"));
+            return Err(StunFault::ErrorResponse(code));
         }
-        class => return Err(format!("a {class:?} where a response belongs")),
+        class => {
+            return Err(StunFault::WrongClass {
+                found: format!("{class:?}"),
+                expected: "response",
+            });
+        }
+    }
+    fn malformed(e: impl std::fmt::Display) -> StunFault {
+        StunFault::NoAddress(format!(" ({e})"))
     }
     if let Some(attribute) = message.get::<XorMappedAddress>() {
-        let xor = attribute
-            .as_xor_mapped_address()
-            .map_err(|e| e.to_string())?;
+        let xor = attribute.as_xor_mapped_address().map_err(malformed)?;
         return Ok(*xor.socket_address());
     }
     if let Some(attribute) = message.get::<MappedAddress>() {
-        let plain = attribute.as_mapped_address().map_err(|e| e.to_string())?;
+        let plain = attribute.as_mapped_address().map_err(malformed)?;
         return Ok(*plain.socket_address());
     }
-    Err("the response has no XOR-MAPPED-ADDRESS or MAPPED-ADDRESS".into())
+    Err(StunFault::NoAddress(String::new()))
 }
 
 /// A STUN server's answer to a datagram from `peer`: a Binding success response naming the
 /// peer's address; what is wrong with the datagram otherwise.
-pub fn answer(request: &[u8], peer: SocketAddr) -> Result<Vec<u8>, String> {
+pub fn answer(request: &[u8], peer: SocketAddr) -> Result<Vec<u8>, StunFault> {
     let message = decode(request)?;
     if message.method() != BINDING || message.class() != MessageClass::Request {
-        return Err(format!(
-            "a {:?} of method {:?}, where a Binding request belongs",
-            message.class(),
-            message.method()
-        ));
+        return Err(StunFault::WrongClass {
+            found: format!("{:?} of method {:?}", message.class(), message.method()),
+            expected: "Binding request",
+        });
     }
     // A dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d; they are told their IPv4 address.
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -210,7 +249,7 @@ pub async fn query(
             }
             match parse_binding_response(&buf[..len], &tid) {
                 Ok(mapped) => return Ok(mapped),
-                Err(why) if why.contains("another transaction") => continue,
+                Err(StunFault::OtherTransaction) => continue,
                 Err(why) => {
                     return Err(NatError::Stun {
                         from: server.to_string(),

@@ -23,7 +23,7 @@ use neuroshard_net::NodeError;
 use neuroshard_net::convert::PeerRecord;
 
 mod plan;
-pub use plan::{Learned, Plan, Probe};
+pub use plan::{Learned, Plan, Probe, ProbeFailed};
 
 /// How long a dial-back may take: connecting, then a ping.
 pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,7 +51,7 @@ pub enum NatMode {
 }
 
 impl std::str::FromStr for NatMode {
-    type Err = String;
+    type Err = neuroshard_base::Invalid;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
@@ -61,9 +61,8 @@ impl std::str::FromStr for NatMode {
             "relay" => NatMode::Relay,
             "off" => NatMode::Off,
             other => {
-                return Err(format!(
-                    "unknown nat mode {other:?}: expected auto, upnp, stun, relay or off"
-                ));
+                let problem = format!("{other:?} is not auto, upnp, stun, relay or off");
+                return Err(neuroshard_base::Invalid::new("nat mode", problem));
             }
         })
     }
@@ -229,11 +228,11 @@ async fn run_chain(
                 release(std::mem::take(&mut made)).await;
                 let servers = stun_servers(config, &helpers).await;
                 Learned::Stun(match servers.is_empty() {
-                    true => Err("no STUN server to ask".into()),
+                    true => Err(ProbeFailed::Stun("no server to ask".into())),
                     false => neuroshard_nat::stun::probe(&servers, Retransmit::default())
                         .await
                         .map(|report| (report.external(), report.mapping))
-                        .map_err(|e| format!("STUN: {e}")),
+                        .map_err(|e| ProbeFailed::Stun(e.to_string())),
                 })
             }
             Probe::Link(relay) => {
@@ -257,9 +256,9 @@ async fn map_port(
     subject: &Subject<'_>,
     config: &ReachConfig,
     made: &mut Kept,
-) -> Result<String, String> {
+) -> Result<String, ProbeFailed> {
     let mapper = PortMapper::spawn(config.portmap.clone(), subject.cancel.clone())
-        .map_err(|e| format!("UPnP: {e}"))?;
+        .map_err(|e| ProbeFailed::Upnp(e.to_string()))?;
     match mapper.map(Protocol::Tcp, subject.port).await {
         PortMapState::Mapped { external, .. } => {
             made.mapper = Some(mapper);
@@ -267,10 +266,10 @@ async fn map_port(
         }
         state => {
             mapper.shutdown().await;
-            Err(match state {
-                PortMapState::Failed { why } => format!("UPnP failed: {why}"),
-                other => format!("UPnP ended {other:?}"),
-            })
+            Err(ProbeFailed::Upnp(match state {
+                PortMapState::Failed { why } => why,
+                other => format!("the mapping ended {other:?}"),
+            }))
         }
     }
 }
@@ -302,7 +301,7 @@ async fn link_to(
         tokio::sync::watch::Receiver<LinkState>,
         CancellationToken,
     ),
-    String,
+    ProbeFailed,
 > {
     let cancel = subject.cancel.child_token();
     let mut link = neuroshard_nat::relay::spawn_link(
@@ -334,7 +333,10 @@ async fn link_to(
                 _ => format!("no registration within {RELAY_WAIT:?}"),
             };
             cancel.cancel();
-            Err(format!("relay {relay}: {why}"))
+            Err(ProbeFailed::Relay {
+                relay: relay.to_string(),
+                why,
+            })
         }
     }
 }
@@ -362,11 +364,11 @@ async fn dial_back_by_any(
     helpers: Vec<&PeerRecord>,
     addr: String,
     node_id: String,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, ProbeFailed>> {
     for helper in helpers.into_iter().take(ASK_AT_MOST) {
         match ask_dial_back(&helper.addr, &addr, &node_id).await {
             Ok(reply) if reply.reached => return Some(Ok(helper.addr.clone())),
-            Ok(reply) => return Some(Err(reply.error)),
+            Ok(reply) => return Some(Err(ProbeFailed::NotReached(reply.error))),
             Err(e) => tracing::debug!("asking {} to dial back: {e}", helper.addr),
         }
     }

@@ -96,17 +96,20 @@ impl Status {
     }
 
     /// Parses a stored or typed name.
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, UnknownStatus> {
         match name {
             "pending" => Ok(Self::Pending),
             "verified" => Ok(Self::Verified),
             "voided" => Ok(Self::Voided),
-            other => Err(format!(
-                "receipt status {other:?} is not pending, verified or voided"
-            )),
+            other => Err(UnknownStatus(other.to_string())),
         }
     }
 }
+
+/// A receipt status name that is not one of [`Status`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("receipt status {0:?} is not pending, verified or voided")]
+pub struct UnknownStatus(pub String);
 
 /// One receipt as the app lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -439,7 +442,7 @@ impl Ledger {
                 Ok(Status::Pending) => counts.pending = n,
                 Ok(Status::Verified) => counts.verified = n,
                 Ok(Status::Voided) => counts.voided = n,
-                Err(e) => return Err(LedgerError::Schema(e)),
+                Err(e) => return Err(LedgerError::Schema(e.to_string())),
             }
         }
         Ok(counts)
@@ -550,7 +553,7 @@ fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
         requester: r.get(9)?,
         created_ms: r.get::<_, i64>(10)? as u64,
         status: Status::parse(&status).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, e.into())
+            rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, Box::new(e))
         })?,
         spot_checked: r.get(12)?,
         reliability: r.get(13)?,

@@ -18,6 +18,7 @@ pub mod reputation;
 pub use fingerprint::{Fingerprint, Mismatch, Tolerance};
 pub use ledger::{
     Ledger, LedgerError, ModelTotals, ReceiptRow, Settlement, Status, StatusCounts, Totals,
+    UnknownStatus,
 };
 pub use receipt::{
     Countersignature, Expectation, Receipt, ReceiptBody, ReceiptError, ReceiptId, Verdict,

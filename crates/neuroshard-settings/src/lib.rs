@@ -494,22 +494,23 @@ impl NetworkSettings {
 /// A file without a version predates versioning (hand-written for a headless node) and is
 /// taken as version 0, whose fields are those of version 1. A newer version is refused: this
 /// build would drop what it does not know.
-pub fn migrate(mut doc: Value) -> Result<Value, String> {
+pub fn migrate(mut doc: Value) -> Result<Value, SettingsError> {
     let object = doc
         .as_object_mut()
-        .ok_or("settings must be a JSON object")?;
+        .ok_or_else(|| SettingsError::invalid("settings", "must be a JSON object"))?;
     let version = match object.get("version") {
         None => 0,
         Some(v) => v
             .as_u64()
             .and_then(|v| u32::try_from(v).ok())
-            .ok_or("version must be a whole number")?,
+            .ok_or_else(|| SettingsError::invalid("version", "must be a whole number"))?,
     };
     if version > SETTINGS_VERSION {
-        return Err(format!(
+        let problem = format!(
             "written by a newer NeuroShard (settings version {version}; this one knows up to \
              {SETTINGS_VERSION})"
-        ));
+        );
+        return Err(SettingsError::invalid("version", problem));
     }
     // Version 0 -> 1: only the version field was added.
     object.insert("version".into(), SETTINGS_VERSION.into());
@@ -577,8 +578,9 @@ impl SettingsStore {
         let doc: Value =
             serde_json::from_str(&text).map_err(|e| unreadable(format!("not JSON: {e}")))?;
         let was_current = doc.get("version") == Some(&Value::from(SETTINGS_VERSION));
-        let current =
-            parse(migrate(doc).map_err(unreadable)?).map_err(|e| unreadable(e.to_string()))?;
+        let current = migrate(doc)
+            .and_then(parse)
+            .map_err(|e| unreadable(e.to_string()))?;
         let store = Self { path, current };
         if !was_current {
             store.write(&store.current)?;

@@ -116,12 +116,12 @@ where
 async fn send_handshake<W: AsyncWrite + Unpin>(
     handshake: &mut snow::HandshakeState,
     w: &mut W,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let n = handshake
         .write_message(&[], &mut buf)
-        .map_err(|e| e.to_string())?;
-    write_message(w, &buf[..n]).await.map_err(|e| e.to_string())
+        .map_err(std::io::Error::other)?;
+    write_message(w, &buf[..n]).await
 }
 
 async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> std::io::Result<()> {

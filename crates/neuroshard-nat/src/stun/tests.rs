@@ -184,7 +184,7 @@ fn rfc5769_sample_responses_carry_the_mapped_addresses() {
         let mut flipped = bytes.to_vec();
         flipped[47] ^= 1;
         let err = parse_binding_response(&flipped, &sample_tid()).unwrap_err();
-        assert!(err.contains("FINGERPRINT"), "{err}");
+        assert!(err.to_string().contains("FINGERPRINT"), "{err}");
     }
 }
 
@@ -233,7 +233,7 @@ fn a_wrong_password_a_broken_fingerprint_and_a_short_datagram_are_refused() {
     tampered[79] ^= 1;
     assert!(short_term().decode(&tampered).is_err());
     let err = answer(&SAMPLE_REQUEST[..15], "192.0.2.1:1".parse().unwrap()).unwrap_err();
-    assert!(err.contains("not a STUN message"), "{err}");
+    assert!(err.to_string().contains("not a STUN message"), "{err}");
 }
 
 #[test]
@@ -243,13 +243,14 @@ fn malformed_and_unexpected_datagrams_get_named_errors() {
     // Garbage, an empty datagram, a request whose length field lies.
     for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[][..]] {
         let err = answer(bytes, peer).unwrap_err();
-        assert!(err.contains("not a STUN message"), "{err}");
+        assert!(err.to_string().contains("not a STUN message"), "{err}");
     }
     let mut lying = request.clone();
     lying[3] = 0xf0;
     assert!(
         answer(&lying, peer)
             .unwrap_err()
+            .to_string()
             .contains("not a STUN message")
     );
     // A response sent to a server, and a request where a response belongs.
@@ -257,16 +258,19 @@ fn malformed_and_unexpected_datagrams_get_named_errors() {
     assert!(
         answer(&response, peer)
             .unwrap_err()
+            .to_string()
             .contains("Binding request")
     );
     let err = parse_binding_response(&request, &tid).unwrap_err();
-    assert!(err.contains("where a response belongs"), "{err}");
+    assert!(
+        err.to_string().contains("where a response belongs"),
+        "{err}"
+    );
     // An answer to another transaction, and one without an address.
     let (other, _) = binding_request();
-    assert!(
-        parse_binding_response(&response, &other)
-            .unwrap_err()
-            .contains("another transaction")
+    assert_eq!(
+        parse_binding_response(&response, &other),
+        Err(StunFault::OtherTransaction)
     );
     let bare = encode(
         &StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
@@ -274,7 +278,7 @@ fn malformed_and_unexpected_datagrams_get_named_errors() {
             .build(),
     );
     let err = parse_binding_response(&bare, &tid).unwrap_err();
-    assert!(err.contains("no XOR-MAPPED-ADDRESS"), "{err}");
+    assert!(matches!(err, StunFault::NoAddress(_)), "{err}");
     assert_eq!(parse_binding_response(&response, &tid), Ok(peer));
 }
 

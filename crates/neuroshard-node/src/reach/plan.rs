@@ -35,13 +35,35 @@ pub enum Probe {
 pub enum Learned {
     /// Some(Ok(the peer that dialed back)), Some(Err(why the first peer that answered could
     /// not)), or None when no peer could be asked.
-    DialBack(Option<Result<String, String>>),
+    DialBack(Option<Result<String, ProbeFailed>>),
     /// The external address UPnP mapped, or why it did not.
-    Mapped(Result<String, String>),
+    Mapped(Result<String, ProbeFailed>),
     /// The address STUN saw and the NAT's mapping, or why STUN could not tell.
-    Stun(Result<(Option<SocketAddr>, Option<Mapping>), String>),
+    Stun(Result<(Option<SocketAddr>, Option<Mapping>), ProbeFailed>),
     /// The relayed address, or why the relay did not register the node.
-    Linked(Result<String, String>),
+    Linked(Result<String, ProbeFailed>),
+}
+
+/// Why a probe found no way in; the plan puts it in the owner's advice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailed {
+    /// The peer asked to dial back could not reach the node, in its words.
+    #[error("{0}")]
+    NotReached(String),
+    /// UPnP mapped nothing.
+    #[error("UPnP failed: {0}")]
+    Upnp(String),
+    /// STUN could not tell the address.
+    #[error("STUN: {0}")]
+    Stun(String),
+    /// The relay did not register the node.
+    #[error("relay {relay}: {why}")]
+    Relay {
+        /// The relay asked.
+        relay: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
 /// Where the plan stands: what it asked last.
@@ -127,7 +149,7 @@ impl Plan {
                 Probe::DialBack(external)
             }
             (Stage::Upnp, Learned::Mapped(Err(why))) => {
-                self.why_not.push(why);
+                self.why_not.push(why.to_string());
                 self.stun()
             }
             (Stage::UpnpAsk(external), Learned::DialBack(Some(Err(e)))) => {
@@ -153,7 +175,7 @@ impl Plan {
                 Probe::DialBack(forwarded)
             }
             (Stage::Stun, Learned::Stun(Err(why))) => {
-                self.why_not.push(why);
+                self.why_not.push(why.to_string());
                 self.relay()
             }
             (Stage::StunAsk(forwarded), Learned::DialBack(asked)) => match asked {
@@ -183,7 +205,7 @@ impl Plan {
             }
             (Stage::Relay, Learned::Linked(Err(why))) => {
                 self.relays.pop_front();
-                self.why_not.push(why);
+                self.why_not.push(why.to_string());
                 self.relay()
             }
             (Stage::RelayAsk { addr, .. }, Learned::DialBack(Some(Err(e)))) => {
@@ -296,7 +318,7 @@ mod tests {
         Learned::DialBack(match rng.random_range(0..3) {
             _ if !helpers => None,
             0 => Some(Ok("peer:1".into())),
-            1 => Some(Err("refused".into())),
+            1 => Some(Err(ProbeFailed::NotReached("refused".into()))),
             _ => None,
         })
     }
@@ -324,16 +346,19 @@ mod tests {
                     Probe::DialBack(_) => dial_back(&mut rng, helpers),
                     Probe::MapPort => Learned::Mapped(match rng.random_bool(0.5) {
                         true => Ok("203.0.113.5:7".into()),
-                        false => Err("UPnP failed: no gateway".into()),
+                        false => Err(ProbeFailed::Upnp("no gateway".into())),
                     }),
                     Probe::Stun => Learned::Stun(match rng.random_range(0..3) {
                         0 => Ok((Some("203.0.113.5:4000".parse().unwrap()), None)),
                         1 => Ok((None, None)),
-                        _ => Err("STUN: timed out".into()),
+                        _ => Err(ProbeFailed::Stun("timed out".into())),
                     }),
                     Probe::Link(_) => Learned::Linked(match rng.random_bool(0.5) {
                         true => Ok(format!("relay://r/{seed}")),
-                        false => Err("relay: refused".into()),
+                        false => Err(ProbeFailed::Relay {
+                            relay: "r".into(),
+                            why: "refused".into(),
+                        }),
                     }),
                 };
                 trail.push(probe.clone());
@@ -386,9 +411,9 @@ mod tests {
         let relays = vec!["r1:7".to_string()];
         let mut plan = Plan::new(NatMode::Auto, "10.0.0.2:7", 7, true, relays);
         assert_eq!(plan.start(), Probe::DialBack("10.0.0.2:7".into()));
-        let refused = || Learned::DialBack(Some(Err("refused".into())));
+        let refused = || Learned::DialBack(Some(Err(ProbeFailed::NotReached("refused".into()))));
         assert_eq!(plan.learn(refused()), Probe::MapPort);
-        let upnp = Learned::Mapped(Err("UPnP failed: no gateway".into()));
+        let upnp = Learned::Mapped(Err(ProbeFailed::Upnp("no gateway".into())));
         assert_eq!(plan.learn(upnp), Probe::Stun);
         let seen = Learned::Stun(Ok((Some("203.0.113.5:4000".parse().unwrap()), None)));
         assert_eq!(plan.learn(seen), Probe::DialBack("203.0.113.5:7".into()));
