@@ -4,6 +4,7 @@
 //! meter are shared with a headless node (`neuroshard_settings::policy`, `neuroshard_node::owner`);
 //! the receipts view (`receipts`) and the model choice (`models`) live beside it.
 
+use neuroshard_base::NodeId;
 use neuroshard_base::sync::LockExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -153,7 +154,7 @@ impl Desktop {
     /// Plans the layers for `choice` with the current settings and the swarm's coverage.
     pub async fn plan_layers(&self, choice: LayerChoice) -> Result<LayerPlan, CommandError> {
         let settings = self.settings();
-        let own = self.node.read().await.as_ref().map(|n| n.id().to_string());
+        let own = self.node.read().await.as_ref().map(|n| n.id());
         let coverage = self.coverage(&settings, own).await;
         self.plan_with(choice, &coverage, &settings)
     }
@@ -179,10 +180,10 @@ impl Desktop {
 
     /// Replicas per layer among the tracker's peers, else among those the running node found
     /// through the DHT; none known (all zero) leaves Auto to fill from the first layer.
-    async fn coverage(&self, settings: &Settings, own: Option<String>) -> Vec<u32> {
+    async fn coverage(&self, settings: &Settings, own: Option<NodeId>) -> Vec<u32> {
         let model = self.model();
         let mut peers = self.swarm_peers(settings, Some(&model.id)).await;
-        peers.retain(|p| Some(&p.node_id) != own.as_ref());
+        peers.retain(|p| Some(p.node_id) != own);
         layers::coverage(&peers, &model.id, model.config.num_hidden_layers as u32)
     }
 
@@ -509,7 +510,7 @@ impl Desktop {
         let status = DesktopStatus {
             state,
             detail,
-            node_id: Some(node.id().to_string()),
+            node_id: Some(node.id()),
             model_id: Some(node.model_id().to_string()),
             layers: Some(node.layers()),
             total_layers: Some(node_layers_total),

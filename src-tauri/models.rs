@@ -324,7 +324,7 @@ mod tests {
     fn peer(model: &str, start: u32, end: u32, total: u32) -> PeerRecord {
         let key = neuroshard_base::NodeKey::generate();
         PeerRecord {
-            node_id: key.id().to_string(),
+            node_id: key.id(),
             addr: format!("10.0.0.{start}:{end}"),
             model_id: model.into(),
             layers: LayerRange::new(start, end).unwrap(),

@@ -71,7 +71,7 @@ pub struct DesktopStatus {
     /// Why, for errors and waits ("until 15:30", "outside the schedule").
     pub detail: Option<String>,
     /// Node id (hex), once the node runs.
-    pub node_id: Option<String>,
+    pub node_id: Option<neuroshard_base::NodeId>,
     /// Model served.
     pub model_id: Option<String>,
     /// Layers served.

@@ -59,7 +59,7 @@ fn receipt_cost(c: &mut Criterion) -> (Duration, Duration) {
     let row = activations(512);
     let wire = encode(&row, &[1, 1, 512], WireDType::F16);
     let expected = Expectation {
-        worker_id: worker.id().to_string(),
+        worker_id: worker.id(),
         kind: WorkKind::Forward,
         requester: requester.public(),
         nonce: [5; 16],

@@ -118,10 +118,7 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
     let all = nodes[11].discovery().providers(&model_id, 4).await;
     assert_eq!(all.len(), 64);
     for peer in &all {
-        let node = nodes
-            .iter()
-            .find(|n| n.id().to_string() == peer.node_id)
-            .unwrap();
+        let node = nodes.iter().find(|n| n.id() == peer.node_id).unwrap();
         assert_eq!(
             (peer.addr.clone(), peer.layers),
             (node.advertised(), node.layers())

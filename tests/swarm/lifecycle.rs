@@ -166,16 +166,13 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
     let listed = neuroshard_client::list_peers(tracker, &url, Some(mover.model_id()))
         .await
         .unwrap();
-    let moved = listed.iter().find(|p| p.node_id == id.to_string()).unwrap();
+    let moved = listed.iter().find(|p| p.node_id == id).unwrap();
     assert_eq!(moved.layers, LayerRange::new(0, 2).unwrap());
     let providers = swarm.nodes[0]
         .discovery()
         .providers(mover.model_id(), 4)
         .await;
-    let moved = providers
-        .iter()
-        .find(|p| p.node_id == id.to_string())
-        .unwrap();
+    let moved = providers.iter().find(|p| p.node_id == id).unwrap();
     assert_eq!(moved.layers, LayerRange::new(0, 2).unwrap());
     for index in 2..4 {
         let key = neuroshard_dht::RecordKey::Layer {
@@ -189,7 +186,7 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
             .filter_map(|r| neuroshard_net::convert::peer_from_record(r).ok())
             .map(|p| p.node_id)
             .collect();
-        assert!(!named.contains(&id.to_string()), "layer {index}: {named:?}");
+        assert!(!named.contains(&id), "layer {index}: {named:?}");
     }
 
     // With the old lower half paused, the same client's next session runs its lower half on

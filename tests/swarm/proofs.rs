@@ -91,10 +91,7 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
         let gflop = t.flops as f64 / 1e9;
         assert!(t.credit > 0.5 * gflop && t.credit <= gflop, "{t:?}");
         let rows = node.ledger().read(|l| l.page(None, 0, 100)).await.unwrap();
-        assert!(
-            rows.iter()
-                .all(|r| r.requester == client.public_key().id().to_string())
-        );
+        assert!(rows.iter().all(|r| r.requester == client.public_key().id()));
         assert!(
             rows.iter().any(|r| r.spot_checked),
             "new peers are re-executed"
@@ -112,8 +109,7 @@ async fn catch(fault: Fault, model: &TestModel) {
         .add_node_with(model.path(), 2, 4, |c| c.fault = Some(fault.clone()))
         .await
         .unwrap()
-        .id()
-        .to_string();
+        .id();
     let client = SwarmClient::connect(verifying_client(&swarm, model))
         .await
         .unwrap();

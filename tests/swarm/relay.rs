@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use neuroshard_base::NodeId;
 use neuroshard_client::generate::generate;
 use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
@@ -175,9 +176,9 @@ async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
     assert_eq!(reach.checked_by.as_deref(), Some(helper.as_str()));
     assert_eq!(reach.addr, node.advertised());
 
-    let id = node.id().to_string();
+    let id = node.id();
     let ask = |addr: String| {
-        let (helper, id) = (helper.clone(), id.clone());
+        let helper = helper.clone();
         async move {
             neuroshard_node::reach::ask_dial_back(&helper, &addr, &id)
                 .await
@@ -191,9 +192,10 @@ async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
         "{refused:?}"
     );
     // The right address but another node's id: dialed, and found out.
-    let wrong = neuroshard_node::reach::ask_dial_back(&helper, &node.advertised(), "ab")
-        .await
-        .unwrap();
+    let wrong =
+        neuroshard_node::reach::ask_dial_back(&helper, &node.advertised(), &NodeId([0xab; 32]))
+            .await
+            .unwrap();
     assert!(
         !wrong.reached && wrong.error.contains("another node"),
         "{wrong:?}"

@@ -202,7 +202,7 @@ async fn a_running_node_moves_between_trackers_without_a_restart() {
             .map(|p| p.node_id)
             .collect::<Vec<_>>()
     };
-    let id = node.id().to_string();
+    let id = node.id();
     // Following a tracker registers with it before the call returns.
     node.set_tracker(Some(&first.url())).await.unwrap();
     assert_eq!(listed(first.url()).await, std::slice::from_ref(&id));

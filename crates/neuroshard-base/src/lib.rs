@@ -85,12 +85,29 @@ impl FromStr for LayerRange {
     }
 }
 
-/// A node's identity on the swarm: 256 random bits, shown as hex.
-///
-/// The proof-of-work issue derives it from an ed25519 public key; until then it is random per
-/// process start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A node's identity on the swarm: the SHA-256 of its ed25519 key ([`NodeId::of_key`]), shown
+/// and serialized as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub [u8; 32]);
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.short())
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 impl NodeId {
     /// The id of a public key: its SHA-256, so an id cannot be claimed without the key.

@@ -267,7 +267,7 @@ pub(crate) fn print_hops(hops: &[HopTiming]) {
     for h in hops {
         println!(
             "{:<10} {:<22} {:<8} {:>6} {:>10.2} {:>12.2}",
-            &h.node_id[..8.min(h.node_id.len())],
+            h.node_id.short(),
             h.addr,
             h.layers,
             h.calls,

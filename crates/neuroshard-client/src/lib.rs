@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::ShardInput;
 use neuroshard_model::codec::{self, WireDType, WireTensor};
@@ -341,7 +341,7 @@ impl SwarmClient {
     }
 
     /// Verified results of a node, as this client has seen them.
-    pub fn reputation(&self, node_id: &str) -> Reputation {
+    pub fn reputation(&self, node_id: &NodeId) -> Reputation {
         self.router.lock_or_recover().reputation().record(node_id)
     }
 

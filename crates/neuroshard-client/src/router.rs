@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
-use neuroshard_base::{Invalid, LayerRange};
+use neuroshard_base::{Invalid, LayerRange, NodeId};
 use neuroshard_proof::{Reputation, SpotCheckPolicy};
 use rand::Rng;
 use tokio::time::Instant;
@@ -182,7 +182,7 @@ pub struct Hop {
     /// The peer's `host:port`.
     pub addr: String,
     /// Its node id.
-    pub node_id: String,
+    pub node_id: NodeId,
     /// Layers it runs for this chain.
     pub layers: LayerRange,
 }
@@ -314,7 +314,7 @@ impl Router {
         let mut at = span.end;
         while at != span.start {
             let (addr, from) = via[(at - span.start) as usize].clone()?;
-            let node_id = self.peers[&addr].0.node_id.clone();
+            let node_id = self.peers[&addr].0.node_id;
             hops.push(Hop {
                 addr,
                 node_id,
@@ -439,9 +439,16 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
+    /// A made-up id that names the peer's address.
+    fn id_of(addr: &str) -> NodeId {
+        let mut bytes = [0; 32];
+        bytes[..addr.len()].copy_from_slice(addr.as_bytes());
+        NodeId(bytes)
+    }
+
     fn peer(addr: &str, start: u32, end: u32) -> PeerRecord {
         PeerRecord {
-            node_id: format!("id-{addr}"),
+            node_id: id_of(addr),
             addr: addr.into(),
             model_id: "m".into(),
             layers: LayerRange::new(start, end).unwrap(),
@@ -518,7 +525,7 @@ mod tests {
             chain,
             vec![Hop {
                 addr: "wide".into(),
-                node_id: "id-wide".into(),
+                node_id: id_of("wide"),
                 layers: LayerRange::new(2, 4).unwrap()
             }]
         );
@@ -552,10 +559,10 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         let now = Instant::now();
         for _ in 0..5 {
-            r.reputation_mut().record_pass("id-good");
+            r.reputation_mut().record_pass(&id_of("good"));
         }
         // A check failed long ago: no ban left, but the record remains.
-        r.reputation_mut().record_failure("id-cheat");
+        r.reputation_mut().record_failure(&id_of("cheat"));
         for _ in 0..10 {
             assert_eq!(r.plan(all(), 1, now, &mut rng).unwrap()[0].addr, "good");
         }
@@ -567,7 +574,7 @@ mod tests {
         config.weights.reliability = 0.0;
         let mut r2 = Router::new(config);
         r2.set_peers(vec![peer("good", 0, 6), peer("cheat", 0, 6)]);
-        r2.reputation_mut().record_failure("id-cheat");
+        r2.reputation_mut().record_failure(&id_of("cheat"));
         let picked: std::collections::HashSet<String> = (0..40)
             .map(|_| r2.plan(all(), 1, now, &mut rng).unwrap()[0].addr.clone())
             .collect();

@@ -66,10 +66,10 @@ impl HopOutput {
 }
 
 /// Latency figures of one hop over a session.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct HopTiming {
     /// Node id of the peer.
-    pub node_id: String,
+    pub node_id: NodeId,
     /// Its address.
     pub addr: String,
     /// Layers it ran.
@@ -101,7 +101,7 @@ pub struct SwarmSession<'c> {
     pub(super) id: String,
     /// The chain and its replay logs; it decides what each reply or failure leads to.
     pub(super) chain: Chain<HopInput, Vec<f32>, NodeError>,
-    pub(super) timings: BTreeMap<(LayerRange, String), HopTiming>,
+    pub(super) timings: BTreeMap<(LayerRange, NodeId), HopTiming>,
 }
 
 impl SwarmSession<'_> {
@@ -267,7 +267,7 @@ impl SwarmSession<'_> {
             ..Default::default()
         };
         let mut expected = Expectation {
-            worker_id: hop.node_id.clone(),
+            worker_id: hop.node_id,
             kind: WorkKind::Forward,
             requester: client.key.public(),
             nonce: request.nonce.as_slice().try_into().expect("16-byte nonce"),
@@ -314,12 +314,14 @@ impl SwarmSession<'_> {
             .record_success(&hop.addr, wall, compute, tokens);
         let timing = self
             .timings
-            .entry((hop.layers, hop.node_id.clone()))
+            .entry((hop.layers, hop.node_id))
             .or_insert_with(|| HopTiming {
-                node_id: hop.node_id.clone(),
+                node_id: hop.node_id,
                 addr: hop.addr.clone(),
                 layers: hop.layers.to_string(),
-                ..HopTiming::default()
+                calls: 0,
+                total_ms: 0.0,
+                compute_ms: 0.0,
             });
         timing.calls += 1;
         timing.total_ms += wall.as_secs_f64() * 1000.0;

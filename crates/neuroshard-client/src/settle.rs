@@ -50,11 +50,7 @@ impl SwarmSession<'_> {
                 );
                 client.outbox.push(&hop.addr, voided).await;
                 return Err(NodeError::Verification {
-                    peer: format!(
-                        "{} ({})",
-                        hop.addr,
-                        &hop.node_id[..hop.node_id.len().min(8)]
-                    ),
+                    peer: format!("{} ({})", hop.addr, hop.node_id.short()),
                     reason: reason.to_string(),
                 });
             }

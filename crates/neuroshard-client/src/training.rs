@@ -293,7 +293,7 @@ impl TrainSession<'_> {
     ) -> Expectation {
         let (session_id, nonce) = request.ids();
         Expectation {
-            worker_id: hop.node_id.clone(),
+            worker_id: hop.node_id,
             kind,
             requester: self.client.key.public(),
             nonce: nonce.try_into().expect("16-byte nonce"),

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use neuroshard_base::{LayerRange, NodeKey};
+use neuroshard_base::{LayerRange, NodeId, NodeKey};
 use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_proto as pb;
 use tokio::sync::watch;
@@ -462,9 +462,9 @@ fn layer_keys(
 
 /// One record per node, the first seen, in node id order.
 pub fn dedup_peers(peers: Vec<PeerRecord>) -> Vec<PeerRecord> {
-    let mut by_id: BTreeMap<String, PeerRecord> = BTreeMap::new();
+    let mut by_id: BTreeMap<NodeId, PeerRecord> = BTreeMap::new();
     for p in peers {
-        by_id.entry(p.node_id.clone()).or_insert(p);
+        by_id.entry(p.node_id).or_insert(p);
     }
     by_id.into_values().collect()
 }
@@ -495,7 +495,7 @@ mod tests {
     fn a_record_describes_only_its_publisher_serving_the_layer_it_is_filed_under() {
         let key = NodeKey::generate();
         let me = PeerRecord {
-            node_id: key.id().to_string(),
+            node_id: key.id(),
             addr: "127.0.0.1:7000".into(),
             model_id: "m".into(),
             layers: neuroshard_base::LayerRange::new(2, 4).unwrap(),

@@ -3,6 +3,7 @@
 //! [`TrackerState`] is the logic, fed `now`; [`TrackerService`] serves it over gRPC and a sweeper
 //! drops nodes silent for longer than the timeout.
 
+use neuroshard_base::NodeId;
 use neuroshard_base::sync::LockExt;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -58,7 +59,7 @@ pub fn announcement(kind: &str, record: &PeerRecord, timestamp_ms: u64) -> [u8; 
     neuroshard_proof::content_hash(&[
         b"neuroshard-announce-v1",
         kind.as_bytes(),
-        record.node_id.as_bytes(),
+        record.node_id.to_string().as_bytes(),
         record.addr.as_bytes(),
         record.relay.as_bytes(),
         record.model_id.as_bytes(),
@@ -101,7 +102,7 @@ struct Tracked {
 /// Live nodes and request counts; all methods take `now`.
 #[derive(Debug)]
 pub struct TrackerState {
-    nodes: HashMap<String, Tracked>,
+    nodes: HashMap<NodeId, Tracked>,
     requests: u64,
     timeout: Duration,
     max_peers: usize,
@@ -178,9 +179,9 @@ impl TrackerState {
             warnings.push(warning);
         }
         let model = record.model_id.clone();
-        let id = record.node_id.clone();
+        let id = record.node_id;
         self.nodes.insert(
-            id.clone(),
+            id,
             Tracked {
                 record,
                 last_seen: now,
@@ -192,7 +193,7 @@ impl TrackerState {
             .filter(|t| t.record.node_id != id)
             .map(|t| t.record.clone())
             .collect();
-        peers.sort_by_key(|p| (p.model_id != model, p.layers.start, p.node_id.clone()));
+        peers.sort_by_key(|p| (p.model_id != model, p.layers.start, p.node_id));
         peers.truncate(self.max_peers);
         Ok((peers, warnings))
     }
@@ -200,7 +201,7 @@ impl TrackerState {
     /// Refreshes a node's layers and load; false when the node is unknown (register again).
     pub fn heartbeat(
         &mut self,
-        id: &str,
+        id: &NodeId,
         layers: Option<neuroshard_base::LayerRange>,
         load: f32,
         now: Instant,
@@ -232,19 +233,19 @@ impl TrackerState {
             .filter(|t| model.is_empty() || t.record.model_id == model)
             .map(|t| t.record.clone())
             .collect();
-        peers.sort_by_key(|p| (p.layers.start, p.node_id.clone()));
+        peers.sort_by_key(|p| (p.layers.start, p.node_id));
         peers.truncate(MAX_LISTED_PEERS);
         peers
     }
 
     /// Drops nodes silent for longer than the timeout; returns their ids.
-    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+    pub fn expire(&mut self, now: Instant) -> Vec<NodeId> {
         let timeout = self.timeout;
-        let stale: Vec<String> = self
+        let stale: Vec<NodeId> = self
             .nodes
             .iter()
             .filter(|(_, t)| now.duration_since(t.last_seen) > timeout)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         for id in &stale {
             self.nodes.remove(id);
@@ -283,7 +284,7 @@ impl TrackerState {
     }
 
     /// The announcement of a live node.
-    pub fn record(&self, id: &str) -> Option<PeerRecord> {
+    pub fn record(&self, id: &NodeId) -> Option<PeerRecord> {
         self.nodes.get(id).map(|t| t.record.clone())
     }
 
@@ -376,14 +377,17 @@ impl Tracker for TrackerService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
         let layers = span_from_proto(req.layers)?;
-        let Some(mut record) = self.with_state(|s, _| s.record(&req.node_id)) else {
+        let id: NodeId = req
+            .node_id
+            .parse()
+            .map_err(|_| NodeError::BadRequest("heartbeat node_id is not 64 hex digits".into()))?;
+        let Some(mut record) = self.with_state(|s, _| s.record(&id)) else {
             return Ok(Response::new(pb::HeartbeatResponse { known: false }));
         };
         record.layers = layers;
         record.load = req.load;
         check_announcement("heartbeat", &record, req.timestamp_ms, &req.signature)?;
-        let known =
-            self.with_state(|s, now| s.heartbeat(&req.node_id, Some(layers), req.load, now));
+        let known = self.with_state(|s, now| s.heartbeat(&id, Some(layers), req.load, now));
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
@@ -478,9 +482,16 @@ mod tests {
     use super::*;
     use neuroshard_base::LayerRange;
 
-    fn record(id: &str, start: u32, end: u32) -> PeerRecord {
+    /// A made-up id that reads back as `name`.
+    fn id(name: &str) -> NodeId {
+        let mut bytes = [0; 32];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        NodeId(bytes)
+    }
+
+    fn record(name: &str, start: u32, end: u32) -> PeerRecord {
         PeerRecord {
-            node_id: id.into(),
+            node_id: id(name),
             addr: format!("127.0.0.1:{}", 9000 + start),
             model_id: "m".into(),
             layers: LayerRange::new(start, end).unwrap(),
@@ -522,7 +533,7 @@ mod tests {
         }
         let (peers, _) = s.register(record("me", 2, 4), now).unwrap();
         assert_eq!(peers.len(), 50);
-        assert!(peers.iter().all(|p| p.node_id != "me"));
+        assert!(peers.iter().all(|p| p.node_id != id("me")));
     }
 
     #[test]
@@ -531,8 +542,8 @@ mod tests {
         let now = Instant::now();
         s.register(record("a", 0, 2), now).unwrap();
         s.register(record("b", 2, 4), now).unwrap();
-        assert!(s.heartbeat("b", Some(LayerRange::new(2, 6).unwrap()), 0.5, now));
-        assert!(!s.heartbeat("ghost", None, 0.0, now));
+        assert!(s.heartbeat(&id("b"), Some(LayerRange::new(2, 6).unwrap()), 0.5, now));
+        assert!(!s.heartbeat(&id("ghost"), None, 0.0, now));
         let stats = s.stats(now);
         assert_eq!(stats.nodes, 2);
         assert_eq!(stats.layers_covered["m"], 6);

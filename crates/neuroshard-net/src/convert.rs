@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_model::codec::{WireDType, WireTensor};
 use neuroshard_proto as pb;
@@ -33,8 +33,8 @@ pub fn check_display_name(name: &str) -> Result<(), neuroshard_base::Invalid> {
 /// What a peer announces about itself: where it is and what it serves.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PeerRecord {
-    /// Hex node id.
-    pub node_id: String,
+    /// Its node id, the hash of `public_key`.
+    pub node_id: NodeId,
     /// `host:port` of its gRPC server.
     pub addr: String,
     /// Id of the model it serves.
@@ -167,7 +167,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         ));
     }
     let public_key = PublicKey::from_slice(&p.public_key)?;
-    public_key.check_id(&p.node_id)?;
+    let node_id = public_key.check_id(&p.node_id)?;
     if let Some(relayed) = neuroshard_nat::relay::RelayedAddr::parse(&p.addr) {
         let relayed = relayed.map_err(|e| NodeError::BadRequest(format!("peer addr: {e}")))?;
         if relayed.key != public_key.0 {
@@ -199,7 +199,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         )));
     }
     Ok(PeerRecord {
-        node_id: p.node_id,
+        node_id,
         addr: p.addr,
         model_id: p.model_id,
         layers,
@@ -218,7 +218,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
 /// A peer announcement as a wire message.
 pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
     pb::PeerInfo {
-        node_id: p.node_id.clone(),
+        node_id: p.node_id.to_string(),
         addr: p.addr.clone(),
         model_id: p.model_id.clone(),
         layers: Some(span_to_proto(p.layers)),
@@ -315,9 +315,8 @@ pub fn contact_to_proto(c: &Contact) -> pb::DhtContact {
 
 /// A peer's announcement as a DHT contact, where its address is an `ip:port`.
 pub fn contact_of_peer(p: &PeerRecord) -> Option<Contact> {
-    let id: neuroshard_base::NodeId = p.node_id.parse().ok()?;
     Some(Contact {
-        key: Key::of_node(&id),
+        key: Key::of_node(&p.node_id),
         addr: dht_addr("addr", &p.addr).ok()?,
     })
 }

@@ -261,7 +261,7 @@ impl NodeState {
         }
         let peers = reach_candidates(config).await;
         let subject = crate::reach::Subject {
-            node_id: self.record.node_id.clone(),
+            node_id: self.record.node_id,
             advertised,
             port,
             key: &self.key,

@@ -142,7 +142,7 @@ pub(crate) struct Kept {
 
 /// The node running the self-test.
 pub(crate) struct Subject<'a> {
-    pub node_id: String,
+    pub node_id: neuroshard_base::NodeId,
     /// The address it would announce without NAT traversal.
     pub advertised: String,
     /// Its gRPC port.
@@ -217,7 +217,7 @@ async fn run_chain(
                 return reach;
             }
             Probe::DialBack(addr) => {
-                let asked = dial_back_by_any(helpers.clone(), addr, subject.node_id.clone());
+                let asked = dial_back_by_any(helpers.clone(), addr, subject.node_id);
                 Learned::DialBack(asked.await)
             }
             Probe::MapPort => {
@@ -363,7 +363,7 @@ async fn stun_servers(config: &ReachConfig, helpers: &[&PeerRecord]) -> Vec<Sock
 async fn dial_back_by_any(
     helpers: Vec<&PeerRecord>,
     addr: String,
-    node_id: String,
+    node_id: neuroshard_base::NodeId,
 ) -> Option<Result<String, ProbeFailed>> {
     for helper in helpers.into_iter().take(ASK_AT_MOST) {
         match ask_dial_back(&helper.addr, &addr, &node_id).await {
@@ -379,7 +379,7 @@ async fn dial_back_by_any(
 pub async fn ask_dial_back(
     helper: &str,
     addr: &str,
-    node_id: &str,
+    node_id: &neuroshard_base::NodeId,
 ) -> Result<pb::DialBackResponse, NodeError> {
     let channel = neuroshard_net::pool::connect(helper, Duration::from_secs(3)).await?;
     let mut client = pb::node_client::NodeClient::new(channel);

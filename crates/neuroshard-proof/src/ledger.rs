@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use neuroshard_base::NodeId;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
@@ -132,8 +133,8 @@ pub struct ReceiptRow {
     pub tokens: u64,
     /// FLOPs.
     pub flops: u64,
-    /// Requester node id (hex).
-    pub requester: String,
+    /// Requester node id.
+    pub requester: NodeId,
     /// When the work was done, ms since the Unix epoch.
     pub created_ms: u64,
     /// Status.
@@ -540,6 +541,10 @@ impl Ledger {
 
 fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
     let status: String = r.get(11)?;
+    let requester: String = r.get(9)?;
+    let unreadable = |column, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e)
+    };
     Ok(ReceiptRow {
         id: r.get(0)?,
         kind: r.get(1)?,
@@ -550,11 +555,9 @@ fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
         start_pos: r.get::<_, i64>(6)? as u64,
         tokens: r.get::<_, i64>(7)? as u64,
         flops: r.get::<_, i64>(8)? as u64,
-        requester: r.get(9)?,
+        requester: requester.parse().map_err(|e| unreadable(9, Box::new(e)))?,
         created_ms: r.get::<_, i64>(10)? as u64,
-        status: Status::parse(&status).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, Box::new(e))
-        })?,
+        status: Status::parse(&status).map_err(|e| unreadable(11, Box::new(e)))?,
         spot_checked: r.get(12)?,
         reliability: r.get(13)?,
         credit: r.get(14)?,

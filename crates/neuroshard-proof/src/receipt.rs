@@ -5,7 +5,7 @@
 //! with postcard. A receipt's id is the SHA-256 of its body bytes; the requester's fresh nonce
 //! makes every id unique.
 
-use neuroshard_base::{LayerRange, NodeKey, PublicKey};
+use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -393,8 +393,8 @@ fn batch_verify(batch: &[&Countersignature]) -> Result<(), ()> {
 /// What the requester knows about a call, to check its receipt against.
 #[derive(Debug, Clone)]
 pub struct Expectation {
-    /// Node id (hex) of the peer called.
-    pub worker_id: String,
+    /// Node id of the peer called.
+    pub worker_id: NodeId,
     /// Forward or Backward.
     pub kind: WorkKind,
     /// The requester's key.
@@ -429,11 +429,11 @@ impl Expectation {
     /// Checks every field of `receipt` (whose signature [`Receipt::from_wire`] checked).
     pub fn check(&self, receipt: &Receipt) -> Result<(), ReceiptError> {
         let body = &receipt.body;
-        let signer = receipt.worker().id().to_string();
-        if !signer.eq_ignore_ascii_case(&self.worker_id) {
+        let signer = receipt.worker().id();
+        if signer != self.worker_id {
             return Err(ReceiptError::WrongWorker {
-                signer,
-                expected: self.worker_id.clone(),
+                signer: signer.to_string(),
+                expected: self.worker_id.to_string(),
             });
         }
         if body.nonce != self.nonce {
@@ -549,7 +549,7 @@ pub(crate) mod tests {
     fn expectation(worker: &NodeKey, requester: &NodeKey, nonce: u8) -> Expectation {
         let b = body(worker, requester, nonce);
         Expectation {
-            worker_id: worker.id().to_string(),
+            worker_id: worker.id(),
             kind: WorkKind::Forward,
             requester: requester.public(),
             nonce: b.nonce,
@@ -697,7 +697,7 @@ pub(crate) mod tests {
         let receipt = body(&w, &r, 1).sign(&w);
         // The call went to `other`, but `w` answered.
         let mut expected = expectation(&w, &r, 1);
-        expected.worker_id = other.id().to_string();
+        expected.worker_id = other.id();
         assert!(matches!(
             expected.check(&receipt),
             Err(ReceiptError::WrongWorker { .. })

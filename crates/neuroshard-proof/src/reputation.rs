@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use neuroshard_base::NodeId;
+
 /// Sampling and ban settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpotCheckPolicy {
@@ -77,7 +79,7 @@ impl PeerRecord {
 #[derive(Debug, Clone, Default)]
 pub struct Reputation {
     policy: SpotCheckPolicy,
-    peers: HashMap<String, PeerRecord>,
+    peers: HashMap<NodeId, PeerRecord>,
 }
 
 impl Reputation {
@@ -90,17 +92,17 @@ impl Reputation {
     }
 
     /// The record of `peer` (zeros if unknown).
-    pub fn record(&self, peer: &str) -> PeerRecord {
+    pub fn record(&self, peer: &NodeId) -> PeerRecord {
         self.peers.get(peer).copied().unwrap_or_default()
     }
 
     /// Reliability of `peer` (see [`PeerRecord::reliability`]).
-    pub fn reliability(&self, peer: &str) -> f64 {
+    pub fn reliability(&self, peer: &NodeId) -> f64 {
         self.record(peer).reliability()
     }
 
     /// Share of `peer`'s hops to re-execute now.
-    pub fn check_rate(&self, peer: &str) -> f64 {
+    pub fn check_rate(&self, peer: &NodeId) -> f64 {
         let streak = self.record(peer).streak;
         if streak < self.policy.probation {
             return 1.0;
@@ -109,21 +111,21 @@ impl Reputation {
     }
 
     /// Whether to re-execute this hop, given a uniform sample in [0, 1).
-    pub fn should_check(&self, peer: &str, uniform: f64) -> bool {
+    pub fn should_check(&self, peer: &NodeId, uniform: f64) -> bool {
         uniform < self.check_rate(peer)
     }
 
     /// Records a passed check.
-    pub fn record_pass(&mut self, peer: &str) {
-        let record = self.peers.entry(peer.to_string()).or_default();
+    pub fn record_pass(&mut self, peer: &NodeId) {
+        let record = self.peers.entry(*peer).or_default();
         record.passes += 1;
         record.streak += 1;
     }
 
     /// Records a failed check; returns how long to ban the peer: the first ban doubled for each
     /// earlier failure, capped.
-    pub fn record_failure(&mut self, peer: &str) -> Duration {
-        let record = self.peers.entry(peer.to_string()).or_default();
+    pub fn record_failure(&mut self, peer: &NodeId) -> Duration {
+        let record = self.peers.entry(*peer).or_default();
         record.failures += 1;
         record.streak = 0;
         let doublings = (record.failures - 1).min(30) as u32;
@@ -146,44 +148,47 @@ pub fn credit(flops: u64, reliability: f32) -> f64 {
 mod tests {
     use super::*;
 
+    const P: NodeId = NodeId([1; 32]);
+    const NEW: NodeId = NodeId([2; 32]);
+
     #[test]
     fn sampling_starts_at_every_hop_and_falls_to_the_floor() {
         let mut book = Reputation::new(SpotCheckPolicy::default());
-        assert_eq!(book.check_rate("p"), 1.0);
+        assert_eq!(book.check_rate(&P), 1.0);
         for _ in 0..8 {
-            assert!(book.should_check("p", 0.99));
-            book.record_pass("p");
+            assert!(book.should_check(&P, 0.99));
+            book.record_pass(&P);
         }
-        assert_eq!(book.check_rate("p"), 1.0);
+        assert_eq!(book.check_rate(&P), 1.0);
         for _ in 0..8 {
-            book.record_pass("p");
+            book.record_pass(&P);
         }
-        assert_eq!(book.check_rate("p"), 0.5);
+        assert_eq!(book.check_rate(&P), 0.5);
         for _ in 0..1000 {
-            book.record_pass("p");
+            book.record_pass(&P);
         }
-        assert_eq!(book.check_rate("p"), 0.05);
-        assert!(!book.should_check("p", 0.06));
-        assert!(book.reliability("p") > 0.99);
+        assert_eq!(book.check_rate(&P), 0.05);
+        assert!(!book.should_check(&P, 0.06));
+        assert!(book.reliability(&P) > 0.99);
     }
 
     #[test]
     fn failures_reset_trust_and_bans_escalate() {
         let mut book = Reputation::new(SpotCheckPolicy::default());
         for _ in 0..20 {
-            book.record_pass("p");
+            book.record_pass(&P);
         }
-        let before = book.reliability("p");
-        assert_eq!(book.record_failure("p"), Duration::from_secs(600));
-        assert!(book.reliability("p") < before - 0.15);
-        assert_eq!(book.check_rate("p"), 1.0);
-        assert_eq!(book.record_failure("p"), Duration::from_secs(1200));
-        assert_eq!(book.record_failure("p"), Duration::from_secs(2400));
+        let before = book.reliability(&P);
+        assert_eq!(book.record_failure(&P), Duration::from_secs(600));
+        assert!(book.reliability(&P) < before - 0.15);
+        assert_eq!(book.check_rate(&P), 1.0);
+        assert_eq!(book.record_failure(&P), Duration::from_secs(1200));
+        assert_eq!(book.record_failure(&P), Duration::from_secs(2400));
         for _ in 0..40 {
-            book.record_failure("p");
+            book.record_failure(&P);
         }
-        assert_eq!(book.record_failure("p"), Duration::from_secs(7 * 24 * 3600));
-        assert_eq!(book.reliability("new"), 0.5);
+        assert_eq!(book.record_failure(&P), Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(book.reliability(&NEW), 0.5);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use neuroshard_base::NodeId;
 
 const LAYERS: u32 = 6;
 const SCHEDULES: u64 = 3000;
@@ -86,7 +87,7 @@ impl Swarm {
                 peers.push(Peer {
                     hop: Hop {
                         addr: format!("peer{n}:1"),
-                        node_id: format!("{n:02x}"),
+                        node_id: NodeId([n as u8; 32]),
                         layers: LayerRange::new(start, end).expect("a span"),
                     },
                     caches: Caches::default(),
@@ -308,9 +309,11 @@ fn every_seeded_fault_schedule_keeps_the_tokens_and_the_replayed_inputs() {
 }
 
 fn hop(addr: &str, start: u32, end: u32) -> Hop {
+    let mut id = [0; 32];
+    id[..addr.len()].copy_from_slice(addr.as_bytes());
     Hop {
         addr: addr.into(),
-        node_id: addr.into(),
+        node_id: NodeId(id),
         layers: LayerRange::new(start, end).expect("a span"),
     }
 }

@@ -51,7 +51,7 @@ impl NodeHandle {
     pub fn hop(&self) -> neuroshard_client::router::Hop {
         neuroshard_client::router::Hop {
             addr: self.advertised(),
-            node_id: self.id().to_string(),
+            node_id: self.id(),
             layers: self.layers(),
         }
     }

@@ -58,7 +58,7 @@ impl Heartbeat {
             let message =
                 neuroshard_discovery::tracker::announcement("heartbeat", &record, timestamp_ms);
             let request = pb::HeartbeatRequest {
-                node_id: record.node_id.clone(),
+                node_id: record.node_id.to_string(),
                 layers: Some(neuroshard_net::convert::span_to_proto(record.layers)),
                 load: record.load,
                 timestamp_ms,

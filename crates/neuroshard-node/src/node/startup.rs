@@ -183,7 +183,7 @@ fn own_record(
     relay: String,
 ) -> PeerRecord {
     PeerRecord {
-        node_id: key.id().to_string(),
+        node_id: key.id(),
         addr: advertise.to_string(),
         model_id: model.id.clone(),
         layers: range,
