@@ -74,3 +74,39 @@ pub(super) fn is_peer_fault(err: &NodeError) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's answer carrying `err`, as the client meets it.
+    fn answered(err: NodeError) -> NodeError {
+        NodeError::Remote {
+            peer: "p".into(),
+            status: tonic::Status::from(err),
+        }
+    }
+
+    #[test]
+    fn a_worker_s_own_failure_or_a_busy_node_is_failed_over_and_a_bad_request_is_not() {
+        let range = LayerRange::new(0, 2).unwrap();
+        for err in [
+            NodeError::Internal("a compute worker panicked".into()),
+            NodeError::Device("the GPU was lost".into()),
+            NodeError::Full("KV cache budget".into()),
+            NodeError::SessionBusy("s".into()),
+        ] {
+            let text = err.to_string();
+            assert_eq!(fault_of(&answered(err)), Fault::Peer, "{text}");
+        }
+        let paused = answered(NodeError::NotServing { draining: false });
+        assert_eq!(fault_of(&paused), Fault::Unreachable);
+        let moved = answered(NodeError::WrongLayers {
+            asked: range,
+            serves: range,
+        });
+        assert_eq!(fault_of(&moved), Fault::StaleListing);
+        let bad = answered(NodeError::BadRequest("token ids out of range".into()));
+        assert_eq!(fault_of(&bad), Fault::Request);
+    }
+}

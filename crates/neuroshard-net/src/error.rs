@@ -1,4 +1,12 @@
-//! Errors of the node runtime and how they map to gRPC statuses.
+//! Errors of the node runtime, whose doing each is ([`Role`]), and how they map to gRPC
+//! statuses.
+//!
+//! One enum serves the node, the tracker and the client: a node is also a client (a replica
+//! fetches checkpoints from its peers inside a Backward call, the reachability self-test asks
+//! peers to dial back), so an error from either side travels through the other. What differs by
+//! role is who is at fault, and that is [`NodeError::role`]: it decides the status code, and so
+//! whether the caller fails over to another peer (the worker's fault or a busy node) or fails
+//! the step (the request's fault).
 
 use neuroshard_model::ModelError;
 use neuroshard_model::codec::CodecError;
@@ -141,49 +149,197 @@ impl NodeError {
     }
 }
 
+/// Whose doing an error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The request is wrong (malformed, out of bounds, for layers or a session this node does
+    /// not have): another node would refuse it too. INVALID_ARGUMENT and its kin.
+    Caller,
+    /// The node cannot take the call now (full, busy, paused, shutting down, over its transfer
+    /// cap): another node, or this one later, may. RESOURCE_EXHAUSTED, ABORTED or UNAVAILABLE.
+    Busy,
+    /// The node failed at its own work (a panicked worker, the model, the device, its disk,
+    /// config or ledger): the request was fine and another node may serve it. INTERNAL.
+    Worker,
+    /// A peer this side called failed or could not be reached, or no peer serves what is
+    /// needed. The peer's own code, or UNAVAILABLE.
+    Peer,
+}
+
+impl NodeError {
+    /// Whose doing this error is.
+    pub fn role(&self) -> Role {
+        use neuroshard_dht::DhtError;
+        use neuroshard_dht::store::StoreError;
+        match self {
+            Self::Tensor(_)
+            | Self::BadRequest(_)
+            | Self::UnknownSession(_)
+            | Self::WrongLayers { .. }
+            | Self::Identity(_)
+            | Self::Receipt(_)
+            | Self::CheckpointChanged(_)
+            | Self::NotTraining(_) => Role::Caller,
+            Self::Model(ModelError::PositionGap { .. })
+            | Self::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => Role::Caller,
+            Self::Dht(DhtError::Record(_) | DhtError::Store(StoreError::Record(_)))
+            | Self::Dht(DhtError::Store(StoreError::Stale { .. })) => Role::Caller,
+            Self::SessionBusy(_)
+            | Self::Full(_)
+            | Self::ShuttingDown
+            | Self::NotServing { .. }
+            | Self::TransferCap { .. }
+            | Self::Dht(DhtError::NotServing)
+            | Self::Dht(DhtError::Store(StoreError::Full(_) | StoreError::KeyFull { .. })) => {
+                Role::Busy
+            }
+            Self::Internal(_)
+            | Self::Model(_)
+            | Self::Config(_)
+            | Self::Device(_)
+            | Self::Io { .. }
+            | Self::Ledger(_) => Role::Worker,
+            Self::NoRoute(_)
+            | Self::Remote { .. }
+            | Self::Connect { .. }
+            | Self::Verification { .. } => Role::Peer,
+        }
+    }
+
+    /// The status code this error answers a call with: by [`role`](Self::role) first, then the
+    /// code within it that tells the caller what to do.
+    pub fn code(&self) -> tonic::Code {
+        use neuroshard_dht::DhtError;
+        use neuroshard_dht::store::StoreError;
+        use tonic::Code;
+        match (self.role(), self) {
+            (Role::Caller, Self::UnknownSession(_)) => Code::NotFound,
+            // Read the listing again and plan around this node (see `WrongLayers`).
+            (
+                Role::Caller,
+                Self::WrongLayers { .. } | Self::NotTraining(_) | Self::CheckpointChanged(_),
+            ) => Code::FailedPrecondition,
+            (Role::Caller, Self::Model(ModelError::PositionGap { .. })) => Code::OutOfRange,
+            (Role::Caller, Self::Identity(_)) => Code::Unauthenticated,
+            (Role::Caller, Self::Dht(DhtError::Store(StoreError::Stale { .. }))) => {
+                Code::AlreadyExists
+            }
+            (Role::Caller, _) => Code::InvalidArgument,
+            (Role::Busy, Self::SessionBusy(_)) => Code::Aborted,
+            (
+                Role::Busy,
+                Self::ShuttingDown | Self::NotServing { .. } | Self::Dht(DhtError::NotServing),
+            ) => Code::Unavailable,
+            (Role::Busy, _) => Code::ResourceExhausted,
+            (Role::Worker, _) => Code::Internal,
+            (Role::Peer, Self::Remote { status, .. }) => status.code(),
+            (Role::Peer, Self::Verification { .. }) => Code::DataLoss,
+            (Role::Peer, _) => Code::Unavailable,
+        }
+    }
+}
+
 impl From<NodeError> for tonic::Status {
     fn from(err: NodeError) -> Self {
-        use tonic::Code;
-        let code = match &err {
-            NodeError::Tensor(_)
-            | NodeError::BadRequest(_)
-            | NodeError::Config(_)
-            | NodeError::Device(_) => Code::InvalidArgument,
-            NodeError::UnknownSession(_) => Code::NotFound,
-            NodeError::WrongLayers { .. }
-            | NodeError::NotTraining(_)
-            | NodeError::CheckpointChanged(_) => Code::FailedPrecondition,
-            NodeError::SessionBusy(_) => Code::Aborted,
-            NodeError::Full(_) | NodeError::TransferCap { .. } => Code::ResourceExhausted,
-            NodeError::Model(ModelError::PositionGap { .. }) => Code::OutOfRange,
-            NodeError::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => {
-                Code::InvalidArgument
-            }
-            NodeError::Model(_) => Code::Internal,
-            NodeError::NoRoute(_)
-            | NodeError::Connect { .. }
-            | NodeError::ShuttingDown
-            | NodeError::NotServing { .. } => Code::Unavailable,
-            NodeError::Remote { status, .. } => status.code(),
-            NodeError::Io { .. } | NodeError::Ledger(_) | NodeError::Internal(_) => Code::Internal,
-            NodeError::Identity(_) => Code::Unauthenticated,
-            NodeError::Receipt(_) => Code::InvalidArgument,
-            NodeError::Verification { .. } => Code::DataLoss,
-            NodeError::Dht(e) => {
-                use neuroshard_dht::DhtError;
-                use neuroshard_dht::store::StoreError;
-                match e {
-                    DhtError::NotServing => Code::Unavailable,
-                    DhtError::Record(_) | DhtError::Store(StoreError::Record(_)) => {
-                        Code::InvalidArgument
-                    }
-                    DhtError::Store(StoreError::Stale { .. }) => Code::AlreadyExists,
-                    DhtError::Store(StoreError::Full(_) | StoreError::KeyFull { .. }) => {
-                        Code::ResourceExhausted
-                    }
-                }
-            }
-        };
-        tonic::Status::new(code, err.to_string())
+        tonic::Status::new(err.code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    /// One error of each kind a served call can end in, with the code the caller must see.
+    fn served() -> Vec<(NodeError, Role, Code)> {
+        let range = neuroshard_base::LayerRange::new(0, 2).unwrap();
+        vec![
+            (
+                NodeError::BadRequest("x".into()),
+                Role::Caller,
+                Code::InvalidArgument,
+            ),
+            (
+                NodeError::UnknownSession("s".into()),
+                Role::Caller,
+                Code::NotFound,
+            ),
+            (
+                NodeError::WrongLayers {
+                    asked: range,
+                    serves: range,
+                },
+                Role::Caller,
+                Code::FailedPrecondition,
+            ),
+            (
+                NodeError::Model(ModelError::PositionGap {
+                    layer: 0,
+                    held: 1,
+                    start: 3,
+                }),
+                Role::Caller,
+                Code::OutOfRange,
+            ),
+            (
+                NodeError::SessionBusy("s".into()),
+                Role::Busy,
+                Code::Aborted,
+            ),
+            (
+                NodeError::Full("kv".into()),
+                Role::Busy,
+                Code::ResourceExhausted,
+            ),
+            (
+                NodeError::NotServing { draining: true },
+                Role::Busy,
+                Code::Unavailable,
+            ),
+            (
+                NodeError::TransferCap { used: 2, budget: 1 },
+                Role::Busy,
+                Code::ResourceExhausted,
+            ),
+            (
+                NodeError::Internal("panic".into()),
+                Role::Worker,
+                Code::Internal,
+            ),
+            (
+                NodeError::Model(ModelError::Weights("nan".into())),
+                Role::Worker,
+                Code::Internal,
+            ),
+            // The node's own setup or device failing mid-call is not the request's fault.
+            (
+                NodeError::Device("lost".into()),
+                Role::Worker,
+                Code::Internal,
+            ),
+            (NodeError::Config("x".into()), Role::Worker, Code::Internal),
+            (
+                NodeError::Remote {
+                    peer: "p".into(),
+                    status: tonic::Status::deadline_exceeded("slow"),
+                },
+                Role::Peer,
+                Code::DeadlineExceeded,
+            ),
+            (
+                NodeError::NoRoute("none".into()),
+                Role::Peer,
+                Code::Unavailable,
+            ),
+        ]
+    }
+
+    #[test]
+    fn each_error_answers_with_the_code_of_whose_doing_it_is() {
+        for (err, role, code) in served() {
+            assert_eq!(err.role(), role, "{err}");
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code, "{}", status.message());
+        }
     }
 }

@@ -12,7 +12,7 @@ mod error;
 pub mod metrics;
 pub mod pool;
 
-pub use error::NodeError;
+pub use error::{NodeError, Role};
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.
