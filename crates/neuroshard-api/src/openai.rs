@@ -208,108 +208,18 @@ impl Request {
     }
 
     fn parse(o: &Map<String, Value>, prompt: Prompt, own: &[&str]) -> Result<Self, ApiError> {
-        const KNOWN: [&str; 17] = [
-            "model",
-            "max_tokens",
-            "max_completion_tokens",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "seed",
-            "stop",
-            "stream",
-            "stream_options",
-            "n",
-            "logprobs",
-            "top_logprobs",
-            "presence_penalty",
-            "frequency_penalty",
-        ];
-        if let Some(key) = o.keys().find(|k| {
-            !KNOWN.contains(&k.as_str())
-                && !IGNORED.contains(&k.as_str())
-                && !own.contains(&k.as_str())
-        }) {
-            return Err(ApiError::invalid(key, format!("{key} is not supported")));
-        }
+        refuse_unknown(o, own)?;
         let model = match o.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             _ => return Err(ApiError::invalid("model", "model is required")),
         };
-        if let Some(n) = o.get("n").filter(|v| !v.is_null())
-            && n.as_u64() != Some(1)
-        {
-            return Err(ApiError::invalid("n", "only n = 1 is supported"));
-        }
-        for (name, neutral) in NEUTRAL {
-            if let Some(v) = o.get(name).filter(|v| !v.is_null())
-                && v.as_f64() != Some(neutral)
-            {
-                return Err(ApiError::invalid(name, format!("{name} is not supported")));
-            }
-        }
-        for name in ["logprobs", "top_logprobs"] {
-            let asked = match o.get(name) {
-                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-                Some(Value::Number(n)) => n.as_u64() != Some(0),
-                Some(_) => true,
-            };
-            if asked {
-                return Err(ApiError::invalid(
-                    name,
-                    format!("{name} is not supported yet"),
-                ));
-            }
-        }
+        refuse_unsupported(o)?;
         let max_tokens = match (o.get("max_completion_tokens"), o.get("max_tokens")) {
             (Some(v), _) if !v.is_null() => Some(count(v, "max_completion_tokens")?),
             (_, Some(v)) if !v.is_null() => Some(count(v, "max_tokens")?),
             _ => None,
         };
-        let sampling = SamplingParams {
-            temperature: number(o, "temperature", 1.0)?,
-            top_p: number(o, "top_p", 1.0)?,
-            top_k: match o.get("top_k").filter(|v| !v.is_null()) {
-                None => 0,
-                Some(v) => match v.as_i64() {
-                    Some(-1) => 0,
-                    _ => count(v, "top_k")?,
-                },
-            },
-            min_p: number(o, "min_p", 0.0)?,
-            repetition_penalty: number(o, "repetition_penalty", 1.0)?,
-            // No seed: a fresh one, as OpenAI's output varies between calls.
-            seed: match o.get("seed").filter(|v| !v.is_null()) {
-                None => rand::random(),
-                Some(v) => v
-                    .as_i64()
-                    .map(|s| s as u64)
-                    .ok_or_else(|| ApiError::invalid("seed", "seed must be an integer"))?,
-            },
-        };
-        sampling
-            .validate()
-            .map_err(|e| ApiError::invalid(sampling_param(&e.to_string()), e.to_string()))?;
-        let stop = match o.get("stop") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) if items.len() <= 4 => items
-                .iter()
-                .map(|s| {
-                    s.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| ApiError::invalid("stop", "stop must hold strings"))
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "stop",
-                    "stop must be a string or a list of up to 4 strings",
-                ));
-            }
-        };
+        let (sampling, stop) = (sampling(o)?, stop(o)?);
         let stream = match o.get("stream") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -329,6 +239,113 @@ impl Request {
             stream,
             include_usage,
         })
+    }
+}
+
+/// Refuses a parameter this server does not know, naming it.
+fn refuse_unknown(o: &Map<String, Value>, own: &[&str]) -> Result<(), ApiError> {
+    const KNOWN: [&str; 17] = [
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+    ];
+    match o.keys().find(|k| {
+        !KNOWN.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()) && !own.contains(&k.as_str())
+    }) {
+        Some(key) => Err(ApiError::invalid(key, format!("{key} is not supported"))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses known parameters asked for values this server cannot honour: more than one choice,
+/// penalties other than neutral, log probabilities.
+fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
+    if let Some(n) = o.get("n").filter(|v| !v.is_null())
+        && n.as_u64() != Some(1)
+    {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    for (name, neutral) in NEUTRAL {
+        if let Some(v) = o.get(name).filter(|v| !v.is_null())
+            && v.as_f64() != Some(neutral)
+        {
+            return Err(ApiError::invalid(name, format!("{name} is not supported")));
+        }
+    }
+    for name in ["logprobs", "top_logprobs"] {
+        let asked = match o.get(name) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_u64() != Some(0),
+            Some(_) => true,
+        };
+        if asked {
+            let problem = format!("{name} is not supported yet");
+            return Err(ApiError::invalid(name, problem));
+        }
+    }
+    Ok(())
+}
+
+/// The sampling parameters asked for, checked.
+fn sampling(o: &Map<String, Value>) -> Result<SamplingParams, ApiError> {
+    let sampling = SamplingParams {
+        temperature: number(o, "temperature", 1.0)?,
+        top_p: number(o, "top_p", 1.0)?,
+        top_k: match o.get("top_k").filter(|v| !v.is_null()) {
+            None => 0,
+            Some(v) => match v.as_i64() {
+                Some(-1) => 0,
+                _ => count(v, "top_k")?,
+            },
+        },
+        min_p: number(o, "min_p", 0.0)?,
+        repetition_penalty: number(o, "repetition_penalty", 1.0)?,
+        // No seed: a fresh one, as OpenAI's output varies between calls.
+        seed: match o.get("seed").filter(|v| !v.is_null()) {
+            None => rand::random(),
+            Some(v) => v
+                .as_i64()
+                .map(|s| s as u64)
+                .ok_or_else(|| ApiError::invalid("seed", "seed must be an integer"))?,
+        },
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::invalid(sampling_param(&e.to_string()), e.to_string()))?;
+    Ok(sampling)
+}
+
+/// The stop texts asked for: none, one, or a list of up to 4.
+fn stop(o: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    match o.get("stop") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::invalid("stop", "stop must hold strings"))
+            })
+            .collect(),
+        Some(_) => Err(ApiError::invalid(
+            "stop",
+            "stop must be a string or a list of up to 4 strings",
+        )),
     }
 }
 

@@ -70,29 +70,7 @@ pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(neuroshard_model::ModelInfo::read)
         .transpose()?;
-    let bos = info.as_ref().and_then(|i| i.config.bos_token_id);
-    let prompt = match (&args.prompt_ids, &args.prompt, &args.chat) {
-        (Some(ids), _, _) => ids.clone(),
-        (None, Some(text), _) => tokenizer.encode_prompt(text, bos)?,
-        (None, None, Some(message)) => {
-            let dir = args.model.as_deref().context("--chat needs --model")?;
-            let template = ChatTemplate::for_model_dir(dir)?.with_context(|| {
-                format!(
-                    "{} has no chat template (chat_template.jinja or tokenizer_config.json)",
-                    dir.display()
-                )
-            })?;
-            let mut messages: Vec<ChatMessage> = args
-                .system
-                .iter()
-                .map(|s| ChatMessage::new("system", s))
-                .collect();
-            messages.push(ChatMessage::new("user", message));
-            let text = template.render(&messages, true, &Default::default())?;
-            tokenizer.encode_rendered(&text)?
-        }
-        (None, None, None) => bail!("give --prompt, --prompt-ids or --chat"),
-    };
+    let prompt = prompt_ids(&args, &tokenizer, info.as_ref())?;
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         stop_ids: info
@@ -120,56 +98,105 @@ pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .await?;
         (report, Vec::new())
     } else {
-        let mut config = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
-        config.tracker = args.swarm.tracker.clone();
-        config.discovery.lan = args.swarm.lan();
-        config.model_id = info.as_ref().map(|i| i.id.clone());
-        config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
-        if args.spot_check {
-            config.verify_with = args.model.clone();
-        }
-        let client = SwarmClient::connect(config).await?;
-        let mut session = client.session();
-        let report = generate_with(&mut session, &prompt, &options, |_, steps| {
-            printer.step(steps)
-        })
-        .await?;
-        let hops = session.timings();
-        for event in session.events() {
-            eprintln!("\nfailover: {event}");
-        }
-        session.close().await;
-        let receipts = client.flush_receipts().await;
-        if !args.json {
-            eprintln!(
-                "\nreceipts: {} countersigned and stored by their workers, {} refused, {} undelivered",
-                receipts.stored,
-                receipts.rejected.len(),
-                receipts.undelivered
-            );
-        }
-        (report, hops)
+        on_swarm(&args, info.as_ref(), &prompt, &options, &mut printer).await?
     };
     printer.finish(&mut report)?;
     if args.json {
-        let json = serde_json::json!({
-            "prompt_ids": report.prompt_ids,
-            "generated_ids": report.generated_ids,
-            "finish_reason": report.finish,
-            "text": printer.text,
-            "steps": report.steps.iter().map(|s| serde_json::json!({
-                "token": s.token,
-                "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "prefill_ms": report.prefill_ms,
-            "decode_tokens_per_s": report.decode_tokens_per_s,
-            "hops": hops,
-        });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        print_json(&report, &printer.text, &hops)?;
     } else {
         print_speed(&report);
         print_hops(&hops);
     }
+    Ok(())
+}
+
+/// The prompt's token ids: as given, the text tokenized, or a chat message put through the
+/// model's template.
+fn prompt_ids(
+    args: &GenerateArgs,
+    tokenizer: &TextTokenizer,
+    info: Option<&neuroshard_model::ModelInfo>,
+) -> anyhow::Result<Vec<u32>> {
+    let bos = info.and_then(|i| i.config.bos_token_id);
+    Ok(match (&args.prompt_ids, &args.prompt, &args.chat) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), _) => tokenizer.encode_prompt(text, bos)?,
+        (None, None, Some(message)) => {
+            let dir = args.model.as_deref().context("--chat needs --model")?;
+            let template = ChatTemplate::for_model_dir(dir)?.with_context(|| {
+                format!(
+                    "{} has no chat template (chat_template.jinja or tokenizer_config.json)",
+                    dir.display()
+                )
+            })?;
+            let mut messages: Vec<ChatMessage> = args
+                .system
+                .iter()
+                .map(|s| ChatMessage::new("system", s))
+                .collect();
+            messages.push(ChatMessage::new("user", message));
+            let text = template.render(&messages, true, &Default::default())?;
+            tokenizer.encode_rendered(&text)?
+        }
+        (None, None, None) => bail!("give --prompt, --prompt-ids or --chat"),
+    })
+}
+
+/// Generates through the swarm; the report and each hop's timings.
+async fn on_swarm(
+    args: &GenerateArgs,
+    info: Option<&neuroshard_model::ModelInfo>,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    printer: &mut Printer<'_>,
+) -> anyhow::Result<(GenerationReport, Vec<HopTiming>)> {
+    let mut config = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
+    config.tracker = args.swarm.tracker.clone();
+    config.discovery.lan = args.swarm.lan();
+    config.model_id = info.map(|i| i.id.clone());
+    config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
+    if args.spot_check {
+        config.verify_with = args.model.clone();
+    }
+    let client = SwarmClient::connect(config).await?;
+    let mut session = client.session();
+    let report = generate_with(&mut session, prompt, options, |_, steps| {
+        printer.step(steps)
+    })
+    .await?;
+    let hops = session.timings();
+    for event in session.events() {
+        eprintln!("\nfailover: {event}");
+    }
+    session.close().await;
+    let receipts = client.flush_receipts().await;
+    if !args.json {
+        eprintln!(
+            "\nreceipts: {} countersigned and stored by their workers, {} refused, {} undelivered",
+            receipts.stored,
+            receipts.rejected.len(),
+            receipts.undelivered
+        );
+    }
+    Ok((report, hops))
+}
+
+/// The report as JSON: ids, each step's top-5 logits, speed and hops.
+fn print_json(report: &GenerationReport, text: &str, hops: &[HopTiming]) -> anyhow::Result<()> {
+    let json = serde_json::json!({
+        "prompt_ids": report.prompt_ids,
+        "generated_ids": report.generated_ids,
+        "finish_reason": report.finish,
+        "text": text,
+        "steps": report.steps.iter().map(|s| serde_json::json!({
+            "token": s.token,
+            "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "prefill_ms": report.prefill_ms,
+        "decode_tokens_per_s": report.decode_tokens_per_s,
+        "hops": hops,
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }
 

@@ -139,22 +139,9 @@ pub async fn fetch_checkpoint(
 ) -> Result<(Checkpoint, TransferReport), NodeError> {
     let mut report = TransferReport::default();
     let mut assembly: Option<(Assembly, u64)> = None;
-    let peer = |status: tonic::Status| NodeError::Remote {
-        peer: "checkpoint source".into(),
-        status,
-    };
     while report.requests < MAX_ATTEMPTS {
         report.requests += 1;
-        let request = pb::CheckpointRequest {
-            model_id: model_id.to_string(),
-            layers: Some(span_to_proto(layers)),
-            chunks: assembly.as_ref().map_or_else(Vec::new, |(a, _)| {
-                a.missing().into_iter().map(|i| i as u32).collect()
-            }),
-            whole_hash: assembly
-                .as_ref()
-                .map_or_else(Vec::new, |(a, _)| a.manifest().hash.to_vec()),
-        };
+        let request = checkpoint_request(model_id, layers, assembly.as_ref().map(|(a, _)| a));
         let mut stream = match client.get_checkpoint(request).await {
             Ok(stream) => stream.into_inner(),
             Err(status)
@@ -167,7 +154,12 @@ pub async fn fetch_checkpoint(
                 assembly = None;
                 continue;
             }
-            Err(status) => return Err(peer(status)),
+            Err(status) => {
+                return Err(NodeError::Remote {
+                    peer: "checkpoint source".into(),
+                    status,
+                });
+            }
         };
         loop {
             let message = match stream.next().await {
@@ -180,37 +172,9 @@ pub async fn fetch_checkpoint(
                     break;
                 }
             };
-            if let Some(manifest) = message.manifest {
-                let (manifest, round) = manifest_from_proto(manifest)?;
-                match &assembly {
-                    Some((a, _)) if a.manifest() == &manifest => {}
-                    Some(_) => {
-                        return Err(NodeError::BadRequest(
-                            "the server sent another checkpoint's manifest mid-transfer".into(),
-                        ));
-                    }
-                    None => {
-                        report.chunks = manifest.chunks();
-                        report.total_bytes = manifest.total_bytes;
-                        let limit = max_bytes.min(MAX_CHECKPOINT_BYTES);
-                        let new = Assembly::new(manifest, limit)
-                            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-                        assembly = Some((new, round));
-                    }
-                }
-            }
-            let Some((a, _)) = assembly.as_mut() else {
-                return Err(NodeError::BadRequest(
-                    "a checkpoint chunk came before its manifest".into(),
-                ));
-            };
-            report.chunks_moved += 1;
-            match a.accept(message.index as usize, &message.data) {
-                Ok(()) => progress(Progress {
-                    done: a.received_bytes(),
-                    total: a.manifest().total_bytes,
-                }),
-                Err(e) => report.recovered.push(format!("{e}; asking for it again")),
+            let limit = max_bytes.min(MAX_CHECKPOINT_BYTES);
+            if let Some(done) = take_chunk(message, &mut assembly, &mut report, limit)? {
+                progress(done);
             }
         }
         if let Some((a, round)) = assembly.take() {
@@ -227,6 +191,67 @@ pub async fn fetch_checkpoint(
         "the checkpoint did not arrive whole in {MAX_ATTEMPTS} requests: {}",
         report.recovered.join("; ")
     )))
+}
+
+/// What to ask for: the whole checkpoint, or the chunks `assembly` still lacks of the one it
+/// is assembling.
+fn checkpoint_request(
+    model_id: &str,
+    layers: LayerRange,
+    assembly: Option<&Assembly>,
+) -> pb::CheckpointRequest {
+    pb::CheckpointRequest {
+        model_id: model_id.to_string(),
+        layers: Some(span_to_proto(layers)),
+        chunks: assembly.map_or_else(Vec::new, |a| {
+            a.missing().into_iter().map(|i| i as u32).collect()
+        }),
+        whole_hash: assembly.map_or_else(Vec::new, |a| a.manifest().hash.to_vec()),
+    }
+}
+
+/// Takes one streamed message: its manifest (which starts the assembly, or must match it) and
+/// its chunk (a bad one is noted in `report` to ask for again). The progress a good chunk made.
+fn take_chunk(
+    message: pb::CheckpointChunk,
+    assembly: &mut Option<(Assembly, u64)>,
+    report: &mut TransferReport,
+    limit: u64,
+) -> Result<Option<Progress>, NodeError> {
+    if let Some(manifest) = message.manifest {
+        let (manifest, round) = manifest_from_proto(manifest)?;
+        match &*assembly {
+            Some((a, _)) if a.manifest() == &manifest => {}
+            Some(_) => {
+                return Err(NodeError::BadRequest(
+                    "the server sent another checkpoint's manifest mid-transfer".into(),
+                ));
+            }
+            None => {
+                report.chunks = manifest.chunks();
+                report.total_bytes = manifest.total_bytes;
+                let new = Assembly::new(manifest, limit)
+                    .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+                *assembly = Some((new, round));
+            }
+        }
+    }
+    let Some((a, _)) = assembly.as_mut() else {
+        return Err(NodeError::BadRequest(
+            "a checkpoint chunk came before its manifest".into(),
+        ));
+    };
+    report.chunks_moved += 1;
+    match a.accept(message.index as usize, &message.data) {
+        Ok(()) => Ok(Some(Progress {
+            done: a.received_bytes(),
+            total: a.manifest().total_bytes,
+        })),
+        Err(e) => {
+            report.recovered.push(format!("{e}; asking for it again"));
+            Ok(None)
+        }
+    }
 }
 
 /// How long dialing a peer for its weights may take.

@@ -94,6 +94,29 @@ impl HopTiming {
     }
 }
 
+/// A Forward reply's output, decoded; its hash goes into `expected`.
+fn hop_output(
+    output: Option<pb::forward_response::Output>,
+    expected: &mut Expectation,
+) -> Result<HopOutput, NodeError> {
+    use pb::forward_response::Output;
+    match output {
+        Some(Output::Hidden(t)) => {
+            let tensor = tensor_from_proto(t)?;
+            expected.output_hash = tensor_hash(&tensor);
+            Ok(HopOutput::Hidden(tensor))
+        }
+        Some(Output::Logits(t)) => {
+            let tensor = tensor_from_proto(t)?;
+            expected.output_hash = tensor_hash(&tensor);
+            Ok(HopOutput::Logits(codec::decode(&tensor)?))
+        }
+        Some(Output::Loss(_)) | None => Err(NodeError::BadRequest(
+            "the reply holds neither hidden states nor logits".into(),
+        )),
+    }
+}
+
 /// One generation over the swarm.
 #[derive(Debug)]
 pub struct SwarmSession<'c> {
@@ -255,6 +278,50 @@ impl SwarmSession<'_> {
             true => client.config.router.first_call_deadline,
             false => client.router.lock_or_recover().deadline(&hop.addr, tokens),
         };
+        let (request, mut expected) = self.forward_request(&hop, pos, input)?;
+        let sent = request.encoded_len();
+        let started = Instant::now();
+        let remote = |status: tonic::Status| NodeError::Remote {
+            peer: hop.addr.clone(),
+            status,
+        };
+        let reply = async {
+            let mut pooled = client.pool.client(&hop.addr).await?;
+            pooled.client.forward(request).await.map_err(remote)
+        };
+        let result = match tokio::time::timeout(deadline, reply).await {
+            Ok(result) => result,
+            Err(_) => Err(remote(tonic::Status::deadline_exceeded(format!(
+                "no reply within the {deadline:?} deadline"
+            )))),
+        };
+        let wall = started.elapsed();
+        client.metrics.record_rpc(wall, result.is_ok());
+        let reply = result?.into_inner();
+        client.metrics.record_bytes(sent, reply.encoded_len());
+        let compute = Duration::from_micros(reply.compute_us);
+        client
+            .router
+            .lock_or_recover()
+            .record_success(&hop.addr, wall, compute, tokens);
+        self.record_timing(&hop, wall, compute);
+        let output = hop_output(reply.output, &mut expected)
+            .map_err(|e| remote(tonic::Status::internal(format!("bad reply: {e}"))))?;
+        expected.now_ms = neuroshard_net::now_ms();
+        let receipt = Receipt::from_wire(&reply.receipt)?;
+        expected.check(&receipt)?;
+        Ok((output, receipt))
+    }
+
+    /// The Forward request for `hop` at `pos`, and what its receipt must say.
+    fn forward_request(
+        &self,
+        hop: &Hop,
+        pos: usize,
+        input: &HopInput,
+    ) -> Result<(pb::ForwardRequest, Expectation), NodeError> {
+        let client = self.client;
+        let tokens = input.tokens();
         let request = pb::ForwardRequest {
             session_id: self.id.clone(),
             start_pos: pos as u64,
@@ -287,31 +354,11 @@ impl SwarmSession<'_> {
             expected.weights_hash = Some(verifier.weights_hash(hop.layers)?);
             expected.flops = Some(verifier.flops(hop.layers, pos, tokens));
         }
-        let sent = request.encoded_len();
-        let started = Instant::now();
-        let remote = |status: tonic::Status| NodeError::Remote {
-            peer: hop.addr.clone(),
-            status,
-        };
-        let reply = async {
-            let mut pooled = client.pool.client(&hop.addr).await?;
-            pooled.client.forward(request).await.map_err(remote)
-        };
-        let result = match tokio::time::timeout(deadline, reply).await {
-            Ok(result) => result,
-            Err(_) => Err(remote(tonic::Status::deadline_exceeded(format!(
-                "no reply within the {deadline:?} deadline"
-            )))),
-        };
-        let wall = started.elapsed();
-        client.metrics.record_rpc(wall, result.is_ok());
-        let reply = result?.into_inner();
-        client.metrics.record_bytes(sent, reply.encoded_len());
-        let compute = Duration::from_micros(reply.compute_us);
-        client
-            .router
-            .lock_or_recover()
-            .record_success(&hop.addr, wall, compute, tokens);
+        Ok((request, expected))
+    }
+
+    /// Adds a call's wall and compute time to `hop`'s figures.
+    fn record_timing(&mut self, hop: &Hop, wall: Duration, compute: Duration) {
         let timing = self
             .timings
             .entry((hop.layers, hop.node_id))
@@ -326,28 +373,6 @@ impl SwarmSession<'_> {
         timing.calls += 1;
         timing.total_ms += wall.as_secs_f64() * 1000.0;
         timing.compute_ms += compute.as_secs_f64() * 1000.0;
-        let bad_reply = |e: NodeError| remote(tonic::Status::internal(format!("bad reply: {e}")));
-        let output = match reply.output {
-            Some(pb::forward_response::Output::Hidden(t)) => {
-                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
-                expected.output_hash = tensor_hash(&tensor);
-                HopOutput::Hidden(tensor)
-            }
-            Some(pb::forward_response::Output::Logits(t)) => {
-                let tensor = tensor_from_proto(t).map_err(bad_reply)?;
-                expected.output_hash = tensor_hash(&tensor);
-                HopOutput::Logits(codec::decode(&tensor).map_err(|e| bad_reply(e.into()))?)
-            }
-            Some(pb::forward_response::Output::Loss(_)) | None => {
-                return Err(bad_reply(NodeError::BadRequest(
-                    "the reply holds neither hidden states nor logits".into(),
-                )));
-            }
-        };
-        expected.now_ms = neuroshard_net::now_ms();
-        let receipt = Receipt::from_wire(&reply.receipt)?;
-        expected.check(&receipt)?;
-        Ok((output, receipt))
     }
 
     /// Frees the session's caches on every hop (best effort) and its router placements.

@@ -106,18 +106,12 @@ impl RopeConfig {
             _ => ("rope_parameters", &Value::Null),
         };
         let empty = Map::new();
-        let params = params.as_object().unwrap_or(&empty);
-        let name = |key: &str| format!("{field}.{key}");
-        let number = |key: &str| -> Result<Option<f64>, ModelError> {
-            match params.get(key).filter(|v| !v.is_null()) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| bad(&name(key), &format!("{v} is not a number"))),
-            }
+        let p = Params {
+            field,
+            params: params.as_object().unwrap_or(&empty),
+            raw,
+            max_positions,
         };
-        let required = |key: &str| number(key)?.ok_or_else(|| bad(&name(key), "missing"));
         let top_theta = match raw.get("rope_theta").filter(|v| !v.is_null()) {
             None => None,
             Some(v) => Some(
@@ -125,83 +119,29 @@ impl RopeConfig {
                     .ok_or_else(|| bad("rope_theta", &format!("{v} is not a number")))?,
             ),
         };
-        let theta = number("rope_theta")?.or(top_theta).unwrap_or(10_000.0);
-        let rope_type = params
-            .get("rope_type")
-            .or_else(|| params.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let keys = type_keys(rope_type).ok_or_else(|| {
-            bad(
-                &name("rope_type"),
-                &format!(
-                    "\"{rope_type}\" is not supported (default, linear, dynamic, llama3 and yarn are)"
-                ),
-            )
-        })?;
-        let known = |k: &str| COMMON_KEYS.contains(&k) || keys.contains(&k);
-        if let Some(key) = params.keys().find(|k| !known(k)) {
+        let theta = p.number("rope_theta")?.or(top_theta).unwrap_or(10_000.0);
+        let rope_type = p.rope_type()?;
+        if p.number("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
             return Err(bad(
-                &name(key),
-                &format!("is not a parameter of {rope_type} RoPE this build implements"),
+                &p.name("partial_rotary_factor"),
+                "only 1.0 is supported",
             ));
         }
-        if number("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
-            return Err(bad(&name("partial_rotary_factor"), "only 1.0 is supported"));
-        }
-        // transformers lets a top-level original_max_position_embeddings win (Phi-3's layout).
-        let original = || -> Result<usize, ModelError> {
-            let top = raw
-                .get("original_max_position_embeddings")
-                .and_then(Value::as_u64);
-            let inner = number("original_max_position_embeddings")?.map(|v| v as u64);
-            Ok(top.or(inner).unwrap_or(max_positions as u64) as usize)
-        };
         let scaling = match rope_type {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear {
-                factor: required("factor")?,
+                factor: p.required("factor")?,
             },
             "dynamic" => RopeScaling::Dynamic {
-                factor: required("factor")?,
+                factor: p.required("factor")?,
             },
             "llama3" => RopeScaling::Llama3 {
-                factor: required("factor")?,
-                low_freq_factor: required("low_freq_factor")?,
-                high_freq_factor: required("high_freq_factor")?,
-                original_max_position_embeddings: original()?,
+                factor: p.required("factor")?,
+                low_freq_factor: p.required("low_freq_factor")?,
+                high_freq_factor: p.required("high_freq_factor")?,
+                original_max_position_embeddings: p.original()?,
             },
-            _ => {
-                let original = original()?;
-                let factor = match number("factor")? {
-                    Some(f) => f,
-                    None => max_positions as f64 / original as f64,
-                };
-                let attention_factor = match number("attention_factor")? {
-                    Some(a) => a,
-                    None => match (number("mscale")?, number("mscale_all_dim")?) {
-                        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-                            yarn_mscale(factor, m) / yarn_mscale(factor, all)
-                        }
-                        _ => yarn_mscale(factor, 1.0),
-                    },
-                };
-                let truncate = match params.get("truncate") {
-                    None | Some(Value::Null) => true,
-                    Some(v) => v
-                        .as_bool()
-                        .ok_or_else(|| bad(&name("truncate"), "is not true or false"))?,
-                };
-                RopeScaling::Yarn {
-                    factor,
-                    original_max_position_embeddings: original,
-                    // transformers: `get("beta_fast") or 32`, so 0 also means the default.
-                    beta_fast: number("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
-                    beta_slow: number("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
-                    attention_factor,
-                    truncate,
-                }
-            }
+            _ => p.yarn()?,
         };
         Ok(Self { theta, scaling })
     }
@@ -341,26 +281,144 @@ impl RopeConfig {
                     *original_max_position_embeddings,
                     *truncate,
                 );
-                let inv = pos_freqs(base, dim)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, pos_freq)| {
-                        let extrapolated = 1.0 / pos_freq;
-                        let interpolated = 1.0 / (*factor as f32 * pos_freq);
-                        let span = if low == high {
-                            high + 0.001 - low
-                        } else {
-                            high - low
-                        };
-                        let ramp = ((i as f32 - low as f32) / span as f32).clamp(0.0, 1.0);
-                        let keep = 1.0 - ramp;
-                        interpolated * (1.0 - keep) + extrapolated * keep
-                    })
-                    .collect();
+                let inv = yarn_inv_freq(base, dim, *factor as f32, low, high);
                 (inv, *attention_factor as f32)
             }
         }
     }
+}
+
+/// The RoPE dict of a config being read, and the fields around it that it may defer to.
+struct Params<'a> {
+    /// `rope_scaling` or `rope_parameters`, for naming a bad field.
+    field: &'static str,
+    params: &'a Map<String, Value>,
+    /// The whole config.
+    raw: &'a Map<String, Value>,
+    max_positions: usize,
+}
+
+impl Params<'_> {
+    /// The dotted name of `key`, for errors.
+    fn name(&self, key: &str) -> String {
+        format!("{}.{key}", self.field)
+    }
+
+    /// A number the dict may hold.
+    fn number(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.params.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad(&self.name(key), &format!("{v} is not a number"))),
+        }
+    }
+
+    /// A number the dict must hold.
+    fn required(&self, key: &str) -> Result<f64, ModelError> {
+        self.number(key)?
+            .ok_or_else(|| bad(&self.name(key), "missing"))
+    }
+
+    /// The RoPE type, once every key of the dict is known to belong to it.
+    fn rope_type(&self) -> Result<&str, ModelError> {
+        let rope_type = self
+            .params
+            .get("rope_type")
+            .or_else(|| self.params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let keys = type_keys(rope_type).ok_or_else(|| {
+            bad(
+                &self.name("rope_type"),
+                &format!(
+                    "\"{rope_type}\" is not supported (default, linear, dynamic, llama3 and yarn are)"
+                ),
+            )
+        })?;
+        let known = |k: &str| COMMON_KEYS.contains(&k) || keys.contains(&k);
+        if let Some(key) = self.params.keys().find(|k| !known(k)) {
+            return Err(bad(
+                &self.name(key),
+                &format!("is not a parameter of {rope_type} RoPE this build implements"),
+            ));
+        }
+        Ok(rope_type)
+    }
+
+    /// The context length the model was trained at; transformers lets a top-level
+    /// `original_max_position_embeddings` win (Phi-3's layout).
+    fn original(&self) -> Result<usize, ModelError> {
+        let top = self
+            .raw
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_u64);
+        let inner = self
+            .number("original_max_position_embeddings")?
+            .map(|v| v as u64);
+        Ok(top.or(inner).unwrap_or(self.max_positions as u64) as usize)
+    }
+
+    /// YaRN's parameters, with transformers' defaults.
+    fn yarn(&self) -> Result<RopeScaling, ModelError> {
+        let original = self.original()?;
+        let factor = match self.number("factor")? {
+            Some(f) => f,
+            None => self.max_positions as f64 / original as f64,
+        };
+        let attention_factor = match self.number("attention_factor")? {
+            Some(a) => a,
+            None => match (self.number("mscale")?, self.number("mscale_all_dim")?) {
+                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    yarn_mscale(factor, m) / yarn_mscale(factor, all)
+                }
+                _ => yarn_mscale(factor, 1.0),
+            },
+        };
+        let truncate = match self.params.get("truncate") {
+            None | Some(Value::Null) => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| bad(&self.name("truncate"), "is not true or false"))?,
+        };
+        Ok(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            // transformers: `get("beta_fast") or 32`, so 0 also means the default.
+            beta_fast: self
+                .number("beta_fast")?
+                .filter(|&b| b != 0.0)
+                .unwrap_or(32.0),
+            beta_slow: self
+                .number("beta_slow")?
+                .filter(|&b| b != 0.0)
+                .unwrap_or(1.0),
+            attention_factor,
+            truncate,
+        })
+    }
+}
+
+/// YaRN's inverse frequencies: interpolated below the correction range `low..high`,
+/// extrapolated above it, blended linearly within.
+fn yarn_inv_freq(base: f64, dim: usize, factor: f32, low: f64, high: f64) -> Vec<f32> {
+    pos_freqs(base, dim)
+        .into_iter()
+        .enumerate()
+        .map(|(i, pos_freq)| {
+            let extrapolated = 1.0 / pos_freq;
+            let interpolated = 1.0 / (factor * pos_freq);
+            let span = if low == high {
+                high + 0.001 - low
+            } else {
+                high - low
+            };
+            let ramp = ((i as f32 - low as f32) / span as f32).clamp(0.0, 1.0);
+            let keep = 1.0 - ramp;
+            interpolated * (1.0 - keep) + extrapolated * keep
+        })
+        .collect()
 }
 
 /// `base^(2i / dim)` in f32, as transformers computes it from an f32 `arange`.
