@@ -191,6 +191,19 @@ pub async fn list_peers(
         .collect())
 }
 
+/// The local copy of the model that spot checks re-execute hops with, if the client holds one.
+async fn load_verifier(
+    dir: Option<std::path::PathBuf>,
+) -> Result<Option<Arc<LocalVerifier>>, NodeError> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let verifier = tokio::task::spawn_blocking(move || LocalVerifier::load(&dir))
+        .await
+        .map_err(|e| NodeError::Config(format!("loading the verifier: {e}")))??;
+    Ok(Some(Arc::new(verifier)))
+}
+
 impl SwarmClient {
     /// Learns the swarm's peers and model from the tracker, or else through the DHT.
     pub async fn connect(config: ClientConfig) -> Result<Self, NodeError> {
@@ -209,14 +222,7 @@ impl SwarmClient {
             .map_err(|e| NodeError::Config(format!("router.spot_checks.{e}")))?;
         let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone()));
         pool.spawn_reaper();
-        let verifier = match config.verify_with.clone() {
-            Some(dir) => Some(Arc::new(
-                tokio::task::spawn_blocking(move || LocalVerifier::load(&dir))
-                    .await
-                    .map_err(|e| NodeError::Config(format!("loading the verifier: {e}")))??,
-            )),
-            None => None,
-        };
+        let verifier = load_verifier(config.verify_with.clone()).await?;
         let outbox = ReceiptOutbox::spawn(pool.clone());
         let cancel = CancellationToken::new();
         let key = config
@@ -251,9 +257,15 @@ impl SwarmClient {
             verifier,
             config,
         };
-        let peers = client.fetch_peers().await?;
-        let (model_id, total_layers) = pick_model(&peers, client.config.model_id.as_deref())?;
-        if let Some(verifier) = &client.verifier
+        client.learn_model().await?;
+        Ok(client)
+    }
+
+    /// Finds the swarm's peers and settles which model this client runs.
+    async fn learn_model(&mut self) -> Result<(), NodeError> {
+        let peers = self.fetch_peers().await?;
+        let (model_id, total_layers) = pick_model(&peers, self.config.model_id.as_deref())?;
+        if let Some(verifier) = &self.verifier
             && verifier.model_id() != model_id
         {
             return Err(NodeError::Config(format!(
@@ -261,10 +273,10 @@ impl SwarmClient {
                 verifier.model_id()
             )));
         }
-        client.model_id = model_id;
-        client.total_layers = total_layers;
-        client.install_peers(peers);
-        Ok(client)
+        self.model_id = model_id;
+        self.total_layers = total_layers;
+        self.install_peers(peers);
+        Ok(())
     }
 
     /// The tracker's list while it answers with peers; else the DHT's providers of the model,

@@ -96,35 +96,29 @@ impl SwarmSession<'_> {
             return Ok(false);
         }
         let done = verifier.verified_up_to(&self.id, hop.layers);
-        let inputs = (|| {
-            let history = self.chain.links()[i]
-                .log
-                .entries()
-                .iter()
-                .filter(|(p, _)| *p < pos && *p >= done)
-                .map(|(p, input)| Ok((*p, input.to_shard_input()?)))
-                .collect::<Result<Vec<_>, NodeError>>()?;
-            Ok::<_, NodeError>((history, input.to_shard_input()?, output.last_row()?))
-        })();
-        let (history, current, received) = match inputs {
-            Ok(inputs) => inputs,
-            Err(e) => return Err(CheckFailed::Undecodable(e)),
-        };
+        let history = self.chain.links()[i]
+            .log
+            .entries()
+            .iter()
+            .filter(|(p, _)| *p < pos && *p >= done)
+            .map(|(p, input)| Ok((*p, input.to_shard_input()?)))
+            .collect::<Result<Vec<_>, NodeError>>()
+            .map_err(CheckFailed::Undecodable)?;
+        let current = input.to_shard_input().map_err(CheckFailed::Undecodable)?;
+        let received = output.last_row().map_err(CheckFailed::Undecodable)?;
         let (layers, session) = (hop.layers, self.id.clone());
         let truth = tokio::task::spawn_blocking(move || {
             verifier.recompute(&session, layers, history, pos, current)
         })
         .await;
+        let skipped = |e: &dyn std::fmt::Display| {
+            tracing::warn!("spot check of {} skipped: {e}", hop.addr);
+            Ok(false)
+        };
         let truth = match truth {
             Ok(Ok(row)) => row,
-            Ok(Err(e)) => {
-                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
-                return Ok(false);
-            }
-            Err(e) => {
-                tracing::warn!("spot check of {} skipped: {e}", hop.addr);
-                return Ok(false);
-            }
+            Ok(Err(e)) => return skipped(&e),
+            Err(e) => return skipped(&e),
         };
         let tolerance = client.config.tolerance;
         receipt

@@ -132,6 +132,28 @@ impl TrainSession<'_> {
         Ok(report)
     }
 
+    /// A training Forward of `input` to `hop`; the last stage gets the targets for its loss.
+    fn forward_request(
+        &self,
+        id: &str,
+        hop: &Hop,
+        input: pb::forward_request::Input,
+        targets: Option<&[u32]>,
+    ) -> pb::ForwardRequest {
+        pb::ForwardRequest {
+            session_id: id.to_string(),
+            start_pos: 0,
+            layers: Some(span_to_proto(hop.layers)),
+            input: Some(input),
+            model_id: self.client.model_id.clone(),
+            reply_dtype: pb::Dtype::F32 as i32,
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+            requester_key: self.client.key.public().0.to_vec(),
+            train: true,
+            targets: targets.map(|ids| pb::TokenIds { ids: ids.to_vec() }),
+        }
+    }
+
     /// The microbatch forward through the chain; the last node's loss.
     async fn forward(
         &self,
@@ -148,20 +170,8 @@ impl TrainSession<'_> {
         let mut input_hash = tokens_hash(&microbatch.inputs);
         for (i, hop) in self.chain.iter().enumerate() {
             let last = i + 1 == self.chain.len();
-            let request = pb::ForwardRequest {
-                session_id: id.to_string(),
-                start_pos: 0,
-                layers: Some(span_to_proto(hop.layers)),
-                input: Some(input.clone()),
-                model_id: self.client.model_id.clone(),
-                reply_dtype: pb::Dtype::F32 as i32,
-                nonce: rand::random::<[u8; 16]>().to_vec(),
-                requester_key: self.client.key.public().0.to_vec(),
-                train: true,
-                targets: last.then(|| pb::TokenIds {
-                    ids: microbatch.targets.clone(),
-                }),
-            };
+            let targets = last.then_some(microbatch.targets.as_slice());
+            let request = self.forward_request(id, hop, input.clone(), targets);
             let expected = self.expect(hop, WorkKind::Forward, &request, tokens, input_hash);
             report.bytes_sent += request.encoded_len() as u64;
             let reply = self

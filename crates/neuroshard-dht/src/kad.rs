@@ -508,36 +508,7 @@ impl<R: Rng> Kademlia<R> {
         }
         match pending.purpose {
             Purpose::Liveness | Purpose::Candidate => {}
-            Purpose::Lookup(qid) => {
-                let Some(query) = self.queries.get_mut(&qid) else {
-                    return;
-                };
-                match result {
-                    Ok(Response::Nodes { closer, records }) => {
-                        let mut good = Vec::new();
-                        for r in records {
-                            let wanted = query.get.as_ref() == Some(&r.key);
-                            if wanted && r.verify(now_ms).is_ok() {
-                                good.push(r);
-                            } else {
-                                query.rejected += 1;
-                            }
-                        }
-                        let closer: Vec<_> = closer
-                            .into_iter()
-                            .filter(|c| c.key != self.local.key && c.addr.port() != 0)
-                            .take(self.config.k)
-                            .collect();
-                        query.lookup.on_answer(&pending.to.key, closer, good);
-                    }
-                    Ok(_) => {
-                        query.rejected += 1;
-                        query.lookup.on_failure(&pending.to.key);
-                    }
-                    Err(_) => query.lookup.on_failure(&pending.to.key),
-                }
-                self.drive(qid, now_ms);
-            }
+            Purpose::Lookup(qid) => self.on_lookup_answer(qid, &pending.to.key, result, now_ms),
             Purpose::Store(qid) => {
                 let Some(query) = self.queries.get_mut(&qid) else {
                     return;
@@ -551,6 +522,45 @@ impl<R: Rng> Kademlia<R> {
                 self.drive(qid, now_ms);
             }
         }
+    }
+
+    /// A lookup's answer from `from`: closer contacts to ask next, records that are the one
+    /// wanted and verify (others counted as rejected), or a failure.
+    fn on_lookup_answer(
+        &mut self,
+        qid: QueryId,
+        from: &Key,
+        result: Result<Response, NoAnswer>,
+        now_ms: u64,
+    ) {
+        let Some(query) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        match result {
+            Ok(Response::Nodes { closer, records }) => {
+                let mut good = Vec::new();
+                for r in records {
+                    let wanted = query.get.as_ref() == Some(&r.key);
+                    if wanted && r.verify(now_ms).is_ok() {
+                        good.push(r);
+                    } else {
+                        query.rejected += 1;
+                    }
+                }
+                let closer: Vec<_> = closer
+                    .into_iter()
+                    .filter(|c| c.key != self.local.key && c.addr.port() != 0)
+                    .take(self.config.k)
+                    .collect();
+                query.lookup.on_answer(from, closer, good);
+            }
+            Ok(_) => {
+                query.rejected += 1;
+                query.lookup.on_failure(from);
+            }
+            Err(_) => query.lookup.on_failure(from),
+        }
+        self.drive(qid, now_ms);
     }
 
     fn drive(&mut self, qid: QueryId, now_ms: u64) {

@@ -402,8 +402,31 @@ impl Simulator {
     /// Runs the scenario and reports.
     pub fn run_scenario(&mut self) -> SimReport {
         let started = Instant::now();
-        let mut lookups = 0;
-        // Joins through a random warm honest node.
+        let joins = self.join();
+        self.run(&joins);
+        let (puts, keys) = self.put();
+        self.run(&puts);
+        let stored: Vec<f64> = puts
+            .iter()
+            .filter_map(|q| self.done.get(q).map(|(o, _)| o.stored as f64))
+            .collect();
+        let stored_mean = stored.iter().sum::<f64>() / stored.len().max(1) as f64;
+        self.churn();
+        let gets = self.get(&keys);
+        let queries: Vec<(usize, QueryId)> = gets.iter().map(|(q, _, _)| *q).collect();
+        self.run(&queries);
+        let lookups = joins.len() + puts.len() + gets.len();
+        let mut report = self.report_gets(&gets);
+        let wall = started.elapsed();
+        report.lookups = lookups;
+        report.stored_mean = stored_mean;
+        report.wall = wall;
+        report.lookups_per_s = lookups as f64 / wall.as_secs_f64().max(1e-9);
+        report
+    }
+
+    /// The last `joins` nodes join through a random warm honest node; their bootstrap queries.
+    fn join(&mut self) -> Vec<(usize, QueryId)> {
         let warm = self.config.nodes - self.config.joins.min(self.config.nodes);
         let mut joins = Vec::new();
         for i in warm..self.config.nodes {
@@ -421,10 +444,11 @@ impl Simulator {
             self.take_outputs(i, outputs);
             joins.push((i, q));
         }
-        self.run(&joins);
-        lookups += joins.len();
+        joins
+    }
 
-        // Puts from random honest nodes.
+    /// Random honest nodes put the scenario's records; their queries and the keys.
+    fn put(&mut self) -> (Vec<(usize, QueryId)>, Vec<RecordKey>) {
         let mut puts = Vec::new();
         let mut keys = Vec::new();
         for r in 0..self.config.records {
@@ -445,15 +469,11 @@ impl Simulator {
             puts.push((i, q));
             keys.push(key);
         }
-        self.run(&puts);
-        lookups += puts.len();
-        let stored: Vec<f64> = puts
-            .iter()
-            .filter_map(|q| self.done.get(q).map(|(o, _)| o.stored as f64))
-            .collect();
-        let stored_mean = stored.iter().sum::<f64>() / stored.len().max(1) as f64;
+        (puts, keys)
+    }
 
-        // Churn: a share of honest nodes vanish.
+    /// A share of the honest nodes vanish.
+    fn churn(&mut self) {
         let honest: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| !self.nodes[i].sybil)
             .collect();
@@ -461,11 +481,11 @@ impl Simulator {
         for p in sample(&mut self.rng, honest.len(), gone) {
             self.nodes[honest[p]].online = false;
         }
+    }
 
-        // Gets from live honest nodes.
+    /// Live honest nodes get random records: each query, the key it wants and when it began.
+    fn get(&mut self, keys: &[RecordKey]) -> Vec<((usize, QueryId), RecordKey, u64)> {
         let mut gets = Vec::new();
-        let mut wanted = Vec::new();
-        let mut started_at = Vec::new();
         for _ in 0..self.config.gets {
             if keys.is_empty() {
                 break;
@@ -476,22 +496,23 @@ impl Simulator {
             let q = self.nodes[i].kad.get(key.clone(), now);
             let outputs = self.nodes[i].kad.drain();
             self.take_outputs(i, outputs);
-            gets.push((i, q));
-            wanted.push(key);
-            started_at.push(now);
+            gets.push(((i, q), key, now));
         }
-        self.run(&gets);
-        lookups += gets.len();
+        gets
+    }
 
+    /// How the gets went: success rate, rounds and latency percentiles, and the swarm's
+    /// totals. The caller fills in the scenario's lookups, stores and wall time.
+    fn report_gets(&self, gets: &[((usize, QueryId), RecordKey, u64)]) -> SimReport {
         let mut rounds = Vec::new();
         let mut latencies = Vec::new();
         let mut found = 0;
-        for ((q, key), t0) in gets.iter().zip(&wanted).zip(&started_at) {
+        for (q, key, t0) in gets {
             if let Some((outcome, at)) = self.done.get(q) {
                 debug_assert_eq!(outcome.kind, QueryKind::Get);
                 if outcome.records.iter().any(|r| &r.key == key) {
                     found += 1;
-                    rounds.push(outcome.rounds);
+                    rounds.push(u64::from(outcome.rounds));
                     latencies.push(at - t0);
                 }
             }
@@ -504,20 +525,18 @@ impl Simulator {
             }
             v[((v.len() - 1) as f64 * p).round() as usize]
         };
-        let rounds64: Vec<u64> = rounds.iter().map(|&r| u64::from(r)).collect();
-        let wall = started.elapsed();
         SimReport {
             nodes: self.nodes.len(),
-            lookups,
+            lookups: 0,
             get_success: found as f64 / gets.len().max(1) as f64,
-            rounds_p50: pct(&rounds64, 0.5) as u32,
-            rounds_p99: pct(&rounds64, 0.99) as u32,
+            rounds_p50: pct(&rounds, 0.5) as u32,
+            rounds_p99: pct(&rounds, 0.99) as u32,
             get_ms_p50: pct(&latencies, 0.5),
             get_ms_p99: pct(&latencies, 0.99),
-            stored_mean,
+            stored_mean: 0.0,
             messages: self.messages,
-            wall,
-            lookups_per_s: lookups as f64 / wall.as_secs_f64().max(1e-9),
+            wall: Duration::ZERO,
+            lookups_per_s: 0.0,
             table_entries: self.nodes.iter().map(|n| n.kad.table().len()).sum(),
         }
     }

@@ -236,27 +236,7 @@ impl RoutingTable {
             .iter()
             .position(|e| e.contact.key == contact.key);
         if let Some(pos) = known {
-            let mut entry = self.buckets[b].entries.remove(pos);
-            let old = self.limits.prefix(entry.contact.addr.ip());
-            // A new address must fit the limits like a newcomer; otherwise keep the old.
-            if old == prefix || self.fits(b, prefix) {
-                if old != prefix {
-                    if let Some(old) = old {
-                        Self::uncount(&mut self.prefixes, old);
-                    }
-                    if let Some(p) = prefix {
-                        *self.prefixes.entry(p).or_default() += 1;
-                    }
-                }
-                entry.contact.addr = contact.addr;
-            }
-            entry.last_seen_ms = now_ms;
-            entry.failures = 0;
-            let bucket = &mut self.buckets[b];
-            bucket.entries.push(entry);
-            if bucket.pinging == Some(contact.key) {
-                bucket.pinging = None;
-            }
+            self.refresh(b, pos, contact, prefix, now_ms);
             return Observed::Refreshed;
         }
         if !self.fits(b, prefix) {
@@ -290,6 +270,38 @@ impl RoutingTable {
         let oldest = bucket.entries[0].contact;
         bucket.pinging = Some(oldest.key);
         Observed::Full { ping: oldest }
+    }
+
+    /// A known contact heard from again: moved to the bucket's end as the latest seen, at its
+    /// new address if that fits the limits like a newcomer's would (else at the old one).
+    fn refresh(
+        &mut self,
+        b: usize,
+        pos: usize,
+        contact: Contact,
+        prefix: Option<Prefix>,
+        now_ms: u64,
+    ) {
+        let mut entry = self.buckets[b].entries.remove(pos);
+        let old = self.limits.prefix(entry.contact.addr.ip());
+        if old == prefix || self.fits(b, prefix) {
+            if old != prefix {
+                if let Some(old) = old {
+                    Self::uncount(&mut self.prefixes, old);
+                }
+                if let Some(p) = prefix {
+                    *self.prefixes.entry(p).or_default() += 1;
+                }
+            }
+            entry.contact.addr = contact.addr;
+        }
+        entry.last_seen_ms = now_ms;
+        entry.failures = 0;
+        let bucket = &mut self.buckets[b];
+        bucket.entries.push(entry);
+        if bucket.pinging == Some(contact.key) {
+            bucket.pinging = None;
+        }
     }
 
     fn uncount(prefixes: &mut HashMap<Prefix, usize>, p: Prefix) {

@@ -322,76 +322,78 @@ impl Transport {
                 .control_channel(&to.addr.to_string())
                 .await
                 .map_err(|e| NoAnswer::Unreachable(e.to_string()))?;
-            let mut client = DhtClient::new(channel).max_decoding_message_size(MAX_DHT_REPLY_BYTES);
-            let status = |s: tonic::Status| match s.code() {
-                tonic::Code::Unavailable => {
-                    NoAnswer::Unreachable(format!("{}: {}", to.addr, s.message()))
-                }
-                _ => NoAnswer::Refused(format!("{}: {}", to.addr, s.message())),
-            };
-            match request {
-                Request::Ping => {
-                    let reply = client
-                        .ping(pb::DhtPingRequest { sender })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    check_responder(&to, reply.responder)?;
-                    Ok(Response::Pong)
-                }
-                Request::FindNode { target } => {
-                    let reply = client
-                        .find_node(pb::FindNodeRequest {
-                            sender,
-                            target: target.0.to_vec(),
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    check_responder(&to, reply.responder)?;
-                    Ok(Response::Nodes {
-                        closer: contacts_from_proto(reply.closer),
-                        records: Vec::new(),
-                    })
-                }
-                Request::FindValue { key } => {
-                    let reply = client
-                        .find_value(pb::FindValueRequest {
-                            sender,
-                            key: key.to_string(),
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    check_responder(&to, reply.responder)?;
-                    Ok(Response::Nodes {
-                        closer: contacts_from_proto(reply.closer),
-                        // Malformed entries are dropped here; well-formed ones with a bad
-                        // signature or expiry are the state machine's to count and drop.
-                        records: reply
-                            .records
-                            .into_iter()
-                            .filter_map(|r| record_from_proto(r).ok())
-                            .collect(),
-                    })
-                }
-                Request::Store { record } => {
-                    let reply = client
-                        .store(pb::StoreRequest {
-                            sender,
-                            record: Some(record_to_proto(&record)),
-                        })
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    check_responder(&to, reply.responder)?;
-                    Ok(Response::Stored)
-                }
-            }
+            let client = DhtClient::new(channel).max_decoding_message_size(MAX_DHT_REPLY_BYTES);
+            exchange(client, &to, sender, request).await
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .unwrap_or(Err(NoAnswer::TimedOut))
+    }
+}
+
+/// One request and its answer, checked to come from `to`.
+async fn exchange(
+    mut client: DhtClient<tonic::transport::Channel>,
+    to: &Contact,
+    sender: Option<pb::DhtSender>,
+    request: Request,
+) -> Result<Response, NoAnswer> {
+    let status = |s: tonic::Status| {
+        let why = format!("{}: {}", to.addr, s.message());
+        match s.code() {
+            tonic::Code::Unavailable => NoAnswer::Unreachable(why),
+            _ => NoAnswer::Refused(why),
+        }
+    };
+    match request {
+        Request::Ping => {
+            let request = pb::DhtPingRequest { sender };
+            let reply = client.ping(request).await.map_err(status)?.into_inner();
+            check_responder(to, reply.responder)?;
+            Ok(Response::Pong)
+        }
+        Request::FindNode { target } => {
+            let target = target.0.to_vec();
+            let request = pb::FindNodeRequest { sender, target };
+            let reply = client
+                .find_node(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            check_responder(to, reply.responder)?;
+            Ok(nodes(reply.closer, Vec::new()))
+        }
+        Request::FindValue { key } => {
+            let key = key.to_string();
+            let request = pb::FindValueRequest { sender, key };
+            let reply = client
+                .find_value(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            check_responder(to, reply.responder)?;
+            Ok(nodes(reply.closer, reply.records))
+        }
+        Request::Store { record } => {
+            let record = Some(record_to_proto(&record));
+            let request = pb::StoreRequest { sender, record };
+            let reply = client.store(request).await.map_err(status)?.into_inner();
+            check_responder(to, reply.responder)?;
+            Ok(Response::Stored)
+        }
+    }
+}
+
+/// A lookup's answer: closer contacts and the records found. Malformed records are dropped
+/// here; well-formed ones with a bad signature or expiry are the state machine's to count and
+/// drop.
+fn nodes(closer: Vec<pb::DhtContact>, records: Vec<pb::DhtRecord>) -> Response {
+    Response::Nodes {
+        closer: contacts_from_proto(closer),
+        records: records
+            .into_iter()
+            .filter_map(|r| record_from_proto(r).ok())
+            .collect(),
     }
 }
 

@@ -57,6 +57,62 @@ pub struct Lan {
     count: watch::Receiver<usize>,
 }
 
+fn mdns_error(e: mdns_sd::Error) -> NodeError {
+    NodeError::Config(format!("lan discovery: {e}"))
+}
+
+/// The mDNS daemon on the interfaces `config` names, announcing `me` when it serves.
+fn announce(config: &LanConfig, me: Option<Contact>) -> Result<ServiceDaemon, NodeError> {
+    let daemon = ServiceDaemon::new_with_port(config.port).map_err(mdns_error)?;
+    if config.loopback {
+        daemon.disable_interface(IfKind::All).map_err(mdns_error)?;
+        daemon
+            .enable_interface(IfKind::LoopbackV4)
+            .map_err(mdns_error)?;
+    } else {
+        daemon
+            .disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
+            .map_err(mdns_error)?;
+    }
+    if let Some(mut me) = me {
+        // A node that advertises loopback is announced with each interface's address.
+        if me.addr.ip().is_loopback() && !config.loopback {
+            me.addr.set_ip(IpAddr::from([0, 0, 0, 0]));
+        }
+        daemon
+            .register(service_info(&config.service, me)?)
+            .map_err(mdns_error)?;
+    }
+    Ok(daemon)
+}
+
+/// Records what a browse event says in `found` (at most [`MAX_LAN_PEERS`], never this node
+/// itself); the contact when it is new.
+fn take_event(
+    event: ServiceEvent,
+    found: &Mutex<BTreeMap<String, Contact>>,
+    own: Option<Key>,
+) -> Option<Contact> {
+    match event {
+        ServiceEvent::ServiceResolved(service) => match contact_of(&service) {
+            Some(contact) if Some(contact.key) != own => {
+                let mut found = found.lock_or_recover();
+                let room =
+                    found.len() < MAX_LAN_PEERS || found.contains_key(service.get_fullname());
+                let new = room
+                    && found.insert(service.get_fullname().to_string(), contact) != Some(contact);
+                new.then_some(contact)
+            }
+            _ => None,
+        },
+        ServiceEvent::ServiceRemoved(_, name) => {
+            found.lock_or_recover().remove(&name);
+            None
+        }
+        _ => None,
+    }
+}
+
 impl Lan {
     /// Announces `me` (a serving node; none for a client) and browses for others, adding each
     /// one found to `dht`, until `cancel` fires.
@@ -66,26 +122,8 @@ impl Lan {
         dht: DhtHandle,
         cancel: CancellationToken,
     ) -> Result<Self, NodeError> {
-        let err = |e: mdns_sd::Error| NodeError::Config(format!("lan discovery: {e}"));
-        let daemon = ServiceDaemon::new_with_port(config.port).map_err(err)?;
-        if config.loopback {
-            daemon.disable_interface(IfKind::All).map_err(err)?;
-            daemon.enable_interface(IfKind::LoopbackV4).map_err(err)?;
-        } else {
-            daemon
-                .disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
-                .map_err(err)?;
-        }
-        if let Some(mut me) = me {
-            // A node that advertises loopback is announced with each interface's address.
-            if me.addr.ip().is_loopback() && !config.loopback {
-                me.addr.set_ip(IpAddr::from([0, 0, 0, 0]));
-            }
-            daemon
-                .register(service_info(&config.service, me)?)
-                .map_err(err)?;
-        }
-        let events = daemon.browse(&config.service).map_err(err)?;
+        let daemon = announce(config, me)?;
+        let events = daemon.browse(&config.service).map_err(mdns_error)?;
         let found = Arc::new(Mutex::new(BTreeMap::new()));
         let (count_tx, count) = watch::channel(0);
         let own = me.map(|c| c.key);
@@ -100,26 +138,7 @@ impl Lan {
                         Err(_) => break,
                     },
                 };
-                let added = match event {
-                    ServiceEvent::ServiceResolved(service) => match contact_of(&service) {
-                        Some(contact) if Some(contact.key) != own => {
-                            let mut found = shared.lock_or_recover();
-                            let room = found.len() < MAX_LAN_PEERS
-                                || found.contains_key(service.get_fullname());
-                            let new = room
-                                && found.insert(service.get_fullname().to_string(), contact)
-                                    != Some(contact);
-                            new.then_some(contact)
-                        }
-                        _ => None,
-                    },
-                    ServiceEvent::ServiceRemoved(_, name) => {
-                        shared.lock_or_recover().remove(&name);
-                        None
-                    }
-                    _ => None,
-                };
-                if let Some(contact) = added {
+                if let Some(contact) = take_event(event, &shared, own) {
                     tracing::info!(peer = %contact.addr, "found a peer on the LAN");
                     dht.add_candidates(vec![contact]).await;
                 }
@@ -190,7 +209,7 @@ fn service_info(service: &str, me: Contact) -> Result<ServiceInfo, NodeError> {
             &properties[..],
         )
     };
-    info.map_err(|e| NodeError::Config(format!("lan discovery: {e}")))
+    info.map_err(mdns_error)
 }
 
 /// The DHT contact a resolved instance announces; none when its id or address is missing.

@@ -85,6 +85,31 @@ pub enum TrainOutput {
 }
 
 /// One microbatch between its forward and its backward.
+/// What a stage's forward ends in: the last stage's mean cross-entropy against `targets`, the
+/// others' hidden states `[1, tokens, hidden]`; kept for the backward, and as the reply.
+fn stage_output(
+    shard: &Shard,
+    hidden: Tensor<3>,
+    targets: Option<Tensor<1, Int>>,
+    tokens: usize,
+) -> (Output, TrainOutput) {
+    match targets {
+        Some(targets) => {
+            let vocab = shard.info.config.vocab_size;
+            let logits = shard.logits(hidden).reshape([tokens, vocab]);
+            let loss = CrossEntropyLossConfig::new()
+                .init(&shard.device)
+                .forward(logits, targets);
+            let value = to_vec(loss.clone().detach())[0];
+            (Output::Loss(loss), TrainOutput::Loss(value))
+        }
+        None => {
+            let values = to_vec(hidden.clone().detach());
+            (Output::Hidden(hidden), TrainOutput::Hidden(values))
+        }
+    }
+}
+
 struct Pending {
     /// Tokens in the microbatch.
     tokens: usize,
@@ -189,20 +214,7 @@ impl TrainShard {
             )));
         }
         let last = range.end == config.num_hidden_layers;
-        let targets = match (last, targets) {
-            (true, Some(t)) => Some(self.check_targets(t, tokens)?),
-            (true, None) => {
-                return Err(ModelError::Request(
-                    "the last stage needs the microbatch's targets".into(),
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(ModelError::Request(
-                    "targets go to the last stage only".into(),
-                ));
-            }
-            (false, None) => None,
-        };
+        let targets = self.stage_targets(last, targets, tokens)?;
         if !self.pending.contains_key(microbatch) && self.pending.len() >= self.config.max_pending {
             return Err(ModelError::Request(format!(
                 "{} microbatches are waiting for their backward; at most {} may",
@@ -222,21 +234,7 @@ impl TrainShard {
         for (layer, index) in shard.weights.layers.iter().zip(shard.range()) {
             hidden = layer.forward(hidden, &mut None, &positions, index, shard.heads);
         }
-        let (output, reply) = match targets {
-            Some(targets) => {
-                let vocab = config.vocab_size;
-                let logits = shard.logits(hidden).reshape([tokens, vocab]);
-                let loss = CrossEntropyLossConfig::new()
-                    .init(&shard.device)
-                    .forward(logits, targets);
-                let value = to_vec(loss.clone().detach())[0];
-                (Output::Loss(loss), TrainOutput::Loss(value))
-            }
-            None => {
-                let values = to_vec(hidden.clone().detach());
-                (Output::Hidden(hidden), TrainOutput::Hidden(values))
-            }
-        };
+        let (output, reply) = stage_output(shard, hidden, targets, tokens);
         self.pending.insert(
             microbatch.to_string(),
             Pending {
@@ -246,6 +244,25 @@ impl TrainShard {
             },
         );
         Ok(reply)
+    }
+
+    /// The targets a stage takes: the last stage's, checked; none for the others.
+    fn stage_targets(
+        &self,
+        last: bool,
+        targets: Option<&[u32]>,
+        tokens: usize,
+    ) -> Result<Option<Tensor<1, Int>>, ModelError> {
+        match (last, targets) {
+            (true, Some(t)) => Ok(Some(self.check_targets(t, tokens)?)),
+            (true, None) => Err(ModelError::Request(
+                "the last stage needs the microbatch's targets".into(),
+            )),
+            (false, Some(_)) => Err(ModelError::Request(
+                "targets go to the last stage only".into(),
+            )),
+            (false, None) => Ok(None),
+        }
     }
 
     fn check_targets(&self, targets: &[u32], tokens: usize) -> Result<Tensor<1, Int>, ModelError> {

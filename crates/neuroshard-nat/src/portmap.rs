@@ -240,7 +240,6 @@ async fn run(
     state: watch::Sender<PortMapState>,
     cancel: CancellationToken,
 ) {
-    let lease_secs = config.lease.as_secs() as u32;
     let mut active: Option<Active> = None;
     // After a failed renewal: when to try again, for which port.
     let mut retry: Option<(Instant, Protocol, u16)> = None;
@@ -269,23 +268,10 @@ async fn run(
             },
             _ = sleep_until(renew_at) => {
                 let a = active.as_mut().expect("a renewal time only while mapped");
-                let renewed = a
-                    .gateway
-                    .add_port(a.protocol.into(), a.external.port(), a.internal, lease_secs, &config.description)
-                    .await;
-                match renewed {
-                    Ok(()) => {
-                        a.renewals += 1;
-                        a.renew_at = Instant::now() + config.lease / 2;
-                        tracing::debug!("renewed the UPnP mapping {} -> {}", a.external, a.internal);
-                        state.send_replace(a.state(lease_secs));
-                    }
-                    Err(e) => {
-                        tracing::warn!("renewing the UPnP mapping {} failed ({e}); mapping afresh", a.external);
-                        let (protocol, port) = (a.protocol, a.internal.port());
-                        active = None;
-                        retry = Some((Instant::now(), protocol, port));
-                    }
+                if !renew(a, &config, &state).await {
+                    // Mapped afresh at once.
+                    retry = Some((Instant::now(), a.protocol, a.internal.port()));
+                    active = None;
                 }
             },
             _ = sleep_until(retry.map(|r| r.0)) => {
@@ -303,6 +289,41 @@ async fn run(
         remove(&old).await;
     }
     state.send_replace(PortMapState::Removed);
+}
+
+/// Renews the lease of mapping `a` and publishes it; false when the gateway refused.
+async fn renew(
+    a: &mut Active,
+    config: &PortMapConfig,
+    state: &watch::Sender<PortMapState>,
+) -> bool {
+    let lease_secs = config.lease.as_secs() as u32;
+    let renewed = a
+        .gateway
+        .add_port(
+            a.protocol.into(),
+            a.external.port(),
+            a.internal,
+            lease_secs,
+            &config.description,
+        )
+        .await;
+    match renewed {
+        Ok(()) => {
+            a.renewals += 1;
+            a.renew_at = Instant::now() + config.lease / 2;
+            tracing::debug!("renewed the UPnP mapping {} -> {}", a.external, a.internal);
+            state.send_replace(a.state(lease_secs));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                "renewing the UPnP mapping {} failed ({e}); mapping afresh",
+                a.external
+            );
+            false
+        }
+    }
 }
 
 /// Maps `port` and publishes the outcome: the mapping held, or why there is none.

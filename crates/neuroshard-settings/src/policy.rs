@@ -118,29 +118,28 @@ pub fn decide(
             Some(format!("transfer cap used up until {}", clock(ends, now))),
         );
     }
+    match machine_wait(settings, machine, now) {
+        Some(why) => (Decision::Waiting, Some(why)),
+        None => (Decision::Serving, None),
+    }
+}
+
+/// Why the machine's state or the clock keeps the node waiting: battery power, too little
+/// idle time, or outside the weekly schedule; none when it may serve.
+fn machine_wait(settings: &Settings, machine: &dyn Machine, now: u64) -> Option<String> {
     let schedule = &settings.schedule;
     if schedule.pause_on_battery && machine.on_battery() == Some(true) {
-        return (Decision::Waiting, Some("on battery power".into()));
+        return Some("on battery power".into());
     }
     if schedule.only_when_idle {
         let wanted = Duration::from_secs(u64::from(schedule.idle_minutes) * 60);
         match machine.idle() {
             Some(idle) if idle >= wanted => {}
             Some(_) => {
-                return (
-                    Decision::Waiting,
-                    Some(format!(
-                        "runs after {} min without input",
-                        schedule.idle_minutes
-                    )),
-                );
+                let minutes = schedule.idle_minutes;
+                return Some(format!("runs after {minutes} min without input"));
             }
-            None => {
-                return (
-                    Decision::Waiting,
-                    Some("idle time cannot be read here".into()),
-                );
-            }
+            None => return Some("idle time cannot be read here".into()),
         }
     }
     let local = Local
@@ -149,13 +148,10 @@ pub fn decide(
         .unwrap_or_else(Local::now);
     let weekday = WEEKDAYS[local.weekday().num_days_from_monday() as usize];
     let minute = (local.hour() * 60 + local.minute()) as u16;
-    if !in_schedule(&settings.schedule.weekly, weekday, minute) {
-        return (
-            Decision::Waiting,
-            Some("outside the weekly schedule".into()),
-        );
+    if !in_schedule(&schedule.weekly, weekday, minute) {
+        return Some("outside the weekly schedule".into());
     }
-    (Decision::Serving, None)
+    None
 }
 
 const WEEKDAYS: [Weekday; 7] = [

@@ -118,6 +118,21 @@ pub fn register_message(nonce: &[u8; 32]) -> Vec<u8> {
     [b"neuroshard relay register v1:".as_slice(), nonce].concat()
 }
 
+/// The name and payload length of a frame type whose payload has a fixed length.
+fn fixed_length(kind: u8) -> Option<(&'static str, usize)> {
+    Some(match kind {
+        HELLO => ("hello", 32),
+        REGISTER => ("register", 96),
+        CONNECT => ("connect", 32),
+        CONNECTED => ("connected", 0),
+        INCOMING => ("incoming", 8),
+        ACCEPT => ("accept", 8),
+        PING => ("ping", 0),
+        PONG => ("pong", 0),
+        _ => return None,
+    })
+}
+
 impl Frame {
     /// The frame as bytes; text longer than [`MAX_PAYLOAD`] is cut at a character boundary.
     pub fn encode(&self) -> Vec<u8> {
@@ -142,68 +157,42 @@ impl Frame {
 
     /// The frame of type `kind` with `payload`.
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, FrameError> {
-        let fixed = |name: &'static str, expected: usize| {
-            if payload.len() == expected {
-                Ok(())
-            } else {
-                Err(FrameError::BadLength {
-                    name,
-                    len: payload.len(),
-                    expected,
-                })
-            }
-        };
+        if let Some((name, expected)) = fixed_length(kind)
+            && payload.len() != expected
+        {
+            return Err(FrameError::BadLength {
+                name,
+                len: payload.len(),
+                expected,
+            });
+        }
         let text = |name: &'static str| {
             String::from_utf8(payload.to_vec()).map_err(|_| FrameError::NotUtf8(name))
         };
         let array32 = |bytes: &[u8]| -> [u8; 32] { bytes.try_into().expect("length checked") };
         let u64_be = || u64::from_be_bytes(payload.try_into().expect("length checked"));
         Ok(match kind {
-            HELLO => {
-                fixed("hello", 32)?;
-                Frame::Hello {
-                    nonce: array32(payload),
-                }
-            }
-            REGISTER => {
-                fixed("register", 96)?;
-                Frame::Register {
-                    key: array32(&payload[..32]),
-                    signature: payload[32..].try_into().expect("length checked"),
-                }
-            }
+            HELLO => Frame::Hello {
+                nonce: array32(payload),
+            },
+            REGISTER => Frame::Register {
+                key: array32(&payload[..32]),
+                signature: payload[32..].try_into().expect("length checked"),
+            },
             REGISTERED => Frame::Registered {
                 observed: text("registered")?,
             },
-            CONNECT => {
-                fixed("connect", 32)?;
-                Frame::Connect {
-                    key: array32(payload),
-                }
-            }
-            CONNECTED => {
-                fixed("connected", 0)?;
-                Frame::Connected
-            }
-            INCOMING => {
-                fixed("incoming", 8)?;
-                Frame::Incoming { circuit: u64_be() }
-            }
-            ACCEPT => {
-                fixed("accept", 8)?;
-                Frame::Accept { circuit: u64_be() }
-            }
+            CONNECT => Frame::Connect {
+                key: array32(payload),
+            },
+            CONNECTED => Frame::Connected,
+            INCOMING => Frame::Incoming { circuit: u64_be() },
+            ACCEPT => Frame::Accept { circuit: u64_be() },
             REFUSED => Frame::Refused {
                 reason: text("refused")?,
             },
-            PING => {
-                fixed("ping", 0)?;
-                Frame::Ping
-            }
-            PONG => {
-                fixed("pong", 0)?;
-                Frame::Pong
-            }
+            PING => Frame::Ping,
+            PONG => Frame::Pong,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
