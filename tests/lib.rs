@@ -1,12 +1,25 @@
 //! Helpers for NeuroShard's loopback tests: a model on disk, a tracker and nodes on ephemeral
 //! ports, and raw gRPC clients.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use neuroshard_model::init::{ModelSpec, write_model};
 use neuroshard_node::node::NodeHandle;
 use neuroshard_proto::node_client::NodeClient;
 use tonic::transport::Channel;
+
+/// The longest any wait in the tests may take: a wait that never ends fails its test, naming
+/// what it waited for, instead of hanging CI.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Awaits `wait`, failing the test (naming `what`) if it takes longer than [`WAIT`].
+pub async fn within<F: Future>(what: &str, wait: F) -> F::Output {
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("waited {WAIT:?} for {what}"))
+}
 
 /// A model written to a temporary directory.
 pub struct TestModel {

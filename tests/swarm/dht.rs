@@ -14,7 +14,7 @@ use neuroshard_discovery::{DiscoveryConfig, LanConfig};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::node::{NodeConfig, NodeHandle, start_node};
 use neuroshard_proto as pb;
-use neuroshard_tests::{Swarm, TestModel};
+use neuroshard_tests::{Swarm, TestModel, within};
 use rand::{Rng, SeedableRng};
 
 use crate::generation::{PROMPT, assert_same_generation, local_reference};
@@ -49,7 +49,12 @@ async fn providers(node: &NodeHandle, model: &str, index: u32) -> BTreeSet<Strin
 /// Waits until `node`'s routing table holds at least `n` contacts.
 async fn await_contacts(node: &NodeHandle, n: usize) {
     let mut stats = node.discovery().dht().stats();
-    stats.wait_for(|s| s.contacts >= n).await.unwrap();
+    within(
+        "routing table contacts",
+        stats.wait_for(|s| s.contacts >= n),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +87,12 @@ async fn sixty_four_nodes_put_and_get_records_that_expire_and_forget_a_provider_
     // Each node announces right after joining: once all have, everyone is in.
     for node in &nodes {
         let mut announced = node.discovery().announced();
-        announced.wait_for(|a| a.rounds > 0).await.unwrap();
+        within(
+            "every node's first announcement",
+            announced.wait_for(|a| a.rounds > 0),
+        )
+        .await
+        .unwrap();
     }
     // Everyone is in: each node puts its records again, and they land at the k closest of all.
     // Eight at a time: 64 nodes storing at once on two cores would test the machine instead.
@@ -209,8 +219,8 @@ async fn after_the_tracker_dies_a_new_node_joins_through_a_bootstrap_peer_and_th
     config.bootstrap = vec![entry.clone()];
     let newcomer = start_node(config).await.unwrap();
     let mut announced = newcomer.discovery().announced();
-    announced
-        .wait_for(|a| a.rounds > 0 && a.least_stored > 0)
+    let stored = announced.wait_for(|a| a.rounds > 0 && a.least_stored > 0);
+    within("the newcomer's stored announcement", stored)
         .await
         .unwrap();
     let entry_key = neuroshard_dht::Key::of_node(&nodes[0].id());
@@ -323,7 +333,12 @@ async fn malformed_dht_messages_oversized_records_and_bad_signatures_get_clear_e
     )
     .await;
     let mut announced = node.discovery().announced();
-    announced.wait_for(|a| a.rounds > 0).await.unwrap();
+    within(
+        "the node's first announcement",
+        announced.wait_for(|a| a.rounds > 0),
+    )
+    .await
+    .unwrap();
     let mut dht = dht_client(&node).await;
     let owner = NodeKey::generate();
     let now = neuroshard_net::now_ms;

@@ -6,7 +6,7 @@ use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::lifecycle::{NodeEvent, RunState};
 use neuroshard_node::node::NodeConfig;
-use neuroshard_tests::{Swarm, TestModel};
+use neuroshard_tests::{Swarm, TestModel, within};
 
 use crate::generation::{PROMPT, assert_same_generation, local_reference};
 
@@ -106,7 +106,12 @@ async fn a_node_changes_its_layers_live_and_the_swarm_follows() {
         .unwrap();
     for node in &swarm.nodes {
         let mut announced = node.discovery().announced();
-        announced.wait_for(|a| a.least_stored > 0).await.unwrap();
+        within(
+            "the node's first stored announcement",
+            announced.wait_for(|a| a.least_stored > 0),
+        )
+        .await
+        .unwrap();
     }
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await

@@ -12,7 +12,7 @@ use neuroshard_model::{LlamaConfig, ModelInfo};
 use neuroshard_node::node::{Fault, NodeHandle};
 use neuroshard_proof::{Receipt, Status, Verdict};
 use neuroshard_proto as pb;
-use neuroshard_tests::{Swarm, TestModel};
+use neuroshard_tests::{Swarm, TestModel, within};
 
 use crate::generation::{PROMPT, assert_same_generation, local_reference};
 
@@ -262,7 +262,9 @@ async fn kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt() {
             }
         }));
     }
-    enough.wait_for(|&e| e).await.unwrap();
+    within("enough receipts in flight", enough.wait_for(|&e| e))
+        .await
+        .unwrap();
     // SIGKILL while the workers are still forwarding and submitting.
     child.start_kill().unwrap();
     child.wait().await.unwrap();

@@ -7,7 +7,7 @@ use neuroshard_discovery::tracker::{TrackerConfig, TrackerService, start_tracker
 use neuroshard_model::init::ModelSpec;
 use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_proto as pb;
-use neuroshard_tests::{TestModel, signed_heartbeat, signed_register};
+use neuroshard_tests::{TestModel, signed_heartbeat, signed_register, within};
 use pb::tracker_server::Tracker;
 use tonic::Request;
 
@@ -60,7 +60,12 @@ async fn the_tracker_drops_a_silent_node_after_its_timeout() {
 
     // Past 30 s of silence the sweeper drops "quiet" without anyone asking.
     tokio::time::advance(Duration::from_secs(10)).await;
-    count.wait_for(|&n| n == 1).await.unwrap();
+    within(
+        "the sweeper to drop the quiet node",
+        count.wait_for(|&n| n == 1),
+    )
+    .await
+    .unwrap();
     let peers = tracker
         .list_peers(Request::new(pb::ListPeersRequest::default()))
         .await

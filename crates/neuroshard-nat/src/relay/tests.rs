@@ -7,6 +7,9 @@ use tokio_util::sync::CancellationToken;
 use super::frame::{Frame, FrameError, MAX_PAYLOAD};
 use super::*;
 
+/// The longest a test waits for the link to change state.
+const WAIT: Duration = Duration::from_secs(30);
+
 fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
@@ -166,9 +169,10 @@ async fn relay_with_echo_node(
 }
 
 async fn registered(state: &mut watch::Receiver<LinkState>) -> RelayedAddr {
-    let seen = state
-        .wait_for(|s| matches!(s, LinkState::Registered { .. }))
+    let registration = state.wait_for(|s| matches!(s, LinkState::Registered { .. }));
+    let seen = tokio::time::timeout(WAIT, registration)
         .await
+        .expect("registered in time")
         .unwrap()
         .clone();
     match seen {
@@ -348,9 +352,10 @@ async fn a_node_reregisters_after_its_relay_restarts() {
     assert_eq!(round_trip(&mut stream, b"before").await, b"before");
 
     relay_cancel.cancel();
-    state
-        .wait_for(|s| matches!(s, LinkState::Connecting { .. }))
+    let reconnecting = state.wait_for(|s| matches!(s, LinkState::Connecting { .. }));
+    tokio::time::timeout(WAIT, reconnecting)
         .await
+        .expect("the link notices the relay is gone")
         .unwrap();
     // The same port again, as a restarted relay process would take it.
     let restarted = loop {
