@@ -26,7 +26,7 @@ pub use crate::launch::{DEFAULT_PORT, Launch, SystemMachine};
 use crate::layers::{self, LayerPlan};
 use crate::models::{demo_model, model_dir};
 pub use crate::receipts::{MAX_PAGE, PeriodTotals, ReceiptPage};
-use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rates};
+use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rate, Rates};
 use neuroshard_node::owner::Owner;
 pub use neuroshard_settings::policy::{Decision, Machine, Snooze};
 use neuroshard_settings::policy::{Holds, local_midnight};
@@ -468,16 +468,7 @@ impl Desktop {
         let settings = self.settings();
         let guard = self.node.read().await;
         let Some(node) = guard.as_ref() else {
-            let error = self.node_error.lock_or_recover().clone();
-            let mut status = DesktopStatus {
-                fetch: self.fetch.lock_or_recover().clone(),
-                ..DesktopStatus::starting()
-            };
-            if let Some(e) = error {
-                status.state = AppState::Error;
-                status.detail = Some(e);
-            }
-            return self.publish(status);
+            return self.publish(self.status_without_node());
         };
         let node_layers_total = self.model().config.num_hidden_layers as u32;
         let metrics = node.metrics();
@@ -496,16 +487,7 @@ impl Desktop {
             _ => AppState::from(verdict.decision),
         };
         let (detail, period) = (verdict.detail, verdict.period);
-        let today = local_midnight(now);
-        let (today_totals, pending) = node
-            .ledger()
-            .read(move |l| {
-                let totals = l.totals(now, today)?;
-                let counts = l.status_counts()?;
-                Ok((totals, counts.pending))
-            })
-            .await
-            .unwrap_or_default();
+        let (today_totals, pending) = receipts_today(node, now).await;
         let reach = node.reachability().borrow().clone();
         let status = DesktopStatus {
             state,
@@ -519,15 +501,7 @@ impl Desktop {
             in_flight: running.in_flight,
             latency_ms: metrics.rpc_latency_p50_ms,
             peers: metrics.peer_count,
-            bandwidth: BandwidthStatus {
-                up_bps: rate.sent,
-                down_bps: rate.received,
-                up_cap_kbps: settings.bandwidth.upload_kbps,
-                down_cap_kbps: settings.bandwidth.download_kbps,
-                period_bytes: period.bytes,
-                period_cap_bytes: period.cap_bytes,
-                period_ends_ms: period.ends_ms,
-            },
+            bandwidth: bandwidth_status(rate, &settings, &period),
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock_or_recover().clone(),
@@ -542,6 +516,20 @@ impl Desktop {
         };
         drop(guard);
         self.publish(status)
+    }
+
+    /// The status while no node runs: starting, or the error that stopped it.
+    fn status_without_node(&self) -> DesktopStatus {
+        let error = self.node_error.lock_or_recover().clone();
+        let mut status = DesktopStatus {
+            fetch: self.fetch.lock_or_recover().clone(),
+            ..DesktopStatus::starting()
+        };
+        if let Some(e) = error {
+            status.state = AppState::Error;
+            status.detail = Some(e);
+        }
+        status
     }
 
     fn publish(&self, status: DesktopStatus) -> DesktopStatus {
@@ -612,5 +600,36 @@ fn reach_path_name(path: neuroshard_node::reach::ReachPath) -> &'static str {
         ReachPath::Mapped => "mapped",
         ReachPath::Relayed => "relayed",
         ReachPath::Unreachable => "unreachable",
+    }
+}
+
+/// Today's verified totals per model (since local midnight) and the receipts still pending;
+/// none when the ledger cannot be read.
+async fn receipts_today(node: &NodeHandle, now: u64) -> (Vec<neuroshard_proof::ModelTotals>, u64) {
+    let today = local_midnight(now);
+    node.ledger()
+        .read(move |l| {
+            let totals = l.totals(now, today)?;
+            let counts = l.status_counts()?;
+            Ok((totals, counts.pending))
+        })
+        .await
+        .unwrap_or_default()
+}
+
+/// The dashboard's bandwidth: the rates now, the owner's caps, and the transfer period.
+fn bandwidth_status(
+    rate: Rate,
+    settings: &Settings,
+    period: &neuroshard_settings::meter::Period,
+) -> BandwidthStatus {
+    BandwidthStatus {
+        up_bps: rate.sent,
+        down_bps: rate.received,
+        up_cap_kbps: settings.bandwidth.upload_kbps,
+        down_cap_kbps: settings.bandwidth.download_kbps,
+        period_bytes: period.bytes,
+        period_cap_bytes: period.cap_bytes,
+        period_ends_ms: period.ends_ms,
     }
 }

@@ -164,12 +164,7 @@ fn forward_status<R: Runtime>(app: AppHandle<R>, desktop: &Desktop, mut items: T
 
 /// Runs the desktop app until the owner quits.
 pub fn run() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tao=warn,wry=warn".into()),
-        )
-        .init();
+    init_logging();
     let launch = match Launch::from_env() {
         Ok(launch) => launch,
         Err(e) => {
@@ -190,7 +185,28 @@ pub fn run() {
             std::process::exit(1);
         }
     };
-    let app = tauri::Builder::default()
+    let app = build_app(&desktop);
+    app.run(move |_app, event| {
+        if let RunEvent::Exit = event {
+            runtime.block_on(desktop.shutdown());
+        }
+    });
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else at info with the webview's chatter quieted.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tao=warn,wry=warn".into()),
+        )
+        .init();
+}
+
+/// The app: one instance, launch at login, notifications, the commands, and the main window
+/// that closes to the tray.
+fn build_app(desktop: &Arc<Desktop>) -> tauri::App {
+    tauri::Builder::default()
         .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| {
             open(app, "dashboard");
         }))
@@ -203,42 +219,45 @@ pub fn run() {
         .invoke_handler(crate::commands::handler())
         .setup({
             let desktop = desktop.clone();
-            move |app| {
-                let handle = app.handle().clone();
-                let items = build_tray(&handle)?;
-                forward_status(handle.clone(), &desktop, items);
-                apply_launch_at_login(&handle, desktop.settings().profile.launch_at_login);
-                desktop.spawn_ticker();
-                let starting = desktop.clone();
-                tauri::async_runtime::spawn(async move {
-                    if let Err(e) = starting.start_node().await {
-                        tracing::error!("the node did not start: {}", e.message);
-                    }
-                });
-                Ok(())
-            }
+            move |app| set_up(app.handle(), &desktop)
         })
-        .on_window_event(|window, event| {
-            if let WindowEvent::CloseRequested { api, .. } = event {
-                api.prevent_close();
-                let _ = window.hide();
-                let desktop = window.state::<Arc<Desktop>>();
-                if desktop.first_close() {
-                    use tauri_plugin_notification::NotificationExt;
-                    let _ = window
-                        .notification()
-                        .builder()
-                        .title("NeuroShard is still running")
-                        .body("It keeps serving from the tray. Use the tray menu to pause or quit.")
-                        .show();
-                }
-            }
-        })
+        .on_window_event(close_to_tray)
         .build(tauri::generate_context!())
-        .expect("building the app from tauri.conf.json");
-    app.run(move |_app, event| {
-        if let RunEvent::Exit = event {
-            runtime.block_on(desktop.shutdown());
+        .expect("building the app from tauri.conf.json")
+}
+
+/// Once the app is up: the tray and the status pushed to it, launch at login as set, the
+/// ticker, and the node starting in the background.
+fn set_up(app: &AppHandle, desktop: &Arc<Desktop>) -> Result<(), Box<dyn std::error::Error>> {
+    let handle = app.clone();
+    let items = build_tray(&handle)?;
+    forward_status(handle.clone(), desktop, items);
+    apply_launch_at_login(&handle, desktop.settings().profile.launch_at_login);
+    desktop.spawn_ticker();
+    let starting = desktop.clone();
+    tauri::async_runtime::spawn(async move {
+        if let Err(e) = starting.start_node().await {
+            tracing::error!("the node did not start: {}", e.message);
         }
     });
+    Ok(())
+}
+
+/// Closing the window hides it to the tray; the first time ever, a notice says the node is
+/// still running.
+fn close_to_tray(window: &tauri::Window, event: &WindowEvent) {
+    if let WindowEvent::CloseRequested { api, .. } = event {
+        api.prevent_close();
+        let _ = window.hide();
+        let desktop = window.state::<Arc<Desktop>>();
+        if desktop.first_close() {
+            use tauri_plugin_notification::NotificationExt;
+            let _ = window
+                .notification()
+                .builder()
+                .title("NeuroShard is still running")
+                .body("It keeps serving from the tray. Use the tray menu to pause or quit.")
+                .show();
+        }
+    }
 }

@@ -63,11 +63,11 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// What the tray shows for `status`.
-pub fn view(status: &DesktopStatus) -> TrayView {
+/// The tray's status line for `status`, and its icon.
+fn status_line(status: &DesktopStatus) -> (String, TrayIcon) {
     let receipts = plural(status.receipts_today, "receipt", "receipts") + " today";
     let detail = status.detail.as_deref();
-    let (line, icon) = match status.state {
+    match status.state {
         AppState::Serving => {
             let layers = layers_label(status).unwrap_or_else(|| "layers".into());
             (
@@ -107,7 +107,12 @@ pub fn view(status: &DesktopStatus) -> TrayView {
             TrayIcon::Error,
         ),
         AppState::Offline => ("Offline".to_string(), TrayIcon::Offline),
-    };
+    }
+}
+
+/// What the tray shows for `status`.
+pub fn view(status: &DesktopStatus) -> TrayView {
+    let (line, icon) = status_line(status);
     let paused_by_owner = matches!(
         status.state,
         AppState::Paused | AppState::Snoozed | AppState::Draining

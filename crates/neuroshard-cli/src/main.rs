@@ -168,36 +168,11 @@ impl SwarmArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| DEFAULT_LOG.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     match Cli::parse().command {
-        Command::Tracker { listen } => {
-            let tracker = start_tracker(TrackerConfig {
-                listen,
-                ..TrackerConfig::default()
-            })
-            .await?;
-            eprintln!("tracker listening on {}", tracker.addr);
-            tokio::signal::ctrl_c().await?;
-            tracker.shutdown().await;
-        }
+        Command::Tracker { listen } => run_tracker(listen).await?,
         Command::Node(args) => run_node(args).await?,
-        Command::Relay { listen, kbps } => {
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let config = neuroshard_nat::relay::RelayConfig {
-                kbps,
-                ..Default::default()
-            };
-            let relay = neuroshard_nat::relay::Relay::start(listen, config, cancel.clone()).await?;
-            eprintln!("relay listening on {}", relay.addr());
-            tokio::signal::ctrl_c().await?;
-            cancel.cancel();
-        }
+        Command::Relay { listen, kbps } => run_relay(listen, kbps).await?,
         Command::Generate(args) => run_generate(args).await?,
         Command::Serve(args) => run_serve(args).await?,
         Command::InitModel { dir, size } => {
@@ -218,27 +193,76 @@ async fn main() -> anyhow::Result<()> {
                 max_new_tokens,
                 model_dir: model,
             };
-            let report = run_demo(options, |line| eprintln!("{line}")).await?;
-            print_demo(&report);
-            if !report.matches_local() {
-                bail!("the swarm's tokens differ from the local reference");
-            }
+            run_demo_command(options).await?;
         }
         Command::Status { node, tracker } => print_status(node, tracker).await?,
         Command::Identity {
             data_dir,
             regenerate,
-        } => {
-            let dir = data_dir.unwrap_or_else(neuroshard_node::identity::default_data_dir);
-            let key = if regenerate {
-                neuroshard_node::identity::regenerate(&dir)?
-            } else {
-                neuroshard_node::identity::load_or_create(&dir)?
-            };
-            println!("{}", key.id());
-        }
+        } => print_identity(data_dir, regenerate)?,
         Command::Proofs(args) => print_proofs(args)?,
         Command::Train(args) => run_train(args).await?,
     }
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else [`DEFAULT_LOG`].
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `neuroshard tracker`: serves the tracker on `listen` until Ctrl-C.
+async fn run_tracker(listen: SocketAddr) -> anyhow::Result<()> {
+    let tracker = start_tracker(TrackerConfig {
+        listen,
+        ..TrackerConfig::default()
+    })
+    .await?;
+    eprintln!("tracker listening on {}", tracker.addr);
+    tokio::signal::ctrl_c().await?;
+    tracker.shutdown().await;
+    Ok(())
+}
+
+/// `neuroshard relay`: relays on `listen`, capped at `kbps`, until Ctrl-C.
+async fn run_relay(listen: SocketAddr, kbps: u32) -> anyhow::Result<()> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let config = neuroshard_nat::relay::RelayConfig {
+        kbps,
+        ..Default::default()
+    };
+    let relay = neuroshard_nat::relay::Relay::start(listen, config, cancel.clone()).await?;
+    eprintln!("relay listening on {}", relay.addr());
+    tokio::signal::ctrl_c().await?;
+    cancel.cancel();
+    Ok(())
+}
+
+/// `neuroshard demo`: runs the demo, prints its report, and fails when the swarm's tokens
+/// differ from the local reference.
+async fn run_demo_command(options: DemoOptions) -> anyhow::Result<()> {
+    let report = run_demo(options, |line| eprintln!("{line}")).await?;
+    print_demo(&report);
+    if !report.matches_local() {
+        bail!("the swarm's tokens differ from the local reference");
+    }
+    Ok(())
+}
+
+/// `neuroshard identity`: prints the install's node id, making a new key with `regenerate`.
+fn print_identity(data_dir: Option<PathBuf>, regenerate: bool) -> anyhow::Result<()> {
+    let dir = data_dir.unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    let key = if regenerate {
+        neuroshard_node::identity::regenerate(&dir)?
+    } else {
+        neuroshard_node::identity::load_or_create(&dir)?
+    };
+    println!("{}", key.id());
     Ok(())
 }

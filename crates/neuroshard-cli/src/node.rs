@@ -1,6 +1,7 @@
 //! `neuroshard node`: one node serving a layer range.
 
 use super::*;
+use neuroshard_node::node::NodeHandle;
 use neuroshard_settings::ComputeDevice;
 
 #[derive(Args)]
@@ -71,14 +72,7 @@ pub(crate) struct NodeArgs {
 
 pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&args.model, args.layers);
-    config.listen = format!("{}:{}", args.host, args.port)
-        .parse()
-        .with_context(|| {
-            format!(
-                "--host {} --port {} is not a socket address",
-                args.host, args.port
-            )
-        })?;
+    config.listen = listen_addr(&args.host, args.port)?;
     config.advertise = args.advertise;
     config.weights_from = args.weights_from;
     config.reach = ReachConfig {
@@ -87,23 +81,16 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         relay: args.relay_via,
         ..ReachConfig::default()
     };
-    config.serve_relay = args.serve_relay.map(|port| RelayServe {
-        listen: SocketAddr::new(config.listen.ip(), port),
-        config: neuroshard_nat::relay::RelayConfig {
-            kbps: args.relay_kbps,
-            ..Default::default()
-        },
-    });
+    config.serve_relay = args
+        .serve_relay
+        .map(|port| relay_serve(config.listen, port, args.relay_kbps));
     config.discovery.lan = args.swarm.lan();
     config.tracker = args.swarm.tracker;
     config.bootstrap = args.swarm.bootstrap;
     config.display_name = args.name;
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.cpu_threads = args.cpu_threads;
-    config.device = args.device.map(|d| match d {
-        Device::Gpu => ComputeDevice::Gpu,
-        Device::Cpu => ComputeDevice::Cpu,
-    });
+    config.device = args.device.map(Device::compute_device);
     let data_dir = args
         .data_dir
         .unwrap_or_else(neuroshard_node::identity::default_data_dir);
@@ -119,6 +106,31 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         args.model.display()
     );
     let node = start_node(config).await?;
+    announce_started(&node)?;
+    serve_until_ctrl_c(node, args.settings, data_dir).await
+}
+
+/// The address to listen on, from `--host` and `--port`.
+fn listen_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    format!("{host}:{port}")
+        .parse()
+        .with_context(|| format!("--host {host} --port {port} is not a socket address"))
+}
+
+/// `--serve-relay PORT`: a relay on the node's listen interface, capped at `kbps`.
+fn relay_serve(listen: SocketAddr, port: u16, kbps: u32) -> RelayServe {
+    RelayServe {
+        listen: SocketAddr::new(listen.ip(), port),
+        config: neuroshard_nat::relay::RelayConfig {
+            kbps,
+            ..Default::default()
+        },
+    }
+}
+
+/// Tells the owner (on stderr) what the started node serves, any relay it runs, and how
+/// peers reach it.
+fn announce_started(node: &NodeHandle) -> anyhow::Result<()> {
     eprintln!(
         "node {} serving layers {} of model {} at {} on the {}",
         node.id().short(),
@@ -132,9 +144,19 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     let reach = node.reachability().borrow().clone();
     eprintln!("reachability {}", serde_json::to_string(&reach)?);
+    Ok(())
+}
+
+/// Serves until Ctrl-C, following the owner's settings file when one was given; then stops
+/// the node.
+async fn serve_until_ctrl_c(
+    node: NodeHandle,
+    settings: Option<PathBuf>,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
     let node = std::sync::Arc::new(node);
     let owner = tokio_util::sync::CancellationToken::new();
-    let follow = args.settings.map(|path| {
+    let follow = settings.map(|path| {
         eprintln!("following the settings in {}", path.display());
         tokio::spawn(neuroshard_node::owner::follow_settings_file(
             node.clone(),
@@ -163,4 +185,14 @@ pub(crate) enum Device {
     Gpu,
     /// The CPU backend.
     Cpu,
+}
+
+impl Device {
+    /// The settings' name for this device.
+    fn compute_device(self) -> ComputeDevice {
+        match self {
+            Device::Gpu => ComputeDevice::Gpu,
+            Device::Cpu => ComputeDevice::Cpu,
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! this install earned.
 
 use super::*;
+use std::path::Path;
 
 #[derive(Args)]
 pub(crate) struct ProofsArgs {
@@ -57,28 +58,10 @@ pub(crate) async fn print_status(
 }
 
 pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
-    use neuroshard_proof::{Ledger, Status};
-    let dir = args
-        .data_dir
-        .unwrap_or_else(neuroshard_node::identity::default_data_dir);
-    let path = dir.join(neuroshard_node::node::LEDGER_FILE);
-    if !path.exists() {
-        bail!(
-            "no ledger at {}: has a node run with this data directory?",
-            path.display()
-        );
-    }
-    let ledger = Ledger::open(&path)?;
+    use neuroshard_proof::Status;
+    let ledger = open_ledger(args.data_dir)?;
     if let Some(file) = &args.export {
-        let out =
-            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
-        let out = std::io::BufWriter::new(out);
-        if file.extension().is_some_and(|e| e == "json") {
-            ledger.export_json(out)?;
-        } else {
-            ledger.export_csv(out)?;
-        }
-        eprintln!("exported every receipt to {}", file.display());
+        export_receipts(&ledger, file)?;
     }
     let status = args.status.as_deref().map(Status::parse).transpose()?;
     let now = neuroshard_net::now_ms();
@@ -95,11 +78,45 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
         "receipts: {} verified, {} pending, {} voided",
         counts.verified, counts.pending, counts.voided
     );
+    print_totals(&totals);
+    print_receipts(&rows);
+    Ok(())
+}
+
+/// The ledger in `data_dir` (default: the install's), which a node must have made.
+fn open_ledger(data_dir: Option<PathBuf>) -> anyhow::Result<neuroshard_proof::Ledger> {
+    let dir = data_dir.unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    let path = dir.join(neuroshard_node::node::LEDGER_FILE);
+    if !path.exists() {
+        bail!(
+            "no ledger at {}: has a node run with this data directory?",
+            path.display()
+        );
+    }
+    Ok(neuroshard_proof::Ledger::open(&path)?)
+}
+
+/// `--export FILE`: every receipt, as JSON when FILE ends in .json, else as CSV.
+fn export_receipts(ledger: &neuroshard_proof::Ledger, file: &Path) -> anyhow::Result<()> {
+    let out =
+        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    let out = std::io::BufWriter::new(out);
+    if file.extension().is_some_and(|e| e == "json") {
+        ledger.export_json(out)?;
+    } else {
+        ledger.export_csv(out)?;
+    }
+    eprintln!("exported every receipt to {}", file.display());
+    Ok(())
+}
+
+/// The table of receipts and credit per model: today, the last 7 days, and lifetime.
+fn print_totals(totals: &[neuroshard_proof::ModelTotals]) {
     println!(
         "{:<18} {:>26} {:>26} {:>26}",
         "model", "today (UTC)", "last 7 days", "lifetime"
     );
-    for t in &totals {
+    for t in totals {
         let cell = |t: &neuroshard_proof::Totals| format!("{} rcpt {:.3} cr", t.receipts, t.credit);
         println!(
             "{:<18} {:>26} {:>26} {:>26}",
@@ -109,13 +126,17 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
             cell(&t.lifetime)
         );
     }
+}
+
+/// The listed receipts, one a line under a header (none without receipts).
+fn print_receipts(rows: &[neuroshard_proof::ReceiptRow]) {
     if !rows.is_empty() {
         println!(
             "\n{:<12} {:<9} {:<8} {:>6} {:>8} {:>12} {:>9}",
             "receipt", "status", "layers", "pos", "tokens", "GFLOP", "credit"
         );
     }
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<12} {:<9} {:<8} {:>6} {:>8} {:>12.4} {:>9.4}",
             &r.id[..12],
@@ -127,5 +148,4 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
             r.credit
         );
     }
-    Ok(())
 }

@@ -60,13 +60,8 @@ pub(crate) struct TrainArgs {
 }
 
 pub(crate) async fn run_train(args: TrainArgs) -> anyhow::Result<()> {
-    use neuroshard_node::node::Compression;
     use neuroshard_node::train::{TrainOptions, run_training};
-    let compression = match args.topk {
-        0.0 => Compression::Dense,
-        f if f > 0.0 && f <= 1.0 => Compression::TopK(f),
-        f => bail!("--topk {f}: give a share in (0, 1], or 0 for none"),
-    };
+    let compression = compression(args.topk)?;
     let options = TrainOptions {
         stages: args.stages,
         replicas: args.replicas,
@@ -91,6 +86,23 @@ pub(crate) async fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    print_training(&report);
+    Ok(())
+}
+
+/// `--topk`: a share in (0, 1] sends the top-k, 0 sends every coordinate as f32.
+fn compression(topk: f64) -> anyhow::Result<neuroshard_node::node::Compression> {
+    use neuroshard_node::node::Compression;
+    Ok(match topk {
+        0.0 => Compression::Dense,
+        f if f > 0.0 && f <= 1.0 => Compression::TopK(f),
+        f => bail!("--topk {f}: give a share in (0, 1], or 0 for none"),
+    })
+}
+
+/// The training report for people: the loss, the speed, and the bytes exchanged beside what
+/// dense all-reduce and uncompressed DiLoCo would have sent.
+fn print_training(report: &neuroshard_node::train::TrainReport) {
     let first = report.losses.first().copied().unwrap_or(f32::NAN);
     let last = report.losses.last().copied().unwrap_or(f32::NAN);
     let mb = |b: u64| b as f64 / 1e6;
@@ -119,7 +131,6 @@ pub(crate) async fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         "activations and gradients between stages: {:.3} MB",
         mb(report.pipeline_bytes)
     );
-    Ok(())
 }
 
 pub(crate) fn print_demo(report: &neuroshard_node::demo::DemoReport) {

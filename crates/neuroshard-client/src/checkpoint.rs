@@ -177,20 +177,30 @@ pub async fn fetch_checkpoint(
                 progress(done);
             }
         }
-        if let Some((a, round)) = assembly.take() {
-            if a.missing().is_empty() {
-                let bytes = a
-                    .finish()
-                    .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-                return Ok((Checkpoint::from_bytes(round, &bytes)?, report));
-            }
-            assembly = Some((a, round));
+        if let Some(checkpoint) = finished(&mut assembly)? {
+            return Ok((checkpoint, report));
         }
     }
     Err(NodeError::BadRequest(format!(
         "the checkpoint did not arrive whole in {MAX_ATTEMPTS} requests: {}",
         report.recovered.join("; ")
     )))
+}
+
+/// The checkpoint, once `assembly` holds every chunk (and it is taken); none while chunks are
+/// missing.
+fn finished(assembly: &mut Option<(Assembly, u64)>) -> Result<Option<Checkpoint>, NodeError> {
+    if !assembly
+        .as_ref()
+        .is_some_and(|(a, _)| a.missing().is_empty())
+    {
+        return Ok(None);
+    }
+    let (a, round) = assembly.take().expect("checked above");
+    let bytes = a
+        .finish()
+        .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    Ok(Some(Checkpoint::from_bytes(round, &bytes)?))
 }
 
 /// What to ask for: the whole checkpoint, or the chunks `assembly` still lacks of the one it

@@ -1,6 +1,6 @@
 //! `neuroshard demo`: a tracker and a few nodes on this machine, generating through the chain.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use neuroshard_base::LayerRange;
 use neuroshard_model::TextTokenizer;
@@ -108,44 +108,26 @@ pub async fn run_demo(
     progress: impl Fn(&str),
 ) -> Result<DemoReport, NodeError> {
     let scratch = scratch_dir()?;
-    let model_dir = match &options.model_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            progress("writing the shipped trained demo model (6 layers, width 256)...");
-            let dir = scratch.path().join("model");
-            write_demo_model(&dir)?;
-            dir
-        }
-    };
+    let model_dir = demo_model_dir(&scratch, options.model_dir.as_ref(), &progress)?;
     let info = neuroshard_model::ModelInfo::read(&model_dir)?;
     let tokenizer = TextTokenizer::for_model_dir(&model_dir)?;
     let prompt = tokenizer.encode_prompt(&options.prompt, info.config.bos_token_id)?;
 
-    let mut ranges = split_layers(info.config.num_hidden_layers as u32, options.nodes as u32);
-    let victim_range = ranges[ranges.len() / 2];
-    if options.kill_one {
-        ranges.push(victim_range);
-    }
+    let (ranges, victim_range) = demo_ranges(info.config.num_hidden_layers as u32, &options);
     let local = start_swarm(&model_dir, &ranges, &progress).await?;
     let (tracker, nodes) = (&local.tracker, &local.nodes);
 
     progress("generating in one process (the reference)...");
-    let mut pipeline = LocalPipeline::load(&model_dir)?;
-    let local_report = generate(
-        &mut pipeline,
+    let local_report = generate_locally(
+        &model_dir,
         &prompt,
         options.max_new_tokens,
         &info.config.eos_token_ids,
-        |_, _| {},
     )
     .await?;
-    drop(pipeline);
 
     progress("generating through the swarm...");
-    let mut client_config = ClientConfig::new(tracker.url());
-    // The demo holds the model, so it spot-checks the nodes it uses.
-    client_config.verify_with = Some(model_dir.clone());
-    let client = SwarmClient::connect(client_config).await?;
+    let client = spot_checking_client(tracker.url(), &model_dir).await?;
     let mut session = client.session();
     let mut killed: Option<String> = None;
     let kill_at = (options.max_new_tokens / 2).max(1);
@@ -176,6 +158,65 @@ pub async fn run_demo(
     };
     local.shutdown().await;
     Ok(report)
+}
+
+/// The layer ranges of the demo's nodes, and the middle one, whose node the demo may kill: it
+/// gets a spare replica when the demo kills one.
+fn demo_ranges(total_layers: u32, options: &DemoOptions) -> (Vec<LayerRange>, LayerRange) {
+    let mut ranges = split_layers(total_layers, options.nodes as u32);
+    let victim_range = ranges[ranges.len() / 2];
+    if options.kill_one {
+        ranges.push(victim_range);
+    }
+    (ranges, victim_range)
+}
+
+/// `given`, or the shipped trained demo model written into `scratch`.
+fn demo_model_dir(
+    scratch: &tempfile::TempDir,
+    given: Option<&PathBuf>,
+    progress: &impl Fn(&str),
+) -> Result<PathBuf, NodeError> {
+    match given {
+        Some(dir) => Ok(dir.clone()),
+        None => {
+            progress("writing the shipped trained demo model (6 layers, width 256)...");
+            let dir = scratch.path().join("model");
+            write_demo_model(&dir)?;
+            Ok(dir)
+        }
+    }
+}
+
+/// The reference generation: the whole model in this process, the pipeline dropped after.
+async fn generate_locally(
+    model_dir: &Path,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    eos_token_ids: &[u32],
+) -> Result<GenerationReport, NodeError> {
+    let mut pipeline = LocalPipeline::load(model_dir)?;
+    let report = generate(
+        &mut pipeline,
+        prompt,
+        max_new_tokens,
+        eos_token_ids,
+        |_, _| {},
+    )
+    .await?;
+    drop(pipeline);
+    Ok(report)
+}
+
+/// A client of the swarm behind `tracker_url`; the demo holds the model, so it spot-checks
+/// the nodes it uses.
+async fn spot_checking_client(
+    tracker_url: String,
+    model_dir: &Path,
+) -> Result<SwarmClient, NodeError> {
+    let mut client_config = ClientConfig::new(tracker_url);
+    client_config.verify_with = Some(model_dir.to_path_buf());
+    SwarmClient::connect(client_config).await
 }
 
 /// Kills the node of `chain` serving `victim` (else the chain's middle one) after token `n`;

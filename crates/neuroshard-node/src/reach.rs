@@ -186,24 +186,7 @@ async fn run_chain(
         .iter()
         .filter(|p| p.node_id != subject.node_id && !p.is_relayed())
         .collect();
-    let relays: Vec<String> = config
-        .relay
-        .iter()
-        .cloned()
-        .chain(
-            helpers
-                .iter()
-                .filter(|p| !p.relay.is_empty())
-                .map(|p| p.relay.clone()),
-        )
-        .collect();
-    let mut plan = Plan::new(
-        config.mode,
-        &subject.advertised,
-        subject.port,
-        !helpers.is_empty(),
-        relays,
-    );
+    let mut plan = new_plan(subject, config, &helpers);
     // The mapping or link made last, until the plan keeps or drops it.
     let mut made = Kept::default();
     let mut probe = plan.start();
@@ -226,28 +209,69 @@ async fn run_chain(
             }
             Probe::Stun => {
                 release(std::mem::take(&mut made)).await;
-                let servers = stun_servers(config, &helpers).await;
-                Learned::Stun(match servers.is_empty() {
-                    true => Err(ProbeFailed::Stun("no server to ask".into())),
-                    false => neuroshard_nat::stun::probe(&servers, Retransmit::default())
-                        .await
-                        .map(|report| (report.external(), report.mapping))
-                        .map_err(|e| ProbeFailed::Stun(e.to_string())),
-                })
+                Learned::Stun(ask_stun(config, &helpers).await)
             }
             Probe::Link(relay) => {
                 release(std::mem::take(&mut made)).await;
-                Learned::Linked(match link_to(subject, &relay).await {
-                    Ok((addr, link, stop)) => {
-                        made.link = Some(link);
-                        made.stop = Some(stop);
-                        Ok(addr.to_string())
-                    }
-                    Err(e) => Err(e),
-                })
+                Learned::Linked(link_relay(subject, &relay, &mut made).await)
             }
         };
         probe = plan.learn(learned);
+    }
+}
+
+/// The plan for `subject`: peers in `helpers` dial back, and the relays to try are the
+/// configured one first, then those the helpers offer.
+fn new_plan(subject: &Subject<'_>, config: &ReachConfig, helpers: &[&PeerRecord]) -> Plan {
+    let relays: Vec<String> = config
+        .relay
+        .iter()
+        .cloned()
+        .chain(
+            helpers
+                .iter()
+                .filter(|p| !p.relay.is_empty())
+                .map(|p| p.relay.clone()),
+        )
+        .collect();
+    Plan::new(
+        config.mode,
+        &subject.advertised,
+        subject.port,
+        !helpers.is_empty(),
+        relays,
+    )
+}
+
+/// Asks STUN servers (the configured ones, else the helpers) what address the router shows,
+/// and how the NAT maps.
+async fn ask_stun(
+    config: &ReachConfig,
+    helpers: &[&PeerRecord],
+) -> Result<(Option<SocketAddr>, Option<Mapping>), ProbeFailed> {
+    let servers = stun_servers(config, helpers).await;
+    match servers.is_empty() {
+        true => Err(ProbeFailed::Stun("no server to ask".into())),
+        false => neuroshard_nat::stun::probe(&servers, Retransmit::default())
+            .await
+            .map(|report| (report.external(), report.mapping))
+            .map_err(|e| ProbeFailed::Stun(e.to_string())),
+    }
+}
+
+/// Registers with the relay at `relay`; the relayed address, with the link left in `made`.
+async fn link_relay(
+    subject: &Subject<'_>,
+    relay: &str,
+    made: &mut Kept,
+) -> Result<String, ProbeFailed> {
+    match link_to(subject, relay).await {
+        Ok((addr, link, stop)) => {
+            made.link = Some(link);
+            made.stop = Some(stop);
+            Ok(addr.to_string())
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -13,7 +13,8 @@ use neuroshard_model::fetched::MODEL_FILES;
 use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, Manifest};
 
-use super::{Fault, NodeState};
+use super::training::Trainer;
+use super::{Fault, NodeState, Served};
 use neuroshard_client::checkpoint::{
     Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto, parameter_bytes,
 };
@@ -96,6 +97,45 @@ pub(crate) const MODEL_FILE_PIECE: u64 = 4 * 1024 * 1024;
 pub(crate) struct Incoming {
     round: u64,
     assembly: Assembly,
+}
+
+/// The chunk numbers a GetCheckpoint asks for (all of them when it names none), sorted and
+/// deduplicated, each checked against the checkpoint's `chunks`.
+fn chunks_wanted(asked: &[u32], chunks: usize) -> Result<Vec<usize>, NodeError> {
+    if asked.len() > MAX_CHUNKS_ASKED {
+        return Err(NodeError::BadRequest(format!(
+            "{} chunks asked for in one request; ask for at most {MAX_CHUNKS_ASKED}",
+            asked.len()
+        )));
+    }
+    let mut wanted: Vec<usize> = match asked.is_empty() {
+        true => (0..chunks).collect(),
+        false => asked.iter().map(|&i| i as usize).collect(),
+    };
+    wanted.sort_unstable();
+    wanted.dedup();
+    if let Some(&bad) = wanted.iter().find(|&&i| i >= chunks) {
+        return Err(NodeError::BadRequest(format!(
+            "chunk {bad} asked for; the checkpoint has {chunks}"
+        )));
+    }
+    Ok(wanted)
+}
+
+/// Once the transfer is over: the checkpoint received whole, taken to be adopted, or else
+/// (Err) the chunk numbers still missing.
+fn take_whole(trainer: &Trainer) -> Result<Result<Incoming, Vec<u32>>, NodeError> {
+    let mut incoming = trainer.incoming.lock_or_recover();
+    let Some(current) = incoming.as_ref() else {
+        return Err(NodeError::BadRequest(
+            "no checkpoint manifest arrived".into(),
+        ));
+    };
+    let missing = current.assembly.missing();
+    if !missing.is_empty() {
+        return Ok(Err(missing.into_iter().map(|i| i as u32).collect()));
+    }
+    Ok(Ok(incoming.take().expect("checked above")))
 }
 
 impl NodeState {
@@ -192,18 +232,8 @@ impl NodeState {
     ) -> Result<Chunks, NodeError> {
         self.check_model(&req.model_id)?;
         let layers = span_from_proto(req.layers)?;
-        let served = self.served();
         let training = self.trainer.is_some();
-        match training {
-            true => self.check_whole_range(&served, layers)?,
-            false if layers.is_empty() || !served.range.covers(&layers) => {
-                return Err(NodeError::WrongLayers {
-                    asked: layers,
-                    serves: served.range,
-                });
-            }
-            false => {}
-        }
+        self.check_checkpoint_layers(layers, training)?;
         let state = self.clone();
         let snapshot = tokio::task::spawn_blocking(move || match training {
             true => state.snapshot(),
@@ -217,32 +247,8 @@ impl NodeState {
                 snapshot.round
             )));
         }
-        if req.chunks.len() > MAX_CHUNKS_ASKED {
-            return Err(NodeError::BadRequest(format!(
-                "{} chunks asked for in one request; ask for at most {MAX_CHUNKS_ASKED}",
-                req.chunks.len()
-            )));
-        }
-        let chunks = snapshot.manifest.chunks();
-        let mut wanted: Vec<usize> = match req.chunks.is_empty() {
-            true => (0..chunks).collect(),
-            false => req.chunks.iter().map(|&i| i as usize).collect(),
-        };
-        wanted.sort_unstable();
-        wanted.dedup();
-        if let Some(&bad) = wanted.iter().find(|&&i| i >= chunks) {
-            return Err(NodeError::BadRequest(format!(
-                "chunk {bad} asked for; the checkpoint has {chunks}"
-            )));
-        }
-        // Test faults fire on a training node's first transfer only.
-        let trainer = self.trainer.as_ref();
-        let fire = || trainer.is_some_and(|t| !t.fault_fired.swap(true, Ordering::Relaxed));
-        let (corrupt, cut) = match &self.fault {
-            Some(Fault::CorruptChunk(c)) if wanted.contains(c) && fire() => (Some(*c), None),
-            Some(Fault::CutCheckpointAfter(c)) if *c < wanted.len() && fire() => (None, Some(*c)),
-            _ => (None, None),
-        };
+        let wanted = chunks_wanted(&req.chunks, snapshot.manifest.chunks())?;
+        let (corrupt, cut) = self.checkpoint_faults(&wanted);
         Ok(Chunks {
             snapshot,
             wanted,
@@ -271,62 +277,22 @@ impl NodeState {
             let Ok(message) = message else {
                 break; // A cut transfer: what arrived is kept.
             };
-            self.check_model(&message.model_id)?;
-            let layers = span_from_proto(message.layers)?;
-            self.check_whole_range(&served, layers)?;
+            let (layers, accepted) = self.accept_chunk(trainer, &served, message)?;
             layers_seen = Some(layers);
-            let mut incoming = trainer.incoming.lock_or_recover();
-            if let Some(manifest) = message.manifest {
-                let (manifest, round) = manifest_from_proto(manifest)?;
-                let expected = self.stage_parameters()? as u64 * 4;
-                if manifest.total_bytes != expected {
-                    return Err(NodeError::BadRequest(format!(
-                        "a checkpoint of {} bytes for a stage of {expected}",
-                        manifest.total_bytes
-                    )));
-                }
-                let same = incoming
-                    .as_ref()
-                    .is_some_and(|i| i.assembly.manifest() == &manifest && i.round == round);
-                if !same {
-                    let assembly = Assembly::new(manifest, expected)
-                        .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-                    *incoming = Some(Incoming { round, assembly });
-                }
-            }
-            let Some(current) = incoming.as_mut() else {
-                return Err(NodeError::BadRequest(
-                    "a checkpoint chunk came before its manifest".into(),
-                ));
-            };
-            match current
-                .assembly
-                .accept(message.index as usize, &message.data)
-            {
-                Ok(()) => received += message.data.len() as u64,
-                // A corrupted chunk is refused by number and listed as missing below.
-                Err(e) => tracing::warn!("PutCheckpoint: {e}"),
-            }
+            received += accepted;
         }
         if layers_seen.is_none() {
             return Err(NodeError::BadRequest("no checkpoint chunk arrived".into()));
         }
-        let whole = {
-            let mut incoming = trainer.incoming.lock_or_recover();
-            let Some(current) = incoming.as_ref() else {
-                return Err(NodeError::BadRequest(
-                    "no checkpoint manifest arrived".into(),
-                ));
-            };
-            let missing = current.assembly.missing();
-            if !missing.is_empty() {
+        let whole = match take_whole(trainer)? {
+            Ok(whole) => whole,
+            Err(missing) => {
                 return Ok(pb::PutCheckpointResponse {
                     bytes_received: received,
-                    missing: missing.into_iter().map(|i| i as u32).collect(),
+                    missing,
                     outer_step: 0,
                 });
             }
-            incoming.take().expect("checked above")
         };
         let round = whole.round;
         let bytes = whole
@@ -340,6 +306,95 @@ impl NodeState {
             missing: Vec::new(),
             outer_step: round,
         })
+    }
+
+    /// Checks the layers a GetCheckpoint asks for: a training node serves its whole range,
+    /// any other node any layers inside its range.
+    fn check_checkpoint_layers(&self, layers: LayerRange, training: bool) -> Result<(), NodeError> {
+        let served = self.served();
+        match training {
+            true => self.check_whole_range(&served, layers)?,
+            false if layers.is_empty() || !served.range.covers(&layers) => {
+                return Err(NodeError::WrongLayers {
+                    asked: layers,
+                    serves: served.range,
+                });
+            }
+            false => {}
+        }
+        Ok(())
+    }
+
+    /// The test faults a GetCheckpoint reply carries (a chunk to corrupt, a message count to
+    /// cut after); they fire on a training node's first transfer only.
+    fn checkpoint_faults(&self, wanted: &[usize]) -> (Option<usize>, Option<usize>) {
+        let trainer = self.trainer.as_ref();
+        let fire = || trainer.is_some_and(|t| !t.fault_fired.swap(true, Ordering::Relaxed));
+        match &self.fault {
+            Some(Fault::CorruptChunk(c)) if wanted.contains(c) && fire() => (Some(*c), None),
+            Some(Fault::CutCheckpointAfter(c)) if *c < wanted.len() && fire() => (None, Some(*c)),
+            _ => (None, None),
+        }
+    }
+
+    /// Takes one PutCheckpoint message into the checkpoint being received: checks its model
+    /// and layers, starts a new assembly on a new manifest, and keeps the chunk. Its layers,
+    /// and the bytes kept (none for a refused chunk).
+    fn accept_chunk(
+        &self,
+        trainer: &Trainer,
+        served: &Served,
+        message: pb::CheckpointChunk,
+    ) -> Result<(LayerRange, u64), NodeError> {
+        self.check_model(&message.model_id)?;
+        let layers = span_from_proto(message.layers)?;
+        self.check_whole_range(served, layers)?;
+        let mut incoming = trainer.incoming.lock_or_recover();
+        if let Some(manifest) = message.manifest {
+            self.begin_incoming(&mut incoming, manifest)?;
+        }
+        let Some(current) = incoming.as_mut() else {
+            return Err(NodeError::BadRequest(
+                "a checkpoint chunk came before its manifest".into(),
+            ));
+        };
+        match current
+            .assembly
+            .accept(message.index as usize, &message.data)
+        {
+            Ok(()) => Ok((layers, message.data.len() as u64)),
+            // A corrupted chunk is refused by number and listed as missing below.
+            Err(e) => {
+                tracing::warn!("PutCheckpoint: {e}");
+                Ok((layers, 0))
+            }
+        }
+    }
+
+    /// Checks a manifest against the stage's size and, unless it is the one being received
+    /// (a resumed transfer), starts assembling it afresh.
+    fn begin_incoming(
+        &self,
+        incoming: &mut Option<Incoming>,
+        manifest: pb::CheckpointManifest,
+    ) -> Result<(), NodeError> {
+        let (manifest, round) = manifest_from_proto(manifest)?;
+        let expected = self.stage_parameters()? as u64 * 4;
+        if manifest.total_bytes != expected {
+            return Err(NodeError::BadRequest(format!(
+                "a checkpoint of {} bytes for a stage of {expected}",
+                manifest.total_bytes
+            )));
+        }
+        let same = incoming
+            .as_ref()
+            .is_some_and(|i| i.assembly.manifest() == &manifest && i.round == round);
+        if !same {
+            let assembly = Assembly::new(manifest, expected)
+                .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+            *incoming = Some(Incoming { round, assembly });
+        }
+        Ok(())
     }
 
     /// Makes `checkpoint` the stage's weights and the start of its round.

@@ -2,7 +2,10 @@
 //! reactor on the compute threads against its session's cache, and answered with a receipt.
 
 use super::*;
+use crate::duty::Turn;
+use crate::sessions::Checkout;
 use neuroshard_base::sync::LockExt;
+use neuroshard_proof::Receipt;
 
 /// A validated Forward request.
 #[derive(Debug)]
@@ -34,7 +37,34 @@ impl NodeState {
         self.caps.check_budget()?;
         let received_ms = neuroshard_net::now_ms();
         let call = self.parse_call(req)?;
-        let receipt = ReceiptBody {
+        let draft = self.draft_receipt(&call, received_ms);
+        let (tokens, reply_dtype, wants_receipt) =
+            (call.tokens, call.reply_dtype, call.proof.is_some());
+        let (out, compute, weights_hash) = self.clone().compute(call).await?;
+        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .tokens_served
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
+        let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
+        let receipt =
+            wants_receipt.then(|| self.sign_forward(draft, weights_hash, &tensor, fingerprint));
+        use pb::forward_response::Output;
+        let tensor = tensor_to_proto(tensor);
+        Ok(pb::ForwardResponse {
+            output: Some(if logits {
+                Output::Logits(tensor)
+            } else {
+                Output::Hidden(tensor)
+            }),
+            compute_us: compute.as_micros() as u64,
+            receipt: receipt.map(|r| r.to_wire()).unwrap_or_default(),
+        })
+    }
+
+    /// A Forward's receipt as far as the call alone tells: the compute fills in the rest.
+    fn draft_receipt(&self, call: &ForwardCall, received_ms: u64) -> ReceiptBody {
+        ReceiptBody {
             version: neuroshard_proof::receipt::BODY_VERSION,
             kind: WorkKind::Forward,
             worker: self.key.public().0,
@@ -56,39 +86,29 @@ impl NodeState {
             nonce: call.proof.map_or([0; 16], |(nonce, _)| nonce),
             received_ms,
             replied_ms: 0,
-        };
-        let (tokens, reply_dtype, wants_receipt) =
-            (call.tokens, call.reply_dtype, call.proof.is_some());
-        let (out, compute, weights_hash) = self.clone().compute(call).await?;
-        self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .tokens_served
-            .fetch_add(tokens as u64, Ordering::Relaxed);
-        let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
-        let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
-        let receipt = wants_receipt.then(|| {
-            let receipt = ReceiptBody {
-                weights_hash,
-                output_hash: tensor_hash(&tensor),
-                fingerprint,
-                replied_ms: neuroshard_net::now_ms().max(received_ms),
-                ..receipt
-            }
-            .sign(&self.key);
-            self.ledger.issued(receipt.clone());
-            receipt
-        });
-        use pb::forward_response::Output;
-        let tensor = tensor_to_proto(tensor);
-        Ok(pb::ForwardResponse {
-            output: Some(if logits {
-                Output::Logits(tensor)
-            } else {
-                Output::Hidden(tensor)
-            }),
-            compute_us: compute.as_micros() as u64,
-            receipt: receipt.map(|r| r.to_wire()).unwrap_or_default(),
-        })
+        }
+    }
+
+    /// Completes a Forward's receipt with what the compute gave, signs it and records it in
+    /// the ledger.
+    fn sign_forward(
+        &self,
+        draft: ReceiptBody,
+        weights_hash: [u8; 32],
+        tensor: &codec::WireTensor,
+        fingerprint: Fingerprint,
+    ) -> Receipt {
+        let received_ms = draft.received_ms;
+        let receipt = ReceiptBody {
+            weights_hash,
+            output_hash: tensor_hash(tensor),
+            fingerprint,
+            replied_ms: neuroshard_net::now_ms().max(received_ms),
+            ..draft
+        }
+        .sign(&self.key);
+        self.ledger.issued(receipt.clone());
+        receipt
     }
 
     /// Checks and stores countersigned receipts of this node's work.
@@ -198,7 +218,20 @@ impl NodeState {
     ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
         // Waited for before the session is checked out, so giving up here leaves nothing behind.
         let turn = self.duty.turn().await;
-        let (mut checkout, created) = self.sessions.checkout(
+        let checkout = self.check_out_session(&call)?;
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let state = self;
+        tokio::task::spawn_blocking(move || state.compute_checked_out(call, checkout, turn))
+            .await
+            .map_err(|e| {
+                NodeError::Internal(format!("compute task failed: {}", panic_message(e)))
+            })?
+    }
+
+    /// Checks out the call's session cache, unless the shard changed since the call was
+    /// checked; counts a session the call starts.
+    fn check_out_session(&self, call: &ForwardCall) -> Result<Checkout, NodeError> {
+        let (checkout, created) = self.sessions.checkout(
             &call.session_id,
             call.start_pos,
             call.tokens,
@@ -209,59 +242,75 @@ impl NodeState {
             // The shard changed since the call was checked: its sessions were dropped, and a
             // cache made now on the old shard must not outlive it.
             self.sessions.abandon(checkout);
-            return Err(NodeError::UnknownSession(call.session_id));
+            return Err(NodeError::UnknownSession(call.session_id.clone()));
         }
         if created {
             self.metrics
                 .sessions_started
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.busy.fetch_add(1, Ordering::Relaxed);
-        let state = self;
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let threads = &state.threads;
-            let out = threads.install(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let served = &call.served;
-                    let shard = served.shard.lock_or_recover();
-                    let weights_hash = shard.weights_hash(call.layers.to_range())?;
-                    let out = state.run(
-                        served,
-                        &shard,
-                        &mut checkout.cache,
-                        call.start_pos,
-                        call.layers,
-                        call.input,
-                    )?;
-                    Ok::<_, NodeError>((out, weights_hash))
-                }))
-            });
-            let compute = started.elapsed();
-            state.busy.fetch_sub(1, Ordering::Relaxed);
-            let result = match out {
-                Ok(out) => {
-                    state.sessions.checkin(checkout, Instant::now());
-                    let (out, weights_hash) = out?;
-                    Ok((out, compute, weights_hash))
-                }
-                Err(payload) => {
-                    // The worker's fault, not the caller's: the caller fails over.
-                    state.sessions.abandon(checkout);
-                    let why = panic_text(payload.as_ref());
-                    tracing::error!("a compute worker panicked ({why}); its session was dropped");
-                    Err(NodeError::Internal(format!(
-                        "compute panicked ({why}); the session was dropped"
-                    )))
-                }
-            };
-            // The cache is back before the next turn starts: a caller that gave up on this
-            // call and asked again waits for its turn and then finds the session free.
-            turn.finish(compute);
-            result
-        })
-        .await
-        .map_err(|e| NodeError::Internal(format!("compute task failed: {}", panic_message(e))))?
+        Ok(checkout)
+    }
+
+    /// The blocking half of [`Self::compute`]: runs the call on the compute threads, checks
+    /// the session back in (or drops it after a panic), and ends the turn.
+    fn compute_checked_out(
+        &self,
+        call: ForwardCall,
+        mut checkout: Checkout,
+        turn: Turn,
+    ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
+        let ForwardCall {
+            served,
+            start_pos,
+            layers,
+            input,
+            ..
+        } = call;
+        let started = std::time::Instant::now();
+        let out = self.threads.install(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_on_served(&served, &mut checkout.cache, start_pos, layers, input)
+            }))
+        });
+        let compute = started.elapsed();
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        let result = match out {
+            Ok(out) => {
+                self.sessions.checkin(checkout, Instant::now());
+                let (out, weights_hash) = out?;
+                Ok((out, compute, weights_hash))
+            }
+            Err(payload) => {
+                // The worker's fault, not the caller's: the caller fails over.
+                self.sessions.abandon(checkout);
+                let why = panic_text(payload.as_ref());
+                tracing::error!("a compute worker panicked ({why}); its session was dropped");
+                Err(NodeError::Internal(format!(
+                    "compute panicked ({why}); the session was dropped"
+                )))
+            }
+        };
+        // The cache is back before the next turn starts: a caller that gave up on this
+        // call and asked again waits for its turn and then finds the session free.
+        turn.finish(compute);
+        result
+    }
+
+    /// Runs a call on the shard it was checked against; its output and the hash of the
+    /// weights it ran on.
+    fn run_on_served(
+        &self,
+        served: &Served,
+        cache: &mut neuroshard_model::KvCache,
+        start_pos: usize,
+        layers: LayerRange,
+        input: ShardInput,
+    ) -> Result<(ShardOutput, [u8; 32]), NodeError> {
+        let shard = served.shard.lock_or_recover();
+        let weights_hash = shard.weights_hash(layers.to_range())?;
+        let out = self.run(served, &shard, cache, start_pos, layers, input)?;
+        Ok((out, weights_hash))
     }
 
     /// Runs the call on `shard` (or misbehaves, for a test node with a [`Fault`]).

@@ -40,6 +40,7 @@ use neuroshard_train::outer::{Nesterov, default_trim, trimmed_mean};
 use neuroshard_train::round::{Answer, Close, Gathered, Key, Mailbox, Plan};
 use neuroshard_train::sparse::{Sparse, TopK};
 
+use super::training::Trainer;
 use super::{Fault, NodeState};
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::span_to_proto;
@@ -188,6 +189,14 @@ impl Exchange {
     }
 }
 
+/// This node's contribution on its way to the replicas: the request carrying it, and the round
+/// and layers their replies are checked against.
+struct Outgoing {
+    request: pb::ExchangeGradientRequest,
+    round: u64,
+    layers: LayerRange,
+}
+
 /// What a signature over a contribution covers.
 fn signed_bytes(
     model_id: &str,
@@ -262,6 +271,40 @@ impl NodeState {
         req: pb::ExchangeGradientRequest,
     ) -> Result<pb::ExchangeGradientResponse, NodeError> {
         let trainer = self.trainer()?;
+        let (layers, round, theirs) = self.check_exchange(req)?;
+        let exchange = &trainer.exchange;
+        let mut changed = exchange.changed.subscribe();
+        let wait = tokio::time::sleep(trainer.config.sync_timeout);
+        tokio::pin!(wait);
+        let known = self.replica_keys(layers);
+        // Callers waiting for this node's contribution, at most MAX_WAITING at once; past that
+        // (or for a probe) the answer is whatever is ready now.
+        let permit = match theirs {
+            Some(_) => trainer.waiting.try_acquire().ok(),
+            None => None,
+        };
+        loop {
+            let ready = answer_if_ready(trainer, round, theirs.as_ref(), &known, permit.is_some());
+            if let Some(reply) = ready {
+                return Ok(reply);
+            }
+            tokio::select! {
+                _ = &mut wait => return Ok(answer_with(exchange.lock().round(), None)),
+                _ = self.cancel.cancelled() => return Err(NodeError::ShuttingDown),
+                r = changed.changed() => if r.is_err() {
+                    return Err(NodeError::ShuttingDown);
+                },
+            }
+        }
+    }
+
+    /// Checks an ExchangeGradient request: the model, the node's whole range, and the
+    /// caller's contribution (signature and size); its layers, round and contribution (none
+    /// for a probe).
+    fn check_exchange(
+        &self,
+        req: pb::ExchangeGradientRequest,
+    ) -> Result<(LayerRange, u64, Option<Contribution>), NodeError> {
         self.check_model(&req.model_id)?;
         let layers = neuroshard_net::convert::span_from_proto(req.layers)?;
         let served = self.served();
@@ -278,58 +321,7 @@ impl NodeState {
         if let Some(c) = &theirs {
             self.decode_contribution(c)?;
         }
-        let exchange = &trainer.exchange;
-        let mut changed = exchange.changed.subscribe();
-        let wait = tokio::time::sleep(trainer.config.sync_timeout);
-        tokio::pin!(wait);
-        let known = self.replica_keys(layers);
-        // Callers waiting for this node's contribution, at most MAX_WAITING at once; past that
-        // (or for a probe) the answer is whatever is ready now.
-        let permit = match theirs {
-            Some(_) => trainer.waiting.try_acquire().ok(),
-            None => None,
-        };
-        loop {
-            {
-                // Configured replicas are admitted once met in their replies.
-                let met = trainer
-                    .replica_keys
-                    .lock_or_recover()
-                    .values()
-                    .any(|k| theirs.as_ref().is_some_and(|c| c.key.0 == *k));
-                let admitted = theirs
-                    .as_ref()
-                    .is_some_and(|c| known.contains(&c.key.0) || met);
-                let offered = theirs.as_ref().map(|c| (c.key.0, c));
-                let (kept, answer) =
-                    exchange
-                        .lock()
-                        .ask(round, offered, admitted, permit.is_some());
-                if kept {
-                    // Wakes this node's own sync if it waits for this contribution.
-                    exchange.bump();
-                }
-                if let Answer::Now {
-                    round: current,
-                    contribution,
-                } = answer
-                {
-                    if let Some(a) = &contribution {
-                        trainer
-                            .exchange_sent
-                            .fetch_add(a.payload.len() as u64, Ordering::Relaxed);
-                    }
-                    return Ok(answer_with(current, contribution));
-                }
-            }
-            tokio::select! {
-                _ = &mut wait => return Ok(answer_with(exchange.lock().round(), None)),
-                _ = self.cancel.cancelled() => return Err(NodeError::ShuttingDown),
-                r = changed.changed() => if r.is_err() {
-                    return Err(NodeError::ShuttingDown);
-                },
-            }
-        }
+        Ok((layers, round, theirs))
     }
 
     /// Keys of the peers this node knows serve `layers` of its model.
@@ -412,56 +404,27 @@ impl NodeState {
     /// round behind a replica fetches that replica's weights instead.
     pub(super) async fn outer_sync(self: &Arc<Self>) -> Result<u64, NodeError> {
         let trainer = self.trainer()?;
-        let config = &trainer.config;
         let state = self.clone();
         let (round, layers, mine) = tokio::task::spawn_blocking(move || state.contribute())
             .await
-            .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))??;
+            .map_err(|e| NodeError::Internal(format!("compute task failed: {e}")))??;
         trainer.exchange.lock().post(mine.clone());
         trainer.exchange.bump();
-        let request = pb::ExchangeGradientRequest {
-            model_id: self.model.id.clone(),
-            layers: Some(span_to_proto(layers)),
-            outer_step: round,
-            pseudo_gradient: mine.payload.to_vec(),
-            encoding: mine.encoding as i32,
-            sender_key: mine.key.0.to_vec(),
-            signature: mine.signature.to_vec(),
+        let out = Outgoing {
+            request: self.exchange_request(round, layers, &mine),
+            round,
+            layers,
         };
         // Of each pair of replicas that have met, the one with the lower key sends and the
         // other waits for it (sending itself only if nothing came), so each contribution
         // crosses once each way. A replica whose contribution already came in got this
         // node's in the reply.
         let own = self.key.public().0;
-        let Plan { send, mut wait_for } = {
-            let keys = trainer.replica_keys.lock_or_recover();
-            let replicas = self.replica_addrs(layers).into_iter().map(|addr| {
-                let key = keys.get(&addr).copied();
-                (addr, key)
-            });
-            trainer.exchange.lock().plan(&own, replicas)
-        };
+        let Plan { send, wait_for } = self.plan_exchange(trainer, &own, layers);
         let mut gathered = Gathered::default();
-        self.send_contribution(send, &request, round, layers, &mut gathered)
-            .await;
+        self.send_contribution(send, &out, &mut gathered).await;
         if !wait_for.is_empty() {
-            let mut changed = trainer.exchange.changed.subscribe();
-            let keys: Vec<Key> = wait_for.iter().map(|(_, k)| *k).collect();
-            let waited = tokio::time::timeout(config.sync_timeout, async {
-                while !trainer.exchange.lock().heard(&keys) {
-                    if changed.changed().await.is_err() {
-                        break;
-                    }
-                }
-            })
-            .await;
-            if waited.is_err() {
-                wait_for.retain(|(_, k)| !trainer.exchange.lock().heard(&[*k]));
-                let late: Vec<String> = wait_for.into_iter().map(|(a, _)| a).collect();
-                tracing::debug!("no contribution came from {late:?}: asking them");
-                self.send_contribution(late, &request, round, layers, &mut gathered)
-                    .await;
-            }
+            self.wait_for_senders(wait_for, &out, &mut gathered).await;
         }
         let close = trainer.exchange.lock().close(own, mine, gathered);
         let contributions = match close {
@@ -477,9 +440,67 @@ impl NodeState {
         let state = self.clone();
         let round = tokio::task::spawn_blocking(move || state.aggregate(round, contributions))
             .await
-            .map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))??;
+            .map_err(|e| NodeError::Internal(format!("compute task failed: {e}")))??;
         trainer.exchange.enter(round);
         Ok(round)
+    }
+
+    /// The ExchangeGradient request carrying this node's contribution `mine` to `round`.
+    fn exchange_request(
+        &self,
+        round: u64,
+        layers: LayerRange,
+        mine: &Contribution,
+    ) -> pb::ExchangeGradientRequest {
+        pb::ExchangeGradientRequest {
+            model_id: self.model.id.clone(),
+            layers: Some(span_to_proto(layers)),
+            outer_step: round,
+            pseudo_gradient: mine.payload.to_vec(),
+            encoding: mine.encoding as i32,
+            sender_key: mine.key.0.to_vec(),
+            signature: mine.signature.to_vec(),
+        }
+    }
+
+    /// Which replicas of `layers` this node sends its contribution to now, and which it waits
+    /// for (by the keys met in their replies).
+    fn plan_exchange(&self, trainer: &Trainer, own: &Key, layers: LayerRange) -> Plan<String> {
+        let keys = trainer.replica_keys.lock_or_recover();
+        let replicas = self.replica_addrs(layers).into_iter().map(|addr| {
+            let key = keys.get(&addr).copied();
+            (addr, key)
+        });
+        trainer.exchange.lock().plan(own, replicas)
+    }
+
+    /// Waits up to the sync timeout for the contributions of the replicas in `wait_for`; those
+    /// still not heard from are then sent this node's contribution after all.
+    async fn wait_for_senders(
+        self: &Arc<Self>,
+        mut wait_for: Vec<(String, Key)>,
+        out: &Outgoing,
+        gathered: &mut Gathered<String, Contribution>,
+    ) {
+        let Ok(trainer) = self.trainer() else {
+            return;
+        };
+        let mut changed = trainer.exchange.changed.subscribe();
+        let keys: Vec<Key> = wait_for.iter().map(|(_, k)| *k).collect();
+        let waited = tokio::time::timeout(trainer.config.sync_timeout, async {
+            while !trainer.exchange.lock().heard(&keys) {
+                if changed.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            wait_for.retain(|(_, k)| !trainer.exchange.lock().heard(&[*k]));
+            let late: Vec<String> = wait_for.into_iter().map(|(a, _)| a).collect();
+            tracing::debug!("no contribution came from {late:?}: asking them");
+            self.send_contribution(late, out, gathered).await;
+        }
     }
 
     /// Sends this node's contribution (`request`) to each of `addrs` at once and gathers the
@@ -487,47 +508,24 @@ impl NodeState {
     async fn send_contribution(
         self: &Arc<Self>,
         addrs: Vec<String>,
-        request: &pb::ExchangeGradientRequest,
-        round: u64,
-        layers: LayerRange,
+        out: &Outgoing,
         gathered: &mut Gathered<String, Contribution>,
     ) {
+        let (round, layers) = (out.round, out.layers);
         let Ok(trainer) = self.trainer() else {
             return;
         };
         let timeout = trainer.config.sync_timeout + Duration::from_secs(5);
         let asks = addrs.into_iter().map(|addr| {
-            let request = request.clone();
+            let request = out.request.clone();
             trainer
                 .exchange_sent
                 .fetch_add(request.pseudo_gradient.len() as u64, Ordering::Relaxed);
-            async move {
-                let reply = tokio::time::timeout(timeout, async {
-                    let mut client = trainer.pool.client(&addr).await?.client.clone();
-                    client
-                        .exchange_gradient(request)
-                        .await
-                        .map(tonic::Response::into_inner)
-                        .map_err(|status| NodeError::Remote {
-                            peer: addr.clone(),
-                            status,
-                        })
-                })
-                .await;
-                (addr, reply)
-            }
+            ask_replica(trainer, addr, request, timeout)
         });
         for (addr, reply) in futures::future::join_all(asks).await {
-            let reply = match reply {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(e)) => {
-                    tracing::debug!("replica {addr} did not exchange: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!("replica {addr} did not answer in time");
-                    continue;
-                }
+            let Some(reply) = exchanged(&addr, reply) else {
+                continue;
             };
             let theirs = self.check_contribution(
                 layers,
@@ -626,6 +624,88 @@ impl NodeState {
             views.len()
         );
         Ok(round + 1)
+    }
+}
+
+/// The answer to an ExchangeGradient call if the mailbox has one now (keeping the caller's
+/// contribution when it is admitted: from a known replica, or a configured one met before).
+fn answer_if_ready(
+    trainer: &Trainer,
+    round: u64,
+    theirs: Option<&Contribution>,
+    known: &std::collections::BTreeSet<[u8; 32]>,
+    may_wait: bool,
+) -> Option<pb::ExchangeGradientResponse> {
+    let exchange = &trainer.exchange;
+    // Configured replicas are admitted once met in their replies.
+    let met = trainer
+        .replica_keys
+        .lock_or_recover()
+        .values()
+        .any(|k| theirs.is_some_and(|c| c.key.0 == *k));
+    let admitted = theirs.is_some_and(|c| known.contains(&c.key.0) || met);
+    let offered = theirs.map(|c| (c.key.0, c));
+    let (kept, answer) = exchange.lock().ask(round, offered, admitted, may_wait);
+    if kept {
+        // Wakes this node's own sync if it waits for this contribution.
+        exchange.bump();
+    }
+    let Answer::Now {
+        round: current,
+        contribution,
+    } = answer
+    else {
+        return None;
+    };
+    if let Some(a) = &contribution {
+        trainer
+            .exchange_sent
+            .fetch_add(a.payload.len() as u64, Ordering::Relaxed);
+    }
+    Some(answer_with(current, contribution))
+}
+
+/// Sends `request` to the replica at `addr`, giving up after `timeout`; the address and the
+/// reply.
+async fn ask_replica(
+    trainer: &Trainer,
+    addr: String,
+    request: pb::ExchangeGradientRequest,
+    timeout: Duration,
+) -> (
+    String,
+    Result<Result<pb::ExchangeGradientResponse, NodeError>, tokio::time::error::Elapsed>,
+) {
+    let reply = tokio::time::timeout(timeout, async {
+        let mut client = trainer.pool.client(&addr).await?.client.clone();
+        client
+            .exchange_gradient(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| NodeError::Remote {
+                peer: addr.clone(),
+                status,
+            })
+    })
+    .await;
+    (addr, reply)
+}
+
+/// The reply of the replica at `addr`, or none (logged) when it failed or timed out.
+fn exchanged(
+    addr: &str,
+    reply: Result<Result<pb::ExchangeGradientResponse, NodeError>, tokio::time::error::Elapsed>,
+) -> Option<pb::ExchangeGradientResponse> {
+    match reply {
+        Ok(Ok(reply)) => Some(reply),
+        Ok(Err(e)) => {
+            tracing::debug!("replica {addr} did not exchange: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("replica {addr} did not answer in time");
+            None
+        }
     }
 }
 

@@ -133,37 +133,17 @@ impl NodeState {
         let forward = self.parse_call(req)?;
         self.check_whole_range(&forward.served, forward.layers)?;
         self.ensure_stage(&forward.served).await?;
-        let tokens = forward.tokens;
-        let call = Call {
-            served: forward.served,
-            microbatch: forward.session_id,
-            layers: forward.layers,
-            proof: forward.proof,
-            reply_dtype: forward.reply_dtype,
-        };
+        let (tokens, input_hash) = (forward.tokens, forward.input_hash);
+        let (call, work) = forward_work(forward, targets);
         let flops = self
             .model
             .config
             .forward_flops(call.layers.to_range(), 0, tokens as u64);
-        let input_hash = forward.input_hash;
-        let work = Work::Forward {
-            input: forward.input,
-            targets,
-        };
         let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
         let Done::Forward(out) = done else {
             unreachable!("a forward gives a forward's result")
         };
-        let hidden = self.model.config.hidden_size;
-        let (tensor, row, output) = match out {
-            TrainOutput::Hidden(values) => {
-                let tensor = codec::encode(&values, &[1, tokens, hidden], call.reply_dtype);
-                let row = values[values.len().saturating_sub(hidden)..].to_vec();
-                (tensor.clone(), row, Output::Hidden(tensor_to_proto(tensor)))
-            }
-            TrainOutput::Loss(loss) => (loss_tensor(loss), vec![loss], Output::Loss(loss)),
-        };
-        use pb::forward_response::Output;
+        let (tensor, row, output) = self.train_forward_output(out, tokens, call.reply_dtype);
         let receipt = self.sign_training(
             &call,
             WorkKind::Forward,
@@ -193,42 +173,9 @@ impl NodeState {
         self.caps.check_budget()?;
         self.trainer()?;
         let received_ms = neuroshard_net::now_ms();
-        self.check_ids(&req.session_id, &req.model_id)?;
-        let layers = span_from_proto(req.layers)?;
-        let served = self.served();
-        self.check_whole_range(&served, layers)?;
+        let (served, layers) = self.backward_range(&req)?;
         self.ensure_stage(&served).await?;
-        let proof = parse_proof(&req.nonce, &req.requester_key)?;
-        let hidden = self.model.config.hidden_size;
-        let (grad, input_hash) = match req.grad_output {
-            None => (None, [0; 32]),
-            Some(t) => {
-                let tensor = tensor_from_proto(t)?;
-                let shape = tensor.shape.clone();
-                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
-                    return Err(NodeError::BadRequest(format!(
-                        "the output gradient must have shape [1, tokens, {hidden}], got {shape:?}"
-                    )));
-                }
-                let hash = tensor_hash(&tensor);
-                (Some(codec::decode(&tensor)?), hash)
-            }
-        };
-        let reply_dtype = match req.reply_dtype {
-            0 => WireDType::F32,
-            v => dtype_from_proto(v)?,
-        };
-        let call = Call {
-            served,
-            microbatch: req.session_id,
-            layers,
-            proof,
-            reply_dtype,
-        };
-        let work = Work::Backward {
-            grad,
-            step: req.step,
-        };
+        let (call, work, input_hash) = self.backward_work(req, served, layers)?;
         let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
         let Done::Backward {
             grad_input,
@@ -243,9 +190,10 @@ impl NodeState {
         if sync_due {
             round = self.outer_sync().await?;
         }
+        let hidden = self.model.config.hidden_size;
         let grad_tensor = grad_input
             .as_ref()
-            .map(|g| codec::encode(g, &[1, tokens, hidden], reply_dtype));
+            .map(|g| codec::encode(g, &[1, tokens, hidden], call.reply_dtype));
         let row = grad_input
             .as_deref()
             .map_or(&[][..], |g| &g[g.len().saturating_sub(hidden)..]);
@@ -273,6 +221,89 @@ impl NodeState {
             inner_steps: steps,
             outer_step: round,
         })
+    }
+
+    /// A training Forward's reply: the encoded output (hidden states in the caller's dtype,
+    /// or the loss), the row its receipt fingerprints, and the reply's output field.
+    fn train_forward_output(
+        &self,
+        out: TrainOutput,
+        tokens: usize,
+        reply_dtype: WireDType,
+    ) -> (codec::WireTensor, Vec<f32>, pb::forward_response::Output) {
+        use pb::forward_response::Output;
+        let hidden = self.model.config.hidden_size;
+        match out {
+            TrainOutput::Hidden(values) => {
+                let tensor = codec::encode(&values, &[1, tokens, hidden], reply_dtype);
+                let row = values[values.len().saturating_sub(hidden)..].to_vec();
+                (tensor.clone(), row, Output::Hidden(tensor_to_proto(tensor)))
+            }
+            TrainOutput::Loss(loss) => (loss_tensor(loss), vec![loss], Output::Loss(loss)),
+        }
+    }
+
+    /// A Backward's checks before its stage is loaded: the ids, and the node's whole range.
+    fn backward_range(
+        &self,
+        req: &pb::BackwardRequest,
+    ) -> Result<(Arc<Served>, LayerRange), NodeError> {
+        self.check_ids(&req.session_id, &req.model_id)?;
+        let layers = span_from_proto(req.layers)?;
+        let served = self.served();
+        self.check_whole_range(&served, layers)?;
+        Ok((served, layers))
+    }
+
+    /// A Backward's checks once its stage is loaded: the proof, the output gradient and the
+    /// reply dtype; the checked call, its work and the hash of the gradient received.
+    fn backward_work(
+        &self,
+        req: pb::BackwardRequest,
+        served: Arc<Served>,
+        layers: LayerRange,
+    ) -> Result<(Call, Work, [u8; 32]), NodeError> {
+        let proof = parse_proof(&req.nonce, &req.requester_key)?;
+        let (grad, input_hash) = self.output_gradient(req.grad_output)?;
+        let reply_dtype = match req.reply_dtype {
+            0 => WireDType::F32,
+            v => dtype_from_proto(v)?,
+        };
+        let call = Call {
+            served,
+            microbatch: req.session_id,
+            layers,
+            proof,
+            reply_dtype,
+        };
+        let work = Work::Backward {
+            grad,
+            step: req.step,
+        };
+        Ok((call, work, input_hash))
+    }
+
+    /// The output gradient a Backward brings, checked against the model's width, and its hash;
+    /// none (hash zero) for the last stage, whose gradient starts from its loss.
+    fn output_gradient(
+        &self,
+        grad_output: Option<pb::Tensor>,
+    ) -> Result<(Option<Vec<f32>>, [u8; 32]), NodeError> {
+        let hidden = self.model.config.hidden_size;
+        match grad_output {
+            None => Ok((None, [0; 32])),
+            Some(t) => {
+                let tensor = tensor_from_proto(t)?;
+                let shape = tensor.shape.clone();
+                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
+                    return Err(NodeError::BadRequest(format!(
+                        "the output gradient must have shape [1, tokens, {hidden}], got {shape:?}"
+                    )));
+                }
+                let hash = tensor_hash(&tensor);
+                Ok((Some(codec::decode(&tensor)?), hash))
+            }
+        }
     }
 
     /// The node's trainer, or why it has none.
@@ -321,7 +352,7 @@ impl NodeState {
         .await;
         self.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let (out, compute) =
-            result.map_err(|e| NodeError::BadRequest(format!("compute task failed: {e}")))?;
+            result.map_err(|e| NodeError::Internal(format!("compute task failed: {e}")))?;
         turn.finish(compute);
         match out {
             Ok(out) => {
@@ -482,6 +513,22 @@ pub struct TrainingSnapshot {
     pub outer_round: u64,
     /// Pseudo-gradient bytes sent to replicas so far.
     pub exchange_bytes_sent: u64,
+}
+
+/// A training Forward's checked call and its work: the microbatch's input and targets.
+fn forward_work(forward: super::forward::ForwardCall, targets: Option<Vec<u32>>) -> (Call, Work) {
+    let call = Call {
+        served: forward.served,
+        microbatch: forward.session_id,
+        layers: forward.layers,
+        proof: forward.proof,
+        reply_dtype: forward.reply_dtype,
+    };
+    let work = Work::Forward {
+        input: forward.input,
+        targets,
+    };
+    (call, work)
 }
 
 /// What a training receipt attests besides the call.

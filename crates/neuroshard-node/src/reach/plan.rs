@@ -138,64 +138,120 @@ impl Plan {
     pub fn learn(&mut self, learned: Learned) -> Probe {
         let stage = std::mem::replace(&mut self.stage, Stage::Done);
         match (stage, learned) {
-            (Stage::Direct, Learned::DialBack(Some(Ok(by)))) => {
+            (Stage::Direct, Learned::DialBack(asked)) => self.after_direct_dial_back(asked),
+            (Stage::Upnp, Learned::Mapped(mapped)) => self.after_upnp(mapped),
+            (Stage::UpnpAsk(external), Learned::DialBack(asked)) => {
+                self.after_upnp_dial_back(external, asked)
+            }
+            (Stage::Stun, Learned::Stun(seen)) => self.after_stun(seen),
+            (Stage::StunAsk(forwarded), Learned::DialBack(asked)) => {
+                self.after_stun_dial_back(forwarded, asked)
+            }
+            (Stage::Relay, Learned::Linked(linked)) => self.after_link(linked),
+            (Stage::RelayAsk { addr, relay }, Learned::DialBack(asked)) => {
+                self.after_relay_dial_back(addr, relay, asked)
+            }
+            (stage, learned) => panic!("{learned:?} does not answer the probe of {stage:?}"),
+        }
+    }
+
+    /// A peer dialed the node's own address back: it is reachable directly; else on to UPnP.
+    fn after_direct_dial_back(&mut self, asked: Option<Result<String, ProbeFailed>>) -> Probe {
+        match asked {
+            Some(Ok(by)) => {
                 self.reach.checked_by = Some(by);
                 let advice = format!("Peers reach this node directly at {}.", self.advertised);
                 self.done(ReachPath::Direct, advice)
             }
-            (Stage::Direct, Learned::DialBack(_)) => self.after_direct(),
-            (Stage::Upnp, Learned::Mapped(Ok(external))) => {
+            _ => self.after_direct(),
+        }
+    }
+
+    /// UPnP mapped a port: ask a peer to dial it; it did not: on to STUN.
+    fn after_upnp(&mut self, mapped: Result<String, ProbeFailed>) -> Probe {
+        match mapped {
+            Ok(external) => {
                 self.stage = Stage::UpnpAsk(external.clone());
                 Probe::DialBack(external)
             }
-            (Stage::Upnp, Learned::Mapped(Err(why))) => {
+            Err(why) => {
                 self.why_not.push(why.to_string());
                 self.stun()
             }
-            (Stage::UpnpAsk(external), Learned::DialBack(Some(Err(e)))) => {
-                let why = format!("the UPnP mapping {external} was not reachable ({e})");
-                self.why_not.push(why);
-                self.stun()
-            }
-            (Stage::UpnpAsk(external), Learned::DialBack(asked)) => {
-                self.reach.checked_by = asked.and_then(Result::ok);
-                let advice = format!("Your router forwards {external} to this node through UPnP.");
-                self.reach.addr = external;
-                self.keep(ReachPath::Mapped, advice)
-            }
-            (Stage::Stun, Learned::Stun(Ok((mapped, nat)))) => {
-                self.reach.nat_mapping = nat;
-                let Some(mapped) = mapped else {
-                    return self.relay();
-                };
-                self.reach.stun_mapped = Some(mapped.to_string());
-                // Reachable there only if the router forwards the node's port by hand.
-                let forwarded = SocketAddr::new(mapped.ip(), self.port).to_string();
-                self.stage = Stage::StunAsk(forwarded.clone());
-                Probe::DialBack(forwarded)
-            }
-            (Stage::Stun, Learned::Stun(Err(why))) => {
+        }
+    }
+
+    /// The UPnP mapping refused a peer's dial: on to STUN; else the mapping is the way in.
+    fn after_upnp_dial_back(
+        &mut self,
+        external: String,
+        asked: Option<Result<String, ProbeFailed>>,
+    ) -> Probe {
+        if let Some(Err(e)) = asked {
+            let why = format!("the UPnP mapping {external} was not reachable ({e})");
+            self.why_not.push(why);
+            return self.stun();
+        }
+        self.reach.checked_by = asked.and_then(Result::ok);
+        let advice = format!("Your router forwards {external} to this node through UPnP.");
+        self.reach.addr = external;
+        self.keep(ReachPath::Mapped, advice)
+    }
+
+    /// STUN saw the router's address: ask a peer to dial the node's port there (reachable only
+    /// if the router forwards it by hand); STUN saw nothing or failed: on to the relays.
+    fn after_stun(
+        &mut self,
+        seen: Result<(Option<SocketAddr>, Option<Mapping>), ProbeFailed>,
+    ) -> Probe {
+        let (mapped, nat) = match seen {
+            Ok(seen) => seen,
+            Err(why) => {
                 self.why_not.push(why.to_string());
+                return self.relay();
+            }
+        };
+        self.reach.nat_mapping = nat;
+        let Some(mapped) = mapped else {
+            return self.relay();
+        };
+        self.reach.stun_mapped = Some(mapped.to_string());
+        // Reachable there only if the router forwards the node's port by hand.
+        let forwarded = SocketAddr::new(mapped.ip(), self.port).to_string();
+        self.stage = Stage::StunAsk(forwarded.clone());
+        Probe::DialBack(forwarded)
+    }
+
+    /// A peer dialed the port the router may forward: reachable directly; else on to relays.
+    fn after_stun_dial_back(
+        &mut self,
+        forwarded: String,
+        asked: Option<Result<String, ProbeFailed>>,
+    ) -> Probe {
+        match asked {
+            Some(Ok(by)) => {
+                self.reach.checked_by = Some(by);
+                let advice = format!("Your router forwards {forwarded} to this node.");
+                self.reach.addr = forwarded;
+                self.done(ReachPath::Direct, advice)
+            }
+            Some(Err(e)) => {
+                self.why_not
+                    .push(format!("{forwarded} is not forwarded ({e})"));
                 self.relay()
             }
-            (Stage::StunAsk(forwarded), Learned::DialBack(asked)) => match asked {
-                Some(Ok(by)) => {
-                    self.reach.checked_by = Some(by);
-                    let advice = format!("Your router forwards {forwarded} to this node.");
-                    self.reach.addr = forwarded;
-                    self.done(ReachPath::Direct, advice)
-                }
-                Some(Err(e)) => {
-                    self.why_not
-                        .push(format!("{forwarded} is not forwarded ({e})"));
-                    self.relay()
-                }
-                None => {
-                    self.why_not.push("no peer could dial back".into());
-                    self.relay()
-                }
-            },
-            (Stage::Relay, Learned::Linked(Ok(addr))) => {
+            None => {
+                self.why_not.push("no peer could dial back".into());
+                self.relay()
+            }
+        }
+    }
+
+    /// The relay registered the node: ask a peer to dial the relayed address; it refused: the
+    /// next relay.
+    fn after_link(&mut self, linked: Result<String, ProbeFailed>) -> Probe {
+        match linked {
+            Ok(addr) => {
                 let relay = self.relays.pop_front().expect("the relay just linked");
                 self.stage = Stage::RelayAsk {
                     addr: addr.clone(),
@@ -203,28 +259,35 @@ impl Plan {
                 };
                 Probe::DialBack(addr)
             }
-            (Stage::Relay, Learned::Linked(Err(why))) => {
+            Err(why) => {
                 self.relays.pop_front();
                 self.why_not.push(why.to_string());
                 self.relay()
             }
-            (Stage::RelayAsk { addr, .. }, Learned::DialBack(Some(Err(e)))) => {
-                self.why_not
-                    .push(format!("relayed at {addr}, not reachable: {e}"));
-                self.relay()
-            }
-            (Stage::RelayAsk { addr, relay }, Learned::DialBack(asked)) => {
-                self.reach.checked_by = asked.and_then(Result::ok);
-                self.reach.addr = addr;
-                let advice = format!(
-                    "Peers reach this node through the relay at {relay}, an extra hop. For a \
-                     direct path, enable UPnP on your router or forward TCP port {} to this PC.",
-                    self.port
-                );
-                self.keep(ReachPath::Relayed, advice)
-            }
-            (stage, learned) => panic!("{learned:?} does not answer the probe of {stage:?}"),
         }
+    }
+
+    /// The relayed address refused a peer's dial: the next relay; else the relay is the way
+    /// in.
+    fn after_relay_dial_back(
+        &mut self,
+        addr: String,
+        relay: String,
+        asked: Option<Result<String, ProbeFailed>>,
+    ) -> Probe {
+        if let Some(Err(e)) = asked {
+            self.why_not
+                .push(format!("relayed at {addr}, not reachable: {e}"));
+            return self.relay();
+        }
+        self.reach.checked_by = asked.and_then(Result::ok);
+        self.reach.addr = addr;
+        let advice = format!(
+            "Peers reach this node through the relay at {relay}, an extra hop. For a \
+             direct path, enable UPnP on your router or forward TCP port {} to this PC.",
+            self.port
+        );
+        self.keep(ReachPath::Relayed, advice)
     }
 
     /// After the node's own address: a loopback address ends the test, else UPnP.
