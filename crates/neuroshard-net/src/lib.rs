@@ -11,6 +11,7 @@ pub mod convert;
 mod error;
 pub mod metrics;
 pub mod pool;
+pub mod tls;
 
 pub use error::{NodeError, Role};
 
