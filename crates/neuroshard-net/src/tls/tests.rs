@@ -91,13 +91,14 @@ async fn forged_certificates_are_refused_by_both_ends() {
     assert!(accepted.is_err(), "a listener refuses a forged caller");
 }
 
-/// Pumps bytes from `from` to `to`, keeping a copy, and flipping the byte at `flip` (counted
-/// from the start of this direction) if asked.
+/// Pumps bytes from `from` to `to`, keeping a copy; once `armed`, flips one bit of the last
+/// byte of the next chunk that passes (a record's authentication tag).
 async fn pump(
     mut from: tokio::io::ReadHalf<DuplexStream>,
     mut to: tokio::io::WriteHalf<DuplexStream>,
-    flip: Option<usize>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<u8> {
+    use std::sync::atomic::Ordering;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -105,10 +106,9 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let start = seen.len();
         seen.extend_from_slice(&buf[..n]);
-        if let Some(at) = flip.filter(|at| (start..start + n).contains(at)) {
-            buf[at - start] ^= 1;
+        if armed.swap(false, Ordering::SeqCst) {
+            buf[n - 1] ^= 1;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
@@ -118,9 +118,10 @@ async fn pump(
     seen
 }
 
-/// A dialler and a listener with a recording proxy between them; the dialler sends `SECRET`
-/// and the listener echoes it. What the listener read, and what crossed toward it.
-async fn through_proxy(flip: Option<usize>) -> (std::io::Result<Vec<u8>>, Vec<u8>) {
+/// A dialler and a listener with a recording proxy between them; once both have finished the
+/// handshake the dialler sends `SECRET` (with one bit flipped on the way if `tamper`) and the
+/// listener echoes it. What the listener read, and what crossed toward it.
+async fn through_proxy(tamper: bool) -> (std::io::Result<Vec<u8>>, Vec<u8>) {
     let (a, b) = (NodeKey::generate(), NodeKey::generate());
     let server = server_config(&TlsIdentity::new(&a).unwrap()).unwrap();
     let client = client_config(&TlsIdentity::new(&b).unwrap(), Some(a.id())).unwrap();
@@ -128,12 +129,15 @@ async fn through_proxy(flip: Option<usize>) -> (std::io::Result<Vec<u8>>, Vec<u8
     let (proxy_far, server_end) = tokio::io::duplex(64 * 1024);
     let (near_read, near_write) = tokio::io::split(proxy_near);
     let (far_read, far_write) = tokio::io::split(proxy_far);
-    let upstream = tokio::spawn(pump(near_read, far_write, flip));
-    let downstream = tokio::spawn(pump(far_read, near_write, None));
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream = tokio::spawn(pump(near_read, far_write, armed.clone()));
+    let downstream = tokio::spawn(pump(far_read, near_write, Arc::default()));
+    let (accepted, ready) = tokio::sync::oneshot::channel();
     let listener = tokio::spawn(async move {
         let (mut tls, _) = accept(server_end, server)
             .await
             .map_err(std::io::Error::other)?;
+        let _ = accepted.send(());
         let mut got = vec![0u8; SECRET.len()];
         tls.read_exact(&mut got).await?;
         tls.write_all(&got).await?;
@@ -141,6 +145,9 @@ async fn through_proxy(flip: Option<usize>) -> (std::io::Result<Vec<u8>>, Vec<u8
         Ok::<_, std::io::Error>(got)
     });
     let (mut tls, _) = connect(client_end, client).await.unwrap();
+    // Every handshake byte has reached the listener: the next ones carry the secret.
+    ready.await.unwrap();
+    armed.store(tamper, std::sync::atomic::Ordering::SeqCst);
     tls.write_all(SECRET).await.unwrap();
     tls.flush().await.unwrap();
     let mut echo = vec![0u8; SECRET.len()];
@@ -154,14 +161,12 @@ async fn through_proxy(flip: Option<usize>) -> (std::io::Result<Vec<u8>>, Vec<u8
 
 #[tokio::test]
 async fn the_wire_shows_no_plaintext_and_a_flipped_byte_fails_the_read() {
-    let (read, seen) = through_proxy(None).await;
+    let (read, seen) = through_proxy(false).await;
     assert_eq!(read.unwrap(), SECRET);
     assert!(
         !seen.windows(SECRET.len()).any(|w| w == SECRET),
         "the secret crossed in the clear"
     );
-    // The last byte toward the listener is in the record carrying the secret.
-    let last = seen.len() - 1;
-    let (read, _) = through_proxy(Some(last)).await;
+    let (read, _) = through_proxy(true).await;
     assert!(read.is_err(), "a tampered record was accepted: {read:?}");
 }
