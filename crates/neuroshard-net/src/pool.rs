@@ -247,64 +247,60 @@ impl ConnectionPool {
 /// TLS 1.3 over either, checking the node key that answers ([`crate::tls`]). Callers see the
 /// same gRPC channel either way.
 pub async fn connect(addr: &str, connect_timeout: Duration) -> Result<Channel, NodeError> {
-    let (endpoint, dial) = (endpoint(addr)?, dialler(addr)?);
+    let err = |message: String| NodeError::Connect {
+        peer: addr.to_string(),
+        message,
+    };
+    let endpoint = endpoint(addr).map_err(err)?;
+    let dial = dialler(addr, crate::tls::dialler().map_err(|e| err(e.to_string()))?);
     match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(dial)).await {
-        Ok(connected) => connected.map_err(|e| refused(addr, describe(&e))),
-        Err(_) => Err(refused(
-            addr,
-            format!("no connection within {connect_timeout:?}"),
-        )),
+        Ok(connected) => connected.map_err(|e| err(describe(&e))),
+        Err(_) => Err(err(format!("no connection within {connect_timeout:?}"))),
     }
 }
 
 /// A channel to `addr` that connects on its first call, as [`connect`] does, and gives up on a
 /// call after `timeout`.
 pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Channel, NodeError> {
-    let (endpoint, dial) = (endpoint(addr)?.timeout(timeout), dialler(addr)?);
+    let err = |message: String| NodeError::Connect {
+        peer: addr.to_string(),
+        message,
+    };
+    let endpoint = endpoint(addr).map_err(err)?.timeout(timeout);
+    let dial = dialler(addr, crate::tls::dialler().map_err(|e| err(e.to_string()))?);
     Ok(endpoint.connect_with_connector_lazy(dial))
 }
 
 /// The HTTP/2 settings of a channel to `addr`. Its authority is not dialed: the connector
 /// reaches the node.
-fn endpoint(addr: &str) -> Result<Endpoint, NodeError> {
+fn endpoint(addr: &str) -> Result<Endpoint, String> {
     let url = match neuroshard_nat::relay::RelayedAddr::parse(addr) {
         Some(_) => "http://relayed.invalid".to_string(),
         None => format!("http://{addr}"),
     };
     Ok(Endpoint::from_shared(url)
-        .map_err(|e| refused(addr, e.to_string()))?
+        .map_err(|e| e.to_string())?
         // Megabyte activations would otherwise stall on HTTP/2's 64 KiB default window;
         // the adaptive window grows it to the link's bandwidth-delay product.
         .http2_adaptive_window(true)
         .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES))
 }
 
-/// Connecting to `addr` failed for `message`.
-fn refused(addr: &str, message: String) -> NodeError {
-    NodeError::Connect {
-        peer: addr.to_string(),
-        message,
-    }
-}
-
 /// What reaches `addr` for a channel: a TCP connection with Nagle off, or a circuit through
 /// its relay, then the TLS handshake.
 fn dialler(
     addr: &str,
-) -> Result<
-    impl tower::Service<
-        tonic::transport::Uri,
-        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<crate::Accepted>>,
-        Error = std::io::Error,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static,
-    NodeError,
-> {
-    let tls = crate::tls::dialler().map_err(|e| refused(addr, e.to_string()))?;
+    tls: Arc<rustls::ClientConfig>,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<crate::Accepted>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
     let addr = addr.to_string();
-    Ok(tower::service_fn(move |_: tonic::transport::Uri| {
+    tower::service_fn(move |_: tonic::transport::Uri| {
         let (addr, tls) = (addr.clone(), tls.clone());
         async move {
             let stream = match neuroshard_nat::relay::RelayedAddr::parse(&addr) {
@@ -326,7 +322,7 @@ fn dialler(
                 .map_err(std::io::Error::other)?;
             Ok(hyper_util::rt::TokioIo::new(secured))
         }
-    }))
+    })
 }
 
 /// A transport error with its causes, which name what failed (the relay's refusal, the
