@@ -307,7 +307,9 @@ async fn two_nodes_find_each_other_on_the_lan_and_serve_a_generation() {
 
 /// A raw DHT client to `node`.
 async fn dht_client(node: &NodeHandle) -> pb::dht_client::DhtClient<tonic::transport::Channel> {
-    pb::dht_client::DhtClient::new(neuroshard_tests::channel(&node.advertised()).await)
+    pb::dht_client::DhtClient::connect(format!("http://{}", node.advertised()))
+        .await
+        .unwrap()
 }
 
 /// A request's sender: `key`'s contact at `addr`, signed at `timestamp_ms`.
