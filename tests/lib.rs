@@ -48,11 +48,17 @@ impl TestModel {
 /// The loopback swarm every test starts: a tracker and nodes on ephemeral ports.
 pub use neuroshard_node::swarm::LocalSwarm as Swarm;
 
-/// A raw gRPC client to a node.
-pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
-    NodeClient::connect(format!("http://{}", node.advertised()))
+/// A channel to the node or tracker at `addr` (`host:port` or a relayed address), secured as
+/// every NeuroShard client's is.
+pub async fn channel(addr: &str) -> Channel {
+    neuroshard_net::pool::connect(addr, Duration::from_secs(5))
         .await
         .expect("connects")
+}
+
+/// A raw gRPC client to a node.
+pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
+    NodeClient::new(channel(&node.advertised()).await)
         .max_decoding_message_size(neuroshard_net::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(512 * 1024 * 1024)
 }

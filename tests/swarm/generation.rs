@@ -163,9 +163,7 @@ async fn a_peer_that_never_answers_is_replaced_at_its_deadline() {
             open.push(socket);
         }
     });
-    let mut tracker = neuroshard_proto::tracker_client::TrackerClient::connect(swarm.tracker.url())
-        .await
-        .unwrap();
+    let mut tracker = neuroshard_client::tracker_client(&swarm.tracker.url()).unwrap();
     let nodes = tracker
         .list_peers(neuroshard_proto::ListPeersRequest::default())
         .await

@@ -63,9 +63,8 @@ async fn forward_traffic_keeps_to_the_caps_and_cap_changes_apply_live() {
         .add_node_with(model.path(), 1, 3, |c| c.upload_kbps = CAP_KBPS)
         .await
         .unwrap();
-    let mut client = pb::node_client::NodeClient::connect(format!("http://{}", node.advertised()))
-        .await
-        .unwrap();
+    let mut client =
+        pb::node_client::NodeClient::new(neuroshard_tests::channel(&node.advertised()).await);
     let cap = f64::from(CAP_KBPS);
 
     let up = forward_rate(&mut client, "up").await;
@@ -99,9 +98,8 @@ async fn a_used_up_transfer_budget_refuses_new_work_counting_every_transport_byt
     let model = TestModel::new(&ModelSpec::tiny());
     let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     let node = swarm.add_node(model.path(), 1, 3).await.unwrap();
-    let mut client = pb::node_client::NodeClient::connect(format!("http://{}", node.advertised()))
-        .await
-        .unwrap();
+    let mut client =
+        pb::node_client::NodeClient::new(neuroshard_tests::channel(&node.advertised()).await);
     let before = node.transport_bytes();
     forward_rate(&mut client, "counted").await;
     let moved = node.transport_bytes() - before;

@@ -208,9 +208,7 @@ async fn kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt() {
             break addr.to_string();
         }
     };
-    let node = pb::node_client::NodeClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let node = pb::node_client::NodeClient::new(neuroshard_tests::channel(&addr).await);
     let requester = Arc::new(NodeKey::generate());
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (enough_tx, mut enough) = tokio::sync::watch::channel(false);

@@ -121,9 +121,7 @@ async fn a_node_registers_again_after_a_tracker_restart() {
         .await
         .expect("the node registers again within a few heartbeats")
         .unwrap();
-    let mut client = pb::tracker_client::TrackerClient::connect(restarted.url())
-        .await
-        .unwrap();
+    let mut client = neuroshard_client::tracker_client(&restarted.url()).unwrap();
     let stats = client
         .stats(pb::StatsRequest {})
         .await

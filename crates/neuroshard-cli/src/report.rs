@@ -31,7 +31,9 @@ pub(crate) async fn print_status(
     tracker: Option<String>,
 ) -> anyhow::Result<()> {
     let json = if let Some(addr) = node {
-        let mut client = pb::node_client::NodeClient::connect(format!("http://{addr}")).await?;
+        let channel =
+            neuroshard_net::pool::connect(&addr, std::time::Duration::from_secs(5)).await?;
+        let mut client = pb::node_client::NodeClient::new(channel);
         let reply = client.ping(pb::PingRequest {}).await?.into_inner();
         let metrics: neuroshard_net::metrics::MetricsSnapshot =
             reply.metrics.unwrap_or_default().into();
@@ -41,7 +43,7 @@ pub(crate) async fn print_status(
             .transpose()?;
         serde_json::json!({ "node": node, "metrics": metrics })
     } else if let Some(url) = tracker {
-        let mut client = pb::tracker_client::TrackerClient::connect(url).await?;
+        let mut client = neuroshard_client::tracker_client(&url)?;
         let stats = client.stats(pb::StatsRequest {}).await?.into_inner();
         serde_json::json!({
             "nodes": stats.nodes,

@@ -158,12 +158,14 @@ pub struct SwarmClient {
 /// A client of the tracker at `url` (connected on first use), with the timeouts and reply cap
 /// every caller shares.
 pub fn tracker_client(url: &str) -> Result<TrackerClient<Channel>, NodeError> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| NodeError::Config(format!("tracker: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
-    Ok(TrackerClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(MAX_TRACKER_REPLY_BYTES))
+    let authority = Endpoint::from_shared(url.to_string())
+        .ok()
+        .and_then(|e| e.uri().authority().map(|a| a.to_string()))
+        .ok_or_else(|| {
+            NodeError::Config(format!("tracker: {url:?} is not an http://host:port URL"))
+        })?;
+    let channel = neuroshard_net::pool::connect_lazy(&authority, Duration::from_secs(10))?;
+    Ok(TrackerClient::new(channel).max_decoding_message_size(MAX_TRACKER_REPLY_BYTES))
 }
 
 /// The live peers the tracker lists, of `model_id` or of every model; records that do not

@@ -478,10 +478,12 @@ impl<R: Rng> Kademlia<R> {
                     records: self.store.get(&target, now_ms),
                 })
             }
-            Request::Store { record } => {
-                self.store.put(record, now_ms)?;
-                Ok(Response::Stored)
-            }
+            Request::Store { record } => match self.store.put(record, now_ms) {
+                // The publisher's newer entry is here already, which is what its put wants:
+                // a store that raced the publisher's next announcement is not a failure.
+                Ok(()) | Err(StoreError::Stale { .. }) => Ok(Response::Stored),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 

@@ -283,6 +283,17 @@ fn bad_requests_and_answers_are_refused_and_nothing_stored_is_lost() {
         net.nodes[holder].store().get(&key.key(), NOW),
         vec![good.clone()]
     );
+    // An older version of the owner's record, arriving after the newer one (a put that raced
+    // the next announcement), counts as stored and changes nothing.
+    let older = Record::sign(key.clone(), b"old".to_vec(), NOW + 30_000, &owner).unwrap();
+    assert!(matches!(
+        net.nodes[holder].handle_request(None, Request::Store { record: older }, NOW),
+        Ok(Response::Stored)
+    ));
+    assert_eq!(
+        net.nodes[holder].store().get(&key.key(), NOW),
+        vec![good.clone()]
+    );
 
     // A peer answering a get with a forged record: the answer's record is dropped and counted.
     let q = net.nodes[3].get(key.clone(), NOW);

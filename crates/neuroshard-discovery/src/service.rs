@@ -81,7 +81,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::DhtPingRequest>,
     ) -> Result<tonic::Response<pb::DhtPingResponse>, Status> {
-        let remote = request.remote_addr();
+        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
         let sender = request.into_inner().sender;
         let (_, responder) = self.serve(remote, sender, Request::Ping).await?;
         Ok(tonic::Response::new(pb::DhtPingResponse { responder }))
@@ -91,7 +91,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::FindNodeRequest>,
     ) -> Result<tonic::Response<pb::FindNodeResponse>, Status> {
-        let remote = request.remote_addr();
+        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
         let request = request.into_inner();
         let target = key_from_proto("target", &request.target)?;
         let (response, responder) = self
@@ -108,7 +108,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::FindValueRequest>,
     ) -> Result<tonic::Response<pb::FindValueResponse>, Status> {
-        let remote = request.remote_addr();
+        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
         let request = request.into_inner();
         let key = request
             .key
@@ -129,7 +129,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::StoreRequest>,
     ) -> Result<tonic::Response<pb::StoreResponse>, Status> {
-        let remote = request.remote_addr();
+        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
         let request = request.into_inner();
         let record = request
             .record

@@ -459,10 +459,16 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let server = TrackerServer::new(service.clone())
         .max_decoding_message_size(MAX_TRACKER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Its own key for now, made at each start: pinning a tracker by its key comes with the
+    // URLs that carry it.
+    let identity = neuroshard_net::tls::TlsIdentity::new(&neuroshard_base::NodeKey::generate())
+        .and_then(|identity| neuroshard_net::tls::server_config(&identity))
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let task = neuroshard_net::spawn_server(
         tonic::service::Routes::new(server),
         listener,
         None,
+        identity,
         // Trackers run on servers, not on volunteers' lines: no caps.
         neuroshard_net::bandwidth::BandwidthCaps::new(0, 0),
         cancel.clone(),

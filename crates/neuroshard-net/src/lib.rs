@@ -38,17 +38,27 @@ const MAX_CALLS_PER_CONNECTION: usize = 16;
 /// or two instead of 64 of the 16 KiB default.
 pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
+/// Connections a server may be securing at once; more wait in the accept queue. A handshake
+/// is a millisecond of work, so 64 keep a node responsive while a flood of slow handshakes
+/// holds at most this many.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Longest a caller may take over its TLS handshake before the connection is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `routes` on `listener`, and on every circuit that arrives on `relayed`, until `cancel`
-/// fires, with the transport settings every NeuroShard server shares: Nagle off on accepted
-/// sockets (a decode step is one small message each way, and delayed ACKs would add tens of
-/// milliseconds per hop), adaptive HTTP/2 windows and 1 MiB frames for megabyte activations,
-/// and a cap on calls in flight per connection.
+/// fires, with the transport settings every NeuroShard server shares: TLS 1.3 with the callers'
+/// node keys checked (`tls`, see [`tls`]), Nagle off on accepted sockets (a decode step is one
+/// small message each way, and delayed ACKs would add tens of milliseconds per hop), adaptive
+/// HTTP/2 windows and 1 MiB frames for megabyte activations, and a cap on calls in flight per
+/// connection. Handlers learn who called with [`tls::caller`].
 ///
 /// Every accepted connection, relayed or not, keeps to `caps`.
 pub fn spawn_server(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
     relayed: Option<tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>>,
+    tls: std::sync::Arc<rustls::ServerConfig>,
     caps: std::sync::Arc<bandwidth::BandwidthCaps>,
     cancel: tokio_util::sync::CancellationToken,
     name: &'static str,
@@ -61,7 +71,9 @@ pub fn spawn_server(
         .flat_map(tokio_stream::wrappers::ReceiverStream::new)
         .map(|circuit| Ok(Accepted::Relayed(circuit)));
     let incoming = futures::stream::select(direct, relayed)
-        .map(move |accepted| accepted.map(|conn| bandwidth::Throttled::new(conn, caps.clone())));
+        .map(move |accepted| secure(accepted, tls.clone(), caps.clone(), name))
+        .buffer_unordered(MAX_HANDSHAKES)
+        .filter_map(|secured| async move { secured });
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
@@ -76,11 +88,51 @@ pub fn spawn_server(
     })
 }
 
-/// A connection a server accepted: over TCP, or a circuit through a relay (secured end to end;
-/// it has no peer address, so handlers see none).
+/// A secured server connection, bandwidth-capped under the encryption.
+type ServerConn = tls::SecuredConn<bandwidth::Throttled<Accepted>>;
+
+/// Runs the server's side of the handshake on an accepted connection: the secured connection,
+/// an accept error to pass on, or nothing when the caller failed its handshake (logged).
+async fn secure(
+    accepted: std::io::Result<Accepted>,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    caps: std::sync::Arc<bandwidth::BandwidthCaps>,
+    name: &'static str,
+) -> Option<std::io::Result<ServerConn>> {
+    let conn = match accepted {
+        Ok(conn) => conn,
+        Err(e) => return Some(Err(e)),
+    };
+    let addr = conn.remote_addr();
+    let throttled = bandwidth::Throttled::new(conn, caps);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::accept(throttled, config)).await {
+        Ok(Ok((stream, key))) => Some(Ok(tls::SecuredConn::new(stream, tls::Caller { addr, key }))),
+        Ok(Err(e)) => {
+            tracing::debug!("{name}: refused a connection from {addr:?}: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("{name}: {addr:?} did not finish its handshake in time");
+            None
+        }
+    }
+}
+
+/// A connection a server accepted, or a client dialled: over TCP, or a circuit through a relay
+/// (secured end to end; it has no peer address, so handlers see none).
 pub enum Accepted {
     Tcp(tokio::net::TcpStream),
     Relayed(tokio::io::DuplexStream),
+}
+
+impl Accepted {
+    /// The other end's address, for a direct connection.
+    fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Accepted::Tcp(s) => s.peer_addr().ok(),
+            Accepted::Relayed(_) => None,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Accepted {
@@ -125,20 +177,6 @@ impl tokio::io::AsyncWrite for Accepted {
         match self.get_mut() {
             Accepted::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Accepted::Relayed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Accepted::Tcp(s) => s.connect_info(),
-            Accepted::Relayed(_) => tonic::transport::server::TcpConnectInfo {
-                local_addr: None,
-                remote_addr: None,
-            },
         }
     }
 }

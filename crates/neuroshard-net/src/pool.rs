@@ -243,48 +243,90 @@ impl ConnectionPool {
 }
 
 /// A channel to the node at `addr` with the transport settings every NeuroShard client shares:
-/// `host:port` over TCP, or `relay://RELAY/KEY` through the relay, secured end to end to KEY.
-/// Callers see the same gRPC channel either way.
+/// `host:port` over TCP, or `relay://RELAY/KEY` through the relay, secured end to end to KEY;
+/// TLS 1.3 over either, checking the node key that answers ([`crate::tls`]). Callers see the
+/// same gRPC channel either way.
 pub async fn connect(addr: &str, connect_timeout: Duration) -> Result<Channel, NodeError> {
-    let err = |message: String| NodeError::Connect {
-        peer: addr.to_string(),
-        message,
-    };
-    let relayed = neuroshard_nat::relay::RelayedAddr::parse(addr)
-        .transpose()
-        .map_err(|e| err(e.to_string()))?;
-    let url = match &relayed {
-        // The authority is not dialed: the connector below reaches the node.
+    let (endpoint, dial) = (endpoint(addr)?, dialler(addr)?);
+    match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(dial)).await {
+        Ok(connected) => connected.map_err(|e| refused(addr, describe(&e))),
+        Err(_) => Err(refused(
+            addr,
+            format!("no connection within {connect_timeout:?}"),
+        )),
+    }
+}
+
+/// A channel to `addr` that connects on its first call, as [`connect`] does, and gives up on a
+/// call after `timeout`.
+pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Channel, NodeError> {
+    let (endpoint, dial) = (endpoint(addr)?.timeout(timeout), dialler(addr)?);
+    Ok(endpoint.connect_with_connector_lazy(dial))
+}
+
+/// The HTTP/2 settings of a channel to `addr`. Its authority is not dialed: the connector
+/// reaches the node.
+fn endpoint(addr: &str) -> Result<Endpoint, NodeError> {
+    let url = match neuroshard_nat::relay::RelayedAddr::parse(addr) {
         Some(_) => "http://relayed.invalid".to_string(),
         None => format!("http://{addr}"),
     };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
+    Ok(Endpoint::from_shared(url)
+        .map_err(|e| refused(addr, e.to_string()))?
         // Megabyte activations would otherwise stall on HTTP/2's 64 KiB default window;
         // the adaptive window grows it to the link's bandwidth-delay product.
         .http2_adaptive_window(true)
-        .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES);
-    let connected = match relayed {
-        None => endpoint.connect().await,
-        Some(relayed) => {
-            let dial = tower::service_fn(move |_: tonic::transport::Uri| {
-                let relayed = relayed.clone();
-                async move {
-                    neuroshard_nat::relay::dial(&relayed)
+        .max_frame_size(crate::HTTP2_MAX_FRAME_BYTES))
+}
+
+/// Connecting to `addr` failed for `message`.
+fn refused(addr: &str, message: String) -> NodeError {
+    NodeError::Connect {
+        peer: addr.to_string(),
+        message,
+    }
+}
+
+/// What reaches `addr` for a channel: a TCP connection with Nagle off, or a circuit through
+/// its relay, then the TLS handshake.
+fn dialler(
+    addr: &str,
+) -> Result<
+    impl tower::Service<
+        tonic::transport::Uri,
+        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<crate::Accepted>>,
+        Error = std::io::Error,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static,
+    NodeError,
+> {
+    let tls = crate::tls::dialler().map_err(|e| refused(addr, e.to_string()))?;
+    let addr = addr.to_string();
+    Ok(tower::service_fn(move |_: tonic::transport::Uri| {
+        let (addr, tls) = (addr.clone(), tls.clone());
+        async move {
+            let stream = match neuroshard_nat::relay::RelayedAddr::parse(&addr) {
+                Some(relayed) => {
+                    let relayed = relayed.map_err(std::io::Error::other)?;
+                    let circuit = neuroshard_nat::relay::dial(&relayed)
                         .await
-                        .map(hyper_util::rt::TokioIo::new)
+                        .map_err(std::io::Error::other)?;
+                    crate::Accepted::Relayed(circuit)
                 }
-            });
-            match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(dial)).await
-            {
-                Ok(connected) => connected,
-                Err(_) => return Err(err(format!("no circuit within {connect_timeout:?}"))),
-            }
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                    tcp.set_nodelay(true)?;
+                    crate::Accepted::Tcp(tcp)
+                }
+            };
+            let (secured, _) = crate::tls::connect(stream, tls)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(hyper_util::rt::TokioIo::new(secured))
         }
-    };
-    connected.map_err(|e| err(describe(&e)))
+    }))
 }
 
 /// A transport error with its causes, which name what failed (the relay's refusal, the

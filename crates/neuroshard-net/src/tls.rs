@@ -377,5 +377,88 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((tls, key))
 }
 
+/// Who called, as a server's handlers see it: the address the call came from (none through a
+/// relay) and the node key the caller's certificate proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's socket address, for a direct connection.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The key its certificate proved.
+    pub key: PublicKey,
+}
+
+/// The caller of `request`, on a connection a [`crate::spawn_server`] secured.
+pub fn caller<T>(request: &tonic::Request<T>) -> Option<Caller> {
+    request.extensions().get::<Caller>().copied()
+}
+
+/// A connection a server accepted and secured, knowing who is at the other end.
+pub struct SecuredConn<S> {
+    tls: tokio_rustls::server::TlsStream<S>,
+    caller: Caller,
+}
+
+impl<S> SecuredConn<S> {
+    /// `tls`, from `caller`.
+    pub fn new(tls: tokio_rustls::server::TlsStream<S>, caller: Caller) -> Self {
+        Self { tls, caller }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for SecuredConn<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for SecuredConn<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+impl<S> tonic::transport::server::Connected for SecuredConn<S> {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        self.caller
+    }
+}
+
+/// The configuration this process dials with while it has no node identity of its own to
+/// present: a throwaway key, made once. It checks that whoever answers holds a valid node key
+/// and reads that key back; pinning the key expected at an address comes with the addresses
+/// that carry it.
+pub fn dialler() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(config.clone());
+    }
+    let config = client_config(&TlsIdentity::new(&NodeKey::generate())?, None)?;
+    Ok(CONFIG.get_or_init(|| config).clone())
+}
+
 #[cfg(test)]
 mod tests;

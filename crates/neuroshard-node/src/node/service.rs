@@ -126,7 +126,7 @@ impl Node for NodeService {
         &self,
         request: Request<pb::DialBackRequest>,
     ) -> Result<Response<pb::DialBackResponse>, Status> {
-        let caller = request.remote_addr();
+        let caller = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
         Ok(Response::new(
             crate::reach::dial_back(caller, request.into_inner()).await,
         ))

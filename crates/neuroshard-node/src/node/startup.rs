@@ -44,7 +44,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         cancel.clone(),
     ));
     let (circuits, relayed) = tokio::sync::mpsc::channel(16);
-    let server = serve(&state, listener, relayed, &cancel);
+    let server = serve(&state, listener, relayed, &cancel)?;
     state
         .test_reachability(&config, addr.port(), circuits)
         .await;
@@ -216,7 +216,10 @@ fn serve(
     listener: tokio::net::TcpListener,
     relayed: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
     cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> Result<tokio::task::JoinHandle<()>, NodeError> {
+    let tls = neuroshard_net::tls::TlsIdentity::new(&state.key)
+        .and_then(|identity| neuroshard_net::tls::server_config(&identity))
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let service = NodeServer::new(NodeService {
         state: state.clone(),
     })
@@ -224,14 +227,15 @@ fn serve(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
-    neuroshard_net::spawn_server(
+    Ok(neuroshard_net::spawn_server(
         routes,
         listener,
         Some(relayed),
+        tls,
         state.caps.clone(),
         cancel.clone(),
         "node",
-    )
+    ))
 }
 
 impl NodeState {
