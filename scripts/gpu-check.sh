@@ -43,9 +43,9 @@ await_line() {
   for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "timed out waiting for '$2' in $1:"; cat "$1"; return 1
 }
-"$bin" tracker --listen 127.0.0.1:0 2>"$work/tracker.log" & pids+=($!)
-await_line "$work/tracker.log" "tracker listening on"
-tracker="http://$(sed -n 's/.*tracker listening on \([0-9.:]*\).*/\1/p' "$work/tracker.log" | head -1)"
+"$bin" tracker --listen 127.0.0.1:0 --data-dir "$work/tracker" 2>"$work/tracker.log" & pids+=($!)
+await_line "$work/tracker.log" "tracker URL: "
+tracker="$(sed -n 's/.*tracker URL: \(http:[^ ]*\).*/\1/p' "$work/tracker.log" | head -1)"
 for layers in 0..2 2..4 4..6; do
   "$bin" node --model "$work/bench" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
     --device gpu --no-lan --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)

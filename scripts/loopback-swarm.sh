@@ -23,9 +23,9 @@ await_line() {
 
 # Starts a tracker on a free loopback port; sets `tracker` to its URL.
 start_tracker() {
-  "$bin" tracker --listen 127.0.0.1:0 2>"$work/tracker.log" & pids+=($!)
-  await_line "$work/tracker.log" "tracker listening on"
-  tracker="http://$(sed -n 's/.*tracker listening on \([0-9.:]*\).*/\1/p' "$work/tracker.log" | head -1)"
+  "$bin" tracker --listen 127.0.0.1:0 --data-dir "$work/tracker" 2>"$work/tracker.log" & pids+=($!)
+  await_line "$work/tracker.log" "tracker URL: "
+  tracker="$(sed -n 's/.*tracker URL: \(http:[^ ]*\).*/\1/p' "$work/tracker.log" | head -1)"
 }
 
 # Starts a node serving LAYERS of MODEL through the tracker, with its own data folder and log

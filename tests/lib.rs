@@ -49,16 +49,40 @@ impl TestModel {
 pub use neuroshard_node::swarm::LocalSwarm as Swarm;
 
 /// A channel to the node or tracker at `addr` (`host:port` or a relayed address), secured as
-/// every NeuroShard client's is.
+/// every NeuroShard client's is, proving this process's throwaway key.
 pub async fn channel(addr: &str) -> Channel {
-    neuroshard_net::pool::connect(addr, Duration::from_secs(5))
+    let dialler = neuroshard_net::tls::Dialler::ephemeral().expect("a certificate");
+    connect_as(addr, &dialler).await
+}
+
+/// A channel to `addr` proving `key`: a caller other than the test's usual one.
+pub async fn channel_as(addr: &str, key: &neuroshard_base::NodeKey) -> Channel {
+    let dialler = neuroshard_net::tls::Dialler::new(key).expect("a certificate");
+    connect_as(addr, &dialler).await
+}
+
+async fn connect_as(addr: &str, dialler: &neuroshard_net::tls::Dialler) -> Channel {
+    let to = neuroshard_net::pool::Target::any(addr);
+    neuroshard_net::pool::connect(&to, dialler, Duration::from_secs(5))
         .await
         .expect("connects")
 }
 
 /// A raw gRPC client to a node.
 pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
-    NodeClient::new(channel(&node.advertised()).await)
+    raw_client(channel(&node.advertised()).await)
+}
+
+/// A raw gRPC client to a node, calling as `key`.
+pub async fn node_client_as(
+    node: &NodeHandle,
+    key: &neuroshard_base::NodeKey,
+) -> NodeClient<Channel> {
+    raw_client(channel_as(&node.advertised(), key).await)
+}
+
+fn raw_client(channel: Channel) -> NodeClient<Channel> {
+    NodeClient::new(channel)
         .max_decoding_message_size(neuroshard_net::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(512 * 1024 * 1024)
 }

@@ -25,8 +25,10 @@ fn hop_overhead(c: &mut Criterion) {
     let middle = LayerRange::new(1, 2).unwrap();
     let node = runtime.block_on(start_bench_node(dir.path(), 1, 2));
     // The client's own connection pool, so the channel is configured as in a swarm.
-    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()));
-    let mut pooled = runtime.block_on(pool.client(&node.advertised())).unwrap();
+    let dialler = neuroshard_net::tls::Dialler::ephemeral().unwrap();
+    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()), dialler);
+    let to = neuroshard_net::pool::Target::node(node.advertised(), node.id());
+    let mut pooled = runtime.block_on(pool.client(&to)).unwrap();
     let client = &mut pooled.client;
     // A 16-token history so the decode step attends over a real cache.
     runtime

@@ -52,7 +52,8 @@ fn relayed_hop(c: &mut Criterion) {
     };
     let node = runtime.block_on(start_node(config)).expect("node starts");
     assert_eq!(node.reachability().borrow().path, ReachPath::Relayed);
-    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()));
+    let dialler = neuroshard_net::tls::Dialler::ephemeral().unwrap();
+    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(Metrics::default()), dialler);
     let paths = [
         ("direct", node.addr().to_string()),
         ("relayed", node.advertised()),
@@ -63,7 +64,8 @@ fn relayed_hop(c: &mut Criterion) {
         .sample_size(30)
         .measurement_time(Duration::from_secs(8));
     for (path, addr) in &paths {
-        let mut pooled = runtime.block_on(pool.client(addr)).unwrap();
+        let to = neuroshard_net::pool::Target::node(addr.as_str(), node.id());
+        let mut pooled = runtime.block_on(pool.client(&to)).unwrap();
         let client = &mut pooled.client;
         let session = format!("{path}-decode");
         runtime

@@ -335,8 +335,8 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
     let model = TestModel::new(&ModelSpec::tiny());
     let swarm = Swarm::start(model.path(), &[(2, 4)]).await.unwrap();
     let node = &swarm.nodes[0];
-    let mut client = node_client(node).await;
     let requester = neuroshard_base::NodeKey::generate();
+    let mut client = neuroshard_tests::node_client_as(node, &requester).await;
     let with_proof = |nonce: Vec<u8>, key: Vec<u8>| pb::ForwardRequest {
         nonce,
         requester_key: key,
@@ -358,6 +358,19 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("public key"), "{status:?}");
+    // A receipt names the key the call's connection proved, not one the caller picks.
+    let someone_else = neuroshard_base::NodeKey::generate();
+    let status = client
+        .forward(with_proof(vec![7; 16], someone_else.public().0.to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status
+            .message()
+            .contains("is not the key this connection proved"),
+        "{status:?}"
+    );
 
     // A good call; then its receipt countersigned by a stranger, garbage, and a replay.
     let reply = client

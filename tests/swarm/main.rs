@@ -11,5 +11,6 @@ mod pool;
 mod proofs;
 mod reference;
 mod relay;
+mod secure;
 mod tracker;
 mod training;

@@ -208,8 +208,9 @@ async fn kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt() {
             break addr.to_string();
         }
     };
-    let node = pb::node_client::NodeClient::new(neuroshard_tests::channel(&addr).await);
     let requester = Arc::new(NodeKey::generate());
+    let node =
+        pb::node_client::NodeClient::new(neuroshard_tests::channel_as(&addr, &requester).await);
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (enough_tx, mut enough) = tokio::sync::watch::channel(false);
     let enough_tx = Arc::new(enough_tx);

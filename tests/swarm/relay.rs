@@ -9,6 +9,7 @@ use neuroshard_client::generate::generate;
 use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_nat::relay::{Relay, RelayConfig};
+use neuroshard_net::pool::Target;
 use neuroshard_node::node::RelayServe;
 use neuroshard_node::reach::{NatMode, ReachConfig, ReachPath};
 use neuroshard_tests::{Swarm, TestModel};
@@ -177,6 +178,7 @@ async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
     assert_eq!(reach.addr, node.advertised());
 
     let id = node.id();
+    let helper = Target::node(helper, swarm.nodes[0].id());
     let ask = |addr: String| {
         let helper = helper.clone();
         async move {
@@ -191,13 +193,16 @@ async fn the_dial_back_proves_a_direct_path_and_dials_no_third_party() {
         !refused.reached && refused.error.contains("not on the IP"),
         "{refused:?}"
     );
-    // The right address but another node's id: dialed, and found out.
+    // The right address but another node's id: dialed, and found out by the handshake.
     let wrong =
         neuroshard_node::reach::ask_dial_back(&helper, &node.advertised(), &NodeId([0xab; 32]))
             .await
             .unwrap();
     assert!(
-        !wrong.reached && wrong.error.contains("another node"),
+        !wrong.reached
+            && wrong
+                .error
+                .contains(&format!("the peer is node {id}, not node")),
         "{wrong:?}"
     );
     // A relayed address whose relay is not one: not reached, and nothing said about the port.

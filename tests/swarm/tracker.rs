@@ -90,8 +90,10 @@ async fn the_tracker_drops_a_silent_node_after_its_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_registers_again_after_a_tracker_restart() {
     let model = TestModel::new(&ModelSpec::tiny());
+    // The tracker keeps its key across the restart, as `neuroshard tracker --data-dir` does.
     let config = TrackerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        key: Some(std::sync::Arc::new(NodeKey::generate())),
         ..TrackerConfig::default()
     };
     let tracker = start_tracker(config.clone()).await.unwrap();
@@ -130,7 +132,29 @@ async fn a_node_registers_again_after_a_tracker_restart() {
     assert_eq!(stats.nodes, 1);
     assert_eq!(stats.layers_covered[node.model_id()], 4);
     node.shutdown().await;
+    let url = restarted.url();
     restarted.shutdown().await;
+
+    // Another key at the tracker's address is refused by whoever pinned the tracker's.
+    let impostor = start_tracker(TrackerConfig {
+        listen: addr,
+        key: Some(std::sync::Arc::new(NodeKey::generate())),
+        ..TrackerConfig::default()
+    })
+    .await
+    .unwrap();
+    let status = neuroshard_client::tracker_client(&url)
+        .unwrap()
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        status
+            .to_string()
+            .contains(&format!("the peer is node {}, not node", impostor.id)),
+        "{status}"
+    );
+    impostor.shutdown().await;
 }
 
 #[tokio::test]

@@ -282,9 +282,74 @@ pub fn is_host_port(peer: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
+/// A tracker's address as a URL: `http://host:port`, or `http://ID@host:port` naming the node
+/// id of the key the tracker must prove (what `neuroshard tracker` prints). Without an id, the
+/// first key that answers is pinned for the connection's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerUrl {
+    /// `host:port`.
+    pub authority: String,
+    /// The key it must prove, when the URL names one.
+    pub id: Option<NodeId>,
+}
+
+impl FromStr for TrackerUrl {
+    type Err = Invalid;
+
+    fn from_str(url: &str) -> Result<Self, Invalid> {
+        let bad = |problem: &str| Invalid::new("tracker", format!("{url:?} {problem}"));
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("is not an http://host:port URL"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (id, authority) = match rest.split_once('@') {
+            Some((id, authority)) => (
+                Some(
+                    id.parse::<NodeId>()
+                        .map_err(|_| bad("names a key that is not a 64-digit hex node id"))?,
+                ),
+                authority,
+            ),
+            None => (None, rest),
+        };
+        if !is_host_port(authority) || authority.contains('/') {
+            return Err(bad("is not an http://host:port URL"));
+        }
+        Ok(Self {
+            authority: authority.to_string(),
+            id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracker_urls_name_an_address_and_maybe_the_key_to_pin() {
+        let plain: TrackerUrl = "http://tracker.example:7700".parse().unwrap();
+        assert_eq!(
+            (plain.authority.as_str(), plain.id),
+            ("tracker.example:7700", None)
+        );
+        let id = NodeId([0xab; 32]);
+        let pinned: TrackerUrl = format!("http://{id}@127.0.0.1:7700/").parse().unwrap();
+        assert_eq!(
+            (pinned.authority.as_str(), pinned.id),
+            ("127.0.0.1:7700", Some(id))
+        );
+        for (bad, says) in [
+            ("tracker:7700", "not an http://host:port URL"),
+            ("http://tracker", "not an http://host:port URL"),
+            ("http://tracker:7700/path", "not an http://host:port URL"),
+            ("http://abc@tracker:7700", "not a 64-digit hex node id"),
+        ] {
+            let err = bad.parse::<TrackerUrl>().unwrap_err();
+            assert_eq!(err.field, "tracker");
+            assert!(err.problem.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn parses_ranges_and_rejects_bad_ones() {

@@ -55,6 +55,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:7700")]
         listen: SocketAddr,
+        /// Directory of the tracker's key, kept across restarts: nodes and clients pin the key
+        /// its URL names. Default: a `tracker` folder in the user's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Serve a layer range of a model.
     Node(NodeArgs),
@@ -170,7 +174,7 @@ impl SwarmArgs {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
-        Command::Tracker { listen } => run_tracker(listen).await?,
+        Command::Tracker { listen, data_dir } => run_tracker(listen, data_dir).await?,
         Command::Node(args) => run_node(args).await?,
         Command::Relay { listen, kbps } => run_relay(listen, kbps).await?,
         Command::Generate(args) => run_generate(args).await?,
@@ -217,14 +221,26 @@ fn init_logging() {
         .init();
 }
 
-/// `neuroshard tracker`: serves the tracker on `listen` until Ctrl-C.
-async fn run_tracker(listen: SocketAddr) -> anyhow::Result<()> {
+/// `neuroshard tracker`: serves the tracker on `listen`, as the key kept in `data_dir`, until
+/// Ctrl-C.
+async fn run_tracker(listen: SocketAddr, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir =
+        data_dir.unwrap_or_else(|| neuroshard_node::identity::default_data_dir().join("tracker"));
+    let key = neuroshard_node::identity::load_or_create(&dir)?;
     let tracker = start_tracker(TrackerConfig {
         listen,
+        key: Some(std::sync::Arc::new(key)),
         ..TrackerConfig::default()
     })
     .await?;
     eprintln!("tracker listening on {}", tracker.addr);
+    // The URL to hand out names the key nodes and clients pin; bound to every interface, the
+    // host is whatever name others reach this machine by.
+    let host = match tracker.addr.ip().is_unspecified() {
+        true => format!("HOST:{}", tracker.addr.port()),
+        false => tracker.addr.to_string(),
+    };
+    eprintln!("tracker URL: http://{}@{host}", tracker.id);
     tokio::signal::ctrl_c().await?;
     tracker.shutdown().await;
     Ok(())

@@ -31,8 +31,10 @@ pub(crate) async fn print_status(
     tracker: Option<String>,
 ) -> anyhow::Result<()> {
     let json = if let Some(addr) = node {
+        let dialler = neuroshard_net::tls::Dialler::ephemeral()?;
+        let to = neuroshard_net::pool::Target::any(addr);
         let channel =
-            neuroshard_net::pool::connect(&addr, std::time::Duration::from_secs(5)).await?;
+            neuroshard_net::pool::connect(&to, &dialler, std::time::Duration::from_secs(5)).await?;
         let mut client = pb::node_client::NodeClient::new(channel);
         let reply = client.ping(pb::PingRequest {}).await?.into_inner();
         let metrics: neuroshard_net::metrics::MetricsSnapshot =

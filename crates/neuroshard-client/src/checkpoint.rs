@@ -267,9 +267,12 @@ fn take_chunk(
 /// How long dialing a peer for its weights may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client of the node at `peer`, with the runtime's message limits.
+/// A client of the node at `peer` (an address the owner gave: whoever answers there is pinned
+/// for the channel), with the runtime's message limits.
 async fn node_client(peer: &str) -> Result<NodeClient<Channel>, NodeError> {
-    let channel = neuroshard_net::pool::connect(peer, CONNECT_TIMEOUT).await?;
+    let dialler = neuroshard_net::tls::Dialler::ephemeral()?;
+    let to = neuroshard_net::pool::Target::any(peer);
+    let channel = neuroshard_net::pool::connect(&to, &dialler, CONNECT_TIMEOUT).await?;
     Ok(NodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

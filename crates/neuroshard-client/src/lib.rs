@@ -37,7 +37,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use neuroshard_net::NodeError;
 
@@ -63,7 +63,7 @@ use neuroshard_net::convert::{
     tensor_to_proto, tokens_hash,
 };
 use neuroshard_net::metrics::{Metrics, MetricsSnapshot};
-use neuroshard_net::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::pool::{ConnectionPool, PoolConfig, Target};
 use session::{HopInput, HopOutput};
 pub use session::{HopTiming, SwarmSession};
 pub use training::{Microbatch, StepReport, TrainSession, loss_tensor};
@@ -156,15 +156,16 @@ pub struct SwarmClient {
 }
 
 /// A client of the tracker at `url` (connected on first use), with the timeouts and reply cap
-/// every caller shares.
+/// every caller shares. The tracker must prove the key the URL names, or else the key it first
+/// answered with.
 pub fn tracker_client(url: &str) -> Result<TrackerClient<Channel>, NodeError> {
-    let authority = Endpoint::from_shared(url.to_string())
-        .ok()
-        .and_then(|e| e.uri().authority().map(|a| a.to_string()))
-        .ok_or_else(|| {
-            NodeError::Config(format!("tracker: {url:?} is not an http://host:port URL"))
-        })?;
-    let channel = neuroshard_net::pool::connect_lazy(&authority, Duration::from_secs(10))?;
+    let url: neuroshard_base::TrackerUrl = url.parse()?;
+    let dialler = neuroshard_net::tls::Dialler::ephemeral()?;
+    let to = Target {
+        addr: url.authority,
+        node: url.id,
+    };
+    let channel = neuroshard_net::pool::connect_lazy(&to, &dialler, Duration::from_secs(10))?;
     Ok(TrackerClient::new(channel).max_decoding_message_size(MAX_TRACKER_REPLY_BYTES))
 }
 
@@ -222,15 +223,17 @@ impl SwarmClient {
             .spot_checks
             .validate()
             .map_err(|e| NodeError::Config(format!("router.spot_checks.{e}")))?;
-        let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone()));
-        pool.spawn_reaper();
-        let verifier = load_verifier(config.verify_with.clone()).await?;
-        let outbox = ReceiptOutbox::spawn(pool.clone());
-        let cancel = CancellationToken::new();
         let key = config
             .key
             .clone()
             .unwrap_or_else(|| Arc::new(NodeKey::generate()));
+        // Calls prove the key receipts are countersigned with: the nodes bind sessions to it.
+        let dialler = neuroshard_net::tls::Dialler::new(&key)?;
+        let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone(), dialler));
+        pool.spawn_reaper();
+        let verifier = load_verifier(config.verify_with.clone()).await?;
+        let outbox = ReceiptOutbox::spawn(pool.clone());
+        let cancel = CancellationToken::new();
         let discovery = Discovery::start(
             Contact {
                 key: Key::of_node(&key.id()),

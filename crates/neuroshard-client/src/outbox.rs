@@ -12,7 +12,7 @@ use neuroshard_proof::Countersignature;
 use neuroshard_proto as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use neuroshard_net::pool::ConnectionPool;
+use neuroshard_net::pool::{ConnectionPool, Target};
 
 /// Countersignatures queued at most before pushing waits.
 const OUTBOX_QUEUE: usize = 4096;
@@ -45,7 +45,7 @@ pub struct OutboxReport {
 }
 
 enum Command {
-    Push(String, Box<Countersignature>),
+    Push(Target, Box<Countersignature>),
     Flush(oneshot::Sender<OutboxReport>),
 }
 
@@ -69,10 +69,10 @@ impl ReceiptOutbox {
     }
 
     /// Queues a countersignature for the worker at `addr`.
-    pub async fn push(&self, addr: &str, cs: Countersignature) {
+    pub async fn push(&self, addr: &Target, cs: Countersignature) {
         let _ = self
             .tx
-            .send(Command::Push(addr.to_string(), Box::new(cs)))
+            .send(Command::Push(addr.clone(), Box::new(cs)))
             .await;
     }
 
@@ -88,7 +88,7 @@ impl ReceiptOutbox {
 
 /// The task: one `select!` over commands and the send timer.
 async fn run(pool: Arc<ConnectionPool>, mut rx: mpsc::Receiver<Command>) {
-    let mut queues: HashMap<String, Pending> = HashMap::new();
+    let mut queues: HashMap<Target, Pending> = HashMap::new();
     let mut report = OutboxReport::default();
     let mut tick = tokio::time::interval(OUTBOX_INTERVAL);
     loop {
@@ -117,7 +117,7 @@ async fn run(pool: Arc<ConnectionPool>, mut rx: mpsc::Receiver<Command>) {
 
 async fn send_all(
     pool: &ConnectionPool,
-    queues: &mut HashMap<String, Pending>,
+    queues: &mut HashMap<Target, Pending>,
     report: &mut OutboxReport,
 ) {
     for (addr, queue) in queues.iter_mut() {
@@ -127,7 +127,12 @@ async fn send_all(
 }
 
 /// Sends `queue` to `addr` in batches; keeps what failed for a later round.
-async fn send(pool: &ConnectionPool, addr: &str, queue: &mut Pending, report: &mut OutboxReport) {
+async fn send(
+    pool: &ConnectionPool,
+    addr: &Target,
+    queue: &mut Pending,
+    report: &mut OutboxReport,
+) {
     while !queue.items.is_empty() {
         let n = queue.items.len().min(OUTBOX_BATCH);
         let request = pb::SubmitReceiptsRequest {

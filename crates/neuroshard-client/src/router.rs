@@ -17,6 +17,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use neuroshard_net::convert::PeerRecord;
+use neuroshard_net::pool::Target;
 
 /// Router tuning.
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +186,13 @@ pub struct Hop {
     pub node_id: NodeId,
     /// Layers it runs for this chain.
     pub layers: LayerRange,
+}
+
+impl Hop {
+    /// Where its calls go: this node at this address.
+    pub fn target(&self) -> Target {
+        Target::node(self.addr.as_str(), self.node_id)
+    }
 }
 
 /// Peers of one model and what the router has measured of them.

@@ -232,7 +232,8 @@ impl SwarmSession<'_> {
     /// Counts hop `i`'s failure against its peer (or, for a stale listing, forgets the peer
     /// and reads the listing again), then plans the hop's span anew.
     async fn replace(&mut self, i: usize, span: LayerRange, stale: bool) -> Replan<NodeError> {
-        let addr = self.chain.links()[i].hop.addr.clone();
+        let hop = self.chain.links()[i].hop.clone();
+        let addr = hop.addr.clone();
         {
             let mut router = self.client.router.lock_or_recover();
             if stale {
@@ -249,7 +250,7 @@ impl SwarmSession<'_> {
                 tracing::debug!("reading the peers again: {e}");
             }
         } else {
-            self.client.pool.evict(&addr);
+            self.client.pool.evict(&hop.target());
         }
         match self.plan_or_refresh(span, 1).await {
             Ok(hops) => {
@@ -286,7 +287,7 @@ impl SwarmSession<'_> {
             status,
         };
         let reply = async {
-            let mut pooled = client.pool.client(&hop.addr).await?;
+            let mut pooled = client.pool.client(&hop.target()).await?;
             pooled.client.forward(request).await.map_err(remote)
         };
         let result = match tokio::time::timeout(deadline, reply).await {
@@ -379,7 +380,7 @@ impl SwarmSession<'_> {
     pub async fn close(mut self) {
         let chain = self.release();
         for hop in chain {
-            end_remote_session(&self.client.pool, &hop.addr, &self.id).await;
+            end_remote_session(&self.client.pool, &hop.target(), &self.id).await;
         }
     }
 
@@ -410,7 +411,7 @@ impl Drop for SwarmSession<'_> {
             let id = self.id.clone();
             runtime.spawn(async move {
                 for hop in chain {
-                    end_remote_session(&pool, &hop.addr, &id).await;
+                    end_remote_session(&pool, &hop.target(), &id).await;
                 }
             });
         }
@@ -418,7 +419,7 @@ impl Drop for SwarmSession<'_> {
 }
 
 /// Asks `addr` to drop session `id`'s cache, giving up after a second.
-pub(super) async fn end_remote_session(pool: &ConnectionPool, addr: &str, id: &str) {
+pub(super) async fn end_remote_session(pool: &ConnectionPool, addr: &Target, id: &str) {
     if let Ok(mut pooled) = pool.control_client(addr).await {
         let request = pb::EndSessionRequest {
             session_id: id.to_string(),

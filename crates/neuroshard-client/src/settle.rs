@@ -48,7 +48,7 @@ impl SwarmSession<'_> {
                     reliability as f32,
                     neuroshard_net::now_ms(),
                 );
-                client.outbox.push(&hop.addr, voided).await;
+                client.outbox.push(&hop.target(), voided).await;
                 return Err(NodeError::Verification {
                     peer: format!("{} ({})", hop.addr, hop.node_id.short()),
                     reason: reason.to_string(),
@@ -68,7 +68,7 @@ impl SwarmSession<'_> {
             reliability as f32,
             neuroshard_net::now_ms(),
         );
-        client.outbox.push(&hop.addr, accepted).await;
+        client.outbox.push(&hop.target(), accepted).await;
         Ok(())
     }
 

@@ -281,7 +281,7 @@ impl TrainSession<'_> {
             status,
         };
         let reply = async {
-            let pooled = self.client.pool.client(&hop.addr).await?;
+            let pooled = self.client.pool.client(&hop.target()).await?;
             call(pooled.client.clone()).await.map_err(remote)
         };
         match tokio::time::timeout(TRAIN_CALL_TIMEOUT, reply).await {
@@ -350,7 +350,7 @@ impl TrainSession<'_> {
             reliability as f32,
             neuroshard_net::now_ms(),
         );
-        self.client.outbox.push(&hop.addr, accepted).await;
+        self.client.outbox.push(&hop.target(), accepted).await;
         Ok(())
     }
 }

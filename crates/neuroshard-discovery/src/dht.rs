@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use neuroshard_base::{NodeKey, PublicKey};
+use neuroshard_base::{NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{
     Contact, DhtError, Kademlia, Key, Mode, NoAnswer, Outcome, Output, QueryId, Record, RecordKey,
     Request, RequestId, Response,
@@ -27,7 +27,7 @@ use neuroshard_net::NodeError;
 use neuroshard_net::convert::{
     contacts_from_proto, record_from_proto, record_to_proto, sender_from_proto, sender_to_proto,
 };
-use neuroshard_net::pool::ConnectionPool;
+use neuroshard_net::pool::{ConnectionPool, Target};
 
 /// Commands waiting for the actor: inbound requests and local queries. 1024 holds a burst from
 /// many peers at once; past it inbound requests are refused as busy rather than queued without
@@ -319,7 +319,7 @@ impl Transport {
         let exchange = async {
             let channel = self
                 .pool
-                .control_channel(&to.addr.to_string())
+                .control_channel(&Target::node(to.addr.to_string(), NodeId(to.key.0)))
                 .await
                 .map_err(|e| NoAnswer::Unreachable(e.to_string()))?;
             let client = DhtClient::new(channel).max_decoding_message_size(MAX_DHT_REPLY_BYTES);

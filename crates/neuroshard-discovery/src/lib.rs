@@ -40,7 +40,7 @@ use neuroshard_net::convert::{
     PeerRecord, contact_of_peer, contacts_from_proto, peer_from_proto, peer_from_record,
     peer_record_value,
 };
-use neuroshard_net::pool::ConnectionPool;
+use neuroshard_net::pool::{ConnectionPool, Target};
 
 /// How long a referral request may take: a bootstrap peer slower than this is skipped.
 const REFERRAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -232,14 +232,19 @@ impl Discovery {
     /// too; then a lookup of this node's own key through them fills the table. Returns the
     /// serving peers the referrals named (unsigned: for picking a model, not for routing).
     pub async fn join(&self, known: &[PeerRecord]) -> Vec<PeerRecord> {
-        let mut seeds = self.bootstrap();
+        let mut seeds: Vec<Target> = self.bootstrap().into_iter().map(Target::any).collect();
         if let Some(lan) = &self.lan {
             if known.is_empty() && seeds.is_empty() {
                 let mut count = lan.count();
                 let _ =
                     tokio::time::timeout(self.config.lan_wait, count.wait_for(|&n| n > 0)).await;
             }
-            seeds.extend(lan.found().iter().map(|c| c.addr.to_string()));
+            // A LAN announcement is signed: its key is the node to expect.
+            seeds.extend(
+                lan.found()
+                    .iter()
+                    .map(|c| Target::node(c.addr.to_string(), NodeId(c.key.0))),
+            );
         }
         seeds.sort();
         seeds.dedup();
@@ -269,11 +274,12 @@ impl Discovery {
     /// Asks the peer at `addr` for the peers it knows and its DHT contacts closest to `near`.
     async fn referrals(
         &self,
-        addr: &str,
+        to: &Target,
         near: Key,
     ) -> Result<(Vec<PeerRecord>, Vec<Contact>), NodeError> {
+        let addr = &to.addr;
         let ask = async {
-            let mut pooled = self.pool.control_client(addr).await?;
+            let mut pooled = self.pool.control_client(to).await?;
             let reply = pooled
                 .client
                 .get_peers(pb::GetPeersRequest {

@@ -1,9 +1,9 @@
 //! The gRPC face of a node's DHT: checks each request's form and its sender, hands it to the
 //! actor, and signs each answer with the node's contact.
 
-use std::net::SocketAddr;
+use neuroshard_net::tls::Caller;
 
-use neuroshard_dht::{Contact, Request, Response};
+use neuroshard_dht::{Contact, Key, Request, Response};
 use neuroshard_proto as pb;
 use pb::dht_server::{Dht, DhtServer};
 use tonic::{Status, async_trait};
@@ -25,19 +25,25 @@ pub struct DhtService {
 }
 
 /// The sender a request vouches for, if it may enter the routing table: signed by its key
-/// (a bad signature is an error) and claiming the address the request came from. A peer behind
-/// NAT claims an address it is not seen at; it is served as a client.
+/// (a bad signature is an error), the key the request's connection proved, and claiming the
+/// address the request came from. A peer behind NAT claims an address it is not seen at, and
+/// a client dials with a key of its own; both are served as clients.
 fn vouched_sender(
     sender: Option<pb::DhtSender>,
-    remote: Option<SocketAddr>,
+    remote: Option<Caller>,
 ) -> Result<Option<Contact>, NodeError> {
     let sender = sender_from_proto(
         sender,
         neuroshard_net::now_ms(),
         crate::tracker::ANNOUNCE_SKEW_MS,
     )?;
-    Ok(sender
-        .filter(|c| remote.is_some_and(|r| r.ip().to_canonical() == c.addr.ip().to_canonical())))
+    Ok(sender.filter(|c| {
+        remote.is_some_and(|r| {
+            c.key == Key::of_node(&r.key.id())
+                && r.addr
+                    .is_some_and(|a| a.ip().to_canonical() == c.addr.ip().to_canonical())
+        })
+    }))
 }
 
 impl DhtService {
@@ -52,7 +58,7 @@ impl DhtService {
     /// contact for the caller to check.
     async fn serve(
         &self,
-        remote: Option<SocketAddr>,
+        remote: Option<Caller>,
         sender: Option<pb::DhtSender>,
         request: Request,
     ) -> Result<(Response, Option<pb::DhtSender>), NodeError> {
@@ -81,7 +87,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::DhtPingRequest>,
     ) -> Result<tonic::Response<pb::DhtPingResponse>, Status> {
-        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
+        let remote = neuroshard_net::tls::caller(&request);
         let sender = request.into_inner().sender;
         let (_, responder) = self.serve(remote, sender, Request::Ping).await?;
         Ok(tonic::Response::new(pb::DhtPingResponse { responder }))
@@ -91,7 +97,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::FindNodeRequest>,
     ) -> Result<tonic::Response<pb::FindNodeResponse>, Status> {
-        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
+        let remote = neuroshard_net::tls::caller(&request);
         let request = request.into_inner();
         let target = key_from_proto("target", &request.target)?;
         let (response, responder) = self
@@ -108,7 +114,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::FindValueRequest>,
     ) -> Result<tonic::Response<pb::FindValueResponse>, Status> {
-        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
+        let remote = neuroshard_net::tls::caller(&request);
         let request = request.into_inner();
         let key = request
             .key
@@ -129,7 +135,7 @@ impl Dht for DhtService {
         &self,
         request: tonic::Request<pb::StoreRequest>,
     ) -> Result<tonic::Response<pb::StoreResponse>, Status> {
-        let remote = neuroshard_net::tls::caller(&request).and_then(|c| c.addr);
+        let remote = neuroshard_net::tls::caller(&request);
         let request = request.into_inner();
         let record = request
             .record

@@ -3,8 +3,8 @@
 //! [`TrackerState`] is the logic, fed `now`; [`TrackerService`] serves it over gRPC and a sweeper
 //! drops nodes silent for longer than the timeout.
 
-use neuroshard_base::NodeId;
 use neuroshard_base::sync::LockExt;
+use neuroshard_base::{NodeId, NodeKey};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,10 @@ pub struct TrackerConfig {
     /// Live nodes tracked at most; registrations beyond it are refused. Default 10 000: a
     /// large public swarm, and a bound on what one flooding client can make the tracker hold.
     pub max_nodes: usize,
+    /// The key the tracker proves to everyone who dials it, which its URL names
+    /// ([`TrackerHandle::url`]). Keep it across restarts (`neuroshard tracker --data-dir`):
+    /// nodes and clients pin it. Default none: a fresh key each start.
+    pub key: Option<Arc<NodeKey>>,
 }
 
 impl Default for TrackerConfig {
@@ -44,6 +48,7 @@ impl Default for TrackerConfig {
             max_peers: 50,
             heartbeat_interval: Duration::from_secs(10),
             max_nodes: 10_000,
+            key: None,
         }
     }
 }
@@ -422,6 +427,8 @@ impl Tracker for TrackerService {
 pub struct TrackerHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The node id of the key it proves.
+    pub id: NodeId,
     /// Its service (for watching node counts).
     pub service: TrackerService,
     cancel: CancellationToken,
@@ -429,9 +436,9 @@ pub struct TrackerHandle {
 }
 
 impl TrackerHandle {
-    /// `http://addr`, for clients and nodes.
+    /// `http://ID@addr`, for clients and nodes: its address and the key they pin it by.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}@{}", self.id, self.addr)
     }
 
     /// Stops serving and waits for the server to end.
@@ -459,11 +466,12 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
     let server = TrackerServer::new(service.clone())
         .max_decoding_message_size(MAX_TRACKER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // Its own key for now, made at each start: pinning a tracker by its key comes with the
-    // URLs that carry it.
-    let identity = neuroshard_net::tls::TlsIdentity::new(&neuroshard_base::NodeKey::generate())
-        .and_then(|identity| neuroshard_net::tls::server_config(&identity))
-        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let key = config
+        .key
+        .clone()
+        .unwrap_or_else(|| Arc::new(NodeKey::generate()));
+    let identity =
+        neuroshard_net::tls::server_config(&neuroshard_net::tls::TlsIdentity::new(&key)?)?;
     let task = neuroshard_net::spawn_server(
         tonic::service::Routes::new(server),
         listener,
@@ -474,9 +482,10 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
         cancel.clone(),
         "tracker",
     );
-    tracing::info!(%addr, "tracker listening");
+    tracing::info!(%addr, id = %key.id(), "tracker listening");
     Ok(TrackerHandle {
         addr,
+        id: key.id(),
         service,
         cancel,
         task,

@@ -26,6 +26,10 @@ pub enum NodeError {
     /// Another call of the same session is still running.
     #[error("session {0:?} is busy with another call")]
     SessionBusy(String),
+    /// The caller's key may not make this call: a session another key opened, a requester key
+    /// other than the one its connection proved.
+    #[error("not allowed: {0}")]
+    Forbidden(String),
     /// A capacity limit is reached (KV cache budget, tracker size).
     #[error("{0}")]
     Full(String),
@@ -132,6 +136,13 @@ pub enum NodeError {
     Dht(#[from] neuroshard_dht::DhtError),
 }
 
+/// This side could not make its certificate (the only TLS error met outside a handshake).
+impl From<crate::tls::TlsError> for NodeError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        NodeError::Config(e.to_string())
+    }
+}
+
 /// A refused setting is an invalid config, naming its field.
 impl From<neuroshard_base::Invalid> for NodeError {
     fn from(invalid: neuroshard_base::Invalid) -> Self {
@@ -175,6 +186,7 @@ impl NodeError {
             Self::Tensor(_)
             | Self::BadRequest(_)
             | Self::UnknownSession(_)
+            | Self::Forbidden(_)
             | Self::WrongLayers { .. }
             | Self::Identity(_)
             | Self::Receipt(_)
@@ -221,6 +233,7 @@ impl NodeError {
             ) => Code::FailedPrecondition,
             (Role::Caller, Self::Model(ModelError::PositionGap { .. })) => Code::OutOfRange,
             (Role::Caller, Self::Identity(_)) => Code::Unauthenticated,
+            (Role::Caller, Self::Forbidden(_)) => Code::PermissionDenied,
             (Role::Caller, Self::Dht(DhtError::Store(StoreError::Stale { .. }))) => {
                 Code::AlreadyExists
             }
@@ -300,6 +313,11 @@ mod tests {
                 NodeError::TransferCap { used: 2, budget: 1 },
                 Role::Busy,
                 Code::ResourceExhausted,
+            ),
+            (
+                NodeError::Forbidden("another key's session".into()),
+                Role::Caller,
+                Code::PermissionDenied,
             ),
             (
                 NodeError::Internal("panic".into()),

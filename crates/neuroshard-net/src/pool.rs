@@ -4,6 +4,7 @@
 //! opened only when every pooled channel to that peer already has a call in flight, so large
 //! prefills do not queue behind each other on one TCP stream.
 
+use neuroshard_base::NodeId;
 use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +16,46 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::metrics::Metrics;
+use crate::tls::{Dialler, Pin};
 use crate::{MAX_MESSAGE_BYTES, NodeError};
+
+/// A node to dial: its address, and the node expected to answer there when the caller knows it
+/// (from a signed record, a hop, a contact). A node that proves another key is refused; with
+/// none named, the first key that answers is pinned for the channel's later connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// `host:port`, or `relay://RELAY/KEY`.
+    pub addr: String,
+    /// The node expected there.
+    pub node: Option<NodeId>,
+}
+
+impl Target {
+    /// Node `node` at `addr`.
+    pub fn node(addr: impl Into<String>, node: NodeId) -> Self {
+        Self {
+            addr: addr.into(),
+            node: Some(node),
+        }
+    }
+
+    /// Whoever answers at `addr` (a bootstrap address, a helper the owner named).
+    pub fn any(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            node: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.node {
+            Some(node) => write!(f, "{} ({})", self.addr, node.short()),
+            None => f.write_str(&self.addr),
+        }
+    }
+}
 
 /// Pool limits.
 #[derive(Debug, Clone, Copy)]
@@ -79,27 +119,34 @@ impl Drop for PooledClient {
     }
 }
 
-/// Channels to peers, keyed by `host:port`.
+/// Channels to peers, keyed by address and the node expected there, dialled as one key.
 #[derive(Debug)]
 pub struct ConnectionPool {
     config: PoolConfig,
-    peers: Mutex<HashMap<String, PeerChannels>>,
+    peers: Mutex<HashMap<Target, PeerChannels>>,
     metrics: Arc<Metrics>,
+    dialler: Dialler,
 }
 
 impl ConnectionPool {
-    /// An empty pool reporting into `metrics`.
-    pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Self {
+    /// An empty pool reporting into `metrics`, whose connections prove `dialler`'s key.
+    pub fn new(config: PoolConfig, metrics: Arc<Metrics>, dialler: Dialler) -> Self {
         Self {
             config,
             peers: Mutex::new(HashMap::new()),
             metrics,
+            dialler,
         }
+    }
+
+    /// The key this pool's connections prove.
+    pub fn id(&self) -> NodeId {
+        self.dialler.id()
     }
 
     /// A client to `addr`: an idle pooled channel, else a new one while under the cap, else the
     /// least busy pooled channel.
-    pub async fn client(&self, addr: &str) -> Result<PooledClient, NodeError> {
+    pub async fn client(&self, addr: &Target) -> Result<PooledClient, NodeError> {
         if let Some(client) = self.reuse(addr) {
             return Ok(client);
         }
@@ -116,11 +163,11 @@ impl ConnectionPool {
     }
 
     /// Connects to `addr`, pooling the channel while the peer is under the cap.
-    async fn open(&self, addr: &str) -> Result<Channel, NodeError> {
+    async fn open(&self, addr: &Target) -> Result<Channel, NodeError> {
         let channel = self.connect(addr).await?;
         {
             let mut peers = self.peers.lock_or_recover();
-            let peer = peers.entry(addr.to_string()).or_default();
+            let peer = peers.entry(addr.clone()).or_default();
             if peer.channels.len() < self.config.max_per_peer {
                 peer.channels.push(Pooled {
                     channel: channel.clone(),
@@ -137,13 +184,13 @@ impl ConnectionPool {
     /// existing channel, busy or not, since HTTP/2 multiplexes it beside a Forward, and it does
     /// not count as in flight, so it never makes the next Forward open a connection. A new
     /// connection is made only when the peer has none.
-    pub async fn control_client(&self, addr: &str) -> Result<PooledClient, NodeError> {
+    pub async fn control_client(&self, addr: &Target) -> Result<PooledClient, NodeError> {
         Ok(PooledClient::new(self.control_channel(addr).await?, None))
     }
 
     /// The channel a [`ConnectionPool::control_client`] rides, for the other services a node
     /// serves (the DHT): it never counts as in flight.
-    pub async fn control_channel(&self, addr: &str) -> Result<Channel, NodeError> {
+    pub async fn control_channel(&self, addr: &Target) -> Result<Channel, NodeError> {
         let pooled = {
             let mut peers = self.peers.lock_or_recover();
             peers.get_mut(addr).and_then(|peer| {
@@ -158,7 +205,7 @@ impl ConnectionPool {
     }
 
     /// A channel to `addr` with no call in flight, or the least busy one when at the cap.
-    fn reuse(&self, addr: &str) -> Option<PooledClient> {
+    fn reuse(&self, addr: &Target) -> Option<PooledClient> {
         let mut peers = self.peers.lock_or_recover();
         Self::pick(peers.get_mut(addr)?, false, self.config.max_per_peer)
     }
@@ -179,12 +226,12 @@ impl ConnectionPool {
         Some(client)
     }
 
-    async fn connect(&self, addr: &str) -> Result<Channel, NodeError> {
-        connect(addr, self.config.connect_timeout).await
+    async fn connect(&self, addr: &Target) -> Result<Channel, NodeError> {
+        connect(addr, &self.dialler, self.config.connect_timeout).await
     }
 
     /// Closes every channel to `addr` (after a transport failure), so the next call reconnects.
-    pub fn evict(&self, addr: &str) {
+    pub fn evict(&self, addr: &Target) {
         self.peers.lock_or_recover().remove(addr);
         self.update_gauges();
     }
@@ -208,7 +255,7 @@ impl ConnectionPool {
     }
 
     /// Channels to `addr` now pooled.
-    pub fn channels_to(&self, addr: &str) -> usize {
+    pub fn channels_to(&self, addr: &Target) -> usize {
         self.peers
             .lock_or_recover()
             .get(addr)
@@ -242,26 +289,35 @@ impl ConnectionPool {
     }
 }
 
-/// A channel to the node at `addr` with the transport settings every NeuroShard client shares:
+/// A channel to the node at `to` with the transport settings every NeuroShard client shares:
 /// `host:port` over TCP, or `relay://RELAY/KEY` through the relay, secured end to end to KEY;
-/// TLS 1.3 over either, checking the node key that answers ([`crate::tls`]). Callers see the
-/// same gRPC channel either way.
-pub async fn connect(addr: &str, connect_timeout: Duration) -> Result<Channel, NodeError> {
-    let (endpoint, dial) = (endpoint(addr)?, dialler(addr)?);
+/// TLS 1.3 over either, proving `dialler`'s key and checking the node key that answers
+/// ([`crate::tls`]). Callers see the same gRPC channel either way.
+pub async fn connect(
+    to: &Target,
+    dialler: &Dialler,
+    connect_timeout: Duration,
+) -> Result<Channel, NodeError> {
+    let addr = to.addr.as_str();
+    let (endpoint, dial) = (endpoint(addr)?, connector(to, dialler));
     match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(dial)).await {
-        Ok(connected) => connected.map_err(|e| refused(addr, describe(&e))),
+        Ok(connected) => connected.map_err(|e| refused(&to.to_string(), describe(&e))),
         Err(_) => Err(refused(
-            addr,
+            &to.to_string(),
             format!("no connection within {connect_timeout:?}"),
         )),
     }
 }
 
-/// A channel to `addr` that connects on its first call, as [`connect`] does, and gives up on a
+/// A channel to `to` that connects on its first call, as [`connect`] does, and gives up on a
 /// call after `timeout`.
-pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Channel, NodeError> {
-    let (endpoint, dial) = (endpoint(addr)?.timeout(timeout), dialler(addr)?);
-    Ok(endpoint.connect_with_connector_lazy(dial))
+pub fn connect_lazy(
+    to: &Target,
+    dialler: &Dialler,
+    timeout: Duration,
+) -> Result<Channel, NodeError> {
+    let endpoint = endpoint(&to.addr)?.timeout(timeout);
+    Ok(endpoint.connect_with_connector_lazy(connector(to, dialler)))
 }
 
 /// The HTTP/2 settings of a channel to `addr`. Its authority is not dialed: the connector
@@ -287,25 +343,22 @@ fn refused(addr: &str, message: String) -> NodeError {
     }
 }
 
-/// What reaches `addr` for a channel: a TCP connection with Nagle off, or a circuit through
-/// its relay, then the TLS handshake.
-fn dialler(
-    addr: &str,
-) -> Result<
-    impl tower::Service<
-        tonic::transport::Uri,
-        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<crate::Accepted>>,
-        Error = std::io::Error,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static,
-    NodeError,
-> {
-    let tls = crate::tls::dialler().map_err(|e| refused(addr, e.to_string()))?;
-    let addr = addr.to_string();
-    Ok(tower::service_fn(move |_: tonic::transport::Uri| {
-        let (addr, tls) = (addr.clone(), tls.clone());
+/// What reaches `to` for a channel: a TCP connection with Nagle off, or a circuit through
+/// its relay, then the TLS handshake, checking each connection against the channel's pin.
+fn connector(
+    to: &Target,
+    dialler: &Dialler,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<crate::Accepted>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let (addr, dialler, pin) = (to.addr.clone(), dialler.clone(), Pin::to(to.node));
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let (addr, dialler, pin) = (addr.clone(), dialler.clone(), pin.clone());
         async move {
             let stream = match neuroshard_nat::relay::RelayedAddr::parse(&addr) {
                 Some(relayed) => {
@@ -321,12 +374,13 @@ fn dialler(
                     crate::Accepted::Tcp(tcp)
                 }
             };
-            let (secured, _) = crate::tls::connect(stream, tls)
+            let (secured, _) = dialler
+                .connect(stream, &pin)
                 .await
                 .map_err(std::io::Error::other)?;
             Ok(hyper_util::rt::TokioIo::new(secured))
         }
-    }))
+    })
 }
 
 /// A transport error with its causes, which name what failed (the relay's refusal, the

@@ -447,17 +447,83 @@ impl<S> tonic::transport::server::Connected for SecuredConn<S> {
     }
 }
 
-/// The configuration this process dials with while it has no node identity of its own to
-/// present: a throwaway key, made once. It checks that whoever answers holds a valid node key
-/// and reads that key back; pinning the key expected at an address comes with the addresses
-/// that carry it.
-pub fn dialler() -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    if let Some(config) = CONFIG.get() {
-        return Ok(config.clone());
+/// Who this side is when it dials: its certificate, made once from its node key, from which
+/// each connection's configuration is made for the node it expects.
+#[derive(Debug, Clone)]
+pub struct Dialler {
+    identity: Arc<TlsIdentity>,
+}
+
+impl Dialler {
+    /// Dials as `key`: a node as itself, a client as the key it countersigns receipts with,
+    /// so the nodes it calls know who called.
+    pub fn new(key: &NodeKey) -> Result<Self, TlsError> {
+        Ok(Self {
+            identity: Arc::new(TlsIdentity::new(key)?),
+        })
     }
-    let config = client_config(&TlsIdentity::new(&NodeKey::generate())?, None)?;
-    Ok(CONFIG.get_or_init(|| config).clone())
+
+    /// A throwaway key, made once per process, for callers that have no key of their own to
+    /// present (one-off tools, tests).
+    pub fn ephemeral() -> Result<Self, TlsError> {
+        static EPHEMERAL: std::sync::OnceLock<Dialler> = std::sync::OnceLock::new();
+        if let Some(dialler) = EPHEMERAL.get() {
+            return Ok(dialler.clone());
+        }
+        let dialler = Self::new(&NodeKey::generate())?;
+        Ok(EPHEMERAL.get_or_init(|| dialler).clone())
+    }
+
+    /// The node id this side proves.
+    pub fn id(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    /// Secures `stream` to the node `pin` expects, and pins the node that answered when it
+    /// expected none yet; the node's key.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        pin: &Pin,
+    ) -> Result<(tokio_rustls::client::TlsStream<S>, PublicKey), TlsError> {
+        let (tls, key) = connect(stream, client_config(&self.identity, pin.node())?).await?;
+        pin.hold(key.id())?;
+        Ok((tls, key))
+    }
+}
+
+/// The node a channel expects at the other end: the one its caller named (from a signed
+/// record, a hop, a configured key), or else the first that answers, which every later
+/// connection of the channel must then be.
+#[derive(Debug, Clone, Default)]
+pub struct Pin(Arc<std::sync::OnceLock<NodeId>>);
+
+impl Pin {
+    /// Expecting `node`, or whoever answers first when none.
+    pub fn to(node: Option<NodeId>) -> Self {
+        let pin = Self::default();
+        if let Some(node) = node {
+            let _ = pin.0.set(node);
+        }
+        pin
+    }
+
+    /// The node expected, once known.
+    pub fn node(&self) -> Option<NodeId> {
+        self.0.get().copied()
+    }
+
+    /// Checks that `found` is the node expected, pinning it if none was yet.
+    fn hold(&self, found: NodeId) -> Result<(), TlsError> {
+        let expected = *self.0.get_or_init(|| found);
+        if expected != found {
+            return Err(TlsError::WrongPeer {
+                expected: expected.to_string(),
+                found: found.to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

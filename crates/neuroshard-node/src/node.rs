@@ -32,7 +32,7 @@ use pb::tracker_client::TrackerClient;
 use prost::Message;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::duty::DutyCycle;
@@ -51,7 +51,7 @@ use neuroshard_net::convert::{
     peer_to_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
 use neuroshard_net::metrics::{Metrics, MetricsSnapshot};
-use neuroshard_net::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::pool::{ConnectionPool, PoolConfig, Target};
 use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
 use neuroshard_settings::ComputeDevice;
 

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::PeerRecord;
+use neuroshard_net::pool::Target;
+use neuroshard_net::tls::Dialler;
 
 mod plan;
 pub use plan::{Learned, Plan, Probe, ProbeFailed};
@@ -390,7 +392,8 @@ async fn dial_back_by_any(
     node_id: neuroshard_base::NodeId,
 ) -> Option<Result<String, ProbeFailed>> {
     for helper in helpers.into_iter().take(ASK_AT_MOST) {
-        match ask_dial_back(&helper.addr, &addr, &node_id).await {
+        let to = Target::node(helper.addr.as_str(), helper.node_id);
+        match ask_dial_back(&to, &addr, &node_id).await {
             Ok(reply) if reply.reached => return Some(Ok(helper.addr.clone())),
             Ok(reply) => return Some(Err(ProbeFailed::NotReached(reply.error))),
             Err(e) => tracing::debug!("asking {} to dial back: {e}", helper.addr),
@@ -401,11 +404,12 @@ async fn dial_back_by_any(
 
 /// Asks the node at `helper` to dial `node_id` back at `addr`.
 pub async fn ask_dial_back(
-    helper: &str,
+    helper: &Target,
     addr: &str,
     node_id: &neuroshard_base::NodeId,
 ) -> Result<pb::DialBackResponse, NodeError> {
-    let channel = neuroshard_net::pool::connect(helper, Duration::from_secs(3)).await?;
+    let dialler = Dialler::ephemeral()?;
+    let channel = neuroshard_net::pool::connect(helper, &dialler, Duration::from_secs(3)).await?;
     let mut client = pb::node_client::NodeClient::new(channel);
     let request = pb::DialBackRequest {
         addr: addr.to_string(),
@@ -467,8 +471,13 @@ pub(crate) async fn dial_back(
     let Ok(_permit) = DIAL_BACKS.try_acquire() else {
         return not("busy: too many dial-backs at once, ask again later".into());
     };
+    let Ok(node_id) = request.node_id.parse() else {
+        return not(format!("{:?} is not a node id", request.node_id));
+    };
     let started = tokio::time::Instant::now();
-    match tokio::time::timeout(DIAL_BACK_TIMEOUT, ping(&addr)).await {
+    // The handshake proves the node: another key at the address fails the connection.
+    let to = Target::node(addr.as_str(), node_id);
+    match tokio::time::timeout(DIAL_BACK_TIMEOUT, ping(&to)).await {
         Err(_) | Ok(Err(_)) if relayed => not(format!("{addr} was not reached through its relay")),
         Err(_) => not(format!(
             "{addr} did not answer within {DIAL_BACK_TIMEOUT:?}"
@@ -483,10 +492,12 @@ pub(crate) async fn dial_back(
     }
 }
 
-/// Pings the node at `addr` over a fresh connection (not pooled: the point is to connect); its
+/// Pings the node at `to` over a fresh connection (not pooled: the point is to connect); its
 /// record as it answers.
-pub(crate) async fn ping(addr: &str) -> Result<pb::PeerInfo, NodeError> {
-    let channel = neuroshard_net::pool::connect(addr, Duration::from_secs(3)).await?;
+pub(crate) async fn ping(to: &Target) -> Result<pb::PeerInfo, NodeError> {
+    let addr = &to.addr;
+    let dialler = Dialler::ephemeral()?;
+    let channel = neuroshard_net::pool::connect(to, &dialler, Duration::from_secs(3)).await?;
     let reply = pb::node_client::NodeClient::new(channel)
         .ping(pb::PingRequest {})
         .await

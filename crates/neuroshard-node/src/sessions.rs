@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use neuroshard_base::PublicKey;
 use neuroshard_model::KvCache;
 use tokio::time::Instant;
 
@@ -27,6 +28,8 @@ pub struct SessionLimits {
 
 #[derive(Debug)]
 struct Entry {
+    /// The key that opened it: only its calls may use or end it.
+    owner: PublicKey,
     /// Distinguishes this session from an earlier one of the same id that was ended while a
     /// call still had it checked out.
     generation: u64,
@@ -65,12 +68,14 @@ impl SessionStore {
         }
     }
 
-    /// Takes session `id`'s cache for a call adding `tokens` positions at `start_pos` to
-    /// `layers` layers. A session is created by a call at position 0; a later position for an
-    /// unknown session is an error, and so is a call that would overflow the budget.
+    /// Takes session `id`'s cache for a call by `caller` adding `tokens` positions at
+    /// `start_pos` to `layers` layers. A session is created by a call at position 0 and belongs
+    /// to its caller; a call by another key is refused, and so is a later position for an
+    /// unknown session and a call that would overflow the budget.
     pub fn checkout(
         &self,
         id: &str,
+        caller: PublicKey,
         start_pos: usize,
         tokens: usize,
         layers: usize,
@@ -79,6 +84,7 @@ impl SessionStore {
         let mut sessions = self.sessions.lock_or_recover();
         let need = (tokens * layers) as u64;
         let created = match sessions.get(id) {
+            Some(entry) if entry.owner != caller => return Err(not_owner(id)),
             None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
             None => true,
             Some(entry) if entry.cache.is_none() => {
@@ -101,6 +107,7 @@ impl SessionStore {
             }
         }
         let entry = sessions.entry(id.to_string()).or_insert_with(|| Entry {
+            owner: caller,
             generation: self
                 .generations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -151,9 +158,15 @@ impl SessionStore {
         }
     }
 
-    /// Drops a session; whether it existed.
-    pub fn end(&self, id: &str) -> bool {
-        self.sessions.lock_or_recover().remove(id).is_some()
+    /// Drops a session at the request of `caller`, its owner; whether it existed. Another
+    /// key's request is refused and changes nothing.
+    pub fn end(&self, id: &str, caller: &PublicKey) -> Result<bool, NodeError> {
+        let mut sessions = self.sessions.lock_or_recover();
+        match sessions.get(id) {
+            Some(entry) if entry.owner != *caller => Err(not_owner(id)),
+            Some(_) => Ok(sessions.remove(id).is_some()),
+            None => Ok(false),
+        }
     }
 
     /// Drops every session (the node now serves other layers); how many. Calls in flight
@@ -195,9 +208,19 @@ impl SessionStore {
     }
 }
 
+/// A call on session `id` by a key other than the one that opened it.
+fn not_owner(id: &str) -> NodeError {
+    NodeError::Forbidden(format!("session {id:?} belongs to another key"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key the tests' sessions belong to.
+    fn owner() -> PublicKey {
+        PublicKey([1; 32])
+    }
 
     fn store() -> SessionStore {
         SessionStore::new(SessionLimits {
@@ -212,13 +235,13 @@ mod tests {
         let s = store();
         let now = Instant::now();
         assert!(matches!(
-            s.checkout("a", 3, 1, 1, now),
+            s.checkout("a", owner(), 3, 1, 1, now),
             Err(NodeError::UnknownSession(_))
         ));
-        let (_held, created) = s.checkout("a", 0, 1, 1, now).unwrap();
+        let (_held, created) = s.checkout("a", owner(), 0, 1, 1, now).unwrap();
         assert!(created);
         assert!(matches!(
-            s.checkout("a", 1, 1, 1, now),
+            s.checkout("a", owner(), 1, 1, 1, now),
             Err(NodeError::SessionBusy(_))
         ));
     }
@@ -227,9 +250,9 @@ mod tests {
     fn budget_is_enforced_and_idle_sessions_make_room() {
         let s = store();
         let t0 = Instant::now();
-        let (c, _) = s.checkout("a", 0, 30, 3, t0).unwrap();
+        let (c, _) = s.checkout("a", owner(), 0, 30, 3, t0).unwrap();
         assert_eq!(s.usage().1, 90 * 8);
-        let err = s.checkout("b", 0, 20, 1, t0).unwrap_err();
+        let err = s.checkout("b", owner(), 0, 20, 1, t0).unwrap_err();
         assert!(matches!(err, NodeError::Full(_)), "{err}");
         assert!(err.to_string().contains("budget"));
         // Give "a" back holding what it reserved, then let it go idle past the timeout.
@@ -237,7 +260,7 @@ mod tests {
         cache.advance(0..3, 30);
         s.checkin(Checkout { cache, ..c }, t0);
         let later = t0 + Duration::from_secs(61);
-        assert!(s.checkout("b", 0, 20, 1, later).is_ok());
+        assert!(s.checkout("b", owner(), 0, 20, 1, later).is_ok());
         assert_eq!(s.usage().0, 1);
     }
 
@@ -245,9 +268,9 @@ mod tests {
     fn a_call_finishing_after_its_session_ended_does_not_resurrect_it() {
         let s = store();
         let now = Instant::now();
-        let (old, _) = s.checkout("a", 0, 1, 1, now).unwrap();
-        assert!(s.end("a"));
-        let (fresh, created) = s.checkout("a", 0, 2, 1, now).unwrap();
+        let (old, _) = s.checkout("a", owner(), 0, 1, 1, now).unwrap();
+        assert!(s.end("a", &owner()).unwrap());
+        let (fresh, created) = s.checkout("a", owner(), 0, 2, 1, now).unwrap();
         assert!(created);
         let mut stale = old.cache;
         stale.advance(0..1, 1);
@@ -260,7 +283,7 @@ mod tests {
         );
         assert!(
             matches!(
-                s.checkout("a", 0, 1, 1, now),
+                s.checkout("a", owner(), 0, 1, 1, now),
                 Err(NodeError::SessionBusy(_))
             ),
             "the new call still owns it"
@@ -269,5 +292,29 @@ mod tests {
         cache.advance(0..1, 2);
         s.checkin(Checkout { cache, ..fresh }, now);
         assert_eq!(s.usage(), (1, 2 * 8));
+    }
+
+    #[test]
+    fn only_the_key_that_opened_a_session_may_use_or_end_it() {
+        let s = store();
+        let now = Instant::now();
+        let (c, _) = s.checkout("a", owner(), 0, 2, 1, now).unwrap();
+        let mut cache = c.cache;
+        cache.advance(0..1, 2);
+        s.checkin(Checkout { cache, ..c }, now);
+        let stranger = PublicKey([2; 32]);
+        for err in [
+            s.checkout("a", stranger, 2, 1, 1, now).unwrap_err(),
+            // At position 0 too: it would otherwise restart the owner's session.
+            s.checkout("a", stranger, 0, 1, 1, now).unwrap_err(),
+            s.end("a", &stranger).unwrap_err(),
+        ] {
+            assert!(matches!(err, NodeError::Forbidden(_)), "{err}");
+            assert!(err.to_string().contains("belongs to another key"), "{err}");
+        }
+        assert_eq!(s.usage(), (1, 2 * 8), "the owner's session is unchanged");
+        let (c, created) = s.checkout("a", owner(), 2, 1, 1, now).unwrap();
+        assert!(!created);
+        assert_eq!(c.cache.token_layers(), 2);
     }
 }

@@ -471,12 +471,9 @@ pub fn is_model_id(id: &str) -> bool {
 impl NetworkSettings {
     fn validate(&self) -> Result<(), SettingsError> {
         if let Some(url) = &self.tracker
-            && tonic::transport::Endpoint::from_shared(url.clone()).is_err()
+            && let Err(e) = url.parse::<neuroshard_base::TrackerUrl>()
         {
-            return Err(SettingsError::invalid(
-                "network.tracker",
-                "is not a valid URL (expected http://host:port)",
-            ));
+            return Err(SettingsError::invalid("network.tracker", e.problem));
         }
         for (i, peer) in self.bootstrap.iter().enumerate() {
             if !is_host_port(peer) {

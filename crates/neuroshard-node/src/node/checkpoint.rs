@@ -20,6 +20,7 @@ use neuroshard_client::checkpoint::{
 };
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::{span_from_proto, span_to_proto};
+use neuroshard_net::pool::Target;
 
 /// Most chunk numbers one request may name.
 const MAX_CHUNKS_ASKED: usize = 1 << 16;
@@ -429,7 +430,12 @@ impl NodeState {
     ) -> Result<u64, NodeError> {
         let trainer = self.trainer()?;
         let expected = self.stage_parameters()? as u64 * 4;
-        let mut client = trainer.pool.client(addr).await?.client.clone();
+        let mut client = trainer
+            .pool
+            .client(&Target::any(addr))
+            .await?
+            .client
+            .clone();
         let (checkpoint, report) =
             fetch_checkpoint(&mut client, &self.model.id, layers, expected, |p| {
                 tracing::debug!("catching up from {addr}: {} of {} bytes", p.done, p.total);
@@ -463,21 +469,15 @@ impl NodeState {
         // A probe carries no contribution: the replies say only which round each replica is in.
         let mut gathered = neuroshard_train::round::Gathered::<String, ()>::default();
         for addr in self.replica_addrs(layers) {
-            let ask = async {
-                let mut client = trainer.pool.client(&addr).await?.client.clone();
-                client
-                    .exchange_gradient(probe.clone())
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| NodeError::Remote {
-                        peer: addr.clone(),
-                        status,
-                    })
-            };
-            match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
-                Ok(Ok(reply)) => gathered.reply(0, addr, reply.outer_step, None),
-                Ok(Err(e)) => tracing::debug!("replica {addr} did not answer the probe: {e}"),
-                Err(_) => tracing::debug!("replica {addr} did not answer the probe in time"),
+            let timeout = std::time::Duration::from_secs(5);
+            match super::outer::ask_replica(trainer, addr, probe.clone(), timeout).await {
+                (addr, Ok(Ok(reply))) => gathered.reply(0, addr, reply.outer_step, None),
+                (addr, Ok(Err(e))) => {
+                    tracing::debug!("replica {addr} did not answer the probe: {e}")
+                }
+                (addr, Err(_)) => {
+                    tracing::debug!("replica {addr} did not answer the probe in time")
+                }
             }
         }
         if let Some((round, addr)) = gathered.ahead {

@@ -187,10 +187,8 @@ impl NodeConfig {
         if self.heartbeat.is_zero() {
             return bad("heartbeat", "must be positive");
         }
-        if let Some(url) = &self.tracker
-            && Endpoint::from_shared(url.clone()).is_err()
-        {
-            return bad("tracker", "is not a valid URL (expected http://host:port)");
+        if let Some(url) = &self.tracker {
+            url.parse::<neuroshard_base::TrackerUrl>()?;
         }
         neuroshard_discovery::check_bootstrap(&self.bootstrap)?;
         if let Some(peer) = &self.weights_from {

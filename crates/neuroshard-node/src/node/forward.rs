@@ -12,6 +12,8 @@ use neuroshard_proof::Receipt;
 pub(super) struct ForwardCall {
     /// The shard it was checked against, which computes it even if a swap follows.
     pub(super) served: Arc<Served>,
+    /// The key the call's connection proved: its session's owner.
+    pub(super) caller: PublicKey,
     pub(super) session_id: String,
     pub(super) start_pos: usize,
     pub(super) layers: LayerRange,
@@ -29,14 +31,15 @@ impl NodeState {
     pub(super) async fn forward(
         self: Arc<Self>,
         req: pb::ForwardRequest,
+        caller: PublicKey,
     ) -> Result<pb::ForwardResponse, NodeError> {
         if req.train {
-            return self.train_forward(req).await;
+            return self.train_forward(req, caller).await;
         }
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
         let received_ms = neuroshard_net::now_ms();
-        let call = self.parse_call(req)?;
+        let call = self.parse_call(req, caller)?;
         let draft = self.draft_receipt(&call, received_ms);
         let (tokens, reply_dtype, wants_receipt) =
             (call.tokens, call.reply_dtype, call.proof.is_some());
@@ -167,7 +170,11 @@ impl NodeState {
     }
 
     /// Checks every field of a Forward request against this node, before any session work.
-    pub(super) fn parse_call(&self, req: pb::ForwardRequest) -> Result<ForwardCall, NodeError> {
+    pub(super) fn parse_call(
+        &self,
+        req: pb::ForwardRequest,
+        caller: PublicKey,
+    ) -> Result<ForwardCall, NodeError> {
         self.check_ids(&req.session_id, &req.model_id)?;
         let layers = span_from_proto(req.layers)?;
         let served = self.served();
@@ -177,7 +184,7 @@ impl NodeState {
                 serves: served.range,
             });
         }
-        let proof = parse_proof(&req.nonce, &req.requester_key)?;
+        let proof = parse_proof(&req.nonce, &req.requester_key, &caller)?;
         let input_hash = match &req.input {
             Some(pb::forward_request::Input::Tokens(t)) => tokens_hash(&t.ids),
             _ => [0; 32],
@@ -197,6 +204,7 @@ impl NodeState {
         }
         Ok(ForwardCall {
             served,
+            caller,
             session_id: req.session_id,
             start_pos,
             layers,
@@ -233,6 +241,7 @@ impl NodeState {
     fn check_out_session(&self, call: &ForwardCall) -> Result<Checkout, NodeError> {
         let (checkout, created) = self.sessions.checkout(
             &call.session_id,
+            call.caller,
             call.start_pos,
             call.tokens,
             call.layers.len() as usize,
@@ -396,10 +405,13 @@ impl NodeState {
         }
     }
 }
-/// The nonce and requester key of a call that wants a receipt; none when both are empty.
+/// The nonce and requester key of a call that wants a receipt; none when both are empty. The
+/// requester is the key the call's connection proved (`caller`): a receipt names who asked,
+/// not whom the caller says asked.
 pub(super) fn parse_proof(
     nonce: &[u8],
     requester: &[u8],
+    caller: &PublicKey,
 ) -> Result<Option<([u8; 16], PublicKey)>, NodeError> {
     if nonce.is_empty() && requester.is_empty() {
         return Ok(None);
@@ -407,7 +419,15 @@ pub(super) fn parse_proof(
     let nonce: [u8; 16] = nonce.try_into().map_err(|_| {
         NodeError::BadRequest(format!("nonce must be 16 bytes, got {}", nonce.len()))
     })?;
-    Ok(Some((nonce, PublicKey::from_slice(requester)?)))
+    let requester = PublicKey::from_slice(requester)?;
+    if requester != *caller {
+        return Err(NodeError::Forbidden(format!(
+            "the requester key {} is not the key this connection proved ({})",
+            requester.id().short(),
+            caller.id().short()
+        )));
+    }
+    Ok(Some((nonce, requester)))
 }
 
 /// `values` plus Gaussian noise of `scale` × their RMS.

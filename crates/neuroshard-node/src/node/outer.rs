@@ -44,6 +44,7 @@ use super::training::Trainer;
 use super::{Fault, NodeState};
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::span_to_proto;
+use neuroshard_net::pool::Target;
 
 /// Replicas' calls that may wait at once for this node's contribution.
 pub(super) const MAX_WAITING: usize = 64;
@@ -667,7 +668,7 @@ fn answer_if_ready(
 
 /// Sends `request` to the replica at `addr`, giving up after `timeout`; the address and the
 /// reply.
-async fn ask_replica(
+pub(super) async fn ask_replica(
     trainer: &Trainer,
     addr: String,
     request: pb::ExchangeGradientRequest,
@@ -677,7 +678,12 @@ async fn ask_replica(
     Result<Result<pb::ExchangeGradientResponse, NodeError>, tokio::time::error::Elapsed>,
 ) {
     let reply = tokio::time::timeout(timeout, async {
-        let mut client = trainer.pool.client(&addr).await?.client.clone();
+        let mut client = trainer
+            .pool
+            .client(&Target::any(addr.as_str()))
+            .await?
+            .client
+            .clone();
         client
             .exchange_gradient(request)
             .await

@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// The key `request`'s connection proved: every connection a node serves is secured, so a call
+/// without one did not come through the server.
+fn caller_key<T>(request: &Request<T>) -> Result<PublicKey, Status> {
+    neuroshard_net::tls::caller(request)
+        .map(|c| c.key)
+        .ok_or_else(|| Status::unauthenticated("the call came without a proven key"))
+}
+
 /// The gRPC face of a node.
 #[derive(Debug, Clone)]
 pub struct NodeService {
@@ -39,8 +47,8 @@ impl Node for NodeService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let received = request.get_ref().encoded_len();
-        let call = self.state.clone().forward(request.into_inner());
+        let (received, caller) = (request.get_ref().encoded_len(), caller_key(&request)?);
+        let call = self.state.clone().forward(request.into_inner(), caller);
         self.counted("forward", received, call).await
     }
 
@@ -48,7 +56,11 @@ impl Node for NodeService {
         &self,
         request: Request<pb::EndSessionRequest>,
     ) -> Result<Response<pb::EndSessionResponse>, Status> {
-        let existed = self.state.sessions.end(&request.into_inner().session_id);
+        let caller = caller_key(&request)?;
+        let existed = self
+            .state
+            .sessions
+            .end(&request.into_inner().session_id, &caller)?;
         Ok(Response::new(pb::EndSessionResponse { existed }))
     }
 
@@ -56,8 +68,8 @@ impl Node for NodeService {
         &self,
         request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
-        let received = request.get_ref().encoded_len();
-        let call = self.state.clone().backward(request.into_inner());
+        let (received, caller) = (request.get_ref().encoded_len(), caller_key(&request)?);
+        let call = self.state.clone().backward(request.into_inner(), caller);
         self.counted("backward", received, call).await
     }
 

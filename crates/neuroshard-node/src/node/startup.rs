@@ -18,11 +18,24 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let stop_on_error = cancel.clone().drop_guard();
     let (stun, relay, relay_addr) = start_side_servers(&config, addr, &advertise, &cancel).await?;
     let metrics = Arc::new(Metrics::default());
-    let discovery = start_discovery(&config, &advertise, &key, &metrics, cancel.clone()).await?;
+    // The node dials as itself, so the peers it calls know which node called.
+    let dialler =
+        neuroshard_net::tls::Dialler::new(&key).map_err(|e| NodeError::Config(e.to_string()))?;
+    let pool = |metrics: &Arc<Metrics>| {
+        let pool = Arc::new(ConnectionPool::new(
+            PoolConfig::default(),
+            metrics.clone(),
+            dialler.clone(),
+        ));
+        pool.spawn_reaper();
+        pool
+    };
+    let discovery =
+        start_discovery(&config, &advertise, &key, pool(&metrics), cancel.clone()).await?;
     let trainer = config
         .train
         .clone()
-        .map(|c| training::Trainer::new(c, metrics.clone()));
+        .map(|c| training::Trainer::new(c, pool(&metrics)));
     let record = own_record(&key, &model, range, &advertise, relay_addr);
     let parts = Parts {
         record,
@@ -311,7 +324,7 @@ pub(super) async fn start_discovery(
     config: &NodeConfig,
     advertise: &str,
     key: &Arc<NodeKey>,
-    metrics: &Arc<Metrics>,
+    pool: Arc<ConnectionPool>,
     cancel: CancellationToken,
 ) -> Result<Discovery, NodeError> {
     let resolved = tokio::net::lookup_host(advertise)
@@ -327,8 +340,6 @@ pub(super) async fn start_discovery(
         key: Key::of_node(&key.id()),
         addr: resolved.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
     };
-    let pool = Arc::new(ConnectionPool::new(PoolConfig::default(), metrics.clone()));
-    pool.spawn_reaper();
     Discovery::start(
         local,
         resolved.map(|_| key.clone()),
@@ -420,8 +431,11 @@ pub(super) async fn reach_candidates(config: &NodeConfig) -> Vec<PeerRecord> {
         }
     }
     for addr in &config.bootstrap {
-        let pinged =
-            async { neuroshard_net::convert::peer_from_proto(crate::reach::ping(addr).await?) };
+        let pinged = async {
+            neuroshard_net::convert::peer_from_proto(
+                crate::reach::ping(&Target::any(addr.as_str())).await?,
+            )
+        };
         match tokio::time::timeout(Duration::from_secs(5), pinged).await {
             Ok(Ok(peer)) => peers.push(peer),
             Ok(Err(e)) => tracing::warn!("reachability: bootstrap peer {addr}: {e}"),

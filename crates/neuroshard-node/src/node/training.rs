@@ -10,7 +10,7 @@ use neuroshard_base::sync::LockExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, PublicKey};
 use neuroshard_model::codec::{self, WireDType};
 use neuroshard_model::{ShardInput, TrainOutput, TrainShard};
 use neuroshard_proof::{Fingerprint, ReceiptBody, WorkKind};
@@ -23,8 +23,7 @@ use neuroshard_net::NodeError;
 use neuroshard_net::convert::{
     dtype_from_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto,
 };
-use neuroshard_net::metrics::Metrics;
-use neuroshard_net::pool::{ConnectionPool, PoolConfig};
+use neuroshard_net::pool::ConnectionPool;
 
 /// The node's trainable copy of its shard, made on the first training call, with its outer
 /// loop and the connections it exchanges over.
@@ -60,9 +59,8 @@ pub(super) struct Stage {
 }
 
 impl Trainer {
-    pub(super) fn new(config: TrainingConfig, metrics: Arc<Metrics>) -> Self {
-        let pool = Arc::new(ConnectionPool::new(PoolConfig::default(), metrics));
-        pool.spawn_reaper();
+    /// A trainer calling its replicas through `pool`.
+    pub(super) fn new(config: TrainingConfig, pool: Arc<ConnectionPool>) -> Self {
         Self {
             stage: Mutex::new(None),
             exchange: Exchange::default(),
@@ -119,6 +117,7 @@ impl NodeState {
     pub(super) async fn train_forward(
         self: Arc<Self>,
         mut req: pb::ForwardRequest,
+        caller: PublicKey,
     ) -> Result<pb::ForwardResponse, NodeError> {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
@@ -130,7 +129,7 @@ impl NodeState {
             ));
         }
         let targets = req.targets.take().map(|t| t.ids);
-        let forward = self.parse_call(req)?;
+        let forward = self.parse_call(req, caller)?;
         self.check_whole_range(&forward.served, forward.layers)?;
         self.ensure_stage(&forward.served).await?;
         let (tokens, input_hash) = (forward.tokens, forward.input_hash);
@@ -168,6 +167,7 @@ impl NodeState {
     pub(super) async fn backward(
         self: Arc<Self>,
         req: pb::BackwardRequest,
+        caller: PublicKey,
     ) -> Result<pb::BackwardResponse, NodeError> {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
@@ -175,7 +175,7 @@ impl NodeState {
         let received_ms = neuroshard_net::now_ms();
         let (served, layers) = self.backward_range(&req)?;
         self.ensure_stage(&served).await?;
-        let (call, work, input_hash) = self.backward_work(req, served, layers)?;
+        let (call, work, input_hash) = self.backward_work(req, served, layers, &caller)?;
         let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
         let Done::Backward {
             grad_input,
@@ -262,8 +262,9 @@ impl NodeState {
         req: pb::BackwardRequest,
         served: Arc<Served>,
         layers: LayerRange,
+        caller: &PublicKey,
     ) -> Result<(Call, Work, [u8; 32]), NodeError> {
-        let proof = parse_proof(&req.nonce, &req.requester_key)?;
+        let proof = parse_proof(&req.nonce, &req.requester_key, caller)?;
         let (grad, input_hash) = self.output_gradient(req.grad_output)?;
         let reply_dtype = match req.reply_dtype {
             0 => WireDType::F32,
