@@ -1,6 +1,7 @@
 //! Training through the swarm: a pipeline backward that gives single-process autodiff's
 //! gradients, a loss that falls, receipts for every training call, and bad calls refused.
 
+use neuroshard_base::NodeKey;
 use neuroshard_client::checkpoint::{Checkpoint, fetch_checkpoint, push_checkpoint};
 use neuroshard_client::router::Hop;
 use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
@@ -10,7 +11,9 @@ use neuroshard_net::NodeError;
 use neuroshard_node::node::NodeHandle;
 use neuroshard_node::node::{Compression, Fault, TrainingConfig};
 use neuroshard_proto as pb;
-use neuroshard_tests::{Swarm, TestModel, node_client};
+use neuroshard_tests::{Swarm, TestModel, node_client, node_client_as};
+use neuroshard_train::run::{RunBody, RunManifest, RunStage};
+use std::sync::Arc;
 
 /// Public-domain text (the Gettysburg Address, 1863) as bytes.
 const TEXT: &str = "Four score and seven years ago our fathers brought forth on this continent, a \
@@ -410,28 +413,163 @@ async fn a_replica_that_joins_late_starts_from_the_current_round() {
 
 /// One training node whose checkpoints are in chunks of 64 KiB, with `fault`, that has trained
 /// a step.
-async fn checkpoint_node(model: &TestModel, fault: Option<Fault>) -> Swarm {
+/// A run of `model` in one stage (layers 0..4) trained by the node of key `node`, driven by
+/// `trainer`, and taking pushed checkpoints if `allow_put`.
+fn one_stage_run(
+    model: &TestModel,
+    node: &NodeKey,
+    trainer: &NodeKey,
+    allow_put: bool,
+) -> Arc<RunManifest> {
+    let body = RunBody {
+        run_id: "run-1".into(),
+        model_id: neuroshard_model::ModelInfo::read(model.path()).unwrap().id,
+        stages: vec![RunStage {
+            layers: neuroshard_base::LayerRange::new(0, 4).unwrap(),
+            replicas: vec![node.id()],
+        }],
+        trainers: vec![trainer.id()],
+        allow_put_checkpoint: allow_put,
+    };
+    Arc::new(RunManifest::sign(body, &NodeKey::generate()).unwrap())
+}
+
+/// A node training layers 0..4 for a run whose trainer (returned) has taken one step, its
+/// checkpoints in 64 KiB chunks.
+async fn checkpoint_node(
+    model: &TestModel,
+    fault: Option<Fault>,
+    allow_put: bool,
+) -> (Swarm, Arc<NodeKey>) {
+    let (key, trainer) = (Arc::new(NodeKey::generate()), Arc::new(NodeKey::generate()));
+    let run = one_stage_run(model, &key, &trainer, allow_put);
     let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     swarm
         .add_node_with(model.path(), 0, 4, |c| {
+            c.key = Some(key);
             c.train = Some(TrainingConfig {
                 checkpoint_chunk_bytes: 64 << 10,
+                run: Some(run),
                 ..TrainingConfig::default()
             });
             c.fault = fault;
         })
         .await
         .unwrap();
-    let client = client(&swarm).await;
+    let client = SwarmClient::connect(ClientConfig {
+        key: Some(trainer.clone()),
+        ..ClientConfig::new(swarm.tracker.url())
+    })
+    .await
+    .unwrap();
     let mut session = client.train_session(chain(&swarm)).unwrap();
     session.step(&windows(0, 1, 16, 1)).await.unwrap();
-    swarm
+    (swarm, trainer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_train_exchange_or_push_into_a_run_and_change_nothing() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let (swarm, trainer) = checkpoint_node(&model, None, false).await;
+    let node = &swarm.nodes[0];
+    let before = node.training_snapshot().unwrap();
+    assert_eq!(before.inner_steps, 1, "the run's trainer trains");
+    let stranger = NodeKey::generate();
+    let mut theirs = node_client_as(node, &stranger).await;
+    let refused = |status: tonic::Status, says: &str| {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+    };
+    let not_trainer = "is not a trainer of run \"run-1\"";
+    let microbatch = pb::ForwardRequest {
+        session_id: "mb".into(),
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        input: Some(pb::forward_request::Input::Tokens(pb::TokenIds {
+            ids: vec![1, 2, 3],
+        })),
+        targets: Some(pb::TokenIds { ids: vec![2, 3, 4] }),
+        train: true,
+        ..Default::default()
+    };
+    refused(
+        theirs.forward(microbatch.clone()).await.unwrap_err(),
+        not_trainer,
+    );
+    let step = pb::BackwardRequest {
+        session_id: "mb".into(),
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        step: true,
+        ..Default::default()
+    };
+    refused(theirs.backward(step).await.unwrap_err(), not_trainer);
+    // A contribution to a later round, signed by the stranger: a forged claim of progress.
+    let layers = neuroshard_base::LayerRange::new(0, 4).unwrap();
+    let model_id = neuroshard_model::ModelInfo::read(model.path()).unwrap().id;
+    let payload = vec![0u8; 16];
+    let later = before.outer_round + 5;
+    let digest = neuroshard_node::node::contribution_bytes(
+        &model_id,
+        layers,
+        later,
+        pb::GradientEncoding::GradientDenseF32,
+        &payload,
+    );
+    let forged = pb::ExchangeGradientRequest {
+        model_id,
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        outer_step: later,
+        pseudo_gradient: payload,
+        encoding: pb::GradientEncoding::GradientDenseF32 as i32,
+        sender_key: stranger.public().0.to_vec(),
+        signature: stranger.sign(&digest).to_vec(),
+    };
+    refused(
+        theirs.exchange_gradient(forged).await.unwrap_err(),
+        "is not a replica of this stage of run \"run-1\"",
+    );
+    // Pushing a checkpoint is off for this run, for its trainer too.
+    let pushed = Checkpoint {
+        round: 9,
+        parameters: vec![0.5; before.parameters.len()],
+    };
+    for key in [&stranger, &*trainer] {
+        let mut c = node_client_as(node, key).await;
+        let err = push_checkpoint(&mut c, "", node.layers(), &pushed, 64 << 10)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not allow pushing checkpoints"), "{err}");
+    }
+    // Nothing moved: weights, optimizer steps and round.
+    let after = node.training_snapshot().unwrap();
+    assert_eq!(
+        (after.parameters, after.inner_steps, after.outer_round),
+        (before.parameters, before.inner_steps, before.outer_round)
+    );
+    // The trainer still trains.
+    let mut mine = node_client_as(node, &trainer).await;
+    mine.forward(microbatch).await.unwrap();
+    // A node the manifest does not name cannot join the run.
+    let run = one_stage_run(&model, &NodeKey::generate(), &trainer, false);
+    let mut swarm = swarm;
+    let err = swarm
+        .add_node_with(model.path(), 0, 4, |c| {
+            c.train = Some(TrainingConfig {
+                run: Some(run),
+                ..TrainingConfig::default()
+            })
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not a replica of layers 0..4"), "{err}");
+    swarm.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_checkpoint_chunk_is_named_and_fetched_again() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = checkpoint_node(&model, Some(Fault::CorruptChunk(1))).await;
+    let (swarm, _) = checkpoint_node(&model, Some(Fault::CorruptChunk(1)), false).await;
     let node = &swarm.nodes[0];
     let mut c = node_client(node).await;
     let mut seen = Vec::new();
@@ -458,9 +596,10 @@ async fn a_corrupted_checkpoint_chunk_is_named_and_fetched_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_checkpoint_transfer_resumes_with_the_missing_chunks_only() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let swarm = checkpoint_node(&model, Some(Fault::CutCheckpointAfter(2))).await;
+    let (swarm, trainer) = checkpoint_node(&model, Some(Fault::CutCheckpointAfter(2)), true).await;
     let node = &swarm.nodes[0];
-    let mut c = node_client(node).await;
+    // The run allows pushes, from its trainer only.
+    let mut c = node_client_as(node, &trainer).await;
     let (whole, report) = fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |_| {})
         .await
         .unwrap();
@@ -523,6 +662,20 @@ async fn a_cut_checkpoint_transfer_resumes_with_the_missing_chunks_only() {
         .into_inner();
     assert_eq!(reply.missing, (0..chunks).collect::<Vec<_>>());
     assert_eq!(node.training_snapshot().unwrap().outer_round, 7);
+    // A stranger's push is refused by name and changes nothing.
+    let mut theirs = node_client_as(node, &NodeKey::generate()).await;
+    let stranger = Checkpoint {
+        round: 99,
+        parameters: vec![0.0; pushed.parameters.len()],
+    };
+    let err = push_checkpoint(&mut theirs, "", node.layers(), &stranger, 64 << 10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not a trainer of run"), "{err}");
+    let snapshot = node.training_snapshot().unwrap();
+    assert_eq!(snapshot.outer_round, 7);
+    assert_eq!(snapshot.parameters, pushed.parameters);
     swarm.shutdown().await;
 }
 

@@ -74,7 +74,7 @@ pub use config::NodeConfig;
 use forward::{panic_message, parse_proof};
 pub use handle::{NodeHandle, NodeLimits};
 use heartbeat::Heartbeat;
-pub use outer::{Compression, TrainingConfig};
+pub use outer::{Compression, TrainingConfig, contribution_bytes};
 use served::{Served, WeightSource, weights_on_disk};
 pub use service::NodeService;
 use startup::reach_candidates;

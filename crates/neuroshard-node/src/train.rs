@@ -10,9 +10,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, NodeKey};
 use neuroshard_model::codec::WireDType;
 use neuroshard_model::init::{ModelSpec, write_trained};
 use neuroshard_model::{ModelInfo, TextTokenizer, TrainConfig};
@@ -23,6 +24,7 @@ use crate::node::{Compression, NodeHandle, TrainingConfig};
 use crate::swarm::LocalSwarm;
 use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
 use neuroshard_net::NodeError;
+use neuroshard_train::run::{RunBody, RunManifest, RunStage};
 
 /// What `neuroshard train` runs.
 #[derive(Debug, Clone)]
@@ -160,16 +162,57 @@ fn sample_windows(ids: &[u32], len: usize, count: usize, rng: &mut impl Rng) -> 
         .collect()
 }
 
-/// Runs the training, reporting progress lines through `progress`.
+/// The node keys of a run, by replica then stage.
+type RunKeys = Vec<Vec<Arc<NodeKey>>>;
+
+/// The run the harness trains: one stage per range, `replicas` node keys each, and `trainer` as
+/// the one key that sends microbatches; signed by a throwaway owner key. The node keys, by
+/// replica then stage.
+fn local_run(
+    model_id: &str,
+    ranges: &[LayerRange],
+    replicas: usize,
+    trainer: &NodeKey,
+) -> Result<(RunManifest, RunKeys), NodeError> {
+    let keys: RunKeys = (0..replicas)
+        .map(|_| {
+            ranges
+                .iter()
+                .map(|_| Arc::new(NodeKey::generate()))
+                .collect()
+        })
+        .collect();
+    let stages = ranges
+        .iter()
+        .enumerate()
+        .map(|(s, &layers)| RunStage {
+            layers,
+            replicas: keys.iter().map(|chain| chain[s].id()).collect(),
+        })
+        .collect();
+    let body = RunBody {
+        run_id: "neuroshard-train".into(),
+        model_id: model_id.to_string(),
+        stages,
+        trainers: vec![trainer.id()],
+        allow_put_checkpoint: false,
+    };
+    let run = RunManifest::sign(body, &NodeKey::generate())
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    Ok((run, keys))
+}
+
 /// The training nodes: `options.replicas` chains of one node per range, on loopback, each
-/// stage's replicas told of each other.
+/// stage's replicas told of each other, all of `run` with the keys `keys` names.
 async fn start_replicas(
     options: &TrainOptions,
     model_dir: &std::path::Path,
     ranges: &[LayerRange],
+    (run, keys): (RunManifest, RunKeys),
     progress: &impl Fn(&str),
 ) -> Result<LocalSwarm, NodeError> {
     let training = TrainingConfig {
+        run: Some(Arc::new(run)),
         inner: TrainConfig {
             lr: options.lr,
             warmup_steps: options.warmup,
@@ -186,13 +229,14 @@ async fn start_replicas(
         ..TrainingConfig::default()
     };
     let mut swarm = LocalSwarm::tracker_only().await?;
-    for r in 0..options.replicas {
-        for range in ranges {
+    for (r, chain) in keys.iter().enumerate() {
+        for (range, key) in ranges.iter().zip(chain) {
             progress(&format!(
                 "starting replica {r}'s node for layers {range}..."
             ));
             let train = |config: &mut crate::node::NodeConfig| {
                 config.train = Some(training.clone());
+                config.key = Some(key.clone());
             };
             swarm
                 .add_node_with(model_dir, range.start, range.end, train)
@@ -323,10 +367,16 @@ pub async fn run_training(
     let info = ModelInfo::read(&model_dir)?;
     let ids = options.corpus_ids(&model_dir)?;
     let ranges = split_layers(info.config.num_hidden_layers as u32, options.stages);
-    let swarm = start_replicas(&options, &model_dir, &ranges, &progress).await?;
+    let trainer = Arc::new(NodeKey::generate());
+    let run = local_run(&info.id, &ranges, options.replicas, &trainer)?;
+    let swarm = start_replicas(&options, &model_dir, &ranges, run, &progress).await?;
     // nodes[r][s]: stage s of replica r.
     let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
-    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url())).await?;
+    let client = SwarmClient::connect(ClientConfig {
+        key: Some(trainer),
+        ..ClientConfig::new(swarm.tracker.url())
+    })
+    .await?;
     let mut sessions = Vec::new();
     for chain in &nodes {
         sessions.push(client.train_session(chain.iter().map(NodeHandle::hop).collect())?);

@@ -8,12 +8,15 @@
 //!   step.
 //! - [`round`]: the exchange of a round as a state machine: who sends, who waits, what a call
 //!   is answered, when a round closes and with what, when a replica must catch up.
+//! - [`run`]: a training run's signed manifest: its stages, the keys of their replicas, and
+//!   who may drive it.
 //! - [`checkpoint`]: shards in transit as hashed chunks under a manifest, assembled in any
 //!   order, resumed from the first missing chunk, handed over only when the whole checks out.
 
 pub mod checkpoint;
 pub mod outer;
 pub mod round;
+pub mod run;
 pub mod sparse;
 
 /// The corpus `neuroshard train` trains on, embedded: public-domain English (the Gettysburg

@@ -8,19 +8,18 @@ use neuroshard_base::sync::LockExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, PublicKey};
 use neuroshard_model::fetched::MODEL_FILES;
 use neuroshard_proto as pb;
 use neuroshard_train::checkpoint::{Assembly, Manifest};
 
-use super::training::Trainer;
+use super::training::{RunRole, Trainer};
 use super::{Fault, NodeState, Served};
 use neuroshard_client::checkpoint::{
     Checkpoint, fetch_checkpoint, manifest_from_proto, manifest_to_proto, parameter_bytes,
 };
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::{span_from_proto, span_to_proto};
-use neuroshard_net::pool::Target;
 
 /// Most chunk numbers one request may name.
 const MAX_CHUNKS_ASKED: usize = 1 << 16;
@@ -267,9 +266,11 @@ impl NodeState {
     pub(super) async fn put_checkpoint(
         self: Arc<Self>,
         mut chunks: tonic::Streaming<pb::CheckpointChunk>,
+        caller: PublicKey,
     ) -> Result<pb::PutCheckpointResponse, NodeError> {
         use futures::StreamExt;
         let trainer = self.trainer()?;
+        self.check_run_key(&caller, RunRole::Pusher)?;
         let served = self.served();
         self.ensure_stage(&served).await?;
         let mut layers_seen: Option<LayerRange> = None;
@@ -432,7 +433,7 @@ impl NodeState {
         let expected = self.stage_parameters()? as u64 * 4;
         let mut client = trainer
             .pool
-            .client(&Target::any(addr))
+            .client(&self.replica_target(addr))
             .await?
             .client
             .clone();
@@ -470,7 +471,8 @@ impl NodeState {
         let mut gathered = neuroshard_train::round::Gathered::<String, ()>::default();
         for addr in self.replica_addrs(layers) {
             let timeout = std::time::Duration::from_secs(5);
-            match super::outer::ask_replica(trainer, addr, probe.clone(), timeout).await {
+            let to = self.replica_target(&addr);
+            match super::outer::ask_replica(trainer, to, probe.clone(), timeout).await {
                 (addr, Ok(Ok(reply))) => gathered.reply(0, addr, reply.outer_step, None),
                 (addr, Ok(Err(e))) => {
                     tracing::debug!("replica {addr} did not answer the probe: {e}")

@@ -56,8 +56,12 @@ pub struct NodeConfig {
     /// Heartbeat period. Default 10 s (the design's; the tracker drops nodes after 30 s).
     pub heartbeat: Duration,
     /// Where the node keeps its key (`node.key`) and receipt ledger (`ledger.sqlite`). None
-    /// makes a fresh key and keeps the ledger in memory: for tests and throwaway nodes.
+    /// makes a fresh key (or takes [`NodeConfig::key`]) and keeps the ledger in memory: for
+    /// tests and throwaway nodes.
     pub data_dir: Option<PathBuf>,
+    /// The node's key, for a node without a data directory whose key must be known before it
+    /// starts (a training run's manifest names its replicas' keys). Default none.
+    pub key: Option<Arc<NodeKey>>,
     /// Upload cap in KB/s (1 KB = 1000 bytes), 0 for none; on every byte the server sends.
     /// Default none.
     pub upload_kbps: u32,
@@ -150,6 +154,7 @@ impl NodeConfig {
             session_idle: Duration::from_secs(300),
             heartbeat: Duration::from_secs(10),
             data_dir: None,
+            key: None,
             upload_kbps: 0,
             download_kbps: 0,
             compute_share_percent: 100,

@@ -38,12 +38,13 @@ use neuroshard_model::TrainConfig;
 use neuroshard_proto as pb;
 use neuroshard_train::outer::{Nesterov, default_trim, trimmed_mean};
 use neuroshard_train::round::{Answer, Close, Gathered, Key, Mailbox, Plan};
+use neuroshard_train::run::RunManifest;
 use neuroshard_train::sparse::{Sparse, TopK};
 
-use super::training::Trainer;
+use super::training::{RunRole, Trainer};
 use super::{Fault, NodeState};
 use neuroshard_net::NodeError;
-use neuroshard_net::convert::span_to_proto;
+use neuroshard_net::convert::{PeerRecord, span_to_proto};
 use neuroshard_net::pool::Target;
 
 /// Replicas' calls that may wait at once for this node's contribution.
@@ -83,6 +84,10 @@ pub struct TrainingConfig {
     /// Chunk size of the checkpoints the node serves. Default
     /// [`neuroshard_train::checkpoint::CHUNK_BYTES`] (4 MiB).
     pub checkpoint_chunk_bytes: u32,
+    /// The run this node trains for, its manifest checked: microbatches and pushed checkpoints
+    /// only from its trainers, exchanges only with its stage's replicas. Default none: the
+    /// node trains with any caller, as a private test rig does (logged at start).
+    pub run: Option<Arc<RunManifest>>,
 }
 
 impl Default for TrainingConfig {
@@ -97,6 +102,7 @@ impl Default for TrainingConfig {
             sync_timeout: Duration::from_secs(30),
             replicas: Vec::new(),
             checkpoint_chunk_bytes: neuroshard_train::checkpoint::CHUNK_BYTES,
+            run: None,
         }
     }
 }
@@ -198,8 +204,8 @@ struct Outgoing {
     layers: LayerRange,
 }
 
-/// What a signature over a contribution covers.
-fn signed_bytes(
+/// What a replica's signature over its contribution covers (for tests that sign their own).
+pub fn contribution_bytes(
     model_id: &str,
     layers: LayerRange,
     round: u64,
@@ -226,7 +232,7 @@ impl NodeState {
         encoding: pb::GradientEncoding,
         payload: Vec<u8>,
     ) -> Contribution {
-        let digest = signed_bytes(&self.model.id, layers, round, encoding, &payload);
+        let digest = contribution_bytes(&self.model.id, layers, round, encoding, &payload);
         Contribution {
             key: self.key.public(),
             encoding,
@@ -252,7 +258,9 @@ impl NodeState {
             NodeError::BadRequest(format!("unknown pseudo-gradient encoding {encoding}"))
         })?;
         let key = PublicKey::from_slice(key)?;
-        let digest = signed_bytes(&self.model.id, layers, round, encoding, &payload);
+        // Under a run, only its stage's replicas contribute, in calls and in replies alike.
+        self.check_run_key(&key, RunRole::Replica(layers))?;
+        let digest = contribution_bytes(&self.model.id, layers, round, encoding, &payload);
         key.verify(&digest, signature)?;
         Ok(Some(Contribution {
             key,
@@ -270,8 +278,11 @@ impl NodeState {
     pub(super) async fn exchange_gradient(
         self: Arc<Self>,
         req: pb::ExchangeGradientRequest,
+        caller: PublicKey,
     ) -> Result<pb::ExchangeGradientResponse, NodeError> {
         let trainer = self.trainer()?;
+        let layers = self.served().range;
+        self.check_run_key(&caller, RunRole::Replica(layers))?;
         let (layers, round, theirs) = self.check_exchange(req)?;
         let exchange = &trainer.exchange;
         let mut changed = exchange.changed.subscribe();
@@ -327,26 +338,41 @@ impl NodeState {
 
     /// Keys of the peers this node knows serve `layers` of its model.
     fn replica_keys(&self, layers: LayerRange) -> std::collections::BTreeSet<[u8; 32]> {
-        self.known_peers()
-            .into_iter()
-            .filter(|p| p.layers == layers && p.model_id == self.model.id)
-            .map(|p| p.public_key.0)
-            .collect()
+        self.replica_peers(layers).map(|p| p.public_key.0).collect()
     }
 
-    /// Where to find replicas of `layers`: configured ones and known peers serving the same.
+    /// The known peers that are replicas of `layers`: those serving the same layers of the
+    /// model, and under a run only the keys its manifest names for the stage.
+    fn replica_peers(&self, layers: LayerRange) -> impl Iterator<Item = PeerRecord> + use<'_> {
+        let run = self.trainer.as_ref().and_then(|t| t.config.run.clone());
+        self.known_peers().into_iter().filter(move |p| {
+            p.layers == layers
+                && p.model_id == self.model.id
+                && run
+                    .as_ref()
+                    .is_none_or(|r| r.is_replica(layers, &p.node_id))
+        })
+    }
+
+    /// A replica at `addr` as a node to dial: the node known there, whose key the handshake
+    /// must show, or whoever answers at an address the owner configured.
+    pub(super) fn replica_target(&self, addr: &str) -> Target {
+        match self.known_peers().into_iter().find(|p| p.addr == addr) {
+            Some(peer) => Target::node(addr, peer.node_id),
+            None => Target::any(addr),
+        }
+    }
+
+    /// Where to find replicas of `layers`: configured ones and known peers serving the same
+    /// (under a run, those its manifest names; what a configured one contributes is checked
+    /// against the manifest too).
     pub(super) fn replica_addrs(&self, layers: LayerRange) -> Vec<String> {
         let own = self.advertised.read_or_recover().clone();
         let mut addrs: Vec<String> = match self.trainer.as_ref() {
             Some(t) => t.replicas.read_or_recover().clone(),
             None => Vec::new(),
         };
-        addrs.extend(
-            self.known_peers()
-                .into_iter()
-                .filter(|p| p.layers == layers && p.model_id == self.model.id)
-                .map(|p| p.addr),
-        );
+        addrs.extend(self.replica_peers(layers).map(|p| p.addr));
         addrs.retain(|a| *a != own);
         addrs.sort();
         addrs.dedup();
@@ -522,7 +548,7 @@ impl NodeState {
             trainer
                 .exchange_sent
                 .fetch_add(request.pseudo_gradient.len() as u64, Ordering::Relaxed);
-            ask_replica(trainer, addr, request, timeout)
+            ask_replica(trainer, self.replica_target(&addr), request, timeout)
         });
         for (addr, reply) in futures::future::join_all(asks).await {
             let Some(reply) = exchanged(&addr, reply) else {
@@ -670,20 +696,16 @@ fn answer_if_ready(
 /// reply.
 pub(super) async fn ask_replica(
     trainer: &Trainer,
-    addr: String,
+    to: Target,
     request: pb::ExchangeGradientRequest,
     timeout: Duration,
 ) -> (
     String,
     Result<Result<pb::ExchangeGradientResponse, NodeError>, tokio::time::error::Elapsed>,
 ) {
+    let addr = to.addr.clone();
     let reply = tokio::time::timeout(timeout, async {
-        let mut client = trainer
-            .pool
-            .client(&Target::any(addr.as_str()))
-            .await?
-            .client
-            .clone();
+        let mut client = trainer.pool.client(&to).await?.client.clone();
         client
             .exchange_gradient(request)
             .await

@@ -77,8 +77,11 @@ impl Node for NodeService {
         &self,
         request: Request<pb::ExchangeGradientRequest>,
     ) -> Result<Response<pb::ExchangeGradientResponse>, Status> {
-        let received = request.get_ref().encoded_len();
-        let call = self.state.clone().exchange_gradient(request.into_inner());
+        let (received, caller) = (request.get_ref().encoded_len(), caller_key(&request)?);
+        let call = self
+            .state
+            .clone()
+            .exchange_gradient(request.into_inner(), caller);
         self.counted("exchange", received, call).await
     }
 
@@ -106,7 +109,11 @@ impl Node for NodeService {
         &self,
         request: Request<tonic::Streaming<pb::CheckpointChunk>>,
     ) -> Result<Response<pb::PutCheckpointResponse>, Status> {
-        let call = self.state.clone().put_checkpoint(request.into_inner());
+        let caller = caller_key(&request)?;
+        let call = self
+            .state
+            .clone()
+            .put_checkpoint(request.into_inner(), caller);
         self.counted("put checkpoint", 0, call).await
     }
 

@@ -32,6 +32,13 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     };
     let discovery =
         start_discovery(&config, &advertise, &key, pool(&metrics), cancel.clone()).await?;
+    match config.train.as_ref().map(|t| t.run.as_deref()) {
+        Some(Some(run)) => training::check_membership(run, &model.id, range, key.id())?,
+        Some(None) => tracing::warn!(
+            "training without a run manifest: any key may send microbatches, exchanges and checkpoints"
+        ),
+        None => {}
+    }
     let trainer = config
         .train
         .clone()
@@ -118,14 +125,23 @@ async fn find_weights(
 
 /// The node's key and receipt ledger: kept in the data dir, or fresh and in memory.
 fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), NodeError> {
-    let (key, ledger) = match &config.data_dir {
-        Some(dir) => (
-            crate::identity::load_or_create(dir)?,
+    let (key, ledger) = match (&config.data_dir, &config.key) {
+        (Some(_), Some(_)) => {
+            return Err(NodeError::Config(
+                "key: a node with a data directory keeps its key there; give one or the other"
+                    .into(),
+            ));
+        }
+        (Some(dir), None) => (
+            Arc::new(crate::identity::load_or_create(dir)?),
             Ledger::open(&dir.join(LEDGER_FILE))?,
         ),
-        None => (NodeKey::generate(), Ledger::in_memory()?),
+        (None, key) => (
+            key.clone().unwrap_or_else(|| Arc::new(NodeKey::generate())),
+            Ledger::in_memory()?,
+        ),
     };
-    Ok((Arc::new(key), LedgerHandle::spawn(ledger)?))
+    Ok((key, LedgerHandle::spawn(ledger)?))
 }
 
 /// Binds the listen address; the listener, its address, and the address peers are told.

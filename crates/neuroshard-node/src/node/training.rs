@@ -10,11 +10,12 @@ use neuroshard_base::sync::LockExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use neuroshard_base::{LayerRange, PublicKey};
+use neuroshard_base::{LayerRange, NodeId, PublicKey};
 use neuroshard_model::codec::{self, WireDType};
 use neuroshard_model::{ShardInput, TrainOutput, TrainShard};
 use neuroshard_proof::{Fingerprint, ReceiptBody, WorkKind};
 use neuroshard_proto as pb;
+use neuroshard_train::run::RunManifest;
 
 use super::outer::{Exchange, Outer, TrainingConfig};
 use super::{NodeState, Served, parse_proof};
@@ -56,6 +57,43 @@ pub(super) struct Stage {
     pub(super) range: LayerRange,
     pub(super) shard: TrainShard,
     pub(super) outer: Outer,
+}
+
+/// Checks that a node of `model_id` training `layers` as `id` belongs to `run`: its signature
+/// holds, it trains that model, and a stage of exactly those layers names the key.
+pub(super) fn check_membership(
+    run: &RunManifest,
+    model_id: &str,
+    layers: LayerRange,
+    id: NodeId,
+) -> Result<(), NodeError> {
+    let bad = |problem: String| NodeError::Config(format!("run {:?}: {problem}", run.run_id()));
+    run.verify().map_err(|e| NodeError::Config(e.to_string()))?;
+    if run.body.model_id != model_id {
+        return Err(bad(format!(
+            "it trains model {}, this node serves {model_id}",
+            run.body.model_id
+        )));
+    }
+    match run.stage(layers) {
+        None => Err(bad(format!("no stage is layers {layers}"))),
+        Some(stage) if !stage.replicas.contains(&id) => Err(bad(format!(
+            "this node ({}) is not a replica of layers {layers}",
+            id.short()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a training call asks to do, for the run's check of its caller.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RunRole {
+    /// Send microbatches (training Forward and Backward).
+    Trainer,
+    /// Exchange pseudo-gradients for the stage of these layers.
+    Replica(LayerRange),
+    /// Push a checkpoint.
+    Pusher,
 }
 
 impl Trainer {
@@ -121,7 +159,7 @@ impl NodeState {
     ) -> Result<pb::ForwardResponse, NodeError> {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
-        self.trainer()?;
+        self.check_run_key(&caller, RunRole::Trainer)?;
         let received_ms = neuroshard_net::now_ms();
         if req.start_pos != 0 {
             return Err(NodeError::BadRequest(
@@ -171,7 +209,7 @@ impl NodeState {
     ) -> Result<pb::BackwardResponse, NodeError> {
         let _admitted = self.lifecycle.admit()?;
         self.caps.check_budget()?;
-        self.trainer()?;
+        self.check_run_key(&caller, RunRole::Trainer)?;
         let received_ms = neuroshard_net::now_ms();
         let (served, layers) = self.backward_range(&req)?;
         self.ensure_stage(&served).await?;
@@ -312,6 +350,33 @@ impl NodeState {
         self.trainer.as_ref().ok_or_else(|| {
             NodeError::NotTraining("this node does not train (start it with training on)".into())
         })
+    }
+
+    /// Refuses `caller` unless the node's run lets it act as `role` (any caller, without a run).
+    pub(super) fn check_run_key(&self, caller: &PublicKey, role: RunRole) -> Result<(), NodeError> {
+        let Some(run) = &self.trainer()?.config.run else {
+            return Ok(());
+        };
+        let id = caller.id();
+        let (allowed, what) = match role {
+            RunRole::Trainer => (run.is_trainer(&id), "a trainer"),
+            RunRole::Replica(layers) => (run.is_replica(layers, &id), "a replica of this stage"),
+            RunRole::Pusher if !run.body.allow_put_checkpoint => {
+                return Err(NodeError::Forbidden(format!(
+                    "run {:?} does not allow pushing checkpoints",
+                    run.run_id()
+                )));
+            }
+            RunRole::Pusher => (run.is_trainer(&id), "a trainer"),
+        };
+        match allowed {
+            true => Ok(()),
+            false => Err(NodeError::Forbidden(format!(
+                "key {} is not {what} of run {:?}",
+                id.short(),
+                run.run_id()
+            ))),
+        }
     }
 
     /// Training runs a node's whole range: its parameters move together.
