@@ -11,6 +11,7 @@ mod pool;
 mod proofs;
 mod reference;
 mod relay;
+mod runs;
 mod secure;
 mod tracker;
 mod training;

@@ -22,7 +22,7 @@ equal. Now we are engaged in a great civil war, testing whether that nation, or 
 conceived and so dedicated, can long endure.";
 
 /// `count` windows of `len` + 1 bytes of `TEXT`, starting `stride` apart from `first`.
-fn windows(first: usize, count: usize, len: usize, stride: usize) -> Vec<Microbatch> {
+pub(crate) fn windows(first: usize, count: usize, len: usize, stride: usize) -> Vec<Microbatch> {
     let bytes: Vec<u32> = TEXT.bytes().map(u32::from).collect();
     (0..count)
         .map(|i| {
@@ -52,7 +52,7 @@ async fn client(swarm: &Swarm) -> SwarmClient {
 }
 
 /// The swarm's nodes as a training chain, in start order.
-fn chain(swarm: &Swarm) -> Vec<Hop> {
+pub(crate) fn chain(swarm: &Swarm) -> Vec<Hop> {
     swarm.nodes.iter().map(NodeHandle::hop).collect()
 }
 
@@ -234,12 +234,22 @@ async fn bad_training_calls_are_refused_by_name_and_the_node_keeps_training() {
 
 /// Starts `configs.len()` replicas of the whole model, each told of the others.
 async fn replicas(model: &TestModel, configs: Vec<(TrainingConfig, Option<Fault>)>) -> Swarm {
+    let configs = configs.into_iter().map(|(t, f)| (t, f, None)).collect();
+    replicas_with(model, configs).await
+}
+
+/// [`replicas`], each with its key when one is given.
+pub(crate) async fn replicas_with(
+    model: &TestModel,
+    configs: Vec<(TrainingConfig, Option<Fault>, Option<Arc<NodeKey>>)>,
+) -> Swarm {
     let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
-    for (train, fault) in configs {
+    for (train, fault, key) in configs {
         swarm
             .add_node_with(model.path(), 0, 4, |c| {
                 c.train = Some(train);
                 c.fault = fault;
+                c.key = key;
             })
             .await
             .unwrap();
@@ -254,7 +264,20 @@ async fn replicas(model: &TestModel, configs: Vec<(TrainingConfig, Option<Fault>
 /// Trains every replica of `swarm` for `steps` inner steps at once, each on its own slice of
 /// the text; each replica's losses.
 async fn train_replicas(swarm: &Swarm, steps: usize) -> Result<Vec<Vec<f32>>, NodeError> {
-    let client = client(swarm).await;
+    train_replicas_as(swarm, steps, None).await
+}
+
+/// [`train_replicas`] driven by `trainer`'s key (a fresh one when none).
+pub(crate) async fn train_replicas_as(
+    swarm: &Swarm,
+    steps: usize,
+    trainer: Option<Arc<NodeKey>>,
+) -> Result<Vec<Vec<f32>>, NodeError> {
+    let client = SwarmClient::connect(ClientConfig {
+        key: trainer,
+        ..ClientConfig::new(swarm.tracker.url())
+    })
+    .await?;
     let runs = chain(swarm).into_iter().enumerate().map(|(r, hop)| {
         let client = &client;
         async move {
@@ -271,7 +294,7 @@ async fn train_replicas(swarm: &Swarm, steps: usize) -> Result<Vec<Vec<f32>>, No
     futures::future::join_all(runs).await.into_iter().collect()
 }
 
-fn diloco(compression: Compression) -> TrainingConfig {
+pub(crate) fn diloco(compression: Compression) -> TrainingConfig {
     TrainingConfig {
         outer_every: 5,
         compression,
@@ -371,51 +394,9 @@ async fn a_replica_sending_flipped_and_scaled_pseudo_gradients_does_not_stop_the
     swarm.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_joins_late_starts_from_the_current_round() {
-    let model = TestModel::new(&ModelSpec::tiny());
-    let config = diloco(Compression::TopK(0.1));
-    let mut swarm = replicas(&model, vec![(config.clone(), None); 2]).await;
-    train_replicas(&swarm, 10).await.unwrap();
-    swarm
-        .add_node_with(model.path(), 0, 4, |c| {
-            c.train = Some(config.clone());
-        })
-        .await
-        .unwrap();
-    let addrs: Vec<String> = swarm.nodes.iter().map(|n| n.advertised()).collect();
-    swarm.nodes[2].set_training_replicas(addrs);
-    // Its first training call loads the stage and finds the others in round 2.
-    let client = client(&swarm).await;
-    let hop = chain(&swarm).pop().unwrap();
-    let mut session = client.train_session(vec![hop]).unwrap();
-    session
-        .accumulate(&windows(0, 1, 32, 1), false)
-        .await
-        .unwrap();
-    let late = swarm.nodes.last().unwrap();
-    let snapshot = late.training_snapshot().unwrap();
-    assert_eq!(snapshot.outer_round, 2);
-    let mut got = Vec::new();
-    for node in [&swarm.nodes[0], late] {
-        let mut c = node_client(node).await;
-        got.push(
-            fetch_checkpoint(&mut c, "", node.layers(), u64::MAX, |_| {})
-                .await
-                .unwrap()
-                .0,
-        );
-    }
-    assert_eq!(got[0], got[1]);
-    assert_eq!(snapshot.parameters, got[0].parameters);
-    swarm.shutdown().await;
-}
-
-/// One training node whose checkpoints are in chunks of 64 KiB, with `fault`, that has trained
-/// a step.
 /// A run of `model` in one stage (layers 0..4) trained by the node of key `node`, driven by
 /// `trainer`, and taking pushed checkpoints if `allow_put`.
-fn one_stage_run(
+pub(crate) fn one_stage_run(
     model: &TestModel,
     node: &NodeKey,
     trainer: &NodeKey,
@@ -436,7 +417,7 @@ fn one_stage_run(
 
 /// A node training layers 0..4 for a run whose trainer (returned) has taken one step, its
 /// checkpoints in 64 KiB chunks.
-async fn checkpoint_node(
+pub(crate) async fn checkpoint_node(
     model: &TestModel,
     fault: Option<Fault>,
     allow_put: bool,
@@ -465,105 +446,6 @@ async fn checkpoint_node(
     let mut session = client.train_session(chain(&swarm)).unwrap();
     session.step(&windows(0, 1, 16, 1)).await.unwrap();
     (swarm, trainer)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_cannot_train_exchange_or_push_into_a_run_and_change_nothing() {
-    let model = TestModel::new(&ModelSpec::tiny());
-    let (swarm, trainer) = checkpoint_node(&model, None, false).await;
-    let node = &swarm.nodes[0];
-    let before = node.training_snapshot().unwrap();
-    assert_eq!(before.inner_steps, 1, "the run's trainer trains");
-    let stranger = NodeKey::generate();
-    let mut theirs = node_client_as(node, &stranger).await;
-    let refused = |status: tonic::Status, says: &str| {
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-        assert!(status.message().contains(says), "{says}: {status:?}");
-    };
-    let not_trainer = "is not a trainer of run \"run-1\"";
-    let microbatch = pb::ForwardRequest {
-        session_id: "mb".into(),
-        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
-        input: Some(pb::forward_request::Input::Tokens(pb::TokenIds {
-            ids: vec![1, 2, 3],
-        })),
-        targets: Some(pb::TokenIds { ids: vec![2, 3, 4] }),
-        train: true,
-        ..Default::default()
-    };
-    refused(
-        theirs.forward(microbatch.clone()).await.unwrap_err(),
-        not_trainer,
-    );
-    let step = pb::BackwardRequest {
-        session_id: "mb".into(),
-        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
-        step: true,
-        ..Default::default()
-    };
-    refused(theirs.backward(step).await.unwrap_err(), not_trainer);
-    // A contribution to a later round, signed by the stranger: a forged claim of progress.
-    let layers = neuroshard_base::LayerRange::new(0, 4).unwrap();
-    let model_id = neuroshard_model::ModelInfo::read(model.path()).unwrap().id;
-    let payload = vec![0u8; 16];
-    let later = before.outer_round + 5;
-    let digest = neuroshard_node::node::contribution_bytes(
-        &model_id,
-        layers,
-        later,
-        pb::GradientEncoding::GradientDenseF32,
-        &payload,
-    );
-    let forged = pb::ExchangeGradientRequest {
-        model_id,
-        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
-        outer_step: later,
-        pseudo_gradient: payload,
-        encoding: pb::GradientEncoding::GradientDenseF32 as i32,
-        sender_key: stranger.public().0.to_vec(),
-        signature: stranger.sign(&digest).to_vec(),
-    };
-    refused(
-        theirs.exchange_gradient(forged).await.unwrap_err(),
-        "is not a replica of this stage of run \"run-1\"",
-    );
-    // Pushing a checkpoint is off for this run, for its trainer too.
-    let pushed = Checkpoint {
-        round: 9,
-        parameters: vec![0.5; before.parameters.len()],
-    };
-    for key in [&stranger, &*trainer] {
-        let mut c = node_client_as(node, key).await;
-        let err = push_checkpoint(&mut c, "", node.layers(), &pushed, 64 << 10)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("does not allow pushing checkpoints"), "{err}");
-    }
-    // Nothing moved: weights, optimizer steps and round.
-    let after = node.training_snapshot().unwrap();
-    assert_eq!(
-        (after.parameters, after.inner_steps, after.outer_round),
-        (before.parameters, before.inner_steps, before.outer_round)
-    );
-    // The trainer still trains.
-    let mut mine = node_client_as(node, &trainer).await;
-    mine.forward(microbatch).await.unwrap();
-    // A node the manifest does not name cannot join the run.
-    let run = one_stage_run(&model, &NodeKey::generate(), &trainer, false);
-    let mut swarm = swarm;
-    let err = swarm
-        .add_node_with(model.path(), 0, 4, |c| {
-            c.train = Some(TrainingConfig {
-                run: Some(run),
-                ..TrainingConfig::default()
-            })
-        })
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("is not a replica of layers 0..4"), "{err}");
-    swarm.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,7 @@ use neuroshard_net::pool::{ConnectionPool, PoolConfig, Target};
 use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
 use neuroshard_settings::ComputeDevice;
 
+mod attest;
 mod checkpoint;
 mod config;
 mod forward;

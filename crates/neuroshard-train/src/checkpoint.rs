@@ -80,6 +80,11 @@ pub struct Manifest {
     pub hash: [u8; 32],
 }
 
+/// SHA-256 of a whole checkpoint's bytes: its manifest's `hash`.
+pub fn whole_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
 impl Manifest {
     /// The manifest of `bytes` cut into chunks of `chunk_bytes`.
     pub fn of(bytes: &[u8], chunk_bytes: u32) -> Manifest {
@@ -91,7 +96,7 @@ impl Manifest {
                 .chunks(chunk_bytes as usize)
                 .map(|c| Sha256::digest(c).into())
                 .collect(),
-            hash: Sha256::digest(bytes).into(),
+            hash: whole_hash(bytes),
         }
     }
 

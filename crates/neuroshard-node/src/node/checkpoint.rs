@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use neuroshard_base::{LayerRange, PublicKey};
 use neuroshard_model::fetched::MODEL_FILES;
 use neuroshard_proto as pb;
-use neuroshard_train::checkpoint::{Assembly, Manifest};
+use neuroshard_train::checkpoint::{Assembly, Manifest, whole_hash};
 
 use super::training::{RunRole, Trainer};
 use super::{Fault, NodeState, Served};
@@ -27,9 +27,9 @@ const MAX_CHUNKS_ASKED: usize = 1 << 16;
 /// A stage's checkpoint as served: the round, its bytes and their manifest.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
-    round: u64,
+    pub(super) round: u64,
     bytes: Vec<u8>,
-    manifest: Manifest,
+    pub(super) manifest: Manifest,
 }
 
 impl Snapshot {
@@ -182,18 +182,19 @@ impl NodeState {
     }
 
     /// The checkpoint of the round in progress, made once per round.
-    fn snapshot(&self) -> Result<Arc<Snapshot>, NodeError> {
+    pub(super) fn snapshot(&self) -> Result<Arc<Snapshot>, NodeError> {
         let trainer = self.trainer()?;
         let stage = trainer.stage.lock_or_recover();
         let stage = stage
             .as_ref()
             .ok_or_else(|| NodeError::NotTraining("this node has not started training".into()))?;
         let mut cached = trainer.snapshot.lock_or_recover();
-        if let Some(s) = cached.as_ref().filter(|s| s.round == stage.outer.round) {
+        let round = stage.outer.round + self.rounds_claimed_ahead();
+        if let Some(s) = cached.as_ref().filter(|s| s.round == round) {
             return Ok(s.clone());
         }
         let snapshot = Snapshot::new(
-            stage.outer.round,
+            round,
             &stage.outer.start,
             trainer.config.checkpoint_chunk_bytes,
         );
@@ -423,7 +424,9 @@ impl NodeState {
         Ok(round)
     }
 
-    /// Fetches the weights of the round `addr` is in and adopts them.
+    /// Fetches the weights of the round `addr` is in and adopts them. Under a run, only the
+    /// weights of a round a majority of the stage's replicas sign, checked against the hash
+    /// they signed; else nothing changes and the error says why.
     pub(super) async fn catch_up(
         self: &Arc<Self>,
         addr: &str,
@@ -431,6 +434,13 @@ impl NodeState {
     ) -> Result<u64, NodeError> {
         let trainer = self.trainer()?;
         let expected = self.stage_parameters()? as u64 * 4;
+        let signed = match &trainer.config.run {
+            Some(run) => {
+                let own = trainer.exchange.lock().round();
+                Some(self.majority_round(trainer, run, layers, own).await?)
+            }
+            None => None,
+        };
         let mut client = trainer
             .pool
             .client(&self.replica_target(addr))
@@ -448,6 +458,16 @@ impl NodeState {
                 checkpoint.parameters.len(),
                 expected / 4
             )));
+        }
+        if let Some((round, hash)) = signed {
+            let got = whole_hash(&parameter_bytes(&checkpoint.parameters));
+            if (checkpoint.round, got) != (round, hash) {
+                return Err(NodeError::Forbidden(format!(
+                    "{addr} sent weights of round {} that are not those a majority of the \
+                     stage signed for round {round}",
+                    checkpoint.round
+                )));
+            }
         }
         tracing::info!(
             "caught up with {addr} at round {} ({} bytes, {} requests)",
@@ -484,7 +504,13 @@ impl NodeState {
         }
         if let Some((round, addr)) = gathered.ahead {
             tracing::info!("replicas are in round {round}: fetching the weights from {addr}");
-            self.catch_up(&addr, layers).await?;
+            match self.catch_up(&addr, layers).await {
+                // A round the run's replicas do not sign by majority: train on from here.
+                Err(e @ NodeError::Forbidden(_)) => tracing::warn!("not catching up: {e}"),
+                other => {
+                    other?;
+                }
+            }
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ pub enum Fault {
     /// Panics in the compute worker of every Forward call that starts at this token position
     /// or later.
     PanicFrom(usize),
+    /// Answers every ExchangeGradient as though this many rounds ahead, attesting its own
+    /// weights for the round it claims: a replica of the run forging progress.
+    ClaimsRoundsAhead(u64),
 }
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].

@@ -181,7 +181,7 @@ impl Default for Exchange {
 }
 
 impl Exchange {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Mailbox<Contribution>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Mailbox<Contribution>> {
         self.mailbox.lock_or_recover()
     }
 
@@ -295,19 +295,20 @@ impl NodeState {
             Some(_) => trainer.waiting.try_acquire().ok(),
             None => None,
         };
-        loop {
+        let reply = loop {
             let ready = answer_if_ready(trainer, round, theirs.as_ref(), &known, permit.is_some());
             if let Some(reply) = ready {
-                return Ok(reply);
+                break reply;
             }
             tokio::select! {
-                _ = &mut wait => return Ok(answer_with(exchange.lock().round(), None)),
+                _ = &mut wait => break answer_with(exchange.lock().round(), None),
                 _ = self.cancel.cancelled() => return Err(NodeError::ShuttingDown),
                 r = changed.changed() => if r.is_err() {
                     return Err(NodeError::ShuttingDown);
                 },
             }
-        }
+        };
+        Ok(self.attest(layers, reply).await)
     }
 
     /// Checks an ExchangeGradient request: the model, the node's whole range, and the
@@ -749,6 +750,7 @@ fn answer_with(round: u64, answer: Option<Contribution>) -> pb::ExchangeGradient
             encoding: c.encoding as i32,
             sender_key: c.key.0.to_vec(),
             signature: c.signature.to_vec(),
+            ..Default::default()
         },
     }
 }
