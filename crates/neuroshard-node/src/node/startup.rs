@@ -18,31 +18,9 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let stop_on_error = cancel.clone().drop_guard();
     let (stun, relay, relay_addr) = start_side_servers(&config, addr, &advertise, &cancel).await?;
     let metrics = Arc::new(Metrics::default());
-    // The node dials as itself, so the peers it calls know which node called.
-    let dialler =
-        neuroshard_net::tls::Dialler::new(&key).map_err(|e| NodeError::Config(e.to_string()))?;
-    let pool = |metrics: &Arc<Metrics>| {
-        let pool = Arc::new(ConnectionPool::new(
-            PoolConfig::default(),
-            metrics.clone(),
-            dialler.clone(),
-        ));
-        pool.spawn_reaper();
-        pool
-    };
-    let discovery =
-        start_discovery(&config, &advertise, &key, pool(&metrics), cancel.clone()).await?;
-    match config.train.as_ref().map(|t| t.run.as_deref()) {
-        Some(Some(run)) => training::check_membership(run, &model.id, range, key.id())?,
-        Some(None) => tracing::warn!(
-            "training without a run manifest: any key may send microbatches, exchanges and checkpoints"
-        ),
-        None => {}
-    }
-    let trainer = config
-        .train
-        .clone()
-        .map(|c| training::Trainer::new(c, pool(&metrics)));
+    let pool = node_pool(&key, &metrics)?;
+    let discovery = start_discovery(&config, &advertise, &key, pool, cancel.clone()).await?;
+    let trainer = start_trainer(&config, &model.id, &key, &metrics)?;
     let record = own_record(&key, &model, range, &advertise, relay_addr);
     let parts = Parts {
         record,
@@ -142,6 +120,42 @@ fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), No
         ),
     };
     Ok((key, LedgerHandle::spawn(ledger)?))
+}
+
+/// A connection pool reporting into `metrics` that dials as `key`, so the peers a node calls
+/// know which node called.
+fn node_pool(key: &NodeKey, metrics: &Arc<Metrics>) -> Result<Arc<ConnectionPool>, NodeError> {
+    let dialler = neuroshard_net::tls::Dialler::new(key)?;
+    let pool = Arc::new(ConnectionPool::new(
+        PoolConfig::default(),
+        metrics.clone(),
+        dialler,
+    ));
+    pool.spawn_reaper();
+    Ok(pool)
+}
+
+/// The trainer of a node started with training on, once it is checked to belong to the run
+/// its config names (without one, the log says that the node trains for anyone).
+fn start_trainer(
+    config: &NodeConfig,
+    model_id: &str,
+    key: &NodeKey,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<training::Trainer>, NodeError> {
+    let Some(train) = &config.train else {
+        return Ok(None);
+    };
+    match train.run.as_deref() {
+        Some(run) => training::check_membership(run, model_id, config.layers, key.id())?,
+        None => tracing::warn!(
+            "training without a run manifest: any key may send microbatches, exchanges and checkpoints"
+        ),
+    }
+    Ok(Some(training::Trainer::new(
+        train.clone(),
+        node_pool(key, metrics)?,
+    )))
 }
 
 /// Binds the listen address; the listener, its address, and the address peers are told.
