@@ -139,11 +139,6 @@ impl ConnectionPool {
         }
     }
 
-    /// The key this pool's connections prove.
-    pub fn id(&self) -> NodeId {
-        self.dialler.id()
-    }
-
     /// A client to `addr`: an idle pooled channel, else a new one while under the cap, else the
     /// least busy pooled channel.
     pub async fn client(&self, addr: &Target) -> Result<PooledClient, NodeError> {

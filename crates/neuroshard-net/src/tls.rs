@@ -474,11 +474,6 @@ impl Dialler {
         Ok(EPHEMERAL.get_or_init(|| dialler).clone())
     }
 
-    /// The node id this side proves.
-    pub fn id(&self) -> NodeId {
-        self.identity.id()
-    }
-
     /// Secures `stream` to the node `pin` expects, and pins the node that answered when it
     /// expected none yet; the node's key.
     pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(

@@ -18,9 +18,11 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let stop_on_error = cancel.clone().drop_guard();
     let (stun, relay, relay_addr) = start_side_servers(&config, addr, &advertise, &cancel).await?;
     let metrics = Arc::new(Metrics::default());
-    let pool = node_pool(&key, &metrics)?;
+    // One certificate for every connection the node dials: peers know which node called.
+    let dialler = neuroshard_net::tls::Dialler::new(&key)?;
+    let pool = node_pool(&dialler, &metrics);
     let discovery = start_discovery(&config, &advertise, &key, pool, cancel.clone()).await?;
-    let trainer = start_trainer(&config, &model.id, &key, &metrics)?;
+    let trainer = start_trainer(&config, &model.id, key.id(), &dialler, &metrics)?;
     let record = own_record(&key, &model, range, &advertise, relay_addr);
     let parts = Parts {
         record,
@@ -122,17 +124,18 @@ fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), No
     Ok((key, LedgerHandle::spawn(ledger)?))
 }
 
-/// A connection pool reporting into `metrics` that dials as `key`, so the peers a node calls
-/// know which node called.
-fn node_pool(key: &NodeKey, metrics: &Arc<Metrics>) -> Result<Arc<ConnectionPool>, NodeError> {
-    let dialler = neuroshard_net::tls::Dialler::new(key)?;
+/// A connection pool reporting into `metrics` that dials as `dialler`.
+fn node_pool(
+    dialler: &neuroshard_net::tls::Dialler,
+    metrics: &Arc<Metrics>,
+) -> Arc<ConnectionPool> {
     let pool = Arc::new(ConnectionPool::new(
         PoolConfig::default(),
         metrics.clone(),
-        dialler,
+        dialler.clone(),
     ));
     pool.spawn_reaper();
-    Ok(pool)
+    pool
 }
 
 /// The trainer of a node started with training on, once it is checked to belong to the run
@@ -140,22 +143,21 @@ fn node_pool(key: &NodeKey, metrics: &Arc<Metrics>) -> Result<Arc<ConnectionPool
 fn start_trainer(
     config: &NodeConfig,
     model_id: &str,
-    key: &NodeKey,
+    id: NodeId,
+    dialler: &neuroshard_net::tls::Dialler,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<training::Trainer>, NodeError> {
     let Some(train) = &config.train else {
         return Ok(None);
     };
     match train.run.as_deref() {
-        Some(run) => training::check_membership(run, model_id, config.layers, key.id())?,
+        Some(run) => training::check_membership(run, model_id, config.layers, id)?,
         None => tracing::warn!(
             "training without a run manifest: any key may send microbatches, exchanges and checkpoints"
         ),
     }
-    Ok(Some(training::Trainer::new(
-        train.clone(),
-        node_pool(key, metrics)?,
-    )))
+    let pool = node_pool(dialler, metrics);
+    Ok(Some(training::Trainer::new(train.clone(), pool)))
 }
 
 /// Binds the listen address; the listener, its address, and the address peers are told.
@@ -260,9 +262,8 @@ fn serve(
     relayed: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
     cancel: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
-    let tls = neuroshard_net::tls::TlsIdentity::new(&state.key)
-        .and_then(|identity| neuroshard_net::tls::server_config(&identity))
-        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let tls =
+        neuroshard_net::tls::server_config(&neuroshard_net::tls::TlsIdentity::new(&state.key)?)?;
     let service = NodeServer::new(NodeService {
         state: state.clone(),
     })
