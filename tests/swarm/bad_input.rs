@@ -386,10 +386,13 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
     let stranger = neuroshard_base::NodeKey::generate();
     let submit = |items: Vec<Vec<u8>>| pb::SubmitReceiptsRequest {
         countersigned: items,
+        pass: Vec::new(),
     };
     let reply = client
         .submit_receipts(submit(vec![
-            receipt.countersign(&stranger, accept, 1.0, 1).to_wire(),
+            receipt
+                .countersign(&stranger, accept.clone(), 1.0, 1)
+                .to_wire(),
             vec![1, 2, 3],
         ]))
         .await
@@ -407,11 +410,20 @@ async fn bad_proof_fields_and_forged_receipts_get_clear_errors() {
         reply.rejected
     );
     let good = receipt.countersign(&requester, accept, 1.0, 1).to_wire();
+    // A pass that does not decode is named, and the receipt is stored all the same, unvouched.
     let first = client
-        .submit_receipts(submit(vec![good.clone()]))
+        .submit_receipts(pb::SubmitReceiptsRequest {
+            pass: vec![9; 40],
+            ..submit(vec![good.clone()])
+        })
         .await
         .unwrap()
         .into_inner();
+    assert!(
+        first.rejected.len() == 1 && first.rejected[0].contains("credit pass"),
+        "{:?}",
+        first.rejected
+    );
     let again = client
         .submit_receipts(submit(vec![good]))
         .await

@@ -206,7 +206,9 @@ async fn after_the_tracker_dies_a_new_node_joins_through_a_bootstrap_peer_and_th
 {
     let model = TestModel::new(&ModelSpec::tiny());
     let expected = local_reference(&model, 8).await;
-    let Swarm { tracker, mut nodes } = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await.unwrap();
+    let Swarm {
+        tracker, mut nodes, ..
+    } = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await.unwrap();
     // The nodes met through the tracker: each one's DHT table holds the other.
     for node in &nodes {
         await_contacts(node, 1).await;

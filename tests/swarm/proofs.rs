@@ -10,7 +10,7 @@ use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::init::ModelSpec;
 use neuroshard_model::{LlamaConfig, ModelInfo};
 use neuroshard_node::node::{Fault, NodeHandle};
-use neuroshard_proof::{Receipt, Status, Verdict};
+use neuroshard_proof::{PassBody, Receipt, Status, Verdict};
 use neuroshard_proto as pb;
 use neuroshard_tests::{Swarm, TestModel, within};
 
@@ -87,9 +87,11 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
         assert_eq!(t.tokens, (PROMPT.len() + NEW_TOKENS - 1) as u64);
         assert_eq!(t.flops, generation_flops(&config, node.layers()));
         // Credit is FLOPs in GFLOP times the reliability the client vouched for: above half
-        // (new peers start at 0.5 and every checked hop passed), never above the work.
+        // (new peers start at 0.5 and every checked hop passed), never above the work. No
+        // trusted issuer vouches for this client, so it is kept apart, as unvouched.
         let gflop = t.flops as f64 / 1e9;
-        assert!(t.credit > 0.5 * gflop && t.credit <= gflop, "{t:?}");
+        assert!(t.unvouched > 0.5 * gflop && t.unvouched <= gflop, "{t:?}");
+        assert_eq!(t.credit, 0.0, "{t:?}");
         let rows = node.ledger().read(|l| l.page(None, 0, 100)).await.unwrap();
         assert!(rows.iter().all(|r| r.requester == client.public_key().id()));
         assert!(
@@ -100,9 +102,18 @@ async fn every_hop_of_an_honest_swarm_earns_a_countersigned_receipt() {
     swarm.shutdown().await;
 }
 
-/// Starts an honest 0..2, a cheater on 2..4, connects a verifying client (which then knows
-/// only those two), adds an honest 2..4, and generates.
-async fn catch(fault: Fault, model: &TestModel) {
+/// How a cheat is caught: by the requester's own re-execution (which voids the receipt) or
+/// by checking the receipt against what the requester computes itself (which refuses it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Caught {
+    SpotCheck,
+    Receipt(&'static str),
+}
+
+/// Starts an honest 0..2, a cheater on 2..4, connects a client (which then knows only those
+/// two, and verifies with the model's weights when `verifying`), adds an honest 2..4, and
+/// generates.
+async fn catch(fault: Fault, model: &TestModel, verifying: bool, how: Caught) {
     let expected = local_reference(model, NEW_TOKENS).await;
     let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
     let cheater = swarm
@@ -110,9 +121,11 @@ async fn catch(fault: Fault, model: &TestModel) {
         .await
         .unwrap()
         .id();
-    let client = SwarmClient::connect(verifying_client(&swarm, model))
-        .await
-        .unwrap();
+    let config = match verifying {
+        true => verifying_client(&swarm, model),
+        false => ClientConfig::new(swarm.tracker.url()),
+    };
+    let client = SwarmClient::connect(config).await.unwrap();
     swarm.add_node(model.path(), 2, 4).await.unwrap();
     let mut session = client.session();
     let got = generate(&mut session, PROMPT, NEW_TOKENS, &[], |_, _| {})
@@ -120,8 +133,12 @@ async fn catch(fault: Fault, model: &TestModel) {
         .unwrap();
     assert_same_generation(&got, &expected);
     let events = session.events().to_vec();
+    let named = match how {
+        Caught::SpotCheck => "spot check",
+        Caught::Receipt(field) => field,
+    };
     assert!(
-        events.len() == 1 && events[0].contains("spot check"),
+        events.len() == 1 && events[0].contains(named),
         "{fault:?}: {events:?}"
     );
     assert!(
@@ -129,14 +146,26 @@ async fn catch(fault: Fault, model: &TestModel) {
         "routed around"
     );
     session.close().await;
-    let record = client.reputation(&cheater);
-    assert_eq!((record.failures, record.passes), (1, 0), "{fault:?}");
+    if how == Caught::SpotCheck {
+        let record = client.reputation(&cheater);
+        assert_eq!((record.failures, record.passes), (1, 0), "{fault:?}");
+    }
     // Caught on its first call: the prompt.
     let cheat = &swarm.nodes[1];
     assert_eq!(cheat.metrics().forward_calls, 1, "{fault:?}");
     client.flush_receipts().await;
     let counts = status_counts(cheat).await;
-    assert_eq!((counts.verified, counts.voided), (0, 1), "{fault:?}");
+    let voided = u64::from(how == Caught::SpotCheck);
+    assert_eq!(
+        (counts.verified, counts.voided, counts.pending),
+        (0, voided, 1 - voided),
+        "{fault:?}: a refused receipt is never countersigned"
+    );
+    if how == Caught::SpotCheck {
+        let rows = cheat.ledger().read(|l| l.page(None, 0, 10)).await.unwrap();
+        let evidence = rows[0].evidence.as_deref().unwrap_or_default();
+        assert!(evidence.contains("fingerprint"), "{fault:?}: {evidence}");
+    }
     let honest = status_counts(&swarm.nodes[2]).await;
     assert_eq!(honest.verified, NEW_TOKENS as u64);
     swarm.shutdown().await;
@@ -144,16 +173,14 @@ async fn catch(fault: Fault, model: &TestModel) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_adding_noise_is_caught_and_routed_around() {
-    catch(
-        Fault::Noise { scale: 0.1 },
-        &TestModel::new(&ModelSpec::tiny()),
-    )
-    .await;
+    let model = TestModel::new(&ModelSpec::tiny());
+    catch(Fault::Noise { scale: 0.1 }, &model, true, Caught::SpotCheck).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_skipping_a_layer_is_caught_and_routed_around() {
-    catch(Fault::SkipLayer, &TestModel::new(&ModelSpec::tiny())).await;
+    let model = TestModel::new(&ModelSpec::tiny());
+    catch(Fault::SkipLayer, &model, true, Caught::SpotCheck).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,11 +189,107 @@ async fn a_node_with_wrong_weights_is_caught_and_routed_around() {
         seed: 99,
         ..ModelSpec::tiny()
     });
+    let model = TestModel::new(&ModelSpec::tiny());
+    let fault = Fault::WrongWeights(other.path_buf());
+    catch(fault, &model, true, Caught::SpotCheck).await;
+}
+
+/// A client without the weights computes the FLOPs from the model's config itself, and one
+/// with them the weights hash: a receipt claiming more work, or other weights, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_claiming_more_flops_or_other_weights_is_refused() {
+    let model = TestModel::new(&ModelSpec::tiny());
     catch(
-        Fault::WrongWeights(other.path_buf()),
-        &TestModel::new(&ModelSpec::tiny()),
+        Fault::InflatesFlops(3),
+        &model,
+        false,
+        Caught::Receipt("flops"),
     )
     .await;
+    let weights = Caught::Receipt("weights_hash");
+    catch(Fault::ClaimsWeights([7; 32]), &model, true, weights).await;
+}
+
+/// Generates a few tokens as a client with `config` and returns its receipts to the worker.
+async fn request_from(config: ClientConfig) -> neuroshard_client::outbox::OutboxReport {
+    let client = SwarmClient::connect(config).await.unwrap();
+    let mut session = client.session();
+    generate(&mut session, PROMPT, 2, &[], |_, _| {})
+        .await
+        .unwrap();
+    session.close().await;
+    client.flush_receipts().await
+}
+
+/// A worker that sends itself requests under fresh keys and countersigns its own receipts
+/// keeps them, but they earn nothing in the credit it shows; a requester holding the pass of
+/// an issuer the worker trusts earns it credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_countersigned_receipts_earn_no_shown_credit_and_a_pass_holder_s_do() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let layers = ModelInfo::read(model.path())
+        .unwrap()
+        .config
+        .num_hidden_layers as u32;
+    let issuer = NodeKey::generate();
+    let mut swarm = Swarm::tracker_only().await.unwrap();
+    swarm
+        .add_node_with(model.path(), 0, layers, |c| {
+            c.credit_issuers = vec![issuer.id()]
+        })
+        .await
+        .unwrap();
+    let worker = &swarm.nodes[0];
+    let mut trusted = worker.ledger().read(|l| l.issuers()).await.unwrap();
+    trusted.sort();
+    let mut expected = vec![issuer.id(), swarm.tracker.id];
+    expected.sort();
+    assert_eq!(
+        trusted, expected,
+        "the configured issuer and the tracker named by key"
+    );
+    let shown = || async {
+        let totals = worker
+            .ledger()
+            .read(|l| l.totals(neuroshard_net::now_ms(), 0))
+            .await
+            .unwrap();
+        totals[0].lifetime
+    };
+    for _ in 0..3 {
+        let report = request_from(ClientConfig::new(swarm.tracker.url())).await;
+        assert_eq!(report.stored, 2, "{report:?}");
+    }
+    let minted = shown().await;
+    assert_eq!(minted.receipts, 6);
+    assert_eq!(
+        minted.credit, 0.0,
+        "fresh keys earn nothing shown: {minted:?}"
+    );
+    assert!(minted.unvouched > 0.0, "{minted:?}");
+    let key = Arc::new(NodeKey::generate());
+    let mut config = ClientConfig::new(swarm.tracker.url());
+    config.key = Some(key.clone());
+    let now = neuroshard_net::now_ms();
+    config.pass = Some(PassBody::new(&issuer, key.public(), now, 30).sign(&issuer));
+    let report = request_from(config).await;
+    assert!(
+        report.stored == 2 && report.rejected.is_empty(),
+        "{report:?}"
+    );
+    let earned = shown().await;
+    assert_eq!(earned.receipts, 8);
+    assert!(earned.credit > 0.0, "{earned:?}");
+    assert_eq!(earned.unvouched, minted.unvouched, "{earned:?}");
+    let rows = worker
+        .ledger()
+        .read(|l| l.page(None, 0, 100))
+        .await
+        .unwrap();
+    let vouched: Vec<_> = rows.iter().filter(|r| r.vouched).collect();
+    assert_eq!(vouched.len(), 2);
+    assert!(vouched.iter().all(|r| r.requester == key.id()));
+    swarm.shutdown().await;
 }
 
 /// Set in the child process that runs the node this test kills.
@@ -248,6 +371,7 @@ async fn kill_9_during_a_burst_of_receipts_loses_no_countersigned_receipt() {
                             .to_wire()
                         })
                         .collect(),
+                    pass: Vec::new(),
                 };
                 let Ok(reply) = node.submit_receipts(request).await else {
                     return;

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
-use neuroshard_model::ShardInput;
 use neuroshard_model::codec::{self, WireDType, WireTensor};
+use neuroshard_model::{LlamaConfig, ShardInput};
 use neuroshard_proof::{
     Expectation, Fingerprint, PeerRecord as Reputation, Receipt, Tolerance, Verdict, WorkKind,
 };
@@ -103,6 +103,9 @@ pub struct ClientConfig {
     pub verify_with: Option<std::path::PathBuf>,
     /// How close a re-executed hop must be to the worker's output.
     pub tolerance: Tolerance,
+    /// An issuer's pass for `key`, shown with the countersignatures this client returns, so
+    /// workers that trust the issuer count them as earned. Default none.
+    pub pass: Option<neuroshard_proof::CreditPass>,
 }
 
 impl ClientConfig {
@@ -129,6 +132,7 @@ impl ClientConfig {
             key: None,
             verify_with: None,
             tolerance: Tolerance::default(),
+            pass: None,
         }
     }
 }
@@ -148,6 +152,9 @@ pub struct SwarmClient {
     metrics: Arc<Metrics>,
     model_id: String,
     total_layers: u32,
+    /// The model's config: what the FLOPs a receipt claims are checked against. Set by
+    /// [`Self::connect`].
+    model_config: Option<Arc<LlamaConfig>>,
     rng: Mutex<StdRng>,
     next_session: std::sync::atomic::AtomicU64,
     key: Arc<NodeKey>,
@@ -232,7 +239,16 @@ impl SwarmClient {
         let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone(), dialler));
         pool.spawn_reaper();
         let verifier = load_verifier(config.verify_with.clone()).await?;
-        let outbox = ReceiptOutbox::spawn(pool.clone());
+        if let Some(pass) = &config.pass
+            && pass.holder() != key.public()
+        {
+            return Err(NodeError::Config(format!(
+                "pass: it vouches for key {}, this client countersigns as {}",
+                pass.holder().id(),
+                key.id()
+            )));
+        }
+        let outbox = ReceiptOutbox::spawn(pool.clone(), config.pass.as_ref());
         let cancel = CancellationToken::new();
         let discovery = Discovery::start(
             Contact {
@@ -256,6 +272,7 @@ impl SwarmClient {
             metrics,
             model_id: String::new(),
             total_layers: 0,
+            model_config: None,
             rng: Mutex::new(StdRng::from_os_rng()),
             next_session: std::sync::atomic::AtomicU64::new(0),
             key,
@@ -264,6 +281,13 @@ impl SwarmClient {
         };
         client.learn_model().await?;
         Ok(client)
+    }
+
+    /// The model's config, learned when connecting.
+    fn model_config(&self) -> &LlamaConfig {
+        self.model_config
+            .as_deref()
+            .expect("connect learns the model's config before a client is handed out")
     }
 
     /// Finds the swarm's peers and settles which model this client runs.
@@ -278,6 +302,17 @@ impl SwarmClient {
                 verifier.model_id()
             )));
         }
+        let config = match &self.verifier {
+            Some(verifier) => verifier.config().clone(),
+            None => peer_config(&self.pool, &peers, &model_id).await?,
+        };
+        if config.num_hidden_layers != total_layers as usize {
+            return Err(NodeError::BadRequest(format!(
+                "model {model_id}'s config.json has {} layers, its peers announce {total_layers}",
+                config.num_hidden_layers
+            )));
+        }
+        self.model_config = Some(Arc::new(config));
         self.model_id = model_id;
         self.total_layers = total_layers;
         self.install_peers(peers);
@@ -406,6 +441,43 @@ impl Drop for SwarmClient {
         self.cancel.cancel();
     }
 }
+
+/// The `config.json` of `model_id` from the first of its peers (at most [`CONFIG_TRIES`]) that
+/// gives one: the client's own copy when it verifies, else its peers' word, which every hop's
+/// FLOPs are then checked against.
+async fn peer_config(
+    pool: &ConnectionPool,
+    peers: &[PeerRecord],
+    model_id: &str,
+) -> Result<LlamaConfig, NodeError> {
+    let mut last = NodeError::NoRoute(format!("no peer serves model {model_id}"));
+    for peer in peers
+        .iter()
+        .filter(|p| p.model_id == model_id)
+        .take(CONFIG_TRIES)
+    {
+        let target = Target::node(peer.addr.as_str(), peer.node_id);
+        let asked = async {
+            let mut pooled = pool.control_client(&target).await?;
+            checkpoint::fetch_model_file(&mut pooled.client, &peer.addr, model_id, "config.json")
+                .await?
+                .ok_or_else(|| NodeError::BadRequest(format!("{} has no config.json", peer.addr)))
+        };
+        match asked.await.and_then(|bytes| {
+            let text = String::from_utf8(bytes).map_err(|_| {
+                NodeError::BadRequest(format!("{}'s config.json is not UTF-8", peer.addr))
+            })?;
+            Ok(LlamaConfig::from_json(&text)?)
+        }) {
+            Ok(config) => return Ok(config),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Peers asked for the model's config before connecting fails.
+const CONFIG_TRIES: usize = 3;
 
 fn pick_model(peers: &[PeerRecord], wanted: Option<&str>) -> Result<(String, u32), NodeError> {
     let mut models: BTreeMap<&str, u32> = BTreeMap::new();

@@ -2,13 +2,14 @@
 //!
 //! One task batches countersignatures per worker and sends them with `SubmitReceipts` when a
 //! batch fills, on a timer, or when asked to flush. A batch that fails is retried on the next
-//! rounds and given up after a few, counted as undelivered.
+//! rounds and given up after a few, counted as undelivered. Every batch shows the client's credit
+//! pass, if it holds one, so its countersignatures count as earned where the issuer is trusted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use neuroshard_proof::Countersignature;
+use neuroshard_proof::{Countersignature, CreditPass};
 use neuroshard_proto as pb;
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,9 +63,10 @@ struct Pending {
 
 impl ReceiptOutbox {
     /// Starts the outbox task; it ends when every handle is dropped, after a last flush.
-    pub fn spawn(pool: Arc<ConnectionPool>) -> Self {
+    pub fn spawn(pool: Arc<ConnectionPool>, pass: Option<&CreditPass>) -> Self {
         let (tx, rx) = mpsc::channel(OUTBOX_QUEUE);
-        tokio::spawn(run(pool, rx));
+        let pass = pass.map(CreditPass::to_wire).unwrap_or_default();
+        tokio::spawn(run(Courier { pool, pass }, rx));
         Self { tx }
     }
 
@@ -86,8 +88,14 @@ impl ReceiptOutbox {
     }
 }
 
+/// What sends a batch: the pool, and the credit pass shown with every batch (empty for none).
+struct Courier {
+    pool: Arc<ConnectionPool>,
+    pass: Vec<u8>,
+}
+
 /// The task: one `select!` over commands and the send timer.
-async fn run(pool: Arc<ConnectionPool>, mut rx: mpsc::Receiver<Command>) {
+async fn run(pool: Courier, mut rx: mpsc::Receiver<Command>) {
     let mut queues: HashMap<Target, Pending> = HashMap::new();
     let mut report = OutboxReport::default();
     let mut tick = tokio::time::interval(OUTBOX_INTERVAL);
@@ -116,7 +124,7 @@ async fn run(pool: Arc<ConnectionPool>, mut rx: mpsc::Receiver<Command>) {
 }
 
 async fn send_all(
-    pool: &ConnectionPool,
+    pool: &Courier,
     queues: &mut HashMap<Target, Pending>,
     report: &mut OutboxReport,
 ) {
@@ -127,17 +135,14 @@ async fn send_all(
 }
 
 /// Sends `queue` to `addr` in batches; keeps what failed for a later round.
-async fn send(
-    pool: &ConnectionPool,
-    addr: &Target,
-    queue: &mut Pending,
-    report: &mut OutboxReport,
-) {
+async fn send(courier: &Courier, addr: &Target, queue: &mut Pending, report: &mut OutboxReport) {
     while !queue.items.is_empty() {
         let n = queue.items.len().min(OUTBOX_BATCH);
         let request = pb::SubmitReceiptsRequest {
             countersigned: queue.items[..n].iter().map(|cs| cs.to_wire()).collect(),
+            pass: courier.pass.clone(),
         };
+        let pool = &courier.pool;
         let reply = async {
             let mut pooled = pool.control_client(addr).await.map_err(|e| e.to_string())?;
             pooled

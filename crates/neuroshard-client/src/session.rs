@@ -347,13 +347,16 @@ impl SwarmSession<'_> {
             input_hash: input.hash(),
             output_hash: [0; 32],
             weights_hash: None,
-            flops: None,
+            flops: Some(client.model_config().forward_flops(
+                hop.layers.to_range(),
+                pos as u64,
+                tokens as u64,
+            )),
             sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         };
         if let Some(verifier) = &client.verifier {
             expected.weights_hash = Some(verifier.weights_hash(hop.layers)?);
-            expected.flops = Some(verifier.flops(hop.layers, pos, tokens));
         }
         Ok((request, expected))
     }

@@ -3,7 +3,7 @@
 
 use super::*;
 use neuroshard_base::sync::LockExt;
-use neuroshard_proof::Mismatch;
+use neuroshard_proof::{Evidence, Mismatch};
 
 /// Why a spot check condemned a hop's reply.
 #[derive(Debug, thiserror::Error)]
@@ -13,10 +13,21 @@ pub(super) enum CheckFailed {
     Undecodable(NodeError),
     /// The receipt's fingerprint does not match the recomputed row.
     #[error("its receipt's fingerprint: {0}")]
-    Receipt(Mismatch),
+    Receipt(Mismatch, Box<Evidence>),
     /// The reply itself does not match the recomputed row.
     #[error("its output: {0}")]
-    Output(Mismatch),
+    Output(Mismatch, Box<Evidence>),
+}
+
+impl CheckFailed {
+    /// What a void shows the worker; none where there is nothing to compare (an undecodable
+    /// reply is failed over, but not voided).
+    fn evidence(&self) -> Option<Evidence> {
+        match self {
+            Self::Undecodable(_) => None,
+            Self::Receipt(_, e) | Self::Output(_, e) => Some(Evidence::clone(e)),
+        }
+    }
 }
 
 impl SwarmSession<'_> {
@@ -42,13 +53,15 @@ impl SwarmSession<'_> {
                     client.update_peer_gauges(&router);
                     router.reputation().reliability(&hop.node_id)
                 };
-                let voided = receipt.countersign(
-                    &client.key,
-                    Verdict::Voided,
-                    reliability as f32,
-                    neuroshard_net::now_ms(),
-                );
-                client.outbox.push(&hop.target(), voided).await;
+                if let Some(evidence) = reason.evidence() {
+                    let voided = receipt.countersign(
+                        &client.key,
+                        Verdict::Voided(evidence),
+                        reliability as f32,
+                        neuroshard_net::now_ms(),
+                    );
+                    client.outbox.push(&hop.target(), voided).await;
+                }
                 return Err(NodeError::Verification {
                     peer: format!("{} ({})", hop.addr, hop.node_id.short()),
                     reason: reason.to_string(),
@@ -121,14 +134,25 @@ impl SwarmSession<'_> {
             Err(e) => return skipped(&e),
         };
         let tolerance = client.config.tolerance;
+        let recomputed = Fingerprint::of(&truth);
         receipt
             .body()
             .fingerprint
             .check(&truth, &tolerance)
-            .map_err(CheckFailed::Receipt)?;
+            .map_err(|m| {
+                let recomputed = recomputed.clone();
+                CheckFailed::Receipt(m, Box::new(Evidence::Receipt { recomputed }))
+            })?;
         Fingerprint::of(&received)
             .check(&truth, &tolerance)
-            .map_err(CheckFailed::Output)?;
+            .map_err(|m| {
+                let received = Fingerprint::of(&received);
+                let evidence = Evidence::Output {
+                    recomputed,
+                    received,
+                };
+                CheckFailed::Output(m, Box::new(evidence))
+            })?;
         Ok(true)
     }
 }

@@ -6,6 +6,8 @@
 use neuroshard_base::sync::LockExt;
 use std::time::Duration;
 
+use neuroshard_base::LayerRange;
+use neuroshard_model::LlamaConfig;
 use neuroshard_model::codec::{WireDType, WireTensor};
 use neuroshard_proof::{Expectation, Receipt, Verdict, WorkKind};
 use neuroshard_proto as pb;
@@ -315,7 +317,12 @@ impl TrainSession<'_> {
             input_hash,
             output_hash: [0; 32],
             weights_hash: None,
-            flops: None,
+            flops: Some(training_flops(
+                self.client.model_config(),
+                hop.layers,
+                kind,
+                tokens,
+            )),
             sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         }
@@ -382,4 +389,14 @@ fn bad_reply(hop: &Hop, what: &str) -> NodeError {
 /// A loss as the one-value tensor its receipt hashes.
 pub fn loss_tensor(loss: f32) -> WireTensor {
     neuroshard_model::codec::encode(&[loss], &[1], WireDType::F32)
+}
+
+/// The FLOPs an honest stage reports for a training call: a forward pass over `tokens`, and
+/// twice that for the backward pass.
+fn training_flops(config: &LlamaConfig, layers: LayerRange, kind: WorkKind, tokens: usize) -> u64 {
+    let forward = config.forward_flops(layers.to_range(), 0, tokens as u64);
+    match kind {
+        WorkKind::Forward => forward,
+        WorkKind::Backward => 2 * forward,
+    }
 }

@@ -51,6 +51,11 @@ impl LocalVerifier {
         })
     }
 
+    /// The model's config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
     /// Id of the model loaded.
     pub fn model_id(&self) -> String {
         self.lock().info().id.clone()
@@ -59,12 +64,6 @@ impl LocalVerifier {
     /// The weights hash an honest worker reports for `layers`.
     pub fn weights_hash(&self, layers: LayerRange) -> Result<[u8; 32], NodeError> {
         Ok(self.lock().weights_hash(layers.to_range())?)
-    }
-
-    /// The FLOPs an honest worker reports.
-    pub fn flops(&self, layers: LayerRange, start_pos: usize, tokens: usize) -> u64 {
-        self.config
-            .forward_flops(layers.to_range(), start_pos as u64, tokens as u64)
     }
 
     /// Positions of `session`'s hop over `layers` already recomputed: history before it need

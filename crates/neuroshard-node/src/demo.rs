@@ -115,7 +115,7 @@ pub async fn run_demo(
 
     let (ranges, victim_range) = demo_ranges(info.config.num_hidden_layers as u32, &options);
     let local = start_swarm(&model_dir, &ranges, &progress).await?;
-    let (tracker, nodes) = (&local.tracker, &local.nodes);
+    let nodes = &local.nodes;
 
     progress("generating in one process (the reference)...");
     let local_report = generate_locally(
@@ -127,7 +127,7 @@ pub async fn run_demo(
     .await?;
 
     progress("generating through the swarm...");
-    let client = spot_checking_client(tracker.url(), &model_dir).await?;
+    let client = spot_checking_client(&local, &model_dir).await?;
     let mut session = client.session();
     let mut killed: Option<String> = None;
     let kill_at = (options.max_new_tokens / 2).max(1);
@@ -208,14 +208,17 @@ async fn generate_locally(
     Ok(report)
 }
 
-/// A client of the swarm behind `tracker_url`; the demo holds the model, so it spot-checks
-/// the nodes it uses.
+/// A client of `swarm`; the demo holds the model, so it spot-checks the nodes it uses, and
+/// holds the tracker's credit pass, so the nodes count its receipts as earned.
 async fn spot_checking_client(
-    tracker_url: String,
+    swarm: &LocalSwarm,
     model_dir: &Path,
 ) -> Result<SwarmClient, NodeError> {
-    let mut client_config = ClientConfig::new(tracker_url);
+    let key = std::sync::Arc::new(neuroshard_base::NodeKey::generate());
+    let mut client_config = ClientConfig::new(swarm.tracker.url());
     client_config.verify_with = Some(model_dir.to_path_buf());
+    client_config.pass = Some(swarm.pass_for(key.public()));
+    client_config.key = Some(key);
     SwarmClient::connect(client_config).await
 }
 

@@ -2,7 +2,7 @@
 //! bounded channel. Pending receipts are batched into one transaction; settling replies only
 //! after its transaction is durable.
 
-use neuroshard_proof::{Countersignature, Ledger, LedgerError, Receipt, Settlement};
+use neuroshard_proof::{Countersignature, CreditPass, Ledger, LedgerError, Receipt, Settlement};
 use tokio::sync::{mpsc, oneshot};
 
 use neuroshard_net::NodeError;
@@ -20,6 +20,7 @@ enum Command {
     Issued(Box<Receipt>),
     Settle(
         Vec<Countersignature>,
+        Option<CreditPass>,
         oneshot::Sender<Result<Vec<Settlement>, LedgerError>>,
     ),
     Read(ReadFn),
@@ -53,10 +54,15 @@ impl LedgerHandle {
         }
     }
 
-    /// Stores countersignatures; returns once they are durable.
-    pub async fn settle(&self, batch: Vec<Countersignature>) -> Result<Vec<Settlement>, NodeError> {
+    /// Stores countersignatures, vouched for by `pass` where its holder signed them; returns
+    /// once they are durable.
+    pub async fn settle(
+        &self,
+        batch: Vec<Countersignature>,
+        pass: Option<CreditPass>,
+    ) -> Result<Vec<Settlement>, NodeError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Settle(batch, reply)).await?;
+        self.send(Command::Settle(batch, pass, reply)).await?;
         Ok(answer.await.map_err(|_| NodeError::ShuttingDown)??)
     }
 
@@ -101,9 +107,9 @@ fn run(mut ledger: Ledger, mut rx: mpsc::Receiver<Command>) {
             batch.clear();
         }
         match next {
-            Some(Command::Settle(items, reply)) => {
+            Some(Command::Settle(items, pass, reply)) => {
                 let now = neuroshard_net::now_ms();
-                let _ = reply.send(ledger.settle(&items, now));
+                let _ = reply.send(ledger.settle(&items, pass.as_ref(), now));
             }
             Some(Command::Read(f)) => f(&ledger),
             Some(Command::Issued(_)) | None => {}

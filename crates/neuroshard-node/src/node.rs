@@ -25,7 +25,9 @@ use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType};
 use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
-use neuroshard_proof::{Countersignature, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind};
+use neuroshard_proof::{
+    Countersignature, CreditPass, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind,
+};
 use neuroshard_proto as pb;
 use pb::node_server::{Node, NodeServer};
 use pb::tracker_client::TrackerClient;

@@ -2,18 +2,23 @@
 //! the training harness, the tests and the benchmarks all start their swarms here.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use neuroshard_base::LayerRange;
+use neuroshard_base::{LayerRange, NodeKey, PublicKey};
 use neuroshard_discovery::tracker::{TrackerConfig, TrackerHandle, start_tracker};
 use neuroshard_net::NodeError;
+use neuroshard_proof::{CreditPass, PassBody};
 
 use crate::node::{NodeConfig, NodeHandle, start_node};
 
-/// A tracker and nodes on loopback.
+/// A tracker and nodes on loopback. The tracker's key issues credit passes, and every node,
+/// dialling the tracker by key, trusts it.
 #[derive(Debug)]
 pub struct LocalSwarm {
     /// The tracker.
     pub tracker: TrackerHandle,
+    /// The tracker's key.
+    issuer: Arc<NodeKey>,
     /// The nodes, in start order.
     pub nodes: Vec<NodeHandle>,
 }
@@ -31,15 +36,24 @@ impl LocalSwarm {
 
     /// Starts a tracker with no nodes yet.
     pub async fn tracker_only() -> Result<Self, NodeError> {
+        let issuer = Arc::new(NodeKey::generate());
         let tracker = start_tracker(TrackerConfig {
             listen: "127.0.0.1:0".parse().expect("literal address"),
+            key: Some(issuer.clone()),
             ..TrackerConfig::default()
         })
         .await?;
         Ok(Self {
             tracker,
+            issuer,
             nodes: Vec::new(),
         })
+    }
+
+    /// A day's credit pass from the tracker for the requester key `holder`: what the
+    /// operator of a swarm's tracker hands the requesters it knows.
+    pub fn pass_for(&self, holder: PublicKey) -> CreditPass {
+        PassBody::new(&self.issuer, holder, neuroshard_net::now_ms(), 1).sign(&self.issuer)
     }
 
     /// Starts one more node serving `start..end`.

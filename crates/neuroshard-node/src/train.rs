@@ -373,6 +373,7 @@ pub async fn run_training(
     // nodes[r][s]: stage s of replica r.
     let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
     let client = SwarmClient::connect(ClientConfig {
+        pass: Some(swarm.pass_for(trainer.public())),
         key: Some(trainer),
         ..ClientConfig::new(swarm.tracker.url())
     })

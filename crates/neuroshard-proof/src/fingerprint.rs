@@ -172,6 +172,92 @@ impl Fingerprint {
         }
         Ok(())
     }
+    /// Whether the row this fingerprint describes is within `tolerance` of the row `other`
+    /// describes, judged from the two fingerprints alone: what a worker can check of a void's
+    /// evidence without the row. An entry of this one that is not among `other`'s largest
+    /// counts as out of tolerance, as [`Self::check`] counts an entry that is not among the
+    /// row's largest.
+    pub fn compare(&self, other: &Fingerprint, tolerance: &Tolerance) -> Result<(), Mismatch> {
+        self.validate(None)?;
+        other.validate(None)?;
+        if self.indices.len() != other.indices.len() {
+            return Err(Mismatch::Malformed(format!(
+                "{} entries against {}",
+                self.indices.len(),
+                other.indices.len()
+            )));
+        }
+        let actual = other.rms;
+        if (self.rms - actual).abs() > tolerance.rms * actual.max(f32::MIN_POSITIVE) {
+            return Err(Mismatch::Scale {
+                claimed: self.rms,
+                actual,
+            });
+        }
+        let k = self.indices.len();
+        if k == 0 || actual == 0.0 {
+            return Ok(());
+        }
+        let value = |f: &Fingerprint, q: i16| q as f32 / STEPS_PER_RMS * f.rms;
+        let (mut bad, mut total) = (0, 0.0);
+        for (&i, &q) in self.indices.iter().zip(&self.values) {
+            match other.indices.iter().position(|&j| j == i) {
+                Some(at) => {
+                    let diff = (value(self, q) - value(other, other.values[at])).abs() / actual;
+                    total += diff;
+                    if diff > tolerance.entry {
+                        bad += 1;
+                    }
+                }
+                None => bad += 1,
+            }
+        }
+        let mean = total / k as f32;
+        if bad > tolerance.outliers || mean > tolerance.mean {
+            return Err(Mismatch::Entries { bad, k, mean });
+        }
+        Ok(())
+    }
+}
+
+/// What a requester shows when it voids a receipt: the fingerprint comparison that failed, so
+/// the worker (and anyone it shows the void to) sees the mismatch, and a void that shows none
+/// is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Evidence {
+    /// The receipt's fingerprint does not describe the row the requester recomputed.
+    Receipt {
+        /// Fingerprint of the recomputed row.
+        recomputed: Fingerprint,
+    },
+    /// The receipt's fingerprint matched, but the output the requester received did not.
+    Output {
+        /// Fingerprint of the recomputed row.
+        recomputed: Fingerprint,
+        /// Fingerprint of the row received.
+        received: Fingerprint,
+    },
+}
+
+impl Evidence {
+    /// Checks that the evidence shows a mismatch with `claimed` (the receipt's fingerprint):
+    /// Ok with the mismatch it shows, in words; Err saying why it shows none.
+    pub fn shows(&self, claimed: &Fingerprint, tolerance: &Tolerance) -> Result<String, String> {
+        let (label, got, recomputed) = match self {
+            Self::Receipt { recomputed } => ("the receipt's fingerprint", claimed, recomputed),
+            Self::Output {
+                recomputed,
+                received,
+            } => ("the output's fingerprint", received, recomputed),
+        };
+        match got.compare(recomputed, tolerance) {
+            Err(Mismatch::Malformed(why)) => Err(format!("malformed evidence: {why}")),
+            Err(mismatch) => Ok(format!("{label}: {mismatch}")),
+            Ok(()) => Err(format!(
+                "its evidence shows {label} matching the recomputed row"
+            )),
+        }
+    }
 }
 
 fn rms(row: &[f32]) -> f32 {
@@ -192,6 +278,28 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 1.0).unwrap();
         (0..n).map(|_| normal.sample(&mut rng)).collect()
+    }
+
+    #[test]
+    fn two_fingerprints_compare_as_their_rows_do() {
+        let tolerance = Tolerance::default();
+        let a = row(1, 512);
+        let truth = Fingerprint::of(&a);
+        let close: Vec<f32> = a.iter().map(|v| v * 1.001).collect();
+        Fingerprint::of(&close).compare(&truth, &tolerance).unwrap();
+        let noise = row(2, 512);
+        let noisy: Vec<f32> = a.iter().zip(&noise).map(|(v, n)| v + 0.1 * n).collect();
+        assert!(Fingerprint::of(&noisy).compare(&truth, &tolerance).is_err());
+        let other = row(3, 512);
+        assert!(matches!(
+            Fingerprint::of(&other).compare(&truth, &tolerance),
+            Err(Mismatch::Entries { .. } | Mismatch::Scale { .. })
+        ));
+        let short = Fingerprint::of(&a[..8]);
+        assert!(matches!(
+            short.compare(&truth, &tolerance),
+            Err(Mismatch::Malformed(_))
+        ));
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! `synchronous=FULL` before the worker acknowledges it, so an acknowledged countersignature
 //! survives `kill -9` and power loss. A file that is not a ledger is refused with an error and
 //! left as it is.
+//!
+//! Credit shown as earned counts only receipts that a worker could not have countersigned for
+//! itself: those of a requester that is one of the issuers the owner trusts, or that showed a
+//! trusted issuer's [`CreditPass`] when it countersigned (see [`crate::pass`]). The rest is
+//! kept, and summed apart as unvouched.
 
 use std::path::Path;
 
@@ -12,11 +17,13 @@ use neuroshard_base::NodeId;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::pass::CreditPass;
 use crate::receipt::{Countersignature, Receipt, Verdict};
 use crate::reputation::credit;
 
-/// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version stored in `PRAGMA user_version`: 2 added a void's evidence, the issuer that
+/// vouched for a requester, and the issuers the owner trusts.
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another connection's lock. 5 s: the CLI reading a busy node's
 /// ledger waits for a commit rather than failing.
@@ -49,6 +56,18 @@ CREATE TABLE IF NOT EXISTS receipts (
 CREATE INDEX IF NOT EXISTS receipts_by_time ON receipts (created_ms);
 CREATE INDEX IF NOT EXISTS receipts_by_status ON receipts (status, created_ms);
 ";
+
+/// From version 1 to 2, in the same transaction as the version bump.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE receipts ADD COLUMN evidence TEXT;
+ALTER TABLE receipts ADD COLUMN voucher TEXT;
+CREATE TABLE IF NOT EXISTS issuers (id TEXT PRIMARY KEY);
+";
+
+/// Whether a row's credit counts as earned: its requester is a trusted issuer, or showed one's
+/// pass.
+const VOUCHED: &str = "(requester IN (SELECT id FROM issuers)
+    OR COALESCE(voucher IN (SELECT id FROM issuers), 0))";
 
 /// Why the ledger failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +166,10 @@ pub struct ReceiptRow {
     pub credit: f64,
     /// When the countersignature was stored.
     pub settled_ms: Option<u64>,
+    /// For a void, the mismatch its evidence showed.
+    pub evidence: Option<String>,
+    /// Whether a trusted issuer vouches for its requester, so its credit counts as earned.
+    pub vouched: bool,
 }
 
 /// Sums over verified receipts.
@@ -158,8 +181,10 @@ pub struct Totals {
     pub tokens: u64,
     /// FLOPs.
     pub flops: u64,
-    /// Credit.
+    /// Credit earned: of the receipts a trusted issuer vouches for.
     pub credit: f64,
+    /// Credit countersigned by requesters no trusted issuer vouches for: kept, not counted.
+    pub unvouched: f64,
 }
 
 /// Totals of one model over the periods the app shows.
@@ -193,7 +218,7 @@ pub struct SeriesPoint {
     pub start_ms: u64,
     /// Token positions computed (pending and verified receipts; voided work does not count).
     pub tokens: u64,
-    /// Credit of the verified receipts.
+    /// Credit of the verified receipts a trusted issuer vouches for.
     pub credit: f64,
 }
 
@@ -252,11 +277,59 @@ impl Ledger {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(sql("setting pragmas"))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(sql("creating the schema"))?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql("writing the schema version"))?;
+        Self::migrate(&conn, version)?;
         Ok(Self { conn })
+    }
+
+    /// Brings a ledger of `version` (0 for a new file) to [`SCHEMA_VERSION`] in one
+    /// transaction, keeping every row.
+    fn migrate(conn: &Connection, version: i64) -> Result<(), LedgerError> {
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = conn.unchecked_transaction().map_err(sql("beginning"))?;
+        tx.execute_batch(SCHEMA)
+            .map_err(sql("creating the schema"))?;
+        if version < 2 {
+            tx.execute_batch(MIGRATE_TO_2)
+                .map_err(sql("migrating to version 2"))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("writing the schema version"))?;
+        tx.commit().map_err(sql("committing the schema"))
+    }
+
+    /// Sets the issuers the owner trusts: receipts countersigned by them, or by holders of
+    /// their passes, count as earned.
+    pub fn set_issuers(&mut self, issuers: &[NodeId]) -> Result<(), LedgerError> {
+        let tx = self.conn.transaction().map_err(sql("beginning"))?;
+        tx.execute("DELETE FROM issuers", [])
+            .map_err(sql("clearing the issuers"))?;
+        for id in issuers {
+            tx.execute(
+                "INSERT OR IGNORE INTO issuers (id) VALUES (?1)",
+                [id.to_string()],
+            )
+            .map_err(sql("storing an issuer"))?;
+        }
+        tx.commit().map_err(sql("committing the issuers"))
+    }
+
+    /// The issuers the owner trusts.
+    pub fn issuers(&self) -> Result<Vec<NodeId>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM issuers ORDER BY id")
+            .map_err(sql("preparing the issuers"))?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql("reading the issuers"))?;
+        ids.map(|id| {
+            let id = id.map_err(sql("reading the issuers"))?;
+            id.parse()
+                .map_err(|e| LedgerError::Schema(format!("issuer {id}: {e}")))
+        })
+        .collect()
     }
 
     /// Records receipts this node signed, as pending (one transaction).
@@ -296,9 +369,12 @@ impl Ledger {
 
     /// Stores countersignatures (checked by [`Countersignature::from_wire`]) in one durable
     /// transaction. A receipt settles once: a second countersignature of it changes nothing.
+    /// `pass` (checked by [`CreditPass::from_wire`]) vouches for the countersignatures of its
+    /// holder.
     pub fn settle(
         &mut self,
         batch: &[Countersignature],
+        pass: Option<&CreditPass>,
         now_ms: u64,
     ) -> Result<Vec<Settlement>, LedgerError> {
         let issued: Vec<Receipt> = batch.iter().map(|cs| cs.receipt.clone()).collect();
@@ -309,20 +385,26 @@ impl Ledger {
             let mut update = tx
                 .prepare_cached(
                     "UPDATE receipts SET status = ?2, spot_checked = ?3, reliability = ?4,
-                     credit = ?5, settled_ms = ?6, countersignature = ?7
+                     credit = ?5, settled_ms = ?6, countersignature = ?7, evidence = ?8,
+                     voucher = ?9
                      WHERE id = ?1 AND status = 'pending'",
                 )
                 .map_err(sql("preparing the update"))?;
             for cs in batch {
-                let flops = cs.receipt.body().flops;
-                let (status, checked, earned) = match cs.verdict {
+                let body = cs.receipt.body();
+                let (status, checked, earned) = match &cs.verdict {
                     Verdict::Accepted { spot_checked } => (
                         Status::Verified,
-                        spot_checked,
-                        credit(flops, cs.reliability),
+                        *spot_checked,
+                        credit(body.flops, cs.reliability),
                     ),
-                    Verdict::Voided => (Status::Voided, true, 0.0),
+                    Verdict::Voided(_) => (Status::Voided, true, 0.0),
                 };
+                // Checked when it was read; a void that showed no mismatch never gets here.
+                let evidence = cs.verdict.void_reason(&cs.receipt).unwrap_or_default();
+                let voucher = pass
+                    .filter(|p| p.holder().0 == body.requester)
+                    .map(|p| p.issuer().to_string());
                 let changed = update
                     .execute(params![
                         cs.receipt.id().to_string(),
@@ -332,6 +414,8 @@ impl Ledger {
                         earned,
                         now_ms as i64,
                         cs.to_wire(),
+                        evidence,
+                        voucher,
                     ])
                     .map_err(sql("settling a receipt"))?;
                 out.push(if changed == 1 {
@@ -346,19 +430,30 @@ impl Ledger {
     }
 
     /// Verified totals per model: since `day_start_ms`, over the 7 days before `now_ms`, and ever.
+    /// Credit counts only vouched receipts; the rest is summed as unvouched.
     pub fn totals(&self, now_ms: u64, day_start_ms: u64) -> Result<Vec<ModelTotals>, LedgerError> {
         let week_start = now_ms.saturating_sub(7 * MS_PER_DAY);
+        let period = |since: &str| {
+            let when = |what: &str| format!("SUM(CASE WHEN created_ms >= {since} THEN {what} END)");
+            [
+                format!("SUM(created_ms >= {since})"),
+                when("tokens"),
+                when("flops"),
+                when(&format!("CASE WHEN {VOUCHED} THEN credit END")),
+                when(&format!("CASE WHEN NOT {VOUCHED} THEN credit END")),
+            ]
+            .join(", ")
+        };
+        let query = format!(
+            "SELECT model_id, {}, {}, {} FROM receipts WHERE status = 'verified'
+             GROUP BY model_id ORDER BY model_id",
+            period("?1"),
+            period("?2"),
+            period("0")
+        );
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT model_id,
-                   SUM(created_ms >= ?1), SUM(CASE WHEN created_ms >= ?1 THEN tokens END),
-                   SUM(CASE WHEN created_ms >= ?1 THEN flops END), SUM(CASE WHEN created_ms >= ?1 THEN credit END),
-                   SUM(created_ms >= ?2), SUM(CASE WHEN created_ms >= ?2 THEN tokens END),
-                   SUM(CASE WHEN created_ms >= ?2 THEN flops END), SUM(CASE WHEN created_ms >= ?2 THEN credit END),
-                   COUNT(*), SUM(tokens), SUM(flops), SUM(credit)
-                 FROM receipts WHERE status = 'verified' GROUP BY model_id ORDER BY model_id",
-            )
+            .prepare_cached(&query)
             .map_err(sql("preparing totals"))?;
         let totals = |r: &rusqlite::Row, at: usize| -> rusqlite::Result<Totals> {
             Ok(Totals {
@@ -366,6 +461,7 @@ impl Ledger {
                 tokens: r.get::<_, Option<i64>>(at + 1)?.unwrap_or(0) as u64,
                 flops: r.get::<_, Option<i64>>(at + 2)?.unwrap_or(0) as u64,
                 credit: r.get::<_, Option<f64>>(at + 3)?.unwrap_or(0.0),
+                unvouched: r.get::<_, Option<f64>>(at + 4)?.unwrap_or(0.0),
             })
         };
         let rows = stmt
@@ -373,8 +469,8 @@ impl Ledger {
                 Ok(ModelTotals {
                     model_id: r.get(0)?,
                     today: totals(r, 1)?,
-                    week: totals(r, 5)?,
-                    lifetime: totals(r, 9)?,
+                    week: totals(r, 6)?,
+                    lifetime: totals(r, 11)?,
                 })
             })
             .map_err(sql("reading totals"))?;
@@ -399,12 +495,12 @@ impl Ledger {
             .collect();
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT (created_ms - ?1) / ?2 AS bucket, SUM(tokens),
-                   SUM(CASE WHEN status = 'verified' THEN credit ELSE 0 END)
-                 FROM receipts WHERE created_ms >= ?1 AND status != 'voided'
-                 GROUP BY bucket",
-            )
+                       SUM(CASE WHEN status = 'verified' AND {VOUCHED} THEN credit ELSE 0 END)
+                     FROM receipts WHERE created_ms >= ?1 AND status != 'voided'
+                     GROUP BY bucket"
+            ))
             .map_err(sql("preparing the series"))?;
         let rows = stmt
             .query_map(params![since_ms as i64, bucket_ms as i64], |r| {
@@ -458,12 +554,11 @@ impl Ledger {
     ) -> Result<Vec<ReceiptRow>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
-                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
-                 FROM receipts WHERE (?1 IS NULL OR status = ?1)
-                 ORDER BY created_ms DESC, id LIMIT ?2 OFFSET ?3",
-            )
+            .prepare_cached(&format!(
+                "SELECT {} FROM receipts WHERE (?1 IS NULL OR status = ?1)
+                     ORDER BY created_ms DESC, id LIMIT ?2 OFFSET ?3",
+                row_columns()
+            ))
             .map_err(sql("preparing the page"))?;
         let rows = stmt
             .query_map(
@@ -483,9 +578,7 @@ impl Ledger {
     pub fn get(&self, id: &str) -> Result<Option<ReceiptRow>, LedgerError> {
         self.conn
             .query_row(
-                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
-                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
-                 FROM receipts WHERE id = ?1",
+                &format!("SELECT {} FROM receipts WHERE id = ?1", row_columns()),
                 [id],
                 row_from_sql,
             )
@@ -515,11 +608,10 @@ impl Ledger {
     fn all(&self) -> Result<Vec<ReceiptRow>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens,
-                   flops, requester, created_ms, status, spot_checked, reliability, credit, settled_ms
-                 FROM receipts ORDER BY created_ms, id",
-            )
+            .prepare_cached(&format!(
+                "SELECT {} FROM receipts ORDER BY created_ms, id",
+                row_columns()
+            ))
             .map_err(sql("preparing the export"))?;
         let rows = stmt.query_map([], row_from_sql).map_err(sql("exporting"))?;
         rows.collect::<Result<_, _>>().map_err(sql("exporting"))
@@ -537,6 +629,15 @@ impl Ledger {
             Err(LedgerError::Schema(format!("integrity check: {answer}")))
         }
     }
+}
+
+/// The columns [`row_from_sql`] reads, in its order.
+fn row_columns() -> String {
+    format!(
+        "id, kind, model_id, layer_start, layer_end, session_id, start_pos, tokens, flops,
+         requester, created_ms, status, spot_checked, reliability, credit, settled_ms, evidence,
+         {VOUCHED}"
+    )
 }
 
 fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
@@ -562,127 +663,10 @@ fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<ReceiptRow> {
         reliability: r.get(13)?,
         credit: r.get(14)?,
         settled_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+        evidence: r.get(16)?,
+        vouched: r.get(17)?,
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::receipt::tests::body;
-    use neuroshard_base::NodeKey;
-
-    fn receipt(w: &NodeKey, r: &NodeKey, nonce: u8, at: u64) -> Receipt {
-        let mut b = body(w, r, nonce);
-        b.received_ms = at;
-        b.replied_ms = at;
-        b.sign(w)
-    }
-
-    #[test]
-    fn settles_once_and_sums_by_period_and_status() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite");
-        let (w, r) = (NodeKey::generate(), NodeKey::generate());
-        let now = 100 * MS_PER_DAY;
-        let today = receipt(&w, &r, 1, now - 1000);
-        let last_week = receipt(&w, &r, 2, now - 3 * MS_PER_DAY);
-        let long_ago = receipt(&w, &r, 3, now - 30 * MS_PER_DAY);
-        let cheated = receipt(&w, &r, 4, now - 500);
-        let unsettled = receipt(&w, &r, 5, now - 400);
-        {
-            let mut ledger = Ledger::open(&path).unwrap();
-            ledger
-                .record_issued(&[today.clone(), unsettled.clone(), cheated.clone()])
-                .unwrap();
-            let accept = |rc: &Receipt| {
-                rc.countersign(
-                    &r,
-                    Verdict::Accepted {
-                        spot_checked: false,
-                    },
-                    1.0,
-                    now,
-                )
-            };
-            let batch = vec![
-                accept(&today),
-                accept(&last_week),
-                accept(&long_ago),
-                cheated.countersign(&r, Verdict::Voided, 0.2, now),
-            ];
-            assert_eq!(
-                ledger.settle(&batch, now).unwrap(),
-                vec![Settlement::Stored; 4]
-            );
-            assert_eq!(
-                ledger.settle(&batch[..1], now).unwrap(),
-                vec![Settlement::AlreadySettled]
-            );
-        }
-        let ledger = Ledger::open(&path).unwrap();
-        ledger.integrity_check().unwrap();
-        assert_eq!(
-            ledger.status_counts().unwrap(),
-            StatusCounts {
-                pending: 1,
-                verified: 3,
-                voided: 1
-            }
-        );
-        let totals = ledger.totals(now, now - 3600 * 1000).unwrap();
-        assert_eq!(totals.len(), 1);
-        let t = &totals[0];
-        assert_eq!(
-            (t.today.receipts, t.week.receipts, t.lifetime.receipts),
-            (1, 2, 3)
-        );
-        assert_eq!(t.lifetime.flops, 3_000_000);
-        assert!((t.lifetime.credit - 0.003).abs() < 1e-12);
-        let per_receipt = t.lifetime.tokens / 3;
-        let series = ledger.series(now - 4 * MS_PER_DAY, MS_PER_DAY, 4).unwrap();
-        let tokens: Vec<u64> = series.iter().map(|p| p.tokens).collect();
-        assert_eq!(
-            tokens,
-            [0, per_receipt, 0, 2 * per_receipt],
-            "pending work counts, voided work does not"
-        );
-        assert!(
-            (series[3].credit - 0.001).abs() < 1e-12,
-            "only verified credit"
-        );
-        assert_eq!(series[2].start_ms, now - 2 * MS_PER_DAY);
-        let voided = ledger.page(Some(Status::Voided), 0, 10).unwrap();
-        assert_eq!(voided.len(), 1);
-        assert_eq!(voided[0].id, cheated.id().to_string());
-        assert_eq!(voided[0].credit, 0.0);
-        let page = ledger.page(None, 1, 2).unwrap();
-        assert_eq!(page.len(), 2);
-        assert_eq!(
-            page[0].id,
-            cheated.id().to_string(),
-            "newest first, after skipping one"
-        );
-        let mut csv = Vec::new();
-        ledger.export_csv(&mut csv).unwrap();
-        let csv = String::from_utf8(csv).unwrap();
-        assert_eq!(csv.lines().count(), 6);
-        assert!(csv.starts_with("id,kind,model_id"));
-        let mut json = Vec::new();
-        ledger.export_json(&mut json).unwrap();
-        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
-        assert_eq!(parsed.as_array().unwrap().len(), 5);
-    }
-
-    #[test]
-    fn a_file_that_is_not_a_ledger_is_refused_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite");
-        std::fs::write(&path, b"this is not a database at all, just some text").unwrap();
-        let err = Ledger::open(&path).unwrap_err();
-        assert!(err.to_string().contains("not a SQLite ledger"), "{err}");
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            b"this is not a database at all, just some text"
-        );
-    }
-}
+mod tests;

@@ -9,7 +9,7 @@ use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Evidence, Fingerprint, Tolerance};
 
 /// Version of the body layout; bumped when fields change.
 pub const BODY_VERSION: u8 = 1;
@@ -18,7 +18,7 @@ pub const BODY_VERSION: u8 = 1;
 pub const MAX_RECEIPT_BYTES: usize = 4096;
 
 /// Domain separation of countersignatures, so a signature over a receipt id means nothing else.
-const COUNTERSIGN_DOMAIN: &[u8] = b"neuroshard-countersign-v1";
+const COUNTERSIGN_DOMAIN: &[u8] = b"neuroshard-countersign-v2";
 
 /// Clock difference tolerated between requester and worker. Five minutes: home PCs' clocks
 /// drift, and the nonce, not the time, is what makes a receipt fresh.
@@ -121,6 +121,9 @@ pub enum ReceiptError {
         /// Nonce sent.
         sent: String,
     },
+    /// A void whose evidence shows no mismatch.
+    #[error("void refused: {0}")]
+    Void(String),
     /// A field disagrees with the call.
     #[error("receipt field {field} is {got}, the call implies {expected}")]
     Field {
@@ -241,15 +244,30 @@ impl Receipt {
 }
 
 /// What the requester concluded about a receipt's work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Verdict {
     /// The receipt checked out; `spot_checked` when the work was also re-executed.
     Accepted {
         /// Whether the hop was re-executed and matched.
         spot_checked: bool,
     },
-    /// Re-execution did not match: the work earns nothing.
-    Voided,
+    /// Re-execution did not match: the work earns nothing. The evidence must show the
+    /// mismatch, or the worker refuses the void.
+    Voided(Evidence),
+}
+
+impl Verdict {
+    /// For a void, the mismatch its evidence shows against `receipt`'s fingerprint (judged with
+    /// the default tolerance); none for an acceptance.
+    pub fn void_reason(&self, receipt: &Receipt) -> Result<Option<String>, ReceiptError> {
+        match self {
+            Self::Accepted { .. } => Ok(None),
+            Self::Voided(evidence) => evidence
+                .shows(&receipt.body.fingerprint, &Tolerance::default())
+                .map(Some)
+                .map_err(ReceiptError::Void),
+        }
+    }
 }
 
 /// A receipt with the requester's verdict, signed by the requester.
@@ -280,7 +298,7 @@ impl Countersignature {
         let mut bytes = COUNTERSIGN_DOMAIN.to_vec();
         bytes.extend_from_slice(&self.receipt.id().0);
         bytes.extend(
-            postcard::to_stdvec(&(self.verdict, self.reliability, self.signed_ms))
+            postcard::to_stdvec(&(&self.verdict, self.reliability, self.signed_ms))
                 .expect("serializes"),
         );
         bytes
@@ -345,6 +363,7 @@ impl Countersignature {
             )));
         }
         PublicKey::from_slice(&receipt.body.requester)?;
+        wire.verdict.void_reason(&receipt)?;
         Ok(Self {
             receipt,
             verdict: wire.verdict,
@@ -358,7 +377,7 @@ impl Countersignature {
     pub fn to_wire(&self) -> Vec<u8> {
         postcard::to_stdvec(&CountersignatureWire {
             receipt: self.receipt.to_wire(),
-            verdict: self.verdict,
+            verdict: self.verdict.clone(),
             reliability: self.reliability,
             signed_ms: self.signed_ms,
             signature: self.signature.clone(),
@@ -546,6 +565,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// A void whose evidence shows the receipt of [`body`] wrong: the recomputed row's largest
+    /// entry has the other sign.
+    pub(crate) fn void() -> Verdict {
+        Verdict::Voided(Evidence::Receipt {
+            recomputed: Fingerprint::of(&[1.0, 3.0, 2.0]),
+        })
+    }
+
     fn expectation(worker: &NodeKey, requester: &NodeKey, nonce: u8) -> Expectation {
         let b = body(worker, requester, nonce);
         Expectation {
@@ -630,7 +657,7 @@ pub(crate) mod tests {
             .map(|n| {
                 body(&w, &r, n)
                     .sign(&w)
-                    .countersign(&r, Verdict::Voided, 0.5, 9)
+                    .countersign(&r, void(), 0.5, 9)
                     .to_wire()
             })
             .collect();
@@ -639,11 +666,38 @@ pub(crate) mod tests {
         let mut mixed = good.clone();
         mixed[2] = body(&w, &r, 7)
             .sign(&w)
-            .countersign(&thief, Verdict::Voided, 0.5, 9)
+            .countersign(&thief, void(), 0.5, 9)
             .to_wire();
         let checked = Countersignature::from_wire_batch(&mixed, &w.public());
         let bad: Vec<usize> = (0..5).filter(|&i| checked[i].is_err()).collect();
         assert_eq!(bad, vec![2]);
+    }
+
+    #[test]
+    fn a_void_must_show_a_mismatch() {
+        let (w, r) = (NodeKey::generate(), NodeKey::generate());
+        let receipt = body(&w, &r, 1).sign(&w);
+        let shown = receipt.countersign(&r, void(), 0.5, 9);
+        let back = Countersignature::from_wire(&shown.to_wire(), &w.public()).unwrap();
+        let reason = back.verdict.void_reason(&back.receipt).unwrap().unwrap();
+        assert!(reason.contains("receipt's fingerprint"), "{reason}");
+        // Evidence that recomputed the very row the receipt fingerprints shows nothing.
+        let agreeing = Verdict::Voided(Evidence::Receipt {
+            recomputed: Fingerprint::of(&[1.0, -3.0, 2.0]),
+        });
+        let cs = receipt.countersign(&r, agreeing, 0.5, 9);
+        let err = Countersignature::from_wire(&cs.to_wire(), &w.public()).unwrap_err();
+        assert!(matches!(err, ReceiptError::Void(_)), "{err}");
+        // An output void whose received row matches the recomputed one shows nothing either.
+        let output = Verdict::Voided(Evidence::Output {
+            recomputed: Fingerprint::of(&[5.0, 1.0, 1.0]),
+            received: Fingerprint::of(&[5.0, 1.0, 1.0]),
+        });
+        let cs = receipt.countersign(&r, output, 0.5, 9);
+        assert!(matches!(
+            Countersignature::from_wire(&cs.to_wire(), &w.public()),
+            Err(ReceiptError::Void(_))
+        ));
     }
 
     #[test]
@@ -703,7 +757,7 @@ pub(crate) mod tests {
             Err(ReceiptError::WrongWorker { .. })
         ));
         // A worker refuses a countersigned receipt that is not its own.
-        let cs = receipt.countersign(&r, Verdict::Voided, 0.0, 5);
+        let cs = receipt.countersign(&r, void(), 0.0, 5);
         assert!(matches!(
             Countersignature::from_wire(&cs.to_wire(), &other.public()),
             Err(ReceiptError::WrongWorker { .. })

@@ -34,6 +34,10 @@ pub enum Fault {
     /// Answers every ExchangeGradient as though this many rounds ahead, attesting its own
     /// weights for the round it claims: a replica of the run forging progress.
     ClaimsRoundsAhead(u64),
+    /// Computes honestly but signs receipts claiming this many times the FLOPs done.
+    InflatesFlops(u64),
+    /// Computes honestly but signs receipts claiming these weights.
+    ClaimsWeights([u8; 32]),
 }
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].
@@ -65,6 +69,10 @@ pub struct NodeConfig {
     /// The node's key, for a node without a data directory whose key must be known before it
     /// starts (a training run's manifest names its replicas' keys). Default none.
     pub key: Option<Arc<NodeKey>>,
+    /// Issuers whose countersignatures, and those of the holders of their credit passes, count
+    /// as earned credit in the ledger's totals, besides the tracker when `tracker` names its
+    /// key (`http://ID@host:port`). Default none.
+    pub credit_issuers: Vec<NodeId>,
     /// Upload cap in KB/s (1 KB = 1000 bytes), 0 for none; on every byte the server sends.
     /// Default none.
     pub upload_kbps: u32,
@@ -114,6 +122,16 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// The issuers whose vouching counts: the configured ones and the tracker named by key.
+    pub(super) fn trusted_issuers(&self) -> Vec<NodeId> {
+        let tracker = self
+            .tracker
+            .as_deref()
+            .and_then(|url| url.parse::<neuroshard_base::TrackerUrl>().ok())
+            .and_then(|url| url.id);
+        self.credit_issuers.iter().copied().chain(tracker).collect()
+    }
+
     /// The misbehaviour this node is told to show: none in a build without `test-faults`.
     pub(super) fn fault(&self) -> Option<Fault> {
         #[cfg(feature = "test-faults")]
@@ -158,6 +176,7 @@ impl NodeConfig {
             heartbeat: Duration::from_secs(10),
             data_dir: None,
             key: None,
+            credit_issuers: Vec::new(),
             upload_kbps: 0,
             download_kbps: 0,
             compute_share_percent: 100,

@@ -102,8 +102,14 @@ impl NodeState {
         fingerprint: Fingerprint,
     ) -> Receipt {
         let received_ms = draft.received_ms;
+        let (weights_hash, flops) = match &self.fault {
+            Some(Fault::ClaimsWeights(claimed)) => (*claimed, draft.flops),
+            Some(Fault::InflatesFlops(factor)) => (weights_hash, draft.flops * factor),
+            _ => (weights_hash, draft.flops),
+        };
         let receipt = ReceiptBody {
             weights_hash,
+            flops,
             output_hash: tensor_hash(tensor),
             fingerprint,
             replied_ms: neuroshard_net::now_ms().max(received_ms),
@@ -114,10 +120,13 @@ impl NodeState {
         receipt
     }
 
-    /// Checks and stores countersigned receipts of this node's work.
+    /// Checks and stores countersigned receipts of this node's work, with the requester's
+    /// credit pass when it shows one (empty `pass`). A pass that does not check out is named
+    /// among the refusals, and the receipts are stored as unvouched.
     pub(super) async fn submit_receipts(
         self: Arc<Self>,
         batch: Vec<Vec<u8>>,
+        pass: Vec<u8>,
     ) -> Result<pb::SubmitReceiptsResponse, NodeError> {
         if batch.len() > MAX_RECEIPTS_PER_SUBMIT {
             return Err(NodeError::BadRequest(format!(
@@ -126,20 +135,27 @@ impl NodeState {
             )));
         }
         let own = self.key.public();
-        let (valid, rejected) = tokio::task::spawn_blocking(move || {
+        let (valid, rejected, pass) = tokio::task::spawn_blocking(move || {
             let mut valid = Vec::new();
             let mut rejected = Vec::new();
+            let pass = (!pass.is_empty())
+                .then(|| CreditPass::from_wire(&pass, neuroshard_net::now_ms()))
+                .transpose()
+                .unwrap_or_else(|e| {
+                    rejected.push(e.to_string());
+                    None
+                });
             for checked in Countersignature::from_wire_batch(&batch, &own) {
                 match checked {
                     Ok(cs) => valid.push(cs),
                     Err(e) => rejected.push(e.to_string()),
                 }
             }
-            (valid, rejected)
+            (valid, rejected, pass)
         })
         .await
         .map_err(|e| NodeError::BadRequest(format!("checking receipts failed: {e}")))?;
-        let settled = self.ledger.settle(valid).await?;
+        let settled = self.ledger.settle(valid, pass).await?;
         let stored = settled.iter().filter(|s| **s == Settlement::Stored).count();
         Ok(pb::SubmitReceiptsResponse {
             stored: stored as u32,

@@ -155,8 +155,12 @@ impl Node for NodeService {
         &self,
         request: Request<pb::SubmitReceiptsRequest>,
     ) -> Result<Response<pb::SubmitReceiptsResponse>, Status> {
-        let batch = request.into_inner().countersigned;
-        let result = self.state.clone().submit_receipts(batch).await;
+        let request = request.into_inner();
+        let result = self
+            .state
+            .clone()
+            .submit_receipts(request.countersigned, request.pass)
+            .await;
         result.map(Response::new).map_err(Status::from)
     }
 

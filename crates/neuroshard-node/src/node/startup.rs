@@ -105,7 +105,7 @@ async fn find_weights(
 
 /// The node's key and receipt ledger: kept in the data dir, or fresh and in memory.
 fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), NodeError> {
-    let (key, ledger) = match (&config.data_dir, &config.key) {
+    let (key, mut ledger) = match (&config.data_dir, &config.key) {
         (Some(_), Some(_)) => {
             return Err(NodeError::Config(
                 "key: a node with a data directory keeps its key there; give one or the other"
@@ -121,6 +121,7 @@ fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), No
             Ledger::in_memory()?,
         ),
     };
+    ledger.set_issuers(&config.trusted_issuers())?;
     Ok((key, LedgerHandle::spawn(ledger)?))
 }
 
