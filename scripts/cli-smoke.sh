@@ -12,8 +12,12 @@ start_tracker
 for layers in 0..2 2..4 4..6; do start_node "$work/model" "$layers"; done
 
 "$bin" status --tracker "$tracker" >"$work/stats.json"
+# The tracker's key vouches for the requester: the nodes, dialling the tracker by key, trust
+# it, so the receipts the requester countersigns count as earned.
+holder="$("$bin" identity --public-key --data-dir "$work/requester")"
+"$bin" pass --data-dir "$work/tracker" --holder "$holder" >"$work/requester/credit.pass"
 "$bin" generate --tracker "$tracker" --model "$work/model" --prompt "hello swarm" \
-  --max-new-tokens 12 --spot-check --json >"$work/swarm.json"
+  --max-new-tokens 12 --spot-check --requester-dir "$work/requester" --json >"$work/swarm.json"
 "$bin" generate --model "$work/model" --local --prompt "hello swarm" \
   --max-new-tokens 12 --json >"$work/local.json"
 # Each node's ledger holds one verified receipt per generated token (receipts are delivered
@@ -31,7 +35,9 @@ work = sys.argv[1]
 for layers in ["0..2", "2..4", "4..6"]:
     proofs = json.load(open(f"{work}/proofs-{layers}.json"))
     assert proofs["counts"] == {"pending": 0, "verified": 12, "voided": 0}, (layers, proofs["counts"])
-    assert proofs["totals"][0]["lifetime"]["credit"] > 0, proofs["totals"]
+    lifetime = proofs["totals"][0]["lifetime"]
+    assert lifetime["credit"] > 0 and lifetime["unvouched"] == 0, proofs["totals"]
+    assert all(r["vouched"] for r in proofs["receipts"]), proofs["receipts"][:1]
 rows = list(csv.DictReader(open(f"{work}/receipts.csv")))
 assert len(rows) == 12 and all(r["status"] == "verified" for r in rows), rows[:2]
 stats = json.load(open(f"{work}/stats.json"))

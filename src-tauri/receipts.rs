@@ -89,6 +89,7 @@ impl Desktop {
                 into.tokens += from.tokens;
                 into.flops += from.flops;
                 into.credit += from.credit;
+                into.unvouched += from.unvouched;
             }
         }
         Ok(sum)

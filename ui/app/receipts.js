@@ -25,17 +25,22 @@ function row(r) {
     cell(fmt.time(r.created_ms)),
     cell(fmt.layers({ start: r.layer_start, end: r.layer_end })),
     cell(fmt.count(r.tokens), "num"),
-    cell(r.status === "verified" ? fmt.credit(r.credit) : "—", "num"),
+    cell(r.status !== "verified" ? "—" : r.vouched ? fmt.credit(r.credit) : "unvouched", "num"),
     status,
     cell(r.spot_checked ? "re-executed" : ""),
   );
   tr.title = `receipt ${r.id}\nsession ${r.session_id}\nrequester ${r.requester}`;
+  if (r.evidence) tr.title += `\nvoided: ${r.evidence}`;
+  if (r.status === "verified" && !r.vouched) {
+    tr.title += `\n${fmt.credit(r.credit)} credit not counted: no issuer you trust vouches for this requester`;
+  }
   return tr;
 }
 
 function totals(id, t) {
   $(id).textContent = `${fmt.credit(t.credit)} credit`;
-  $(`${id}-sub`).textContent = `${fmt.count(t.receipts)} receipts · ${fmt.count(t.tokens)} tokens`;
+  const unvouched = t.unvouched > 0 ? ` · ${fmt.credit(t.unvouched)} unvouched, not counted` : "";
+  $(`${id}-sub`).textContent = `${fmt.count(t.receipts)} receipts · ${fmt.count(t.tokens)} tokens${unvouched}`;
 }
 
 async function load() {

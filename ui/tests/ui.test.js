@@ -43,6 +43,8 @@ function receiptsSeed(n) {
     reliability: 0.9,
     credit: statuses[i % statuses.length] === "verified" ? 0.01 * (i + 1) : 0,
     settled_ms: NOW,
+    evidence: statuses[i % statuses.length] === "voided" ? "the receipt's fingerprint: 14 of 16 entries differ" : null,
+    vouched: i !== 1,
   }));
 }
 
@@ -52,14 +54,14 @@ async function seed({ onboarded = true } = {}) {
   if (onboarded) settings.profile.display_name = "Ada";
   const status = await fixture("serving-status.json");
   if (!onboarded) status.state = "setup";
-  const t = (receipts, tokens, credit) => ({ receipts, tokens, flops: tokens * 1000, credit });
+  const t = (receipts, tokens, credit, unvouched = 0) => ({ receipts, tokens, flops: tokens * 1000, credit, unvouched });
   const hours = Array.from({ length: 24 }, (_, i) => ({ start_ms: NOW - (23 - i) * 3600_000, tokens: (i * 37) % 200, credit: ((i * 13) % 9) / 100 }));
   const days = Array.from({ length: 7 }, (_, i) => ({ start_ms: NOW - (6 - i) * DAY, tokens: 1000 + i * 300, credit: 0.2 + i * 0.05 }));
   return {
     settings,
     status,
     receipts: receiptsSeed(60),
-    totals: { today: t(42, 1800, 0.84), week: t(310, 14000, 6.2), lifetime: t(1290, 61000, 25.5) },
+    totals: { today: t(42, 1800, 0.84), week: t(310, 14000, 6.2), lifetime: t(1290, 61000, 25.5, 1.5) },
     series: { "24h": hours, "7d": days },
   };
 }
@@ -182,6 +184,11 @@ test("receipts page through, filter, and export", async () => {
   assert.equal(await page.textContent("#page-label"), "Page 1 of 3");
   assert.equal(await page.isDisabled("#page-prev"), true);
   assert.match(await page.textContent("#total-life-sub"), /1,290 receipts/);
+  assert.match(await page.textContent("#total-life-sub"), /unvouched, not counted/);
+  assert.doesNotMatch(await page.textContent("#total-week-sub"), /unvouched/);
+  // A receipt of a requester no trusted issuer vouches for shows no credit; a void its evidence.
+  assert.equal(await page.textContent("#receipt-rows tr:nth-child(2) td:nth-child(4)"), "unvouched");
+  assert.match(await page.getAttribute("#receipt-rows tr:nth-child(5)", "title"), /voided: the receipt's fingerprint/);
   const first = await page.textContent("#receipt-rows tr:first-child td:nth-child(3)");
   await page.click("#page-next");
   await page.waitForFunction(() => document.querySelector("#page-label").textContent === "Page 2 of 3");

@@ -7,6 +7,8 @@ use super::*;
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    requester: RequesterArgs,
     /// Model directory: required with --local; otherwise used for its tokenizer and model id.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -158,6 +160,7 @@ async fn on_swarm(
     if args.spot_check {
         config.verify_with = args.model.clone();
     }
+    args.requester.apply(&mut config)?;
     let client = SwarmClient::connect(config).await?;
     let mut session = client.session();
     let report = generate_with(&mut session, prompt, options, |_, steps| {

@@ -1,6 +1,7 @@
 //! `neuroshard`: the headless runtime's command line. Parses arguments and calls the library;
 //! each command's arguments and runner live in a module of its own.
 
+mod credit;
 mod generate;
 mod node;
 mod report;
@@ -35,6 +36,7 @@ use neuroshard_proto as pb;
 const DEFAULT_LOG: &str = "neuroshard_node=info,neuroshard_net=info,neuroshard_discovery=info,\
                            neuroshard_client=info,neuroshard_settings=info";
 
+use credit::{PassArgs, RequesterArgs, issue_pass};
 use generate::{GenerateArgs, print_hops, print_speed, run_generate};
 use node::{NodeArgs, run_node};
 use report::{ProofsArgs, print_proofs, print_status};
@@ -114,7 +116,14 @@ enum Command {
         /// Replace the key (the old file is kept as node.key.replaced-<ms>).
         #[arg(long)]
         regenerate: bool,
+        /// Print the public key (hex) instead of the node id: what an issuer needs to make
+        /// this key a credit pass.
+        #[arg(long)]
+        public_key: bool,
     },
+    /// Issue a credit pass: vouch, as this install's key, that a requester key is a real
+    /// requester, so nodes that trust this key count the receipts it countersigns as earned.
+    Pass(PassArgs),
     /// Show the Proof of Neural Work receipts in a node's ledger.
     Proofs(ProofsArgs),
     /// Print a node's metrics (via Ping) or a tracker's stats as JSON.
@@ -203,7 +212,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Identity {
             data_dir,
             regenerate,
-        } => print_identity(data_dir, regenerate)?,
+            public_key,
+        } => print_identity(data_dir, regenerate, public_key)?,
+        Command::Pass(args) => issue_pass(args)?,
         Command::Proofs(args) => print_proofs(args)?,
         Command::Train(args) => run_train(args).await?,
     }
@@ -271,14 +282,22 @@ async fn run_demo_command(options: DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `neuroshard identity`: prints the install's node id, making a new key with `regenerate`.
-fn print_identity(data_dir: Option<PathBuf>, regenerate: bool) -> anyhow::Result<()> {
+/// `neuroshard identity`: prints the install's node id (or its public key), making a new key
+/// with `regenerate`.
+fn print_identity(
+    data_dir: Option<PathBuf>,
+    regenerate: bool,
+    public_key: bool,
+) -> anyhow::Result<()> {
     let dir = data_dir.unwrap_or_else(neuroshard_node::identity::default_data_dir);
     let key = if regenerate {
         neuroshard_node::identity::regenerate(&dir)?
     } else {
         neuroshard_node::identity::load_or_create(&dir)?
     };
-    println!("{}", key.id());
+    match public_key {
+        true => println!("{}", hex::encode(key.public().0)),
+        false => println!("{}", key.id()),
+    }
     Ok(())
 }

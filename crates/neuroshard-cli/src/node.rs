@@ -22,6 +22,11 @@ pub(crate) struct NodeArgs {
     /// The name this node shows the swarm (anonymous without one).
     #[arg(long)]
     name: Option<String>,
+    /// An issuer (node id) whose credit passes this node trusts: receipts countersigned by it
+    /// or by holders of its passes count as earned; repeat for several. The tracker named by
+    /// key in --tracker (http://ID@host:port) is trusted too.
+    #[arg(long = "credit-issuer")]
+    credit_issuers: Vec<neuroshard_base::NodeId>,
     /// Port to listen on (0 picks one).
     #[arg(long, default_value_t = 0)]
     port: u16,
@@ -88,6 +93,7 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.tracker = args.swarm.tracker;
     config.bootstrap = args.swarm.bootstrap;
     config.display_name = args.name;
+    config.credit_issuers = args.credit_issuers;
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.cpu_threads = args.cpu_threads;
     config.device = args.device.map(Device::compute_device);

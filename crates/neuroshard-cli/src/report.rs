@@ -83,6 +83,18 @@ pub(crate) fn print_proofs(args: ProofsArgs) -> anyhow::Result<()> {
         counts.verified, counts.pending, counts.voided
     );
     print_totals(&totals);
+    let issuers = ledger.issuers()?;
+    if issuers.is_empty() {
+        println!(
+            "credit counts only receipts of requesters a trusted issuer vouches for; none is trusted"
+        );
+    } else {
+        let names: Vec<String> = issuers.iter().map(|id| id.short()).collect();
+        println!(
+            "credit counts only receipts of requesters vouched for by {}",
+            names.join(", ")
+        );
+    }
     print_receipts(&rows);
     Ok(())
 }
@@ -117,13 +129,18 @@ fn export_receipts(ledger: &neuroshard_proof::Ledger, file: &Path) -> anyhow::Re
 /// The table of receipts and credit per model: today, the last 7 days, and lifetime.
 fn print_totals(totals: &[neuroshard_proof::ModelTotals]) {
     println!(
-        "{:<18} {:>26} {:>26} {:>26}",
+        "{:<18} {:>36} {:>36} {:>36}",
         "model", "today (UTC)", "last 7 days", "lifetime"
     );
     for t in totals {
-        let cell = |t: &neuroshard_proof::Totals| format!("{} rcpt {:.3} cr", t.receipts, t.credit);
+        let cell = |t: &neuroshard_proof::Totals| {
+            format!(
+                "{} rcpt {:.3} cr ({:.3} unvouched)",
+                t.receipts, t.credit, t.unvouched
+            )
+        };
         println!(
-            "{:<18} {:>26} {:>26} {:>26}",
+            "{:<18} {:>36} {:>36} {:>36}",
             t.model_id,
             cell(&t.today),
             cell(&t.week),
@@ -141,8 +158,15 @@ fn print_receipts(rows: &[neuroshard_proof::ReceiptRow]) {
         );
     }
     for r in rows {
+        let note = match (&r.evidence, r.vouched) {
+            (Some(evidence), _) => format!("  voided: {evidence}"),
+            (None, false) if r.status == neuroshard_proof::Status::Verified => {
+                "  unvouched".to_string()
+            }
+            _ => String::new(),
+        };
         println!(
-            "{:<12} {:<9} {:<8} {:>6} {:>8} {:>12.4} {:>9.4}",
+            "{:<12} {:<9} {:<8} {:>6} {:>8} {:>12.4} {:>9.4}{note}",
             &r.id[..12],
             r.status.as_str(),
             format!("{}..{}", r.layer_start, r.layer_end),

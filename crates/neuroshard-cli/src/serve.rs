@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    requester: RequesterArgs,
     /// Hugging Face model directory to serve (its tokenizer, chat template and model id); repeat
     /// for several models. Clients name a model by its directory's name.
     #[arg(long, required = true)]
@@ -43,6 +45,7 @@ pub(crate) async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         client.tracker = args.swarm.tracker.clone();
         client.discovery.lan = args.swarm.lan();
         client.wire_dtype = WireDType::parse(&args.wire_dtype)?;
+        args.requester.apply(&mut client)?;
         Backend::Swarm(Box::new(client))
     };
     let mut models = Vec::new();
