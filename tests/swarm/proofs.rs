@@ -289,6 +289,11 @@ async fn self_countersigned_receipts_earn_no_shown_credit_and_a_pass_holder_s_do
     let vouched: Vec<_> = rows.iter().filter(|r| r.vouched).collect();
     assert_eq!(vouched.len(), 2);
     assert!(vouched.iter().all(|r| r.requester == key.id()));
+    // A pass is its holder's alone: a client countersigning as another key is refused.
+    let mut borrowed = ClientConfig::new(swarm.tracker.url());
+    borrowed.pass = Some(PassBody::new(&issuer, key.public(), now, 30).sign(&issuer));
+    let err = SwarmClient::connect(borrowed).await.err().unwrap();
+    assert!(err.to_string().contains("pass: it vouches for key"), "{err}");
     swarm.shutdown().await;
 }
 

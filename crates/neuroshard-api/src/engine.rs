@@ -90,6 +90,7 @@ impl ServedModel {
             Backend::Swarm(config) => {
                 let mut config = (**config).clone();
                 config.model_id = Some(info.id.clone());
+                config.model_config = Some(info.config.clone());
                 Engine::Swarm(Arc::new(SwarmClient::connect(config).await?))
             }
             Backend::Local => {

@@ -156,6 +156,7 @@ async fn on_swarm(
     config.tracker = args.swarm.tracker.clone();
     config.discovery.lan = args.swarm.lan();
     config.model_id = info.map(|i| i.id.clone());
+    config.model_config = info.map(|i| i.config.clone());
     config.wire_dtype = WireDType::parse(&args.wire_dtype)?;
     if args.spot_check {
         config.verify_with = args.model.clone();

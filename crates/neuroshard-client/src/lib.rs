@@ -87,6 +87,10 @@ pub struct ClientConfig {
     pub discovery: DiscoveryConfig,
     /// Model to use; `None` picks the model the swarm serves (it must serve exactly one).
     pub model_id: Option<String>,
+    /// The config of `model_id`, read from the model's own files (as a directory whose id is
+    /// `model_id` gives it): the FLOPs every receipt claims are checked against it. None: the
+    /// config the model's peers serve. Default none.
+    pub model_config: Option<LlamaConfig>,
     /// Connection pool limits.
     pub pool: PoolConfig,
     /// Routing and failover tuning.
@@ -125,6 +129,7 @@ impl ClientConfig {
             bootstrap,
             discovery: DiscoveryConfig::default(),
             model_id: None,
+            model_config: None,
             pool: PoolConfig::default(),
             router: RouterConfig::default(),
             wire_dtype: WireDType::F16,
@@ -133,6 +138,30 @@ impl ClientConfig {
             verify_with: None,
             tolerance: Tolerance::default(),
             pass: None,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Names the first field that is wrong for a client countersigning as `key`.
+    fn validate(&self, key: &NodeKey) -> Result<(), NodeError> {
+        let bad = |why: String| Err(NodeError::Config(why));
+        if let Err(e) = self.router.weights.validate() {
+            return bad(format!("router.{e}"));
+        }
+        if let Err(e) = self.router.spot_checks.validate() {
+            return bad(format!("router.spot_checks.{e}"));
+        }
+        if self.model_config.is_some() && self.model_id.is_none() {
+            return bad("model_config: give the model_id whose config it is".into());
+        }
+        match &self.pass {
+            Some(pass) if pass.holder() != key.public() => bad(format!(
+                "pass: it vouches for key {}, this client countersigns as {}",
+                pass.holder().id(),
+                key.id()
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -220,34 +249,16 @@ impl SwarmClient {
         let tracker = config.tracker.as_deref().map(tracker_client).transpose()?;
         neuroshard_discovery::check_bootstrap(&config.bootstrap)?;
         let metrics = Arc::new(Metrics::default());
-        config
-            .router
-            .weights
-            .validate()
-            .map_err(|e| NodeError::Config(format!("router.{e}")))?;
-        config
-            .router
-            .spot_checks
-            .validate()
-            .map_err(|e| NodeError::Config(format!("router.spot_checks.{e}")))?;
         let key = config
             .key
             .clone()
             .unwrap_or_else(|| Arc::new(NodeKey::generate()));
+        config.validate(&key)?;
         // Calls prove the key receipts are countersigned with: the nodes bind sessions to it.
         let dialler = neuroshard_net::tls::Dialler::new(&key)?;
         let pool = Arc::new(ConnectionPool::new(config.pool, metrics.clone(), dialler));
         pool.spawn_reaper();
         let verifier = load_verifier(config.verify_with.clone()).await?;
-        if let Some(pass) = &config.pass
-            && pass.holder() != key.public()
-        {
-            return Err(NodeError::Config(format!(
-                "pass: it vouches for key {}, this client countersigns as {}",
-                pass.holder().id(),
-                key.id()
-            )));
-        }
         let outbox = ReceiptOutbox::spawn(pool.clone(), config.pass.as_ref());
         let cancel = CancellationToken::new();
         let discovery = Discovery::start(
@@ -302,9 +313,10 @@ impl SwarmClient {
                 verifier.model_id()
             )));
         }
-        let config = match &self.verifier {
-            Some(verifier) => verifier.config().clone(),
-            None => peer_config(&self.pool, &peers, &model_id).await?,
+        let config = match (&self.verifier, &self.config.model_config) {
+            (Some(verifier), _) => verifier.config().clone(),
+            (None, Some(config)) => config.clone(),
+            (None, None) => peer_config(&self.pool, &peers, &model_id).await?,
         };
         if config.num_hidden_layers != total_layers as usize {
             return Err(NodeError::BadRequest(format!(
