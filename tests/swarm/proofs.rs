@@ -293,7 +293,10 @@ async fn self_countersigned_receipts_earn_no_shown_credit_and_a_pass_holder_s_do
     let mut borrowed = ClientConfig::new(swarm.tracker.url());
     borrowed.pass = Some(PassBody::new(&issuer, key.public(), now, 30).sign(&issuer));
     let err = SwarmClient::connect(borrowed).await.err().unwrap();
-    assert!(err.to_string().contains("pass: it vouches for key"), "{err}");
+    assert!(
+        err.to_string().contains("pass: it vouches for key"),
+        "{err}"
+    );
     swarm.shutdown().await;
 }
 

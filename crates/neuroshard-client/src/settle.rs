@@ -133,26 +133,33 @@ impl SwarmSession<'_> {
             Ok(Err(e)) => return skipped(&e),
             Err(e) => return skipped(&e),
         };
-        let tolerance = client.config.tolerance;
-        let recomputed = Fingerprint::of(&truth);
-        receipt
-            .body()
-            .fingerprint
-            .check(&truth, &tolerance)
-            .map_err(|m| {
-                let recomputed = recomputed.clone();
-                CheckFailed::Receipt(m, Box::new(Evidence::Receipt { recomputed }))
-            })?;
-        Fingerprint::of(&received)
-            .check(&truth, &tolerance)
-            .map_err(|m| {
-                let received = Fingerprint::of(&received);
-                let evidence = Evidence::Output {
-                    recomputed,
-                    received,
-                };
-                CheckFailed::Output(m, Box::new(evidence))
-            })?;
+        compare(receipt, &truth, &received, &client.config.tolerance)?;
         Ok(true)
     }
+}
+
+/// Checks the receipt's fingerprint, then the output received, against the recomputed row;
+/// a mismatch comes with the evidence a void shows.
+fn compare(
+    receipt: &Receipt,
+    truth: &[f32],
+    received: &[f32],
+    tolerance: &neuroshard_proof::Tolerance,
+) -> Result<(), CheckFailed> {
+    let recomputed = Fingerprint::of(truth);
+    if let Err(m) = receipt.body().fingerprint.check(truth, tolerance) {
+        return Err(CheckFailed::Receipt(
+            m,
+            Box::new(Evidence::Receipt { recomputed }),
+        ));
+    }
+    if let Err(m) = Fingerprint::of(received).check(truth, tolerance) {
+        let received = Fingerprint::of(received);
+        let evidence = Evidence::Output {
+            recomputed,
+            received,
+        };
+        return Err(CheckFailed::Output(m, Box::new(evidence)));
+    }
+    Ok(())
 }

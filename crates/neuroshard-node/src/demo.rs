@@ -8,7 +8,7 @@ use neuroshard_model::init::{ModelSpec, write_demo_model, write_model};
 
 use crate::swarm::LocalSwarm;
 use neuroshard_client::generate::{GenerationReport, LocalPipeline, generate};
-use neuroshard_client::{ClientConfig, HopTiming, SwarmClient};
+use neuroshard_client::{HopTiming, SwarmClient};
 use neuroshard_net::NodeError;
 
 /// What the demo runs.
@@ -215,10 +215,8 @@ async fn spot_checking_client(
     model_dir: &Path,
 ) -> Result<SwarmClient, NodeError> {
     let key = std::sync::Arc::new(neuroshard_base::NodeKey::generate());
-    let mut client_config = ClientConfig::new(swarm.tracker.url());
+    let mut client_config = swarm.vouched_client(key);
     client_config.verify_with = Some(model_dir.to_path_buf());
-    client_config.pass = Some(swarm.pass_for(key.public()));
-    client_config.key = Some(key);
     SwarmClient::connect(client_config).await
 }
 

@@ -56,6 +56,16 @@ impl LocalSwarm {
         PassBody::new(&self.issuer, holder, neuroshard_net::now_ms(), 1).sign(&self.issuer)
     }
 
+    /// A client of this swarm countersigning as `key` and holding the tracker's pass for it,
+    /// so the nodes count its receipts as earned.
+    pub fn vouched_client(&self, key: Arc<NodeKey>) -> neuroshard_client::ClientConfig {
+        neuroshard_client::ClientConfig {
+            pass: Some(self.pass_for(key.public())),
+            key: Some(key),
+            ..neuroshard_client::ClientConfig::new(self.tracker.url())
+        }
+    }
+
     /// Starts one more node serving `start..end`.
     pub async fn add_node(
         &mut self,

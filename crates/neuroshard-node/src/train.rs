@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use crate::demo::{model_dir_or, scratch_dir, split_layers};
 use crate::node::{Compression, NodeHandle, TrainingConfig};
 use crate::swarm::LocalSwarm;
-use neuroshard_client::{ClientConfig, Microbatch, SwarmClient};
+use neuroshard_client::{Microbatch, SwarmClient};
 use neuroshard_net::NodeError;
 use neuroshard_train::run::{RunBody, RunManifest, RunStage};
 
@@ -372,12 +372,7 @@ pub async fn run_training(
     let swarm = start_replicas(&options, &model_dir, &ranges, run, &progress).await?;
     // nodes[r][s]: stage s of replica r.
     let nodes: Vec<&[NodeHandle]> = swarm.nodes.chunks(ranges.len()).collect();
-    let client = SwarmClient::connect(ClientConfig {
-        pass: Some(swarm.pass_for(trainer.public())),
-        key: Some(trainer),
-        ..ClientConfig::new(swarm.tracker.url())
-    })
-    .await?;
+    let client = SwarmClient::connect(swarm.vouched_client(trainer)).await?;
     let mut sessions = Vec::new();
     for chain in &nodes {
         sessions.push(client.train_session(chain.iter().map(NodeHandle::hop).collect())?);
