@@ -71,7 +71,7 @@ fn receipt_cost(c: &mut Criterion) -> (Duration, Duration) {
         input_hash: [4; 32],
         output_hash: tensor_hash(&wire),
         weights_hash: Some([3; 32]),
-        flops: Some(80_000_000),
+        flops: 80_000_000,
         sent_ms: 1_000,
         now_ms: 1_010,
     };

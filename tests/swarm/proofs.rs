@@ -210,6 +210,39 @@ async fn a_receipt_claiming_more_flops_or_other_weights_is_refused() {
     catch(Fault::ClaimsWeights([7; 32]), &model, true, weights).await;
 }
 
+/// A client without the model's files takes its config from two peers, and two that disagree
+/// fail the connection by name: no lone peer sets the FLOPs receipts are checked against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_serving_different_configs_fail_the_connection_by_name() {
+    let (model, copy) = (
+        TestModel::new(&ModelSpec::tiny()),
+        TestModel::new(&ModelSpec::tiny()),
+    );
+    let mut swarm = Swarm::start(model.path(), &[(0, 2)]).await.unwrap();
+    swarm.add_node(copy.path(), 2, 4).await.unwrap();
+    let path = copy.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["intermediate_size"] = (2 * config["intermediate_size"].as_u64().unwrap()).into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("serve different config.json"),
+        "{err}"
+    );
+    // A client that read the model's own files asks nobody.
+    let info = ModelInfo::read(model.path()).unwrap();
+    let mut own = ClientConfig::new(swarm.tracker.url());
+    own.model_id = Some(info.id);
+    own.model_config = Some(info.config);
+    let report = request_from(own).await;
+    assert_eq!(report.stored, 2 * 2, "{report:?}");
+    swarm.shutdown().await;
+}
+
 /// Generates a few tokens as a client with `config` and returns its receipts to the worker.
 async fn request_from(config: ClientConfig) -> neuroshard_client::outbox::OutboxReport {
     let client = SwarmClient::connect(config).await.unwrap();

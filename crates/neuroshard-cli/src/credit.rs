@@ -48,7 +48,8 @@ impl RequesterArgs {
 #[derive(Args)]
 pub(crate) struct PassArgs {
     /// The issuer's data directory (its node.key): a tracker's --data-dir, or any install
-    /// whose id workers list with --credit-issuer.
+    /// whose id workers list with --credit-issuer. Default: the tracker's default, a
+    /// `tracker` folder in the user's data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// The requester's public key, as `neuroshard identity --public-key --data-dir DIR`
@@ -68,9 +69,15 @@ pub(crate) fn issue_pass(args: PassArgs) -> anyhow::Result<()> {
     if args.days == 0 {
         anyhow::bail!("--days must be at least 1");
     }
-    let dir = args
-        .data_dir
-        .unwrap_or_else(neuroshard_node::identity::default_data_dir);
+    let dir = crate::tracker_dir(args.data_dir);
+    // A pass from a key nobody trusts is worth nothing: never make one here.
+    let key_file = neuroshard_node::identity::key_path(&dir);
+    if !key_file.exists() {
+        anyhow::bail!(
+            "no issuer key at {}: give --data-dir of the tracker (or node) whose key vouches",
+            key_file.display()
+        );
+    }
     let issuer = neuroshard_node::identity::load_or_create(&dir)?;
     let pass = PassBody::new(&issuer, holder, neuroshard_net::now_ms(), args.days).sign(&issuer);
     println!("{}", pass.to_text());

@@ -181,6 +181,9 @@ async fn on_swarm(
             receipts.rejected.len(),
             receipts.undelivered
         );
+        if let Some(why) = &receipts.pass_refused {
+            eprintln!("credit pass refused (the receipts count as unvouched): {why}");
+        }
     }
     Ok((report, hops))
 }

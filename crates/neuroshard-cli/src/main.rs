@@ -232,11 +232,16 @@ fn init_logging() {
         .init();
 }
 
+/// A tracker's data directory: the one given, else a `tracker` folder in the user's data
+/// directory.
+fn tracker_dir(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| neuroshard_node::identity::default_data_dir().join("tracker"))
+}
+
 /// `neuroshard tracker`: serves the tracker on `listen`, as the key kept in `data_dir`, until
 /// Ctrl-C.
 async fn run_tracker(listen: SocketAddr, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir =
-        data_dir.unwrap_or_else(|| neuroshard_node::identity::default_data_dir().join("tracker"));
+    let dir = tracker_dir(data_dir);
     let key = neuroshard_node::identity::load_or_create(&dir)?;
     let tracker = start_tracker(TrackerConfig {
         listen,

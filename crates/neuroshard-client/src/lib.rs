@@ -454,38 +454,53 @@ impl Drop for SwarmClient {
     }
 }
 
-/// The `config.json` of `model_id` from the first of its peers (at most [`CONFIG_TRIES`]) that
-/// gives one: the client's own copy when it verifies, else its peers' word, which every hop's
-/// FLOPs are then checked against.
+/// The `config.json` of `model_id` as its peers serve it: asked of up to [`CONFIG_TRIES`]
+/// nodes until two answer (or the only one does), and two that answer must agree, so no lone
+/// peer sets the FLOPs every hop's receipt is checked against.
 async fn peer_config(
     pool: &ConnectionPool,
     peers: &[PeerRecord],
     model_id: &str,
 ) -> Result<LlamaConfig, NodeError> {
     let mut last = NodeError::NoRoute(format!("no peer serves model {model_id}"));
-    for peer in peers
-        .iter()
-        .filter(|p| p.model_id == model_id)
-        .take(CONFIG_TRIES)
-    {
-        let target = Target::node(peer.addr.as_str(), peer.node_id);
-        let asked = async {
-            let mut pooled = pool.control_client(&target).await?;
-            checkpoint::fetch_model_file(&mut pooled.client, &peer.addr, model_id, "config.json")
-                .await?
-                .ok_or_else(|| NodeError::BadRequest(format!("{} has no config.json", peer.addr)))
-        };
-        match asked.await.and_then(|bytes| {
-            let text = String::from_utf8(bytes).map_err(|_| {
-                NodeError::BadRequest(format!("{}'s config.json is not UTF-8", peer.addr))
-            })?;
-            Ok(LlamaConfig::from_json(&text)?)
-        }) {
-            Ok(config) => return Ok(config),
+    let mut first: Option<(&str, LlamaConfig)> = None;
+    let mut asked = std::collections::HashSet::new();
+    for peer in peers.iter().filter(|p| p.model_id == model_id) {
+        if asked.len() == CONFIG_TRIES || !asked.insert(peer.node_id) {
+            continue;
+        }
+        match one_peer_config(pool, peer, model_id).await {
+            Ok(config) => match &first {
+                None => first = Some((&peer.addr, config)),
+                Some((_, agreed)) if *agreed == config => return Ok(config),
+                Some((addr, _)) => {
+                    return Err(NodeError::BadRequest(format!(
+                        "{addr} and {} serve different config.json for model {model_id}",
+                        peer.addr
+                    )));
+                }
+            },
             Err(e) => last = e,
         }
     }
-    Err(last)
+    first.map(|(_, config)| config).ok_or(last)
+}
+
+/// The `config.json` of `model_id` from `peer`.
+async fn one_peer_config(
+    pool: &ConnectionPool,
+    peer: &PeerRecord,
+    model_id: &str,
+) -> Result<LlamaConfig, NodeError> {
+    let target = Target::node(peer.addr.as_str(), peer.node_id);
+    let mut pooled = pool.control_client(&target).await?;
+    let bytes =
+        checkpoint::fetch_model_file(&mut pooled.client, &peer.addr, model_id, "config.json")
+            .await?
+            .ok_or_else(|| NodeError::BadRequest(format!("{} has no config.json", peer.addr)))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| NodeError::BadRequest(format!("{}'s config.json is not UTF-8", peer.addr)))?;
+    Ok(LlamaConfig::from_json(&text)?)
 }
 
 /// Peers asked for the model's config before connecting fails.

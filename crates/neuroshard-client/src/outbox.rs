@@ -43,6 +43,9 @@ pub struct OutboxReport {
     pub rejected: Vec<String>,
     /// Given up after repeated failures.
     pub undelivered: u64,
+    /// Why a worker last refused the client's credit pass (its receipts then count there as
+    /// unvouched); none while every worker took it.
+    pub pass_refused: Option<String>,
 }
 
 enum Command {
@@ -157,6 +160,12 @@ async fn send(courier: &Courier, addr: &Target, queue: &mut Pending, report: &mu
                 report.stored += reply.stored as u64;
                 report.already_settled += reply.already_settled as u64;
                 report.rejected.extend(reply.rejected);
+                if !reply.pass_refused.is_empty()
+                    && report.pass_refused.as_deref() != Some(&reply.pass_refused)
+                {
+                    tracing::warn!(%addr, "the worker refused this client's credit pass: {}", reply.pass_refused);
+                    report.pass_refused = Some(reply.pass_refused);
+                }
                 queue.items.drain(..n);
                 queue.failures = 0;
             }

@@ -347,11 +347,11 @@ impl SwarmSession<'_> {
             input_hash: input.hash(),
             output_hash: [0; 32],
             weights_hash: None,
-            flops: Some(client.model_config().forward_flops(
+            flops: client.model_config().forward_flops(
                 hop.layers.to_range(),
                 pos as u64,
                 tokens as u64,
-            )),
+            ),
             sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         };

@@ -317,12 +317,7 @@ impl TrainSession<'_> {
             input_hash,
             output_hash: [0; 32],
             weights_hash: None,
-            flops: Some(training_flops(
-                self.client.model_config(),
-                hop.layers,
-                kind,
-                tokens,
-            )),
+            flops: training_flops(self.client.model_config(), hop.layers, kind, tokens),
             sent_ms: neuroshard_net::now_ms(),
             now_ms: 0,
         }

@@ -349,6 +349,7 @@ impl LlamaConfig {
     }
 
     /// Floating-point operations of running `layers` on `tokens` new tokens after `start_pos`
+    /// (saturating: a call's positions come from the network)
     /// cached ones, counting a multiply-add as two: 2 × the weights of each layer per token, one
     /// per bias value and four per value a head norm scales, the attention scores and weighted
     /// sum (4 × query width per visible position), and the LM head on the last token when
@@ -376,15 +377,19 @@ impl LlamaConfig {
         for layer in layers.clone() {
             // Positions each new token attends to, summed over the new tokens.
             let visible: u64 = match self.window(layer) {
-                None => tokens * start_pos + tokens * (tokens + 1) / 2,
-                Some(w) => (start_pos..start_pos + tokens)
-                    .map(|p| (p + 1).min(w as u64))
+                None => tokens
+                    .saturating_mul(start_pos)
+                    .saturating_add(tokens.saturating_mul(tokens.saturating_add(1)) / 2),
+                Some(w) => (start_pos..start_pos.saturating_add(tokens))
+                    .map(|p| p.saturating_add(1).min(w as u64))
                     .sum(),
             };
-            flops = flops.saturating_add(per_token * tokens + 4 * q_width * visible);
+            flops = flops
+                .saturating_add(per_token.saturating_mul(tokens))
+                .saturating_add((4 * q_width).saturating_mul(visible));
         }
         if layers.end == self.num_hidden_layers {
-            flops += 2 * hidden * self.vocab_size as u64;
+            flops = flops.saturating_add(2 * hidden * self.vocab_size as u64);
         }
         flops
     }
@@ -392,17 +397,26 @@ impl LlamaConfig {
     /// Checks that the numbers describe a model this crate can run, naming the bad field.
     pub fn validate(&self) -> Result<(), ModelError> {
         let fail = |field: &str, why: &str| Err(bad(field, why));
-        for (field, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("num_key_value_heads", self.kv_heads()),
+        let query_width = self.num_attention_heads.saturating_mul(self.head_dim());
+        for (field, value, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+            ("num_key_value_heads", self.kv_heads(), MAX_WIDTH),
+            ("num_attention_heads × head_dim", query_width, MAX_WIDTH),
         ] {
             if value == 0 {
                 return fail(field, "must be positive");
+            }
+            if value > max {
+                return fail(field, &format!("is {value}; at most {max} is read"));
             }
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
@@ -441,6 +455,19 @@ impl LlamaConfig {
         self.rope.validate()
     }
 }
+
+/// Largest width read (hidden and intermediate sizes, heads, a query's width): 2^20, over ten
+/// times any model published, so FLOPs and tensor sizes stay far from overflowing.
+const MAX_WIDTH: usize = 1 << 20;
+
+/// Most decoder layers read.
+const MAX_LAYERS: usize = 1 << 16;
+
+/// Largest vocabulary read: 2^24, far over the 256k of today's largest.
+const MAX_VOCAB: usize = 1 << 24;
+
+/// Largest context read: 2^26 positions.
+const MAX_POSITIONS: usize = 1 << 26;
 
 /// Fields whose presence changes the math in a way this crate does not implement.
 fn refuse_unimplemented(f: &Fields<'_>) -> Result<(), ModelError> {
@@ -598,6 +625,8 @@ mod tests {
         // q/k/v biases: 64 + 2 × 32 values per token; head norms: 4 per value of q and k.
         assert_eq!(flops(&qwen2) - flops(&llama), 3 * (64 + 2 * 32));
         assert_eq!(flops(&qwen3) - flops(&llama), 3 * 4 * (64 + 32));
+        // Positions from the network saturate rather than overflow.
+        assert_eq!(llama.forward_flops(0..2, u64::MAX, 4096), u64::MAX);
     }
 
     #[test]
@@ -626,6 +655,14 @@ mod tests {
             (
                 r#","model_type":"llama","sliding_window":16"#,
                 "sliding_window",
+            ),
+            (
+                r#","model_type":"llama","head_dim":2097152"#,
+                "num_attention_heads × head_dim",
+            ),
+            (
+                r#","model_type":"llama","max_position_embeddings":1000000000000"#,
+                "max_position_embeddings",
             ),
             (
                 r#","model_type":"llama","rope_parameters":{"rope_type":"linear"}"#,

@@ -199,17 +199,27 @@ impl Fingerprint {
             return Ok(());
         }
         let value = |f: &Fingerprint, q: i16| q as f32 / STEPS_PER_RMS * f.rms;
+        // An entry `other` does not list is at most as large as the smallest one it does.
+        let smallest = other
+            .values
+            .iter()
+            .map(|&q| value(other, q).abs())
+            .fold(f32::INFINITY, f32::min);
         let (mut bad, mut total) = (0, 0.0);
         for (&i, &q) in self.indices.iter().zip(&self.values) {
+            let claimed = value(self, q);
             match other.indices.iter().position(|&j| j == i) {
                 Some(at) => {
-                    let diff = (value(self, q) - value(other, other.values[at])).abs() / actual;
+                    let diff = (claimed - value(other, other.values[at])).abs() / actual;
                     total += diff;
                     if diff > tolerance.entry {
                         bad += 1;
                     }
                 }
-                None => bad += 1,
+                None => {
+                    total += (claimed.abs() - smallest).max(0.0) / actual;
+                    bad += 1;
+                }
             }
         }
         let mean = total / k as f32;
@@ -248,7 +258,15 @@ impl Evidence {
             Self::Output {
                 recomputed,
                 received,
-            } => ("the output's fingerprint", received, recomputed),
+            } => {
+                // An output void says the receipt was right and the output sent was not.
+                if let Err(m) = claimed.compare(recomputed, tolerance) {
+                    return Err(format!(
+                        "its evidence says the receipt's fingerprint matched, but it shows {m}"
+                    ));
+                }
+                ("the output's fingerprint", received, recomputed)
+            }
         };
         match got.compare(recomputed, tolerance) {
             Err(Mismatch::Malformed(why)) => Err(format!("malformed evidence: {why}")),

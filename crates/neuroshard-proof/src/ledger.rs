@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS receipts_by_status ON receipts (status, created_ms);
 const MIGRATE_TO_2: &str = "
 ALTER TABLE receipts ADD COLUMN evidence TEXT;
 ALTER TABLE receipts ADD COLUMN voucher TEXT;
-CREATE TABLE IF NOT EXISTS issuers (id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS issuers (id TEXT PRIMARY KEY NOT NULL);
 ";
 
 /// Whether a row's credit counts as earned: its requester is a trusted issuer, or showed one's
@@ -162,7 +162,8 @@ pub struct ReceiptRow {
     pub spot_checked: bool,
     /// The requester's reliability estimate when it countersigned.
     pub reliability: Option<f64>,
-    /// Credit earned.
+    /// Credit of the work (FLOPs times the requester's reliability estimate), counted as
+    /// earned only when `vouched`.
     pub credit: f64,
     /// When the countersignature was stored.
     pub settled_ms: Option<u64>,
@@ -282,21 +283,39 @@ impl Ledger {
     }
 
     /// Brings a ledger of `version` (0 for a new file) to [`SCHEMA_VERSION`] in one
-    /// transaction, keeping every row.
+    /// transaction, keeping every row. The transaction takes the write lock first and reads the
+    /// version again, so of two processes opening an old ledger at once one migrates and the
+    /// other finds it done.
     fn migrate(conn: &Connection, version: i64) -> Result<(), LedgerError> {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        let tx = conn.unchecked_transaction().map_err(sql("beginning"))?;
-        tx.execute_batch(SCHEMA)
-            .map_err(sql("creating the schema"))?;
-        if version < 2 {
-            tx.execute_batch(MIGRATE_TO_2)
-                .map_err(sql("migrating to version 2"))?;
-        }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql("writing the schema version"))?;
-        tx.commit().map_err(sql("committing the schema"))
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(sql("locking for the schema"))?;
+        let migrated = (|| {
+            let version: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sql("reading the schema version"))?;
+            if version == SCHEMA_VERSION {
+                return Ok(());
+            }
+            conn.execute_batch(SCHEMA)
+                .map_err(sql("creating the schema"))?;
+            if version < 2 {
+                conn.execute_batch(MIGRATE_TO_2)
+                    .map_err(sql("migrating to version 2"))?;
+            }
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql("writing the schema version"))
+        })();
+        let end = if migrated.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        conn.execute_batch(end)
+            .map_err(sql("committing the schema"))?;
+        migrated
     }
 
     /// Sets the issuers the owner trusts: receipts countersigned by them, or by holders of

@@ -102,7 +102,7 @@ impl PassBody {
 
 impl CreditPass {
     /// Reads a pass from the network or a file: bounds, the issuer's signature, and that it is
-    /// good at `now_ms`.
+    /// good at `now_ms`, give or take the clock skew receipts allow.
     pub fn from_wire(bytes: &[u8], now_ms: u64) -> Result<Self, PassError> {
         if bytes.len() > MAX_PASS_BYTES {
             return Err(PassError::Malformed(format!(
@@ -121,7 +121,11 @@ impl CreditPass {
         }
         PublicKey::from_slice(&body.holder)?;
         PublicKey::from_slice(&body.issuer)?.verify(&body.signed_bytes(), &wire.signature)?;
-        if now_ms < body.not_before_ms || now_ms > body.not_after_ms {
+        // Clocks of issuer and worker may differ as a requester's and a worker's may.
+        let skew = crate::receipt::CLOCK_SKEW_MS;
+        if now_ms.saturating_add(skew) < body.not_before_ms
+            || now_ms.saturating_sub(skew) > body.not_after_ms
+        {
             return Err(PassError::Expired {
                 from_ms: body.not_before_ms,
                 until_ms: body.not_after_ms,
@@ -185,7 +189,9 @@ mod tests {
         assert_eq!(back, pass);
         assert_eq!(back.issuer(), issuer.id());
         assert_eq!(back.holder(), holder.public());
-        for at in [10 * DAY - 1, 40 * DAY + 1] {
+        let skew = crate::receipt::CLOCK_SKEW_MS;
+        CreditPass::from_wire(&pass.to_wire(), 10 * DAY - skew).unwrap();
+        for at in [10 * DAY - skew - 1, 40 * DAY + skew + 1] {
             assert!(matches!(
                 CreditPass::from_wire(&pass.to_wire(), at),
                 Err(PassError::Expired { .. })

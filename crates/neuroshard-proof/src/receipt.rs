@@ -436,8 +436,8 @@ pub struct Expectation {
     pub output_hash: [u8; 32],
     /// Weights hash, when the requester knows the model's weights.
     pub weights_hash: Option<[u8; 32]>,
-    /// FLOPs, when the requester knows the model's config.
-    pub flops: Option<u64>,
+    /// FLOPs, as the requester computes them from the model's config.
+    pub flops: u64,
     /// Requester clock when the call was sent.
     pub sent_ms: u64,
     /// Requester clock when the reply came.
@@ -489,9 +489,7 @@ impl Expectation {
                 &hex::encode(expected),
             )?;
         }
-        if let Some(expected) = self.flops {
-            field("flops", &body.flops, &expected)?;
-        }
+        field("flops", &body.flops, &self.flops)?;
         let earliest = self.sent_ms.saturating_sub(CLOCK_SKEW_MS);
         let latest = self.now_ms.saturating_add(CLOCK_SKEW_MS);
         if body.received_ms < earliest || body.replied_ms > latest {
@@ -588,7 +586,7 @@ pub(crate) mod tests {
             input_hash: b.input_hash,
             output_hash: b.output_hash,
             weights_hash: Some(b.weights_hash),
-            flops: Some(b.flops),
+            flops: b.flops,
             sent_ms: 999_990,
             now_ms: 1_000_010,
         }
@@ -688,10 +686,19 @@ pub(crate) mod tests {
         let cs = receipt.countersign(&r, agreeing, 0.5, 9);
         let err = Countersignature::from_wire(&cs.to_wire(), &w.public()).unwrap_err();
         assert!(matches!(err, ReceiptError::Void(_)), "{err}");
-        // An output void whose received row matches the recomputed one shows nothing either.
+        // An output void shows a mismatch only where the receipt matched and the output not.
+        let claimed = Fingerprint::of(&[1.0, -3.0, 2.0]);
+        let output = |received: &[f32]| {
+            Verdict::Voided(Evidence::Output {
+                recomputed: claimed.clone(),
+                received: Fingerprint::of(received),
+            })
+        };
+        let cs = receipt.countersign(&r, output(&[1.0, 3.0, 2.0]), 0.5, 9);
+        Countersignature::from_wire(&cs.to_wire(), &w.public()).unwrap();
         let output = Verdict::Voided(Evidence::Output {
             recomputed: Fingerprint::of(&[5.0, 1.0, 1.0]),
-            received: Fingerprint::of(&[5.0, 1.0, 1.0]),
+            received: Fingerprint::of(&[1.0, 3.0, 2.0]),
         });
         let cs = receipt.countersign(&r, output, 0.5, 9);
         assert!(matches!(

@@ -121,8 +121,8 @@ impl NodeState {
     }
 
     /// Checks and stores countersigned receipts of this node's work, with the requester's
-    /// credit pass when it shows one (empty `pass`). A pass that does not check out is named
-    /// among the refusals, and the receipts are stored as unvouched.
+    /// credit pass when it shows one (empty `pass`: none). A pass that does not check out is
+    /// named in the answer, and the receipts are stored as unvouched.
     pub(super) async fn submit_receipts(
         self: Arc<Self>,
         batch: Vec<Vec<u8>>,
@@ -135,32 +135,34 @@ impl NodeState {
             )));
         }
         let own = self.key.public();
-        let (valid, rejected, pass) = tokio::task::spawn_blocking(move || {
+        let pass = match pass.is_empty() {
+            true => Ok(None),
+            false => CreditPass::from_wire(&pass, neuroshard_net::now_ms()).map(Some),
+        };
+        let (valid, rejected) = tokio::task::spawn_blocking(move || {
             let mut valid = Vec::new();
             let mut rejected = Vec::new();
-            let pass = (!pass.is_empty())
-                .then(|| CreditPass::from_wire(&pass, neuroshard_net::now_ms()))
-                .transpose()
-                .unwrap_or_else(|e| {
-                    rejected.push(e.to_string());
-                    None
-                });
             for checked in Countersignature::from_wire_batch(&batch, &own) {
                 match checked {
                     Ok(cs) => valid.push(cs),
                     Err(e) => rejected.push(e.to_string()),
                 }
             }
-            (valid, rejected, pass)
+            (valid, rejected)
         })
         .await
         .map_err(|e| NodeError::BadRequest(format!("checking receipts failed: {e}")))?;
+        let (pass, pass_refused) = match pass {
+            Ok(pass) => (pass, String::new()),
+            Err(e) => (None, e.to_string()),
+        };
         let settled = self.ledger.settle(valid, pass).await?;
         let stored = settled.iter().filter(|s| **s == Settlement::Stored).count();
         Ok(pb::SubmitReceiptsResponse {
             stored: stored as u32,
             already_settled: (settled.len() - stored) as u32,
             rejected,
+            pass_refused,
         })
     }
 
