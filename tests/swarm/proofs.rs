@@ -225,16 +225,19 @@ async fn peers_serving_different_configs_fail_the_connection_by_name() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["intermediate_size"] = (2 * config["intermediate_size"].as_u64().unwrap()).into();
     std::fs::write(&path, config.to_string()).unwrap();
-    let err = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
-        .await
-        .err()
-        .unwrap();
+    // Both listed, and only the tracker asked: nodes of other tests on the LAN stay out.
+    let mut listed = swarm.tracker.service.node_count();
+    listed.wait_for(|n| *n == 2).await.unwrap();
+    let info = ModelInfo::read(model.path()).unwrap();
+    let mut asking = ClientConfig::new(swarm.tracker.url());
+    asking.model_id = Some(info.id.clone());
+    asking.discovery.lan = None;
+    let err = SwarmClient::connect(asking).await.err().unwrap();
     assert!(
         err.to_string().contains("serve different config.json"),
         "{err}"
     );
     // A client that read the model's own files asks nobody.
-    let info = ModelInfo::read(model.path()).unwrap();
     let mut own = ClientConfig::new(swarm.tracker.url());
     own.model_id = Some(info.id);
     own.model_config = Some(info.config);

@@ -480,7 +480,10 @@ async fn peer_config(
                     )));
                 }
             },
-            Err(e) => last = e,
+            Err(e) => {
+                tracing::warn!("{} gave no config for model {model_id}: {e}", peer.addr);
+                last = e;
+            }
         }
     }
     first.map(|(_, config)| config).ok_or(last)

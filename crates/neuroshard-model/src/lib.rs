@@ -178,7 +178,21 @@ fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
     file.take(len)
         .read_to_end(&mut header)
         .map_err(|e| ModelError::io(path, e))?;
-    Ok(header)
+    canonical_header(&header)
+        .map_err(|e| ModelError::Weights(format!("{}: header: {e}", path.display())))
+}
+
+/// A safetensors header in one form whatever order its writer listed keys in (the metadata
+/// often comes from a hash map): keys sorted at the top and in `__metadata__`, so the same
+/// model written twice has the same id.
+fn canonical_header(header: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    use std::collections::BTreeMap;
+    let mut entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
+    if let Some(metadata) = entries.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(metadata.take())?;
+        *metadata = serde_json::to_value(sorted)?;
+    }
+    serde_json::to_vec(&entries)
 }
 
 /// The device compute runs on: burn's default (wgpu when built with it and a GPU is found,
@@ -208,4 +222,26 @@ pub fn gpu_device() -> Option<Device> {
 /// Whether `device` is the CPU backend's.
 pub fn is_cpu(device: &Device) -> bool {
     *device == cpu_device()
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn a_header_s_key_order_does_not_change_the_model_id() {
+        let a = br#"{"__metadata__":{"format":"pt","seed":"1"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let b = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"seed":"1","format":"pt"}}"#;
+        assert_eq!(canonical_header(a).unwrap(), canonical_header(b).unwrap());
+        assert!(canonical_header(b"not json").is_err());
+        // The built-in model written again and again has one id (its metadata is a hash map).
+        let ids: std::collections::HashSet<String> = (0..8)
+            .map(|_| {
+                let dir = tempfile::tempdir().unwrap();
+                init::write_model(dir.path(), &init::ModelSpec::tiny()).unwrap();
+                ModelInfo::read(dir.path()).unwrap().id
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+    }
 }
