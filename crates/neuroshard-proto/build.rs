@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([&file], [&proto_dir])?;
     tonic_prost_build::configure()
         .bytes(".neuroshard.v1.Tensor.payload")
+        .codec_path("crate::checked::CheckedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -88,6 +88,30 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         "[1, tokens, 64]",
     );
 
+    // A packed shape of twelve million dimensions (12 MB on the wire, 96 MB once decoded):
+    // refused by name from the wire bytes, before prost decodes the request.
+    let mut t = hidden_tensor(2);
+    t.shape = vec![1; 12_000_000];
+    expect(
+        client
+            .forward(request("bomb", 0, 2, 4, Input::Hidden(t)))
+            .await,
+        Code::InvalidArgument,
+        "ForwardRequest.hidden.shape has 12000000 entries; at most 8",
+    );
+    // A control call over 1 MiB is refused whole.
+    let status = client
+        .end_session(pb::EndSessionRequest {
+            session_id: "x".repeat(2 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("EndSessionRequest of"),
+        "{status:?}"
+    );
+
     // Oversized tensor, declared: rejected from its header, before any allocation.
     let mut t = hidden_tensor(1);
     t.shape = vec![1, 1 << 20, HIDDEN as u64];
