@@ -431,3 +431,57 @@ mod tests {
         assert!(check::<v1::ForwardRequest>(cut).is_err());
     }
 }
+
+/// Not a test: a measurement, run by hand. `cargo test -p neuroshard-proto packed_shape_bomb
+/// -- --ignored --nocapture` prints the peak resident memory before and after refusing a
+/// Forward whose hidden.shape is a 90 MB packed field; with `PROST=1`, after prost decoding it
+/// as the codec did before this check.
+#[cfg(test)]
+mod measure {
+    use super::*;
+
+    fn peak_mib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            / 1024
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn packed_shape_bomb_peak_memory() {
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        let n = 90_000_000u64;
+        let mut inner = vec![0x12];
+        varint(n, &mut inner);
+        inner.resize(inner.len() + n as usize, 1);
+        let mut bytes = vec![0x2a];
+        varint(inner.len() as u64, &mut bytes);
+        bytes.extend_from_slice(&inner);
+        drop(inner);
+        let before = peak_mib();
+        let t = std::time::Instant::now();
+        if std::env::var("PROST").is_ok() {
+            let m = v1::ForwardRequest::decode(&bytes[..]).unwrap();
+            drop(m);
+        } else {
+            assert!(check::<v1::ForwardRequest>(&bytes).is_err());
+        }
+        eprintln!(
+            "{} bytes: peak resident memory {before} -> {} MiB in {:?}",
+            bytes.len(),
+            peak_mib(),
+            t.elapsed()
+        );
+    }
+}
