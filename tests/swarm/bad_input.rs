@@ -99,6 +99,20 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         Code::InvalidArgument,
         "ForwardRequest.hidden.shape has 12000000 entries; at most 8",
     );
+    // An lz4 payload of a few bytes claiming more rows than a call may carry: refused from
+    // its shape, sized from the served model, before anything is decompressed.
+    let mut t = hidden_tensor(1);
+    t.shape = vec![1, 4096, HIDDEN as u64];
+    t.compression = pb::Compression::Lz4 as i32;
+    t.raw_len = 4096 * HIDDEN as u64 * 2;
+    t.payload = Bytes::from_static(&[0xff, 0, 0, 0]);
+    expect(
+        client
+            .forward(request("lz4", 0, 2, 4, Input::Hidden(t)))
+            .await,
+        Code::InvalidArgument,
+        "hidden states of 4096 tokens; the cap is 2048 per call",
+    );
     // A control call over 1 MiB is refused whole.
     let status = client
         .end_session(pb::EndSessionRequest {

@@ -405,22 +405,41 @@ impl NodeState {
         tokens_hash: [u8; 32],
     ) -> Result<(ShardInput, [u8; 32]), NodeError> {
         use pb::forward_request::Input;
-        let hidden = self.model.config.hidden_size;
         match input {
             None => Err(NodeError::BadRequest("request has no input".into())),
             Some(Input::Tokens(t)) => Ok((ShardInput::Tokens(t.ids), tokens_hash)),
             Some(Input::Hidden(t)) => {
-                let tensor = tensor_from_proto(t)?;
-                let shape = tensor.shape.clone();
-                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
-                    return Err(NodeError::BadRequest(format!(
-                        "hidden states must have shape [1, tokens, {hidden}], got {shape:?}"
-                    )));
-                }
-                let hash = tensor_hash(&tensor);
-                Ok((ShardInput::Hidden(codec::decode(&tensor)?), hash))
+                let (rows, hash) = self.decode_rows(t, "hidden states")?;
+                Ok((ShardInput::Hidden(rows), hash))
             }
         }
+    }
+
+    /// Rows of the model's width (`what`: hidden states, an output gradient) and their hash.
+    /// The shape is checked first, at most [`MAX_TOKENS_PER_CALL`] rows, so what a compressed
+    /// payload may claim to expand to is sized from the served model before anything is
+    /// decompressed.
+    pub(super) fn decode_rows(
+        &self,
+        t: pb::Tensor,
+        what: &str,
+    ) -> Result<(Vec<f32>, [u8; 32]), NodeError> {
+        let hidden = self.model.config.hidden_size;
+        let tensor = tensor_from_proto(t)?;
+        let shape = &tensor.shape;
+        if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
+            return Err(NodeError::BadRequest(format!(
+                "{what} must have shape [1, tokens, {hidden}], got {shape:?}"
+            )));
+        }
+        if shape[1] > MAX_TOKENS_PER_CALL {
+            return Err(NodeError::BadRequest(format!(
+                "{what} of {} tokens; the cap is {MAX_TOKENS_PER_CALL} per call",
+                shape[1]
+            )));
+        }
+        let hash = tensor_hash(&tensor);
+        Ok((codec::decode(&tensor)?, hash))
     }
 }
 /// The nonce and requester key of a call that wants a receipt; none when both are empty. The

@@ -21,9 +21,7 @@ use super::outer::{Exchange, Outer, TrainingConfig};
 use super::{NodeState, Served, parse_proof};
 use neuroshard_client::loss_tensor;
 use neuroshard_net::NodeError;
-use neuroshard_net::convert::{
-    dtype_from_proto, span_from_proto, tensor_from_proto, tensor_hash, tensor_to_proto,
-};
+use neuroshard_net::convert::{dtype_from_proto, span_from_proto, tensor_hash, tensor_to_proto};
 use neuroshard_net::pool::ConnectionPool;
 
 /// The node's trainable copy of its shard, made on the first training call, with its outer
@@ -328,19 +326,11 @@ impl NodeState {
         &self,
         grad_output: Option<pb::Tensor>,
     ) -> Result<(Option<Vec<f32>>, [u8; 32]), NodeError> {
-        let hidden = self.model.config.hidden_size;
         match grad_output {
             None => Ok((None, [0; 32])),
             Some(t) => {
-                let tensor = tensor_from_proto(t)?;
-                let shape = tensor.shape.clone();
-                if shape.len() != 3 || shape[0] != 1 || shape[1] == 0 || shape[2] != hidden {
-                    return Err(NodeError::BadRequest(format!(
-                        "the output gradient must have shape [1, tokens, {hidden}], got {shape:?}"
-                    )));
-                }
-                let hash = tensor_hash(&tensor);
-                Ok((Some(codec::decode(&tensor)?), hash))
+                let (rows, hash) = self.decode_rows(t, "the output gradient")?;
+                Ok((Some(rows), hash))
             }
         }
     }
