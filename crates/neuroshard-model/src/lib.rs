@@ -183,16 +183,22 @@ fn safetensors_header(path: &Path) -> Result<Vec<u8>, ModelError> {
 }
 
 /// A safetensors header in one form whatever order its writer listed keys in (the metadata
-/// often comes from a hash map): keys sorted at the top and in `__metadata__`, so the same
-/// model written twice has the same id.
+/// often comes from a hash map): every object's keys sorted, so the same model written twice
+/// has the same id.
 fn canonical_header(header: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
-    use std::collections::BTreeMap;
-    let mut entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
-    if let Some(metadata) = entries.get_mut("__metadata__") {
-        let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(metadata.take())?;
-        *metadata = serde_json::to_value(sorted)?;
+    fn sorted(value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                let by_key: std::collections::BTreeMap<String, Value> =
+                    map.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                Value::Object(by_key.into_iter().collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+            other => other,
+        }
     }
-    serde_json::to_vec(&entries)
+    serde_json::to_vec(&sorted(serde_json::from_slice(header)?))
 }
 
 /// The device compute runs on: burn's default (wgpu when built with it and a GPU is found,

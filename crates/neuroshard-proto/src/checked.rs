@@ -34,6 +34,12 @@ pub const MAX_SUBMITTED: usize = 1024;
 /// 4 MiB cover 256 GiB of weights.
 pub const MAX_CHUNKS: usize = 1 << 16;
 
+/// Most peers in a referral (GetPeers), a tracker's list or a registration's answer.
+pub const MAX_PEERS: usize = 1 << 14;
+
+/// Most DHT contacts or records in one answer: k is 20 and a key holds at most 64 records.
+pub const MAX_DHT_ENTRIES: usize = 256;
+
 /// How a repeated field's entries are counted.
 #[derive(Debug, Clone, Copy)]
 enum Entries {
@@ -154,9 +160,49 @@ const PUT_CHECKPOINT_RESPONSE: Limits = reply(&[chunks(
     Entries::Packed,
 )]);
 
+const fn each(name: &'static str, path: &'static [u32], max: usize) -> Repeated {
+    Repeated {
+        name,
+        path,
+        entries: Entries::Each,
+        max,
+    }
+}
+
+const GET_PEERS_RESPONSE: Limits = reply(&[
+    each("GetPeersResponse.peers", &[1], MAX_PEERS),
+    each("GetPeersResponse.contacts", &[2], MAX_DHT_ENTRIES),
+]);
+
+const SUBMIT_RECEIPTS_RESPONSE: Limits =
+    reply(&[each("SubmitReceiptsResponse.rejected", &[3], MAX_SUBMITTED)]);
+
+const PEER_LIST: Limits = reply(&[each("peers", &[1], MAX_PEERS)]);
+
+const REGISTER_RESPONSE: Limits = reply(&[
+    each("RegisterResponse.peers", &[1], MAX_PEERS),
+    each("RegisterResponse.warnings", &[3], MAX_DHT_ENTRIES),
+]);
+
+const FIND_NODE_RESPONSE: Limits = reply(&[each("FindNodeResponse.closer", &[1], MAX_DHT_ENTRIES)]);
+
+const FIND_VALUE_RESPONSE: Limits = reply(&[
+    each("FindValueResponse.closer", &[1], MAX_DHT_ENTRIES),
+    each("FindValueResponse.records", &[2], MAX_DHT_ENTRIES),
+]);
+
 /// The limits of message type `t`, if the table names it.
 fn limits(t: TypeId) -> Option<Limits> {
-    let table: [(TypeId, Limits); 13] = [
+    let table: [(TypeId, Limits); 19] = [
+        (TypeId::of::<v1::GetPeersResponse>(), GET_PEERS_RESPONSE),
+        (
+            TypeId::of::<v1::SubmitReceiptsResponse>(),
+            SUBMIT_RECEIPTS_RESPONSE,
+        ),
+        (TypeId::of::<v1::ListPeersResponse>(), PEER_LIST),
+        (TypeId::of::<v1::RegisterResponse>(), REGISTER_RESPONSE),
+        (TypeId::of::<v1::FindNodeResponse>(), FIND_NODE_RESPONSE),
+        (TypeId::of::<v1::FindValueResponse>(), FIND_VALUE_RESPONSE),
         (TypeId::of::<v1::ForwardRequest>(), FORWARD_REQUEST),
         (TypeId::of::<v1::ForwardResponse>(), FORWARD_RESPONSE),
         (TypeId::of::<v1::BackwardRequest>(), BACKWARD_REQUEST),
@@ -296,6 +342,22 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
+/// The status for a message [`check`] refused: the caller's fault for a request, the peer's
+/// for a reply.
+fn refused<U: 'static>(why: String) -> Status {
+    match limits(TypeId::of::<U>()).is_some_and(|l| l.reply) {
+        true => Status::internal(format!("bad reply: {why}")),
+        false => Status::invalid_argument(why),
+    }
+}
+
+/// prost's answer as tonic's own codec gives it.
+fn decoded<U>(result: Result<U, prost::DecodeError>) -> Result<Option<U>, Status> {
+    result
+        .map(Some)
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 /// prost's codec with [`check`] before every decode.
 #[derive(Debug, Clone)]
 pub struct CheckedCodec<T, U>(PhantomData<(T, U)>);
@@ -334,27 +396,24 @@ impl<U: Message + Default + 'static> Decoder for CheckedDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let whole = buf.chunk().len() == buf.remaining();
-        let copied;
-        let bytes = match whole {
-            true => buf.chunk(),
+        // tonic hands a whole message in one contiguous buffer; prost then decodes from it,
+        // splitting `bytes` fields off the buffer rather than copying them.
+        let checked = match buf.chunk().len() == buf.remaining() {
+            true => check::<U>(buf.chunk()),
             false => {
-                copied = buf.copy_to_bytes(buf.remaining());
-                &copied[..]
+                let copied = buf.copy_to_bytes(buf.remaining());
+                return match check::<U>(&copied) {
+                    Ok(()) => decoded(U::decode(copied)),
+                    Err(why) => Err(refused::<U>(why)),
+                };
             }
         };
-        if let Err(why) = check::<U>(bytes) {
-            let reply = limits(TypeId::of::<U>()).is_some_and(|l| l.reply);
-            return Err(match reply {
-                true => Status::internal(format!("bad reply: {why}")),
-                false => Status::invalid_argument(why),
-            });
-        }
-        let item = U::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
-        if whole {
+        if let Err(why) = checked {
+            // Consumed, so a stream that goes on reading does not meet the same bytes again.
             buf.advance(buf.remaining());
+            return Err(refused::<U>(why));
         }
-        Ok(Some(item))
+        decoded(U::decode(&mut *buf))
     }
 }
 
@@ -425,6 +484,17 @@ mod tests {
         check::<v1::SubmitReceiptsRequest>(&receipts(MAX_SUBMITTED)).unwrap();
         let err = check::<v1::SubmitReceiptsRequest>(&receipts(MAX_SUBMITTED + 1)).unwrap_err();
         assert!(err.contains("countersigned has 1025 entries"), "{err}");
+        // A referral of empty peers: 2 bytes each on the wire, a whole PeerInfo each once decoded.
+        let referral = |n: usize| {
+            v1::GetPeersResponse {
+                peers: vec![v1::PeerInfo::default(); n],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        check::<v1::GetPeersResponse>(&referral(MAX_PEERS)).unwrap();
+        let err = check::<v1::GetPeersResponse>(&referral(MAX_PEERS + 1)).unwrap_err();
+        assert!(err.contains("GetPeersResponse.peers has 16385"), "{err}");
         // Types the table does not name pass as they are; truncated bytes are refused.
         check::<v1::StatsRequest>(&[0xff; 3]).unwrap();
         let cut = &forward(v1::forward_request::Input::Hidden(tensor(vec![1, 2])))[..6];

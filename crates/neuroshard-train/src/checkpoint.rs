@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 /// message cap.
 pub const CHUNK_BYTES: u32 = 4 << 20;
 
+/// Most chunks in one checkpoint: what the wire codec reads of a manifest's chunk hashes or a
+/// request's chunk list (`neuroshard_proto::checked::MAX_CHUNKS`).
+pub const MAX_CHUNKS: usize = 1 << 16;
+
 /// Largest chunk a manifest may name: 64 MiB, under the 100 MiB message cap.
 pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
 
@@ -134,6 +138,12 @@ impl Manifest {
             ));
         }
         let expected = self.total_bytes.div_ceil(u64::from(self.chunk_bytes));
+        if expected > MAX_CHUNKS as u64 {
+            return bad(format!(
+                "{expected} chunks of {} bytes; at most {MAX_CHUNKS} (larger chunks, then)",
+                self.chunk_bytes
+            ));
+        }
         if self.chunk_hashes.len() as u64 != expected {
             return bad(format!(
                 "{} chunk hashes for {} bytes in chunks of {}, expected {expected}",

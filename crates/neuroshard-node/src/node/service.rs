@@ -182,8 +182,10 @@ impl Node for NodeService {
             };
             contacts.insert(0, Contact { addr, ..own });
         }
+        // At most what a caller's codec reads of a referral.
         let mut peers = vec![self.state.record()];
-        peers.extend(self.state.known_peers());
+        let room = neuroshard_proto::checked::MAX_PEERS - 1;
+        peers.extend(self.state.known_peers().into_iter().take(room));
         Ok(Response::new(pb::GetPeersResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
             contacts: contacts.iter().map(contact_to_proto).collect(),
