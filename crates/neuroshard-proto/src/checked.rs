@@ -69,30 +69,21 @@ struct Limits {
     reply: bool,
 }
 
-const fn shape(name: &'static str, path: &'static [u32]) -> Repeated {
+const fn packed(name: &'static str, path: &'static [u32], max: usize) -> Repeated {
     Repeated {
         name,
         path,
         entries: Entries::Packed,
-        max: MAX_SHAPE,
+        max,
     }
 }
 
-const fn ids(name: &'static str, path: &'static [u32]) -> Repeated {
+const fn each(name: &'static str, path: &'static [u32], max: usize) -> Repeated {
     Repeated {
         name,
         path,
-        entries: Entries::Packed,
-        max: MAX_TOKEN_IDS,
-    }
-}
-
-const fn chunks(name: &'static str, path: &'static [u32], entries: Entries) -> Repeated {
-    Repeated {
-        name,
-        path,
-        entries,
-        max: MAX_CHUNKS,
+        entries: Entries::Each,
+        max,
     }
 }
 
@@ -119,55 +110,50 @@ const fn reply(fields: &'static [Repeated]) -> Limits {
 }
 
 const FORWARD_REQUEST: Limits = request(&[
-    ids("ForwardRequest.tokens.ids", &[4, 1]),
-    shape("ForwardRequest.hidden.shape", &[5, 2]),
-    ids("ForwardRequest.targets.ids", &[11, 1]),
+    packed("ForwardRequest.tokens.ids", &[4, 1], MAX_TOKEN_IDS),
+    packed("ForwardRequest.hidden.shape", &[5, 2], MAX_SHAPE),
+    packed("ForwardRequest.targets.ids", &[11, 1], MAX_TOKEN_IDS),
 ]);
 
 const FORWARD_RESPONSE: Limits = reply(&[
-    shape("ForwardResponse.hidden.shape", &[1, 2]),
-    shape("ForwardResponse.logits.shape", &[2, 2]),
+    packed("ForwardResponse.hidden.shape", &[1, 2], MAX_SHAPE),
+    packed("ForwardResponse.logits.shape", &[2, 2], MAX_SHAPE),
 ]);
 
-const BACKWARD_REQUEST: Limits = request(&[shape("BackwardRequest.grad_output.shape", &[3, 2])]);
+const BACKWARD_REQUEST: Limits = request(&[packed(
+    "BackwardRequest.grad_output.shape",
+    &[3, 2],
+    MAX_SHAPE,
+)]);
 
-const BACKWARD_RESPONSE: Limits = reply(&[shape("BackwardResponse.grad_input.shape", &[1, 2])]);
+const BACKWARD_RESPONSE: Limits = reply(&[packed(
+    "BackwardResponse.grad_input.shape",
+    &[1, 2],
+    MAX_SHAPE,
+)]);
 
 const SUBMIT_RECEIPTS: Limits = Limits {
-    fields: &[Repeated {
-        name: "SubmitReceiptsRequest.countersigned",
-        path: &[1],
-        entries: Entries::Each,
-        max: MAX_SUBMITTED,
-    }],
+    fields: &[each(
+        "SubmitReceiptsRequest.countersigned",
+        &[1],
+        MAX_SUBMITTED,
+    )],
     ..CONTROL
 };
 
 const CHECKPOINT_REQUEST: Limits = Limits {
-    fields: &[chunks("CheckpointRequest.chunks", &[3], Entries::Packed)],
+    fields: &[packed("CheckpointRequest.chunks", &[3], MAX_CHUNKS)],
     ..CONTROL
 };
 
-const CHECKPOINT_CHUNK: Limits = request(&[chunks(
+const CHECKPOINT_CHUNK: Limits = request(&[each(
     "CheckpointChunk.manifest.chunk_hashes",
     &[3, 3],
-    Entries::Each,
+    MAX_CHUNKS,
 )]);
 
-const PUT_CHECKPOINT_RESPONSE: Limits = reply(&[chunks(
-    "PutCheckpointResponse.missing",
-    &[2],
-    Entries::Packed,
-)]);
-
-const fn each(name: &'static str, path: &'static [u32], max: usize) -> Repeated {
-    Repeated {
-        name,
-        path,
-        entries: Entries::Each,
-        max,
-    }
-}
+const PUT_CHECKPOINT_RESPONSE: Limits =
+    reply(&[packed("PutCheckpointResponse.missing", &[2], MAX_CHUNKS)]);
 
 const GET_PEERS_RESPONSE: Limits = reply(&[
     each("GetPeersResponse.peers", &[1], MAX_PEERS),
