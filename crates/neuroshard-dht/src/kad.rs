@@ -5,6 +5,7 @@
 //! seeded simulator replays exactly.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 
 use neuroshard_base::PublicKey;
 use rand::Rng;
@@ -115,6 +116,15 @@ pub enum DhtError {
     /// The record is bad.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// This node knows `k` others closer to the record's key, so it is not one of the nodes
+    /// that hold it.
+    #[error("{key}: this node knows {k} nodes closer to it and does not hold it")]
+    NotClosest {
+        /// The record's key.
+        key: String,
+        /// The replication factor.
+        k: usize,
+    },
 }
 
 /// Why an outbound request brought no usable answer.
@@ -429,7 +439,7 @@ impl<R: Rng> Kademlia<R> {
         record.verify(now_ms)?;
         let target = record.key.key();
         if self.mode == Mode::Server {
-            let _ = self.store.put(record.clone(), now_ms);
+            let _ = self.store.put(record.clone(), None, now_ms);
         }
         self.published
             .insert((target, record.publisher), record.clone());
@@ -445,10 +455,12 @@ impl<R: Rng> Kademlia<R> {
     }
 
     /// Answers an inbound request. `sender` is the peer as a server, `None` for a client: only
-    /// servers are put in the routing table.
+    /// servers are put in the routing table. `origin` is the address the request came from,
+    /// which stores are counted against (`None` when unknown, as through a relay).
     pub fn handle_request(
         &mut self,
         sender: Option<Contact>,
+        origin: Option<IpAddr>,
         request: Request,
         now_ms: u64,
     ) -> Result<Response, DhtError> {
@@ -478,13 +490,40 @@ impl<R: Rng> Kademlia<R> {
                     records: self.store.get(&target, now_ms),
                 })
             }
-            Request::Store { record } => match self.store.put(record, now_ms) {
-                // The publisher's newer entry is here already, which is what its put wants:
-                // a store that raced the publisher's next announcement is not a failure.
-                Ok(()) | Err(StoreError::Stale { .. }) => Ok(Response::Stored),
-                Err(e) => Err(e.into()),
-            },
+            Request::Store { record } => {
+                record.verify(now_ms).map_err(StoreError::from)?;
+                self.check_closest(&record, exclude)?;
+                let origin = origin.and_then(|ip| self.config.diversity.prefix(ip));
+                match self.store.put_verified(record, origin, now_ms) {
+                    // The publisher's newer entry is here already, which is what its put wants:
+                    // a store that raced the publisher's next announcement is not a failure.
+                    Ok(()) | Err(StoreError::Stale { .. }) => Ok(Response::Stored),
+                    Err(e) => Err(e.into()),
+                }
+            }
         }
+    }
+
+    /// Refuses a record whose key has `k` known nodes closer than this one (the sender aside,
+    /// since a publisher stores at the k closest other than itself): storing only what it is
+    /// responsible for keeps a node from being filled with records of the whole key space.
+    fn check_closest(&self, record: &Record, sender: Option<Key>) -> Result<(), DhtError> {
+        let target = record.key.key();
+        let ours = target.distance(&self.local.key);
+        let k = self.config.k;
+        let closer = self
+            .table
+            .closest(&target, k + 1)
+            .iter()
+            .filter(|c| Some(c.key) != sender && target.distance(&c.key) < ours)
+            .count();
+        if closer >= k {
+            return Err(DhtError::NotClosest {
+                key: record.key.to_string(),
+                k,
+            });
+        }
+        Ok(())
     }
 
     /// Delivers the answer to an outbound request: a response, or why it failed (an error

@@ -12,8 +12,10 @@ use crate::key::Key;
 /// Most bytes of a record's value.
 pub const MAX_VALUE_BYTES: usize = 4096;
 
-/// Longest a record may live: one day ahead of the receiver's clock.
-pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Longest a record may live: one hour ahead of the receiver's clock. Providers announce
+/// every few minutes with a quarter-hour's life, so a longer claim buys an honest publisher
+/// nothing, and a stranger's entry is gone within the hour once it stops storing.
+pub const MAX_TTL_MS: u64 = 3600 * 1000;
 
 /// Most bytes of a model or checkpoint id inside a key.
 pub const MAX_NAME_BYTES: usize = 128;

@@ -311,7 +311,7 @@ impl Simulator {
         let now = self.now;
         self.nodes[to]
             .kad
-            .handle_request(Some(sender), request, now)
+            .handle_request(Some(sender), Some(sender.addr.ip()), request, now)
             .map_err(NoAnswer::from)
     }
 

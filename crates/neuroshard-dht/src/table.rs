@@ -40,7 +40,7 @@ impl Default for DiversityLimits {
 }
 
 /// A network prefix the diversity limits count by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Prefix {
     /// An IPv4 /24.
     V4([u8; 3]),

@@ -88,10 +88,11 @@ impl Net {
                             // Nobody answers; the requester's timer fires below.
                             continue;
                         }
-                        let sender = (self.nodes[from].mode() == Mode::Server)
-                            .then(|| self.nodes[from].local());
+                        let local = self.nodes[from].local();
+                        let sender = (self.nodes[from].mode() == Mode::Server).then_some(local);
+                        let origin = Some(local.addr.ip());
                         let result = self.nodes[j]
-                            .handle_request(sender, request, self.now)
+                            .handle_request(sender, origin, request, self.now)
                             .map_err(NoAnswer::from);
                         queue.extend(self.nodes[j].drain().into_iter().map(|o| (j, o)));
                         self.nodes[from].handle_response(id, result, self.now);
@@ -271,7 +272,7 @@ fn bad_requests_and_answers_are_refused_and_nothing_stored_is_lost() {
         (oversized, "over the 4096-byte limit"),
     ] {
         let err = net.nodes[holder]
-            .handle_request(None, Request::Store { record }, NOW)
+            .handle_request(None, None, Request::Store { record }, NOW)
             .unwrap_err();
         assert!(
             matches!(err, DhtError::Store(StoreError::Record(_))),
@@ -287,7 +288,7 @@ fn bad_requests_and_answers_are_refused_and_nothing_stored_is_lost() {
     // the next announcement), counts as stored and changes nothing.
     let older = Record::sign(key.clone(), b"old".to_vec(), NOW + 30_000, &owner).unwrap();
     assert!(matches!(
-        net.nodes[holder].handle_request(None, Request::Store { record: older }, NOW),
+        net.nodes[holder].handle_request(None, None, Request::Store { record: older }, NOW),
         Ok(Response::Stored)
     ));
     assert_eq!(
@@ -333,9 +334,122 @@ fn bad_requests_and_answers_are_refused_and_nothing_stored_is_lost() {
     );
     // The node still serves.
     assert!(matches!(
-        net.nodes[holder].handle_request(None, Request::Ping, NOW),
+        net.nodes[holder].handle_request(None, None, Request::Ping, NOW),
         Ok(Response::Pong)
     ));
+}
+
+/// Stores `count` records under `key`, each from a fresh key, at every node; returns how many
+/// were refused with each error.
+fn flood(
+    net: &mut Net,
+    key: &RecordKey,
+    count: usize,
+    ttl_ms: u64,
+    origin: impl Fn(usize) -> std::net::IpAddr,
+) -> HashMap<&'static str, usize> {
+    let mut refused = HashMap::new();
+    for i in 0..count {
+        let record = Record::sign(
+            key.clone(),
+            vec![0xee; 64],
+            NOW + ttl_ms,
+            &NodeKey::generate(),
+        );
+        let record = record.unwrap();
+        for node in net.nodes.iter_mut() {
+            let store = Request::Store {
+                record: record.clone(),
+            };
+            let why = match node.handle_request(None, Some(origin(i)), store, NOW) {
+                Ok(_) => continue,
+                Err(DhtError::Store(StoreError::Record(_))) => "record",
+                Err(DhtError::Store(StoreError::PrefixFull { .. })) => "prefix",
+                Err(DhtError::Store(StoreError::KeyFull { .. })) => "key",
+                Err(DhtError::NotClosest { .. }) => "not closest",
+                Err(e) => panic!("unexpected refusal: {e}"),
+            };
+            *refused.entry(why).or_default() += 1;
+        }
+    }
+    refused
+}
+
+#[test]
+fn a_flood_of_long_lived_records_from_64_fresh_keys_leaves_every_honest_provider_found() {
+    let mut net = Net::new(30, 9);
+    let key = RecordKey::Layer {
+        model: "m".into(),
+        index: 0,
+    };
+    let honest: Vec<NodeKey> = (0..3).map(|_| NodeKey::generate()).collect();
+    for (i, signer) in honest.iter().enumerate() {
+        // A provider's announcement: a quarter-hour's life, put from its own node.
+        let record = Record::sign(key.clone(), vec![i as u8], NOW + 15 * 60_000, signer).unwrap();
+        let q = net.nodes[i + 1].put(record, net.now).unwrap();
+        net.settle(i + 1, q);
+    }
+    let honest_found = |net: &mut Net| {
+        let q = net.nodes[20].get(key.clone(), net.now);
+        let outcome = net.settle(20, q);
+        let publishers: HashSet<_> = outcome.records.iter().map(|r| r.publisher).collect();
+        honest
+            .iter()
+            .filter(|k| publishers.contains(&k.public()))
+            .count()
+    };
+    assert_eq!(honest_found(&mut net), 3);
+    let honest_held = |net: &Net| -> Vec<usize> {
+        let honest: HashSet<_> = honest.iter().map(|k| k.public()).collect();
+        let held = |node: &Kademlia<ChaCha8Rng>| node.store().get(&key.key(), NOW);
+        let count = |node| {
+            held(node)
+                .iter()
+                .filter(|r| honest.contains(&r.publisher))
+                .count()
+        };
+        net.nodes.iter().map(count).collect()
+    };
+    let before = honest_held(&net);
+    assert!(
+        before.iter().filter(|&&n| n == 3).count() >= 20,
+        "{before:?}"
+    );
+
+    // Day-long records are refused outright.
+    let day = flood(&mut net, &key, 64, 24 * 3600 * 1000, |_| {
+        [45, 77, 1, 9].into()
+    });
+    assert_eq!(day.get("record"), Some(&(64 * 30)), "{day:?}");
+    // Hour-long ones from one /24: 8 per key at each holder, the rest refused.
+    let one_net = flood(&mut net, &key, 64, 3600 * 1000, |i| {
+        [45, 77, 1, i as u8].into()
+    });
+    assert!(
+        one_net.get("prefix").is_some_and(|&n| n >= 56 * 20),
+        "{one_net:?}"
+    );
+    // Hour-long ones from 64 different /24s fill the key and then crowd out only the one
+    // network that holds several entries; the honest providers keep their places.
+    let spread = flood(&mut net, &key, 64, 3600 * 1000, |i| {
+        [46, i as u8, 0, 1].into()
+    });
+    assert!(spread.get("key").is_some_and(|&n| n > 0), "{spread:?}");
+    assert_eq!(honest_held(&net), before, "no holder lost an honest entry");
+    assert_eq!(
+        honest_found(&mut net),
+        3,
+        "every honest provider is still found"
+    );
+
+    // An honest provider refreshing its entry keeps its place in a full key.
+    let fresh = Record::sign(key.clone(), vec![7], NOW + 20 * 60_000, &honest[0]).unwrap();
+    let q = net.nodes[1].put(fresh, net.now).unwrap();
+    assert!(
+        net.settle(1, q).stored > 0,
+        "a refresh is never refused as full"
+    );
+    assert_eq!(honest_found(&mut net), 3);
 }
 
 #[test]
@@ -359,14 +473,14 @@ fn clients_ask_but_are_never_put_in_routing_tables() {
     );
     // A client sends no sender contact; the server answers and keeps no entry.
     let reply = s
-        .handle_request(None, Request::FindNode { target: client.key }, NOW)
+        .handle_request(None, None, Request::FindNode { target: client.key }, NOW)
         .unwrap();
     assert!(matches!(reply, Response::Nodes { .. }));
     assert!(s.table().is_empty());
     // Even a client claiming to be a server is only a sender the transport vouches for; a
     // client node itself serves nothing.
     assert_eq!(
-        c.handle_request(Some(server), Request::Ping, NOW),
+        c.handle_request(Some(server), None, Request::Ping, NOW),
         Err(DhtError::NotServing)
     );
     c.add_contact(server, NOW);

@@ -8,6 +8,7 @@
 
 use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +110,7 @@ fn check_responder(to: &Contact, responder: Option<pb::DhtSender>) -> Result<(),
 enum Command {
     Inbound {
         sender: Option<Contact>,
+        origin: Option<IpAddr>,
         request: Request,
         reply: oneshot::Sender<Result<Response, DhtError>>,
     },
@@ -226,16 +228,19 @@ impl DhtHandle {
         self.stats.clone()
     }
 
-    /// Answers a request from a peer; refused as busy when the actor's queue is full.
+    /// Answers a request from a peer (`sender` as a server, from the address `origin`);
+    /// refused as busy when the actor's queue is full.
     pub async fn handle_request(
         &self,
         sender: Option<Contact>,
+        origin: Option<IpAddr>,
         request: Request,
     ) -> Result<Response, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .try_send(Command::Inbound {
                 sender,
+                origin,
                 request,
                 reply,
             })
@@ -435,10 +440,11 @@ impl DhtActor {
         match command {
             Command::Inbound {
                 sender,
+                origin,
                 request,
                 reply,
             } => {
-                let response = self.kad.handle_request(sender, request, now);
+                let response = self.kad.handle_request(sender, origin, request, now);
                 self.publish_stats();
                 let _ = reply.send(response);
             }

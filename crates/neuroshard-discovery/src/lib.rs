@@ -101,7 +101,7 @@ impl DiscoveryConfig {
         use neuroshard_base::Invalid;
         let ttl = self.record_ttl.as_millis() as u64;
         if ttl == 0 || ttl > neuroshard_dht::record::MAX_TTL_MS {
-            let problem = "must be between 1 ms and 24 h";
+            let problem = "must be between 1 ms and 1 h";
             return Err(Invalid::new("discovery.record_ttl", problem));
         }
         if self.announce_every.is_zero() || self.announce_every >= self.record_ttl {

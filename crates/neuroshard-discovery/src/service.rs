@@ -62,8 +62,9 @@ impl DhtService {
         sender: Option<pb::DhtSender>,
         request: Request,
     ) -> Result<(Response, Option<pb::DhtSender>), NodeError> {
+        let origin = remote.and_then(|r| r.addr).map(|a| a.ip().to_canonical());
         let sender = vouched_sender(sender, remote)?;
-        let response = self.dht.handle_request(sender, request).await?;
+        let response = self.dht.handle_request(sender, origin, request).await?;
         Ok((response, self.dht.signed_contact()))
     }
 }

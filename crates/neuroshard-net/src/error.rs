@@ -195,16 +195,21 @@ impl NodeError {
             Self::Model(ModelError::PositionGap { .. })
             | Self::Model(ModelError::LayerRange(_) | ModelError::Request(_)) => Role::Caller,
             Self::Dht(DhtError::Record(_) | DhtError::Store(StoreError::Record(_)))
-            | Self::Dht(DhtError::Store(StoreError::Stale { .. })) => Role::Caller,
+            | Self::Dht(DhtError::Store(StoreError::Stale { .. }))
+            | Self::Dht(DhtError::NotClosest { .. }) => Role::Caller,
             Self::SessionBusy(_)
             | Self::Full(_)
             | Self::ShuttingDown
             | Self::NotServing { .. }
             | Self::TransferCap { .. }
             | Self::Dht(DhtError::NotServing)
-            | Self::Dht(DhtError::Store(StoreError::Full(_) | StoreError::KeyFull { .. })) => {
-                Role::Busy
-            }
+            | Self::Dht(DhtError::Store(
+                StoreError::Full(_)
+                | StoreError::FullBytes(_)
+                | StoreError::KeyFull { .. }
+                | StoreError::PublisherFull { .. }
+                | StoreError::PrefixFull { .. },
+            )) => Role::Busy,
             Self::Internal(_)
             | Self::Model(_)
             | Self::Config(_)
