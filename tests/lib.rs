@@ -68,6 +68,36 @@ async fn connect_as(addr: &str, dialler: &neuroshard_net::tls::Dialler) -> Chann
         .expect("connects")
 }
 
+/// A channel to the node or tracker at `addr` (`host:port`) proving `key`, its connection
+/// made from the local address `source` (on loopback, any of 127.0.0.0/8): a caller at
+/// another address than the test's own. The handshake's failure is returned, for callers the
+/// server refuses.
+pub async fn channel_from(
+    source: std::net::IpAddr,
+    addr: &str,
+    key: &neuroshard_base::NodeKey,
+) -> Result<Channel, tonic::transport::Error> {
+    let dialler = neuroshard_net::tls::Dialler::new(key).expect("a certificate");
+    let target: std::net::SocketAddr = addr.parse().expect("an ip:port");
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let dialler = dialler.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((source, 0).into())?;
+            let tcp = socket.connect(target).await?;
+            let (secured, _) = dialler
+                .connect(tcp, &neuroshard_net::tls::Pin::to(None))
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(secured))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid address")
+        .connect_with_connector(connector)
+        .await
+}
+
 /// A raw gRPC client to a node.
 pub async fn node_client(node: &NodeHandle) -> NodeClient<Channel> {
     raw_client(channel(&node.advertised()).await)

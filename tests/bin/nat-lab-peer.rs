@@ -10,7 +10,9 @@
 //! - `relay ADDR`: a relay alone.
 //! - `node MODEL START END ADDR`: a node serving layers START..END, registering with the
 //!   tracker `LAB_TRACKER`; its reachability mode is `LAB_NAT` (default auto), its relay
-//!   `LAB_RELAY_VIA` and its UPnP gateway `LAB_GATEWAY`, where set. Prints its reachability.
+//!   `LAB_RELAY_VIA` and its UPnP gateway `LAB_GATEWAY`, where set. Prints its id, address
+//!   and reachability. The flood tests run it outside the lab too, for a node in a process
+//!   of its own.
 //! - `generate TRACKER TOKENS PAUSE_AT`: generates through the swarm, printing `paused` after
 //!   token PAUSE_AT and going on when stdin says "go"; prints the tokens and failover events.
 //!
@@ -149,7 +151,11 @@ async fn main() -> anyhow::Result<()> {
             let reach = node.reachability().borrow().clone();
             say(
                 "node",
-                serde_json::json!({"id": node.id().to_string(), "reach": reach}),
+                serde_json::json!({
+                    "id": node.id().to_string(),
+                    "addr": node.advertised(),
+                    "reach": reach,
+                }),
             );
             until_stop(&mut stdin).await?;
             node.shutdown().await;

@@ -29,6 +29,9 @@ async fn start_free(
     let mut config = NodeConfig::new(model, LayerRange::new(layers.0, layers.1).unwrap());
     config.bootstrap = bootstrap;
     config.discovery = discovery.clone();
+    // Sixty-four nodes share one address here, each pooling connections to many of the
+    // others: more than the 64 a node takes from one address on the internet.
+    config.connections.max_per_ip = 1024;
     start_node(config).await.expect("node starts")
 }
 

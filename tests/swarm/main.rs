@@ -3,6 +3,7 @@
 mod api;
 mod bad_input;
 mod dht;
+mod flood;
 mod generation;
 mod lifecycle;
 mod limits;

@@ -77,18 +77,8 @@ impl Lab {
     /// A `nat-lab-peer` inside `ns`.
     fn peer(&self, ns: &str, args: &[&str], env: &[(&str, String)]) -> Peer {
         let mut command = self.exec(ns, env!("CARGO_BIN_EXE_nat-lab-peer"), args);
-        command
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = command.spawn().expect("nat-lab-peer starts");
-        let stdin = child.stdin.take();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Peer {
-            _child: child,
-            stdin,
-            lines,
-        }
+        command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Peer::spawn(command)
     }
 
     /// What `program args` in `ns` printed; fails the test if it failed.
@@ -166,15 +156,41 @@ impl Drop for Lab {
 }
 
 /// A `nat-lab-peer` process and its `LAB kind {json}` lines.
-struct Peer {
-    _child: Child,
+pub(crate) struct Peer {
+    child: Child,
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
 }
 
 impl Peer {
+    /// Starts `command` (a `nat-lab-peer`, killed when dropped) with its stdin and stdout
+    /// piped.
+    pub(crate) fn spawn(mut command: Command) -> Self {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("nat-lab-peer starts");
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Peer {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// The next `kind` line's JSON whose value `matches`, skipping others.
-    async fn until(&mut self, kind: &str, mut matches: impl FnMut(&Value) -> bool) -> Value {
+    pub(crate) async fn until(
+        &mut self,
+        kind: &str,
+        mut matches: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let prefix = format!("LAB {kind} ");
         let read = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {

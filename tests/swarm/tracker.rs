@@ -243,3 +243,90 @@ async fn a_running_node_moves_between_trackers_without_a_restart() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_flood_from_one_address_is_capped_and_honest_nodes_still_register() {
+    let tracker = start_tracker(TrackerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..TrackerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = tracker.addr.to_string();
+    let flooder: std::net::IpAddr = [127, 0, 0, 2].into();
+    let channel = neuroshard_tests::channel_from(flooder, &addr, &NodeKey::generate())
+        .await
+        .unwrap();
+    let mut client = pb::tracker_client::TrackerClient::new(channel);
+    let (mut accepted, mut capped) = (0, 0);
+    for port in 0..200u16 {
+        let fake = pb::PeerInfo {
+            addr: format!("127.0.0.2:{}", 20_000 + port),
+            ..peer()
+        };
+        match client
+            .register(signed_register(&NodeKey::generate(), fake))
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+                assert!(
+                    status.message().contains("127.0.0.2 already has 64"),
+                    "{status}"
+                );
+                capped += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, capped), (64, 136));
+    // An announcement of someone else's address is refused whatever the count.
+    let elsewhere = pb::PeerInfo {
+        addr: "127.0.0.9:7000".into(),
+        ..peer()
+    };
+    let status = pb::tracker_client::TrackerClient::new(
+        neuroshard_tests::channel_from([127, 0, 0, 3].into(), &addr, &NodeKey::generate())
+            .await
+            .unwrap(),
+    )
+    .register(signed_register(&NodeKey::generate(), elsewhere))
+    .await
+    .unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("a node may only announce its own address"),
+        "{status}"
+    );
+
+    // Honest nodes from their own address still register, and are listed.
+    let model = TestModel::new(&ModelSpec::tiny());
+    let mut config = NodeConfig::new(
+        model.path(),
+        neuroshard_base::LayerRange::new(0, 4).unwrap(),
+    );
+    config.tracker = Some(tracker.url());
+    let node = start_node(config).await.unwrap();
+    let mut count = tracker.service.node_count();
+    within(
+        "the honest node's registration",
+        count.wait_for(|&n| n == 65),
+    )
+    .await
+    .unwrap();
+    let url = tracker.url();
+    let listed = neuroshard_client::list_peers(
+        neuroshard_client::tracker_client(&url).unwrap(),
+        &url,
+        Some(node.model_id()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        listed.iter().any(|p| p.node_id == node.id()),
+        "the honest node is listed"
+    );
+    node.shutdown().await;
+    tracker.shutdown().await;
+}

@@ -392,16 +392,26 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Option<Caller> {
     request.extensions().get::<Caller>().copied()
 }
 
-/// A connection a server accepted and secured, knowing who is at the other end.
+/// A connection a server accepted and secured, knowing who is at the other end, and holding
+/// its place among the server's open connections until it is dropped.
 pub struct SecuredConn<S> {
     tls: tokio_rustls::server::TlsStream<S>,
     caller: Caller,
+    _slot: Option<crate::server::Slot>,
 }
 
 impl<S> SecuredConn<S> {
-    /// `tls`, from `caller`.
-    pub fn new(tls: tokio_rustls::server::TlsStream<S>, caller: Caller) -> Self {
-        Self { tls, caller }
+    /// `tls`, from `caller`, in `slot`.
+    pub(crate) fn new(
+        tls: tokio_rustls::server::TlsStream<S>,
+        caller: Caller,
+        slot: Option<crate::server::Slot>,
+    ) -> Self {
+        Self {
+            tls,
+            caller,
+            _slot: slot,
+        }
     }
 }
 

@@ -337,11 +337,16 @@ fn refused<U: 'static>(why: String) -> Status {
     }
 }
 
-/// prost's answer as tonic's own codec gives it.
-fn decoded<U>(result: Result<U, prost::DecodeError>) -> Result<Option<U>, Status> {
-    result
-        .map(Some)
-        .map_err(|e| Status::internal(e.to_string()))
+/// prost's answer, worded as tonic's own codec words it: a request that does not decode is
+/// the caller's fault (INVALID_ARGUMENT), a reply the peer's (INTERNAL).
+fn decoded<U: 'static>(result: Result<U, prost::DecodeError>) -> Result<Option<U>, Status> {
+    result.map(Some).map_err(|e| {
+        let message = e.to_string();
+        match std::any::type_name::<U>().ends_with("Request") {
+            true => Status::invalid_argument(message),
+            false => Status::internal(message),
+        }
+    })
 }
 
 /// prost's codec with [`check`] before every decode.

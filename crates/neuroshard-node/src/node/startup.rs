@@ -44,7 +44,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         cancel.clone(),
     ));
     let (circuits, relayed) = tokio::sync::mpsc::channel(16);
-    let server = serve(&state, listener, relayed, &cancel)?;
+    let server = serve(&state, listener, relayed, config.connections, &cancel)?;
     state
         .test_reachability(&config, addr.port(), circuits)
         .await;
@@ -261,6 +261,7 @@ fn serve(
     state: &Arc<NodeState>,
     listener: tokio::net::TcpListener,
     relayed: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
+    connections: neuroshard_net::ConnectionLimits,
     cancel: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
     let tls =
@@ -272,14 +273,18 @@ fn serve(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
+    let with = neuroshard_net::ServeWith {
+        tls,
+        caps: state.caps.clone(),
+        limits: connections,
+        name: "node",
+    };
     Ok(neuroshard_net::spawn_server(
         routes,
         listener,
         Some(relayed),
-        tls,
-        state.caps.clone(),
+        with,
         cancel.clone(),
-        "node",
     ))
 }
 
