@@ -31,7 +31,7 @@ async fn start_free(
     config.discovery = discovery.clone();
     // Sixty-four nodes share one address here, each pooling connections to many of the
     // others: more than the 64 a node takes from one address on the internet.
-    config.connections.max_per_ip = 1024;
+    config.server.max_connections_per_ip = 1024;
     start_node(config).await.expect("node starts")
 }
 

@@ -25,9 +25,10 @@ use crate::generation::{PROMPT, assert_same_generation, local_reference};
 use crate::nat_lab::Peer;
 
 /// Resident memory the node may reach, start-up included, through every flood: a tiny model's
-/// node sits near 60 MiB, and a flood may cost it the messages in flight (a few calls of up
-/// to a few MiB each) and the connections it holds.
-const PEAK_BOUND_MIB: u64 = 400;
+/// node sits near 20 MiB, and a flood may cost it the request bytes one address may have in
+/// flight (128 MiB) and the connections it holds. Sixteen parallel 32 MiB bombs unmetered
+/// took it to 347 MiB.
+const PEAK_BOUND_MIB: u64 = 256;
 
 /// Requests of the malformed-request flood, and how many are in flight at once.
 const REQUESTS: usize = 10_000;
@@ -292,6 +293,28 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
     );
     let (_, peak_after_requests) = memory_mib(pid);
 
+    // Bombs in parallel: sixteen 32 MiB packed-shape bombs at once from one address would
+    // have the node hold half a GiB before its checks; the request-byte budget sheds what
+    // passes the address's share.
+    let bomber = dial_from(4, &addr).await.unwrap();
+    let bomb = packed_shape_bomb(32 << 20);
+    let bombs = futures::stream::iter(0..16)
+        .map(|_| raw_call(bomber.clone(), RPCS[0].0, bomb.clone()))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>();
+    let bombs = within("the parallel bombs", bombs).await;
+    let shed = (bombs.iter().filter_map(|b| b.as_ref().err()))
+        .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+        .count();
+    assert!(
+        bombs
+            .iter()
+            .all(|b| b.as_ref().is_err_and(|s| is_refusal(s.code()))),
+        "{bombs:?}"
+    );
+    assert!(shed > 0, "bombs past the address's share are shed");
+    let (_, peak_after_bombs) = memory_mib(pid);
+
     // DHT: 500 fresh keys each store a long-lived entry under the node's layer; the node still
     // finds itself as that layer's provider.
     let layer = RecordKey::Layer {
@@ -347,8 +370,9 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
     let (rss_end, peak) = memory_mib(pid);
     eprintln!(
         "flood: node resident {rss_start} MiB at start, peak {peak_after_requests} MiB after \
-         the request flood, {peak} MiB overall, {rss_end} MiB at the end; {refused} of \
-         {REQUESTS} requests refused, {kept} of 500 stores kept"
+         the request flood, {peak_after_bombs} MiB after the parallel bombs ({shed} of 16 \
+         shed), {peak} MiB overall, {rss_end} MiB at the end; {refused} of {REQUESTS} \
+         requests refused, {kept} of 500 stores kept"
     );
     assert!(
         peak <= PEAK_BOUND_MIB,

@@ -44,8 +44,8 @@ pub struct TrackerConfig {
     /// Live nodes registered from one address at most. Default 64, as many connections as a
     /// server takes from one address: a household or a carrier's NAT, not a flood.
     pub max_per_ip: usize,
-    /// Connections held at once, in all and per address.
-    pub connections: neuroshard_net::ConnectionLimits,
+    /// Connections and request bytes held at once, in all and per address.
+    pub server: neuroshard_net::ServerLimits,
 }
 
 impl Default for TrackerConfig {
@@ -58,7 +58,7 @@ impl Default for TrackerConfig {
             max_nodes: 10_000,
             key: None,
             max_per_ip: 64,
-            connections: neuroshard_net::ConnectionLimits::default(),
+            server: neuroshard_net::ServerLimits::default(),
         }
     }
 }
@@ -283,7 +283,7 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
         tls: identity,
         // Trackers run on servers, not on volunteers' lines: no caps.
         caps: neuroshard_net::bandwidth::BandwidthCaps::new(0, 0),
-        limits: config.connections,
+        limits: config.server,
         name: "tracker",
     };
     let task = neuroshard_net::spawn_server(

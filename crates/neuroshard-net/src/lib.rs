@@ -15,7 +15,7 @@ mod server;
 pub mod tls;
 
 pub use error::{NodeError, Role};
-pub use server::{Accepted, ConnectionLimits, ServeWith, spawn_server};
+pub use server::{Accepted, ServeWith, ServerLimits, spawn_server};
 
 /// Most new tokens one Forward call may carry. Attention scratch grows with tokens × positions
 /// and is not part of the KV budget, so long prompts are sent in chunks of at most this many.

@@ -12,6 +12,8 @@ use neuroshard_base::sync::LockExt;
 
 use crate::{HTTP2_MAX_FRAME_BYTES, bandwidth, tls};
 
+mod metered;
+
 /// Calls one connection may have in flight; a client pools up to three connections, so this
 /// bounds what one peer can make a server decode at once.
 const MAX_CALLS_PER_CONNECTION: usize = 16;
@@ -38,84 +40,148 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(600);
 
-/// How many connections a server holds at once. A connection over a limit is closed as soon
-/// as it is accepted, before its handshake.
+/// What a server holds at once for its callers, in all and per caller address. A connection
+/// over a limit is closed as soon as it is accepted, before its handshake; a call whose body
+/// would take the server over its request bytes is refused with RESOURCE_EXHAUSTED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectionLimits {
+pub struct ServerLimits {
     /// Most connections open at once, relayed circuits included. Default 1,024.
     pub max_connections: usize,
     /// Most open connections from one IP address. Default 64: a household or a carrier's NAT
     /// of peers, each pooling a few connections.
-    pub max_per_ip: usize,
+    pub max_connections_per_ip: usize,
+    /// Most bytes of request bodies held at once, before and while they decode. Default
+    /// 512 MiB.
+    pub max_request_bytes: usize,
+    /// Most bytes of request bodies from one IP address held at once. Default 128 MiB: a
+    /// message at the 101 MiB cap fits, a flood of them from one address does not.
+    pub max_request_bytes_per_ip: usize,
 }
 
-impl Default for ConnectionLimits {
+impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
-            max_per_ip: 64,
+            max_connections_per_ip: 64,
+            max_request_bytes: 512 << 20,
+            max_request_bytes_per_ip: 128 << 20,
         }
     }
 }
 
-/// The open connections, counted in all and per address.
-#[derive(Debug)]
-struct Admission {
-    limits: ConnectionLimits,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+impl ServerLimits {
+    /// Names the first limit that is zero.
+    pub fn validate(&self) -> Result<(), String> {
+        let fields = [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_request_bytes", self.max_request_bytes),
+            ("max_request_bytes_per_ip", self.max_request_bytes_per_ip),
+        ];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!("{name} must be positive")),
+            None => Ok(()),
+        }
+    }
 }
 
-impl Admission {
-    /// A slot for a connection from `ip` (`None`: relayed), or why there is none.
-    fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, String> {
-        let mut open = self.open.lock_or_recover();
-        let (total, per_ip) = &mut *open;
-        if *total >= self.limits.max_connections {
+/// Something a server holds for its callers (connections, bytes), counted in all and per
+/// caller address, each with a cap.
+#[derive(Debug)]
+struct Quota {
+    /// "connections", "bytes of requests".
+    what: &'static str,
+    max: usize,
+    max_per_ip: usize,
+    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Quota {
+    fn new(what: &'static str, max: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            what,
+            max,
+            max_per_ip,
+            used: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Takes `n` for a caller at `ip` (`None`: relayed, counted in all only), or says which
+    /// cap it would pass.
+    fn take(&self, ip: Option<IpAddr>, n: usize) -> Result<(), String> {
+        let mut used = self.used.lock_or_recover();
+        let (total, per_ip) = &mut *used;
+        if *total + n > self.max {
             return Err(format!(
-                "{} connections are open, the most this server holds",
-                self.limits.max_connections
+                "{total} {} are held, and this server holds at most {}",
+                self.what, self.max
             ));
         }
         if let Some(ip) = ip {
             let from_ip = per_ip.entry(ip).or_default();
-            if *from_ip >= self.limits.max_per_ip {
+            if *from_ip + n > self.max_per_ip {
                 return Err(format!(
-                    "{ip} has {} connections open, the most one address may",
-                    self.limits.max_per_ip
+                    "{ip} holds {from_ip} {}, the most one address may is {}",
+                    self.what, self.max_per_ip
                 ));
             }
-            *from_ip += 1;
+            *from_ip += n;
         }
-        *total += 1;
-        Ok(Slot {
-            admission: self.clone(),
-            ip,
-        })
+        *total += n;
+        Ok(())
     }
-}
 
-/// A connection's place among the open ones, given back when the connection is dropped.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    admission: Arc<Admission>,
-    ip: Option<IpAddr>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.admission.open.lock_or_recover();
-        let (total, per_ip) = &mut *open;
-        *total -= 1;
-        if let Some(ip) = self.ip
-            && let Some(n) = per_ip.get_mut(&ip)
+    fn give(&self, ip: Option<IpAddr>, n: usize) {
+        let mut used = self.used.lock_or_recover();
+        let (total, per_ip) = &mut *used;
+        *total -= n;
+        if let Some(ip) = ip
+            && let Some(from_ip) = per_ip.get_mut(&ip)
         {
-            *n -= 1;
-            if *n == 0 {
+            *from_ip -= n;
+            if *from_ip == 0 {
                 per_ip.remove(&ip);
             }
         }
     }
 }
+
+/// What one caller holds of a [`Quota`], given back when dropped: a connection's slot, a
+/// request body's bytes.
+#[derive(Debug)]
+pub(crate) struct Held {
+    quota: Arc<Quota>,
+    ip: Option<IpAddr>,
+    n: usize,
+}
+
+impl Held {
+    /// Takes `n` of `quota` for a caller at `ip`.
+    fn take(quota: &Arc<Quota>, ip: Option<IpAddr>, n: usize) -> Result<Self, String> {
+        quota.take(ip, n)?;
+        Ok(Self {
+            quota: quota.clone(),
+            ip,
+            n,
+        })
+    }
+
+    /// Takes `n` more.
+    fn grow(&mut self, n: usize) -> Result<(), String> {
+        self.quota.take(self.ip, n)?;
+        self.n += n;
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.quota.give(self.ip, self.n);
+    }
+}
+
+/// A connection's place among the open ones.
+pub(crate) type Slot = Held;
 
 /// How [`spawn_server`] serves: its TLS identity, the owner's bandwidth caps, its connection
 /// limits, and its name for the log.
@@ -124,8 +190,8 @@ pub struct ServeWith {
     pub tls: Arc<rustls::ServerConfig>,
     /// Caps on every byte sent and received.
     pub caps: Arc<bandwidth::BandwidthCaps>,
-    /// Connections held at once.
-    pub limits: ConnectionLimits,
+    /// Connections and request bytes held at once.
+    pub limits: ServerLimits,
     /// "node", "tracker".
     pub name: &'static str,
 }
@@ -144,7 +210,8 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// way, and delayed ACKs would add tens of milliseconds per hop), adaptive HTTP/2 windows and
 /// 1 MiB frames for megabyte activations, and the bounds of this module: connections in all
 /// and per address, calls and streams per connection, keepalives, a deadline per call and a
-/// maximum connection age. Handlers learn who called with [`tls::caller`].
+/// maximum connection age, and the request bytes held at once. Handlers learn who called with
+/// [`tls::caller`].
 ///
 /// Every accepted connection, relayed or not, keeps to the caps of `with`.
 pub fn spawn_server(
@@ -161,10 +228,16 @@ pub fn spawn_server(
         limits,
         name,
     } = with;
-    let admission = Arc::new(Admission {
-        limits,
-        open: Mutex::new((0, HashMap::new())),
-    });
+    let connections = Quota::new(
+        "connections",
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    );
+    let request_bytes = Quota::new(
+        "bytes of requests",
+        limits.max_request_bytes,
+        limits.max_request_bytes_per_ip,
+    );
     let direct = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE))
@@ -173,12 +246,13 @@ pub fn spawn_server(
         .flat_map(tokio_stream::wrappers::ReceiverStream::new)
         .map(|circuit| Ok(Accepted::Relayed(circuit)));
     let incoming = futures::stream::select(direct, relayed)
-        .filter_map(move |accepted| std::future::ready(admit(accepted, &admission, name)))
+        .filter_map(move |accepted| std::future::ready(admit(accepted, &connections, name)))
         .map(move |(accepted, slot)| secure(accepted, slot, tls.clone(), caps.clone(), name))
         .buffer_unordered(MAX_HANDSHAKES)
         .filter_map(|secured| async move { secured });
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            .layer(metered::MeteredLayer::new(request_bytes))
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .timeout(CALL_TIMEOUT)
@@ -205,14 +279,14 @@ type ServerConn = tls::SecuredConn<bandwidth::Throttled<Accepted>>;
 #[allow(clippy::type_complexity)]
 fn admit(
     accepted: std::io::Result<Accepted>,
-    admission: &Arc<Admission>,
+    connections: &Arc<Quota>,
     name: &'static str,
 ) -> Option<(std::io::Result<Accepted>, Option<Slot>)> {
     let Ok(conn) = &accepted else {
         return Some((accepted, None));
     };
     let addr = conn.remote_addr();
-    match admission.admit(addr.map(|a| a.ip().to_canonical())) {
+    match Held::take(connections, addr.map(|a| a.ip().to_canonical()), 1) {
         Ok(slot) => Some((accepted, Some(slot))),
         Err(why) => {
             tracing::debug!("{name}: closed a connection from {addr:?}: {why}");
@@ -320,27 +394,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_are_capped_in_all_and_per_address_and_freed_on_drop() {
-        let admission = Arc::new(Admission {
-            limits: ConnectionLimits {
-                max_connections: 3,
-                max_per_ip: 2,
-            },
-            open: Mutex::new((0, HashMap::new())),
-        });
+    fn quotas_cap_in_all_and_per_address_and_give_back_on_drop() {
+        let quota = Quota::new("connections", 3, 2);
         let (a, b): (IpAddr, IpAddr) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
-        let first = admission.admit(Some(a)).unwrap();
-        let _second = admission.admit(Some(a)).unwrap();
-        let err = admission.admit(Some(a)).unwrap_err();
-        assert!(err.contains("192.0.2.1 has 2 connections open"), "{err}");
-        let _third = admission.admit(Some(b)).unwrap();
-        let err = admission.admit(None).unwrap_err();
-        assert!(err.contains("3 connections are open"), "{err}");
+        let first = Held::take(&quota, Some(a), 1).unwrap();
+        let _second = Held::take(&quota, Some(a), 1).unwrap();
+        let err = Held::take(&quota, Some(a), 1).unwrap_err();
+        assert!(err.contains("192.0.2.1 holds 2 connections"), "{err}");
+        let _third = Held::take(&quota, Some(b), 1).unwrap();
+        let err = Held::take(&quota, None, 1).unwrap_err();
+        assert!(err.contains("3 connections are held"), "{err}");
         drop(first);
-        let again = admission.admit(Some(a)).unwrap();
+        let again = Held::take(&quota, Some(a), 1).unwrap();
         drop(again);
-        let relayed = admission.admit(None).unwrap();
+        let relayed = Held::take(&quota, None, 1).unwrap();
         drop(relayed);
-        assert_eq!(admission.open.lock_or_recover().0, 2, "two left open");
+        assert_eq!(quota.used.lock_or_recover().0, 2, "two left held");
+
+        let bytes = Quota::new("bytes of requests", 100, 60);
+        let mut body = Held::take(&bytes, Some(a), 10).unwrap();
+        body.grow(50).unwrap();
+        assert!(body.grow(1).is_err(), "over the address's share");
+        let other = Held::take(&bytes, Some(b), 40).unwrap();
+        assert!(Held::take(&bytes, Some(b), 1).is_err(), "over the total");
+        drop(body);
+        assert_eq!(quota_used(&bytes), 40);
+        drop(other);
+        assert_eq!(quota_used(&bytes), 0);
+        assert!(bytes.used.lock_or_recover().1.is_empty());
+    }
+
+    fn quota_used(q: &Quota) -> usize {
+        q.used.lock_or_recover().0
+    }
+
+    #[test]
+    fn a_zero_limit_is_named() {
+        let limits = ServerLimits {
+            max_request_bytes_per_ip: 0,
+            ..ServerLimits::default()
+        };
+        assert_eq!(
+            limits.validate().unwrap_err(),
+            "max_request_bytes_per_ip must be positive"
+        );
     }
 }

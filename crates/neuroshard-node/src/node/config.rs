@@ -115,9 +115,9 @@ pub struct NodeConfig {
     /// from (`GetCheckpoint`, hashed chunk by chunk) instead of reading them from `model_dir`,
     /// which then needs only `config.json`. Default none.
     pub weights_from: Option<String>,
-    /// Connections the node's server holds at once, in all and per address. Default 1,024 and
-    /// 64.
-    pub connections: neuroshard_net::ConnectionLimits,
+    /// What the node's server holds at once for its callers, in all and per address:
+    /// connections (default 1,024 and 64) and request bytes (512 and 128 MiB).
+    pub server: neuroshard_net::ServerLimits,
     /// Test-only misbehaviour (the `test-faults` feature).
     #[cfg(feature = "test-faults")]
     #[doc(hidden)]
@@ -194,7 +194,7 @@ impl NodeConfig {
             serve_relay: None,
             train: None,
             weights_from: None,
-            connections: neuroshard_net::ConnectionLimits::default(),
+            server: neuroshard_net::ServerLimits::default(),
             #[cfg(feature = "test-faults")]
             fault: None,
         }
@@ -206,8 +206,8 @@ impl NodeConfig {
         if self.layers.is_empty() {
             return bad("layers", "must not be empty");
         }
-        if self.connections.max_connections == 0 || self.connections.max_per_ip == 0 {
-            return bad("connections", "the limits must be positive");
+        if let Err(why) = self.server.validate() {
+            return bad("server", &why);
         }
         if self.kv_budget_bytes == 0 {
             return bad("kv_budget_bytes", "must be positive");

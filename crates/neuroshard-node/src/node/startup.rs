@@ -44,7 +44,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         cancel.clone(),
     ));
     let (circuits, relayed) = tokio::sync::mpsc::channel(16);
-    let server = serve(&state, listener, relayed, config.connections, &cancel)?;
+    let server = serve(&state, listener, relayed, config.server, &cancel)?;
     state
         .test_reachability(&config, addr.port(), circuits)
         .await;
@@ -261,7 +261,7 @@ fn serve(
     state: &Arc<NodeState>,
     listener: tokio::net::TcpListener,
     relayed: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
-    connections: neuroshard_net::ConnectionLimits,
+    limits: neuroshard_net::ServerLimits,
     cancel: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
     let tls =
@@ -276,7 +276,7 @@ fn serve(
     let with = neuroshard_net::ServeWith {
         tls,
         caps: state.caps.clone(),
-        limits: connections,
+        limits,
         name: "node",
     };
     Ok(neuroshard_net::spawn_server(

@@ -1,0 +1,133 @@
+//! Request bodies metered against the server's byte budget: every frame a call's body brings
+//! is counted, in all and per caller address, until the call is done with its body, and a
+//! frame that would pass a cap fails the call with RESOURCE_EXHAUSTED. A stream's count stops
+//! growing at one message's worth, since tonic holds one message of it at a time.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tonic::body::Body as TonicBody;
+use tonic::codegen::http;
+
+use super::{Held, Quota};
+use crate::MAX_MESSAGE_BYTES;
+
+/// Most bytes one body is counted for: a message at the cap and its gRPC framing.
+const BODY_WINDOW_BYTES: usize = MAX_MESSAGE_BYTES + 5;
+
+/// Wraps a server's routes so every request body is metered against `quota`.
+#[derive(Clone)]
+pub(super) struct MeteredLayer {
+    quota: Arc<Quota>,
+}
+
+impl MeteredLayer {
+    pub(super) fn new(quota: Arc<Quota>) -> Self {
+        Self { quota }
+    }
+}
+
+impl<S> tower::Layer<S> for MeteredLayer {
+    type Service = Metering<S>;
+
+    fn layer(&self, inner: S) -> Metering<S> {
+        Metering {
+            inner,
+            quota: self.quota.clone(),
+        }
+    }
+}
+
+/// The service [`MeteredLayer`] makes.
+#[derive(Clone)]
+pub(super) struct Metering<S> {
+    inner: S,
+    quota: Arc<Quota>,
+}
+
+impl<S> tower::Service<http::Request<TonicBody>> for Metering<S>
+where
+    S: tower::Service<http::Request<TonicBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<TonicBody>) -> Self::Future {
+        let ip = request
+            .extensions()
+            .get::<crate::tls::Caller>()
+            .and_then(|c| c.addr)
+            .map(|a| a.ip().to_canonical());
+        let (parts, body) = request.into_parts();
+        let body = TonicBody::new(Metered {
+            inner: body,
+            quota: self.quota.clone(),
+            ip,
+            held: None,
+        });
+        self.inner.call(http::Request::from_parts(parts, body))
+    }
+}
+
+/// A request body whose bytes are counted against the quota while it lives.
+struct Metered {
+    inner: TonicBody,
+    quota: Arc<Quota>,
+    ip: Option<IpAddr>,
+    held: Option<Held>,
+}
+
+impl Metered {
+    /// Counts `n` more bytes, up to the body's window.
+    fn count(&mut self, n: usize) -> Result<(), tonic::Status> {
+        let counted = self.held.as_ref().map_or(0, |h| h.n);
+        let more = n.min(BODY_WINDOW_BYTES.saturating_sub(counted));
+        if more == 0 {
+            return Ok(());
+        }
+        let taken = match &mut self.held {
+            Some(held) => held.grow(more),
+            None => Held::take(&self.quota, self.ip, more).map(|h| self.held = Some(h)),
+        };
+        taken.map_err(|why| tonic::Status::resource_exhausted(format!("request refused: {why}")))
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = self.get_mut();
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref()
+            && let Err(status) = this.count(data.len())
+        {
+            return Poll::Ready(Some(Err(status)));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
