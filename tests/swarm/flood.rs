@@ -379,3 +379,74 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
         "peak {peak} MiB over {PEAK_BOUND_MIB} MiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_checkpoint_stream_is_cut_at_the_chunk_deadline_either_way() {
+    use neuroshard_client::checkpoint::{Checkpoint, manifest_to_proto};
+    const CHUNK: u32 = 4 << 10;
+    let model = TestModel::new(&ModelSpec::tiny());
+    let deadline = std::time::Duration::from_secs(1);
+    let (swarm, trainer) = crate::training::checkpoint_node_with(&model, None, true, |t| {
+        t.checkpoint_chunk_bytes = CHUNK;
+        t.checkpoint_chunk_deadline = deadline;
+    })
+    .await;
+    let node = &swarm.nodes[0];
+    let mut c = neuroshard_tests::node_client_as(node, &trainer).await;
+
+    // A push that sends one chunk and then nothing: the node stops waiting at the deadline,
+    // keeps the chunk, and says which are missing.
+    let start = node.training_snapshot().unwrap();
+    let pushed = Checkpoint {
+        round: 9,
+        parameters: start.parameters.iter().map(|p| p * 0.5).collect(),
+    };
+    let bytes = pushed.to_bytes();
+    let manifest = neuroshard_train::checkpoint::Manifest::of(&bytes, CHUNK);
+    let first = pb::CheckpointChunk {
+        manifest: Some(manifest_to_proto(&manifest, pushed.round)),
+        index: 0,
+        data: bytes[..CHUNK as usize].to_vec(),
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        ..Default::default()
+    };
+    let stalled = futures::stream::iter([first]).chain(futures::stream::pending());
+    let reply = within("the node cutting a stalled push", c.put_checkpoint(stalled))
+        .await
+        .unwrap()
+        .into_inner();
+    let chunks = manifest.chunk_hashes.len() as u32;
+    assert_eq!(reply.missing, (1..chunks).collect::<Vec<_>>());
+    assert_eq!(
+        node.training_snapshot().unwrap().outer_round,
+        start.outer_round
+    );
+
+    // A fetch that stops reading: once it has taken nothing for the deadline, the node ends
+    // the stream, so reading on finds it short of the manifest's chunks. The stall is the
+    // input here, so the test waits it out.
+    let request = pb::CheckpointRequest {
+        layers: Some(pb::LayerSpan { start: 0, end: 4 }),
+        ..Default::default()
+    };
+    let mut stream = c.get_checkpoint(request).await.unwrap().into_inner();
+    let head = stream.message().await.unwrap().unwrap();
+    let listed = head.manifest.unwrap().chunk_hashes.len();
+    assert!(
+        listed > 32,
+        "{listed} chunks: enough that HTTP/2 windows cannot hold them all"
+    );
+    tokio::time::sleep(deadline * 3).await;
+    let mut read = 1;
+    while let Some(_chunk) = within("the rest of the cut stream", stream.message())
+        .await
+        .unwrap()
+    {
+        read += 1;
+    }
+    assert!(
+        read < listed,
+        "read {read} of {listed} chunks after the stall"
+    );
+    swarm.shutdown().await;
+}

@@ -422,17 +422,29 @@ pub(crate) async fn checkpoint_node(
     fault: Option<Fault>,
     allow_put: bool,
 ) -> (Swarm, Arc<NodeKey>) {
+    checkpoint_node_with(model, fault, allow_put, |_| {}).await
+}
+
+/// [`checkpoint_node`] with its training config adjusted by `configure`.
+pub(crate) async fn checkpoint_node_with(
+    model: &TestModel,
+    fault: Option<Fault>,
+    allow_put: bool,
+    configure: impl FnOnce(&mut TrainingConfig),
+) -> (Swarm, Arc<NodeKey>) {
     let (key, trainer) = (Arc::new(NodeKey::generate()), Arc::new(NodeKey::generate()));
     let run = one_stage_run(model, &key, &trainer, allow_put);
     let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
     swarm
         .add_node_with(model.path(), 0, 4, |c| {
             c.key = Some(key);
-            c.train = Some(TrainingConfig {
+            let mut train = TrainingConfig {
                 checkpoint_chunk_bytes: 64 << 10,
                 run: Some(run),
                 ..TrainingConfig::default()
-            });
+            };
+            configure(&mut train);
+            c.train = Some(train);
             c.fault = fault;
         })
         .await

@@ -13,7 +13,7 @@ use neuroshard_base::LayerRange;
 use neuroshard_model::ModelInfo;
 use neuroshard_model::fetched::{MAX_MODEL_FILE_BYTES, MODEL_FILES, mark_fetched, write_atomic};
 use neuroshard_proto as pb;
-use neuroshard_train::checkpoint::{Assembly, MAX_CHECKPOINT_BYTES, Manifest};
+use neuroshard_train::checkpoint::{Assembly, CHUNK_DEADLINE, MAX_CHECKPOINT_BYTES, Manifest};
 use pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -142,7 +142,8 @@ pub async fn fetch_checkpoint(
     while report.requests < MAX_ATTEMPTS {
         report.requests += 1;
         let request = checkpoint_request(model_id, layers, assembly.as_ref().map(|(a, _)| a));
-        let mut stream = match client.get_checkpoint(request).await {
+        let asked = tokio::time::timeout(CHUNK_DEADLINE, client.get_checkpoint(request));
+        let mut stream = match asked.await.unwrap_or_else(|_| Err(stalled())) {
             Ok(stream) => stream.into_inner(),
             Err(status)
                 if status.code() == tonic::Code::FailedPrecondition && assembly.is_some() =>
@@ -162,7 +163,8 @@ pub async fn fetch_checkpoint(
             }
         };
         loop {
-            let message = match stream.next().await {
+            let next = tokio::time::timeout(CHUNK_DEADLINE, stream.next());
+            let message = match next.await.unwrap_or_else(|_| Some(Err(stalled()))) {
                 None => break,
                 Some(Ok(message)) => message,
                 Some(Err(status)) => {
@@ -185,6 +187,11 @@ pub async fn fetch_checkpoint(
         "the checkpoint did not arrive whole in {MAX_ATTEMPTS} requests: {}",
         report.recovered.join("; ")
     )))
+}
+
+/// The status of a transfer that moved no chunk within the deadline.
+fn stalled() -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!("no chunk within {}s", CHUNK_DEADLINE.as_secs()))
 }
 
 /// The checkpoint, once `assembly` holds every chunk (and it is taken); none while chunks are

@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 /// message cap.
 pub const CHUNK_BYTES: u32 = 4 << 20;
 
+/// Longest a checkpoint stream may go without moving a chunk, either way, before it is cut:
+/// 2 minutes, a 4 MiB chunk at 35 KB/s. A cut transfer resumes with the missing chunks.
+pub const CHUNK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Most chunks in one checkpoint: what the wire codec reads of a manifest's chunk hashes or a
 /// request's chunk list (`neuroshard_proto::checked::MAX_CHUNKS`).
 pub const MAX_CHUNKS: usize = 1 << 16;

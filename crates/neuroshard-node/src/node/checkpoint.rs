@@ -276,10 +276,9 @@ impl NodeState {
         self.ensure_stage(&served).await?;
         let mut layers_seen: Option<LayerRange> = None;
         let mut received = 0u64;
-        while let Some(message) = chunks.next().await {
-            let Ok(message) = message else {
-                break; // A cut transfer: what arrived is kept.
-            };
+        let deadline = self.chunk_deadline();
+        // A transfer cut, or stalled past the deadline: what arrived is kept.
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(deadline, chunks.next()).await {
             let (layers, accepted) = self.accept_chunk(trainer, &served, message)?;
             layers_seen = Some(layers);
             received += accepted;
@@ -309,6 +308,15 @@ impl NodeState {
             missing: Vec::new(),
             outer_step: round,
         })
+    }
+
+    /// How long a checkpoint stream to or from this node may go without moving a chunk.
+    pub(super) fn chunk_deadline(&self) -> std::time::Duration {
+        self.trainer
+            .as_ref()
+            .map_or(neuroshard_train::checkpoint::CHUNK_DEADLINE, |t| {
+                t.config.checkpoint_chunk_deadline
+            })
     }
 
     /// Checks the layers a GetCheckpoint asks for: a training node serves its whole range,

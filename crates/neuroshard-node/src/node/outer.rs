@@ -84,6 +84,9 @@ pub struct TrainingConfig {
     /// Chunk size of the checkpoints the node serves. Default
     /// [`neuroshard_train::checkpoint::CHUNK_BYTES`] (4 MiB).
     pub checkpoint_chunk_bytes: u32,
+    /// Longest a checkpoint stream to or from this node may go without moving a chunk before
+    /// it is cut. Default [`neuroshard_train::checkpoint::CHUNK_DEADLINE`] (2 min).
+    pub checkpoint_chunk_deadline: Duration,
     /// The run this node trains for, its manifest checked: microbatches and pushed checkpoints
     /// only from its trainers, exchanges only with its stage's replicas. Default none: the
     /// node trains with any caller, as a private test rig does (logged at start).
@@ -102,6 +105,7 @@ impl Default for TrainingConfig {
             sync_timeout: Duration::from_secs(30),
             replicas: Vec::new(),
             checkpoint_chunk_bytes: neuroshard_train::checkpoint::CHUNK_BYTES,
+            checkpoint_chunk_deadline: neuroshard_train::checkpoint::CHUNK_DEADLINE,
             run: None,
         }
     }

@@ -96,12 +96,20 @@ impl Node for NodeService {
             .clone()
             .get_checkpoint(request.into_inner())
             .await?;
-        let metrics = self.state.metrics.clone();
-        let stream = futures::StreamExt::inspect(futures::stream::iter(messages), move |m| {
-            if let Ok(chunk) = m {
-                metrics.record_bytes(chunk.encoded_len(), 0);
+        // Chunks are made one at a time as the caller takes them; a caller that takes none for
+        // the deadline ends the stream, and the snapshot it held is freed.
+        let (metrics, deadline) = (self.state.metrics.clone(), self.state.chunk_deadline());
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for message in messages {
+                let bytes = message.as_ref().map_or(0, |c| c.encoded_len());
+                if sender.send_timeout(message, deadline).await.is_err() {
+                    return;
+                }
+                metrics.record_bytes(bytes, 0);
             }
         });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
         Ok(Response::new(Box::pin(stream)))
     }
 
