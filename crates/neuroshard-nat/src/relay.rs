@@ -17,16 +17,17 @@ pub mod secure;
 #[cfg(test)]
 mod tests;
 
+use neuroshard_base::quota::{Held, Quota as Share};
 use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -103,6 +104,13 @@ pub struct RelayConfig {
     pub max_nodes: usize,
     /// Circuits open at once. Default 256.
     pub max_circuits: usize,
+    /// Nodes registered at once from one IP address. Default 8.
+    pub max_nodes_per_ip: usize,
+    /// Circuits open at once for callers at one IP address. Default 16.
+    pub max_circuits_per_ip: usize,
+    /// A circuit that carries no byte either way for this long is closed. Default 5 min: a
+    /// gRPC connection over it pings every 30 s, so only a dead or silent one goes.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -111,6 +119,9 @@ impl Default for RelayConfig {
             kbps: 1000,
             max_nodes: 64,
             max_circuits: 256,
+            max_nodes_per_ip: 8,
+            max_circuits_per_ip: 16,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -136,7 +147,11 @@ struct Shared {
     config: RelayConfig,
     nodes: Mutex<HashMap<KeyBytes, Registered>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<TcpStream>>>,
-    circuits: AtomicUsize,
+    /// Connections that have not sent their first frame yet.
+    opening: Arc<Share>,
+    /// Registrations, counted per address (their total is `nodes`' length).
+    registrations: Arc<Share>,
+    circuits: Arc<Share>,
     bytes: AtomicU64,
     generation: AtomicU64,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -174,13 +189,15 @@ impl Relay {
         let limiter = NonZeroU32::new(config.kbps.saturating_mul(1000)).map(|rate| {
             // A burst of at least one chunk, else a chunk could never pass.
             let burst = rate.max(NonZeroU32::new(CHUNK as u32).expect("non-zero"));
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
         });
         let shared = Arc::new(Shared {
             config,
             nodes: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            circuits: AtomicUsize::new(0),
+            opening: Share::new("opening connections", OPENING_AT_ONCE * 8, OPENING_AT_ONCE),
+            registrations: Share::new("registrations", usize::MAX, config.max_nodes_per_ip),
+            circuits: Share::new("circuits", config.max_circuits, config.max_circuits_per_ip),
             bytes: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             limiter,
@@ -226,7 +243,7 @@ impl Relay {
     pub fn stats(&self) -> RelayStats {
         RelayStats {
             nodes: self.shared.nodes.lock_or_recover().len(),
-            circuits: self.shared.circuits.load(Ordering::Relaxed),
+            circuits: self.shared.circuits.used(),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
         }
     }
@@ -238,12 +255,15 @@ impl Shared {
         mut stream: TcpStream,
         peer: SocketAddr,
     ) -> Result<(), NatError> {
+        let ip = peer.ip().to_canonical();
+        let opening = Held::take(&self.opening, Some(ip), 1).map_err(NatError::Relay)?;
         let nonce: [u8; 32] = rand::random();
         write_frame(&mut stream, &Frame::Hello { nonce }).await?;
         let first = tokio::time::timeout(FRAME_TIMEOUT, Frame::read(&mut stream))
             .await
             .map_err(|_| NatError::Relay(format!("{peer} sent nothing")))?
             .map_err(|e| NatError::Relay(e.to_string()))?;
+        drop(opening);
         match first {
             Frame::Register { key, signature } => {
                 let checked = VerifyingKey::from_bytes(&key)
@@ -260,7 +280,7 @@ impl Shared {
                     Err(reason) => refuse(&mut stream, reason).await,
                 }
             }
-            Frame::Connect { key } => self.connect(stream, key).await,
+            Frame::Connect { key } => self.connect(stream, ip, key).await,
             Frame::Accept { circuit } => {
                 let waiting = self.pending.lock_or_recover().remove(&circuit);
                 match waiting {
@@ -291,6 +311,12 @@ impl Shared {
         peer: SocketAddr,
         key: KeyBytes,
     ) -> Result<(), NatError> {
+        let mut stream = stream;
+        let ip = peer.ip().to_canonical();
+        let _registration = match Held::take(&self.registrations, Some(ip), 1) {
+            Ok(held) => held,
+            Err(reason) => return refuse(&mut stream, reason).await,
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (to_node, mut outgoing) = mpsc::channel(64);
         let full = {
@@ -309,7 +335,6 @@ impl Shared {
             full
         };
         if full {
-            let mut stream = stream;
             let reason = format!("this relay is full ({} nodes)", self.config.max_nodes);
             return refuse(&mut stream, reason).await;
         }
@@ -353,7 +378,12 @@ impl Shared {
 
     /// Splices a caller to the node registered as `key`, once the node has opened a data
     /// connection for the circuit.
-    async fn connect(&self, mut caller: TcpStream, key: KeyBytes) -> Result<(), NatError> {
+    async fn connect(
+        &self,
+        mut caller: TcpStream,
+        ip: IpAddr,
+        key: KeyBytes,
+    ) -> Result<(), NatError> {
         let to_node = self
             .nodes
             .lock_or_recover()
@@ -367,22 +397,14 @@ impl Shared {
             )
             .await;
         };
-        let max = self.config.max_circuits;
-        let reserved = self
-            .circuits
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                (c < max).then_some(c + 1)
-            })
-            .is_ok();
-        if !reserved {
-            return refuse(
-                &mut caller,
-                "this relay has no room for another circuit".into(),
-            )
-            .await;
-        }
         // Held until the circuit ends, however it ends.
-        let _slot = CircuitSlot(&self.circuits);
+        let _slot = match Held::take(&self.circuits, Some(ip), 1) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                let reason = format!("this relay has no room for another circuit: {reason}");
+                return refuse(&mut caller, reason).await;
+            }
+        };
         let circuit: u64 = rand::random();
         let (handover, node_side) = oneshot::channel();
         self.pending.lock_or_recover().insert(circuit, handover);
@@ -405,15 +427,31 @@ impl Shared {
         write_frame(&mut caller, &Frame::Connected).await?;
         let (caller_in, caller_out) = caller.into_split();
         let (node_in, node_out) = node.into_split();
-        let _ = tokio::join!(
-            self.forward(caller_in, node_out),
-            self.forward(node_in, caller_out)
-        );
+        let last = AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let splice = async {
+            tokio::join!(
+                self.forward(caller_in, node_out, (&last, started)),
+                self.forward(node_in, caller_out, (&last, started)),
+            )
+        };
+        tokio::select! {
+            _ = splice => {}
+            _ = idle(&last, started, self.config.idle_timeout) => {
+                tracing::debug!("relay: closed a circuit idle for {:?}", self.config.idle_timeout);
+            }
+        }
         Ok(())
     }
 
-    /// Copies `from` to `to` under the relay's cap until either ends.
-    async fn forward<R, W>(&self, mut from: R, mut to: W) -> std::io::Result<()>
+    /// Copies `from` to `to` under the relay's cap until either ends, noting in `last` when
+    /// it last moved bytes (ms after the circuit started).
+    async fn forward<R, W>(
+        &self,
+        mut from: R,
+        mut to: W,
+        (last, started): (&AtomicU64, tokio::time::Instant),
+    ) -> std::io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -421,6 +459,7 @@ impl Shared {
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = from.read(&mut buf).await?;
+            last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             if n == 0 {
                 return to.shutdown().await;
             }
@@ -435,12 +474,14 @@ impl Shared {
     }
 }
 
-/// A reserved circuit of the relay's count, given back when dropped.
-struct CircuitSlot<'a>(&'a AtomicUsize);
-
-impl Drop for CircuitSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+/// Returns once `timeout` has passed since `last` (ms after `started`) last moved.
+async fn idle(last: &AtomicU64, started: tokio::time::Instant, timeout: Duration) {
+    loop {
+        let moved = started + Duration::from_millis(last.load(Ordering::Relaxed));
+        if moved.elapsed() >= timeout {
+            return;
+        }
+        tokio::time::sleep_until(moved + timeout).await;
     }
 }
 

@@ -7,7 +7,8 @@
 //! ones mean the mapping depends on the destination, and only a relay helps. The [`Server`]
 //! answers Binding requests, so every reachable node can be a STUN server for the swarm.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,6 +32,51 @@ pub const STUN_PORT: u16 = 3478;
 
 /// Largest datagram read; STUN messages over UDP stay below the path MTU.
 const MAX_DATAGRAM: usize = 1500;
+
+/// Binding requests a server answers per second for one source address, after a burst of
+/// [`PER_SOURCE_BURST`]: a client's probe and its retransmits fit, a reflection does not.
+const PER_SOURCE_PER_SECOND: u32 = 5;
+const PER_SOURCE_BURST: u32 = 10;
+
+/// Binding requests a server answers per second from everyone, so sources forged by the
+/// thousand reflect at most this many small answers.
+const ALL_PER_SECOND: u32 = 200;
+
+/// Sources whose rates a server tracks; past this many the stale are forgotten, and if all
+/// are fresh (a forged flood), all are.
+const MAX_TRACKED_SOURCES: usize = 65_536;
+
+/// The rate limits a [`Server`] answers under.
+struct Limits {
+    per_source_quota: governor::Quota,
+    per_source: governor::DefaultKeyedRateLimiter<IpAddr>,
+    all: governor::DefaultDirectRateLimiter,
+}
+
+impl Limits {
+    fn new() -> Self {
+        let rate = |n| NonZeroU32::new(n).expect("a non-zero literal");
+        let per_source = governor::Quota::per_second(rate(PER_SOURCE_PER_SECOND))
+            .allow_burst(rate(PER_SOURCE_BURST));
+        Self {
+            per_source_quota: per_source,
+            per_source: governor::RateLimiter::keyed(per_source),
+            all: governor::RateLimiter::direct(governor::Quota::per_second(rate(ALL_PER_SECOND))),
+        }
+    }
+
+    /// Whether a request from `ip` is answered: its source's share first, so a flooding
+    /// source does not spend everyone's.
+    fn allow(&mut self, ip: IpAddr) -> bool {
+        if self.per_source.len() >= MAX_TRACKED_SOURCES {
+            self.per_source.retain_recent();
+            if self.per_source.len() >= MAX_TRACKED_SOURCES {
+                self.per_source = governor::RateLimiter::keyed(self.per_source_quota);
+            }
+        }
+        self.per_source.check_key(&ip).is_ok() && self.all.check().is_ok()
+    }
+}
 
 /// Retransmission of Binding requests (RFC 8489 §6.2.1, shortened: a node asks at start-up and
 /// a silent server should not hold it for the RFC's 39.5 s).
@@ -316,8 +362,9 @@ pub fn classify(local: SocketAddr, mapped: &[(SocketAddr, SocketAddr)]) -> Optio
     })
 }
 
-/// A STUN server on a UDP socket: it answers every Binding request with the requester's
-/// address, and drops anything else, counting it.
+/// A STUN server on a UDP socket: it answers Binding requests with the requester's address,
+/// at most [`PER_SOURCE_PER_SECOND`] a second per source and [`ALL_PER_SECOND`] in all, and
+/// drops anything else, counting it.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
@@ -357,7 +404,7 @@ impl Server {
         self.answered.load(Ordering::Relaxed)
     }
 
-    /// Datagrams dropped so far (not a Binding request, or malformed).
+    /// Datagrams dropped so far (not a Binding request, malformed, or over a rate limit).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
@@ -375,6 +422,7 @@ async fn serve(
     cancel: CancellationToken,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut limits = Limits::new();
     loop {
         let (len, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -387,6 +435,10 @@ async fn serve(
                 }
             },
         };
+        if !limits.allow(peer.ip().to_canonical()) {
+            refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         match answer(&buf[..len], peer) {
             Ok(response) => {
                 answered.fetch_add(1, Ordering::Relaxed);

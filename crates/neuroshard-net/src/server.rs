@@ -3,12 +3,10 @@
 //! and a maximum connection age, so a stranger can hold neither descriptors nor calls without
 //! a bound.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use neuroshard_base::sync::LockExt;
+use neuroshard_base::quota::{Held, Quota};
 
 use crate::{HTTP2_MAX_FRAME_BYTES, bandwidth, tls};
 
@@ -82,101 +80,6 @@ impl ServerLimits {
             Some((name, _)) => Err(format!("{name} must be positive")),
             None => Ok(()),
         }
-    }
-}
-
-/// Something a server holds for its callers (connections, bytes), counted in all and per
-/// caller address, each with a cap.
-#[derive(Debug)]
-struct Quota {
-    /// "connections", "bytes of requests".
-    what: &'static str,
-    max: usize,
-    max_per_ip: usize,
-    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl Quota {
-    fn new(what: &'static str, max: usize, max_per_ip: usize) -> Arc<Self> {
-        Arc::new(Self {
-            what,
-            max,
-            max_per_ip,
-            used: Mutex::new((0, HashMap::new())),
-        })
-    }
-
-    /// Takes `n` for a caller at `ip` (`None`: relayed, counted in all only), or says which
-    /// cap it would pass.
-    fn take(&self, ip: Option<IpAddr>, n: usize) -> Result<(), String> {
-        let mut used = self.used.lock_or_recover();
-        let (total, per_ip) = &mut *used;
-        if *total + n > self.max {
-            return Err(format!(
-                "{total} {} are held, and this server holds at most {}",
-                self.what, self.max
-            ));
-        }
-        if let Some(ip) = ip {
-            let from_ip = per_ip.entry(ip).or_default();
-            if *from_ip + n > self.max_per_ip {
-                return Err(format!(
-                    "{ip} holds {from_ip} {}, the most one address may is {}",
-                    self.what, self.max_per_ip
-                ));
-            }
-            *from_ip += n;
-        }
-        *total += n;
-        Ok(())
-    }
-
-    fn give(&self, ip: Option<IpAddr>, n: usize) {
-        let mut used = self.used.lock_or_recover();
-        let (total, per_ip) = &mut *used;
-        *total -= n;
-        if let Some(ip) = ip
-            && let Some(from_ip) = per_ip.get_mut(&ip)
-        {
-            *from_ip -= n;
-            if *from_ip == 0 {
-                per_ip.remove(&ip);
-            }
-        }
-    }
-}
-
-/// What one caller holds of a [`Quota`], given back when dropped: a connection's slot, a
-/// request body's bytes.
-#[derive(Debug)]
-pub(crate) struct Held {
-    quota: Arc<Quota>,
-    ip: Option<IpAddr>,
-    n: usize,
-}
-
-impl Held {
-    /// Takes `n` of `quota` for a caller at `ip`.
-    fn take(quota: &Arc<Quota>, ip: Option<IpAddr>, n: usize) -> Result<Self, String> {
-        quota.take(ip, n)?;
-        Ok(Self {
-            quota: quota.clone(),
-            ip,
-            n,
-        })
-    }
-
-    /// Takes `n` more.
-    fn grow(&mut self, n: usize) -> Result<(), String> {
-        self.quota.take(self.ip, n)?;
-        self.n += n;
-        Ok(())
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.quota.give(self.ip, self.n);
     }
 }
 
@@ -392,41 +295,6 @@ impl tokio::io::AsyncWrite for Accepted {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quotas_cap_in_all_and_per_address_and_give_back_on_drop() {
-        let quota = Quota::new("connections", 3, 2);
-        let (a, b): (IpAddr, IpAddr) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
-        let first = Held::take(&quota, Some(a), 1).unwrap();
-        let _second = Held::take(&quota, Some(a), 1).unwrap();
-        let err = Held::take(&quota, Some(a), 1).unwrap_err();
-        assert!(err.contains("192.0.2.1 holds 2 connections"), "{err}");
-        let _third = Held::take(&quota, Some(b), 1).unwrap();
-        let err = Held::take(&quota, None, 1).unwrap_err();
-        assert!(err.contains("3 connections are held"), "{err}");
-        drop(first);
-        let again = Held::take(&quota, Some(a), 1).unwrap();
-        drop(again);
-        let relayed = Held::take(&quota, None, 1).unwrap();
-        drop(relayed);
-        assert_eq!(quota.used.lock_or_recover().0, 2, "two left held");
-
-        let bytes = Quota::new("bytes of requests", 100, 60);
-        let mut body = Held::take(&bytes, Some(a), 10).unwrap();
-        body.grow(50).unwrap();
-        assert!(body.grow(1).is_err(), "over the address's share");
-        let other = Held::take(&bytes, Some(b), 40).unwrap();
-        assert!(Held::take(&bytes, Some(b), 1).is_err(), "over the total");
-        drop(body);
-        assert_eq!(quota_used(&bytes), 40);
-        drop(other);
-        assert_eq!(quota_used(&bytes), 0);
-        assert!(bytes.used.lock_or_recover().1.is_empty());
-    }
-
-    fn quota_used(q: &Quota) -> usize {
-        q.used.lock_or_recover().0
-    }
 
     #[test]
     fn a_zero_limit_is_named() {

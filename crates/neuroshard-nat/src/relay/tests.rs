@@ -395,3 +395,32 @@ async fn relayed_bytes_keep_to_the_relay_cap() {
     assert!(floor >= Duration::from_secs(1));
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn circuits_are_capped_per_address_and_an_idle_one_is_closed() {
+    let cancel = CancellationToken::new();
+    let config = RelayConfig {
+        max_circuits_per_ip: 3,
+        idle_timeout: Duration::from_millis(300),
+        ..RelayConfig::default()
+    };
+    let (relay, addr, _state) = relay_with_echo_node(config, &cancel, None).await;
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let mut stream = dial(&addr).await.unwrap();
+        assert_eq!(round_trip(&mut stream, &[i; 8]).await, [i; 8]);
+        open.push(stream);
+    }
+    let err = dial(&addr).await.unwrap_err().to_string();
+    assert!(err.contains("127.0.0.1 holds 3 circuits"), "{err}");
+    assert_eq!(relay.stats().circuits, 3);
+    // Left idle, every circuit is closed, and its place freed.
+    for mut stream in open {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "an idle circuit stays open");
+    }
+    let mut again = dial(&addr).await.unwrap();
+    assert_eq!(round_trip(&mut again, b"again").await, b"again");
+    cancel.cancel();
+}

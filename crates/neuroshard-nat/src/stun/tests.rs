@@ -354,3 +354,28 @@ async fn a_silent_server_times_out_after_the_retransmissions() {
         silent.recv_from(&mut buf).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_flood_from_one_source_is_answered_at_its_rate_and_others_still_are() {
+    let cancel = CancellationToken::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), cancel.clone())
+        .await
+        .unwrap();
+    let flooder = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    let (_, request) = binding_request();
+    for _ in 0..1000 {
+        flooder.send_to(&request, server.addr()).await.unwrap();
+    }
+    // Another source is answered once the flood has been read.
+    let socket = UdpSocket::bind("127.0.0.4:0").await.unwrap();
+    let mapped = query(&socket, server.addr(), Retransmit::default())
+        .await
+        .unwrap();
+    assert_eq!(mapped, socket.local_addr().unwrap());
+    // The burst and a few seconds' rate at most, however long the flood took to read.
+    let answered = server.answered() - 1;
+    assert!(answered <= 30, "{answered} of 1000 answered");
+    // The kernel may drop some of the flood before the server reads it.
+    assert!(server.refused() >= 500, "{} refused", server.refused());
+    cancel.cancel();
+}

@@ -13,8 +13,8 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::body::Body as TonicBody;
 use tonic::codegen::http;
 
-use super::{Held, Quota};
 use crate::MAX_MESSAGE_BYTES;
+use neuroshard_base::quota::{Held, Quota};
 
 /// Most bytes one body is counted for: a message at the cap and its gRPC framing.
 const BODY_WINDOW_BYTES: usize = MAX_MESSAGE_BYTES + 5;
@@ -89,7 +89,7 @@ struct Metered {
 impl Metered {
     /// Counts `n` more bytes, up to the body's window.
     fn count(&mut self, n: usize) -> Result<(), tonic::Status> {
-        let counted = self.held.as_ref().map_or(0, |h| h.n);
+        let counted = self.held.as_ref().map_or(0, Held::amount);
         let more = n.min(BODY_WINDOW_BYTES.saturating_sub(counted));
         if more == 0 {
             return Ok(());
