@@ -38,6 +38,8 @@ command -v npm >/dev/null 2>&1 || { echo "Node.js and npm are required for the a
 # The official OpenAI Python client, which the API check drives.
 python3 -c "import openai" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check openai
 [[ "$(rustup component list --installed 2>/dev/null)" == *clippy* ]] || rustup component add clippy rustfmt 2>/dev/null || true
+# cargo-fuzz builds with the nightly toolchain (sanitizer flags); the machines carry one.
+rustup toolchain list | grep -q '^nightly' || { echo "the nightly toolchain is required for cargo fuzz (rustup toolchain install nightly)"; exit 1; }
 # npm packages of the front end's tests and the Tauri CLI, at the versions the lock file pins.
 # `npm install --no-save` rather than `npm ci`: the lock file lacks the Tauri CLI's packages for
 # other platforms (the registry reachable here does not serve them), which `npm ci` refuses.
@@ -78,6 +80,8 @@ echo "== tests"
 log="$(mktemp)"
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+echo "== fuzzing every decoder of remote bytes, 5 s each (scripts/fuzz.sh)"
+./scripts/fuzz.sh 5 2>&1 | tee -a "$log" || status=$?
 echo "== the app's pages in Chromium (IPC mocked)"
 # The chat page's test bridges the page to a loopback swarm of the CLI's processes.
 (cd ui && NEUROSHARD_BIN="$CARGO_TARGET_DIR/debug/neuroshard" npm test) 2>&1 | tee -a "$log" || status=$?

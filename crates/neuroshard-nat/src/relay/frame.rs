@@ -155,8 +155,12 @@ impl Frame {
         bytes
     }
 
-    /// The frame of type `kind` with `payload`.
+    /// The frame of type `kind` with `payload`, at most [`MAX_PAYLOAD`] bytes as on the wire.
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, FrameError> {
+        if payload.len() > MAX_PAYLOAD {
+            let len = payload.len();
+            return Err(FrameError::TooLong { kind, len });
+        }
         if let Some((name, expected)) = fixed_length(kind)
             && payload.len() != expected
         {

@@ -59,6 +59,12 @@ async fn malformed_frames_are_refused_with_what_is_wrong() {
         decode(&[200, 0, 0]).await,
         Err(FrameError::UnknownType(200))
     );
+    // A payload over the cap handed to decode directly is refused too (found by fuzzing:
+    // it decoded, and encoded back cut).
+    assert!(matches!(
+        Frame::decode(8, &[b'x'; MAX_PAYLOAD + 1]),
+        Err(FrameError::TooLong { kind: 8, .. })
+    ));
     // A length over the cap is refused from the header, before any allocation.
     assert_eq!(
         decode(&[8, 0xff, 0xff]).await,
