@@ -429,8 +429,21 @@ async fn a_stalled_checkpoint_stream_is_cut_at_the_chunk_deadline_either_way() {
         layers: Some(pb::LayerSpan { start: 0, end: 4 }),
         ..Default::default()
     };
-    let mut stream = c.get_checkpoint(request).await.unwrap().into_inner();
+    let mut stream = c
+        .get_checkpoint(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let head = stream.message().await.unwrap().unwrap();
+    // Two streams per address at once: a second is served, a third refused.
+    let second = c
+        .get_checkpoint(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let third = c.get_checkpoint(request.clone()).await.unwrap_err();
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third}");
+    assert!(third.message().contains("2 checkpoint streams"), "{third}");
     let listed = head.manifest.unwrap().chunk_hashes.len();
     assert!(
         listed > 32,
@@ -448,5 +461,13 @@ async fn a_stalled_checkpoint_stream_is_cut_at_the_chunk_deadline_either_way() {
         read < listed,
         "read {read} of {listed} chunks after the stall"
     );
+    // Both stalled streams were cut, so their places are free; a paused node hands out none.
+    drop(second);
+    let again = c.get_checkpoint(request.clone()).await;
+    assert!(again.is_ok(), "{:?}", again.err());
+    drop(again);
+    node.pause();
+    let paused = c.get_checkpoint(request).await.unwrap_err();
+    assert_eq!(paused.code(), tonic::Code::Unavailable, "{paused}");
     swarm.shutdown().await;
 }

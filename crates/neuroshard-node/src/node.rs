@@ -172,6 +172,8 @@ pub struct NodeState {
     /// The checkpoint of served weights last asked for through GetCheckpoint (by a node
     /// fetching its weights from this one), while a transfer still streams it.
     weights_snapshot: Mutex<Option<(LayerRange, std::sync::Weak<checkpoint::Snapshot>)>>,
+    /// GetCheckpoint streams open at once, in all and per caller address.
+    checkpoint_streams: Arc<neuroshard_base::quota::Quota>,
 }
 
 impl NodeState {

@@ -21,6 +21,13 @@ use neuroshard_client::checkpoint::{
 use neuroshard_net::NodeError;
 use neuroshard_net::convert::{span_from_proto, span_to_proto};
 
+/// GetCheckpoint streams a node serves at once: each holds a snapshot of up to the shard's
+/// weights until it ends.
+pub(super) const MAX_STREAMS: usize = 8;
+
+/// GetCheckpoint streams one caller address may hold open at once.
+pub(super) const MAX_STREAMS_PER_IP: usize = 2;
+
 /// Most chunk numbers one request may name.
 const MAX_CHUNKS_ASKED: usize = 1 << 16;
 
@@ -231,6 +238,10 @@ impl NodeState {
         self: Arc<Self>,
         req: pb::CheckpointRequest,
     ) -> Result<Chunks, NodeError> {
+        // A paused node or one past its transfer cap hands out no weights; what streams
+        // counts toward the cap as every byte the transport moves does.
+        drop(self.lifecycle.admit()?);
+        self.caps.check_budget()?;
         self.check_model(&req.model_id)?;
         let layers = span_from_proto(req.layers)?;
         let training = self.trainer.is_some();

@@ -91,6 +91,11 @@ impl Node for NodeService {
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<Self::GetCheckpointStream>, Status> {
+        let ip = neuroshard_net::tls::caller(&request)
+            .and_then(|c| c.addr)
+            .map(|a| a.ip().to_canonical());
+        let held = neuroshard_base::quota::Held::take(&self.state.checkpoint_streams, ip, 1)
+            .map_err(|why| NodeError::Full(format!("no checkpoint stream now: {why}")))?;
         let messages = self
             .state
             .clone()
@@ -101,6 +106,7 @@ impl Node for NodeService {
         let (metrics, deadline) = (self.state.metrics.clone(), self.state.chunk_deadline());
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
+            let _held = held;
             for message in messages {
                 let bytes = message.as_ref().map_or(0, |c| c.encoded_len());
                 if sender.send_timeout(message, deadline).await.is_err() {

@@ -333,6 +333,11 @@ impl NodeState {
             fault: parts.fault,
             trainer: parts.trainer,
             weights_snapshot: Mutex::new(None),
+            checkpoint_streams: neuroshard_base::quota::Quota::new(
+                "checkpoint streams",
+                checkpoint::MAX_STREAMS,
+                checkpoint::MAX_STREAMS_PER_IP,
+            ),
         })
     }
 }
