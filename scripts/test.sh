@@ -51,12 +51,19 @@ tauri_driver_version=2.1.0
 if [[ "$(tauri-driver --version 2>/dev/null)" != *"$tauri_driver_version"* ]]; then
   cargo install tauri-driver --version "$tauri_driver_version" --locked
 fi
+# cargo-deny audits the dependencies' licenses, duplicate versions and sources (deny.toml).
+deny_version=0.20.2
+if [[ "$(cargo deny --version 2>/dev/null)" != *"$deny_version"* ]]; then
+  cargo install cargo-deny --version "$deny_version" --locked
+fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "== format"
 cargo fmt --all -- --check
 echo "== clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== dependency audit: licenses, duplicate versions, sources (cargo deny; advisories need GitHub)"
+cargo deny --offline check bans licenses sources
 echo "== demo with failover"
 cargo build --locked -q -p neuroshard-cli --bin neuroshard
 "$CARGO_TARGET_DIR/debug/neuroshard" demo --kill-one --max-new-tokens 48
