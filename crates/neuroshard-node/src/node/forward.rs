@@ -243,7 +243,7 @@ impl NodeState {
         call: ForwardCall,
     ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
         // Waited for before the session is checked out, so giving up here leaves nothing behind.
-        let turn = self.duty.turn().await;
+        let turn = self.duty.turn(call.caller).await?;
         let checkout = self.check_out_session(&call)?;
         self.busy.fetch_add(1, Ordering::Relaxed);
         let state = self;

@@ -174,7 +174,7 @@ impl NodeState {
             .model
             .config
             .forward_flops(call.layers.to_range(), 0, tokens as u64);
-        let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
+        let (done, compute, weights_hash) = self.clone().train_compute(&call, work, caller).await?;
         let Done::Forward(out) = done else {
             unreachable!("a forward gives a forward's result")
         };
@@ -212,7 +212,7 @@ impl NodeState {
         let (served, layers) = self.backward_range(&req)?;
         self.ensure_stage(&served).await?;
         let (call, work, input_hash) = self.backward_work(req, served, layers, &caller)?;
-        let (done, compute, weights_hash) = self.clone().train_compute(&call, work).await?;
+        let (done, compute, weights_hash) = self.clone().train_compute(&call, work, caller).await?;
         let Done::Backward {
             grad_input,
             tokens,
@@ -389,8 +389,9 @@ impl NodeState {
         self: Arc<Self>,
         call: &Call,
         work: Work,
+        caller: PublicKey,
     ) -> Result<(Done, Duration, [u8; 32]), NodeError> {
-        let turn = self.duty.turn().await;
+        let turn = self.duty.turn(caller).await?;
         self.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let served = call.served.clone();
         let microbatch = call.microbatch.clone();
