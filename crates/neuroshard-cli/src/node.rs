@@ -56,6 +56,10 @@ pub(crate) struct NodeArgs {
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: u64,
+    /// Days the ledger keeps each settled receipt's row before rolling it into daily totals
+    /// (0: keep every row; otherwise at least 8).
+    #[arg(long, default_value_t = 90)]
+    ledger_retention_days: u32,
     /// CPU threads for compute (0: every core but one).
     #[arg(long, default_value_t = 0)]
     cpu_threads: u16,
@@ -95,6 +99,7 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.display_name = args.name;
     config.credit_issuers = args.credit_issuers;
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
+    config.ledger_retention_days = args.ledger_retention_days;
     config.cpu_threads = args.cpu_threads;
     config.device = args.device.map(Device::compute_device);
     let data_dir = args

@@ -33,12 +33,14 @@ pub struct LedgerHandle {
 }
 
 impl LedgerHandle {
-    /// Moves `ledger` onto its own thread; it ends when every handle is dropped.
-    pub fn spawn(ledger: Ledger) -> Result<Self, NodeError> {
+    /// Moves `ledger` onto its own thread; it ends when every handle is dropped. With a
+    /// `retention` of days, settled receipts older than that are rolled up into daily totals
+    /// at start and every few hours after ([`Ledger::prune`]).
+    pub fn spawn(ledger: Ledger, retention: Option<u32>) -> Result<Self, NodeError> {
         let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
         std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || run(ledger, rx))
+            .spawn(move || run(ledger, rx, retention))
             .map_err(|e| NodeError::io("starting the ledger thread", e))?;
         Ok(Self { tx })
     }
@@ -87,10 +89,31 @@ impl LedgerHandle {
     }
 }
 
-/// The thread: batch pending receipts, answer settles and reads in queue order.
-fn run(mut ledger: Ledger, mut rx: mpsc::Receiver<Command>) {
+/// How often the ledger thread rolls up receipts past the retention.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Rolls up the receipts settled more than `days` ago.
+fn prune(ledger: &mut Ledger, days: u32) {
+    let before = neuroshard_net::now_ms().saturating_sub(u64::from(days) * 24 * 3600 * 1000);
+    match ledger.prune(before) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("rolled {n} receipts older than {days} days into daily totals"),
+        Err(e) => tracing::error!("pruning the ledger failed: {e}"),
+    }
+}
+
+/// The thread: batch pending receipts, answer settles and reads in queue order, and prune.
+fn run(mut ledger: Ledger, mut rx: mpsc::Receiver<Command>, retention: Option<u32>) {
     let mut batch = Vec::new();
+    let mut pruned = std::time::Instant::now();
+    if let Some(days) = retention {
+        prune(&mut ledger, days);
+    }
     while let Some(command) = rx.blocking_recv() {
+        if let Some(days) = retention.filter(|_| pruned.elapsed() >= PRUNE_EVERY) {
+            prune(&mut ledger, days);
+            pruned = std::time::Instant::now();
+        }
         let mut next = Some(command);
         while let Some(Command::Issued(receipt)) = next {
             batch.push(*receipt);

@@ -23,7 +23,7 @@ use crate::reputation::credit;
 
 /// Schema version stored in `PRAGMA user_version`: 2 added a void's evidence, the issuer that
 /// vouched for a requester, and the issuers the owner trusts.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another connection's lock. 5 s: the CLI reading a busy node's
 /// ledger waits for a commit rather than failing.
@@ -63,6 +63,25 @@ ALTER TABLE receipts ADD COLUMN evidence TEXT;
 ALTER TABLE receipts ADD COLUMN voucher TEXT;
 CREATE TABLE IF NOT EXISTS issuers (id TEXT PRIMARY KEY NOT NULL);
 ";
+
+/// From version 2 to 3: receipts past the retention, rolled up per day, model, status and
+/// whether a trusted issuer vouched for them when they were rolled up.
+const MIGRATE_TO_3: &str = "
+CREATE TABLE IF NOT EXISTS rollups (
+    day_ms INTEGER NOT NULL,
+    model_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    vouched INTEGER NOT NULL,
+    receipts INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    flops INTEGER NOT NULL,
+    credit REAL NOT NULL,
+    PRIMARY KEY (day_ms, model_id, status, vouched)
+);
+";
+
+/// Shortest retention: the week's totals read rows, so rows of the last 7 days stay.
+pub const MIN_RETENTION_DAYS: u32 = 8;
 
 /// Whether a row's credit counts as earned: its requester is a trusted issuer, or showed one's
 /// pass.
@@ -305,6 +324,10 @@ impl Ledger {
                 conn.execute_batch(MIGRATE_TO_2)
                     .map_err(sql("migrating to version 2"))?;
             }
+            if version < 3 {
+                conn.execute_batch(MIGRATE_TO_3)
+                    .map_err(sql("migrating to version 3"))?;
+            }
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(sql("writing the schema version"))
         })();
@@ -448,6 +471,66 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Rolls the settled receipts created before `before_ms` up into per-day totals and
+    /// deletes their rows, in one transaction; returns how many rows went. Lifetime totals and
+    /// status counts keep them (their vouching as it stood when rolled up); the page, the
+    /// export and the chart list only rows kept. Pending receipts stay until settled.
+    pub fn prune(&mut self, before_ms: u64) -> Result<usize, LedgerError> {
+        let tx = self.conn.transaction().map_err(sql("starting a prune"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO rollups (day_ms, model_id, status, vouched, receipts, tokens, flops,
+                                      credit)
+                 SELECT created_ms / {MS_PER_DAY} * {MS_PER_DAY}, model_id, status, {VOUCHED},
+                        COUNT(*), SUM(tokens), SUM(flops), SUM(credit)
+                 FROM receipts WHERE created_ms < ?1 AND status != 'pending'
+                 GROUP BY 1, 2, 3, 4
+                 ON CONFLICT (day_ms, model_id, status, vouched) DO UPDATE SET
+                     receipts = receipts + excluded.receipts, tokens = tokens + excluded.tokens,
+                     flops = flops + excluded.flops, credit = credit + excluded.credit"
+            ),
+            params![before_ms as i64],
+        )
+        .map_err(sql("rolling up old receipts"))?;
+        let gone = tx
+            .execute(
+                "DELETE FROM receipts WHERE created_ms < ?1 AND status != 'pending'",
+                params![before_ms as i64],
+            )
+            .map_err(sql("pruning old receipts"))?;
+        tx.commit().map_err(sql("committing a prune"))?;
+        Ok(gone)
+    }
+
+    /// The verified totals of rolled-up receipts, per model.
+    fn rolled_up(&self) -> Result<Vec<(String, Totals)>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT model_id, SUM(receipts), SUM(tokens), SUM(flops),
+                        SUM(CASE WHEN vouched THEN credit END),
+                        SUM(CASE WHEN NOT vouched THEN credit END)
+                 FROM rollups WHERE status = 'verified' GROUP BY model_id",
+            )
+            .map_err(sql("preparing rolled-up totals"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Totals {
+                        receipts: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
+                        tokens: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                        flops: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                        credit: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+                        unvouched: r.get::<_, Option<f64>>(5)?.unwrap_or(0.0),
+                    },
+                ))
+            })
+            .map_err(sql("reading rolled-up totals"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("reading rolled-up totals"))
+    }
+
     /// Verified totals per model: since `day_start_ms`, over the 7 days before `now_ms`, and ever.
     /// Credit counts only vouched receipts; the rest is summed as unvouched.
     pub fn totals(&self, now_ms: u64, day_start_ms: u64) -> Result<Vec<ModelTotals>, LedgerError> {
@@ -493,8 +576,31 @@ impl Ledger {
                 })
             })
             .map_err(sql("reading totals"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(sql("reading totals"))
+        let mut all: Vec<ModelTotals> = rows
+            .collect::<Result<_, _>>()
+            .map_err(sql("reading totals"))?;
+        for (model_id, old) in self.rolled_up()? {
+            let at = match all.iter().position(|t| t.model_id == model_id) {
+                Some(at) => at,
+                None => {
+                    all.push(ModelTotals {
+                        model_id,
+                        today: Totals::default(),
+                        week: Totals::default(),
+                        lifetime: Totals::default(),
+                    });
+                    all.len() - 1
+                }
+            };
+            let life = &mut all[at].lifetime;
+            life.receipts += old.receipts;
+            life.tokens += old.tokens;
+            life.flops += old.flops;
+            life.credit += old.credit;
+            life.unvouched += old.unvouched;
+        }
+        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        Ok(all)
     }
 
     /// `buckets` consecutive buckets of `bucket_ms` each, the first starting at `since_ms`; a
@@ -545,7 +651,12 @@ impl Ledger {
         let mut counts = StatusCounts::default();
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT status, COUNT(*) FROM receipts GROUP BY status")
+            .prepare_cached(
+                "SELECT status, SUM(n) FROM (
+                     SELECT status, COUNT(*) AS n FROM receipts GROUP BY status
+                     UNION ALL SELECT status, SUM(receipts) FROM rollups GROUP BY status)
+                 GROUP BY status",
+            )
             .map_err(sql("preparing counts"))?;
         let rows = stmt
             .query_map([], |r| {

@@ -118,6 +118,11 @@ pub struct NodeConfig {
     /// What the node's server holds at once for its callers, in all and per address:
     /// connections (default 1,024 and 64) and request bytes (512 and 128 MiB).
     pub server: neuroshard_net::ServerLimits,
+    /// Days the ledger keeps each settled receipt's row; older ones are rolled up into daily
+    /// totals, which every total keeps counting. 0 keeps every row; otherwise at least
+    /// [`neuroshard_proof::ledger::MIN_RETENTION_DAYS`]. Default 90: a quarter's receipts to
+    /// page through and export, and a ledger that anyone's calls cannot grow without bound.
+    pub ledger_retention_days: u32,
     /// Test-only misbehaviour (the `test-faults` feature).
     #[cfg(feature = "test-faults")]
     #[doc(hidden)]
@@ -195,6 +200,7 @@ impl NodeConfig {
             train: None,
             weights_from: None,
             server: neuroshard_net::ServerLimits::default(),
+            ledger_retention_days: 90,
             #[cfg(feature = "test-faults")]
             fault: None,
         }
@@ -208,6 +214,15 @@ impl NodeConfig {
         }
         if let Err(why) = self.server.validate() {
             return bad("server", &why);
+        }
+        let min = neuroshard_proof::ledger::MIN_RETENTION_DAYS;
+        if (1..min).contains(&self.ledger_retention_days) {
+            return bad(
+                "ledger_retention_days",
+                &format!(
+                    "must be 0 (keep every row) or at least {min}: the week's totals read rows"
+                ),
+            );
         }
         if self.kv_budget_bytes == 0 {
             return bad("kv_budget_bytes", "must be positive");

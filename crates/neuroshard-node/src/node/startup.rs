@@ -122,7 +122,8 @@ fn open_identity(config: &NodeConfig) -> Result<(Arc<NodeKey>, LedgerHandle), No
         ),
     };
     ledger.set_issuers(&config.trusted_issuers())?;
-    Ok((key, LedgerHandle::spawn(ledger)?))
+    let retention = (config.ledger_retention_days > 0).then_some(config.ledger_retention_days);
+    Ok((key, LedgerHandle::spawn(ledger, retention)?))
 }
 
 /// A connection pool reporting into `metrics` that dials as `dialler`.

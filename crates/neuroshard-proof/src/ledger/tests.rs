@@ -212,3 +212,51 @@ fn a_version_1_ledger_is_migrated_with_its_rows() {
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
 }
+
+#[test]
+fn pruning_rolls_old_receipts_up_and_keeps_every_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (w, r) = (NodeKey::generate(), NodeKey::generate());
+    let now = 400 * MS_PER_DAY;
+    let old: Vec<Receipt> = (0..20u8)
+        .map(|i| receipt(&w, &r, i, now - (100 + u64::from(i % 4)) * MS_PER_DAY))
+        .collect();
+    let recent = receipt(&w, &r, 50, now - 1000);
+    let old_pending = receipt(&w, &r, 51, now - 200 * MS_PER_DAY);
+    let mut ledger = Ledger::open(&path).unwrap();
+    ledger.set_issuers(&[r.id()]).unwrap();
+    ledger
+        .record_issued(std::slice::from_ref(&old_pending))
+        .unwrap();
+    let accept = |rc: &Receipt| {
+        let verdict = Verdict::Accepted {
+            spot_checked: false,
+        };
+        rc.countersign(&r, verdict, 1.0, now)
+    };
+    let mut batch: Vec<_> = old.iter().map(accept).collect();
+    batch.push(accept(&recent));
+    batch.push(old[0].countersign(&r, void(), 0.5, now));
+    ledger.settle(&batch, None, now).unwrap();
+    let before = (
+        ledger.totals(now, now - 3600 * 1000).unwrap(),
+        ledger.status_counts().unwrap(),
+    );
+
+    // Everything settled before 90 days ago goes; the pending receipt and the recent one stay.
+    assert_eq!(ledger.prune(now - 90 * MS_PER_DAY).unwrap(), 20);
+    let after = (
+        ledger.totals(now, now - 3600 * 1000).unwrap(),
+        ledger.status_counts().unwrap(),
+    );
+    assert_eq!(after, before, "totals and counts are kept");
+    assert_eq!(ledger.page(None, 0, MAX_PAGE).unwrap().len(), 2);
+    assert!(ledger.get(&old_pending.id().to_string()).unwrap().is_some());
+    // Pruning again moves nothing, and a reopened ledger reads the same.
+    assert_eq!(ledger.prune(now - 90 * MS_PER_DAY).unwrap(), 0);
+    drop(ledger);
+    let ledger = Ledger::open(&path).unwrap();
+    assert_eq!(ledger.totals(now, now - 3600 * 1000).unwrap(), before.0);
+    ledger.integrity_check().unwrap();
+}
