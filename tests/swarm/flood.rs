@@ -361,6 +361,27 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
         found.records.len()
     );
 
+    // STUN: 5,000 binding requests from one address are answered at that source's rate; a
+    // request from another address is still answered.
+    let node_udp: std::net::SocketAddr = addr.parse().unwrap();
+    let flooder = tokio::net::UdpSocket::bind((loopback(5), 0)).await.unwrap();
+    let (_, binding) = neuroshard_nat::stun::binding_request();
+    for _ in 0..5000 {
+        flooder.send_to(&binding, node_udp).await.unwrap();
+    }
+    let other = tokio::net::UdpSocket::bind((loopback(6), 0)).await.unwrap();
+    let retransmit = neuroshard_nat::stun::Retransmit::default();
+    let mapped = neuroshard_nat::stun::query(&other, node_udp, retransmit).await;
+    assert_eq!(mapped.unwrap(), other.local_addr().unwrap());
+    let mut reflected = 0;
+    while flooder.try_recv(&mut [0; 1500]).is_ok() {
+        reflected += 1;
+    }
+    assert!(
+        reflected <= 30,
+        "{reflected} answers to 5,000 requests from one source"
+    );
+
     let got = within("the honest generation", honest)
         .await
         .unwrap()
@@ -372,7 +393,7 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
         "flood: node resident {rss_start} MiB at start, peak {peak_after_requests} MiB after \
          the request flood, {peak_after_bombs} MiB after the parallel bombs ({shed} of 16 \
          shed), {peak} MiB overall, {rss_end} MiB at the end; {refused} of {REQUESTS} \
-         requests refused, {kept} of 500 stores kept"
+         requests refused, {kept} of 500 stores kept, {reflected} STUN answers to 5,000"
     );
     assert!(
         peak <= PEAK_BOUND_MIB,
