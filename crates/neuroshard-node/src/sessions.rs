@@ -94,6 +94,13 @@ impl SessionStore {
         };
         if self.held(&sessions) + need > self.budget_token_layers() {
             Self::expire_locked(&mut sessions, self.limits.idle_timeout, now);
+            let budget = self.budget_token_layers();
+            let evicted = make_fair_room(&mut sessions, caller, need, budget);
+            if evicted > 0 {
+                tracing::info!(
+                    "dropped {evicted} sessions of a requester over its share of the KV budget"
+                );
+            }
             let held = self.held(&sessions);
             if held + need > self.budget_token_layers() {
                 let mib = |t: u64| (t * self.limits.bytes_per_token_layer) as f64 / 1048576.0;
@@ -208,6 +215,48 @@ impl SessionStore {
     }
 }
 
+/// Frees room for `caller`'s `need` while it holds less than its fair share (the budget split
+/// evenly among the requesters holding sessions, itself included): the least recently used
+/// idle sessions of whichever requester holds the most go, while that one holds more than its
+/// share. Their clients find them gone and replay, as after a restart. Returns how many went.
+fn make_fair_room(
+    sessions: &mut HashMap<String, Entry>,
+    caller: PublicKey,
+    need: u64,
+    budget: u64,
+) -> usize {
+    let mut evicted = 0;
+    loop {
+        let mut per_owner: HashMap<PublicKey, u64> = HashMap::new();
+        for e in sessions.values() {
+            *per_owner.entry(e.owner).or_default() += e.token_layers;
+        }
+        if per_owner.values().sum::<u64>() + need <= budget {
+            return evicted;
+        }
+        let requesters = per_owner.len() as u64 + u64::from(!per_owner.contains_key(&caller));
+        let share = budget / requesters.max(1);
+        if per_owner.get(&caller).copied().unwrap_or(0) + need > share {
+            return evicted;
+        }
+        let hog = (per_owner.iter())
+            .filter(|(owner, held)| **owner != caller && **held > share)
+            .max_by_key(|(_, held)| **held)
+            .map(|(owner, _)| *owner);
+        let victim = hog.and_then(|hog| {
+            (sessions.iter())
+                .filter(|(_, e)| e.owner == hog && e.cache.is_some())
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(id, _)| id.clone())
+        });
+        let Some(victim) = victim else {
+            return evicted;
+        };
+        sessions.remove(&victim);
+        evicted += 1;
+    }
+}
+
 /// A call on session `id` by a key other than the one that opened it.
 fn not_owner(id: &str) -> NodeError {
     NodeError::Forbidden(format!("session {id:?} belongs to another key"))
@@ -316,5 +365,31 @@ mod tests {
         let (c, created) = s.checkout("a", owner(), 2, 1, 1, now).unwrap();
         assert!(!created);
         assert_eq!(c.cache.token_layers(), 2);
+    }
+
+    #[test]
+    fn a_requester_under_its_share_makes_room_from_the_one_over_it() {
+        let s = store();
+        let (a, b) = (owner(), PublicKey([9; 32]));
+        let t0 = Instant::now();
+        for (i, id) in ["a1", "a2"].iter().enumerate() {
+            let (c, _) = s
+                .checkout(id, a, 0, 40, 1, t0 + Duration::from_secs(i as u64))
+                .unwrap();
+            let mut cache = c.cache;
+            cache.advance(0..1, 40);
+            s.checkin(Checkout { cache, ..c }, t0 + Duration::from_secs(i as u64));
+        }
+        // b asks for 30 of 100 with a holding 80: a's least recently used session goes.
+        let later = t0 + Duration::from_secs(5);
+        assert!(s.checkout("b1", b, 0, 30, 1, later).is_ok());
+        assert!(matches!(
+            s.checkout("a1", a, 40, 1, 1, later),
+            Err(NodeError::UnknownSession(_))
+        ));
+        // a, at its half already, gets no room from b.
+        let err = s.checkout("a3", a, 0, 40, 1, later).unwrap_err();
+        assert!(err.to_string().contains("budget"), "{err}");
+        assert_eq!(s.usage().0, 2, "a2 and b1");
     }
 }
