@@ -1,6 +1,7 @@
 //! Checkpoint transfers on anything a peer can send: a manifest (sizes and hashes), then
-//! chunks by index. Nothing panics or allocates past the assembly's cap, and an assembly
-//! finishes only with every chunk matching the manifest.
+//! chunks by index. Nothing panics or allocates past the assembly's cap; half the time the
+//! manifest is of real bytes whose chunks then arrive, one maybe corrupted, and the assembly
+//! finishes exactly when none was.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let total_bytes = u64::from(u32::from_le_bytes(head[..4].try_into().unwrap()));
     let chunk_bytes = u32::from_le_bytes(head[4..8].try_into().unwrap());
+    if head[9] & 1 == 1 && chunk_bytes > 0 {
+        real_transfer(rest, chunk_bytes.min(1 << 12), head[10] as usize);
+        return;
+    }
     let chunks = u16::from_le_bytes(head[8..10].try_into().unwrap()) as usize % 64;
     let hash_seed = u32::from_le_bytes(head[10..14].try_into().unwrap());
     let hash = |i: usize| {
@@ -39,7 +44,36 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
     }
     if assembly.missing().is_empty() {
-        // The hashes here are made up, so no chunk can have matched them.
         let _ = assembly.finish();
     }
 });
+
+/// The chunks of `bytes` sent in order under their own manifest, chunk `corrupt` (if there is
+/// one) with a byte flipped: refused by number, and the assembly finishes only without it.
+fn real_transfer(bytes: &[u8], chunk_bytes: u32, corrupt: usize) {
+    let manifest = Manifest::of(bytes, chunk_bytes);
+    if manifest.check().is_err() {
+        return;
+    }
+    let mut assembly = Assembly::new(manifest, 1 << 20).expect("a manifest of real bytes");
+    let mut corrupted = false;
+    for (i, chunk) in bytes.chunks(chunk_bytes as usize).enumerate() {
+        let mut chunk = chunk.to_vec();
+        if i == corrupt {
+            chunk[0] ^= 1;
+            corrupted = true;
+            assert!(
+                assembly.accept(i, &chunk).is_err(),
+                "a corrupted chunk is refused"
+            );
+        } else {
+            assembly
+                .accept(i, &chunk)
+                .expect("a real chunk is accepted");
+        }
+    }
+    assert_eq!(assembly.missing().is_empty(), !corrupted);
+    if !corrupted {
+        assert_eq!(assembly.finish().expect("every chunk matched"), bytes);
+    }
+}

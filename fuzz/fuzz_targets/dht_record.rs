@@ -28,12 +28,22 @@ fuzz_target!(|data: &[u8]| {
     let Ok(key) = key else {
         return;
     };
-    let record = Record {
-        key,
-        value: value.to_vec(),
-        publisher,
-        expires_ms: NOW + ahead,
-        signature,
+    let record = match fixed[0] & 1 {
+        // Signed for real half the time, so the store's limits are reached too.
+        1 => {
+            let signer = neuroshard_base::NodeKey::from_bytes(&[fixed[1]; 32]);
+            match Record::sign(key, value.to_vec(), NOW + ahead, &signer) {
+                Ok(record) => record,
+                Err(_) => return,
+            }
+        }
+        _ => Record {
+            key,
+            value: value.to_vec(),
+            publisher,
+            expires_ms: NOW + ahead,
+            signature,
+        },
     };
     let verified = record.verify(NOW).is_ok();
     let mut store = RecordStore::new(StoreLimits::default());

@@ -88,16 +88,16 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         "[1, tokens, 64]",
     );
 
-    // A packed shape of twelve million dimensions (12 MB on the wire, 96 MB once decoded):
-    // refused by name from the wire bytes, before prost decodes the request.
+    // A packed shape of a million dimensions (1 MB on the wire, under this node's Forward cap;
+    // 8 MB once decoded): refused by name from the wire bytes, before prost decodes it.
     let mut t = hidden_tensor(2);
-    t.shape = vec![1; 12_000_000];
+    t.shape = vec![1; 1_000_000];
     expect(
         client
             .forward(request("bomb", 0, 2, 4, Input::Hidden(t)))
             .await,
         Code::InvalidArgument,
-        "ForwardRequest.hidden.shape has 12000000 entries; at most 8",
+        "ForwardRequest.hidden.shape has 1000000 entries; at most 8",
     );
     // An lz4 payload of a few bytes claiming more rows than a call may carry: refused from
     // its shape, sized from the served model, before anything is decompressed.
@@ -138,19 +138,20 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         "cap",
     );
 
-    // Oversized message, actually sent: tonic's decode limit refuses it.
+    // Oversized message, actually sent: a Forward is sized from the served model (2,048
+    // tokens of its hidden states in f32, and framing), and refused as its bytes pass that.
     let mut t = hidden_tensor(1);
-    t.payload = Bytes::from(vec![0u8; neuroshard_net::MAX_MESSAGE_BYTES + 1]);
+    t.payload = Bytes::from(vec![0u8; 4 << 20]);
     let status = client
         .forward(request("bad4", 0, 2, 4, Input::Hidden(t)))
         .await
         .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let cap = 2048 * HIDDEN * 4 + (1 << 20);
     assert!(
-        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{status:?}"
-    );
-    assert!(
-        status.message().contains("message length too large"),
+        status
+            .message()
+            .contains(&format!("Forward request of more than {cap} bytes")),
         "{status:?}"
     );
 

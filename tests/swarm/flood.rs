@@ -27,7 +27,7 @@ use crate::nat_lab::Peer;
 /// Resident memory the node may reach, start-up included, through every flood: a tiny model's
 /// node sits near 20 MiB, and a flood may cost it the request bytes one address may have in
 /// flight (128 MiB) and the connections it holds. Sixteen parallel 32 MiB bombs unmetered
-/// took it to 347 MiB.
+/// took it to 347 MiB (measured against Forward, before Forward had a cap of its own).
 const PEAK_BOUND_MIB: u64 = 256;
 
 /// Requests of the malformed-request flood, and how many are in flight at once.
@@ -119,7 +119,8 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
 }
 
 /// A ForwardRequest whose hidden tensor's shape is a packed field of `n` one-byte varints:
-/// prost would grow it eightfold into a Vec<u64> before any check.
+/// prost would grow it eightfold into a Vec<u64> before any check. Sent to another method, a
+/// body of the same size that does not decode.
 fn packed_shape_bomb(n: usize) -> Bytes {
     let mut tensor = vec![0x12];
     varint(n as u64, &mut tensor);
@@ -293,13 +294,23 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
     );
     let (_, peak_after_requests) = memory_mib(pid);
 
-    // Bombs in parallel: sixteen 32 MiB packed-shape bombs at once from one address would
-    // have the node hold half a GiB before its checks; the request-byte budget sheds what
-    // passes the address's share.
+    // A Forward is sized from the model: a 4 MiB one to a node of hidden size 64 is refused
+    // as it arrives.
     let bomber = dial_from(4, &addr).await.unwrap();
+    let oversized = raw_call(bomber.clone(), RPCS[0].0, packed_shape_bomb(4 << 20)).await;
+    let status = oversized.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+    assert!(
+        status.message().contains("Forward request of more than"),
+        "{status}"
+    );
+
+    // Bombs in parallel: sixteen 32 MiB bodies at once from one address, to a method whose
+    // messages may be large (ExchangeGradient), would have the node hold half a GiB before
+    // its checks; the request-byte budget sheds what passes the address's share.
     let bomb = packed_shape_bomb(32 << 20);
     let bombs = futures::stream::iter(0..16)
-        .map(|_| raw_call(bomber.clone(), RPCS[0].0, bomb.clone()))
+        .map(|_| raw_call(bomber.clone(), RPCS[3].0, bomb.clone()))
         .buffer_unordered(16)
         .collect::<Vec<_>>();
     let bombs = within("the parallel bombs", bombs).await;

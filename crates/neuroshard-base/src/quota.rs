@@ -16,7 +16,7 @@ pub struct Quota {
     what: &'static str,
     max: usize,
     max_per_ip: usize,
-    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    used: Mutex<(usize, HashMap<Option<IpAddr>, usize>)>,
 }
 
 impl Quota {
@@ -30,8 +30,9 @@ impl Quota {
         })
     }
 
-    /// Takes `n` for a caller at `ip` (`None`: relayed, counted in all only), or says which
-    /// cap it would pass.
+    /// Takes `n` for a caller at `ip`, or says which cap it would pass. Callers without an
+    /// address (relayed) share one address's cap; an IPv6 address counts as its /64, what one
+    /// home is given.
     fn take(&self, ip: Option<IpAddr>, n: usize) -> Result<(), String> {
         let mut used = self.used.lock_or_recover();
         let (total, per_ip) = &mut *used;
@@ -41,16 +42,18 @@ impl Quota {
                 self.what, self.max
             ));
         }
-        if let Some(ip) = ip {
-            let from_ip = per_ip.entry(ip).or_default();
-            if *from_ip + n > self.max_per_ip {
-                return Err(format!(
-                    "{ip} holds {from_ip} {}, the most one address may is {}",
-                    self.what, self.max_per_ip
-                ));
-            }
-            *from_ip += n;
+        let from_ip = per_ip.get(&bucket(ip)).copied().unwrap_or(0);
+        if from_ip + n > self.max_per_ip {
+            let who = match ip {
+                Some(ip) => format!("{ip} holds"),
+                None => "relayed callers hold".to_string(),
+            };
+            return Err(format!(
+                "{who} {from_ip} {}, the most one address may is {}",
+                self.what, self.max_per_ip
+            ));
         }
+        *per_ip.entry(bucket(ip)).or_default() += n;
         *total += n;
         Ok(())
     }
@@ -64,15 +67,25 @@ impl Quota {
         let mut used = self.used.lock_or_recover();
         let (total, per_ip) = &mut *used;
         *total -= n;
-        if let Some(ip) = ip
-            && let Some(from_ip) = per_ip.get_mut(&ip)
-        {
+        if let Some(from_ip) = per_ip.get_mut(&bucket(ip)) {
             *from_ip -= n;
             if *from_ip == 0 {
-                per_ip.remove(&ip);
+                per_ip.remove(&bucket(ip));
             }
         }
     }
+}
+
+/// The address a caller counts as: an IPv6 address's /64, any other address itself, and
+/// `None` (relayed) as one address of its own.
+fn bucket(ip: Option<IpAddr>) -> Option<IpAddr> {
+    ip.map(|ip| match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let [a, b, c, d, ..] = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+        }
+        v4 => v4,
+    })
 }
 
 /// What one caller holds of a [`Quota`], given back when dropped: a connection's slot, a
@@ -134,9 +147,22 @@ mod tests {
         drop(first);
         let again = Held::take(&quota, Some(a), 1).unwrap();
         drop(again);
-        let relayed = Held::take(&quota, None, 1).unwrap();
-        drop(relayed);
         assert_eq!(quota.used(), 2, "two left held");
+
+        // Relayed callers share one address's cap; an IPv6 /64 is one address.
+        let quota = Quota::new("connections", 10, 2);
+        let _relayed: Vec<_> = (0..2)
+            .map(|_| Held::take(&quota, None, 1).unwrap())
+            .collect();
+        let err = Held::take(&quota, None, 1).unwrap_err();
+        assert!(err.contains("relayed callers hold 2"), "{err}");
+        let home = |last: u16| Some(IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, last]));
+        let _v6: Vec<_> = (1..3)
+            .map(|i| Held::take(&quota, home(i), 1).unwrap())
+            .collect();
+        assert!(Held::take(&quota, home(9), 1).is_err(), "the same /64");
+        let elsewhere = Some(IpAddr::from([0x2001, 0xdb8, 1, 3, 0, 0, 0, 1]));
+        assert!(Held::take(&quota, elsewhere, 1).is_ok());
 
         let bytes = Quota::new("bytes of requests", 100, 60);
         let mut body = Held::take(&bytes, Some(a), 10).unwrap();

@@ -14,7 +14,7 @@ use crate::key::Key;
 use crate::lookup::{Lookup, merge};
 use crate::record::{Record, RecordError, RecordKey};
 use crate::store::{RecordStore, StoreError, StoreLimits};
-use crate::table::{Contact, DiversityLimits, Observed, RoutingTable};
+use crate::table::{Contact, DiversityLimits, Observed, Prefix, RoutingTable};
 
 /// Tunables; the defaults are DESIGN.md's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,7 +493,10 @@ impl<R: Rng> Kademlia<R> {
             Request::Store { record } => {
                 record.verify(now_ms).map_err(StoreError::from)?;
                 self.check_closest(&record, exclude)?;
+                // A stranger's store always counts against a network; callers the limits
+                // cannot place share one. Only this node's own entries count against none.
                 let origin = origin.and_then(|ip| self.config.diversity.prefix(ip));
+                let origin = Some(origin.unwrap_or(Prefix::Local));
                 match self.store.put_verified(record, origin, now_ms) {
                     // The publisher's newer entry is here already, which is what its put wants:
                     // a store that raced the publisher's next announcement is not a failure.

@@ -98,7 +98,7 @@ pub enum StoreError {
 }
 
 /// One publisher's entry under a key, with the network it arrived from (`None`: this node's
-/// own, or a network the limits do not count, such as loopback or a relayed caller).
+/// own; loopback, LAN and relayed callers share [`Prefix::Local`]).
 #[derive(Clone, Debug)]
 struct Entry {
     record: Record,
@@ -154,6 +154,9 @@ pub struct RecordStore {
     limits: StoreLimits,
     records: HashMap<Key, Vec<Entry>>,
     tally: Tally,
+    /// When a full store last swept out expired entries: at most once a second, so a flood
+    /// of stores into a full store does not walk every key each time.
+    swept_ms: u64,
 }
 
 impl RecordStore {
@@ -163,6 +166,7 @@ impl RecordStore {
             limits,
             records: HashMap::new(),
             tally: Tally::default(),
+            swept_ms: 0,
         }
     }
 
@@ -264,8 +268,10 @@ impl RecordStore {
             }
         }
         let over_keys = !self.records.contains_key(key) && self.records.len() >= limits.max_keys;
-        if over_keys || self.tally.bytes + new.bytes() > limits.max_bytes {
+        let over_bytes = self.tally.bytes + new.bytes() > limits.max_bytes;
+        if (over_keys || over_bytes) && now_ms >= self.swept_ms.saturating_add(1000) {
             self.expire(now_ms);
+            self.swept_ms = now_ms;
         }
         if !self.records.contains_key(key) && self.records.len() >= limits.max_keys {
             return Err(StoreError::Full(limits.max_keys));
@@ -360,7 +366,7 @@ fn make_room(
     max: usize,
     record: &Record,
 ) -> Result<usize, StoreError> {
-    // Entries of no counted network stand alone: each is a network of one, never crowded.
+    // This node's own entries stand alone: each is a network of one, never crowded.
     let mut groups: HashMap<Prefix, usize> = HashMap::new();
     for p in entries.iter().filter_map(|e| e.origin) {
         *groups.entry(p).or_default() += 1;

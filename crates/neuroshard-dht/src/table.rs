@@ -46,12 +46,16 @@ pub enum Prefix {
     V4([u8; 3]),
     /// An IPv6 /48.
     V6([u8; 6]),
+    /// Callers the limits cannot place (loopback, LAN, relayed), counted together where a
+    /// record store counts networks; the routing table exempts them instead.
+    Local,
 }
 
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Prefix::V4([a, b, c]) => write!(f, "{a}.{b}.{c}.0/24"),
+            Prefix::Local => write!(f, "loopback, LAN and relayed callers"),
             Prefix::V6(p) => {
                 let seg = |i: usize| u16::from_be_bytes([p[i], p[i + 1]]);
                 write!(f, "{:x}:{:x}:{:x}::/48", seg(0), seg(2), seg(4))

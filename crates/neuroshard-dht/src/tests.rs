@@ -44,7 +44,8 @@ impl Net {
         let mut nodes = Vec::new();
         let mut index = HashMap::new();
         for i in 0..n {
-            let c = contact(&mut rng, [127, 0, 0, 1]);
+            // A /24 of its own each, as nodes of the internet mostly are.
+            let c = contact(&mut rng, [93, (i % 250) as u8, (i / 250) as u8, 1]);
             index.insert(c.key, i);
             let node_rng = ChaCha8Rng::seed_from_u64(i as u64);
             nodes.push(Kademlia::new(

@@ -284,6 +284,7 @@ pub async fn start_tracker(config: TrackerConfig) -> Result<TrackerHandle, NodeE
         // Trackers run on servers, not on volunteers' lines: no caps.
         caps: neuroshard_net::bandwidth::BandwidthCaps::new(0, 0),
         limits: config.server,
+        body_caps: Vec::new(),
         name: "tracker",
     };
     let task = neuroshard_net::spawn_server(

@@ -95,6 +95,9 @@ pub struct ServeWith {
     pub caps: Arc<bandwidth::BandwidthCaps>,
     /// Connections and request bytes held at once.
     pub limits: ServerLimits,
+    /// Methods (gRPC paths) whose request bodies have a cap of their own, under the
+    /// message cap every method has: a node sizes Forward and Backward from its model.
+    pub body_caps: Vec<(&'static str, usize)>,
     /// "node", "tracker".
     pub name: &'static str,
 }
@@ -129,6 +132,7 @@ pub fn spawn_server(
         tls,
         caps,
         limits,
+        body_caps,
         name,
     } = with;
     let connections = Quota::new(
@@ -155,7 +159,7 @@ pub fn spawn_server(
         .filter_map(|secured| async move { secured });
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .layer(metered::MeteredLayer::new(request_bytes))
+            .layer(metered::MeteredLayer::new(request_bytes, body_caps))
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .timeout(CALL_TIMEOUT)

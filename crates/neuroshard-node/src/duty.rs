@@ -113,6 +113,8 @@ impl DutyCycle {
                 None
             } else {
                 let calls = q.waiting.entry(requester).or_default();
+                // Calls that gave up waiting no longer count.
+                calls.retain(|c| !c.is_closed());
                 if calls.len() >= MAX_WAITING_PER_REQUESTER {
                     return Err(NodeError::Full(format!(
                         "requester {} already has {MAX_WAITING_PER_REQUESTER} calls waiting for compute",
@@ -121,7 +123,7 @@ impl DutyCycle {
                 }
                 let (handover, turn) = oneshot::channel();
                 calls.push_back(handover);
-                if calls.len() == 1 {
+                if calls.len() == 1 && !q.ring.contains(&requester) {
                     q.ring.push_back(requester);
                 }
                 Some(turn)

@@ -243,9 +243,18 @@ fn make_fair_room(
             .filter(|(owner, held)| **owner != caller && **held > share)
             .max_by_key(|(_, held)| **held)
             .map(|(owner, _)| *owner);
+        let idle = |hog: PublicKey| {
+            (sessions.iter()).filter(move |(_, e)| e.owner == hog && e.cache.is_some())
+        };
+        // Only when dropping all of its idle sessions would make the room: none goes for
+        // nothing.
+        let total: u64 = per_owner.values().sum();
+        let hog = hog.filter(|&h| {
+            let freed: u64 = idle(h).map(|(_, e)| e.token_layers).sum();
+            total - freed + need <= budget
+        });
         let victim = hog.and_then(|hog| {
-            (sessions.iter())
-                .filter(|(_, e)| e.owner == hog && e.cache.is_some())
+            idle(hog)
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(id, _)| id.clone())
         });

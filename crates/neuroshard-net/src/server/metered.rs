@@ -1,7 +1,10 @@
 //! Request bodies metered against the server's byte budget: every frame a call's body brings
 //! is counted, in all and per caller address, until the call is done with its body, and a
 //! frame that would pass a cap fails the call with RESOURCE_EXHAUSTED. A stream's count stops
-//! growing at one message's worth, since tonic holds one message of it at a time.
+//! growing at one message cap's worth (tonic holds one message of it at a time) but is not
+//! given back until the stream ends, so a long upload holds up to 101 MiB of its address's
+//! share. A method with a cap of its own (a node's Forward and Backward, sized from its model)
+//! is refused with OUT_OF_RANGE past it.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -19,15 +22,18 @@ use neuroshard_base::quota::{Held, Quota};
 /// Most bytes one body is counted for: a message at the cap and its gRPC framing.
 const BODY_WINDOW_BYTES: usize = MAX_MESSAGE_BYTES + 5;
 
-/// Wraps a server's routes so every request body is metered against `quota`.
+/// Wraps a server's routes so every request body is metered against `quota`, and a body of
+/// a method in `caps` (gRPC path, most bytes) is refused past its cap.
 #[derive(Clone)]
 pub(super) struct MeteredLayer {
     quota: Arc<Quota>,
+    caps: Arc<[(&'static str, usize)]>,
 }
 
 impl MeteredLayer {
-    pub(super) fn new(quota: Arc<Quota>) -> Self {
-        Self { quota }
+    pub(super) fn new(quota: Arc<Quota>, caps: Vec<(&'static str, usize)>) -> Self {
+        let caps = caps.into();
+        Self { quota, caps }
     }
 }
 
@@ -38,6 +44,7 @@ impl<S> tower::Layer<S> for MeteredLayer {
         Metering {
             inner,
             quota: self.quota.clone(),
+            caps: self.caps.clone(),
         }
     }
 }
@@ -47,6 +54,7 @@ impl<S> tower::Layer<S> for MeteredLayer {
 pub(super) struct Metering<S> {
     inner: S,
     quota: Arc<Quota>,
+    caps: Arc<[(&'static str, usize)]>,
 }
 
 impl<S> tower::Service<http::Request<TonicBody>> for Metering<S>
@@ -67,12 +75,16 @@ where
             .get::<crate::tls::Caller>()
             .and_then(|c| c.addr)
             .map(|a| a.ip().to_canonical());
+        let path = request.uri().path();
+        let cap = self.caps.iter().find(|(p, _)| *p == path).copied();
         let (parts, body) = request.into_parts();
         let body = TonicBody::new(Metered {
             inner: body,
             quota: self.quota.clone(),
             ip,
             held: None,
+            cap,
+            received: 0,
         });
         self.inner.call(http::Request::from_parts(parts, body))
     }
@@ -84,11 +96,22 @@ struct Metered {
     quota: Arc<Quota>,
     ip: Option<IpAddr>,
     held: Option<Held>,
+    /// The method and the most bytes its body may have, where it has a cap of its own.
+    cap: Option<(&'static str, usize)>,
+    received: usize,
 }
 
 impl Metered {
-    /// Counts `n` more bytes, up to the body's window.
+    /// Counts `n` more bytes, up to the body's window; refuses a body past its method's cap.
     fn count(&mut self, n: usize) -> Result<(), tonic::Status> {
+        self.received = self.received.saturating_add(n);
+        if let Some((method, max)) = self.cap
+            && self.received > max
+        {
+            return Err(tonic::Status::out_of_range(format!(
+                "a {method} request of more than {max} bytes: this server takes no more"
+            )));
+        }
         let counted = self.held.as_ref().map_or(0, Held::amount);
         let more = n.min(BODY_WINDOW_BYTES.saturating_sub(counted));
         if more == 0 {

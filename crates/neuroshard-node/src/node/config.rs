@@ -118,7 +118,7 @@ pub struct NodeConfig {
     /// What the node's server holds at once for its callers, in all and per address:
     /// connections (default 1,024 and 64) and request bytes (512 and 128 MiB).
     pub server: neuroshard_net::ServerLimits,
-    /// Days the ledger keeps each settled receipt's row; older ones are rolled up into daily
+    /// Days the ledger keeps each receipt's row; older ones are rolled up into daily
     /// totals, which every total keeps counting. 0 keeps every row; otherwise at least
     /// [`neuroshard_proof::ledger::MIN_RETENTION_DAYS`]. Default 90: a quarter's receipts to
     /// page through and export, and a ledger that anyone's calls cannot grow without bound.

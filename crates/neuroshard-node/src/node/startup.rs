@@ -257,6 +257,10 @@ struct Parts {
     trainer: Option<training::Trainer>,
 }
 
+/// Bytes of a Forward or Backward request beside its hidden states: ids, the receipt's
+/// proof fields, token ids, gRPC framing. 1 MiB, well over what they take.
+const CALL_FRAMING_BYTES: usize = 1 << 20;
+
 /// Serves the node's gRPC services (and the DHT) on `listener` and on relayed circuits.
 fn serve(
     state: &Arc<NodeState>,
@@ -274,10 +278,19 @@ fn serve(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service)
         .add_service(DhtService::server(state.discovery.dht().clone()));
+    // Forward and Backward carry at most a call's tokens of this model's hidden states in
+    // f32, and their framing (session, receipt, proof): sized from the model, not the
+    // 101 MiB message cap every method has.
+    let hidden = MAX_TOKENS_PER_CALL * state.model.config.hidden_size * 4;
+    let call_cap = hidden.saturating_add(CALL_FRAMING_BYTES);
     let with = neuroshard_net::ServeWith {
         tls,
         caps: state.caps.clone(),
         limits,
+        body_caps: vec![
+            ("/neuroshard.v1.Node/Forward", call_cap),
+            ("/neuroshard.v1.Node/Backward", call_cap),
+        ],
         name: "node",
     };
     Ok(neuroshard_net::spawn_server(

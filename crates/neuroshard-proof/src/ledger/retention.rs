@@ -6,10 +6,11 @@ use rusqlite::params;
 use super::{Ledger, LedgerError, MS_PER_DAY, ModelTotals, Totals, VOUCHED, sql};
 
 impl Ledger {
-    /// Rolls the settled receipts created before `before_ms` up into per-day totals and
-    /// deletes their rows, in one transaction; returns how many rows went. Lifetime totals and
-    /// status counts keep them (their vouching as it stood when rolled up); the page, the
-    /// export and the chart list only rows kept. Pending receipts stay until settled.
+    /// Rolls the receipts created before `before_ms` up into per-day totals and deletes their
+    /// rows, in one transaction; returns how many rows went. Lifetime totals and status counts
+    /// keep them (their vouching as it stood when rolled up); the page, the export and the
+    /// chart list only rows kept. A receipt still pending then was never countersigned and is
+    /// rolled up as pending, so a caller that never settles cannot grow the ledger either.
     pub fn prune(&mut self, before_ms: u64) -> Result<usize, LedgerError> {
         let tx = self.conn.transaction().map_err(sql("starting a prune"))?;
         tx.execute(
@@ -18,7 +19,7 @@ impl Ledger {
                                       credit)
                  SELECT created_ms / {MS_PER_DAY} * {MS_PER_DAY}, model_id, status, {VOUCHED},
                         COUNT(*), SUM(tokens), SUM(flops), SUM(credit)
-                 FROM receipts WHERE created_ms < ?1 AND status != 'pending'
+                 FROM receipts WHERE created_ms < ?1
                  GROUP BY 1, 2, 3, 4
                  ON CONFLICT (day_ms, model_id, status, vouched) DO UPDATE SET
                      receipts = receipts + excluded.receipts, tokens = tokens + excluded.tokens,
@@ -29,7 +30,7 @@ impl Ledger {
         .map_err(sql("rolling up old receipts"))?;
         let gone = tx
             .execute(
-                "DELETE FROM receipts WHERE created_ms < ?1 AND status != 'pending'",
+                "DELETE FROM receipts WHERE created_ms < ?1",
                 params![before_ms as i64],
             )
             .map_err(sql("pruning old receipts"))?;

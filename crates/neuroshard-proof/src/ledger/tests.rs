@@ -244,15 +244,16 @@ fn pruning_rolls_old_receipts_up_and_keeps_every_total() {
         ledger.status_counts().unwrap(),
     );
 
-    // Everything settled before 90 days ago goes; the pending receipt and the recent one stay.
-    assert_eq!(ledger.prune(now - 90 * MS_PER_DAY).unwrap(), 20);
+    // Everything from before 90 days ago goes, the receipt never countersigned too; the
+    // recent one stays.
+    assert_eq!(ledger.prune(now - 90 * MS_PER_DAY).unwrap(), 21);
     let after = (
         ledger.totals(now, now - 3600 * 1000).unwrap(),
         ledger.status_counts().unwrap(),
     );
     assert_eq!(after, before, "totals and counts are kept");
-    assert_eq!(ledger.page(None, 0, MAX_PAGE).unwrap().len(), 2);
-    assert!(ledger.get(&old_pending.id().to_string()).unwrap().is_some());
+    assert_eq!(ledger.page(None, 0, MAX_PAGE).unwrap().len(), 1);
+    assert!(ledger.get(&old_pending.id().to_string()).unwrap().is_none());
     // Pruning again moves nothing, and a reopened ledger reads the same.
     assert_eq!(ledger.prune(now - 90 * MS_PER_DAY).unwrap(), 0);
     drop(ledger);
