@@ -95,12 +95,7 @@ impl SessionStore {
         if self.held(&sessions) + need > self.budget_token_layers() {
             Self::expire_locked(&mut sessions, self.limits.idle_timeout, now);
             let budget = self.budget_token_layers();
-            let evicted = make_fair_room(&mut sessions, caller, need, budget);
-            if evicted > 0 {
-                tracing::info!(
-                    "dropped {evicted} sessions of a requester over its share of the KV budget"
-                );
-            }
+            make_fair_room(&mut sessions, caller, need, budget);
             let held = self.held(&sessions);
             if held + need > self.budget_token_layers() {
                 let mib = |t: u64| (t * self.limits.bytes_per_token_layer) as f64 / 1048576.0;
@@ -232,6 +227,9 @@ fn make_fair_room(
             *per_owner.entry(e.owner).or_default() += e.token_layers;
         }
         if per_owner.values().sum::<u64>() + need <= budget {
+            if evicted > 0 {
+                tracing::info!("dropped {evicted} sessions of a requester over its KV share");
+            }
             return evicted;
         }
         let requesters = per_owner.len() as u64 + u64::from(!per_owner.contains_key(&caller));
