@@ -31,6 +31,7 @@ fn spec() -> ModelSpec {
         heads: 8,
         kv_heads: 4,
         max_positions: 512,
+        vocab: neuroshard_model::BYTE_VOCAB,
         tie_embeddings: false,
         dtype: WireDType::F32,
         files: 1,

@@ -1,9 +1,14 @@
 //! Generation through a swarm against the local reference, with failover and replicas.
 
 use neuroshard_base::LayerRange;
-use neuroshard_client::generate::{GenerationReport, LocalPipeline, generate};
-use neuroshard_client::{ClientConfig, SwarmClient};
+use neuroshard_client::generate::{
+    GenerateOptions, GenerationReport, LocalPipeline, Pipeline, generate, generate_with,
+};
+use neuroshard_client::{ClientConfig, SwarmClient, SwarmSession};
+use neuroshard_model::SamplingParams;
 use neuroshard_model::init::ModelSpec;
+use neuroshard_net::NodeError;
+use neuroshard_net::metrics::MetricsSnapshot;
 use neuroshard_node::node::{NodeConfig, start_node};
 use neuroshard_tests::{Swarm, TestModel};
 
@@ -34,16 +39,22 @@ pub(crate) fn assert_same_generation(swarm: &GenerationReport, local: &Generatio
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_node_swarm_matches_local_generation() {
-    let model = TestModel::new(&ModelSpec::demo());
-    let expected = local_reference(&model, 24).await;
+/// A swarm of three nodes over the six layers of `model`, and a client of it.
+async fn three_nodes_and_a_client(model: &TestModel) -> (Swarm, SwarmClient) {
     let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4), (4, 6)])
         .await
         .unwrap();
     let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
         .await
         .unwrap();
+    (swarm, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_swarm_matches_local_generation() {
+    let model = TestModel::new(&ModelSpec::demo());
+    let expected = local_reference(&model, 24).await;
+    let (swarm, client) = three_nodes_and_a_client(&model).await;
     let mut session = client.session();
     let got = generate(&mut session, PROMPT, 24, &[], |_, _| {})
         .await
@@ -70,6 +81,109 @@ async fn three_node_swarm_matches_local_generation() {
         client_metrics.active_connections, 3,
         "one reused channel per peer"
     );
+    swarm.shutdown().await;
+}
+
+/// The swarm with the token chosen at the client from the whole logits, as before the last
+/// hop chose it.
+struct ChosenAtClient<'s, 'c>(&'s mut SwarmSession<'c>);
+
+impl Pipeline for ChosenAtClient<'_, '_> {
+    async fn step(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        self.0.forward(start_pos, ids).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_hop_chooses_the_token_the_client_would_and_no_hop_sends_the_vocabulary() {
+    // A vocabulary of 8,192: its logits in f32 are 32 KiB a token, sixteen times the bound.
+    let spec = ModelSpec {
+        vocab: 8192,
+        ..ModelSpec::demo()
+    };
+    let hidden = spec.hidden as u64;
+    let model = TestModel::new(&spec);
+    let (swarm, client) = three_nodes_and_a_client(&model).await;
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_k: 50,
+        top_p: 0.95,
+        repetition_penalty: 1.3,
+        seed: 42,
+        ..SamplingParams::default()
+    };
+    let mut greedy_ids = Vec::new();
+    for sampling in [SamplingParams::default(), sampled] {
+        const TOKENS: usize = 16;
+        let options = GenerateOptions {
+            max_new_tokens: TOKENS,
+            stop_ids: Vec::new(),
+            sampling,
+        };
+        let mut local = LocalPipeline::load(model.path()).unwrap();
+        let expected = generate_with(&mut local, PROMPT, &options, |_, _| true)
+            .await
+            .unwrap();
+        let mut session = client.session();
+        let at_client = generate_with(
+            &mut ChosenAtClient(&mut session),
+            PROMPT,
+            &options,
+            |_, _| true,
+        )
+        .await
+        .unwrap();
+        session.close().await;
+        let metrics = || swarm.nodes.iter().map(|n| n.metrics()).collect::<Vec<_>>();
+        let mut after_prefill: Vec<MetricsSnapshot> = Vec::new();
+        let mut session = client.session();
+        let at_last_hop = generate_with(&mut session, PROMPT, &options, |_, steps| {
+            if steps.len() == 1 {
+                after_prefill = metrics();
+            }
+            true
+        })
+        .await
+        .unwrap();
+        session.close().await;
+        assert_eq!(
+            at_client.generated_ids, expected.generated_ids,
+            "{sampling:?}"
+        );
+        assert_eq!(
+            at_last_hop.generated_ids, expected.generated_ids,
+            "{sampling:?}"
+        );
+        // Candidates past the first may swap places with near ties (hidden states cross in
+        // f16); each one both list has the same logit.
+        for (got, want) in at_last_hop.steps.iter().zip(&expected.steps) {
+            assert_eq!(got.top5.len(), 5);
+            assert_eq!(got.top5[0].0, want.top5[0].0);
+            for (id, logit) in &got.top5 {
+                if let Some((_, l)) = want.top5.iter().find(|c| c.0 == *id) {
+                    assert!((logit - l).abs() <= LOGIT_TOLERANCE, "{logit} vs {l}");
+                }
+            }
+        }
+        match sampling.is_greedy() {
+            true => greedy_ids = expected.generated_ids.clone(),
+            false => assert_ne!(expected.generated_ids, greedy_ids, "a draw, not greedy"),
+        }
+        // Every hop, the last included, moves at most 2 × hidden + 1 KiB a decode token each
+        // way: a hidden state in f16 and a receipt, or the token and its five candidates.
+        let bound = 2 * hidden + 1024;
+        for (i, (now, then)) in metrics().iter().zip(&after_prefill).enumerate() {
+            let calls = now.forward_calls - then.forward_calls;
+            assert_eq!(calls, TOKENS as u64 - 1);
+            let sent = (now.bytes_sent - then.bytes_sent) / calls;
+            let received = (now.bytes_received - then.bytes_received) / calls;
+            println!("hop {i}: {sent} bytes sent, {received} received per decode token");
+            assert!(
+                sent <= bound && received <= bound,
+                "hop {i}: {sent} / {received}"
+            );
+        }
+    }
     swarm.shutdown().await;
 }
 

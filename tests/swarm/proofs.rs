@@ -164,7 +164,11 @@ async fn catch(fault: Fault, model: &TestModel, verifying: bool, how: Caught) {
     if how == Caught::SpotCheck {
         let rows = cheat.ledger().read(|l| l.page(None, 0, 10)).await.unwrap();
         let evidence = rows[0].evidence.as_deref().unwrap_or_default();
-        assert!(evidence.contains("fingerprint"), "{fault:?}: {evidence}");
+        let shown = match fault {
+            Fault::WrongToken => "the token chosen: token",
+            _ => "fingerprint",
+        };
+        assert!(evidence.contains(shown), "{fault:?}: {evidence}");
     }
     let honest = status_counts(&swarm.nodes[2]).await;
     assert_eq!(honest.verified, NEW_TOKENS as u64);
@@ -175,6 +179,14 @@ async fn catch(fault: Fault, model: &TestModel, verifying: bool, how: Caught) {
 async fn a_node_adding_noise_is_caught_and_routed_around() {
     let model = TestModel::new(&ModelSpec::tiny());
     catch(Fault::Noise { scale: 0.1 }, &model, true, Caught::SpotCheck).await;
+}
+
+/// The last hop chooses the token: one that computes honestly but sends another token is
+/// caught by re-executing it, its receipt voided with the choice named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_hop_choosing_another_token_is_caught_and_routed_around() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    catch(Fault::WrongToken, &model, true, Caught::SpotCheck).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Generation over any [`Pipeline`]: the swarm, or a local model as the reference. Greedy by
-//! default; sampled at the client with a seed, so the swarm and a local run give the same
-//! tokens for the same seed.
+//! default, or sampled with a seed; the swarm chooses the token at the node that runs the last
+//! layer and a local run here, the same token for the same seed (`neuroshard_model::Sampler`).
 
 use std::future::Future;
 use std::path::Path;
@@ -8,19 +8,37 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use neuroshard_model::{
-    KvCache, ModelInfo, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
+    Chosen, KvCache, ModelInfo, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
 };
+
+pub use neuroshard_model::sampling::top_k;
 
 use neuroshard_net::NodeError;
 
-/// Something that turns new tokens at a position into the logits of the last one.
-pub trait Pipeline {
+/// Something that turns new tokens at a position into the logits of the last one, or the
+/// token chosen after it.
+pub trait Pipeline: Send {
     /// Runs `ids` at absolute positions `start_pos..`; returns the last token's logits.
     fn step(
         &mut self,
         start_pos: usize,
         ids: &[u32],
     ) -> impl Future<Output = Result<Vec<f32>, NodeError>> + Send;
+
+    /// Runs `ids` at `start_pos..` and chooses the token after them as `sampler` says. Here,
+    /// from the whole logits; a swarm chooses at the node that runs the last layer, so only
+    /// the token and its candidates travel back.
+    fn choose(
+        &mut self,
+        start_pos: usize,
+        ids: &[u32],
+        sampler: &Sampler,
+    ) -> impl Future<Output = Result<Chosen, NodeError>> + Send {
+        async move {
+            let logits = self.step(start_pos, ids).await?;
+            Ok(sampler.choose(&logits, (start_pos + ids.len()) as u64)?)
+        }
+    }
 }
 
 /// The whole model in this process: the reference the swarm must match.
@@ -76,6 +94,9 @@ impl Pipeline for LocalPipeline {
         }
     }
 }
+
+/// Candidates a step reports.
+const REPORTED: usize = 5;
 
 /// One generated token and the five best candidates it was chosen from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -187,8 +208,10 @@ impl Generation {
         if prompt.is_empty() {
             return Err(NodeError::BadRequest("the prompt is empty".into()));
         }
+        let mut sampler = Sampler::new(options.sampling)?.reporting(REPORTED);
+        sampler.saw_all(prompt);
         Ok(Self {
-            sampler: Sampler::new(options.sampling)?,
+            sampler,
             options: options.clone(),
             prompt_len: prompt.len(),
             history: prompt.to_vec(),
@@ -209,18 +232,16 @@ impl Generation {
             return Ok(None);
         }
         let started = Instant::now();
-        let logits = pipeline.step(self.pos, &self.next).await?;
+        let chosen = pipeline.choose(self.pos, &self.next, &self.sampler).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         self.pos += self.next.len();
-        if logits.is_empty() {
-            return Err(NodeError::BadRequest("empty logits".into()));
-        }
-        let token = self.sampler.choose(&logits, &self.history)?;
+        let token = chosen.token;
+        self.sampler.saw(token);
         self.history.push(token);
         self.next = vec![token];
         self.steps.push(StepReport {
             token,
-            top5: top_k(&logits, 5),
+            top5: chosen.top,
             ms,
         });
         if self.options.stop_ids.contains(&token) {
@@ -269,18 +290,6 @@ impl Generation {
             finish: self.finish.unwrap_or(Finish::Length),
         }
     }
-}
-
-/// The `k` largest logits with their ids, best first; ties go to the lower id.
-pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut indexed: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as u32, v))
-        .collect();
-    indexed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    indexed.truncate(k);
-    indexed
 }
 
 #[cfg(test)]

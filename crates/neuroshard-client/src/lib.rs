@@ -26,7 +26,7 @@ use std::time::Duration;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType, WireTensor};
-use neuroshard_model::{LlamaConfig, ShardInput};
+use neuroshard_model::{Chosen, LlamaConfig, Sampler, ShardInput};
 use neuroshard_proof::{
     Expectation, Fingerprint, PeerRecord as Reputation, Receipt, Tolerance, Verdict, WorkKind,
 };
@@ -59,8 +59,8 @@ use crate::verify::LocalVerifier;
 use faults::*;
 use neuroshard_discovery::{Discovery, DiscoveryConfig};
 use neuroshard_net::convert::{
-    PeerRecord, dtype_to_proto, peer_from_proto, span_to_proto, tensor_from_proto, tensor_hash,
-    tensor_to_proto, tokens_hash,
+    PeerRecord, chosen_from_proto, chosen_hash, dtype_to_proto, peer_from_proto, sample_to_proto,
+    span_to_proto, tensor_from_proto, tensor_hash, tensor_to_proto, tokens_hash,
 };
 use neuroshard_net::metrics::{Metrics, MetricsSnapshot};
 use neuroshard_net::pool::{ConnectionPool, PoolConfig, Target};
@@ -433,6 +433,7 @@ impl SwarmClient {
                 self.config.max_failovers_per_step,
             ),
             timings: BTreeMap::new(),
+            sampler: None,
         }
     }
 

@@ -49,6 +49,15 @@ impl HopInput {
 pub(super) enum HopOutput {
     Hidden(WireTensor),
     Logits(Vec<f32>),
+    /// The token the last hop chose from its logits (the call carried a sampler).
+    Chosen(Chosen),
+}
+
+/// What the chain ends with: the last token's logits, or the token chosen after it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Last {
+    Logits(Vec<f32>),
+    Chosen(Chosen),
 }
 
 impl HopOutput {
@@ -61,6 +70,9 @@ impl HopOutput {
                 Ok(values[values.len().saturating_sub(width)..].to_vec())
             }
             Self::Logits(values) => Ok(values.clone()),
+            Self::Chosen(_) => Err(NodeError::BadRequest(
+                "a chosen token has no row; its receipt fingerprints the logits".into(),
+            )),
         }
     }
 }
@@ -94,13 +106,24 @@ impl HopTiming {
     }
 }
 
-/// A Forward reply's output, decoded; its hash goes into `expected`.
+/// A Forward reply's output, decoded; its hash goes into `expected`. `sampler`: what the call
+/// asked the last hop to choose with, if it did; `vocab`: the model's.
 fn hop_output(
     output: Option<pb::forward_response::Output>,
     expected: &mut Expectation,
+    sampler: Option<&Sampler>,
+    vocab: usize,
 ) -> Result<HopOutput, NodeError> {
     use pb::forward_response::Output;
     match output {
+        Some(Output::Sampled(s)) => {
+            let top = sampler.map(Sampler::top).ok_or_else(|| {
+                NodeError::BadRequest("a chosen token came back, none was asked for".into())
+            })?;
+            let chosen = chosen_from_proto(s, vocab, top)?;
+            expected.output_hash = chosen_hash(&chosen);
+            Ok(HopOutput::Chosen(chosen))
+        }
         Some(Output::Hidden(t)) => {
             let tensor = tensor_from_proto(t)?;
             expected.output_hash = tensor_hash(&tensor);
@@ -112,7 +135,7 @@ fn hop_output(
             Ok(HopOutput::Logits(codec::decode(&tensor)?))
         }
         Some(Output::Loss(_)) | None => Err(NodeError::BadRequest(
-            "the reply holds neither hidden states nor logits".into(),
+            "the reply holds neither hidden states, logits nor a token".into(),
         )),
     }
 }
@@ -123,8 +146,10 @@ pub struct SwarmSession<'c> {
     pub(super) client: &'c SwarmClient,
     pub(super) id: String,
     /// The chain and its replay logs; it decides what each reply or failure leads to.
-    pub(super) chain: Chain<HopInput, Vec<f32>, NodeError>,
+    pub(super) chain: Chain<HopInput, Last, NodeError>,
     pub(super) timings: BTreeMap<(LayerRange, NodeId), HopTiming>,
+    /// How the last hop chooses the token of the step in progress; none: it returns logits.
+    pub(super) sampler: Option<Sampler>,
 }
 
 impl SwarmSession<'_> {
@@ -151,6 +176,36 @@ impl SwarmSession<'_> {
     /// Runs the new tokens at `start_pos` through the whole chain; logits of the last one.
     /// Long inputs go in chunks of [`PREFILL_CHUNK_TOKENS`].
     pub async fn forward(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
+        self.sampler = None;
+        match self.run(start_pos, ids).await? {
+            Last::Logits(logits) => Ok(logits),
+            Last::Chosen(_) => Err(NodeError::BadRequest(
+                "the last hop chose a token; logits were asked for".into(),
+            )),
+        }
+    }
+
+    /// Runs the new tokens at `start_pos` through the whole chain, and has the last hop choose
+    /// the token after them as `sampler` says: a few bytes back instead of the vocabulary's
+    /// logits.
+    pub async fn forward_choosing(
+        &mut self,
+        start_pos: usize,
+        ids: &[u32],
+        sampler: &Sampler,
+    ) -> Result<Chosen, NodeError> {
+        self.sampler = Some(sampler.clone());
+        let last = self.run(start_pos, ids).await;
+        self.sampler = None;
+        match last? {
+            Last::Chosen(chosen) => Ok(chosen),
+            Last::Logits(_) => Err(NodeError::BadRequest(
+                "the last hop returned logits; a chosen token was asked for".into(),
+            )),
+        }
+    }
+
+    async fn run(&mut self, start_pos: usize, ids: &[u32]) -> Result<Last, NodeError> {
         if ids.is_empty() {
             return Err(NodeError::BadRequest("no tokens to run".into()));
         }
@@ -160,17 +215,17 @@ impl SwarmSession<'_> {
             let hops = self.plan_or_refresh(all, ids.len()).await?;
             self.chain.set_hops(hops);
         }
-        let mut logits = Vec::new();
+        let mut last = Last::Logits(Vec::new());
         for (n, chunk) in ids.chunks(PREFILL_CHUNK_TOKENS).enumerate() {
             let pos = start_pos + n * PREFILL_CHUNK_TOKENS;
-            logits = self.step(pos, HopInput::Tokens(chunk.to_vec())).await?;
+            last = self.step(pos, HopInput::Tokens(chunk.to_vec())).await?;
         }
-        Ok(logits)
+        Ok(last)
     }
 
     /// Drives the chain through one input: makes the calls and plans it asks for, and feeds
     /// their results back until it is done or fails.
-    async fn step(&mut self, pos: usize, input: HopInput) -> Result<Vec<f32>, NodeError> {
+    async fn step(&mut self, pos: usize, input: HopInput) -> Result<Last, NodeError> {
         let mut action = self.chain.start(pos, input);
         loop {
             let logged = self.chain.events().len();
@@ -192,7 +247,12 @@ impl SwarmSession<'_> {
                         Ok(HopOutput::Hidden(t)) => {
                             self.chain.replied(Reply::Hidden(HopInput::Hidden(t)))
                         }
-                        Ok(HopOutput::Logits(l)) => self.chain.replied(Reply::Logits(l)),
+                        Ok(HopOutput::Logits(l)) => {
+                            self.chain.replied(Reply::Logits(Last::Logits(l)))
+                        }
+                        Ok(HopOutput::Chosen(c)) => {
+                            self.chain.replied(Reply::Logits(Last::Chosen(c)))
+                        }
                         Err(err) => self.chain.failed(fault_of(&err), err),
                     }
                 }
@@ -306,7 +366,8 @@ impl SwarmSession<'_> {
             .lock_or_recover()
             .record_success(&hop.addr, wall, compute, tokens);
         self.record_timing(&hop, wall, compute);
-        let output = hop_output(reply.output, &mut expected)
+        let vocab = client.model_config().vocab_size;
+        let output = hop_output(reply.output, &mut expected, self.sampler.as_ref(), vocab)
             .map_err(|e| remote(tonic::Status::internal(format!("bad reply: {e}"))))?;
         expected.now_ms = neuroshard_net::now_ms();
         let receipt = Receipt::from_wire(&reply.receipt)?;
@@ -323,6 +384,8 @@ impl SwarmSession<'_> {
     ) -> Result<(pb::ForwardRequest, Expectation), NodeError> {
         let client = self.client;
         let tokens = input.tokens();
+        let ends_model = hop.layers.end == client.total_layers;
+        let sample = self.sampler.as_ref().filter(|_| ends_model);
         let request = pb::ForwardRequest {
             session_id: self.id.clone(),
             start_pos: pos as u64,
@@ -332,6 +395,7 @@ impl SwarmSession<'_> {
             reply_dtype: dtype_to_proto(client.config.wire_dtype) as i32,
             nonce: rand::random::<[u8; 16]>().to_vec(),
             requester_key: client.key.public().0.to_vec(),
+            sample: sample.map(sample_to_proto),
             ..Default::default()
         };
         let mut expected = Expectation {
@@ -435,5 +499,14 @@ pub(super) async fn end_remote_session(pool: &ConnectionPool, addr: &Target, id:
 impl Pipeline for SwarmSession<'_> {
     async fn step(&mut self, start_pos: usize, ids: &[u32]) -> Result<Vec<f32>, NodeError> {
         self.forward(start_pos, ids).await
+    }
+
+    async fn choose(
+        &mut self,
+        start_pos: usize,
+        ids: &[u32],
+        sampler: &Sampler,
+    ) -> Result<Chosen, NodeError> {
+        self.forward_choosing(start_pos, ids, sampler).await
     }
 }

@@ -17,6 +17,9 @@ pub(super) enum CheckFailed {
     /// The reply itself does not match the recomputed row.
     #[error("its output: {0}")]
     Output(Mismatch, Box<Evidence>),
+    /// The token chosen (or its candidates) does not follow from the recomputed logits.
+    #[error("its token: {0}")]
+    Choice(String, Box<Evidence>),
 }
 
 impl CheckFailed {
@@ -25,7 +28,9 @@ impl CheckFailed {
     fn evidence(&self) -> Option<Evidence> {
         match self {
             Self::Undecodable(_) => None,
-            Self::Receipt(_, e) | Self::Output(_, e) => Some(Evidence::clone(e)),
+            Self::Receipt(_, e) | Self::Output(_, e) | Self::Choice(_, e) => {
+                Some(Evidence::clone(e))
+            }
         }
     }
 }
@@ -118,7 +123,10 @@ impl SwarmSession<'_> {
             .collect::<Result<Vec<_>, NodeError>>()
             .map_err(CheckFailed::Undecodable)?;
         let current = input.to_shard_input().map_err(CheckFailed::Undecodable)?;
-        let received = output.last_row().map_err(CheckFailed::Undecodable)?;
+        let received = match output {
+            HopOutput::Chosen(chosen) => Received::Chosen(chosen, pos + input.tokens()),
+            _ => Received::Row(output.last_row().map_err(CheckFailed::Undecodable)?),
+        };
         let (layers, session) = (hop.layers, self.id.clone());
         let truth = tokio::task::spawn_blocking(move || {
             verifier.recompute(&session, layers, history, pos, current)
@@ -133,26 +141,55 @@ impl SwarmSession<'_> {
             Ok(Err(e)) => return skipped(&e),
             Err(e) => return skipped(&e),
         };
-        compare(receipt, &truth, &received, &client.config.tolerance)?;
+        let tolerance = &client.config.tolerance;
+        check_receipt(receipt, &truth, tolerance)?;
+        match received {
+            Received::Row(row) => check_row(&truth, &row, tolerance)?,
+            Received::Chosen(chosen, position) => {
+                let sampler = self.sampler.as_ref().ok_or_else(|| {
+                    CheckFailed::Undecodable(NodeError::BadRequest(
+                        "a chosen token without a sampler".into(),
+                    ))
+                })?;
+                check_choice(&truth, chosen, sampler, position as u64, tolerance)?;
+            }
+        }
         Ok(true)
     }
 }
 
-/// Checks the receipt's fingerprint, then the output received, against the recomputed row;
-/// a mismatch comes with the evidence a void shows.
-fn compare(
+/// What a spot check compares with the recomputed row.
+enum Received<'a> {
+    /// The row the worker sent (the last token's hidden state, or the logits).
+    Row(Vec<f32>),
+    /// The token the worker chose at this position.
+    Chosen(&'a Chosen, usize),
+}
+
+/// Checks the receipt's fingerprint against the recomputed row; a mismatch comes with the
+/// evidence a void shows.
+fn check_receipt(
     receipt: &Receipt,
     truth: &[f32],
-    received: &[f32],
     tolerance: &neuroshard_proof::Tolerance,
 ) -> Result<(), CheckFailed> {
-    let recomputed = Fingerprint::of(truth);
     if let Err(m) = receipt.body().fingerprint.check(truth, tolerance) {
+        let recomputed = Fingerprint::of(truth);
         return Err(CheckFailed::Receipt(
             m,
             Box::new(Evidence::Receipt { recomputed }),
         ));
     }
+    Ok(())
+}
+
+/// Checks the row received against the recomputed one (after the receipt matched).
+fn check_row(
+    truth: &[f32],
+    received: &[f32],
+    tolerance: &neuroshard_proof::Tolerance,
+) -> Result<(), CheckFailed> {
+    let recomputed = Fingerprint::of(truth);
     if let Err(m) = Fingerprint::of(received).check(truth, tolerance) {
         let received = Fingerprint::of(received);
         let evidence = Evidence::Output {
@@ -162,4 +199,44 @@ fn compare(
         return Err(CheckFailed::Output(m, Box::new(evidence)));
     }
     Ok(())
+}
+
+/// Checks a token chosen at `position` against the recomputed logits (after the receipt
+/// matched): it must be a choice the sampler admits and its candidates' logits must be the
+/// recomputed ones, each within the tolerance of one entry (`entry` × the row's RMS).
+fn check_choice(
+    truth: &[f32],
+    chosen: &Chosen,
+    sampler: &Sampler,
+    position: u64,
+    tolerance: &neuroshard_proof::Tolerance,
+) -> Result<(), CheckFailed> {
+    let recomputed = Fingerprint::of(truth);
+    let slack = tolerance.entry * recomputed.rms;
+    let off = chosen.top.iter().find(|&&(id, logit)| {
+        truth
+            .get(id as usize)
+            .is_none_or(|t| (t - logit).abs() > slack)
+    });
+    let what = match off {
+        Some((id, logit)) => format!(
+            "candidate {id} claims logit {logit}, recomputed {:?}",
+            truth.get(*id as usize)
+        ),
+        None if !sampler.admits(truth, position, chosen.token, slack) => {
+            let expected = sampler
+                .choose(truth, position)
+                .map_or_else(|e| e.to_string(), |c| c.token.to_string());
+            format!(
+                "token {} chosen, the recomputed logits give {expected}",
+                chosen.token
+            )
+        }
+        None => return Ok(()),
+    };
+    let evidence = Evidence::Choice {
+        recomputed,
+        what: what.clone(),
+    };
+    Err(CheckFailed::Choice(what, Box::new(evidence)))
 }

@@ -153,6 +153,7 @@ impl TrainSession<'_> {
             requester_key: self.client.key.public().0.to_vec(),
             train: true,
             targets: targets.map(|ids| pb::TokenIds { ids: ids.to_vec() }),
+            sample: None,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct ModelSpec {
     pub kv_heads: usize,
     /// Longest sequence.
     pub max_positions: usize,
+    /// Vocabulary size: the byte-level tokenizer's 259, or more (rows no byte reaches, which
+    /// give a model a real vocabulary's logits and LM head).
+    pub vocab: usize,
     /// Whether the LM head reuses the embeddings.
     pub tie_embeddings: bool,
     /// Storage dtype of the weights.
@@ -49,6 +52,7 @@ impl ModelSpec {
             heads: 8,
             kv_heads: 4,
             max_positions: 1024,
+            vocab: BYTE_VOCAB,
             tie_embeddings: false,
             dtype: WireDType::BF16,
             files: 1,
@@ -66,6 +70,7 @@ impl ModelSpec {
             heads: 8,
             kv_heads: 4,
             max_positions: 2048,
+            vocab: BYTE_VOCAB,
             tie_embeddings: false,
             dtype: WireDType::BF16,
             files: 2,
@@ -95,6 +100,7 @@ impl ModelSpec {
             heads: 4,
             kv_heads: 2,
             max_positions: 256,
+            vocab: BYTE_VOCAB,
             tie_embeddings: true,
             dtype: WireDType::F32,
             files: 1,
@@ -111,7 +117,7 @@ impl ModelSpec {
             num_hidden_layers: self.layers,
             num_attention_heads: self.heads,
             num_key_value_heads: Some(self.kv_heads),
-            vocab_size: BYTE_VOCAB,
+            vocab_size: self.vocab,
             rms_norm_eps: 1e-5,
             rope: RopeConfig {
                 theta: 10_000.0,

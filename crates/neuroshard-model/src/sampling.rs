@@ -1,5 +1,7 @@
 //! Choosing the next token from logits: greedy, or sampled with the usual controls, from a
-//! seeded generator so the same seed gives the same tokens wherever the logits come from.
+//! generator seeded by the seed and the position, so the same seed gives the same tokens
+//! wherever the logits are (the client, or the node that ran the last layer) and whatever was
+//! retried before.
 //!
 //! The steps run in the order transformers' logits processors do: repetition penalty, then
 //! temperature, top-k, top-p and min-p, then a draw.
@@ -8,6 +10,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
+
+/// The most candidates a choice reports with their logits (OpenAI's `top_logprobs` cap).
+pub const MAX_TOP: usize = 20;
 
 /// How the next token is chosen. The default is greedy: temperature 0.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -64,63 +69,187 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Whether the tokens already in the sequence change the choice.
+    pub fn penalises(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
 }
 
-/// Chooses tokens one after another with [`SamplingParams`] and its own seeded generator.
-#[derive(Debug, Clone)]
+/// The token chosen for one position, and the best candidates it was chosen from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chosen {
+    /// The chosen token.
+    pub token: u32,
+    /// The most likely tokens with their raw logits, best first (as many as asked).
+    pub top: Vec<(u32, f32)>,
+    /// `log Σ exp(logit)` over the vocabulary: a token's log-probability is its logit minus
+    /// this.
+    pub logsumexp: f32,
+}
+
+/// Chooses tokens with [`SamplingParams`]: what the choice at a position needs besides the
+/// logits. The draw at a position is seeded by the seed and the position alone, so whoever
+/// holds the logits (the client, or the node that ran the last layer) chooses the same token.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    /// Distinct token ids already in the sequence, sorted; kept only while the repetition
+    /// penalty is on (nothing else reads them).
+    seen: Vec<u32>,
+    /// How many of the best candidates a choice reports.
+    top: usize,
 }
 
 impl Sampler {
-    /// A sampler whose draws follow `params.seed`.
+    /// A sampler with `params` that reports no candidates.
     pub fn new(params: SamplingParams) -> Result<Self, ModelError> {
-        params.validate()?;
-        Ok(Self {
-            rng: ChaCha8Rng::seed_from_u64(params.seed),
-            params,
-        })
+        Self::with_parts(params, Vec::new(), 0)
     }
 
-    /// The next token after `history` (prompt and tokens so far) given its `logits`.
-    pub fn choose(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, ModelError> {
+    /// A sampler as a request describes it: `seen` (the distinct ids already in the sequence;
+    /// any order, duplicates allowed) and `top` candidates to report, at most [`MAX_TOP`].
+    pub fn with_parts(
+        params: SamplingParams,
+        mut seen: Vec<u32>,
+        top: usize,
+    ) -> Result<Self, ModelError> {
+        params.validate()?;
+        if top > MAX_TOP {
+            return Err(ModelError::Request(format!(
+                "sampling: at most {MAX_TOP} top candidates, not {top}"
+            )));
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        if !params.penalises() {
+            seen.clear();
+        }
+        Ok(Self { params, seen, top })
+    }
+
+    /// The same sampler, reporting `top` candidates (capped at [`MAX_TOP`]).
+    pub fn reporting(mut self, top: usize) -> Self {
+        self.top = top.min(MAX_TOP);
+        self
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The distinct ids the penalty applies to (empty while it is off).
+    pub fn seen(&self) -> &[u32] {
+        &self.seen
+    }
+
+    /// Candidates a choice reports.
+    pub fn top(&self) -> usize {
+        self.top
+    }
+
+    /// Notes that `token` is now in the sequence (for the repetition penalty).
+    pub fn saw(&mut self, token: u32) {
+        if self.params.penalises()
+            && let Err(at) = self.seen.binary_search(&token)
+        {
+            self.seen.insert(at, token);
+        }
+    }
+
+    /// Notes every token of `ids` (a prompt).
+    pub fn saw_all(&mut self, ids: &[u32]) {
+        for &id in ids {
+            self.saw(id);
+        }
+    }
+
+    /// Chooses the token at `position` (its index in the sequence) given the logits of the
+    /// token before it.
+    pub fn choose(&self, logits: &[f32], position: u64) -> Result<Chosen, ModelError> {
         if logits.is_empty() {
             return Err(ModelError::Request("no logits to choose from".into()));
         }
-        let mut scores = logits.to_vec();
-        self.penalise(&mut scores, history);
+        let scores = self.penalised(logits);
+        let token = match self.params.is_greedy() {
+            true => argmax(&scores),
+            false => self.draw(&scores, position),
+        };
+        Ok(Chosen {
+            token,
+            top: top_k(logits, self.top),
+            logsumexp: logsumexp(logits),
+        })
+    }
+
+    /// Whether `token` is what [`Self::choose`] gives from `truth` at `position` once the
+    /// logits may be off by `slack` each (a backend's rounding): a near tie, or a draw that
+    /// lands within that much of the token's share, admits either neighbour.
+    pub fn admits(&self, truth: &[f32], position: u64, token: u32, slack: f32) -> bool {
+        let scores = self.penalised(truth);
+        let Some(&score) = scores.get(token as usize) else {
+            return false;
+        };
         if self.params.is_greedy() {
-            return Ok(argmax(&scores));
+            let best = scores[argmax(&scores) as usize];
+            return score >= best - slack;
         }
         let kept = self.candidates(&scores);
         let total: f64 = kept.iter().map(|c| c.1).sum();
         if !total.is_finite() || total <= 0.0 {
-            return Ok(argmax(&scores));
+            return token == argmax(&scores);
         }
-        let mut target = self.rng.random::<f64>() * total;
+        let target = self.target(position) * total;
+        // Each weight may be off by a factor of exp(±slack / T), so every cumulative bound by
+        // up to the total times (exp(2 slack / T) - 1).
+        let margin =
+            total * ((2.0 * f64::from(slack) / f64::from(self.params.temperature)).exp() - 1.0);
+        let mut low = 0.0;
+        for &(id, weight) in &kept {
+            if id == token {
+                return target >= low - margin && target < low + weight + margin;
+            }
+            low += weight;
+        }
+        false
+    }
+
+    fn draw(&self, scores: &[f32], position: u64) -> u32 {
+        let kept = self.candidates(scores);
+        let total: f64 = kept.iter().map(|c| c.1).sum();
+        if !total.is_finite() || total <= 0.0 {
+            return argmax(scores);
+        }
+        let mut target = self.target(position) * total;
         for &(id, weight) in &kept {
             if target < weight {
-                return Ok(id);
+                return id;
             }
             target -= weight;
         }
-        Ok(kept.last().map_or(0, |c| c.0))
+        kept.last().map_or(0, |c| c.0)
     }
 
-    fn penalise(&self, scores: &mut [f32], history: &[u32]) {
+    /// The uniform draw in [0, 1) for `position`: the seed's stream `position`.
+    fn target(&self, position: u64) -> f64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
+        rng.set_stream(position);
+        rng.random::<f64>()
+    }
+
+    fn penalised(&self, logits: &[f32]) -> Vec<f32> {
+        let mut scores = logits.to_vec();
         let p = self.params.repetition_penalty;
         if p == 1.0 {
-            return;
+            return scores;
         }
-        let mut seen = vec![false; scores.len()];
-        for &id in history {
-            if let Some(s) = scores.get_mut(id as usize)
-                && !std::mem::replace(&mut seen[id as usize], true)
-            {
+        for &id in &self.seen {
+            if let Some(s) = scores.get_mut(id as usize) {
                 *s = if *s > 0.0 { *s / p } else { *s * p };
             }
         }
+        scores
     }
 
     /// The tokens left after temperature, top-k, top-p and min-p, most likely first, each with
@@ -180,6 +309,41 @@ pub fn argmax(scores: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `k` largest logits with their ids, best first; ties go to the lower id.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut indexed: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
+    let k = k.min(indexed.len());
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k > 0 && k < indexed.len() {
+        indexed.select_nth_unstable_by(k - 1, order);
+    }
+    indexed.truncate(k);
+    indexed.sort_by(order);
+    indexed
+}
+
+/// `log Σ exp(v)` over the finite values, computed stably in f64.
+pub fn logsumexp(logits: &[f32]) -> f32 {
+    let best = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !best.is_finite() {
+        return best;
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| f64::from(v - best).exp())
+        .sum();
+    (f64::from(best) + sum.ln()) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,8 +356,8 @@ mod tests {
 
     #[test]
     fn temperature_zero_is_greedy_with_ties_to_the_lower_id() {
-        let mut s = sampler(SamplingParams::default());
-        assert_eq!(s.choose(&LOGITS, &[]).unwrap(), 1);
+        let s = sampler(SamplingParams::default());
+        assert_eq!(s.choose(&LOGITS, 0).unwrap().token, 1);
         assert_eq!(argmax(&LOGITS), 1);
     }
 
@@ -205,9 +369,9 @@ mod tests {
             ..SamplingParams::default()
         };
         let draw = |params| {
-            let mut s = sampler(params);
+            let s = sampler(params);
             (0..64)
-                .map(|_| s.choose(&LOGITS, &[]).unwrap())
+                .map(|p| s.choose(&LOGITS, p).unwrap().token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(params), draw(params));
@@ -218,11 +382,13 @@ mod tests {
     #[test]
     fn top_k_top_p_and_min_p_narrow_the_choice() {
         let only = |params: SamplingParams| {
-            let mut s = sampler(SamplingParams {
+            let s = sampler(SamplingParams {
                 temperature: 1.0,
                 ..params
             });
-            let mut seen: Vec<u32> = (0..200).map(|_| s.choose(&LOGITS, &[]).unwrap()).collect();
+            let mut seen: Vec<u32> = (0..200)
+                .map(|p| s.choose(&LOGITS, p).unwrap().token)
+                .collect();
             seen.sort();
             seen.dedup();
             seen
@@ -246,22 +412,83 @@ mod tests {
 
     #[test]
     fn a_tiny_temperature_is_all_but_greedy() {
-        let mut s = sampler(SamplingParams {
+        let s = sampler(SamplingParams {
             temperature: 1e-38,
             seed: 3,
             ..SamplingParams::default()
         });
         let logits = [40.0, 41.0, 39.0];
-        assert!((0..32).all(|_| s.choose(&logits, &[]).unwrap() == 1));
+        assert!((0..32).all(|p| s.choose(&logits, p).unwrap().token == 1));
     }
 
     #[test]
     fn repetition_penalty_turns_greedy_away_from_what_was_said() {
-        let mut s = sampler(SamplingParams {
+        let params = SamplingParams {
             repetition_penalty: 2.0,
             ..SamplingParams::default()
+        };
+        let s = Sampler::with_parts(params, vec![4, 1, 4], 0).unwrap();
+        assert_eq!(s.seen(), [1, 4]);
+        assert_eq!(s.choose(&LOGITS, 0).unwrap().token, 2);
+        let mut grown = sampler(params);
+        grown.saw_all(&[1, 4, 1]);
+        assert_eq!(grown, s);
+        // Off, the penalty keeps no list: a request need not carry one.
+        let mut off = sampler(SamplingParams::default());
+        off.saw_all(&[1, 4]);
+        assert!(off.seen().is_empty());
+    }
+
+    #[test]
+    fn a_choice_reports_its_best_candidates_and_the_normaliser() {
+        let s = sampler(SamplingParams::default()).reporting(3);
+        let chosen = s.choose(&LOGITS, 0).unwrap();
+        assert_eq!(chosen.top, vec![(1, 3.0), (4, 3.0), (2, 2.5)]);
+        let total: f32 = LOGITS.iter().map(|l| (l - chosen.logsumexp).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert!(Sampler::with_parts(SamplingParams::default(), vec![], MAX_TOP + 1).is_err());
+    }
+
+    #[test]
+    fn a_draw_depends_on_its_position_not_on_what_came_before() {
+        let s = sampler(SamplingParams {
+            temperature: 1.0,
+            seed: 11,
+            ..SamplingParams::default()
         });
-        assert_eq!(s.choose(&LOGITS, &[1, 4, 1]).unwrap(), 2);
+        let forward: Vec<u32> = (0..32)
+            .map(|p| s.choose(&LOGITS, p).unwrap().token)
+            .collect();
+        let mut backward: Vec<u32> = (0..32)
+            .rev()
+            .map(|p| s.choose(&LOGITS, p).unwrap().token)
+            .collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+    }
+
+    #[test]
+    fn a_check_admits_the_choice_and_near_ties_but_not_another_token() {
+        let greedy = sampler(SamplingParams::default());
+        assert!(greedy.admits(&LOGITS, 0, 1, 0.0));
+        // 4 ties 1; 2 is 0.5 below.
+        assert!(greedy.admits(&LOGITS, 0, 4, 0.0));
+        assert!(!greedy.admits(&LOGITS, 0, 2, 0.1));
+        assert!(greedy.admits(&LOGITS, 0, 2, 0.6));
+        assert!(!greedy.admits(&LOGITS, 0, 99, 1.0));
+        let sampled = sampler(SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            seed: 5,
+            ..SamplingParams::default()
+        });
+        for p in 0..64 {
+            let chosen = sampled.choose(&LOGITS, p).unwrap().token;
+            assert!(sampled.admits(&LOGITS, p, chosen, 1e-4));
+            // Tokens 0 and 3 are outside the top 3.
+            assert!(!sampled.admits(&LOGITS, p, 3, 1e-4));
+            assert!(!sampled.admits(&LOGITS, p, 0, 1e-4));
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_model::codec::{WireDType, WireTensor};
+use neuroshard_model::{Chosen, Sampler, SamplingParams};
 use neuroshard_proto as pb;
 
 use crate::NodeError;
@@ -143,6 +144,91 @@ pub fn tensor_hash(t: &WireTensor) -> [u8; 32] {
 pub fn tokens_hash(ids: &[u32]) -> [u8; 32] {
     let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
     neuroshard_proof::content_hash(&[b"tokens", &bytes])
+}
+
+/// A sampler as a Forward request carries it to the node that ends the model.
+pub fn sample_to_proto(sampler: &Sampler) -> pb::Sample {
+    let p = sampler.params();
+    pb::Sample {
+        temperature: p.temperature,
+        top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
+        seen: sampler.seen().to_vec(),
+        top: sampler.top() as u32,
+    }
+}
+
+/// The sampler a Forward request describes, every value checked by name.
+pub fn sample_from_proto(s: pb::Sample) -> Result<Sampler, NodeError> {
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+    };
+    Ok(Sampler::with_parts(params, s.seen, s.top as usize)?)
+}
+
+/// A chosen token as the reply carries it.
+pub fn chosen_to_proto(chosen: &Chosen) -> pb::SampledToken {
+    pb::SampledToken {
+        token: chosen.token,
+        top_ids: chosen.top.iter().map(|c| c.0).collect(),
+        top_logits: chosen.top.iter().map(|c| c.1).collect(),
+        logsumexp: chosen.logsumexp,
+    }
+}
+
+/// A reply's chosen token, checked against the vocabulary and the candidates asked for.
+pub fn chosen_from_proto(
+    s: pb::SampledToken,
+    vocab: usize,
+    asked_top: usize,
+) -> Result<Chosen, NodeError> {
+    let bad = |why: String| Err(NodeError::BadRequest(format!("sampled token: {why}")));
+    if s.top_ids.len() != asked_top || s.top_logits.len() != asked_top {
+        return bad(format!(
+            "{} candidate ids and {} logits, {asked_top} asked",
+            s.top_ids.len(),
+            s.top_logits.len()
+        ));
+    }
+    if let Some(id) = std::iter::once(&s.token)
+        .chain(&s.top_ids)
+        .find(|&&id| id as usize >= vocab)
+    {
+        return bad(format!("token {id} is outside the vocabulary of {vocab}"));
+    }
+    if s.top_logits
+        .iter()
+        .chain([&s.logsumexp])
+        .any(|v| v.is_nan())
+    {
+        return bad("a logit is NaN".into());
+    }
+    Ok(Chosen {
+        token: s.token,
+        top: s.top_ids.into_iter().zip(s.top_logits).collect(),
+        logsumexp: s.logsumexp,
+    })
+}
+
+/// SHA-256 of a chosen token as it travels: what a receipt's output hash covers when the node
+/// that ends the model chose the token.
+pub fn chosen_hash(chosen: &Chosen) -> [u8; 32] {
+    let mut bytes = Vec::with_capacity(8 + 8 * chosen.top.len());
+    bytes.extend(chosen.token.to_le_bytes());
+    bytes.extend(chosen.logsumexp.to_bits().to_le_bytes());
+    for (id, logit) in &chosen.top {
+        bytes.extend(id.to_le_bytes());
+        bytes.extend(logit.to_bits().to_le_bytes());
+    }
+    neuroshard_proof::content_hash(&[b"sampled", &bytes])
 }
 
 /// A layer span from the wire.

@@ -247,25 +247,40 @@ pub enum Evidence {
         /// Fingerprint of the row received.
         received: Fingerprint,
     },
+    /// The receipt's fingerprint matched the recomputed logits, but the token chosen from
+    /// them (or its candidates' logits) did not follow from them.
+    Choice {
+        /// Fingerprint of the recomputed logits.
+        recomputed: Fingerprint,
+        /// What did not follow, in words.
+        what: String,
+    },
 }
 
 impl Evidence {
     /// Checks that the evidence shows a mismatch with `claimed` (the receipt's fingerprint):
     /// Ok with the mismatch it shows, in words; Err saying why it shows none.
     pub fn shows(&self, claimed: &Fingerprint, tolerance: &Tolerance) -> Result<String, String> {
+        // An output or choice void says the receipt was right and what was sent was not.
+        if let Self::Output { recomputed, .. } | Self::Choice { recomputed, .. } = self
+            && let Err(m) = claimed.compare(recomputed, tolerance)
+        {
+            return Err(format!(
+                "its evidence says the receipt's fingerprint matched, but it shows {m}"
+            ));
+        }
         let (label, got, recomputed) = match self {
             Self::Receipt { recomputed } => ("the receipt's fingerprint", claimed, recomputed),
             Self::Output {
                 recomputed,
                 received,
-            } => {
-                // An output void says the receipt was right and the output sent was not.
-                if let Err(m) = claimed.compare(recomputed, tolerance) {
-                    return Err(format!(
-                        "its evidence says the receipt's fingerprint matched, but it shows {m}"
-                    ));
-                }
-                ("the output's fingerprint", received, recomputed)
+            } => ("the output's fingerprint", received, recomputed),
+            // The choice is the requester's word, as a received row's fingerprint is.
+            Self::Choice { what, .. } => {
+                return match what.is_empty() {
+                    true => Err("its evidence names no wrong choice".into()),
+                    false => Ok(format!("the token chosen: {what}")),
+                };
             }
         };
         match got.compare(recomputed, tolerance) {

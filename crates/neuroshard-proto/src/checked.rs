@@ -27,6 +27,12 @@ pub const MAX_SHAPE: usize = 8;
 /// Most token ids in one call (as `neuroshard_net::MAX_TOKENS_PER_CALL`).
 pub const MAX_TOKEN_IDS: usize = 2048;
 
+/// Most distinct token ids a sampling request may name as already seen (a long context's).
+pub const MAX_SEEN_IDS: usize = 131_072;
+
+/// Most candidates a sampled reply lists (as `neuroshard_model::sampling::MAX_TOP`).
+pub const MAX_TOP: usize = 20;
+
 /// Most countersigned receipts in one submission (as the node's `MAX_RECEIPTS_PER_SUBMIT`).
 pub const MAX_SUBMITTED: usize = 1024;
 
@@ -113,11 +119,13 @@ const FORWARD_REQUEST: Limits = request(&[
     packed("ForwardRequest.tokens.ids", &[4, 1], MAX_TOKEN_IDS),
     packed("ForwardRequest.hidden.shape", &[5, 2], MAX_SHAPE),
     packed("ForwardRequest.targets.ids", &[11, 1], MAX_TOKEN_IDS),
+    packed("ForwardRequest.sample.seen", &[12, 7], MAX_SEEN_IDS),
 ]);
 
 const FORWARD_RESPONSE: Limits = reply(&[
     packed("ForwardResponse.hidden.shape", &[1, 2], MAX_SHAPE),
     packed("ForwardResponse.logits.shape", &[2, 2], MAX_SHAPE),
+    packed("ForwardResponse.sampled.top_ids", &[6, 2], MAX_TOP),
 ]);
 
 const BACKWARD_REQUEST: Limits = request(&[packed(

@@ -38,6 +38,9 @@ pub enum Fault {
     InflatesFlops(u64),
     /// Computes honestly but signs receipts claiming these weights.
     ClaimsWeights([u8; 32]),
+    /// Computes honestly (its receipt fingerprints the true logits) but, asked to choose the
+    /// next token, replies with the token after the one the logits give.
+    WrongToken,
 }
 
 /// Everything a node needs to start; checked by [`NodeConfig::validate`].

@@ -5,6 +5,8 @@ use super::*;
 use crate::duty::Turn;
 use crate::sessions::Checkout;
 use neuroshard_base::sync::LockExt;
+use neuroshard_model::{Chosen, Sampler};
+use neuroshard_net::convert::{chosen_hash, chosen_to_proto, sample_from_proto};
 use neuroshard_proof::Receipt;
 
 /// A validated Forward request.
@@ -24,6 +26,18 @@ pub(super) struct ForwardCall {
     pub(super) input_hash: [u8; 32],
     /// Nonce and requester key, when the caller wants a receipt.
     pub(super) proof: Option<([u8; 16], PublicKey)>,
+    /// How to choose the next token, when the call ends the model and the caller wants the
+    /// token rather than the logits.
+    pub(super) sample: Option<Sampler>,
+}
+
+/// What a Forward computed: the shard's output and, where the call asked for it, the token
+/// chosen from its logits.
+pub(super) struct Computed {
+    pub(super) out: ShardOutput,
+    pub(super) chosen: Option<Chosen>,
+    pub(super) compute: Duration,
+    pub(super) weights_hash: [u8; 32],
 }
 
 impl NodeState {
@@ -43,23 +57,31 @@ impl NodeState {
         let draft = self.draft_receipt(&call, received_ms);
         let (tokens, reply_dtype, wants_receipt) =
             (call.tokens, call.reply_dtype, call.proof.is_some());
-        let (out, compute, weights_hash) = self.clone().compute(call).await?;
+        let computed = self.clone().compute(call).await?;
         self.metrics.forward_calls.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .tokens_served
             .fetch_add(tokens as u64, Ordering::Relaxed);
+        let Computed {
+            out,
+            chosen,
+            compute,
+            weights_hash,
+        } = computed;
+        // The receipt fingerprints the row computed, logits included where only the token
+        // chosen from them goes back: a spot check recomputes that row either way.
         let fingerprint = Fingerprint::of(last_row(&out, self.model.config.hidden_size));
-        let (tensor, logits) = self.encode_output(out, tokens, reply_dtype);
+        let (output, output_hash) = match chosen {
+            Some(chosen) => (
+                pb::forward_response::Output::Sampled(chosen_to_proto(&chosen)),
+                chosen_hash(&chosen),
+            ),
+            None => self.encode_output(out, tokens, reply_dtype),
+        };
         let receipt =
-            wants_receipt.then(|| self.sign_forward(draft, weights_hash, &tensor, fingerprint));
-        use pb::forward_response::Output;
-        let tensor = tensor_to_proto(tensor);
+            wants_receipt.then(|| self.sign_forward(draft, weights_hash, output_hash, fingerprint));
         Ok(pb::ForwardResponse {
-            output: Some(if logits {
-                Output::Logits(tensor)
-            } else {
-                Output::Hidden(tensor)
-            }),
+            output: Some(output),
             compute_us: compute.as_micros() as u64,
             receipt: receipt.map(|r| r.to_wire()).unwrap_or_default(),
         })
@@ -98,7 +120,7 @@ impl NodeState {
         &self,
         draft: ReceiptBody,
         weights_hash: [u8; 32],
-        tensor: &codec::WireTensor,
+        output_hash: [u8; 32],
         fingerprint: Fingerprint,
     ) -> Receipt {
         let received_ms = draft.received_ms;
@@ -110,7 +132,7 @@ impl NodeState {
         let receipt = ReceiptBody {
             weights_hash,
             flops,
-            output_hash: tensor_hash(tensor),
+            output_hash,
             fingerprint,
             replied_ms: neuroshard_net::now_ms().max(received_ms),
             ..draft
@@ -220,6 +242,13 @@ impl NodeState {
                 "{tokens} tokens in one call; send at most {MAX_TOKENS_PER_CALL} per call"
             )));
         }
+        let sample = req.sample.map(sample_from_proto).transpose()?;
+        if sample.is_some() && layers.end as usize != self.model.config.num_hidden_layers {
+            return Err(NodeError::BadRequest(format!(
+                "sample asks for a token, but layers {layers} do not end the model's {}",
+                self.model.config.num_hidden_layers
+            )));
+        }
         Ok(ForwardCall {
             served,
             caller,
@@ -231,6 +260,7 @@ impl NodeState {
             reply_dtype,
             input_hash,
             proof,
+            sample,
         })
     }
 
@@ -238,10 +268,7 @@ impl NodeState {
     ///
     /// The blocking task owns the whole call, check-in included, so a caller that gives up (and
     /// drops this future) cannot leave the session checked out.
-    pub(super) async fn compute(
-        self: Arc<Self>,
-        call: ForwardCall,
-    ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
+    pub(super) async fn compute(self: Arc<Self>, call: ForwardCall) -> Result<Computed, NodeError> {
         // Waited for before the session is checked out, so giving up here leaves nothing behind.
         let turn = self.duty.turn(call.caller).await?;
         let checkout = self.check_out_session(&call)?;
@@ -286,18 +313,29 @@ impl NodeState {
         call: ForwardCall,
         mut checkout: Checkout,
         turn: Turn,
-    ) -> Result<(ShardOutput, Duration, [u8; 32]), NodeError> {
+    ) -> Result<Computed, NodeError> {
         let ForwardCall {
             served,
             start_pos,
             layers,
             input,
+            tokens,
+            sample,
             ..
         } = call;
         let started = std::time::Instant::now();
         let out = self.threads.install(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.run_on_served(&served, &mut checkout.cache, start_pos, layers, input)
+                let (out, weights_hash) =
+                    self.run_on_served(&served, &mut checkout.cache, start_pos, layers, input)?;
+                let chosen = match (&sample, &out) {
+                    (Some(sampler), ShardOutput::Logits(logits)) => {
+                        let position = (start_pos + tokens) as u64;
+                        Some(self.choose(sampler, logits, position)?)
+                    }
+                    _ => None,
+                };
+                Ok::<_, NodeError>((out, chosen, weights_hash))
             }))
         });
         let compute = started.elapsed();
@@ -305,8 +343,13 @@ impl NodeState {
         let result = match out {
             Ok(out) => {
                 self.sessions.checkin(checkout, Instant::now());
-                let (out, weights_hash) = out?;
-                Ok((out, compute, weights_hash))
+                let (out, chosen, weights_hash) = out?;
+                Ok(Computed {
+                    out,
+                    chosen,
+                    compute,
+                    weights_hash,
+                })
             }
             Err(payload) => {
                 // The worker's fault, not the caller's: the caller fails over.
@@ -322,6 +365,21 @@ impl NodeState {
         // call and asked again waits for its turn and then finds the session free.
         turn.finish(compute);
         result
+    }
+
+    /// The token `sampler` chooses at `position` from `logits` (or, for a test node with
+    /// [`Fault::WrongToken`], the one after it).
+    fn choose(
+        &self,
+        sampler: &Sampler,
+        logits: &[f32],
+        position: u64,
+    ) -> Result<Chosen, NodeError> {
+        let mut chosen = sampler.choose(logits, position)?;
+        if let Some(Fault::WrongToken) = &self.fault {
+            chosen.token = (chosen.token + 1) % logits.len() as u32;
+        }
+        Ok(chosen)
     }
 
     /// Runs a call on the shard it was checked against; its output and the hash of the
@@ -378,15 +436,16 @@ impl NodeState {
         })
     }
 
-    /// The reply tensor, and whether it is logits: hidden states in the caller's dtype, logits
-    /// always as f32.
+    /// The reply's output and its hash: hidden states in the caller's dtype, logits always as
+    /// f32.
     pub(super) fn encode_output(
         &self,
         out: ShardOutput,
         tokens: usize,
         reply_dtype: WireDType,
-    ) -> (codec::WireTensor, bool) {
-        match out {
+    ) -> (pb::forward_response::Output, [u8; 32]) {
+        use pb::forward_response::Output;
+        let (tensor, logits) = match out {
             ShardOutput::Hidden(values) => {
                 let shape = [1, tokens, self.model.config.hidden_size];
                 (codec::encode(&values, &shape, reply_dtype), false)
@@ -395,6 +454,12 @@ impl NodeState {
                 let shape = [1, values.len()];
                 (codec::encode(&values, &shape, WireDType::F32), true)
             }
+        };
+        let hash = tensor_hash(&tensor);
+        let tensor = tensor_to_proto(tensor);
+        match logits {
+            true => (Output::Logits(tensor), hash),
+            false => (Output::Hidden(tensor), hash),
         }
     }
 
