@@ -141,20 +141,30 @@ impl SwarmSession<'_> {
             Ok(Err(e)) => return skipped(&e),
             Err(e) => return skipped(&e),
         };
-        let tolerance = &client.config.tolerance;
-        check_receipt(receipt, &truth, tolerance)?;
+        self.judge(receipt, &truth, received)?;
+        Ok(true)
+    }
+
+    /// Compares a reply and its receipt with the recomputed row `truth`.
+    fn judge(
+        &self,
+        receipt: &Receipt,
+        truth: &[f32],
+        received: Received<'_>,
+    ) -> Result<(), CheckFailed> {
+        let tolerance = &self.client.config.tolerance;
+        check_receipt(receipt, truth, tolerance)?;
         match received {
-            Received::Row(row) => check_row(&truth, &row, tolerance)?,
+            Received::Row(row) => check_row(truth, &row, tolerance),
             Received::Chosen(chosen, position) => {
                 let sampler = self.sampler.as_ref().ok_or_else(|| {
                     CheckFailed::Undecodable(NodeError::BadRequest(
                         "a chosen token without a sampler".into(),
                     ))
                 })?;
-                check_choice(&truth, chosen, sampler, position as u64, tolerance)?;
+                check_choice(truth, chosen, sampler, position as u64, tolerance)
             }
         }
-        Ok(true)
     }
 }
 
