@@ -216,8 +216,10 @@ async fn a_full_kv_budget_answers_resource_exhausted() {
         neuroshard_base::LayerRange::new(2, 4).unwrap(),
     );
     // Tiny config: 2 kv heads x 16 dims x 2 (k, v) x 4 bytes = 256 bytes per token-layer;
-    // room for 40 token-layers, i.e. 20 tokens over this node's two layers.
-    config.kv_budget_bytes = 40 * 256;
+    // room for 3 blocks of 64 positions in one layer. A session's first token takes a block
+    // in each of this node's two layers: "a" holds two of the three, "b" finds one.
+    let block = neuroshard_model::BLOCK_POSITIONS as u64;
+    config.kv_budget_bytes = 3 * block * 256;
     let node = neuroshard_node::node::start_node(config).await.unwrap();
     let mut client = node_client(&node).await;
     client

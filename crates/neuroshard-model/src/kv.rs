@@ -1,4 +1,11 @@
 //! The key/value cache of one inference session on one node.
+//!
+//! Each layer's keys and values live in one buffer `[1, kv_heads, capacity, head_dim]` that
+//! grows a block of positions at a time: a decode step writes its position in place and
+//! attends over a view of the positions held, so a step copies nothing that came before it,
+//! and the cost of a step stays flat as the context grows. A buffer that fills is copied once
+//! into one a block larger. A session's memory (what the node's budget counts) is its
+//! capacity: whole blocks.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -7,25 +14,93 @@ use burn::tensor::Tensor;
 
 use crate::ModelError;
 
-/// Keys and values `[1, kv_heads, positions, head_dim]` of one layer.
-pub type LayerKv = Option<(Tensor<4>, Tensor<4>)>;
+/// Positions a layer's buffer grows by, by default: 64 positions of a 135 M model's layer
+/// (3 key/value heads of 64) are 96 KiB in f32.
+pub const BLOCK_POSITIONS: usize = 64;
 
+/// Keys and values of one layer: the buffers and how many of their positions are held.
 #[derive(Debug, Default)]
-struct LayerCache {
-    kv: LayerKv,
+pub struct LayerCache {
+    /// `[1, kv_heads, capacity, head_dim]` each; none before the first call.
+    kv: Option<(Tensor<4>, Tensor<4>)>,
     len: usize,
 }
 
+impl LayerCache {
+    /// Positions the buffers hold room for.
+    fn capacity(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Writes the new keys and values `[1, kv_heads, n, head_dim]` after the positions held,
+    /// growing the buffers by whole blocks of `block` positions when they are full; returns
+    /// views of every position held, the new ones included.
+    pub(crate) fn append(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        block: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let [_, heads, n, dim] = k.dims();
+        let (start, end) = (self.len, self.len + n);
+        let (keys, values) = match self.kv.take() {
+            Some(buffers) if self.capacity() >= end => buffers,
+            old => {
+                let capacity = end.div_ceil(block.max(1)) * block.max(1);
+                let device = k.device();
+                let grow = |old: Option<Tensor<4>>| {
+                    let fresh = Tensor::zeros([1, heads, capacity, dim], &device);
+                    match old {
+                        Some(old) if start > 0 => fresh.slice_assign(
+                            [0..1, 0..heads, 0..start, 0..dim],
+                            old.narrow(2, 0, start),
+                        ),
+                        _ => fresh,
+                    }
+                };
+                let (old_k, old_v) = old.unzip();
+                (grow(old_k), grow(old_v))
+            }
+        };
+        // The buffers are this cache's alone here, so the backend writes them in place.
+        let at = [0..1, 0..heads, start..end, 0..dim];
+        let keys = keys.slice_assign(at.clone(), k);
+        let values = values.slice_assign(at, v);
+        let views = (
+            keys.clone().narrow(2, 0, end),
+            values.clone().narrow(2, 0, end),
+        );
+        self.kv = Some((keys, values));
+        self.len = end;
+        views
+    }
+}
+
 /// Per-layer keys and values of one session, with how many positions each layer holds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: BTreeMap<usize, LayerCache>,
+    block: usize,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::with_block(BLOCK_POSITIONS)
+    }
 }
 
 impl KvCache {
-    /// An empty cache.
+    /// An empty cache growing by [`BLOCK_POSITIONS`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache growing by `block` positions (at least 1).
+    pub fn with_block(block: usize) -> Self {
+        Self {
+            layers: BTreeMap::new(),
+            block: block.max(1),
+        }
     }
 
     /// Positions held by `layer` (0 if it was never run).
@@ -38,13 +113,23 @@ impl KvCache {
         self.layers.values().all(|l| l.len == 0)
     }
 
-    /// Positions summed over layers: what the cache's memory grows with.
+    /// Positions this cache takes room for when it holds `positions`: whole blocks.
+    pub fn reserved(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block) * self.block
+    }
+
+    /// Positions summed over layers that the cache takes room for: what its memory grows
+    /// with (whole blocks, the buffers' capacity where that is more).
     pub fn token_layers(&self) -> usize {
-        self.layers.values().map(|l| l.len).sum()
+        self.layers
+            .values()
+            .map(|l| l.capacity().max(self.reserved(l.len)))
+            .sum()
     }
 
     /// Readies `layers` to take new tokens at `start_pos`: a gap is an error, and a cache that
-    /// already holds positions at or past `start_pos` is cut back to it (a replayed call).
+    /// already holds positions at or past `start_pos` is cut back to it (a replayed call); its
+    /// buffers stay, to be written over.
     pub fn prepare(&mut self, layers: Range<usize>, start_pos: usize) -> Result<(), ModelError> {
         if let Some(layer) = layers.clone().find(|&l| self.len(l) < start_pos) {
             return Err(ModelError::PositionGap {
@@ -55,28 +140,92 @@ impl KvCache {
         }
         for layer in layers {
             let entry = self.layers.entry(layer).or_default();
-            if entry.len > start_pos {
-                entry.kv = match entry.kv.take() {
-                    Some((k, v)) if start_pos > 0 => {
-                        Some((k.narrow(2, 0, start_pos), v.narrow(2, 0, start_pos)))
-                    }
-                    _ => None,
-                };
-                entry.len = start_pos;
-            }
+            entry.len = entry.len.min(start_pos);
         }
         Ok(())
     }
 
-    /// The cached keys and values of `layer`, for the layer to read and extend.
-    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
-        &mut self.layers.entry(layer).or_default().kv
+    /// The cache of `layer`, for the layer to read and extend, with the block it grows by.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut LayerCache, usize) {
+        (self.layers.entry(layer).or_default(), self.block)
     }
 
-    /// Records that `layers` now hold `tokens` more positions.
+    /// Records that `layers` now hold `tokens` more positions without writing any: a test's
+    /// stand-in for a call.
     pub fn advance(&mut self, layers: Range<usize>, tokens: usize) {
         for layer in layers {
             self.layers.entry(layer).or_default().len += tokens;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{ModelSpec, write_model};
+    use crate::{Shard, ShardInput, ShardOutput};
+
+    fn logits(out: ShardOutput) -> Vec<f32> {
+        match out {
+            ShardOutput::Logits(l) => l,
+            ShardOutput::Hidden(_) => panic!("expected logits"),
+        }
+    }
+
+    /// Decodes `steps` tokens one at a time after a 5-token prompt; every step's logits.
+    fn decode(shard: &Shard, cache: &mut KvCache, steps: usize) -> Vec<Vec<f32>> {
+        let prompt = ShardInput::Tokens(vec![3, 14, 15, 92, 65]);
+        let mut out = vec![logits(shard.forward(cache, 0, 0..4, prompt).unwrap())];
+        for pos in 5..5 + steps {
+            let next = ShardInput::Tokens(vec![(pos * 7 % 250) as u32]);
+            out.push(logits(shard.forward(cache, pos, 0..4, next).unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn block_buffers_give_the_logits_of_an_exact_size_cache_and_count_whole_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &ModelSpec::tiny()).unwrap();
+        let shard = Shard::load(dir.path(), 0..4, &Default::default()).unwrap();
+        // A block of one position is a buffer of exactly the positions held, copied whole at
+        // every step: the cache as it was before blocks.
+        let mut exact = KvCache::with_block(1);
+        let expected = decode(&shard, &mut exact, 150);
+        assert_eq!(exact.token_layers(), 155 * 4);
+        for block in [5, 64] {
+            let mut cache = KvCache::with_block(block);
+            let got = decode(&shard, &mut cache, 150);
+            for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(diff <= 1e-5, "block {block}, step {step}: {diff}");
+            }
+            assert_eq!(cache.len(3), 155);
+            assert_eq!(cache.token_layers(), 155usize.div_ceil(block) * block * 4);
+        }
+        // A replay cut back into a block writes over it and gives the same logits again.
+        let mut cache = KvCache::with_block(64);
+        decode(&shard, &mut cache, 100);
+        let again = logits(
+            shard
+                .forward(
+                    &mut cache,
+                    70,
+                    0..4,
+                    ShardInput::Tokens(vec![(70 * 7 % 250) as u32]),
+                )
+                .unwrap(),
+        );
+        let diff = again
+            .iter()
+            .zip(&expected[70 - 4])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "{diff}");
+        assert_eq!((cache.len(0), cache.token_layers()), (71, 128 * 4));
     }
 }

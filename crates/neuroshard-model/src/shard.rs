@@ -288,9 +288,8 @@ impl Shard {
         for index in layers.clone() {
             let layer = &self.weights.layers[index - self.range.start];
             let entry = cache.layer_mut(index);
-            hidden = layer.forward(hidden, entry, &context, index, self.heads);
+            hidden = layer.forward(hidden, Some(entry), &context, index, self.heads);
         }
-        cache.advance(layers.clone(), tokens);
         if layers.end == config.num_hidden_layers {
             let last = hidden.narrow(1, tokens - 1, 1);
             return Ok(ShardOutput::Logits(to_vec(self.logits(last))));

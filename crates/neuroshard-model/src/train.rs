@@ -232,7 +232,7 @@ impl TrainShard {
         };
         let positions = Positions::new(config, 0, tokens, &shard.device);
         for (layer, index) in shard.weights.layers.iter().zip(shard.range()) {
-            hidden = layer.forward(hidden, &mut None, &positions, index, shard.heads);
+            hidden = layer.forward(hidden, None, &positions, index, shard.heads);
         }
         let (output, reply) = stage_output(shard, hidden, targets, tokens);
         self.pending.insert(

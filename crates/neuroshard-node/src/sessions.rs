@@ -24,6 +24,9 @@ pub struct SessionLimits {
     pub idle_timeout: Duration,
     /// KV bytes one token takes in one layer (keys and values).
     pub bytes_per_token_layer: u64,
+    /// Positions a session's cache grows by (`neuroshard_model::BLOCK_POSITIONS`): a session
+    /// holds, and the budget counts, whole blocks.
+    pub block_positions: usize,
 }
 
 #[derive(Debug)]
@@ -82,7 +85,10 @@ impl SessionStore {
         now: Instant,
     ) -> Result<(Checkout, bool), NodeError> {
         let mut sessions = self.sessions.lock_or_recover();
-        let need = (tokens * layers) as u64;
+        let block = self.limits.block_positions.max(1);
+        let reserved = (start_pos + tokens).div_ceil(block) * block * layers;
+        let has = sessions.get(id).map_or(0, |e| e.token_layers);
+        let need = (reserved as u64).saturating_sub(has);
         let created = match sessions.get(id) {
             Some(entry) if entry.owner != caller => return Err(not_owner(id)),
             None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
@@ -113,7 +119,7 @@ impl SessionStore {
             generation: self
                 .generations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            cache: Some(KvCache::new()),
+            cache: Some(KvCache::with_block(block)),
             token_layers: 0,
             last_used: now,
         });
@@ -283,6 +289,7 @@ mod tests {
             budget_bytes: 100 * 8,
             idle_timeout: Duration::from_secs(60),
             bytes_per_token_layer: 8,
+            block_positions: 1,
         })
     }
 
@@ -398,5 +405,46 @@ mod tests {
         let err = s.checkout("a3", a, 0, 40, 1, later).unwrap_err();
         assert!(err.to_string().contains("budget"), "{err}");
         assert_eq!(s.usage().0, 2, "a2 and b1");
+    }
+
+    #[test]
+    fn sessions_hold_whole_blocks_free_them_when_they_end_and_are_refused_past_the_budget() {
+        // 100 token-layers of budget in blocks of 16 positions, over 2 layers.
+        let s = SessionStore::new(SessionLimits {
+            block_positions: 16,
+            ..store().limits
+        });
+        let now = Instant::now();
+        let (c, _) = s.checkout("a", owner(), 0, 1, 2, now).unwrap();
+        assert_eq!(
+            s.usage().1,
+            16 * 2 * 8,
+            "one token takes a block in each layer"
+        );
+        let mut cache = c.cache;
+        cache.advance(0..2, 1);
+        s.checkin(Checkout { cache, ..c }, now);
+        assert_eq!(s.usage().1, 16 * 2 * 8);
+        // Positions 1..16 fit the block held; the 17th takes a second.
+        let (c, _) = s.checkout("a", owner(), 1, 15, 2, now).unwrap();
+        assert_eq!(s.usage().1, 16 * 2 * 8);
+        let mut cache = c.cache;
+        cache.advance(0..2, 15);
+        s.checkin(Checkout { cache, ..c }, now);
+        let (c, _) = s.checkout("a", owner(), 16, 1, 2, now).unwrap();
+        assert_eq!(s.usage().1, 32 * 2 * 8);
+        let mut cache = c.cache;
+        cache.advance(0..2, 1);
+        s.checkin(Checkout { cache, ..c }, now);
+        // 64 held of 100: another session's two blocks in two layers (64) do not fit.
+        let err = s.checkout("b", owner(), 0, 17, 2, now).unwrap_err();
+        assert!(matches!(err, NodeError::Full(_)), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert!(s.end("a", &owner()).unwrap());
+        assert_eq!(s.usage(), (0, 0), "its blocks are free");
+        assert!(s.checkout("b", owner(), 0, 17, 2, now).is_ok());
     }
 }

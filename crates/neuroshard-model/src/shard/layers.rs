@@ -8,6 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::LlamaConfig;
+use crate::kv::LayerCache;
 
 /// One decoder block: pre-norm attention with grouped-query heads, then a SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -36,11 +37,12 @@ pub(crate) struct Heads {
 }
 
 impl DecoderLayer {
-    /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`.
+    /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`
+    /// (with the block it grows by), if any.
     pub(crate) fn forward(
         &self,
         x: Tensor<3>,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        cache: Option<(&mut LayerCache, usize)>,
         positions: &Positions,
         index: usize,
         heads: Heads,
@@ -68,7 +70,7 @@ impl DecoderLayer {
     pub(crate) fn attention(
         &self,
         x: Tensor<3>,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+        cache: Option<(&mut LayerCache, usize)>,
         rope: &Rope,
         mask: Option<&Tensor<2>>,
         heads: Heads,
@@ -96,14 +98,10 @@ impl DecoderLayer {
             self.k_norm.as_ref(),
         ));
         let v = split(self.v_proj.forward(x), kv, None);
-        let (k, v) = match cache.take() {
-            Some((past_k, past_v)) => (
-                Tensor::cat(vec![past_k, k], 2),
-                Tensor::cat(vec![past_v, v], 2),
-            ),
+        let (k, v) = match cache {
+            Some((cache, block)) => cache.append(k, v, block),
             None => (k, v),
         };
-        *cache = Some((k.clone(), v.clone()));
         let total = k.dims()[2];
         // [1, kv, group * n, dim]
         let q = q.reshape([1, kv, group * n, dim]);

@@ -315,6 +315,7 @@ impl NodeState {
                 budget_bytes: config.kv_budget_bytes,
                 idle_timeout: config.session_idle,
                 bytes_per_token_layer: parts.model.config.kv_bytes_per_token_layer() as u64,
+                block_positions: neuroshard_model::BLOCK_POSITIONS,
             }),
             record: parts.record,
             display_name: RwLock::new(config.display_name.clone().unwrap_or_default()),
