@@ -14,5 +14,6 @@ mod reference;
 mod relay;
 mod runs;
 mod secure;
+mod throughput;
 mod tracker;
 mod training;

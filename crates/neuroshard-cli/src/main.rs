@@ -1,6 +1,7 @@
 //! `neuroshard`: the headless runtime's command line. Parses arguments and calls the library;
 //! each command's arguments and runner live in a module of its own.
 
+mod bench;
 mod credit;
 mod generate;
 mod node;
@@ -36,6 +37,7 @@ use neuroshard_proto as pb;
 const DEFAULT_LOG: &str = "neuroshard_node=info,neuroshard_net=info,neuroshard_discovery=info,\
                            neuroshard_client=info,neuroshard_settings=info";
 
+use bench::{BenchArgs, run_bench};
 use credit::{PassArgs, RequesterArgs, issue_pass};
 use generate::{GenerateArgs, print_hops, print_speed, run_generate};
 use node::{NodeArgs, run_node};
@@ -126,6 +128,9 @@ enum Command {
     Pass(PassArgs),
     /// Show the Proof of Neural Work receipts in a node's ledger.
     Proofs(ProofsArgs),
+    /// Measure this machine: decode tokens/s over a model's layers at a short and a long
+    /// context, on a node's compute threads, and a decode hop's overhead to a peer.
+    Bench(BenchArgs),
     /// Print a node's metrics (via Ping) or a tracker's stats as JSON.
     Status {
         /// Node address host:port.
@@ -144,6 +149,8 @@ enum Size {
     TrainedDemo,
     Bench,
     Tiny,
+    /// SmolLM2-135M's shape (30 layers, vocabulary 49,152), random weights: 270 MB.
+    Smol,
 }
 
 impl Size {
@@ -153,6 +160,7 @@ impl Size {
             Size::TrainedDemo => ModelSpec::trained_demo(),
             Size::Bench => ModelSpec::bench(),
             Size::Tiny => ModelSpec::tiny(),
+            Size::Smol => ModelSpec::smol(),
         }
     }
 }
@@ -188,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Relay { listen, kbps } => run_relay(listen, kbps).await?,
         Command::Generate(args) => run_generate(args).await?,
         Command::Serve(args) => run_serve(args).await?,
+        Command::Bench(args) => run_bench(args).await?,
         Command::InitModel { dir, size } => {
             write_model(&dir, &size.spec())?;
             println!("wrote model to {}", dir.display());

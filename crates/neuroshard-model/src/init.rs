@@ -91,6 +91,25 @@ impl ModelSpec {
         }
     }
 
+    /// A model of SmolLM2-135M's shape (30 layers of width 576, 9 query and 3 key/value
+    /// heads, a vocabulary of 49,152, tied embeddings, bf16) with random weights: what the
+    /// throughput benchmarks run on, the size a real small checkpoint computes at.
+    pub fn smol() -> Self {
+        Self {
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            max_positions: 8192,
+            vocab: 49_152,
+            tie_embeddings: true,
+            dtype: WireDType::BF16,
+            files: 1,
+            seed: 135,
+        }
+    }
+
     /// A model small enough for unit tests.
     pub fn tiny() -> Self {
         Self {

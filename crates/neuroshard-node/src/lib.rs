@@ -8,6 +8,7 @@
 //! fetches weights or checks receipts) and `neuroshard-settings`. [`swarm`] starts a whole
 //! swarm on loopback, which [`demo`], [`train`], the tests and the benchmarks use.
 
+pub mod bench;
 pub mod demo;
 pub mod duty;
 pub mod identity;

@@ -98,15 +98,16 @@ impl DecoderLayer {
             self.k_norm.as_ref(),
         ));
         let v = split(self.v_proj.forward(x), kv, None);
-        let (k, v) = match cache {
+        // Keys transposed: [1, kv, dim, total].
+        let (keys, v) = match cache {
             Some((cache, block)) => cache.append(k, v, block),
-            None => (k, v),
+            None => (k.swap_dims(2, 3), v),
         };
-        let total = k.dims()[2];
+        let total = keys.dims()[3];
         // [1, kv, group * n, dim]
         let q = q.reshape([1, kv, group * n, dim]);
         // Multiplied by dim^-0.5 rather than divided by its root, as transformers does.
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
+        let mut scores = q.matmul(keys) * (dim as f64).powf(-0.5);
         if let Some(mask) = mask {
             // The mask is [n, total]; rows of the grouped queries repeat every n.
             let mask = mask

@@ -1,0 +1,160 @@
+//! What this machine contributes (`neuroshard bench`): decode tokens per second over a model's
+//! layers at a short and a long context, on the compute threads a node would use, and the
+//! overhead of one hop to a peer (the wall time of a Forward minus the compute the peer
+//! reports). An owner sees what their node adds; the figures are the capability a router can
+//! plan with.
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use neuroshard_model::codec::{self, WireDType};
+use neuroshard_model::{KvCache, Shard, ShardInput};
+use neuroshard_net::NodeError;
+use neuroshard_net::convert::{peer_from_proto, span_to_proto, tensor_to_proto};
+use neuroshard_net::pool::Target;
+use neuroshard_proto as pb;
+
+use crate::threads::ComputeThreads;
+
+/// Tokens a prefill runs per call, as a client sends them.
+const PREFILL_CHUNK: usize = 512;
+
+/// Decode speed at one context length.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DecodeFigure {
+    /// Positions already held when each measured token runs.
+    pub context: usize,
+    /// Mean time of one decode step, ms.
+    pub ms_per_token: f64,
+    /// Decode steps per second.
+    pub tokens_per_s: f64,
+}
+
+/// A hop's cost to a peer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HopFigure {
+    /// The peer's address.
+    pub peer: String,
+    /// The layers it ran.
+    pub layers: String,
+    /// Decode calls timed.
+    pub calls: u32,
+    /// Mean wall time of a call, ms.
+    pub wall_ms: f64,
+    /// Mean compute the peer reported, ms.
+    pub compute_ms: f64,
+    /// Mean wall minus compute: network, TLS, HTTP/2 and codecs, ms.
+    pub overhead_ms: f64,
+}
+
+/// Decode tokens per second over `layers` of `shard` at each of `contexts`, `steps` steps
+/// each, on `threads`. Each step runs one token at position `context` (the cache is cut back
+/// to it between steps), so every step attends over exactly `context` positions.
+pub fn decode_speed(
+    shard: &Shard,
+    layers: Range<usize>,
+    contexts: &[usize],
+    steps: u32,
+    threads: &ComputeThreads,
+) -> Result<Vec<DecodeFigure>, NodeError> {
+    let hidden = shard.info().config.hidden_size;
+    let input = |tokens: usize| match layers.start {
+        0 => ShardInput::Tokens(vec![1; tokens]),
+        _ => ShardInput::Hidden(vec![0.01; tokens * hidden]),
+    };
+    let mut figures = Vec::with_capacity(contexts.len());
+    for &context in contexts {
+        let mut cache = KvCache::new();
+        let mut pos = 0;
+        while pos < context {
+            let n = (context - pos).min(PREFILL_CHUNK);
+            threads.install(|| shard.forward(&mut cache, pos, layers.clone(), input(n)))?;
+            pos += n;
+        }
+        // One step first: a backend's kernels and buffers are ready before the clock runs.
+        threads.install(|| shard.forward(&mut cache, context, layers.clone(), input(1)))?;
+        let started = Instant::now();
+        for _ in 0..steps.max(1) {
+            threads.install(|| shard.forward(&mut cache, context, layers.clone(), input(1)))?;
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(steps.max(1));
+        figures.push(DecodeFigure {
+            context,
+            ms_per_token: ms,
+            tokens_per_s: 1000.0 / ms,
+        });
+    }
+    Ok(figures)
+}
+
+/// Loads `layers` of the model in `dir` on the default device (warmed up off the CPU).
+pub fn load(dir: &Path, layers: Range<usize>) -> Result<Shard, NodeError> {
+    let device = neuroshard_model::default_device();
+    let shard = Shard::load(dir, layers, &device)?;
+    if !neuroshard_model::is_cpu(&device) {
+        shard.warm_up()?;
+    }
+    Ok(shard)
+}
+
+/// The overhead of a decode hop to the node at `peer`, which serves a model of width `hidden`:
+/// asks what it serves, runs a one-token prefill, then `calls` one-token decode calls of its
+/// whole range, and ends the session.
+pub async fn hop_overhead(
+    peer: &Target,
+    hidden: usize,
+    calls: u32,
+) -> Result<HopFigure, NodeError> {
+    let dialler = neuroshard_net::tls::Dialler::ephemeral()?;
+    let channel = neuroshard_net::pool::connect(peer, &dialler, Duration::from_secs(10)).await?;
+    let mut client = pb::node_client::NodeClient::new(channel);
+    let remote = |status| NodeError::Remote {
+        peer: peer.addr.clone(),
+        status,
+    };
+    let ping = client.ping(pb::PingRequest {}).await.map_err(remote)?;
+    let info = ping
+        .into_inner()
+        .node
+        .ok_or_else(|| NodeError::BadRequest(format!("{peer} did not say what it serves")))?;
+    let info = peer_from_proto(info)?;
+    let session = format!("bench-{:016x}", rand::random::<u64>());
+    let request = |pos: u64| pb::ForwardRequest {
+        session_id: session.clone(),
+        start_pos: pos,
+        layers: Some(span_to_proto(info.layers)),
+        input: Some(match info.layers.start {
+            0 => pb::forward_request::Input::Tokens(pb::TokenIds { ids: vec![1] }),
+            _ => pb::forward_request::Input::Hidden(tensor_to_proto(codec::encode(
+                &vec![0.01; hidden],
+                &[1, 1, hidden],
+                WireDType::F16,
+            ))),
+        }),
+        model_id: info.model_id.clone(),
+        reply_dtype: pb::Dtype::F16 as i32,
+        ..Default::default()
+    };
+    client.forward(request(0)).await.map_err(remote)?;
+    let (mut wall, mut compute) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..calls.max(1) {
+        let started = Instant::now();
+        let reply = client.forward(request(1)).await.map_err(remote)?;
+        wall += started.elapsed();
+        compute += Duration::from_micros(reply.into_inner().compute_us);
+    }
+    let end = pb::EndSessionRequest {
+        session_id: session,
+    };
+    let _ = client.end_session(end).await;
+    let per = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(calls.max(1));
+    Ok(HopFigure {
+        peer: peer.addr.clone(),
+        layers: info.layers.to_string(),
+        calls: calls.max(1),
+        wall_ms: per(wall),
+        compute_ms: per(compute),
+        overhead_ms: per(wall.saturating_sub(compute)),
+    })
+}
