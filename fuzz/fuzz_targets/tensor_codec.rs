@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((head, rest)) = data.split_first_chunk::<3>() else {
         return;
     };
-    let dtype = [WireDType::F32, WireDType::F16, WireDType::BF16][head[0] as usize % 3];
+    let dtype = [
+        WireDType::F32,
+        WireDType::F16,
+        WireDType::BF16,
+        WireDType::Int8Block,
+    ][head[0] as usize % 4];
     let lz4 = head[1] & 1 == 1;
     let rank = head[2] as usize % (codec::MAX_RANK + 2);
     let mut rest = rest;

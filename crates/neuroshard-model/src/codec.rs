@@ -23,6 +23,9 @@ pub const MAX_RANK: usize = 8;
 /// enough to see whether the data has redundancy, and costs microseconds.
 const LZ4_PROBE_BYTES: usize = 4096;
 
+/// Values per block of [`WireDType::Int8Block`], each block with its own scale.
+pub const INT8_BLOCK: usize = 32;
+
 /// Element type of a payload on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WireDType {
@@ -32,23 +35,42 @@ pub enum WireDType {
     F16,
     /// bfloat16: f32's exponent range with 8 bits of mantissa.
     BF16,
+    /// Blockwise int8: the values in blocks of [`INT8_BLOCK`] in their flat order, each block
+    /// an f16 scale (its largest magnitude over 127) and then its values rounded to int8 in
+    /// units of that scale; 1.06 bytes a value. Hidden states only: for a hop over a slow
+    /// uplink, at a relative error near 0.5 % (f16's is 0.03 %).
+    Int8Block,
 }
 
 impl WireDType {
-    /// Bytes per element.
+    /// Bytes per element of a fixed-width type; 1 for int8 blocks, whose scales come on top
+    /// ([`Self::raw_bytes`] counts them).
     pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
+            Self::Int8Block => 1,
         }
     }
 
-    /// Parses `f32`, `f16` or `bf16`.
+    /// Bytes `elements` values take uncompressed; `None` when that overflows.
+    pub fn raw_bytes(self, elements: usize) -> Option<usize> {
+        match self {
+            Self::Int8Block => elements
+                .div_ceil(INT8_BLOCK)
+                .checked_mul(2)?
+                .checked_add(elements),
+            other => elements.checked_mul(other.size()),
+        }
+    }
+
+    /// Parses `f32`, `f16`, `bf16` or `int8` (blockwise).
     pub fn parse(name: &str) -> Result<Self, CodecError> {
         match name.to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "f16" | "fp16" | "float16" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::BF16),
+            "int8" | "int8-block" | "int8_block" => Ok(Self::Int8Block),
             other => Err(CodecError::UnknownDType(other.to_string())),
         }
     }
@@ -73,7 +95,7 @@ pub struct WireTensor {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
     /// The dtype field is missing or unknown.
-    #[error("tensor dtype {0:?} is not one of f32, f16, bf16")]
+    #[error("tensor dtype {0:?} is not one of f32, f16, bf16, int8 blocks")]
     UnknownDType(String),
     /// Too many dimensions.
     #[error("tensor rank {0} exceeds the maximum of {MAX_RANK}")]
@@ -130,7 +152,8 @@ impl WireTensor {
         let bytes = self
             .shape
             .iter()
-            .try_fold(self.dtype.size(), |acc, &d| acc.checked_mul(d));
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|elements| self.dtype.raw_bytes(elements));
         let too_large = || CodecError::TooLarge {
             shape: self.shape.clone(),
             bytes: bytes.unwrap_or(usize::MAX),
@@ -225,7 +248,40 @@ pub(crate) fn narrow_le(values: &[f32], dtype: WireDType) -> Vec<u8> {
         WireDType::F32 => bytemuck::cast_slice(values).to_vec(),
         WireDType::F16 => narrow_half::<f16>(values),
         WireDType::BF16 => narrow_half::<bf16>(values),
+        WireDType::Int8Block => narrow_int8(values),
     }
+}
+
+/// Blockwise int8: per block of [`INT8_BLOCK`] values, an f16 scale and the rounded values.
+fn narrow_int8(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WireDType::Int8Block.raw_bytes(values.len()).unwrap_or(0));
+    for block in values.chunks(INT8_BLOCK) {
+        let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The scale as the receiver reads it, so the values are rounded against it.
+        let scale = f16::from_f32(largest / 127.0);
+        out.extend(scale.to_le_bytes());
+        let scale = scale.to_f32();
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        out.extend(
+            block
+                .iter()
+                .map(|v| (v * inverse).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+    }
+    out
+}
+
+/// Blockwise int8 bytes to f32 (a last block may be short).
+fn widen_int8(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for block in bytes.chunks(INT8_BLOCK + 2) {
+        let Some((scale, values)) = block.split_first_chunk::<2>() else {
+            break;
+        };
+        let scale = f16::from_le_bytes(*scale).to_f32();
+        out.extend(values.iter().map(|&q| f32::from(q as i8) * scale));
+    }
+    out
 }
 
 fn narrow_half<H: bytemuck::Pod>(values: &[f32]) -> Vec<u8>
@@ -249,6 +305,7 @@ pub(crate) fn widen_le(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
         },
         WireDType::F16 => widen_half(bytes, f16::from_le_bytes),
         WireDType::BF16 => widen_half(bytes, bf16::from_le_bytes),
+        WireDType::Int8Block => widen_int8(bytes),
     }
 }
 
@@ -283,6 +340,8 @@ mod tests {
             (WireDType::F32, 0.0),
             (WireDType::F16, 3e-3),
             (WireDType::BF16, 2e-2),
+            // Half of a block's step: 3 / 127 / 2.
+            (WireDType::Int8Block, 1.2e-2),
         ] {
             let wire = encode(&values, &[2, 300], dtype);
             let back = decode(&wire).unwrap();
@@ -293,6 +352,70 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst <= tol, "{dtype:?}: error {worst}");
         }
+    }
+
+    /// Relative L2 error of `back` against `values`.
+    fn relative_l2(values: &[f32], back: &[f32]) -> f64 {
+        let (mut err, mut norm) = (0f64, 0f64);
+        for (a, b) in values.iter().zip(back) {
+            err += f64::from(a - b).powi(2);
+            norm += f64::from(*a).powi(2);
+        }
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn int8_blocks_are_a_sixteenth_over_a_byte_a_value_within_one_percent_of_f16() {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        // Hidden-state-like rows: Gaussian, with two outlier features twenty times the rest, as
+        // a trained model's residual stream has a few.
+        let normal = rand_distr::Normal::new(0.0f32, 1.0).unwrap();
+        let mut values: Vec<f32> = (0..4 * 576).map(|_| normal.sample(&mut rng)).collect();
+        for row in values.chunks_mut(576) {
+            row[7] *= 20.0;
+            row[300] *= 20.0;
+        }
+        let shape = [1, 4, 576];
+        let int8 = encode(&values, &shape, WireDType::Int8Block);
+        assert_eq!(int8.raw_len, 4 * 576 + 2 * (4 * 576 / INT8_BLOCK));
+        let f16 = decode(&encode(&values, &shape, WireDType::F16)).unwrap();
+        let back = decode(&int8).unwrap();
+        let (e8, e16) = (relative_l2(&values, &back), relative_l2(&values, &f16));
+        assert!(relative_l2(&f16, &back) <= 1e-2, "{e8} vs f16's {e16}");
+        assert!(e16 < e8, "f16 is the finer of the two");
+        // A short last block, zeros and the extremes round-trip.
+        let odd = [0.0, -3.5, 127.0, 1e-3, -127.0];
+        let back = decode(&encode(&odd, &[5], WireDType::Int8Block)).unwrap();
+        assert_eq!(back.len(), 5);
+        assert!(
+            odd.iter().zip(&back).all(|(a, b)| (a - b).abs() <= 0.51),
+            "{back:?}"
+        );
+        assert_eq!(
+            decode(&encode(&[0.0; 40], &[40], WireDType::Int8Block)).unwrap(),
+            [0.0; 40]
+        );
+        // A payload cut short of its shape is refused before decoding.
+        let mut cut = encode(&values, &shape, WireDType::Int8Block);
+        cut.raw_len -= 1;
+        assert!(matches!(
+            decode(&cut),
+            Err(CodecError::ShapeMismatch { .. })
+        ));
+        // A non-finite scale is refused.
+        let mut raw = int8.payload.to_vec();
+        if int8.lz4 {
+            raw = lz4_flex::block::decompress(&raw, int8.raw_len).unwrap();
+        }
+        raw[..2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        let bad = WireTensor {
+            payload: Bytes::from(raw),
+            lz4: false,
+            ..int8
+        };
+        assert!(matches!(decode(&bad), Err(CodecError::NonFinite(_))));
     }
 
     #[test]

@@ -277,6 +277,11 @@ fn write_files(
         WireDType::F32 => Dtype::F32,
         WireDType::F16 => Dtype::F16,
         WireDType::BF16 => Dtype::BF16,
+        WireDType::Int8Block => {
+            return Err(ModelError::Weights(
+                "safetensors files hold f32, f16 or bf16 weights, not int8 blocks".into(),
+            ));
+        }
     };
     for (n, chunk) in tensors.chunks(per_file).enumerate() {
         let views = chunk

@@ -68,6 +68,7 @@ pub fn dtype_from_proto(value: i32) -> Result<WireDType, NodeError> {
         Ok(pb::Dtype::F32) => Ok(WireDType::F32),
         Ok(pb::Dtype::F16) => Ok(WireDType::F16),
         Ok(pb::Dtype::Bf16) => Ok(WireDType::BF16),
+        Ok(pb::Dtype::Int8Block) => Ok(WireDType::Int8Block),
         _ => Err(
             neuroshard_model::codec::CodecError::UnknownDType(format!("enum value {value}")).into(),
         ),
@@ -80,6 +81,7 @@ pub fn dtype_to_proto(dtype: WireDType) -> pb::Dtype {
         WireDType::F32 => pb::Dtype::F32,
         WireDType::F16 => pb::Dtype::F16,
         WireDType::BF16 => pb::Dtype::Bf16,
+        WireDType::Int8Block => pb::Dtype::Int8Block,
     }
 }
 
