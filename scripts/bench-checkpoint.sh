@@ -3,11 +3,18 @@
 # the same model in one process (`generate --local`), as a ratio from one run. Local and swarm
 # generations alternate so machine noise hits both alike; each reports decode tokens/s (tokens
 # after the first over their time), and the medians are compared.
-# Usage: bench-checkpoint.sh BIN MODEL_DIR [NODES] [ROUNDS]
-# (a random Qwen2-0.5B-shaped checkpoint: scripts/make-bench-checkpoint.py)
+# Usage: bench-checkpoint.sh BIN MODEL_DIR [NODES] [ROUNDS] [THREADS]
+# (a random Qwen2-0.5B-shaped checkpoint: scripts/make-bench-checkpoint.py; or
+# `neuroshard init-model DIR --size smol`). Both sides compute on THREADS threads (default: every
+# core): the local run on rayon's pool of that size, each node with --cpu-threads; only one
+# node of the chain computes at a time.
 set -euo pipefail
 bin="$1" model="$2" nodes="${3:-3}" rounds="${4:-3}"
+threads="${5:-$(nproc)}"
+export RAYON_NUM_THREADS="$threads"
+NODE_ARGS="--cpu-threads $threads ${NODE_ARGS:-}"
 source "$(dirname "$0")/loopback-swarm.sh"
+echo "compute threads: $threads for the local run and for each node"
 
 layers="$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$model/config.json")"
 start_tracker

@@ -32,7 +32,8 @@ start_tracker() {
 # ($work/node-LAYERS.log); waits up to SECONDS for it to serve.
 start_node() {
   local model="$1" layers="$2" seconds="${3:-60}"
+  # shellcheck disable=SC2086 # NODE_ARGS: extra flags, split on spaces.
   "$bin" node --model "$model" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
-    --no-lan --data-dir "$work/data-$layers" 2>"$work/node-$layers.log" & pids+=($!)
+    --no-lan --data-dir "$work/data-$layers" ${NODE_ARGS:-} 2>"$work/node-$layers.log" & pids+=($!)
   await_line "$work/node-$layers.log" "serving layers" "$seconds"
 }

@@ -33,7 +33,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Family, LlamaConfig, RopeConfig, RopeScaling, SlidingWindow};
 pub use kv::{BLOCK_POSITIONS, KvCache};
 pub use sampling::{Chosen, Sampler, SamplingParams, argmax};
-pub use shard::{Shard, ShardInput, ShardOutput};
+pub use shard::{BatchItem, Shard, ShardInput, ShardOutput};
 pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, StopStrings, TextStream, TextTokenizer};
 pub use train::{TrainConfig, TrainOutput, TrainShard};
 

@@ -13,9 +13,11 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use sha2::{Digest, Sha256};
 
+mod batch;
 mod layers;
 mod loader;
 
+pub use batch::BatchItem;
 pub use layers::DecoderLayer;
 pub(crate) use layers::{Heads, Positions};
 use loader::{Loader, Source};

@@ -36,6 +36,13 @@ pub(crate) struct Heads {
     pub(crate) dim: usize,
 }
 
+/// One session's row of a batched call through a layer: its cache (with the block it grows
+/// by), if any, and its positions.
+pub(crate) struct Row<'a> {
+    pub(crate) cache: Option<(&'a mut LayerCache, usize)>,
+    pub(crate) positions: &'a Positions,
+}
+
 impl DecoderLayer {
     /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`
     /// (with the block it grows by), if any.
@@ -47,14 +54,20 @@ impl DecoderLayer {
         index: usize,
         heads: Heads,
     ) -> Tensor<3> {
-        let mask = positions.mask(index);
-        let attended = self.attention(
-            self.input_norm.forward(x.clone()),
-            cache,
-            &positions.rope,
-            mask,
-            heads,
-        );
+        self.forward_rows(x, vec![Row { cache, positions }], index, heads)
+    }
+
+    /// `[b, n, hidden]` → same: `b` sessions at once, row `i` reading and extending `rows[i]`'s
+    /// cache at its own positions. The projections and the MLP run on every row together (one
+    /// read of the weights); attention runs row by row, each over its own cache.
+    pub(crate) fn forward_rows(
+        &self,
+        x: Tensor<3>,
+        rows: Vec<Row<'_>>,
+        index: usize,
+        heads: Heads,
+    ) -> Tensor<3> {
+        let attended = self.attention(self.input_norm.forward(x.clone()), rows, index, heads);
         let x = x + attended;
         let h = self.post_attention_norm.forward(x.clone());
         let mlp = self
@@ -63,19 +76,48 @@ impl DecoderLayer {
         x + mlp
     }
 
-    /// Grouped-query attention over the cached and new positions: `[1, n, hidden]` → same.
+    /// Grouped-query attention of each row over its cached and new positions:
+    /// `[b, n, hidden]` → same.
+    fn attention(&self, x: Tensor<3>, rows: Vec<Row<'_>>, index: usize, heads: Heads) -> Tensor<3> {
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        let mut out: Vec<Tensor<3>> = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let one = |t: &Tensor<3>| t.clone().narrow(0, i, 1);
+                let mask = row.positions.mask(index);
+                self.attend(
+                    [one(&q), one(&k), one(&v)],
+                    row.cache,
+                    &row.positions.rope,
+                    mask,
+                    heads,
+                )
+            })
+            .collect();
+        let out = match out.len() {
+            1 => out.pop().expect("one row"),
+            _ => Tensor::cat(out, 0),
+        };
+        self.o_proj.forward(out)
+    }
+
+    /// One row's attention from its projections `[1, n, heads * dim]` (queries, keys, values)
+    /// to `[1, n, query_heads * dim]`, before the output projection.
     ///
     /// Queries are grouped as `[1, kv_heads, group * n, dim]` so that each key/value head is used
     /// by its group of query heads without copying keys and values per query head.
-    pub(crate) fn attention(
+    fn attend(
         &self,
-        x: Tensor<3>,
+        [q, k, v]: [Tensor<3>; 3],
         cache: Option<(&mut LayerCache, usize)>,
         rope: &Rope,
         mask: Option<&Tensor<2>>,
         heads: Heads,
     ) -> Tensor<3> {
-        let [_, n, _] = x.dims();
+        let [_, n, _] = q.dims();
         let Heads { query, kv, dim } = heads;
         let group = query / kv;
         // [1, heads, n, dim], each head normed first where the family does (Qwen3).
@@ -87,17 +129,9 @@ impl DecoderLayer {
             };
             t.swap_dims(1, 2)
         };
-        let q = rope.apply(split(
-            self.q_proj.forward(x.clone()),
-            query,
-            self.q_norm.as_ref(),
-        ));
-        let k = rope.apply(split(
-            self.k_proj.forward(x.clone()),
-            kv,
-            self.k_norm.as_ref(),
-        ));
-        let v = split(self.v_proj.forward(x), kv, None);
+        let q = rope.apply(split(q, query, self.q_norm.as_ref()));
+        let k = rope.apply(split(k, kv, self.k_norm.as_ref()));
+        let v = split(v, kv, None);
         // Keys transposed: [1, kv, dim, total].
         let (keys, v) = match cache {
             Some((cache, block)) => cache.append(k, v, block),
@@ -116,12 +150,11 @@ impl DecoderLayer {
                 .reshape([1, 1, group * n, total]);
             scores = scores + mask;
         }
-        let out = softmax(scores, 3)
+        softmax(scores, 3)
             .matmul(v)
             .reshape([1, query, n, dim])
             .swap_dims(1, 2)
-            .reshape([1, n, query * dim]);
-        self.o_proj.forward(out)
+            .reshape([1, n, query * dim])
     }
 }
 
