@@ -123,3 +123,81 @@ async fn int8_hidden_states_stay_within_one_percent_of_f16_through_a_swarm() {
     );
     swarm.shutdown().await;
 }
+
+/// Six sessions decode through three batching nodes at once, three of them joining after the
+/// first has made four tokens and each leaving after its own length: every session gets the
+/// greedy tokens it gets alone, and the nodes ran steps of several sessions in one pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sessions_joining_and_leaving_get_the_tokens_they_get_alone() {
+    use neuroshard_client::generate::{GenerateOptions, LocalPipeline, generate, generate_with};
+    use neuroshard_client::{ClientConfig, SwarmClient};
+    use neuroshard_node::node::Batching;
+
+    let model = TestModel::new(&ModelSpec::demo());
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..3 + i).map(|j| 40 + 7 * i + j).collect())
+        .collect();
+    let lengths: Vec<usize> = (0..6).map(|i| 6 + 2 * i).collect();
+    let mut expected = Vec::new();
+    for (prompt, &length) in prompts.iter().zip(&lengths) {
+        let mut local = LocalPipeline::load(model.path()).unwrap();
+        let report = generate(&mut local, prompt, length, &[], |_, _| {})
+            .await
+            .unwrap();
+        expected.push(report.generated_ids);
+    }
+    let mut swarm = Swarm::start(model.path(), &[]).await.unwrap();
+    for (start, end) in [(0, 2), (2, 4), (4, 6)] {
+        swarm
+            .add_node_with(model.path(), start, end, |c| {
+                // A window, so that steps arriving a moment apart on this busy machine still
+                // meet in one batch.
+                c.batching = Batching {
+                    max_batch: 16,
+                    window: std::time::Duration::from_millis(5),
+                };
+            })
+            .await
+            .unwrap();
+    }
+    let client = SwarmClient::connect(ClientConfig::new(swarm.tracker.url()))
+        .await
+        .unwrap();
+    let (made, watch) = tokio::sync::watch::channel(0usize);
+    let runs = prompts
+        .iter()
+        .zip(&lengths)
+        .enumerate()
+        .map(|(i, (prompt, &length))| {
+            let (client, made, mut watch) = (&client, &made, watch.clone());
+            async move {
+                if i >= 3 {
+                    watch.wait_for(|&n| n >= 4).await.unwrap();
+                }
+                let options = GenerateOptions {
+                    max_new_tokens: length,
+                    ..GenerateOptions::default()
+                };
+                let mut session = client.session();
+                let report = generate_with(&mut session, prompt, &options, |_, steps| {
+                    if i == 0 {
+                        made.send_replace(steps.len());
+                    }
+                    true
+                })
+                .await
+                .unwrap();
+                session.close().await;
+                report.generated_ids
+            }
+        });
+    let got = futures::future::join_all(runs).await;
+    assert_eq!(got, expected);
+    let counts: Vec<(u64, u64)> = swarm.nodes.iter().map(|n| n.batched()).collect();
+    println!("batches and steps per node: {counts:?}");
+    assert!(
+        counts.iter().all(|&(batches, steps)| steps > batches),
+        "every node ran some steps together: {counts:?}"
+    );
+    swarm.shutdown().await;
+}

@@ -63,6 +63,9 @@ pub(crate) struct NodeArgs {
     /// CPU threads for compute (0: every core but one).
     #[arg(long, default_value_t = 0)]
     cpu_threads: u16,
+    /// Decode steps of concurrent sessions run in one pass at most (1: each alone).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
     /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this
     /// build has one, else the CPU).
     #[arg(long, value_enum)]
@@ -101,6 +104,7 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.kv_budget_bytes = args.kv_budget_mib * 1024 * 1024;
     config.ledger_retention_days = args.ledger_retention_days;
     config.cpu_threads = args.cpu_threads;
+    config.batching.max_batch = args.max_batch;
     config.device = args.device.map(Device::compute_device);
     let data_dir = args
         .data_dir

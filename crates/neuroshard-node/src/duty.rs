@@ -36,29 +36,79 @@ struct Queue {
     out: bool,
     /// When the next compute may start.
     next_start: Instant,
-    /// Requesters with calls waiting, in the order they are next served.
-    ring: VecDeque<PublicKey>,
-    /// Each requester's waiting calls, oldest first.
-    waiting: HashMap<PublicKey, VecDeque<oneshot::Sender<Turn>>>,
+    /// Calls waiting, by requester.
+    waiting: RoundRobin<oneshot::Sender<Turn>>,
 }
 
 impl Queue {
     /// The next waiting call, round robin by requester; none when nobody waits.
     fn next_waiter(&mut self) -> Option<oneshot::Sender<Turn>> {
+        self.waiting.pop(|n| !n.is_closed())
+    }
+}
+
+/// Items waiting per requester key, handed out round robin by key and each key's in the order
+/// they came: the compute turns' waiting calls, and the decode steps waiting to be batched.
+#[derive(Debug)]
+pub(crate) struct RoundRobin<T> {
+    /// Requesters with items waiting, in the order they are next served.
+    ring: VecDeque<PublicKey>,
+    /// Each requester's items, oldest first.
+    waiting: HashMap<PublicKey, VecDeque<T>>,
+}
+
+impl<T> Default for RoundRobin<T> {
+    fn default() -> Self {
+        Self {
+            ring: VecDeque::new(),
+            waiting: HashMap::new(),
+        }
+    }
+}
+
+impl<T> RoundRobin<T> {
+    /// Queues `item` for `key`, unless `key` already has `cap` items that still wait (`live`
+    /// says which do; the others are dropped here): then `item` comes back.
+    pub(crate) fn push(
+        &mut self,
+        key: PublicKey,
+        item: T,
+        cap: usize,
+        live: impl Fn(&T) -> bool,
+    ) -> Result<(), T> {
+        let items = self.waiting.entry(key).or_default();
+        items.retain(|i| live(i));
+        if items.len() >= cap {
+            return Err(item);
+        }
+        items.push_back(item);
+        if items.len() == 1 && !self.ring.contains(&key) {
+            self.ring.push_back(key);
+        }
+        Ok(())
+    }
+
+    /// The next item that still waits, round robin by key.
+    pub(crate) fn pop(&mut self, live: impl Fn(&T) -> bool) -> Option<T> {
         while let Some(key) = self.ring.pop_front() {
-            let Some(calls) = self.waiting.get_mut(&key) else {
+            let Some(items) = self.waiting.get_mut(&key) else {
                 continue;
             };
-            let next = calls.pop_front();
-            match calls.is_empty() {
+            let next = items.pop_front();
+            match items.is_empty() {
                 true => drop(self.waiting.remove(&key)),
                 false => self.ring.push_back(key),
             }
-            if let Some(next) = next.filter(|n| !n.is_closed()) {
+            if let Some(next) = next.filter(|n| live(n)) {
                 return Some(next);
             }
         }
         None
+    }
+
+    /// Items waiting (some may have stopped waiting since).
+    pub(crate) fn len(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
     }
 }
 
@@ -69,6 +119,14 @@ pub struct Turn {
     /// `None` once handed back, so dropping does nothing more.
     queue: Option<Arc<Mutex<Queue>>>,
     share_percent: u8,
+}
+
+/// The refusal of a call whose requester already has [`MAX_WAITING_PER_REQUESTER`] waiting.
+pub(crate) fn too_many_waiting(requester: PublicKey) -> NodeError {
+    NodeError::Full(format!(
+        "requester {} already has {MAX_WAITING_PER_REQUESTER} calls waiting for compute",
+        requester.id().short()
+    ))
 }
 
 /// Rest owed after computing for `computed` at `share_percent` (1–100).
@@ -85,8 +143,7 @@ impl DutyCycle {
             queue: Arc::new(Mutex::new(Queue {
                 out: false,
                 next_start: Instant::now(),
-                ring: VecDeque::new(),
-                waiting: HashMap::new(),
+                waiting: RoundRobin::default(),
             })),
         }
     }
@@ -112,19 +169,14 @@ impl DutyCycle {
                 q.out = true;
                 None
             } else {
-                let calls = q.waiting.entry(requester).or_default();
-                // Calls that gave up waiting no longer count.
-                calls.retain(|c| !c.is_closed());
-                if calls.len() >= MAX_WAITING_PER_REQUESTER {
-                    return Err(NodeError::Full(format!(
-                        "requester {} already has {MAX_WAITING_PER_REQUESTER} calls waiting for compute",
-                        requester.id().short()
-                    )));
-                }
                 let (handover, turn) = oneshot::channel();
-                calls.push_back(handover);
-                if calls.len() == 1 && !q.ring.contains(&requester) {
-                    q.ring.push_back(requester);
+                // Calls that gave up waiting no longer count.
+                let live = |c: &oneshot::Sender<Turn>| !c.is_closed();
+                if q.waiting
+                    .push(requester, handover, MAX_WAITING_PER_REQUESTER, live)
+                    .is_err()
+                {
+                    return Err(too_many_waiting(requester));
                 }
                 Some(turn)
             }

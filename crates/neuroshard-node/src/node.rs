@@ -58,6 +58,7 @@ use neuroshard_net::{MAX_MESSAGE_BYTES, NodeError};
 use neuroshard_settings::ComputeDevice;
 
 mod attest;
+mod batch;
 mod checkpoint;
 mod config;
 mod forward;
@@ -69,6 +70,7 @@ mod service;
 mod startup;
 mod training;
 
+pub use batch::Batching;
 #[cfg(feature = "test-faults")]
 pub use config::Fault;
 #[cfg(not(feature = "test-faults"))]
@@ -152,6 +154,9 @@ pub struct NodeState {
     lifecycle: Lifecycle,
     caps: Arc<BandwidthCaps>,
     duty: DutyCycle,
+    /// Decode steps waiting to be run together, and how.
+    batcher: batch::Batcher,
+    batching: Batching,
     threads: ComputeThreads,
     key: Arc<NodeKey>,
     ledger: LedgerHandle,

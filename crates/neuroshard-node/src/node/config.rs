@@ -126,6 +126,8 @@ pub struct NodeConfig {
     /// [`neuroshard_proof::ledger::MIN_RETENTION_DAYS`]. Default 90: a quarter's receipts to
     /// page through and export, and a ledger that anyone's calls cannot grow without bound.
     pub ledger_retention_days: u32,
+    /// How concurrent sessions' decode steps run together: at most 16 in one pass by default.
+    pub batching: super::Batching,
     /// Test-only misbehaviour (the `test-faults` feature).
     #[cfg(feature = "test-faults")]
     #[doc(hidden)]
@@ -204,6 +206,7 @@ impl NodeConfig {
             weights_from: None,
             server: neuroshard_net::ServerLimits::default(),
             ledger_retention_days: 90,
+            batching: super::Batching::default(),
             #[cfg(feature = "test-faults")]
             fault: None,
         }
@@ -226,6 +229,9 @@ impl NodeConfig {
                     "must be 0 (keep every row) or at least {min}: the week's totals read rows"
                 ),
             );
+        }
+        if let Err((field, why)) = self.batching.validate() {
+            return bad(field, why);
         }
         if self.kv_budget_bytes == 0 {
             return bad("kv_budget_bytes", "must be positive");

@@ -269,6 +269,9 @@ impl NodeState {
     /// The blocking task owns the whole call, check-in included, so a caller that gives up (and
     /// drops this future) cannot leave the session checked out.
     pub(super) async fn compute(self: Arc<Self>, call: ForwardCall) -> Result<Computed, NodeError> {
+        if self.batches(&call) {
+            return self.compute_batched(call).await;
+        }
         // Waited for before the session is checked out, so giving up here leaves nothing behind.
         let turn = self.duty.turn(call.caller).await?;
         let checkout = self.check_out_session(&call)?;
@@ -283,7 +286,7 @@ impl NodeState {
 
     /// Checks out the call's session cache, unless the shard changed since the call was
     /// checked; counts a session the call starts.
-    fn check_out_session(&self, call: &ForwardCall) -> Result<Checkout, NodeError> {
+    pub(super) fn check_out_session(&self, call: &ForwardCall) -> Result<Checkout, NodeError> {
         let (checkout, created) = self.sessions.checkout(
             &call.session_id,
             call.caller,

@@ -104,6 +104,12 @@ impl NodeHandle {
         &self.state.model.id
     }
 
+    /// Decode batches run so far and the steps they held: steps over batches is the mean
+    /// batch size.
+    pub fn batched(&self) -> (u64, u64) {
+        self.state.batcher.counts()
+    }
+
     /// Current counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.state.metrics()

@@ -336,6 +336,8 @@ impl NodeState {
             lifecycle: Lifecycle::new(initial),
             caps: BandwidthCaps::new(config.upload_kbps, config.download_kbps),
             duty: DutyCycle::new(config.compute_share_percent),
+            batcher: Default::default(),
+            batching: config.batching,
             threads: ComputeThreads::new(config.cpu_threads)?,
             key: parts.key,
             ledger: parts.ledger,

@@ -1,0 +1,318 @@
+//! Continuous batching of decode steps: calls of one token from concurrent sessions are run as
+//! one forward pass (`Shard::forward_batch`), so they share every read of the weights, which is
+//! what a decode step on a CPU or a GPU waits on.
+//!
+//! A decode call joins the node's batch queue instead of waiting for a compute turn of its own.
+//! One worker takes the compute turns for the queue: it waits for a turn like any call (round
+//! robin with the prompts of other requesters), then takes what is queued, at most
+//! `max_batch` steps chosen round robin by requester key, and runs them together. Steps that
+//! arrive while a batch computes make the next batch, so sessions join and leave between steps
+//! and no step waits on a timer unless the owner sets a window.
+
+use super::*;
+use crate::duty::{MAX_WAITING_PER_REQUESTER, RoundRobin, Turn, too_many_waiting};
+use crate::node::forward::{Computed, ForwardCall};
+use crate::sessions::Checkout;
+use neuroshard_base::sync::LockExt;
+use neuroshard_model::BatchItem;
+use tokio::sync::oneshot;
+
+/// The key the batch worker waits for compute turns as: one requester among the others.
+const WORKER: PublicKey = PublicKey([0; 32]);
+
+/// How decode steps are batched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batching {
+    /// Decode steps run in one pass at most; 1 runs each alone. Default 16.
+    pub max_batch: usize,
+    /// How long the worker waits, once its turn comes, for more steps to arrive while fewer
+    /// than `max_batch` wait. Default zero: a batch is what arrived while the previous one
+    /// computed, and a lone step never waits.
+    pub window: Duration,
+}
+
+impl Batching {
+    /// The first bad field and why.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.max_batch == 0 {
+            return Err((
+                "batching.max_batch",
+                "must be at least 1 (1 runs every step alone)",
+            ));
+        }
+        if self.window > Duration::from_millis(100) {
+            return Err((
+                "batching.window",
+                "must be at most 100 ms: every step waits it",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            window: Duration::ZERO,
+        }
+    }
+}
+
+/// A decode call waiting in the queue, and where its result goes.
+struct Job {
+    call: ForwardCall,
+    reply: oneshot::Sender<Result<Computed, NodeError>>,
+}
+
+/// Decode calls waiting, by requester, and whether a worker runs.
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: RoundRobin<Job>,
+    running: bool,
+}
+
+impl Queue {
+    /// Up to `max` waiting jobs, round robin by requester, skipping those whose caller left.
+    fn take(&mut self, max: usize) -> Vec<Job> {
+        std::iter::from_fn(|| self.waiting.pop(Job::waits))
+            .take(max)
+            .collect()
+    }
+}
+
+impl Job {
+    /// Whether its caller still waits.
+    fn waits(&self) -> bool {
+        !self.reply.is_closed()
+    }
+}
+
+/// The node's batch queue, and how many batches and steps it ran.
+#[derive(Debug, Default)]
+pub(super) struct Batcher {
+    queue: Mutex<Queue>,
+    batches: std::sync::atomic::AtomicU64,
+    steps: std::sync::atomic::AtomicU64,
+}
+
+impl Batcher {
+    /// Batches run and the steps they held.
+    pub(super) fn counts(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.steps.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("session", &self.call.session_id)
+            .finish()
+    }
+}
+
+impl NodeState {
+    /// Whether `call` joins the batch queue: a one-token inference step on a node that batches
+    /// (and has no test fault, whose misbehaviour is per call).
+    pub(super) fn batches(&self, call: &ForwardCall) -> bool {
+        call.tokens == 1 && self.batching.max_batch > 1 && self.fault.is_none()
+    }
+
+    /// Runs a decode call as part of a batch: queues it, starting the worker if none runs, and
+    /// waits for its result. Refused when its requester already has
+    /// [`MAX_WAITING_PER_REQUESTER`] steps queued.
+    pub(super) async fn compute_batched(
+        self: Arc<Self>,
+        call: ForwardCall,
+    ) -> Result<Computed, NodeError> {
+        let (reply, result) = oneshot::channel();
+        let start = {
+            let mut q = self.batcher.queue.lock_or_recover();
+            let key = call.caller;
+            let job = Job { call, reply };
+            if q.waiting
+                .push(key, job, MAX_WAITING_PER_REQUESTER, Job::waits)
+                .is_err()
+            {
+                return Err(too_many_waiting(key));
+            }
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            tokio::spawn(self.clone().run_batches());
+        }
+        result.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// The worker: a compute turn, then the steps queued by then, until none is left.
+    async fn run_batches(self: Arc<Self>) {
+        loop {
+            let turn = self.duty.turn(WORKER).await;
+            let window = self.batching.window;
+            let queued = self.batcher.queue.lock_or_recover().waiting.len();
+            if !window.is_zero() && queued < self.batching.max_batch {
+                tokio::time::sleep(window).await;
+            }
+            let jobs = {
+                let mut q = self.batcher.queue.lock_or_recover();
+                let jobs = q.take(self.batching.max_batch);
+                if jobs.is_empty() {
+                    q.running = false;
+                    return;
+                }
+                jobs
+            };
+            let turn = match turn {
+                Ok(turn) => turn,
+                Err(e) => {
+                    for job in jobs {
+                        let _ = job.reply.send(Err(NodeError::Internal(e.to_string())));
+                    }
+                    continue;
+                }
+            };
+            let mut checked = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                match self.check_out_session(&job.call) {
+                    Ok(checkout) => checked.push((job, checkout)),
+                    Err(e) => drop(job.reply.send(Err(e))),
+                }
+            }
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            let state = self.clone();
+            let ran = tokio::task::spawn_blocking(move || state.compute_batch(checked, turn)).await;
+            if let Err(e) = ran {
+                tracing::error!("a batch's compute task failed: {}", panic_message(e));
+            }
+        }
+    }
+
+    /// The blocking half of a batch: runs the steps of each shard and layer range together,
+    /// replies to each, checks every session back in (or drops them all after a panic), and
+    /// ends the turn.
+    fn compute_batch(&self, jobs: Vec<(Job, Checkout)>, turn: Turn) {
+        let started = std::time::Instant::now();
+        let mut groups: Vec<Vec<(Job, Checkout)>> = Vec::new();
+        for job in jobs {
+            let same = |g: &Vec<(Job, Checkout)>| {
+                let first = &g[0].0.call;
+                Arc::ptr_eq(&first.served, &job.0.call.served) && first.layers == job.0.call.layers
+            };
+            match groups.iter_mut().find(|g| same(g)) {
+                Some(group) => group.push(job),
+                None => groups.push(vec![job]),
+            }
+        }
+        for group in groups {
+            self.compute_group(group, started);
+        }
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        turn.finish(started.elapsed());
+    }
+
+    /// One shard's and layer range's steps in one pass.
+    fn compute_group(&self, group: Vec<(Job, Checkout)>, started: std::time::Instant) {
+        let (jobs, mut checkouts): (Vec<Job>, Vec<Checkout>) = group.into_iter().unzip();
+        self.batcher.batches.fetch_add(1, Ordering::Relaxed);
+        let steps = jobs.len() as u64;
+        self.batcher.steps.fetch_add(steps, Ordering::Relaxed);
+        let (served, layers) = (jobs[0].call.served.clone(), jobs[0].call.layers);
+        let ran = self.threads.install(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let shard = served.shard.lock_or_recover();
+                let weights_hash = shard.weights_hash(layers.to_range())?;
+                let items = jobs
+                    .iter()
+                    .zip(&mut checkouts)
+                    .map(|(job, checkout)| BatchItem {
+                        cache: &mut checkout.cache,
+                        start_pos: job.call.start_pos,
+                        input: job.call.input.clone(),
+                    })
+                    .collect();
+                let outs = shard.forward_batch(layers.to_range(), items);
+                let chosen =
+                    jobs.iter()
+                        .zip(&outs)
+                        .map(|(job, out)| match (&job.call.sample, out) {
+                            (Some(sampler), Ok(ShardOutput::Logits(logits))) => {
+                                let position = (job.call.start_pos + 1) as u64;
+                                sampler
+                                    .choose(logits, position)
+                                    .map(Some)
+                                    .map_err(NodeError::from)
+                            }
+                            _ => Ok(None),
+                        });
+                let chosen: Vec<_> = chosen.collect();
+                Ok::<_, NodeError>((weights_hash, outs, chosen))
+            }))
+        });
+        let compute = started.elapsed();
+        let results: Vec<Result<Computed, NodeError>> = match ran {
+            Ok(Ok((weights_hash, outs, chosen))) => {
+                for checkout in checkouts {
+                    self.sessions.checkin(checkout, Instant::now());
+                }
+                outs.into_iter()
+                    .zip(chosen)
+                    .map(|(out, chosen)| {
+                        Ok(Computed {
+                            out: out?,
+                            chosen: chosen?,
+                            compute,
+                            weights_hash,
+                        })
+                    })
+                    .collect()
+            }
+            Ok(Err(e)) => {
+                for checkout in checkouts {
+                    self.sessions.checkin(checkout, Instant::now());
+                }
+                let why = e.to_string();
+                jobs.iter()
+                    .map(|_| Err(NodeError::Internal(why.clone())))
+                    .collect()
+            }
+            Err(payload) => {
+                for checkout in checkouts {
+                    self.sessions.abandon(checkout);
+                }
+                let why = forward::panic_text(payload.as_ref());
+                tracing::error!("a batch's compute panicked ({why}); its sessions were dropped");
+                let error = format!("compute panicked ({why}); the session was dropped");
+                jobs.iter()
+                    .map(|_| Err(NodeError::Internal(error.clone())))
+                    .collect()
+            }
+        };
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_batching_values_are_named_by_the_node_config() {
+        let mut config = NodeConfig::new("model", LayerRange::new(0, 1).unwrap());
+        config.batching.max_batch = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("batching.max_batch"), "{err}");
+        config.batching = Batching {
+            max_batch: 8,
+            window: Duration::from_secs(1),
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("batching.window"), "{err}");
+        config.batching.window = Duration::from_millis(2);
+        assert!(config.batching.validate().is_ok());
+    }
+}
