@@ -182,6 +182,16 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         "position gap",
     );
 
+    // A position past the model's (and past what usize adds up to): refused by name before any
+    // session work, so the batch worker that runs decode steps is not the one to find it.
+    for pos in [u64::MAX, 256] {
+        expect(
+            client.forward(request("good", pos, 2, 4, hidden(1))).await,
+            Code::InvalidArgument,
+            "max_position_embeddings",
+        );
+    }
+
     // Token ids where hidden states belong.
     let tokens = Input::Tokens(pb::TokenIds { ids: vec![1, 2] });
     expect(

@@ -181,6 +181,49 @@ async fn a_node_adding_noise_is_caught_and_routed_around() {
     catch(Fault::Noise { scale: 0.1 }, &model, true, Caught::SpotCheck).await;
 }
 
+/// An honest last hop drawing warm samples passes every spot check of its choices: the check
+/// admits the token the recomputed logits give, with only the backends' rounding as slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_last_hop_drawing_samples_passes_every_spot_check() {
+    use neuroshard_client::generate::{GenerateOptions, LocalPipeline, generate_with};
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await.unwrap();
+    let client = SwarmClient::connect(verifying_client(&swarm, &model))
+        .await
+        .unwrap();
+    let last = swarm.nodes[1].id();
+    for seed in 0..4 {
+        let options = GenerateOptions {
+            max_new_tokens: 24,
+            sampling: neuroshard_model::SamplingParams {
+                temperature: 1.2,
+                top_p: 0.95,
+                seed,
+                ..Default::default()
+            },
+            ..GenerateOptions::default()
+        };
+        let mut local = LocalPipeline::load(model.path()).unwrap();
+        let expected = generate_with(&mut local, PROMPT, &options, |_, _| true)
+            .await
+            .unwrap();
+        let mut session = client.session();
+        let got = generate_with(&mut session, PROMPT, &options, |_, _| true)
+            .await
+            .unwrap();
+        assert_eq!(got.generated_ids, expected.generated_ids, "seed {seed}");
+        assert!(session.events().is_empty(), "{:?}", session.events());
+        session.close().await;
+    }
+    let record = client.reputation(&last);
+    assert_eq!(record.failures, 0);
+    assert!(
+        record.passes > 0,
+        "its choices were re-executed: {record:?}"
+    );
+    swarm.shutdown().await;
+}
+
 /// The last hop chooses the token: one that computes honestly but sends another token is
 /// caught by re-executing it, its receipt voided with the choice named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,7 +55,7 @@ pub(crate) struct GenerateArgs {
     #[arg(long)]
     json: bool,
     /// Dtype of hidden states on the wire: f32, f16, bf16, or int8 (blockwise, for slow
-    /// uplinks: 1.06 bytes a value at a relative error near 0.5 %).
+    /// uplinks: 1.125 bytes a value at a relative error near 0.5 %).
     #[arg(long, default_value = "f16")]
     wire_dtype: String,
     /// Re-execute a sample of hops with the weights in --model (spot checks).

@@ -25,7 +25,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     cors_origin: Vec<String>,
     /// Dtype of hidden states on the wire: f32, f16, bf16, or int8 (blockwise, for slow
-    /// uplinks: 1.06 bytes a value at a relative error near 0.5 %).
+    /// uplinks: 1.125 bytes a value at a relative error near 0.5 %).
     #[arg(long, default_value = "f16")]
     wire_dtype: String,
 }

@@ -199,9 +199,8 @@ impl SwarmSession<'_> {
         self.sampler = None;
         match last? {
             Last::Chosen(chosen) => Ok(chosen),
-            Last::Logits(_) => Err(NodeError::BadRequest(
-                "the last hop returned logits; a chosen token was asked for".into(),
-            )),
+            // A node of an earlier version ignores the sampler: the token is chosen here.
+            Last::Logits(logits) => Ok(sampler.choose(&logits, (start_pos + ids.len()) as u64)?),
         }
     }
 

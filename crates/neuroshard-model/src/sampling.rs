@@ -183,36 +183,56 @@ impl Sampler {
         })
     }
 
-    /// Whether `token` is what [`Self::choose`] gives from `truth` at `position` once the
-    /// logits may be off by `slack` each (a backend's rounding): a near tie, or a draw that
-    /// lands within that much of the token's share, admits either neighbour.
+    /// Whether `token` is what [`Self::choose`] gives from `truth` at `position` once each
+    /// logit may be off by `slack` (a backend's rounding): a near tie admits either token, and
+    /// a draw admits a token whose share could reach the draw once every weight moves as far
+    /// as the slack allows, and only such a token.
     pub fn admits(&self, truth: &[f32], position: u64, token: u32, slack: f32) -> bool {
         let scores = self.penalised(truth);
         let Some(&score) = scores.get(token as usize) else {
             return false;
         };
+        // The penalty scales a seen token's logit, and its error, by up to max(p, 1/p); two
+        // logits each off by the slack can differ by twice it.
+        let p = self.params.repetition_penalty;
+        let apart = 2.0 * f64::from(slack * p.max(1.0 / p));
+        let best = scores[argmax(&scores) as usize];
         if self.params.is_greedy() {
-            let best = scores[argmax(&scores) as usize];
-            return score >= best - slack;
+            return f64::from(score) >= f64::from(best) - apart;
         }
         let kept = self.candidates(&scores);
         let total: f64 = kept.iter().map(|c| c.1).sum();
         if !total.is_finite() || total <= 0.0 {
             return token == argmax(&scores);
         }
-        let target = self.target(position) * total;
-        // Each weight may be off by a factor of exp(±slack / T), so every cumulative bound by
-        // up to the total times (exp(2 slack / T) - 1).
-        let margin =
-            total * ((2.0 * f64::from(slack) / f64::from(self.params.temperature)).exp() - 1.0);
-        let mut low = 0.0;
-        for &(id, weight) in &kept {
-            if id == token {
-                return target >= low - margin && target < low + weight + margin;
-            }
-            low += weight;
+        // In units of log weight, as `candidates` weighs tokens: exp((s - best) / T).
+        let temperature = f64::from(self.params.temperature);
+        let spread = apart / temperature;
+        let own = (f64::from(score) - f64::from(best)) / temperature;
+        let kept_own = kept.iter().any(|c| c.0 == token);
+        // A token left out here may have been kept there only if it was near the cut.
+        let last = kept.last().map_or(f64::NEG_INFINITY, |c| c.1.ln());
+        if !kept_own && own < last - spread {
+            return false;
         }
-        false
+        // Weight certainly ahead of the token, and weight possibly ahead of it or its own.
+        let (mut ahead, mut through) = (0.0, if kept_own { 0.0 } else { own.exp() });
+        for &(_, weight) in &kept {
+            let log = weight.ln();
+            if log > own + spread {
+                ahead += weight;
+            }
+            if log >= own - spread {
+                through += weight;
+            }
+        }
+        // Each probability moves by at most exp(±slack / T) against the others: the share
+        // ahead is at least A / (A + rest · e^spread), and the share through the token at most
+        // B / (B + rest · e^-spread).
+        let draw = self.target(position);
+        let low = ahead / (ahead + (total - ahead).max(0.0) * spread.exp());
+        let high = through / (through + (total - through).max(0.0) * (-spread).exp());
+        (ahead == 0.0 || low <= draw) && draw < high
     }
 
     fn draw(&self, scores: &[f32], position: u64) -> u32 {
@@ -269,10 +289,13 @@ impl Sampler {
             // In f64: a tiny temperature would overflow f32 to infinity (and NaN weights).
             .map(|(i, &s)| (i as u32, f64::from(s) / f64::from(temperature)))
             .collect();
-        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if top_k > 0 {
+        let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Only the top k need an order: select them first (a vocabulary is 50 to 250 thousand).
+        if top_k > 0 && top_k < order.len() {
+            order.select_nth_unstable_by(top_k - 1, by_weight);
             order.truncate(top_k);
         }
+        order.sort_by(by_weight);
         let best = order.first().map_or(0.0, |c| c.1);
         let mut weights: Vec<(u32, f64)> = order
             .into_iter()
@@ -488,6 +511,29 @@ mod tests {
             // Tokens 0 and 3 are outside the top 3.
             assert!(!sampled.admits(&LOGITS, p, 3, 1e-4));
             assert!(!sampled.admits(&LOGITS, p, 0, 1e-4));
+        }
+        // A real vocabulary's logits: mostly well below zero (an RMS near 8), drawn at 0.7.
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let normal = rand_distr::Normal::new(-8.0f32, 3.0).unwrap();
+        let logits: Vec<f32> = (0..1000).map(|_| normal.sample(&mut rng)).collect();
+        let warm = sampler(SamplingParams {
+            temperature: 0.7,
+            seed: 9,
+            ..SamplingParams::default()
+        });
+        for p in 0..32 {
+            let chosen = warm.choose(&logits, p).unwrap().token;
+            for (slack, most) in [(1e-3, 3), (0.02, 10)] {
+                assert!(warm.admits(&logits, p, chosen, slack));
+                let admitted = (0..1000)
+                    .filter(|&t| warm.admits(&logits, p, t, slack))
+                    .count();
+                // A backend's rounding lets a draw near a boundary go either way, never to
+                // any token at all.
+                assert!(admitted <= most, "position {p}, slack {slack}: {admitted}");
+            }
         }
     }
 

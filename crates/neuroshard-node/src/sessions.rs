@@ -86,9 +86,8 @@ impl SessionStore {
     ) -> Result<(Checkout, bool), NodeError> {
         let mut sessions = self.sessions.lock_or_recover();
         let block = self.limits.block_positions.max(1);
-        let reserved = (start_pos + tokens).div_ceil(block) * block * layers;
         let has = sessions.get(id).map_or(0, |e| e.token_layers);
-        let need = (reserved as u64).saturating_sub(has);
+        let need = reservation(start_pos, tokens, block, layers).saturating_sub(has);
         let created = match sessions.get(id) {
             Some(entry) if entry.owner != caller => return Err(not_owner(id)),
             None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
@@ -214,6 +213,13 @@ impl SessionStore {
     fn budget_token_layers(&self) -> u64 {
         self.limits.budget_bytes / self.limits.bytes_per_token_layer.max(1)
     }
+}
+
+/// Token-layers a session takes once it holds positions up to `start_pos + tokens` in `layers`
+/// layers: whole blocks of `block` positions.
+fn reservation(start_pos: usize, tokens: usize, block: usize, layers: usize) -> u64 {
+    let positions = start_pos.saturating_add(tokens).div_ceil(block);
+    positions.saturating_mul(block).saturating_mul(layers) as u64
 }
 
 /// Frees room for `caller`'s `need` while it holds less than its fair share (the budget split

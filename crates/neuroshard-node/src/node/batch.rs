@@ -88,6 +88,24 @@ impl Job {
     }
 }
 
+/// Restarts the batch worker for what is still queued when the running one ends without
+/// having emptied the queue (it panicked).
+struct WorkerGuard(Arc<NodeState>);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut q = self.0.batcher.queue.lock_or_recover();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        q.running = q.waiting.len() != 0 && runtime.is_some();
+        if let (true, Some(runtime)) = (q.running, runtime) {
+            runtime.spawn(self.0.clone().run_batches());
+        }
+    }
+}
+
 /// The node's batch queue, and how many batches and steps it ran.
 #[derive(Debug, Default)]
 pub(super) struct Batcher {
@@ -147,15 +165,18 @@ impl NodeState {
         result.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
-    /// The worker: a compute turn, then the steps queued by then, until none is left.
+    /// The worker: a compute turn, then the steps queued by then, until none is left. If it
+    /// dies (a panic), its guard starts another for what is still queued.
     async fn run_batches(self: Arc<Self>) {
+        let _guard = WorkerGuard(self.clone());
         loop {
-            let turn = self.duty.turn(WORKER).await;
+            // The window passes before the turn is asked for: no other call waits on it.
             let window = self.batching.window;
             let queued = self.batcher.queue.lock_or_recover().waiting.len();
             if !window.is_zero() && queued < self.batching.max_batch {
                 tokio::time::sleep(window).await;
             }
+            let turn = self.duty.turn(WORKER).await;
             let jobs = {
                 let mut q = self.batcher.queue.lock_or_recover();
                 let jobs = q.take(self.batching.max_batch);
@@ -207,76 +228,50 @@ impl NodeState {
             }
         }
         for group in groups {
-            self.compute_group(group, started);
+            self.compute_group(group);
         }
         self.busy.fetch_sub(1, Ordering::Relaxed);
         turn.finish(started.elapsed());
     }
 
-    /// One shard's and layer range's steps in one pass.
-    fn compute_group(&self, group: Vec<(Job, Checkout)>, started: std::time::Instant) {
+    /// One shard's and layer range's steps in one pass; each job gets its result.
+    fn compute_group(&self, group: Vec<(Job, Checkout)>) {
+        let started = std::time::Instant::now();
         let (jobs, mut checkouts): (Vec<Job>, Vec<Checkout>) = group.into_iter().unzip();
         self.batcher.batches.fetch_add(1, Ordering::Relaxed);
         let steps = jobs.len() as u64;
         self.batcher.steps.fetch_add(steps, Ordering::Relaxed);
-        let (served, layers) = (jobs[0].call.served.clone(), jobs[0].call.layers);
         let ran = self.threads.install(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let shard = served.shard.lock_or_recover();
-                let weights_hash = shard.weights_hash(layers.to_range())?;
-                let items = jobs
-                    .iter()
-                    .zip(&mut checkouts)
-                    .map(|(job, checkout)| BatchItem {
-                        cache: &mut checkout.cache,
-                        start_pos: job.call.start_pos,
-                        input: job.call.input.clone(),
-                    })
-                    .collect();
-                let outs = shard.forward_batch(layers.to_range(), items);
-                let chosen =
-                    jobs.iter()
-                        .zip(&outs)
-                        .map(|(job, out)| match (&job.call.sample, out) {
-                            (Some(sampler), Ok(ShardOutput::Logits(logits))) => {
-                                let position = (job.call.start_pos + 1) as u64;
-                                sampler
-                                    .choose(logits, position)
-                                    .map(Some)
-                                    .map_err(NodeError::from)
-                            }
-                            _ => Ok(None),
-                        });
-                let chosen: Vec<_> = chosen.collect();
-                Ok::<_, NodeError>((weights_hash, outs, chosen))
+                run_group(&jobs, &mut checkouts)
             }))
         });
         let compute = started.elapsed();
-        let results: Vec<Result<Computed, NodeError>> = match ran {
+        let failed = |why: String| -> Vec<Result<Computed, NodeError>> {
+            jobs.iter()
+                .map(|_| Err(NodeError::Internal(why.clone())))
+                .collect()
+        };
+        let results = match ran {
             Ok(Ok((weights_hash, outs, chosen))) => {
                 for checkout in checkouts {
                     self.sessions.checkin(checkout, Instant::now());
                 }
-                outs.into_iter()
-                    .zip(chosen)
-                    .map(|(out, chosen)| {
-                        Ok(Computed {
-                            out: out?,
-                            chosen: chosen?,
-                            compute,
-                            weights_hash,
-                        })
+                let computed = |(out, chosen): (Result<ShardOutput, _>, Result<_, _>)| {
+                    Ok(Computed {
+                        out: out?,
+                        chosen: chosen?,
+                        compute,
+                        weights_hash,
                     })
-                    .collect()
+                };
+                outs.into_iter().zip(chosen).map(computed).collect()
             }
             Ok(Err(e)) => {
                 for checkout in checkouts {
                     self.sessions.checkin(checkout, Instant::now());
                 }
-                let why = e.to_string();
-                jobs.iter()
-                    .map(|_| Err(NodeError::Internal(why.clone())))
-                    .collect()
+                failed(e.to_string())
             }
             Err(payload) => {
                 for checkout in checkouts {
@@ -284,16 +279,51 @@ impl NodeState {
                 }
                 let why = forward::panic_text(payload.as_ref());
                 tracing::error!("a batch's compute panicked ({why}); its sessions were dropped");
-                let error = format!("compute panicked ({why}); the session was dropped");
-                jobs.iter()
-                    .map(|_| Err(NodeError::Internal(error.clone())))
-                    .collect()
+                failed(format!("compute panicked ({why}); the session was dropped"))
             }
         };
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }
     }
+}
+
+/// What one pass over a group of steps gives: the weights hash, each step's output, and each
+/// step's chosen token where it asked for one.
+type GroupRun = (
+    [u8; 32],
+    Vec<Result<ShardOutput, neuroshard_model::ModelError>>,
+    Vec<Result<Option<neuroshard_model::Chosen>, NodeError>>,
+);
+
+/// Runs `jobs` (one shard, one layer range) on their checked-out caches in one pass, and
+/// chooses the tokens asked for.
+fn run_group(jobs: &[Job], checkouts: &mut [Checkout]) -> Result<GroupRun, NodeError> {
+    let (served, layers) = (&jobs[0].call.served, jobs[0].call.layers);
+    let shard = served.shard.lock_or_recover();
+    let weights_hash = shard.weights_hash(layers.to_range())?;
+    let items = jobs
+        .iter()
+        .zip(checkouts)
+        .map(|(job, checkout)| BatchItem {
+            cache: &mut checkout.cache,
+            start_pos: job.call.start_pos,
+            input: job.call.input.clone(),
+        })
+        .collect();
+    let outs = shard.forward_batch(layers.to_range(), items);
+    let chosen = jobs
+        .iter()
+        .zip(&outs)
+        .map(|(job, out)| match (&job.call.sample, out) {
+            (Some(sampler), Ok(ShardOutput::Logits(logits))) => {
+                let position = (job.call.start_pos + 1) as u64;
+                Ok(Some(sampler.choose(logits, position)?))
+            }
+            _ => Ok(None),
+        })
+        .collect();
+    Ok((weights_hash, outs, chosen))
 }
 
 #[cfg(test)]

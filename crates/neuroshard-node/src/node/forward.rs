@@ -242,6 +242,12 @@ impl NodeState {
                 "{tokens} tokens in one call; send at most {MAX_TOKENS_PER_CALL} per call"
             )));
         }
+        let max = self.model.config.max_positions();
+        if start_pos.checked_add(tokens).is_none_or(|end| end > max) {
+            return Err(NodeError::BadRequest(format!(
+                "positions from {start_pos} for {tokens} tokens pass the model's {max} (max_position_embeddings)"
+            )));
+        }
         let sample = req.sample.map(sample_from_proto).transpose()?;
         if sample.is_some() && layers.end as usize != self.model.config.num_hidden_layers {
             return Err(NodeError::BadRequest(format!(
