@@ -115,3 +115,100 @@ pub async fn forward_overhead(
     }
     overhead
 }
+
+/// A home internet link as the home-link benchmark emulates it on loopback: each direction
+/// delays every byte by `one_way` and carries at most `bits_per_s`, queueing what exceeds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    /// Delay of each direction (half the round trip).
+    pub one_way: std::time::Duration,
+    /// Rate of each direction.
+    pub bits_per_s: u64,
+}
+
+/// A loopback port whose connections [`serve_link`] carries over a [`Link`]: bound first, so a
+/// node can advertise it before it starts.
+pub async fn bind_link() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    (listener, addr)
+}
+
+/// Carries every connection made to `listener` to `target` over `link`, both ways, until the
+/// runtime stops.
+pub fn serve_link(listener: tokio::net::TcpListener, target: std::net::SocketAddr, link: Link) {
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+            let (from_client, to_client) = inbound.into_split();
+            let (from_target, to_target) = outbound.into_split();
+            tokio::spawn(carry(from_client, to_target, link));
+            tokio::spawn(carry(from_target, to_client, link));
+        }
+    });
+}
+
+/// One direction of a link: each chunk read leaves when the line has sent what came before it
+/// at the link's rate, and arrives the link's delay later.
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    link: Link,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut line_free = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let serialise = std::time::Duration::from_secs_f64(n as f64 * 8.0 / link.bits_per_s as f64);
+        line_free = line_free.max(Instant::now()) + serialise;
+        if tx
+            .send((line_free + link.one_way, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// A tracker and nodes serving `ranges` of the model in `dir`, each computing on every core and
+/// reached only through its own [`Link`].
+pub async fn start_linked_swarm(
+    dir: &std::path::Path,
+    ranges: &[(u32, u32)],
+    link: Link,
+) -> LocalSwarm {
+    let mut swarm = LocalSwarm::tracker_only().await.expect("tracker starts");
+    for &(start, end) in ranges {
+        let (listener, addr) = bind_link().await;
+        let node = swarm
+            .add_node_with(dir, start, end, |config| {
+                config.cpu_threads = every_core();
+                config.advertise = Some(addr.to_string());
+            })
+            .await
+            .expect("node starts");
+        serve_link(listener, node.addr(), link);
+    }
+    swarm
+}
