@@ -16,12 +16,7 @@ NODE_ARGS="--cpu-threads $threads ${NODE_ARGS:-}"
 source "$(dirname "$0")/loopback-swarm.sh"
 echo "compute threads: $threads for the local run and for each node"
 
-layers="$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$model/config.json")"
-start_tracker
-for i in $(seq 0 $((nodes - 1))); do
-  # A large checkpoint takes a while to load.
-  start_node "$model" "$((layers * i / nodes))..$((layers * (i + 1) / nodes))" 300
-done
+start_split_swarm "$model" "$nodes"
 
 prompt="$(python3 -c "print(','.join(str(100 + 7 * i) for i in range(32)))")"
 for round in $(seq "$rounds"); do

@@ -1,5 +1,5 @@
 # Sourced by the scripts that run the `neuroshard` binary as separate processes on loopback
-# (cli-smoke.sh, api-check.sh, bench-checkpoint.sh): a scratch folder, processes ended on exit,
+# (cli-smoke.sh, api-check.sh, bench-checkpoint.sh, bench-sessions.sh): a scratch folder, processes ended on exit,
 # a wait for a process's readiness line, and a tracker with nodes.
 work="$(mktemp -d)"
 pids=()
@@ -36,4 +36,15 @@ start_node() {
   "$bin" node --model "$model" --layers "$layers" --tracker "$tracker" --host 127.0.0.1 \
     --no-lan --data-dir "$work/data-$layers" ${NODE_ARGS:-} 2>"$work/node-$layers.log" & pids+=($!)
   await_line "$work/node-$layers.log" "serving layers" "$seconds"
+}
+
+# Starts a tracker and NODES nodes splitting MODEL's layers evenly, each given up to 300 s to
+# load (a large checkpoint takes a while).
+start_split_swarm() {
+  local model="$1" nodes="$2" layers
+  layers="$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$model/config.json")"
+  start_tracker
+  for i in $(seq 0 $((nodes - 1))); do
+    start_node "$model" "$((layers * i / nodes))..$((layers * (i + 1) / nodes))" 300
+  done
 }

@@ -58,8 +58,13 @@ impl LocalPipeline {
     /// share between sessions.
     pub fn load_shard(dir: &Path) -> Result<Shard, NodeError> {
         let info = ModelInfo::read(dir)?;
+        Self::load_layers(dir, 0..info.config.num_hidden_layers)
+    }
+
+    /// Layers `range` of the model in `dir`, on the default device (warmed up on a GPU).
+    pub fn load_layers(dir: &Path, range: std::ops::Range<usize>) -> Result<Shard, NodeError> {
         let device = neuroshard_model::default_device();
-        let shard = Shard::load(dir, 0..info.config.num_hidden_layers, &device)?;
+        let shard = Shard::load(dir, range, &device)?;
         if !neuroshard_model::is_cpu(&device) {
             // Kernels compiled now, not inside the first timed step.
             shard.warm_up()?;

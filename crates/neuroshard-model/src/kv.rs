@@ -20,6 +20,13 @@ use crate::ModelError;
 /// (3 key/value heads of 64) are 96 KiB in f32.
 pub const BLOCK_POSITIONS: usize = 64;
 
+/// Positions a cache growing by `block` takes room for when it holds `positions`: whole
+/// blocks (saturating, so a count from the network cannot overflow it).
+pub fn whole_blocks(positions: usize, block: usize) -> usize {
+    let block = block.max(1);
+    positions.div_ceil(block).saturating_mul(block)
+}
+
 /// Keys and values of one layer: the buffers and how many of their positions are held.
 #[derive(Debug, Default)]
 pub struct LayerCache {
@@ -53,7 +60,7 @@ impl LayerCache {
         let (keys, values) = match self.kv.take() {
             Some(buffers) if capacity >= end => buffers,
             old => {
-                let capacity = end.div_ceil(block.max(1)) * block.max(1);
+                let capacity = whole_blocks(end, block);
                 let device = k.device();
                 self.allocations += 1;
                 let keys = Tensor::zeros([1, heads, dim, capacity], &device);
@@ -123,17 +130,12 @@ impl KvCache {
         self.layers.values().all(|l| l.len == 0)
     }
 
-    /// Positions this cache takes room for when it holds `positions`: whole blocks.
-    pub fn reserved(&self, positions: usize) -> usize {
-        positions.div_ceil(self.block) * self.block
-    }
-
     /// Positions summed over layers that the cache takes room for: what its memory grows
     /// with (whole blocks, the buffers' capacity where that is more).
     pub fn token_layers(&self) -> usize {
         self.layers
             .values()
-            .map(|l| l.capacity().max(self.reserved(l.len)))
+            .map(|l| l.capacity().max(whole_blocks(l.len, self.block)))
             .sum()
     }
 

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 pub use burn::tensor::Device;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Family, LlamaConfig, RopeConfig, RopeScaling, SlidingWindow};
-pub use kv::{BLOCK_POSITIONS, KvCache};
+pub use kv::{BLOCK_POSITIONS, KvCache, whole_blocks};
 pub use sampling::{Chosen, Sampler, SamplingParams, argmax};
 pub use shard::{BatchItem, Shard, ShardInput, ShardOutput};
 pub use tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, StopStrings, TextStream, TextTokenizer};

@@ -88,14 +88,10 @@ pub fn decode_speed(
     Ok(figures)
 }
 
-/// Loads `layers` of the model in `dir` on the default device (warmed up off the CPU).
+/// Loads `layers` of the model in `dir` as a local run does: on the default device, warmed up
+/// off the CPU.
 pub fn load(dir: &Path, layers: Range<usize>) -> Result<Shard, NodeError> {
-    let device = neuroshard_model::default_device();
-    let shard = Shard::load(dir, layers, &device)?;
-    if !neuroshard_model::is_cpu(&device) {
-        shard.warm_up()?;
-    }
-    Ok(shard)
+    neuroshard_client::generate::LocalPipeline::load_layers(dir, layers)
 }
 
 /// The overhead of a decode hop to the node at `peer`, which serves a model of width `hidden`:

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use neuroshard_base::PublicKey;
-use neuroshard_model::KvCache;
+use neuroshard_model::{KvCache, whole_blocks};
 use tokio::time::Instant;
 
 use neuroshard_net::NodeError;
@@ -85,9 +85,10 @@ impl SessionStore {
         now: Instant,
     ) -> Result<(Checkout, bool), NodeError> {
         let mut sessions = self.sessions.lock_or_recover();
-        let block = self.limits.block_positions.max(1);
+        let block = self.limits.block_positions;
         let has = sessions.get(id).map_or(0, |e| e.token_layers);
-        let need = reservation(start_pos, tokens, block, layers).saturating_sub(has);
+        let reserved = whole_blocks(start_pos.saturating_add(tokens), block).saturating_mul(layers);
+        let need = (reserved as u64).saturating_sub(has);
         let created = match sessions.get(id) {
             Some(entry) if entry.owner != caller => return Err(not_owner(id)),
             None if start_pos > 0 => return Err(NodeError::UnknownSession(id.to_string())),
@@ -213,13 +214,6 @@ impl SessionStore {
     fn budget_token_layers(&self) -> u64 {
         self.limits.budget_bytes / self.limits.bytes_per_token_layer.max(1)
     }
-}
-
-/// Token-layers a session takes once it holds positions up to `start_pos + tokens` in `layers`
-/// layers: whole blocks of `block` positions.
-fn reservation(start_pos: usize, tokens: usize, block: usize, layers: usize) -> u64 {
-    let positions = start_pos.saturating_add(tokens).div_ceil(block);
-    positions.saturating_mul(block).saturating_mul(layers) as u64
 }
 
 /// Frees room for `caller`'s `need` while it holds less than its fair share (the budget split
