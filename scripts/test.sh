@@ -63,6 +63,8 @@ cargo fmt --all -- --check
 echo "== clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== dependency audit: licenses, duplicate versions, sources (cargo deny; advisories need GitHub)"
+# The audit reads every platform's crates from the lock file; the build fetched only this one's.
+cargo fetch --locked -q
 cargo deny --offline check bans licenses sources
 echo "== demo with failover"
 cargo build --locked -q -p neuroshard-cli --bin neuroshard
