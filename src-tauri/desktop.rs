@@ -170,6 +170,7 @@ impl Desktop {
             choice,
             coverage,
             settings.compute.vram_budget_mib.saturating_mul(MIB),
+            settings.compute.precision,
         )
         .map_err(|e| CommandError {
             code: "invalid_setting",
@@ -364,7 +365,10 @@ impl Desktop {
             || (after.layers == LayerChoice::Auto
                 && before.compute.vram_budget_mib != after.compute.vram_budget_mib);
         let tracker = before.network.tracker != after.network.tracker;
-        let model = before.model != after.model;
+        // Another precision reloads the shard and changes what the node announces: a restart,
+        // as for another model.
+        let model =
+            before.model != after.model || before.compute.precision != after.compute.precision;
         if before.network != after.network {
             // The chat page's swarm clients were found through the old settings.
             self.chats.model_changed().await;
@@ -378,8 +382,8 @@ impl Desktop {
             }
         }
         if model {
-            // Another model: its files and layers may have to come from peers first, while the
-            // node serves the old one; then the node restarts on the new one.
+            // Another model (or precision): its files and layers may have to come from peers
+            // first, while the node serves the old one; then the node restarts on the new one.
             let desktop = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = desktop.start_node().await {

@@ -4,13 +4,11 @@
 
 use neuroshard_base::{Invalid, LayerRange};
 use neuroshard_model::LlamaConfig;
-use neuroshard_model::init::shard_parameter_count;
+use neuroshard_model::Precision;
+use neuroshard_model::init::shard_weight_bytes;
 use neuroshard_net::convert::PeerRecord;
 use neuroshard_settings::LayerChoice;
 use serde::Serialize;
-
-/// Bytes per weight as shards are held in memory (f32).
-const BYTES_PER_WEIGHT: u64 = 4;
 
 /// Key/value cache kept per served layer for in-flight sessions: 64 sessions of 512 positions,
 /// the working set of a busy home node.
@@ -40,11 +38,10 @@ pub struct LayerPlan {
 
 /// Memory to serve `range` of a model with config `c`: the parameters the shard holds (its
 /// family's biases and norms included, and the LM head on the last shard even when tied, as
-/// shards hold it), and the cache budget.
-pub fn estimate(c: &LlamaConfig, range: LayerRange) -> MemoryEstimate {
+/// shards hold it) with the projections at `precision`, and the cache budget.
+pub fn estimate(c: &LlamaConfig, range: LayerRange, precision: Precision) -> MemoryEstimate {
     let layers = u64::from(range.len());
-    let weights = shard_parameter_count(c, range.to_range()) as u64;
-    let weights_bytes = weights * BYTES_PER_WEIGHT;
+    let weights_bytes = shard_weight_bytes(c, range.to_range(), precision);
     let cache_bytes = layers * KV_POSITIONS_PER_LAYER * c.kv_bytes_per_token_layer() as u64;
     MemoryEstimate {
         weights_bytes,
@@ -85,12 +82,19 @@ fn least_covered(coverage: &[u32], len: u32) -> LayerRange {
     }
 }
 
-/// The most layers that fit in `budget_bytes`, at least one.
-fn layers_within(c: &LlamaConfig, coverage: &[u32], budget_bytes: u64) -> u32 {
+/// The most layers that fit in `budget_bytes` held at `precision`, at least one.
+fn layers_within(
+    c: &LlamaConfig,
+    coverage: &[u32],
+    budget_bytes: u64,
+    precision: Precision,
+) -> u32 {
     let total = c.num_hidden_layers as u32;
     (1..=total)
         .rev()
-        .find(|&len| estimate(c, least_covered(coverage, len)).total_bytes <= budget_bytes)
+        .find(|&len| {
+            estimate(c, least_covered(coverage, len), precision).total_bytes <= budget_bytes
+        })
         .unwrap_or(1)
 }
 
@@ -101,6 +105,7 @@ pub fn plan(
     choice: LayerChoice,
     coverage: &[u32],
     budget_bytes: u64,
+    precision: Precision,
 ) -> Result<LayerPlan, Invalid> {
     let total = c.num_hidden_layers as u32;
     let refused = |problem: String| Invalid::new("layers", problem);
@@ -120,12 +125,15 @@ pub fn plan(
             }
             least_covered(coverage, count)
         }
-        LayerChoice::Auto => least_covered(coverage, layers_within(c, coverage, budget_bytes)),
+        LayerChoice::Auto => least_covered(
+            coverage,
+            layers_within(c, coverage, budget_bytes, precision),
+        ),
     };
     Ok(LayerPlan {
         range,
         total_layers: total,
-        memory: estimate(c, range),
+        memory: estimate(c, range, precision),
     })
 }
 
@@ -141,8 +149,19 @@ mod tests {
         let mut cover = vec![3; total as usize];
         cover[total as usize - 2] = 0;
         cover[total as usize - 1] = 0;
-        let two = estimate(&c, LayerRange::new(total - 2, total).unwrap());
-        let plan = plan(&c, LayerChoice::Auto, &cover, two.total_bytes).unwrap();
+        let two = estimate(
+            &c,
+            LayerRange::new(total - 2, total).unwrap(),
+            Precision::F32,
+        );
+        let plan = plan(
+            &c,
+            LayerChoice::Auto,
+            &cover,
+            two.total_bytes,
+            Precision::F32,
+        )
+        .unwrap();
         assert_eq!(plan.range, LayerRange::new(total - 2, total).unwrap());
         assert_eq!(plan.memory, two);
         let all = plan_all(&c, &cover);
@@ -154,7 +173,7 @@ mod tests {
     }
 
     fn plan_all(c: &LlamaConfig, cover: &[u32]) -> LayerPlan {
-        plan(c, LayerChoice::Auto, cover, u64::MAX).unwrap()
+        plan(c, LayerChoice::Auto, cover, u64::MAX, Precision::F32).unwrap()
     }
 
     #[test]
@@ -163,7 +182,14 @@ mod tests {
         let total = c.num_hidden_layers as u32;
         let mut cover = vec![1; total as usize];
         cover[1] = 0;
-        let p = plan(&c, LayerChoice::Count { count: 1 }, &cover, 0).unwrap();
+        let p = plan(
+            &c,
+            LayerChoice::Count { count: 1 },
+            &cover,
+            0,
+            Precision::F32,
+        )
+        .unwrap();
         assert_eq!(p.range, LayerRange::new(1, 2).unwrap());
         let err = plan(
             &c,
@@ -173,15 +199,47 @@ mod tests {
             },
             &cover,
             0,
+            Precision::F32,
         )
         .unwrap_err();
         assert_eq!(err.field, "layers");
         assert!(err.problem.contains("past the model"), "{err}");
-        let first = estimate(&c, LayerRange::new(0, 1).unwrap());
-        let middle = estimate(&c, LayerRange::new(1, 2).unwrap());
+        let first = estimate(&c, LayerRange::new(0, 1).unwrap(), Precision::F32);
+        let middle = estimate(&c, LayerRange::new(1, 2).unwrap(), Precision::F32);
         assert!(
             first.weights_bytes > middle.weights_bytes,
             "the first shard holds the embeddings"
         );
+    }
+
+    /// The estimate counts the bytes each precision holds, so a lighter one fits more layers
+    /// in the same budget.
+    #[test]
+    fn lighter_weights_are_estimated_at_their_bytes_and_fit_more_layers() {
+        let c = ModelSpec::demo().config();
+        let middle = LayerRange::new(1, 2).unwrap();
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let q = (c.num_attention_heads * c.head_dim()) as u64;
+        let kv = (c.kv_heads() * c.head_dim()) as u64;
+        let projections = h * q + 2 * h * kv + q * h + 3 * h * i;
+        let norms = 2 * h;
+        let at = |p| estimate(&c, middle, p).weights_bytes;
+        assert_eq!(at(Precision::F32), 4 * (projections + norms));
+        assert_eq!(at(Precision::Bf16), 2 * projections + 4 * norms);
+        assert_eq!(
+            at(Precision::Int8),
+            projections + projections / 32 * 4 + 4 * norms
+        );
+        let cover = vec![0; c.num_hidden_layers];
+        let budget = estimate(&c, LayerRange::new(0, 2).unwrap(), Precision::F32).total_bytes;
+        let fits = |p| {
+            plan(&c, LayerChoice::Auto, &cover, budget, p)
+                .unwrap()
+                .range
+                .len()
+        };
+        assert_eq!(fits(Precision::F32), 2);
+        assert!(fits(Precision::Bf16) > 2, "{}", fits(Precision::Bf16));
+        assert!(fits(Precision::Int8) > fits(Precision::Bf16));
     }
 }

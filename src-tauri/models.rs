@@ -333,6 +333,7 @@ mod tests {
             public_key: key.public(),
             display_name: String::new(),
             relay: String::new(),
+            precision: Default::default(),
         }
     }
 

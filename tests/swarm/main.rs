@@ -9,6 +9,7 @@ mod lifecycle;
 mod limits;
 mod nat_lab;
 mod pool;
+mod precision;
 mod proofs;
 mod reference;
 mod relay;

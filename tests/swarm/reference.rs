@@ -22,18 +22,18 @@ use serde::Deserialize;
 const LOGIT_TOLERANCE: f32 = 5e-4;
 
 #[derive(Debug, Deserialize)]
-struct Reference {
-    case: String,
+pub(crate) struct Reference {
+    pub(crate) case: String,
     max_new_tokens: usize,
     eos_token_ids: Vec<u32>,
     min_margin: f32,
-    prompts: Vec<ReferencePrompt>,
+    pub(crate) prompts: Vec<ReferencePrompt>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ReferencePrompt {
-    ids: Vec<u32>,
-    greedy: Vec<u32>,
+pub(crate) struct ReferencePrompt {
+    pub(crate) ids: Vec<u32>,
+    pub(crate) greedy: Vec<u32>,
     first_logits: Vec<f32>,
     last_logits: Vec<f32>,
 }
@@ -43,7 +43,7 @@ fn fixtures() -> PathBuf {
 }
 
 /// Every model case: its directory and what transformers gave.
-fn model_cases() -> Vec<(PathBuf, Reference)> {
+pub(crate) fn model_cases() -> Vec<(PathBuf, Reference)> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures().join("models"))
         .unwrap()
         .map(|e| e.unwrap().path())

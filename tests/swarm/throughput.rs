@@ -10,7 +10,7 @@ use neuroshard_tests::{Swarm, TestModel};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_measures_decode_at_each_context_and_a_hop_to_a_node() {
     let model = TestModel::new(&ModelSpec::tiny());
-    let shard = load(model.path(), 1..3).unwrap();
+    let shard = load(model.path(), 1..3, neuroshard_model::Precision::F32).unwrap();
     let threads = ComputeThreads::new(1).unwrap();
     let figures = decode_speed(&shard, 1..3, &[8, 96], 4, &threads).unwrap();
     assert_eq!(

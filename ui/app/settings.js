@@ -79,6 +79,7 @@ function fill(s) {
   $("f-share").value = s.compute.gpu_share_percent;
   $("f-vram").value = s.compute.vram_budget_mib;
   $("f-threads").value = s.compute.cpu_threads;
+  $("f-precision").value = s.compute.precision;
   $("f-up").value = s.bandwidth.upload_kbps;
   $("f-down").value = s.bandwidth.download_kbps;
   const cap = s.bandwidth.transfer_cap;
@@ -201,6 +202,7 @@ export function patch() {
       gpu_share_percent: number("f-share"),
       vram_budget_mib: number("f-vram"),
       cpu_threads: number("f-threads"),
+      precision: $("f-precision").value,
     },
     bandwidth: {
       upload_kbps: number("f-up"),

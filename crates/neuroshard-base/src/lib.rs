@@ -1,5 +1,6 @@
 //! Identifiers and layer ranges shared by every NeuroShard crate. No IO lives here.
 
+pub mod precision;
 pub mod quota;
 pub mod sync;
 

@@ -28,6 +28,9 @@ pub(crate) struct BenchArgs {
     /// Decode calls timed to the peer.
     #[arg(long, default_value_t = 32)]
     calls: u32,
+    /// How the layers' projection weights are held, as a node's --precision.
+    #[arg(long, default_value = "f32")]
+    precision: neuroshard_model::Precision,
 }
 
 pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -35,14 +38,15 @@ pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let all = LayerRange::new(0, info.config.num_hidden_layers as u32)?;
     let layers = args.layers.unwrap_or(all).to_range();
     let threads = ComputeThreads::new(args.cpu_threads)?;
-    let (dir, range, contexts, steps) = (
+    let (dir, range, contexts, steps, precision) = (
         args.model.clone(),
         layers.clone(),
         args.contexts,
         args.steps,
+        args.precision,
     );
     let decode = tokio::task::spawn_blocking(move || {
-        let shard = load(&dir, range.clone())?;
+        let shard = load(&dir, range.clone(), precision)?;
         decode_speed(&shard, range, &contexts, steps, &threads)
     })
     .await??;
@@ -61,6 +65,12 @@ pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         "model": info.id,
         "layers": format!("{}..{}", layers.start, layers.end),
         "compute_threads": resolve(args.cpu_threads),
+        "precision": args.precision,
+        "weight_bytes": neuroshard_model::init::shard_weight_bytes(
+            &info.config,
+            layers.clone(),
+            args.precision,
+        ),
         "device": match neuroshard_model::is_cpu(&neuroshard_model::default_device()) {
             true => "cpu",
             false => "gpu",

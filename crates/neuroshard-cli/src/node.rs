@@ -66,6 +66,11 @@ pub(crate) struct NodeArgs {
     /// Decode steps of concurrent sessions run in one pass at most (1: each alone).
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// How the shard holds its projection weights: f32, bf16 or f16 (half the memory), or
+    /// int8 (a little over a quarter, an f32 scale per 32 weights); default the settings' or
+    /// f32.
+    #[arg(long)]
+    precision: Option<neuroshard_model::Precision>,
     /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this
     /// build has one, else the CPU).
     #[arg(long, value_enum)]
@@ -114,6 +119,9 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         let settings = neuroshard_node::owner::read_settings(path)
             .with_context(|| format!("--settings {}", path.display()))?;
         config.follow_settings(&settings);
+    }
+    if let Some(precision) = args.precision {
+        config.precision = precision;
     }
     eprintln!(
         "loading layers {} of {}...",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use neuroshard_model::{
-    Chosen, KvCache, ModelInfo, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
+    Chosen, KvCache, ModelInfo, Precision, Sampler, SamplingParams, Shard, ShardInput, ShardOutput,
 };
 
 pub use neuroshard_model::sampling::top_k;
@@ -58,13 +58,18 @@ impl LocalPipeline {
     /// share between sessions.
     pub fn load_shard(dir: &Path) -> Result<Shard, NodeError> {
         let info = ModelInfo::read(dir)?;
-        Self::load_layers(dir, 0..info.config.num_hidden_layers)
+        Self::load_layers(dir, 0..info.config.num_hidden_layers, Precision::F32)
     }
 
-    /// Layers `range` of the model in `dir`, on the default device (warmed up on a GPU).
-    pub fn load_layers(dir: &Path, range: std::ops::Range<usize>) -> Result<Shard, NodeError> {
+    /// Layers `range` of the model in `dir`, its projections held at `precision`, on the
+    /// default device (warmed up on a GPU).
+    pub fn load_layers(
+        dir: &Path,
+        range: std::ops::Range<usize>,
+        precision: Precision,
+    ) -> Result<Shard, NodeError> {
         let device = neuroshard_model::default_device();
-        let shard = Shard::load(dir, range, &device)?;
+        let shard = Shard::load_at(dir, range, &device, precision)?;
         if !neuroshard_model::is_cpu(&device) {
             // Kernels compiled now, not inside the first timed step.
             shard.warm_up()?;

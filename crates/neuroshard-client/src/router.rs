@@ -11,6 +11,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
+use neuroshard_base::precision::Precision;
 use neuroshard_base::{Invalid, LayerRange, NodeId};
 use neuroshard_proof::{Reputation, SpotCheckPolicy};
 use rand::Rng;
@@ -186,6 +187,9 @@ pub struct Hop {
     pub node_id: NodeId,
     /// Layers it runs for this chain.
     pub layers: LayerRange,
+    /// How it holds its weights, as it announces: its receipts' weights hash and a spot
+    /// check's recomputation follow it.
+    pub precision: Precision,
 }
 
 impl Hop {
@@ -322,7 +326,8 @@ impl Router {
         let mut at = span.end;
         while at != span.start {
             let (addr, from) = via[(at - span.start) as usize].clone()?;
-            let node_id = self.peers[&addr].0.node_id;
+            let peer = &self.peers[&addr].0;
+            let (node_id, precision) = (peer.node_id, peer.precision);
             hops.push(Hop {
                 addr,
                 node_id,
@@ -330,6 +335,7 @@ impl Router {
                     start: from,
                     end: at,
                 },
+                precision,
             });
             at = from;
         }
@@ -465,6 +471,7 @@ mod tests {
             public_key: neuroshard_base::NodeKey::generate().public(),
             display_name: String::new(),
             relay: String::new(),
+            precision: Default::default(),
         }
     }
 
@@ -534,7 +541,8 @@ mod tests {
             vec![Hop {
                 addr: "wide".into(),
                 node_id: id_of("wide"),
-                layers: LayerRange::new(2, 4).unwrap()
+                layers: LayerRange::new(2, 4).unwrap(),
+                precision: Precision::F32,
             }]
         );
     }

@@ -419,7 +419,7 @@ impl SwarmSession<'_> {
             now_ms: 0,
         };
         if let Some(verifier) = &client.verifier {
-            expected.weights_hash = Some(verifier.weights_hash(hop.layers)?);
+            expected.weights_hash = Some(verifier.weights_hash(hop.layers, hop.precision)?);
         }
         Ok((request, expected))
     }

@@ -113,7 +113,7 @@ impl SwarmSession<'_> {
         if !sampled {
             return Ok(false);
         }
-        let done = verifier.verified_up_to(&self.id, hop.layers);
+        let done = verifier.verified_up_to(&self.id, hop.layers, hop.precision);
         let history = self.chain.links()[i]
             .log
             .entries()
@@ -127,9 +127,9 @@ impl SwarmSession<'_> {
             HopOutput::Chosen(chosen) => Received::Chosen(chosen, pos + input.tokens()),
             _ => Received::Row(output.last_row().map_err(CheckFailed::Undecodable)?),
         };
-        let (layers, session) = (hop.layers, self.id.clone());
+        let (layers, precision, session) = (hop.layers, hop.precision, self.id.clone());
         let truth = tokio::task::spawn_blocking(move || {
-            verifier.recompute(&session, layers, history, pos, current)
+            verifier.recompute((&session, layers, precision), history, pos, current)
         })
         .await;
         let skipped = |e: &dyn std::fmt::Display| {

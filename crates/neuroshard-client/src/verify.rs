@@ -6,14 +6,18 @@
 //! fingerprinted. Caches are kept per (session, layers), so over a session each position is
 //! recomputed at most once per checked span, in batches; the sample rate
 //! ([`neuroshard_proof::Reputation::check_rate`]) decides how soon a bad hop is seen.
+//!
+//! A hop announcing lighter weights (bf16, f16, int8) is recomputed with the model held at that
+//! precision (loaded on first need): quantizing is deterministic, so an honest worker's row is
+//! matched to the backends' rounding, as at f32.
 
 use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use neuroshard_base::LayerRange;
-use neuroshard_model::{KvCache, LlamaConfig, Shard, ShardInput};
+use neuroshard_model::{KvCache, LlamaConfig, Precision, Shard, ShardInput};
 
 use neuroshard_model::ShardOutput;
 use neuroshard_net::MAX_TOKENS_PER_CALL;
@@ -22,10 +26,17 @@ use neuroshard_net::NodeError;
 /// The whole model, loaded by a requester to re-execute sampled hops.
 #[derive(Debug)]
 pub struct LocalVerifier {
-    shard: Mutex<Shard>,
+    dir: PathBuf,
+    /// The model at f32.
+    shard: Arc<Mutex<Shard>>,
+    /// The model at each lighter precision a checked hop announced.
+    lighter: Mutex<HashMap<Precision, Arc<Mutex<Shard>>>>,
     config: LlamaConfig,
-    caches: Mutex<HashMap<(String, LayerRange), VerifiedPrefix>>,
+    caches: Mutex<HashMap<HopKey, VerifiedPrefix>>,
 }
+
+/// A hop's cache: its session, layers and precision.
+type HopKey = (String, LayerRange, Precision);
 
 /// The verifier's cache of one hop of one session: positions `0..next` are computed.
 #[derive(Debug)]
@@ -45,10 +56,32 @@ impl LocalVerifier {
         let layers = info.config.num_hidden_layers;
         let shard = Shard::load(dir, 0..layers, &neuroshard_model::default_device())?;
         Ok(Self {
-            shard: Mutex::new(shard),
+            dir: dir.to_path_buf(),
+            shard: Arc::new(Mutex::new(shard)),
+            lighter: Mutex::new(HashMap::new()),
             config: info.config,
             caches: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The model held at `precision`, loaded the first time it is asked for.
+    fn shard_at(&self, precision: Precision) -> Result<Arc<Mutex<Shard>>, NodeError> {
+        if precision == Precision::F32 {
+            return Ok(self.shard.clone());
+        }
+        if let Some(shard) = self.lighter.lock_or_recover().get(&precision) {
+            return Ok(shard.clone());
+        }
+        let layers = self.config.num_hidden_layers;
+        let device = neuroshard_model::default_device();
+        let shard = Arc::new(Mutex::new(Shard::load_at(
+            &self.dir,
+            0..layers,
+            &device,
+            precision,
+        )?));
+        let mut lighter = self.lighter.lock_or_recover();
+        Ok(lighter.entry(precision).or_insert(shard).clone())
     }
 
     /// The model's config.
@@ -61,38 +94,42 @@ impl LocalVerifier {
         self.lock().info().id.clone()
     }
 
-    /// The weights hash an honest worker reports for `layers`.
-    pub fn weights_hash(&self, layers: LayerRange) -> Result<[u8; 32], NodeError> {
-        Ok(self.lock().weights_hash(layers.to_range())?)
+    /// The weights hash an honest worker holding `layers` at `precision` reports.
+    pub fn weights_hash(
+        &self,
+        layers: LayerRange,
+        precision: Precision,
+    ) -> Result<[u8; 32], NodeError> {
+        Ok(self.lock().weights_hash_at(layers.to_range(), precision)?)
     }
 
-    /// Positions of `session`'s hop over `layers` already recomputed: history before it need
-    /// not be passed again.
-    pub fn verified_up_to(&self, session: &str, layers: LayerRange) -> usize {
+    /// Positions of `session`'s hop over `layers` at `precision` already recomputed: history
+    /// before it need not be passed again.
+    pub fn verified_up_to(&self, session: &str, layers: LayerRange, precision: Precision) -> usize {
         let caches = self.caches.lock_or_recover();
         caches
-            .get(&(session.to_string(), layers))
+            .get(&(session.to_string(), layers, precision))
             .map_or(0, |c| c.next)
     }
 
     /// Drops the caches of a finished session.
     pub fn forget(&self, session: &str) {
         let mut caches = self.caches.lock_or_recover();
-        caches.retain(|(s, _), _| s != session);
+        caches.retain(|(s, _, _), _| s != session);
     }
 
-    /// The last output row of running `layers` on `input` at `pos` in `session`, after
-    /// `history`: the hop's inputs with their positions, in order, from
+    /// The last output row of running `layers` held at `precision` on `input` at `pos` in
+    /// `session`, after `history`: the hop's inputs with their positions, in order, from
     /// [`Self::verified_up_to`] to `pos`.
     pub fn recompute(
         &self,
-        session: &str,
-        layers: LayerRange,
+        (session, layers, precision): (&str, LayerRange, Precision),
         history: Vec<(usize, ShardInput)>,
         pos: usize,
         input: ShardInput,
     ) -> Result<Vec<f32>, NodeError> {
-        let key = (session.to_string(), layers);
+        let held = self.shard_at(precision)?;
+        let key = (session.to_string(), layers, precision);
         let taken = {
             let mut caches = self.caches.lock_or_recover();
             caches.remove(&key)
@@ -104,7 +141,7 @@ impl LocalVerifier {
             cache: KvCache::new(),
             next: 0,
         });
-        let shard = self.lock();
+        let shard = held.lock_or_recover();
         let hidden = self.config.hidden_size;
         let history = history.into_iter().filter(|(p, _)| *p >= next).collect();
         for (start, batch) in merge_history(history, hidden) {
@@ -138,6 +175,7 @@ impl LocalVerifier {
         Ok(row)
     }
 
+    /// The f32 model, which names the model and its weights' digests.
     fn lock(&self) -> std::sync::MutexGuard<'_, Shard> {
         self.shard.lock_or_recover()
     }

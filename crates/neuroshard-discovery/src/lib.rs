@@ -510,6 +510,7 @@ mod tests {
             public_key: key.public(),
             display_name: "Ada".into(),
             relay: String::new(),
+            precision: Default::default(),
         };
         let expires = neuroshard_net::now_ms() + 60_000;
         let sign = |k: RecordKey, value: Vec<u8>, signer: &NodeKey| {

@@ -182,8 +182,8 @@ impl ModelSpec {
     }
 }
 
-pub use crate::layout::shard_parameter_count;
 use crate::layout::{Kind, layout, shard_tensors};
+pub use crate::layout::{shard_parameter_count, shard_weight_bytes};
 
 /// Writes a model trained from `config` into `dir`: its `config.json` (with the LM head untied,
 /// as training keeps the embeddings and the head apart) and `parameters` (every shard's flat

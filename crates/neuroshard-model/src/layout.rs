@@ -132,6 +132,25 @@ pub fn shard_parameter_count(config: &LlamaConfig, range: Range<usize>) -> usize
         .sum()
 }
 
+/// Bytes the weights of a shard of layers `range` take held at `precision`: its projections
+/// (the LM head's included) at that precision, every other tensor as f32.
+pub fn shard_weight_bytes(
+    config: &LlamaConfig,
+    range: Range<usize>,
+    precision: crate::Precision,
+) -> u64 {
+    shard_entries(config, &range)
+        .iter()
+        .map(|e| {
+            let count = e.shape.iter().product::<usize>() as u64;
+            match e.kind {
+                Kind::Linear => precision.projection_bytes(count, e.shape[1]),
+                _ => count * 4,
+            }
+        })
+        .sum()
+}
+
 /// A tensor by name: its stored shape and f32 values.
 pub(crate) type NamedTensor = (String, Vec<usize>, Vec<f32>);
 

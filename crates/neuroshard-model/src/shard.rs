@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 mod batch;
 mod layers;
 mod loader;
+mod perplexity;
 
 pub use batch::BatchItem;
 pub use layers::DecoderLayer;
@@ -25,7 +26,7 @@ use loader::{Loader, Source};
 use crate::kv::KvCache;
 use crate::layout::to_vec;
 use crate::weights::WeightFiles;
-use crate::{LlamaConfig, ModelError, ModelInfo};
+use crate::{LlamaConfig, ModelError, ModelInfo, Precision};
 
 /// What a shard is asked to run on.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +75,8 @@ pub struct Shard {
     pub(crate) weights: Weights,
     pub(crate) heads: Heads,
     pub(crate) device: Device,
+    /// How the projections are held.
+    precision: Precision,
     digests: WeightDigests,
 }
 
@@ -88,10 +91,21 @@ struct WeightDigests {
 impl Shard {
     /// Loads layers `range` of the model in `dir` onto `device`.
     pub fn load(dir: &Path, range: Range<usize>, device: &Device) -> Result<Self, ModelError> {
+        Self::load_at(dir, range, device, Precision::F32)
+    }
+
+    /// Loads layers `range` of the model in `dir` onto `device`, holding the projections at
+    /// `precision`.
+    pub fn load_at(
+        dir: &Path,
+        range: Range<usize>,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let info = ModelInfo::read(dir)?;
         check_range(&info.config, &range)?;
         let weights = WeightFiles::open(dir)?;
-        Self::build(info, range, device, Source::Files(&weights))
+        Self::build(info, range, device, Source::Files(&weights), precision)
     }
 
     /// Builds layers `range` of the model `info` describes on `device` from the shard's flat
@@ -103,6 +117,17 @@ impl Shard {
         device: &Device,
         parameters: &[f32],
     ) -> Result<Self, ModelError> {
+        Self::from_parameters_at(info, range, device, parameters, Precision::F32)
+    }
+
+    /// [`Self::from_parameters`] with the projections held at `precision`.
+    pub fn from_parameters_at(
+        info: ModelInfo,
+        range: Range<usize>,
+        device: &Device,
+        parameters: &[f32],
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         check_range(&info.config, &range)?;
         if let Some(i) = parameters.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::Weights(format!(
@@ -113,7 +138,7 @@ impl Shard {
             .into_iter()
             .map(|(name, shape, values)| (name, (shape, values)))
             .collect();
-        Self::build(info, range, device, Source::Memory(&tensors))
+        Self::build(info, range, device, Source::Memory(&tensors), precision)
     }
 
     fn build(
@@ -121,12 +146,14 @@ impl Shard {
         range: Range<usize>,
         device: &Device,
         weights: Source<'_>,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
         let config = &info.config;
         let loader = Loader {
             weights,
             config,
             device,
+            precision,
             digest: Default::default(),
         };
         let embed = (range.start == 0).then(|| loader.embedding()).transpose()?;
@@ -159,6 +186,7 @@ impl Shard {
             },
             heads,
             device: device.clone(),
+            precision,
             digests,
         })
     }
@@ -171,8 +199,15 @@ impl Shard {
 
     /// The parameters a shard of `layers` (inside this one) would hold, as
     /// [`Self::parameters`] orders them: what [`Self::from_parameters`] builds that shard from.
+    /// Refused for a shard held below f32: its values are no longer the checkpoint's.
     pub fn parameters_of(&self, layers: Range<usize>) -> Result<Vec<f32>, ModelError> {
         self.check_inside(&layers)?;
+        if self.precision != Precision::F32 {
+            return Err(ModelError::Weights(format!(
+                "this shard holds its projections as {}, not the checkpoint's values",
+                self.precision
+            )));
+        }
         let w = &self.weights;
         let mut out = Vec::new();
         if layers.start == 0
@@ -212,12 +247,26 @@ impl Shard {
     }
 
     /// Hash of the weights that running `layers` uses: the embeddings when it starts at layer 0,
-    /// each layer's tensors, and the final norm and head when it ends the model. Any holder of
-    /// those layers computes the same value, so a requester can check a worker's claim.
+    /// each layer's tensors, and the final norm and head when it ends the model, and the
+    /// precision they are held at unless f32. Any holder of those layers at that precision
+    /// computes the same value, so a requester can check a worker's claim.
     pub fn weights_hash(&self, layers: Range<usize>) -> Result<[u8; 32], ModelError> {
+        self.weights_hash_at(layers, self.precision)
+    }
+
+    /// [`Self::weights_hash`] as a holder at `precision` reports it (quantizing is
+    /// deterministic, so the values are the same for every holder of those layers).
+    pub fn weights_hash_at(
+        &self,
+        layers: Range<usize>,
+        precision: Precision,
+    ) -> Result<[u8; 32], ModelError> {
         self.check_inside(&layers)?;
         let mut hash = Sha256::new();
         hash.update(b"neuroshard-weights-v1");
+        if precision != Precision::F32 {
+            hash.update(precision.name());
+        }
         if layers.start == 0 {
             hash.update(self.digests.embed.unwrap_or_default());
         }
@@ -230,6 +279,11 @@ impl Shard {
             hash.update(self.digests.head.unwrap_or_default());
         }
         Ok(hash.finalize().into())
+    }
+
+    /// How the projections are held.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The model this shard belongs to.
@@ -284,19 +338,33 @@ impl Shard {
                 config.max_positions()
             )));
         }
-        cache.prepare(layers.clone(), start_pos)?;
-        let mut hidden = self.embed_input(input, tokens)?;
-        let context = Positions::new(config, start_pos, tokens, &self.device);
-        for index in layers.clone() {
-            let layer = &self.weights.layers[index - self.range.start];
-            let entry = cache.layer_mut(index);
-            hidden = layer.forward(hidden, Some(entry), &context, index, self.heads);
-        }
+        let hidden = self.hidden_states(cache, start_pos, layers.clone(), input, tokens)?;
         if layers.end == config.num_hidden_layers {
             let last = hidden.narrow(1, tokens - 1, 1);
             return Ok(ShardOutput::Logits(to_vec(self.logits(last))));
         }
         Ok(ShardOutput::Hidden(to_vec(hidden)))
+    }
+
+    /// The `[1, tokens, hidden]` states after `layers` of a checked request of `tokens` new
+    /// tokens at `start_pos`, extending `cache`.
+    fn hidden_states(
+        &self,
+        cache: &mut KvCache,
+        start_pos: usize,
+        layers: Range<usize>,
+        input: ShardInput,
+        tokens: usize,
+    ) -> Result<Tensor<3>, ModelError> {
+        cache.prepare(layers.clone(), start_pos)?;
+        let mut hidden = self.embed_input(input, tokens)?;
+        let context = Positions::new(&self.info.config, start_pos, tokens, &self.device);
+        for index in layers {
+            let layer = &self.weights.layers[index - self.range.start];
+            let entry = cache.layer_mut(index);
+            hidden = layer.forward(hidden, Some(entry), &context, index, self.heads);
+        }
+        Ok(hidden)
     }
 
     /// Final norm and LM head: `[1, n, hidden]` → `[1, n, vocab]`. Only on the last shard.
@@ -306,7 +374,7 @@ impl Shard {
         let (norm, head) = norm
             .zip(head)
             .expect("the last shard has a final norm and head");
-        head.forward(norm.forward(hidden))
+        crate::precision::project(head, norm.forward(hidden))
     }
 
     pub(crate) fn check_request(

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key, Record, RecordKey};
 use neuroshard_model::codec::{WireDType, WireTensor};
-use neuroshard_model::{Chosen, Sampler, SamplingParams};
+use neuroshard_model::{Chosen, Precision, Sampler, SamplingParams};
 use neuroshard_proto as pb;
 
 use crate::NodeError;
@@ -53,6 +53,8 @@ pub struct PeerRecord {
     pub display_name: String,
     /// `host:port` of the relay it runs for nodes nobody can dial; empty if none.
     pub relay: String,
+    /// How it holds its projection weights.
+    pub precision: Precision,
 }
 
 impl PeerRecord {
@@ -272,6 +274,7 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         )));
     }
     let layers = span_from_proto(p.layers)?;
+    let precision = precision_from_proto(&p.precision)?;
     check_display_name(&p.display_name)
         .map_err(|why| NodeError::BadRequest(format!("peer {why}")))?;
     if p.total_layers > MAX_TOTAL_LAYERS {
@@ -300,7 +303,29 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         public_key,
         display_name: p.display_name,
         relay: p.relay,
+        precision,
     })
+}
+
+/// A peer's announced weight precision: empty for f32 (what nodes before the field held).
+pub fn precision_from_proto(name: &str) -> Result<Precision, NodeError> {
+    match name {
+        "" => Ok(Precision::F32),
+        name => name.parse::<Precision>().map_err(|e| {
+            NodeError::BadRequest(format!(
+                "peer precision: {}",
+                e.chars().take(120).collect::<String>()
+            ))
+        }),
+    }
+}
+
+/// A weight precision as a peer announces it: empty for f32.
+pub fn precision_to_proto(precision: Precision) -> String {
+    match precision {
+        Precision::F32 => String::new(),
+        other => other.name().to_string(),
+    }
 }
 
 /// A peer announcement as a wire message.
@@ -315,6 +340,7 @@ pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
         public_key: p.public_key.0.to_vec(),
         display_name: p.display_name.clone(),
         relay: p.relay.clone(),
+        precision: precision_to_proto(p.precision),
     }
 }
 

@@ -88,10 +88,14 @@ pub fn decode_speed(
     Ok(figures)
 }
 
-/// Loads `layers` of the model in `dir` as a local run does: on the default device, warmed up
-/// off the CPU.
-pub fn load(dir: &Path, layers: Range<usize>) -> Result<Shard, NodeError> {
-    neuroshard_client::generate::LocalPipeline::load_layers(dir, layers)
+/// Loads `layers` of the model in `dir` as a local run does, held at `precision`: on the
+/// default device, warmed up off the CPU.
+pub fn load(
+    dir: &Path,
+    layers: Range<usize>,
+    precision: neuroshard_model::Precision,
+) -> Result<Shard, NodeError> {
+    neuroshard_client::generate::LocalPipeline::load_layers(dir, layers, precision)
 }
 
 /// The overhead of a decode hop to the node at `peer`, which serves a model of width `hidden`:

@@ -24,7 +24,7 @@ use std::time::Duration;
 use neuroshard_base::{LayerRange, NodeId, NodeKey, PublicKey};
 use neuroshard_dht::{Contact, Key};
 use neuroshard_model::codec::{self, WireDType};
-use neuroshard_model::{ModelInfo, Shard, ShardInput, ShardOutput};
+use neuroshard_model::{ModelInfo, Precision, Shard, ShardInput, ShardOutput};
 use neuroshard_proof::{
     Countersignature, CreditPass, Fingerprint, Ledger, ReceiptBody, Settlement, WorkKind,
 };

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use neuroshard_base::LayerRange;
+pub use neuroshard_base::precision::Precision;
 
 pub mod meter;
 pub mod policy;
@@ -225,6 +226,9 @@ pub struct ComputeSettings {
     pub vram_budget_mib: u64,
     /// CPU threads for compute; 0 means all cores but one. Default 0.
     pub cpu_threads: u16,
+    /// How the served layers' projection weights are held: `f32` (default), `bf16` or `f16`
+    /// (half the memory, so about twice the layers fit), or `int8` (a little over a quarter).
+    pub precision: Precision,
 }
 
 impl Default for ComputeSettings {
@@ -234,6 +238,7 @@ impl Default for ComputeSettings {
             gpu_share_percent: 50,
             vram_budget_mib: 4096,
             cpu_threads: 0,
+            precision: Precision::F32,
         }
     }
 }

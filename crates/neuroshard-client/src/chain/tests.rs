@@ -89,6 +89,7 @@ impl Swarm {
                         addr: format!("peer{n}:1"),
                         node_id: NodeId([n as u8; 32]),
                         layers: LayerRange::new(start, end).expect("a span"),
+                        precision: Default::default(),
                     },
                     caches: Caches::default(),
                 });
@@ -315,6 +316,7 @@ fn hop(addr: &str, start: u32, end: u32) -> Hop {
         addr: addr.into(),
         node_id: NodeId(id),
         layers: LayerRange::new(start, end).expect("a span"),
+        precision: Default::default(),
     }
 }
 

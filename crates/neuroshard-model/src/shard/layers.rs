@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::kv::LayerCache;
+use crate::precision::project;
 
 /// One decoder block: pre-norm attention with grouped-query heads, then a SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -70,18 +71,19 @@ impl DecoderLayer {
         let attended = self.attention(self.input_norm.forward(x.clone()), rows, index, heads);
         let x = x + attended;
         let h = self.post_attention_norm.forward(x.clone());
-        let mlp = self
-            .down_proj
-            .forward(silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h));
+        let mlp = project(
+            &self.down_proj,
+            silu(project(&self.gate_proj, h.clone())) * project(&self.up_proj, h),
+        );
         x + mlp
     }
 
     /// Grouped-query attention of each row over its cached and new positions:
     /// `[b, n, hidden]` → same.
     fn attention(&self, x: Tensor<3>, rows: Vec<Row<'_>>, index: usize, heads: Heads) -> Tensor<3> {
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
-        let v = self.v_proj.forward(x);
+        let q = project(&self.q_proj, x.clone());
+        let k = project(&self.k_proj, x.clone());
+        let v = project(&self.v_proj, x);
         let mut out: Vec<Tensor<3>> = rows
             .into_iter()
             .enumerate()
@@ -101,7 +103,7 @@ impl DecoderLayer {
             1 => out.pop().expect("one row"),
             _ => Tensor::cat(out, 0),
         };
-        self.o_proj.forward(out)
+        project(&self.o_proj, out)
     }
 
     /// One row's attention from its projections `[1, n, heads * dim]` (queries, keys, values)

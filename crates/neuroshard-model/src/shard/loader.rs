@@ -42,6 +42,8 @@ pub(crate) struct Loader<'a> {
     pub(crate) weights: Source<'a>,
     pub(crate) config: &'a LlamaConfig,
     pub(crate) device: &'a Device,
+    /// How the projections are held.
+    pub(crate) precision: crate::Precision,
     /// Hash of the values read since the last [`Loader::take_digest`].
     pub(crate) digest: std::cell::RefCell<Sha256>,
 }
@@ -75,8 +77,8 @@ impl Loader<'_> {
         ))
     }
 
-    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer, with its
-    /// `[out]` bias when the config says the family has one.
+    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer held at the
+    /// loader's precision, with its `[out]` bias (f32) when the config says the family has one.
     pub(crate) fn linear(
         &self,
         prefix: &str,
@@ -87,6 +89,7 @@ impl Loader<'_> {
         let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let weight = transpose(&values, d_out, d_in);
         let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
+        let weight = crate::precision::hold(self.precision, weight);
         let bias = bias
             .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
             .transpose()?

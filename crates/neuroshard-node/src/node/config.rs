@@ -128,6 +128,10 @@ pub struct NodeConfig {
     pub ledger_retention_days: u32,
     /// How concurrent sessions' decode steps run together: at most 16 in one pass by default.
     pub batching: super::Batching,
+    /// How the served shard holds its projection weights (f32 by default; bf16 and f16 halve
+    /// them, int8 takes a little over a quarter). Announced to peers and committed to in every
+    /// receipt's weights hash.
+    pub precision: Precision,
     /// Test-only misbehaviour (the `test-faults` feature).
     #[cfg(feature = "test-faults")]
     #[doc(hidden)]
@@ -155,7 +159,7 @@ impl NodeConfig {
 
     /// Takes what the owner's settings say a node starts with, for the desktop app and for
     /// `neuroshard node --settings FILE`: the network and the display name where nothing set
-    /// them yet, the caps, the compute share and threads, and a paused start (the owner's
+    /// them yet, the caps, the compute share, threads and weight precision, and a paused start (the owner's
     /// rules resume it at once when they allow).
     pub fn follow_settings(&mut self, settings: &neuroshard_settings::Settings) {
         if self.tracker.is_none() {
@@ -171,6 +175,7 @@ impl NodeConfig {
         self.download_kbps = settings.bandwidth.download_kbps;
         self.compute_share_percent = settings.compute.gpu_share_percent;
         self.cpu_threads = settings.compute.cpu_threads;
+        self.precision = settings.compute.precision;
         self.start_paused = true;
     }
 }
@@ -207,6 +212,7 @@ impl NodeConfig {
             server: neuroshard_net::ServerLimits::default(),
             ledger_retention_days: 90,
             batching: super::Batching::default(),
+            precision: Precision::F32,
             #[cfg(feature = "test-faults")]
             fault: None,
         }
@@ -260,6 +266,13 @@ impl NodeConfig {
                      from its replicas by itself)",
                 );
             }
+        }
+        if self.precision != Precision::F32 && self.train.is_some() {
+            return bad(
+                "precision",
+                "a training node keeps f32 weights: its optimizer steps are smaller than bf16 or \
+                 int8 can hold",
+            );
         }
         if let Some(name) = &self.display_name {
             check_display_name(name)?;

@@ -53,6 +53,7 @@ impl NodeHandle {
             addr: self.advertised(),
             node_id: self.id(),
             layers: self.layers(),
+            precision: self.state.served().precision,
         }
     }
 
@@ -223,7 +224,14 @@ impl NodeHandle {
                 "layers: the weights of {layers} are not on this machine; fetch them first"
             ))
         })?;
-        let next = Served::load(source, layers, device, state.fault.as_ref()).await?;
+        let next = Served::load(
+            source,
+            layers,
+            device,
+            before.precision,
+            state.fault.as_ref(),
+        )
+        .await?;
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
             // the old caches.

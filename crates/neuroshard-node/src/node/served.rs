@@ -11,6 +11,8 @@ pub(super) struct Served {
     pub(super) range: LayerRange,
     pub(super) device: Option<ComputeDevice>,
     pub(super) on_gpu: bool,
+    /// How the shard holds its projection weights.
+    pub(super) precision: Precision,
     /// The shard that computes under [`Fault::WrongWeights`].
     pub(super) wrong_shard: Option<Mutex<Shard>>,
 }
@@ -43,12 +45,14 @@ pub(super) fn weights_on_disk(
 }
 
 impl Served {
-    /// Loads `range` of the model from `source` on `device` off the reactor, warming a GPU's
-    /// kernels up, and (for a test node told to) the wrong weights beside it.
+    /// Loads `range` of the model from `source` on `device` off the reactor, its projections
+    /// held at `precision`, warming a GPU's kernels up, and (for a test node told to) the wrong
+    /// weights beside it.
     pub(super) async fn load(
         source: WeightSource,
         range: LayerRange,
         device: Option<ComputeDevice>,
+        precision: Precision,
         fault: Option<&Fault>,
     ) -> Result<Self, NodeError> {
         let resolved = match device {
@@ -69,16 +73,27 @@ impl Served {
         };
         let (shard, wrong_shard) = tokio::task::spawn_blocking(move || {
             let shard = match source {
-                WeightSource::Disk(dir) => Shard::load(&dir, range.to_range(), &resolved)?,
-                WeightSource::Fetched(info, parameters) => {
-                    Shard::from_parameters(*info, range.to_range(), &resolved, &parameters)?
+                WeightSource::Disk(dir) => {
+                    Shard::load_at(&dir, range.to_range(), &resolved, precision)?
                 }
+                WeightSource::Fetched(info, parameters) => Shard::from_parameters_at(
+                    *info,
+                    range.to_range(),
+                    &resolved,
+                    &parameters,
+                    precision,
+                )?,
             };
             if on_gpu {
                 shard.warm_up()?;
             }
             let wrong = match wrong {
-                Some(dir) => Some(Mutex::new(Shard::load(&dir, range.to_range(), &resolved)?)),
+                Some(dir) => Some(Mutex::new(Shard::load_at(
+                    &dir,
+                    range.to_range(),
+                    &resolved,
+                    precision,
+                )?)),
                 None => None,
             };
             Ok::<_, neuroshard_model::ModelError>((shard, wrong))
@@ -97,6 +112,7 @@ impl Served {
             range,
             device,
             on_gpu,
+            precision,
             wrong_shard,
         })
     }

@@ -9,7 +9,14 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let range = config.layers;
     let (model, source, fetched) = find_weights(&config).await?;
     let fault = config.fault();
-    let served = Served::load(source, range, config.device, fault.as_ref()).await?;
+    let served = Served::load(
+        source,
+        range,
+        config.device,
+        config.precision,
+        fault.as_ref(),
+    )
+    .await?;
     let (key, ledger) = open_identity(&config)?;
     let (listener, addr, advertise) = bind(&config).await?;
     let id = key.id();
@@ -23,7 +30,14 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let pool = node_pool(&dialler, &metrics);
     let discovery = start_discovery(&config, &advertise, &key, pool, cancel.clone()).await?;
     let trainer = start_trainer(&config, &model.id, key.id(), &dialler, &metrics)?;
-    let record = own_record(&key, &model, range, &advertise, relay_addr);
+    let record = own_record(
+        &key,
+        &model,
+        range,
+        &advertise,
+        relay_addr,
+        config.precision,
+    );
     let parts = Parts {
         record,
         advertise,
@@ -228,6 +242,7 @@ fn own_record(
     range: LayerRange,
     advertise: &str,
     relay: String,
+    precision: Precision,
 ) -> PeerRecord {
     PeerRecord {
         node_id: key.id(),
@@ -239,6 +254,7 @@ fn own_record(
         public_key: key.public(),
         display_name: String::new(),
         relay,
+        precision,
     }
 }
 

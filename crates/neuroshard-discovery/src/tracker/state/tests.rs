@@ -19,6 +19,7 @@ fn record(name: &str, start: u32, end: u32) -> PeerRecord {
         public_key: neuroshard_base::NodeKey::generate().public(),
         display_name: String::new(),
         relay: String::new(),
+        precision: Default::default(),
     }
 }
 
