@@ -99,6 +99,24 @@ async fn raw_call(channel: Channel, path: &'static str, body: Bytes) -> Result<(
         .map(drop)
 }
 
+/// How long one flood request may go unanswered: far past what any takes (milliseconds), so a
+/// request the node never answers is named rather than stalling the whole flood.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `call`'s outcome, or a deadline naming `what` if the node leaves it unanswered.
+async fn answered(
+    what: String,
+    call: impl std::future::Future<Output = Result<(), tonic::Status>>,
+) -> Result<(), tonic::Status> {
+    tokio::time::timeout(ANSWER_WITHIN, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "{what} unanswered after {ANSWER_WITHIN:?}"
+            )))
+        })
+}
+
 /// Resident memory of process `pid` now and at its peak, MiB.
 fn memory_mib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -264,7 +282,13 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
     let outcomes: Vec<Result<(), tonic::Status>> = within(
         "the request flood",
         futures::stream::iter(requests.into_iter().enumerate())
-            .map(|(i, (path, body))| raw_call(attackers[i % 4].clone(), path, body))
+            .map(|(i, (path, body))| {
+                let call = raw_call(attackers[i % 4].clone(), path, body.clone());
+                answered(
+                    format!("flood request {i} ({path}, {} bytes)", body.len()),
+                    call,
+                )
+            })
             .buffer_unordered(IN_FLIGHT)
             .collect(),
     )
@@ -501,5 +525,33 @@ async fn a_stalled_checkpoint_stream_is_cut_at_the_chunk_deadline_either_way() {
     node.pause();
     let paused = c.get_checkpoint(request).await.unwrap_err();
     assert_eq!(paused.code(), tonic::Code::Unavailable, "{paused}");
+    swarm.shutdown().await;
+}
+
+/// More calls than a connection runs at once, each with a body larger than the flow-control
+/// window, on one connection: every one is answered. When the server queued calls behind the
+/// 16 it ran, their bodies took the connection's window and every call on it stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_large_calls_than_a_connection_runs_at_once_are_all_answered() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = neuroshard_tests::Swarm::start(model.path(), &[(0, 4)])
+        .await
+        .unwrap();
+    let addr = swarm.nodes[0].advertised();
+    for (calls, bytes) in [(17, 1 << 20), (64, 100_000)] {
+        let channel = dial_from(7, &addr).await.unwrap();
+        let calls = (0..calls).map(|i| {
+            let call = raw_call(channel.clone(), RPCS[0].0, packed_shape_bomb(bytes));
+            answered(format!("call {i} of {bytes} bytes"), call)
+        });
+        let out: Vec<_> = futures::stream::iter(calls)
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        for outcome in out {
+            let status = outcome.unwrap_err();
+            assert!(is_refusal(status.code()), "{status}");
+        }
+    }
     swarm.shutdown().await;
 }

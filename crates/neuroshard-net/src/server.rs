@@ -12,14 +12,13 @@ use crate::{HTTP2_MAX_FRAME_BYTES, bandwidth, tls};
 
 mod metered;
 
-/// Calls one connection may have in flight; a client pools up to three connections, so this
-/// bounds what one peer can make a server decode at once.
-const MAX_CALLS_PER_CONNECTION: usize = 16;
-
-/// HTTP/2 streams one connection may open at once: the calls in flight and a short queue
-/// behind them. A client holds further calls until a stream frees, so nothing queues on the
-/// server without this bound.
-const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Calls one connection may have in flight, as HTTP/2 streams; a client pools up to three
+/// connections, so this bounds what one peer can make a server decode at once. A client holds
+/// further calls, bodies unsent, until a stream frees. No call queues on the server behind
+/// the others: a queued call's body would sit in the connection's flow-control window while
+/// the running calls waited for the rest of theirs, and the connection would stall (17 calls
+/// of 1 MiB at once did, when 16 ran and 48 more streams could queue).
+const MAX_CALLS_PER_CONNECTION: u32 = 16;
 
 /// Longest a call may run, queueing included: a 2,048-token prefill of a large shard on a
 /// slow CPU, or a checkpoint upload, fits; a caller trickling its request is cut off.
@@ -160,8 +159,7 @@ pub fn spawn_server(
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .layer(metered::MeteredLayer::new(request_bytes, body_caps))
-            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
             .timeout(CALL_TIMEOUT)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
