@@ -231,7 +231,9 @@ mod tests {
             projections + projections / 32 * 4 + 4 * norms
         );
         let cover = vec![0; c.num_hidden_layers];
-        let budget = estimate(&c, LayerRange::new(0, 2).unwrap(), Precision::F32).total_bytes;
+        // What three layers take at bf16: less than three at f32, though the cache, the same
+        // at every precision, is most of it for this model.
+        let budget = estimate(&c, LayerRange::new(0, 3).unwrap(), Precision::Bf16).total_bytes;
         let fits = |p| {
             plan(&c, LayerChoice::Auto, &cover, budget, p)
                 .unwrap()
@@ -239,7 +241,7 @@ mod tests {
                 .len()
         };
         assert_eq!(fits(Precision::F32), 2);
-        assert!(fits(Precision::Bf16) > 2, "{}", fits(Precision::Bf16));
-        assert!(fits(Precision::Int8) > fits(Precision::Bf16));
+        assert_eq!(fits(Precision::Bf16), 3);
+        assert!(fits(Precision::Int8) >= 3);
     }
 }

@@ -68,8 +68,8 @@ pub(crate) struct NodeArgs {
     max_batch: usize,
     /// How the shard holds its projection weights: f32, bf16 or f16 (half the memory), or
     /// int8 (a little over a quarter, an f32 scale per 32 weights); default the settings' or
-    /// f32. On the CPU backend this saves memory, not time: each product widens the weights
-    /// to f32 (bf16 decodes at about 0.6x f32's speed, int8 far slower).
+    /// f32. On the CPU the held weights are multiplied as they are read, so a decode step also
+    /// takes less time (about 0.7x f32's, measured).
     #[arg(long)]
     precision: Option<neuroshard_model::Precision>,
     /// Where compute runs; without it, burn's default (`BURN_DEVICE`, else the GPU where this

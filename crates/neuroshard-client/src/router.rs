@@ -328,13 +328,11 @@ impl Router {
             let (addr, from) = via[(at - span.start) as usize].clone()?;
             let peer = &self.peers[&addr].0;
             let (node_id, precision) = (peer.node_id, peer.precision);
+            let layers = LayerRange::new(from, at).ok()?;
             hops.push(Hop {
                 addr,
                 node_id,
-                layers: LayerRange {
-                    start: from,
-                    end: at,
-                },
+                layers,
                 precision,
             });
             at = from;

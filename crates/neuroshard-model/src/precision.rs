@@ -2,8 +2,9 @@
 //! embeddings, norms and biases stay f32, and so do activations, the KV cache and every sum, so
 //! only the weights' own rounding differs.
 //!
-//! On the CPU backend a projection widens its held weights to f32 as it runs (burn-flex has no
-//! mixed-precision kernel), so a lighter precision saves memory, not time.
+//! On the CPU a projection's held weights are multiplied as they are read ([`Packed`]); on
+//! another backend they are held as burn's bf16, f16 or quantized tensors and widened for each
+//! product.
 
 use burn::nn::Linear;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
@@ -11,6 +12,9 @@ use burn::tensor::{DType, FloatDType, Tensor};
 use neuroshard_base::precision::int8_block;
 
 pub use neuroshard_base::precision::{INT8_BLOCK, Precision};
+
+mod packed;
+pub(crate) use packed::Packed;
 
 /// A projection's `[in, out]` weight as `precision` holds it.
 pub(crate) fn hold(precision: Precision, weight: Tensor<2>) -> Tensor<2> {

@@ -65,6 +65,9 @@ pub(crate) struct Weights {
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) final_norm: Option<RmsNorm>,
     pub(crate) lm_head: Option<Linear>,
+    /// The LM head's weights held below f32 on the CPU (its `Linear` then holds none).
+    #[module(skip)]
+    pub(crate) packed_head: Option<std::sync::Arc<crate::precision::Packed>>,
 }
 
 /// The layers `[range.start, range.end)` of a model, plus embeddings and head where they belong.
@@ -168,7 +171,10 @@ impl Shard {
         }
         let last = range.end == config.num_hidden_layers;
         let final_norm = last.then(|| loader.norm("model.norm.weight")).transpose()?;
-        let lm_head = last.then(|| loader.lm_head()).transpose()?;
+        let (lm_head, packed_head) = match last.then(|| loader.lm_head()).transpose()? {
+            Some((head, packed)) => (Some(head), packed.map(std::sync::Arc::new)),
+            None => (None, None),
+        };
         digests.head = last.then(|| loader.take_digest());
         let heads = Heads {
             query: config.num_attention_heads,
@@ -183,6 +189,7 @@ impl Shard {
                 layers,
                 final_norm,
                 lm_head,
+                packed_head,
             },
             heads,
             device: device.clone(),
@@ -374,7 +381,10 @@ impl Shard {
         let (norm, head) = norm
             .zip(head)
             .expect("the last shard has a final norm and head");
-        crate::precision::project(head, norm.forward(hidden))
+        match &self.weights.packed_head {
+            Some(packed) => packed.apply(norm.forward(hidden), None),
+            None => crate::precision::project(head, norm.forward(hidden)),
+        }
     }
 
     pub(crate) fn check_request(

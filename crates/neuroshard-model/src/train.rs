@@ -430,6 +430,7 @@ fn empty_weights() -> Weights {
         layers: Vec::new(),
         final_norm: None,
         lm_head: None,
+        packed_head: None,
     }
 }
 

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::kv::LayerCache;
-use crate::precision::project;
+use crate::precision::{Packed, project};
+use std::sync::Arc;
 
 /// One decoder block: pre-norm attention with grouped-query heads, then a SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -27,7 +28,20 @@ pub struct DecoderLayer {
     pub(crate) gate_proj: Linear,
     pub(crate) up_proj: Linear,
     pub(crate) down_proj: Linear,
+    /// The projections (q, k, v, o, gate, up, down) held below f32 on the CPU, when the shard
+    /// holds them so: their `Linear`s then keep only the biases.
+    #[module(skip)]
+    pub(crate) packed: Option<Arc<[Packed; 7]>>,
 }
+
+/// Each projection's place in [`DecoderLayer::packed`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
 
 /// Head geometry shared by every layer.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +59,14 @@ pub(crate) struct Row<'a> {
 }
 
 impl DecoderLayer {
+    /// Projection `which` (its `Linear` is `linear`) applied to `x`.
+    fn project(&self, which: usize, linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+        match &self.packed {
+            Some(packed) => packed[which].apply(x, linear.bias.as_ref()),
+            None => project(linear, x),
+        }
+    }
+
     /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`
     /// (with the block it grows by), if any.
     pub(crate) fn forward(
@@ -71,19 +93,18 @@ impl DecoderLayer {
         let attended = self.attention(self.input_norm.forward(x.clone()), rows, index, heads);
         let x = x + attended;
         let h = self.post_attention_norm.forward(x.clone());
-        let mlp = project(
-            &self.down_proj,
-            silu(project(&self.gate_proj, h.clone())) * project(&self.up_proj, h),
-        );
+        let gate = self.project(GATE, &self.gate_proj, h.clone());
+        let up = self.project(UP, &self.up_proj, h);
+        let mlp = self.project(DOWN, &self.down_proj, silu(gate) * up);
         x + mlp
     }
 
     /// Grouped-query attention of each row over its cached and new positions:
     /// `[b, n, hidden]` → same.
     fn attention(&self, x: Tensor<3>, rows: Vec<Row<'_>>, index: usize, heads: Heads) -> Tensor<3> {
-        let q = project(&self.q_proj, x.clone());
-        let k = project(&self.k_proj, x.clone());
-        let v = project(&self.v_proj, x);
+        let q = self.project(Q, &self.q_proj, x.clone());
+        let k = self.project(K, &self.k_proj, x.clone());
+        let v = self.project(V, &self.v_proj, x);
         let mut out: Vec<Tensor<3>> = rows
             .into_iter()
             .enumerate()
@@ -103,7 +124,7 @@ impl DecoderLayer {
             1 => out.pop().expect("one row"),
             _ => Tensor::cat(out, 0),
         };
-        project(&self.o_proj, out)
+        self.project(O, &self.o_proj, out)
     }
 
     /// One row's attention from its projections `[1, n, heads * dim]` (queries, keys, values)

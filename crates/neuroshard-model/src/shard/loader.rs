@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::DecoderLayer;
 use crate::layout::transpose;
+use crate::precision::Packed;
 use crate::weights::WeightFiles;
 use crate::{LlamaConfig, ModelError};
 
@@ -100,6 +101,32 @@ impl Loader<'_> {
         })
     }
 
+    /// [`Self::linear`], or where the shard packs its projections (below f32, on the CPU) a
+    /// `Linear` keeping only the bias and the weights packed beside it.
+    pub(crate) fn projection(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<(Linear, Option<Packed>), ModelError> {
+        if self.precision == crate::Precision::F32 || !crate::is_cpu(self.device) {
+            return Ok((self.linear(prefix, d_in, d_out, bias)?, None));
+        }
+        let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let packed = Packed::new(self.precision, &values, d_in, d_out);
+        let bias = bias
+            .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
+            .transpose()?
+            .map(Param::from_tensor);
+        let placeholder = Tensor::zeros([1, 1], self.device);
+        let linear = Linear {
+            weight: Param::from_tensor(placeholder),
+            bias,
+        };
+        Ok((linear, packed))
+    }
+
     pub(crate) fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
         self.norm_of(name, self.config.hidden_size)
     }
@@ -118,13 +145,13 @@ impl Loader<'_> {
         })
     }
 
-    pub(crate) fn lm_head(&self) -> Result<Linear, ModelError> {
+    pub(crate) fn lm_head(&self) -> Result<(Linear, Option<Packed>), ModelError> {
         let name = if self.config.tie_word_embeddings {
             "model.embed_tokens"
         } else {
             "lm_head"
         };
-        self.linear(name, self.config.hidden_size, self.config.vocab_size, false)
+        self.projection(name, self.config.hidden_size, self.config.vocab_size, false)
     }
 
     pub(crate) fn layer(&self, index: usize) -> Result<DecoderLayer, ModelError> {
@@ -139,33 +166,41 @@ impl Loader<'_> {
                 .transpose()
         };
         // Read in the order of the fields, which is the flat parameter order.
+        let input_norm = self.norm(&format!("{p}.input_layernorm.weight"))?;
+        let attn = |name: &str, d_in, d_out, bias| {
+            self.projection(&format!("{p}.self_attn.{name}"), d_in, d_out, bias)
+        };
+        let q = attn("q_proj", hidden, q_width, c.qkv_bias)?;
+        let k = attn("k_proj", hidden, kv_width, c.qkv_bias)?;
+        let v = attn("v_proj", hidden, kv_width, c.qkv_bias)?;
+        let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
+        let o = attn("o_proj", q_width, hidden, c.o_bias)?;
+        let post_attention_norm = self.norm(&format!("{p}.post_attention_layernorm.weight"))?;
+        let mlp = |name: &str, d_in, d_out| {
+            self.projection(&format!("{p}.mlp.{name}"), d_in, d_out, c.mlp_bias)
+        };
+        let gate = mlp("gate_proj", hidden, inter)?;
+        let up = mlp("up_proj", hidden, inter)?;
+        let down = mlp("down_proj", inter, hidden)?;
+        let packed = match (q.1, k.1, v.1, o.1, gate.1, up.1, down.1) {
+            (Some(q), Some(k), Some(v), Some(o), Some(g), Some(u), Some(d)) => {
+                Some(std::sync::Arc::new([q, k, v, o, g, u, d]))
+            }
+            _ => None,
+        };
         Ok(DecoderLayer {
-            input_norm: self.norm(&format!("{p}.input_layernorm.weight"))?,
-            q_proj: self.linear(
-                &format!("{p}.self_attn.q_proj"),
-                hidden,
-                q_width,
-                c.qkv_bias,
-            )?,
-            k_proj: self.linear(
-                &format!("{p}.self_attn.k_proj"),
-                hidden,
-                kv_width,
-                c.qkv_bias,
-            )?,
-            v_proj: self.linear(
-                &format!("{p}.self_attn.v_proj"),
-                hidden,
-                kv_width,
-                c.qkv_bias,
-            )?,
-            q_norm: head_norm("q_norm")?,
-            k_norm: head_norm("k_norm")?,
-            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), q_width, hidden, c.o_bias)?,
-            post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hidden, inter, c.mlp_bias)?,
-            up_proj: self.linear(&format!("{p}.mlp.up_proj"), hidden, inter, c.mlp_bias)?,
-            down_proj: self.linear(&format!("{p}.mlp.down_proj"), inter, hidden, c.mlp_bias)?,
+            input_norm,
+            q_proj: q.0,
+            k_proj: k.0,
+            v_proj: v.0,
+            q_norm,
+            k_norm,
+            o_proj: o.0,
+            post_attention_norm,
+            gate_proj: gate.0,
+            up_proj: up.0,
+            down_proj: down.0,
+            packed,
         })
     }
 }

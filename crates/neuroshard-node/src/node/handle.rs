@@ -224,14 +224,8 @@ impl NodeHandle {
                 "layers: the weights of {layers} are not on this machine; fetch them first"
             ))
         })?;
-        let next = Served::load(
-            source,
-            layers,
-            device,
-            before.precision,
-            state.fault.as_ref(),
-        )
-        .await?;
+        let held = (device, before.precision);
+        let next = Served::load(source, layers, held, state.fault.as_ref()).await?;
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
             // the old caches.

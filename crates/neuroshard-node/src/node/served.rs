@@ -25,6 +25,24 @@ pub(super) enum WeightSource {
     Fetched(Box<ModelInfo>, Vec<f32>),
 }
 
+impl WeightSource {
+    /// Layers `range` from here on `device`, held at `precision`.
+    fn shard(
+        self,
+        range: LayerRange,
+        device: &neuroshard_model::Device,
+        precision: Precision,
+    ) -> Result<Shard, neuroshard_model::ModelError> {
+        let layers = range.to_range();
+        match self {
+            Self::Disk(dir) => Shard::load_at(&dir, layers, device, precision),
+            Self::Fetched(info, values) => {
+                Shard::from_parameters_at(*info, layers, device, &values, precision)
+            }
+        }
+    }
+}
+
 /// The weights of `range` this machine holds: the model directory's safetensors, or the shard
 /// fetched from peers and kept there; none when it holds neither.
 pub(super) fn weights_on_disk(
@@ -51,8 +69,7 @@ impl Served {
     pub(super) async fn load(
         source: WeightSource,
         range: LayerRange,
-        device: Option<ComputeDevice>,
-        precision: Precision,
+        (device, precision): (Option<ComputeDevice>, Precision),
         fault: Option<&Fault>,
     ) -> Result<Self, NodeError> {
         let resolved = match device {
@@ -72,28 +89,15 @@ impl Served {
             _ => None,
         };
         let (shard, wrong_shard) = tokio::task::spawn_blocking(move || {
-            let shard = match source {
-                WeightSource::Disk(dir) => {
-                    Shard::load_at(&dir, range.to_range(), &resolved, precision)?
-                }
-                WeightSource::Fetched(info, parameters) => Shard::from_parameters_at(
-                    *info,
-                    range.to_range(),
-                    &resolved,
-                    &parameters,
-                    precision,
-                )?,
-            };
+            let shard = source.shard(range, &resolved, precision)?;
             if on_gpu {
                 shard.warm_up()?;
             }
             let wrong = match wrong {
-                Some(dir) => Some(Mutex::new(Shard::load_at(
-                    &dir,
-                    range.to_range(),
-                    &resolved,
-                    precision,
-                )?)),
+                Some(dir) => {
+                    let wrong = WeightSource::Disk(dir).shard(range, &resolved, precision)?;
+                    Some(Mutex::new(wrong))
+                }
                 None => None,
             };
             Ok::<_, neuroshard_model::ModelError>((shard, wrong))

@@ -9,14 +9,8 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let range = config.layers;
     let (model, source, fetched) = find_weights(&config).await?;
     let fault = config.fault();
-    let served = Served::load(
-        source,
-        range,
-        config.device,
-        config.precision,
-        fault.as_ref(),
-    )
-    .await?;
+    let held = (config.device, config.precision);
+    let served = Served::load(source, range, held, fault.as_ref()).await?;
     let (key, ledger) = open_identity(&config)?;
     let (listener, addr, advertise) = bind(&config).await?;
     let id = key.id();
@@ -35,8 +29,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         &model,
         range,
         &advertise,
-        relay_addr,
-        config.precision,
+        (relay_addr, config.precision),
     );
     let parts = Parts {
         record,
@@ -235,14 +228,14 @@ async fn start_side_servers(
     Ok((stun, relay, relay_addr))
 }
 
-/// The record the node announces of itself.
+/// The record the node announces of itself: with the relay it runs and its weights'
+/// precision.
 fn own_record(
     key: &NodeKey,
     model: &ModelInfo,
     range: LayerRange,
     advertise: &str,
-    relay: String,
-    precision: Precision,
+    (relay, precision): (String, Precision),
 ) -> PeerRecord {
     PeerRecord {
         node_id: key.id(),
