@@ -13,12 +13,14 @@ use crate::{HTTP2_MAX_FRAME_BYTES, bandwidth, tls};
 mod metered;
 
 /// Calls one connection may have in flight, as HTTP/2 streams; a client pools up to three
-/// connections, so this bounds what one peer can make a server decode at once. A client holds
-/// further calls, bodies unsent, until a stream frees. No call queues on the server behind
-/// the others: a queued call's body would sit in the connection's flow-control window while
-/// the running calls waited for the rest of theirs, and the connection would stall (17 calls
-/// of 1 MiB at once did, when 16 ran and 48 more streams could queue).
-const MAX_CALLS_PER_CONNECTION: u32 = 16;
+/// connections, so this bounds what one peer can make a server decode at once (their bodies
+/// are bounded by the request-byte budget). Every stream admitted runs: none queues on the
+/// server behind the others, where its body would sit in the connection's flow-control window
+/// while the running calls waited for the rest of theirs and the connection stalled (17 calls
+/// of 1 MiB at once did, when 16 ran and 48 more could queue). A client holds calls past this,
+/// bodies unsent, once the server's settings arrive; before that a burst past it is refused
+/// (REFUSED_STREAM), so it is as high as the bursts callers make.
+const MAX_CALLS_PER_CONNECTION: u32 = 64;
 
 /// Longest a call may run, queueing included: a 2,048-token prefill of a large shard on a
 /// slow CPU, or a checkpoint upload, fits; a caller trickling its request is cut off.
