@@ -78,31 +78,10 @@ impl Loader<'_> {
         ))
     }
 
-    /// A Hugging Face `[out, in]` projection as a burn `[in, out]` linear layer held at the
-    /// loader's precision, with its `[out]` bias (f32) when the config says the family has one.
-    pub(crate) fn linear(
-        &self,
-        prefix: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-    ) -> Result<Linear, ModelError> {
-        let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let weight = transpose(&values, d_out, d_in);
-        let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
-        let weight = crate::precision::hold(self.precision, weight);
-        let bias = bias
-            .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
-            .transpose()?
-            .map(Param::from_tensor);
-        Ok(Linear {
-            weight: Param::from_tensor(weight),
-            bias,
-        })
-    }
-
-    /// [`Self::linear`], or where the shard packs its projections (below f32, on the CPU) a
-    /// `Linear` keeping only the bias and the weights packed beside it.
+    /// A Hugging Face `[out, in]` projection with its `[out]` bias (f32) when the config says
+    /// the family has one: as a burn `[in, out]` linear layer held at the loader's precision,
+    /// or, where the shard packs its projections (below f32, on the CPU), as a `Linear` keeping
+    /// only the bias and the weights packed beside it.
     pub(crate) fn projection(
         &self,
         prefix: &str,
@@ -110,21 +89,25 @@ impl Loader<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<(Linear, Option<Packed>), ModelError> {
-        if self.precision == crate::Precision::F32 || !crate::is_cpu(self.device) {
-            return Ok((self.linear(prefix, d_in, d_out, bias)?, None));
-        }
         let values = self.read(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let packed = Packed::new(self.precision, &values, d_in, d_out);
         let bias = bias
             .then(|| self.tensor(&format!("{prefix}.bias"), [d_out]))
             .transpose()?
             .map(Param::from_tensor);
-        let placeholder = Tensor::zeros([1, 1], self.device);
-        let linear = Linear {
-            weight: Param::from_tensor(placeholder),
-            bias,
+        let packed = match crate::is_cpu(self.device) {
+            true => Packed::new(self.precision, &values, d_in, d_out),
+            false => None,
         };
-        Ok((linear, packed))
+        let weight = match packed {
+            Some(_) => Tensor::zeros([1, 1], self.device),
+            None => {
+                let weight = transpose(&values, d_out, d_in);
+                let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
+                crate::precision::hold(self.precision, weight)
+            }
+        };
+        let weight = Param::from_tensor(weight);
+        Ok((Linear { weight, bias }, packed))
     }
 
     pub(crate) fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
