@@ -63,6 +63,16 @@ completion = client.completions.create(model="demo", prompt=prompt, max_tokens=8
 check("completion", completion.object == "text_completion" and completion.usage.completion_tokens == 8
       and completion.choices[0].finish_reason == "length", completion)
 
+# Log-probabilities as the client library types them: greedy, so each token is its position's best.
+lp = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0,
+                                    logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content if lp.choices[0].logprobs else []
+check("logprobs count", len(content) == 8, content)
+check("logprobs text", "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content)
+      == lp.choices[0].message.content, content)
+check("logprobs best", all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob
+                           and t.logprob <= 0 for t in content), content)
+
 for name, call, status in [
     ("unknown model", lambda: client.chat.completions.create(model="nope", messages=messages), 404),
     ("n=2", lambda: client.chat.completions.create(model="demo", messages=messages, n=2), 400),

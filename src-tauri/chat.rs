@@ -175,6 +175,8 @@ impl Desktop {
                         break Ok(());
                     }
                 }
+                // Log-probabilities come only when asked for; the chat page does not ask.
+                Some(Ok(Piece::Tokens(_))) => {}
                 Some(Ok(Piece::Done { finish, usage })) => {
                     let finish = match finish {
                         Finish::Stop => "stop",

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use neuroshard_api::{ApiConfig, ApiServer, Backend, ServedModel, start_api};
 use neuroshard_client::ClientConfig;
-use neuroshard_client::generate::{GenerateOptions, LocalPipeline, generate_with};
+use neuroshard_client::generate::{
+    GenerateOptions, GenerationReport, LocalPipeline, generate_with,
+};
 use neuroshard_model::{ChatMessage, ChatTemplate, ModelInfo, SamplingParams, TextTokenizer};
 use neuroshard_tests::Swarm;
 use serde_json::{Value, json};
@@ -166,6 +168,14 @@ fn events(body: &[u8]) -> Vec<String> {
 
 /// What the client library's generation gives for `prompt` with `options`: the reference.
 async fn reference(dir: &Path, prompt: &str, options: &GenerateOptions) -> (Vec<u32>, String) {
+    let report = reference_report(dir, prompt, options).await;
+    let tokenizer = TextTokenizer::for_model_dir(dir).unwrap();
+    let text = tokenizer.decode(&report.generated_ids).unwrap();
+    (report.prompt_ids, text)
+}
+
+/// The reference generation's whole report.
+async fn reference_report(dir: &Path, prompt: &str, options: &GenerateOptions) -> GenerationReport {
     let template = ChatTemplate::for_model_dir(dir).unwrap().unwrap();
     let text = template
         .render(
@@ -177,11 +187,9 @@ async fn reference(dir: &Path, prompt: &str, options: &GenerateOptions) -> (Vec<
     let tokenizer = TextTokenizer::for_model_dir(dir).unwrap();
     let ids = tokenizer.encode_rendered(&text).unwrap();
     let mut local = LocalPipeline::load(dir).unwrap();
-    let report = generate_with(&mut local, &ids, options, |_, _| true)
+    generate_with(&mut local, &ids, options, |_, _| true)
         .await
-        .unwrap();
-    let text = tokenizer.decode(&report.generated_ids).unwrap();
-    (ids, text)
+        .unwrap()
 }
 
 fn chat_body(prompt: &str, extra: Value) -> Value {
@@ -200,7 +208,7 @@ async fn chat_completions_equal_generate_and_stream_as_openai_does() {
     let greedy = GenerateOptions {
         max_new_tokens: 24,
         stop_ids: ModelInfo::read(&api.dir()).unwrap().config.eos_token_ids,
-        sampling: SamplingParams::default(),
+        ..GenerateOptions::default()
     };
     let (ids, expected) = reference(&api.dir(), PROMPT, &greedy).await;
     assert!(expected.starts_with(" our fathers"), "{expected:?}");
@@ -299,6 +307,135 @@ async fn chat_completions_equal_generate_and_stream_as_openai_does() {
     api.server.shutdown().await;
 }
 
+/// One token's log-probability and its best alternatives', as the reference computes them.
+type Expected = (u32, f32, Vec<(u32, f32)>);
+
+/// Checks a chat reply's `logprobs.content` entries against the reference.
+fn assert_logprobs(content: &[Value], expected: &[Expected], tokenizer: &TextTokenizer) {
+    assert_eq!(content.len(), expected.len(), "{content:?}");
+    let close = |got: &Value, want: f32| {
+        let got = got.as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() <= 0.05,
+            "logprob {got}, reference {want}"
+        );
+    };
+    for (entry, (token, logprob, top)) in content.iter().zip(expected) {
+        assert_eq!(entry["bytes"], json!(tokenizer.token_bytes(*token)));
+        close(&entry["logprob"], *logprob);
+        let alternatives = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), top.len());
+        for (alternative, (id, logprob)) in alternatives.iter().zip(top) {
+            assert_eq!(alternative["bytes"], json!(tokenizer.token_bytes(*id)));
+            close(&alternative["logprob"], *logprob);
+        }
+    }
+}
+
+/// Log-probabilities come from what the last hop returns with its token (the drawn token's own
+/// logit and the best candidates'), and equal the local model's, in both endpoints' shapes and
+/// streamed with the text they make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_model_s_as_openai_reports_them() {
+    let api = Api::start(None).await;
+    let eos = ModelInfo::read(&api.dir()).unwrap().config.eos_token_ids;
+    let tokenizer = TextTokenizer::for_model_dir(&api.dir()).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 16,
+        stop_ids: eos.clone(),
+        sampling: SamplingParams {
+            temperature: 1.5,
+            seed: 5,
+            ..SamplingParams::default()
+        },
+        candidates: 3,
+    };
+    let report = reference_report(&api.dir(), PROMPT, &options).await;
+    let expected: Vec<Expected> = report
+        .steps
+        .iter()
+        .filter(|s| !eos.contains(&s.token))
+        .map(|s| {
+            let top = s.top.iter().take(3).map(|&(id, l)| (id, l - s.logsumexp));
+            (s.token, s.logit - s.logsumexp, top.collect())
+        })
+        .collect();
+    assert!(
+        expected.iter().any(|(token, _, top)| top[0].0 != *token),
+        "the draw should pick a token other than the most likely at least once"
+    );
+    let asked = json!({"max_tokens": 16, "temperature": 1.5, "seed": 5, "logprobs": true,
+        "top_logprobs": 3});
+
+    let whole = api
+        .post("/v1/chat/completions", &chat_body(PROMPT, asked.clone()))
+        .await
+        .json();
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_logprobs(content, &expected, &tokenizer);
+
+    // Streamed: each text chunk carries the tokens whose bytes make its text.
+    let mut streaming = asked.clone();
+    streaming["stream"] = json!(true);
+    let reply = api
+        .post("/v1/chat/completions", &chat_body(PROMPT, streaming))
+        .await;
+    let mut content = Vec::new();
+    for event in events(&reply.body).iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        let Some(entries) = choice["logprobs"]["content"].as_array() else {
+            continue;
+        };
+        let bytes: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| serde_json::from_value::<Vec<u8>>(e["bytes"].clone()).unwrap())
+            .collect();
+        let text = choice["delta"]["content"].as_str().unwrap_or_default();
+        assert_eq!(String::from_utf8_lossy(&bytes), text, "{chunk}");
+        content.extend(entries.iter().cloned());
+    }
+    assert_logprobs(&content, &expected, &tokenizer);
+
+    // Completions: logprobs N, OpenAI's legacy shape.
+    let body = json!({"model": "demo", "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+        "logprobs": 2});
+    let completion = api.post("/v1/completions", &body).await.json();
+    let logprobs = &completion["choices"][0]["logprobs"];
+    assert_eq!(
+        logprobs["tokens"].as_array().unwrap().len(),
+        4,
+        "{logprobs}"
+    );
+    for (lp, top) in logprobs["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(logprobs["top_logprobs"].as_array().unwrap())
+    {
+        // Greedy: the token is the most likely, so its log-probability is the best shown.
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap());
+        assert_eq!(top.as_object().unwrap().len(), 2);
+        assert!((best.fold(f64::MIN, f64::max) - lp.as_f64().unwrap()).abs() < 1e-6);
+    }
+    // Not asked for: null, as OpenAI sends it.
+    let plain = api
+        .post(
+            "/v1/chat/completions",
+            &chat_body(PROMPT, json!({"max_tokens": 2})),
+        )
+        .await
+        .json();
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
+    api.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_streams_each_give_what_they_would_alone() {
     let api = Api::start(None).await;
@@ -311,6 +448,7 @@ async fn eight_concurrent_streams_each_give_what_they_would_alone() {
             seed,
             ..SamplingParams::default()
         },
+        ..GenerateOptions::default()
     };
     let mut expected = Vec::new();
     for seed in 0..8 {

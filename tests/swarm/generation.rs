@@ -29,7 +29,7 @@ pub(crate) async fn local_reference(model: &TestModel, tokens: usize) -> Generat
 pub(crate) fn assert_same_generation(swarm: &GenerationReport, local: &GenerationReport) {
     assert_eq!(swarm.generated_ids, local.generated_ids);
     for (s, l) in swarm.steps.iter().zip(&local.steps) {
-        for ((sid, slogit), (lid, llogit)) in s.top5.iter().zip(&l.top5) {
+        for ((sid, slogit), (lid, llogit)) in s.top.iter().zip(&l.top) {
             assert_eq!(sid, lid, "top-5 ids differ");
             assert!(
                 (slogit - llogit).abs() <= LOGIT_TOLERANCE,
@@ -119,6 +119,7 @@ async fn the_last_hop_chooses_the_token_the_client_would_and_no_hop_sends_the_vo
             max_new_tokens: TOKENS,
             stop_ids: Vec::new(),
             sampling,
+            ..GenerateOptions::default()
         };
         let mut local = LocalPipeline::load(model.path()).unwrap();
         let expected = generate_with(&mut local, PROMPT, &options, |_, _| true)
@@ -157,10 +158,10 @@ async fn the_last_hop_chooses_the_token_the_client_would_and_no_hop_sends_the_vo
         // Candidates past the first may swap places with near ties (hidden states cross in
         // f16); each one both list has the same logit.
         for (got, want) in at_last_hop.steps.iter().zip(&expected.steps) {
-            assert_eq!(got.top5.len(), 5);
-            assert_eq!(got.top5[0].0, want.top5[0].0);
-            for (id, logit) in &got.top5 {
-                if let Some((_, l)) = want.top5.iter().find(|c| c.0 == *id) {
+            assert_eq!(got.top.len(), 5);
+            assert_eq!(got.top[0].0, want.top[0].0);
+            for (id, logit) in &got.top {
+                if let Some((_, l)) = want.top.iter().find(|c| c.0 == *id) {
                     assert!((logit - l).abs() <= LOGIT_TOLERANCE, "{logit} vs {l}");
                 }
             }

@@ -120,7 +120,7 @@ async fn every_family_and_layout_matches_transformers_locally() {
             let options = GenerateOptions {
                 max_new_tokens: reference.max_new_tokens,
                 stop_ids: eos.clone(),
-                sampling: SamplingParams::default(),
+                ..GenerateOptions::default()
             };
             let mut local = LocalPipeline::load(&dir).unwrap();
             let report = generate_with(&mut local, &prompt.ids, &options, |_, _| true)
@@ -207,6 +207,7 @@ async fn the_same_seed_samples_the_same_tokens_locally_and_through_a_swarm() {
             repetition_penalty: 1.1,
             seed,
         },
+        ..GenerateOptions::default()
     };
     let local = |options: GenerateOptions| {
         let dir = dir.clone();

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use neuroshard_client::generate::{Finish, GenerateOptions, Generation, LocalPipeline, Pipeline};
+use neuroshard_client::generate::{
+    Finish, GenerateOptions, Generation, LocalPipeline, Pipeline, StepReport,
+};
 use neuroshard_client::{ClientConfig, SwarmClient};
 use neuroshard_model::{ChatTemplate, ModelInfo, Shard, StopStrings, TextStream, TextTokenizer};
 
-use crate::openai::{ApiError, Prompt, Request, Usage};
+use crate::openai::{ApiError, Candidate, Prompt, Request, TokenLogprob, Usage};
 
 /// Where a model's tokens are computed.
 #[derive(Debug, Clone)]
@@ -54,6 +56,9 @@ impl std::fmt::Debug for ServedModel {
 pub enum Piece {
     /// Text to show (whole characters; never part of a stop string).
     Text(String),
+    /// When log-probabilities were asked for: those of the tokens the next text piece (or the
+    /// end) shows, every generated token but an end-of-sequence one.
+    Tokens(Vec<TokenLogprob>),
     /// The end.
     Done {
         /// `stop` or `length`.
@@ -193,6 +198,7 @@ impl ServedModel {
             max_new_tokens: request.max_tokens.unwrap_or(context - prompt_len),
             stop_ids: self.info.config.eos_token_ids.clone(),
             sampling: request.sampling,
+            candidates: request.logprobs.unwrap_or(0),
         })
     }
 
@@ -213,10 +219,11 @@ impl ServedModel {
         let options = self.options(request, prompt.len())?;
         let (tx, rx) = Self::channel();
         let prompt_tokens = prompt.len();
-        tokio::spawn(
-            self.clone()
-                .generate(prompt, options, request.stop.clone(), tx),
-        );
+        let asked = Asked {
+            stop: request.stop.clone(),
+            logprobs: request.logprobs,
+        };
+        tokio::spawn(self.clone().generate(prompt, options, asked, tx));
         Ok((rx, prompt_tokens))
     }
 
@@ -226,13 +233,13 @@ impl ServedModel {
         self: Arc<Self>,
         prompt: Vec<u32>,
         options: GenerateOptions,
-        stop: Vec<String>,
+        asked: Asked,
         tx: PieceSender,
     ) {
         let result = match &self.engine {
             Engine::Swarm(client) => {
                 let mut session = client.session();
-                let result = self.run(&mut session, &prompt, &options, &stop, &tx).await;
+                let result = self.run(&mut session, &prompt, &options, &asked, &tx).await;
                 session.close().await;
                 result
             }
@@ -244,7 +251,7 @@ impl ServedModel {
                 let handle = tokio::runtime::Handle::current();
                 tokio::task::spawn_blocking(move || {
                     let mut pipeline = LocalPipeline::new(shard);
-                    handle.block_on(model.run(&mut pipeline, &prompt, &options, &stop, &tx))
+                    handle.block_on(model.run(&mut pipeline, &prompt, &options, &asked, &tx))
                 })
                 .await
                 .unwrap_or_else(|e| Err(ApiError::internal(e.to_string())))
@@ -260,17 +267,18 @@ impl ServedModel {
         pipeline: &mut P,
         prompt: &[u32],
         options: &GenerateOptions,
-        stop: &[String],
+        asked: &Asked,
         tx: &PieceSender,
     ) -> Result<(), ApiError> {
         let mut generation = Generation::new(prompt, options)?;
         let mut stream = TextStream::new(&self.tokenizer);
-        let mut stops = StopStrings::new(stop);
+        let mut stops = StopStrings::new(&asked.stop);
         let mut stopped = false;
+        let mut logprobs = Vec::new();
         loop {
-            let token = tokio::select! {
+            let (token, logprob) = tokio::select! {
                 step = generation.step(pipeline) => match step? {
-                    Some(step) => step.token,
+                    Some(step) => (step.token, asked.logprobs.map(|top| self.logprob(step, top))),
                     None => break,
                 },
                 () = tx.closed() => return Ok(()),
@@ -279,8 +287,9 @@ impl ServedModel {
             if options.stop_ids.contains(&token) {
                 continue;
             }
+            logprobs.extend(logprob);
             let (shown, stop) = stops.push(&stream.push(token)?);
-            if !shown.is_empty() && !deliver(tx, Piece::Text(shown)).await {
+            if !shown.is_empty() && !deliver_text(tx, shown, &mut logprobs).await {
                 return Ok(());
             }
             if stop {
@@ -291,9 +300,12 @@ impl ServedModel {
         if !stopped {
             let (shown, stop) = stops.push(&stream.finish()?);
             let tail = if stop { shown } else { shown + &stops.finish() };
-            if !tail.is_empty() && !deliver(tx, Piece::Text(tail)).await {
+            if !tail.is_empty() && !deliver_text(tx, tail, &mut logprobs).await {
                 return Ok(());
             }
+        }
+        if !logprobs.is_empty() && !deliver(tx, Piece::Tokens(logprobs)).await {
+            return Ok(());
         }
         let completion = generation.generated().len();
         let done = Piece::Done {
@@ -308,10 +320,45 @@ impl ServedModel {
         Ok(())
     }
 
+    /// A generated token's log-probability and its `top` best alternatives.
+    fn logprob(&self, step: &StepReport, top: usize) -> TokenLogprob {
+        let candidate = |id, logit: f32| Candidate {
+            bytes: self.tokenizer.token_bytes(id),
+            logprob: logit - step.logsumexp,
+        };
+        TokenLogprob {
+            chosen: candidate(step.token, step.logit),
+            top: step
+                .top
+                .iter()
+                .take(top)
+                .map(|&(id, l)| candidate(id, l))
+                .collect(),
+        }
+    }
+
     /// A channel for one generation's pieces.
     pub fn channel() -> (PieceSender, PieceReceiver) {
         mpsc::channel(PIECES_AHEAD)
     }
+}
+
+/// What a request asks of its text besides the generation's options.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Asked {
+    /// Texts that end the generation (not shown).
+    pub stop: Vec<String>,
+    /// Log-probabilities, with this many alternatives at each token.
+    pub logprobs: Option<usize>,
+}
+
+/// Hands `text` to the client's stream, after the log-probabilities of the tokens that made
+/// it, if any; false when the client left or stopped reading.
+async fn deliver_text(tx: &PieceSender, text: String, logprobs: &mut Vec<TokenLogprob>) -> bool {
+    if !logprobs.is_empty() && !deliver(tx, Piece::Tokens(std::mem::take(logprobs))).await {
+        return false;
+    }
+    deliver(tx, Piece::Text(text)).await
 }
 
 /// Hands `piece` to the client's stream; false when the client left or stopped reading.

@@ -165,6 +165,9 @@ pub struct Request {
     pub stream: bool,
     /// With `stream`: a last chunk carrying `usage`.
     pub include_usage: bool,
+    /// Log-probabilities of the generated tokens, with this many of the most likely
+    /// alternatives at each; `None`: not asked for.
+    pub logprobs: Option<usize>,
 }
 
 /// Parameters taken with their default meaning; any other value of theirs is refused.
@@ -214,6 +217,7 @@ impl Request {
             _ => return Err(ApiError::invalid("model", "model is required")),
         };
         refuse_unsupported(o)?;
+        let logprobs = logprobs(o, matches!(prompt, Prompt::Chat(_)))?;
         let max_tokens = match (o.get("max_completion_tokens"), o.get("max_tokens")) {
             (Some(v), _) if !v.is_null() => Some(count(v, "max_completion_tokens")?),
             (_, Some(v)) if !v.is_null() => Some(count(v, "max_tokens")?),
@@ -238,6 +242,7 @@ impl Request {
             stop,
             stream,
             include_usage,
+            logprobs,
         })
     }
 }
@@ -271,8 +276,129 @@ fn refuse_unknown(o: &Map<String, Value>, own: &[&str]) -> Result<(), ApiError> 
     }
 }
 
+/// Most alternatives a chat request's `top_logprobs` may ask for (OpenAI's bound, and what a
+/// node's reply carries at most).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Most alternatives a completion request's `logprobs` may ask for (OpenAI's bound).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+
+/// The alternatives asked for at each token, if log-probabilities are: a chat request's
+/// `logprobs: true` with `top_logprobs: N` (0 to 20, and only with logprobs), a completion
+/// request's `logprobs: N` (0 to 5).
+fn logprobs(o: &Map<String, Value>, chat: bool) -> Result<Option<usize>, ApiError> {
+    let number = |name: &str, max: usize| -> Result<Option<usize>, ApiError> {
+        match o.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(ApiError::invalid(
+                    name,
+                    format!("{name} must be an integer from 0 to {max}"),
+                )),
+            },
+        }
+    };
+    if !chat {
+        if o.get("top_logprobs").is_some_and(|v| !v.is_null()) {
+            let problem = "top_logprobs is a chat parameter; a completion takes logprobs: N";
+            return Err(ApiError::invalid("top_logprobs", problem));
+        }
+        return number("logprobs", MAX_COMPLETION_LOGPROBS);
+    }
+    let asked = match o.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "logprobs must be true or false",
+            ));
+        }
+    };
+    match (asked, number("top_logprobs", MAX_TOP_LOGPROBS)?) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(n)) if n > 0 => Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true",
+        )),
+        (false, _) => Ok(None),
+    }
+}
+
+/// A generated token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token chosen.
+    pub chosen: Candidate,
+    /// The most likely tokens, best first (as many as asked).
+    pub top: Vec<Candidate>,
+}
+
+/// A token with its log-probability under the model (the raw logits' softmax, before the
+/// sampling parameters change them, as OpenAI reports it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The bytes the token stands for (which may end inside a character).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
+}
+
+impl Candidate {
+    /// The token's text (a partial character shows as U+FFFD, as OpenAI shows it).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    fn chat_json(&self) -> Value {
+        json!({"token": self.text(), "logprob": self.logprob, "bytes": self.bytes})
+    }
+}
+
+/// A chat choice's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+pub fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut entry = t.chosen.chat_json();
+            entry["top_logprobs"] = t.top.iter().map(Candidate::chat_json).collect();
+            entry
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// A completion choice's `logprobs`: `{tokens, token_logprobs, top_logprobs, text_offset}`,
+/// the offsets counted in characters from `offset` (where these tokens' text starts).
+pub fn completion_logprobs(tokens: &[TokenLogprob], offset: usize) -> Value {
+    let mut at = offset;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let start = at;
+            at += t.chosen.text().chars().count();
+            start
+        })
+        .collect();
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let alternatives: Map<String, Value> =
+                t.top.iter().map(|c| (c.text(), json!(c.logprob))).collect();
+            Value::Object(alternatives)
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| t.chosen.text()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.chosen.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
+
 /// Refuses known parameters asked for values this server cannot honour: more than one choice,
-/// penalties other than neutral, log probabilities.
+/// penalties other than neutral.
 fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
     if let Some(n) = o.get("n").filter(|v| !v.is_null())
         && n.as_u64() != Some(1)
@@ -284,17 +410,6 @@ fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
             && v.as_f64() != Some(neutral)
         {
             return Err(ApiError::invalid(name, format!("{name} is not supported")));
-        }
-    }
-    for name in ["logprobs", "top_logprobs"] {
-        let asked = match o.get(name) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Number(n)) => n.as_u64() != Some(0),
-            Some(_) => true,
-        };
-        if asked {
-            let problem = format!("{name} is not supported yet");
-            return Err(ApiError::invalid(name, problem));
         }
     }
     Ok(())
@@ -468,13 +583,92 @@ mod tests {
     }
 
     #[test]
+    fn reads_logprobs_as_each_endpoint_asks_for_them() {
+        let asked = |extra| chat(extra).unwrap().logprobs;
+        assert_eq!(asked(json!({})), None);
+        assert_eq!(asked(json!({"logprobs": false, "top_logprobs": 0})), None);
+        assert_eq!(asked(json!({"logprobs": true})), Some(0));
+        assert_eq!(
+            asked(json!({"logprobs": true, "top_logprobs": 20})),
+            Some(20)
+        );
+        let completion = |extra: Value| {
+            let mut body = json!({"model": "m", "prompt": "hi"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Request::completion(&body)
+        };
+        assert_eq!(
+            completion(json!({"logprobs": 5})).unwrap().logprobs,
+            Some(5)
+        );
+        assert_eq!(
+            completion(json!({"logprobs": null})).unwrap().logprobs,
+            None
+        );
+        for (extra, param) in [
+            (json!({"logprobs": 6}), "logprobs"),
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+        ] {
+            let err = completion(extra.clone()).unwrap_err();
+            assert_eq!(
+                err.param.as_deref(),
+                Some(param),
+                "{extra}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn writes_logprobs_in_each_endpoint_s_shape() {
+        let candidate = |text: &[u8], logprob| Candidate {
+            bytes: text.to_vec(),
+            logprob,
+        };
+        let tokens = vec![
+            TokenLogprob {
+                chosen: candidate(b" caf", -0.5),
+                top: vec![candidate(b" caf", -0.5), candidate(b" tea", -1.5)],
+            },
+            // The first byte of "é": its own bytes, its text a replacement character.
+            TokenLogprob {
+                chosen: candidate(&[0xC3], -0.25),
+                top: vec![],
+            },
+        ];
+        let chat = chat_logprobs(&tokens);
+        assert_eq!(
+            chat["content"][0],
+            json!({"token": " caf", "logprob": -0.5, "bytes": [32, 99, 97, 102],
+                "top_logprobs": [
+                    {"token": " caf", "logprob": -0.5, "bytes": [32, 99, 97, 102]},
+                    {"token": " tea", "logprob": -1.5, "bytes": [32, 116, 101, 97]}]})
+        );
+        assert_eq!(chat["content"][1]["token"], "\u{FFFD}");
+        assert_eq!(chat["content"][1]["bytes"], json!([0xC3]));
+        let text = completion_logprobs(&tokens, 3);
+        assert_eq!(text["tokens"], json!([" caf", "\u{FFFD}"]));
+        assert_eq!(text["token_logprobs"], json!([-0.5, -0.25]));
+        assert_eq!(text["top_logprobs"][0], json!({" caf": -0.5, " tea": -1.5}));
+        assert_eq!(text["text_offset"], json!([3, 7]));
+    }
+
+    #[test]
     fn names_what_it_refuses() {
         for (extra, param) in [
             (json!({"n": 2}), "n"),
             (json!({"max_tokens": -1}), "max_tokens"),
             (json!({"temperature": -0.5}), "temperature"),
             (json!({"tools": []}), "tools"),
-            (json!({"logprobs": true}), "logprobs"),
+            (json!({"logprobs": 1}), "logprobs"),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
             (json!({"presence_penalty": 0.5}), "presence_penalty"),
             (json!({"stop": 3}), "stop"),
             (

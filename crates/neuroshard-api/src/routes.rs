@@ -20,7 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use neuroshard_client::generate::Finish;
 
 use crate::engine::{Piece, PieceReceiver, ServedModel};
-use crate::openai::{ApiError, Prompt, Request, Usage};
+use crate::openai::{
+    ApiError, Prompt, Request, TokenLogprob, Usage, chat_logprobs, completion_logprobs,
+};
 
 /// What every handler shares.
 pub(crate) struct ApiState {
@@ -137,7 +139,19 @@ impl Reply {
             "model": self.model, "choices": [], "usage": usage})
     }
 
-    fn delta(&self, text: &str, finish: Option<Finish>) -> Value {
+    /// A choice's `logprobs`: `null` where none were asked for, else the tokens' in this
+    /// kind's shape (a completion's text offsets start at `offset` characters).
+    fn logprobs(&self, tokens: Option<&[TokenLogprob]>, offset: usize) -> Value {
+        match (tokens, self.kind) {
+            (None, _) => Value::Null,
+            (Some(tokens), Kind::Chat) => chat_logprobs(tokens),
+            (Some(tokens), Kind::Text) => completion_logprobs(tokens, offset),
+        }
+    }
+
+    /// A streamed piece of text (or the end), with the log-probabilities of the tokens that
+    /// made it when they were asked for.
+    fn delta(&self, text: &str, finish: Option<Finish>, logprobs: Value) -> Value {
         match self.kind {
             Kind::Chat => {
                 let delta = if finish.is_some() {
@@ -145,19 +159,19 @@ impl Reply {
                 } else {
                     json!({"content": text})
                 };
-                self.chunk(json!({"index": 0, "delta": delta, "logprobs": null,
+                self.chunk(json!({"index": 0, "delta": delta, "logprobs": logprobs,
                         "finish_reason": finish.map(reason)}))
             }
-            Kind::Text => self.chunk(json!({"index": 0, "text": text, "logprobs": null,
+            Kind::Text => self.chunk(json!({"index": 0, "text": text, "logprobs": logprobs,
                     "finish_reason": finish.map(reason)})),
         }
     }
 
-    fn whole(&self, text: &str, finish: Finish, usage: Usage) -> Value {
+    fn whole(&self, text: &str, finish: Finish, usage: Usage, logprobs: Value) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": reason(finish)}),
-            Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+                "logprobs": logprobs, "finish_reason": reason(finish)}),
+            Kind::Text => json!({"index": 0, "text": text, "logprobs": logprobs,
                 "finish_reason": reason(finish)}),
         };
         json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
@@ -227,23 +241,28 @@ async fn start(
         let events = stream_events(reply, rx, request.include_usage, permit);
         return Ok(Sse::new(events).into_response());
     }
-    whole_reply(reply, rx, permit).await
+    whole_reply(reply, rx, request.logprobs.is_some(), permit).await
 }
 
 /// Collects a generation into one JSON reply.
 async fn whole_reply(
     reply: Reply,
     mut rx: PieceReceiver,
+    logprobs: bool,
     _permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let mut text = String::new();
+    let mut tokens = Vec::new();
     while let Some(piece) = rx.recv().await {
         match piece? {
             Piece::Text(t) => text.push_str(&t),
+            Piece::Tokens(t) => tokens.extend(t),
             Piece::Done { finish, usage } => {
                 log_done(&reply, finish, usage, started);
-                return Ok(Json(reply.whole(&text, finish, usage)).into_response());
+                let logprobs = reply.logprobs(logprobs.then_some(&tokens), 0);
+                let whole = reply.whole(&text, finish, usage, logprobs);
+                return Ok(Json(whole).into_response());
             }
         }
     }
@@ -261,8 +280,9 @@ fn log_done(reply: &Reply, finish: Finish, usage: Usage, started: Instant) {
     );
 }
 
-/// A generation as Server-Sent Events: the role, each text piece, the finish reason, usage
-/// when asked, then `data: [DONE]`. An error mid-stream is sent as an error event, then DONE.
+/// A generation as Server-Sent Events: the role, each text piece (with its tokens'
+/// log-probabilities when asked), the finish reason, usage when asked, then `data: [DONE]`.
+/// An error mid-stream is sent as an error event, then DONE.
 fn stream_events(
     reply: Reply,
     rx: PieceReceiver,
@@ -277,14 +297,25 @@ fn stream_events(
         )
     });
     let reply = Arc::new(reply);
+    // Log-probabilities wait for the text their tokens make; characters sent so far.
+    let (mut tokens, mut offset): (Option<Vec<TokenLogprob>>, usize) = (None, 0);
     let pieces = ReceiverStream::new(rx).flat_map(move |piece| {
         // The permit lives as long as the stream: a client that leaves frees its slot.
         let _ = &permit;
         let events: Vec<Value> = match piece {
-            Ok(Piece::Text(text)) => vec![reply.delta(&text, None)],
+            Ok(Piece::Tokens(t)) => {
+                tokens.get_or_insert_default().extend(t);
+                vec![]
+            }
+            Ok(Piece::Text(text)) => {
+                let logprobs = reply.logprobs(tokens.take().as_deref(), offset);
+                offset += text.chars().count();
+                vec![reply.delta(&text, None, logprobs)]
+            }
             Ok(Piece::Done { finish, usage }) => {
                 log_done(&reply, finish, usage, started);
-                let mut events = vec![reply.delta("", Some(finish))];
+                let logprobs = reply.logprobs(tokens.take().as_deref(), offset);
+                let mut events = vec![reply.delta("", Some(finish), logprobs)];
                 if include_usage {
                     events.push(reply.usage_chunk(usage));
                 }

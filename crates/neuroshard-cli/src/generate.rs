@@ -88,6 +88,7 @@ pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             repetition_penalty: args.repetition_penalty,
             seed: args.seed,
         },
+        ..GenerateOptions::default()
     };
     options.sampling.validate()?;
     // Text is printed as it arrives; --json prints only the report at the end.
@@ -198,7 +199,7 @@ fn print_json(report: &GenerationReport, text: &str, hops: &[HopTiming]) -> anyh
         "text": text,
         "steps": report.steps.iter().map(|s| serde_json::json!({
             "token": s.token,
-            "top5": s.top5.iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
+            "top5": s.top.iter().take(5).map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "prefill_ms": report.prefill_ms,
         "decode_tokens_per_s": report.decode_tokens_per_s,

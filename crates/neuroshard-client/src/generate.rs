@@ -105,16 +105,22 @@ impl Pipeline for LocalPipeline {
     }
 }
 
-/// Candidates a step reports.
-const REPORTED: usize = 5;
+/// Candidates a step reports at least.
+pub const REPORTED: usize = 5;
 
-/// One generated token and the five best candidates it was chosen from.
+/// One generated token and the best candidates it was chosen from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StepReport {
     /// The chosen token.
     pub token: u32,
-    /// Top-5 `(token id, logit)`, best first.
-    pub top5: Vec<(u32, f32)>,
+    /// The chosen token's raw logit.
+    pub logit: f32,
+    /// `log Σ exp(logit)` over the vocabulary: a token's log-probability is its logit minus
+    /// this.
+    pub logsumexp: f32,
+    /// The best `(token id, logit)` candidates, best first: [`REPORTED`], or
+    /// [`GenerateOptions::candidates`] where that is more.
+    pub top: Vec<(u32, f32)>,
     /// Wall time of the step, ms.
     pub ms: f64,
 }
@@ -126,7 +132,7 @@ pub struct GenerationReport {
     pub prompt_ids: Vec<u32>,
     /// Generated token ids.
     pub generated_ids: Vec<u32>,
-    /// Per generated token: choice, top-5, time.
+    /// Per generated token: choice, candidates, time.
     pub steps: Vec<StepReport>,
     /// Prefill (prompt) time, ms.
     pub prefill_ms: f64,
@@ -156,6 +162,9 @@ pub struct GenerateOptions {
     pub stop_ids: Vec<u32>,
     /// Greedy (the default) or sampled.
     pub sampling: SamplingParams,
+    /// Candidates each step reports when more than [`REPORTED`] (at most 20): what OpenAI's
+    /// `top_logprobs` asks for.
+    pub candidates: usize,
 }
 
 /// Greedy decoding of up to `max_new` tokens after `prompt`, stopping after any of `stop`.
@@ -170,7 +179,7 @@ pub async fn generate<P: Pipeline>(
     let options = GenerateOptions {
         max_new_tokens: max_new,
         stop_ids: stop.to_vec(),
-        sampling: SamplingParams::default(),
+        ..Default::default()
     };
     generate_with(pipeline, prompt, &options, |p, steps| {
         on_step(p, steps.len());
@@ -218,7 +227,8 @@ impl Generation {
         if prompt.is_empty() {
             return Err(NodeError::BadRequest("the prompt is empty".into()));
         }
-        let mut sampler = Sampler::new(options.sampling)?.reporting(REPORTED);
+        let mut sampler =
+            Sampler::new(options.sampling)?.reporting(options.candidates.max(REPORTED));
         sampler.saw_all(prompt);
         Ok(Self {
             sampler,
@@ -251,7 +261,9 @@ impl Generation {
         self.next = vec![token];
         self.steps.push(StepReport {
             token,
-            top5: chosen.top,
+            logit: chosen.logit,
+            logsumexp: chosen.logsumexp,
+            top: chosen.top,
             ms,
         });
         if self.options.stop_ids.contains(&token) {

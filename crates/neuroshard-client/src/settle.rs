@@ -212,8 +212,9 @@ fn check_row(
 }
 
 /// Checks a token chosen at `position` against the recomputed logits (after the receipt
-/// matched): its candidates' logits must be the recomputed ones, each within the tolerance of
-/// one entry (`entry` × the row's RMS), and the token a choice the sampler admits.
+/// matched): the logits it reports (its candidates' and its own) must be the recomputed ones,
+/// each within the tolerance of one entry (`entry` × the row's RMS), as must the log-sum-exp
+/// its log-probabilities are taken against; and the token must be a choice the sampler admits.
 fn check_choice(
     truth: &[f32],
     chosen: &Chosen,
@@ -223,11 +224,15 @@ fn check_choice(
 ) -> Result<(), CheckFailed> {
     let recomputed = Fingerprint::of(truth);
     let bound = tolerance.entry * recomputed.rms;
-    let off = chosen.top.iter().find(|&&(id, logit)| {
-        truth
-            .get(id as usize)
-            .is_none_or(|t| (t - logit).abs() > bound)
-    });
+    let own = (chosen.token, chosen.logit);
+    let off = std::iter::once(&own)
+        .chain(&chosen.top)
+        .find(|&&(id, logit)| {
+            truth
+                .get(id as usize)
+                .is_none_or(|t| (t - logit).abs() > bound)
+        });
+    let logsumexp = neuroshard_model::sampling::logsumexp(truth);
     // The token is judged with the slack its candidates show (twice their largest difference,
     // at least a thousandth of the RMS): the backends' rounding, not the whole tolerance,
     // which at a warm temperature would admit far more tokens than the draw could give.
@@ -242,6 +247,10 @@ fn check_choice(
         Some((id, logit)) => format!(
             "candidate {id} claims logit {logit}, recomputed {:?}",
             truth.get(*id as usize)
+        ),
+        None if (logsumexp - chosen.logsumexp).abs() > bound => format!(
+            "log-sum-exp claimed {}, recomputed {logsumexp}",
+            chosen.logsumexp
         ),
         None if !sampler.admits(truth, position, chosen.token, slack) => {
             let expected = sampler
@@ -259,4 +268,42 @@ fn check_choice(
         what: what.clone(),
     };
     Err(CheckFailed::Choice(what, Box::new(evidence)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neuroshard_model::SamplingParams;
+
+    /// A last hop's reported log-probabilities are checked with its token: its own logit and
+    /// the log-sum-exp must be the recomputed ones, as its candidates' must.
+    #[test]
+    fn a_choice_is_checked_with_the_log_probabilities_it_reports() {
+        let truth: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32 / 8.0).collect();
+        let sampler = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..SamplingParams::default()
+        })
+        .unwrap()
+        .reporting(5);
+        let tolerance = neuroshard_proof::Tolerance::default();
+        let honest = sampler.choose(&truth, 9).unwrap();
+        let check = |chosen: &Chosen| check_choice(&truth, chosen, &sampler, 9, &tolerance);
+        assert!(check(&honest).is_ok());
+        let claims = |chosen: Chosen, shown: &str| match check(&chosen) {
+            Err(CheckFailed::Choice(what, _)) => assert!(what.contains(shown), "{what}"),
+            other => panic!("{chosen:?} passed: {other:?}"),
+        };
+        let raised = Chosen {
+            logit: honest.logit + 1.0,
+            ..honest.clone()
+        };
+        claims(raised, &format!("candidate {} claims logit", honest.token));
+        let spread = Chosen {
+            logsumexp: honest.logsumexp - 1.0,
+            ..honest.clone()
+        };
+        claims(spread, "log-sum-exp claimed");
+    }
 }

@@ -81,6 +81,8 @@ impl SamplingParams {
 pub struct Chosen {
     /// The chosen token.
     pub token: u32,
+    /// The chosen token's raw logit: with `logsumexp`, its log-probability.
+    pub logit: f32,
     /// The most likely tokens with their raw logits, best first (as many as asked).
     pub top: Vec<(u32, f32)>,
     /// `log Σ exp(logit)` over the vocabulary: a token's log-probability is its logit minus
@@ -178,6 +180,7 @@ impl Sampler {
         };
         Ok(Chosen {
             token,
+            logit: logits[token as usize],
             top: top_k(logits, self.top),
             logsumexp: logsumexp(logits),
         })

@@ -87,6 +87,63 @@ impl TextTokenizer {
     }
 }
 
+impl TextTokenizer {
+    /// The bytes one token stands for on its own, as OpenAI's logprobs report them: a
+    /// byte-level vocabulary's token mapped back to its bytes (which may end inside a
+    /// character), a byte-fallback token (`<0x0A>`) its byte, a SentencePiece token with `▁` as
+    /// a space. A special token is its name; an id outside the vocabulary has no bytes.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let t = match self {
+            Self::HuggingFace(t) => t,
+            Self::Bytes => return u8::try_from(id).map(|b| vec![b]).unwrap_or_default(),
+        };
+        let Some(token) = t.id_to_token(id) else {
+            return Vec::new();
+        };
+        if byte_level(t.get_decoder())
+            && let Some(bytes) = token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+        let fallback = token
+            .strip_prefix("<0x")
+            .and_then(|t| t.strip_suffix('>'))
+            .filter(|hex| hex.len() == 2)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match fallback {
+            Some(byte) => vec![byte],
+            None => token.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+}
+
+/// Whether a tokenizer decodes byte-level tokens (GPT-2's byte-to-character table), alone or
+/// in a sequence of decoders.
+fn byte_level(decoder: Option<&tokenizers::DecoderWrapper>) -> bool {
+    use tokenizers::DecoderWrapper;
+    match decoder {
+        Some(DecoderWrapper::ByteLevel(_)) => true,
+        Some(DecoderWrapper::Sequence(s)) => s.get_decoders().iter().any(|d| byte_level(Some(d))),
+        _ => false,
+    }
+}
+
+/// The byte GPT-2's byte-level table shows as `c`: printable Latin-1 bytes as themselves, the
+/// other 68 bytes (controls, space, 0x7F-0xA0, 0xAD) in order as U+0100 onwards. (The
+/// tokenizers crate keeps its table private.)
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = u32::from(c);
+    match u8::try_from(code) {
+        Ok(b) if printable(b) => Some(b),
+        Ok(_) => None,
+        Err(_) => {
+            let n = usize::try_from(code.checked_sub(256)?).ok()?;
+            (0..=255u8).filter(|&b| !printable(b)).nth(n)
+        }
+    }
+}
+
 /// Turns generated tokens into text as they arrive, never splitting a character: a token that
 /// ends inside a multi-byte UTF-8 character (byte-level vocabularies have them) is held until
 /// the character is whole. Decodes a short window of recent tokens (as text-generation servers
@@ -235,6 +292,39 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer.json"), "{broken").unwrap();
         let err = TextTokenizer::for_model_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn a_token_stands_for_its_own_bytes() {
+        let fixture = |name: &str| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/reference/tokenizers")
+                .join(name);
+            TextTokenizer::for_model_dir(&dir).unwrap()
+        };
+        // Byte-level (Llama 3): every byte of a text comes back, a character split over two
+        // tokens included, and a leading space is the token's own.
+        let llama3 = fixture("llama3");
+        for text in [" the café ☃ swarm", "naïve\n\tend"] {
+            let ids = llama3.encode(text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| llama3.token_bytes(id)).collect();
+            assert_eq!(bytes, text.as_bytes(), "{ids:?}");
+        }
+        let ids = llama3.encode(" be").unwrap();
+        assert_eq!(llama3.token_bytes(ids[0]), b" be");
+        // SentencePiece with byte fallback (Llama 2): a newline is its byte token, `▁` a space.
+        let llama2 = fixture("llama2");
+        let ids = llama2.encode("a\nb").unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| llama2.token_bytes(id)).collect();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap().trim_start(),
+            "a\nb",
+            "{ids:?}"
+        );
+        assert_eq!(llama2.token_bytes(2), b"</s>");
+        assert!(llama2.token_bytes(1 << 30).is_empty());
+        assert_eq!(TextTokenizer::Bytes.token_bytes(0xC3), vec![0xC3]);
+        assert!(TextTokenizer::Bytes.token_bytes(BYTE_EOS).is_empty());
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub fn chosen_to_proto(chosen: &Chosen) -> pb::SampledToken {
         top_ids: chosen.top.iter().map(|c| c.0).collect(),
         top_logits: chosen.top.iter().map(|c| c.1).collect(),
         logsumexp: chosen.logsumexp,
+        logit: chosen.logit,
     }
 }
 
@@ -210,13 +211,14 @@ pub fn chosen_from_proto(
     }
     if s.top_logits
         .iter()
-        .chain([&s.logsumexp])
+        .chain([&s.logsumexp, &s.logit])
         .any(|v| v.is_nan())
     {
         return bad("a logit is NaN".into());
     }
     Ok(Chosen {
         token: s.token,
+        logit: s.logit,
         top: s.top_ids.into_iter().zip(s.top_logits).collect(),
         logsumexp: s.logsumexp,
     })
@@ -228,6 +230,7 @@ pub fn chosen_hash(chosen: &Chosen) -> [u8; 32] {
     let mut bytes = Vec::with_capacity(8 + 8 * chosen.top.len());
     bytes.extend(chosen.token.to_le_bytes());
     bytes.extend(chosen.logsumexp.to_bits().to_le_bytes());
+    bytes.extend(chosen.logit.to_bits().to_le_bytes());
     for (id, logit) in &chosen.top {
         bytes.extend(id.to_le_bytes());
         bytes.extend(logit.to_bits().to_le_bytes());

@@ -386,7 +386,9 @@ impl NodeState {
     ) -> Result<Chosen, NodeError> {
         let mut chosen = sampler.choose(logits, position)?;
         if let Some(Fault::WrongToken) = &self.fault {
+            // Another token, reported with its own true logit: only the choice is a lie.
             chosen.token = (chosen.token + 1) % logits.len() as u32;
+            chosen.logit = logits[chosen.token as usize];
         }
         Ok(chosen)
     }
