@@ -334,6 +334,7 @@ mod tests {
             display_name: String::new(),
             relay: String::new(),
             precision: Default::default(),
+            decode_ms_per_layer: 0.0,
         }
     }
 

@@ -330,3 +330,24 @@ async fn a_registration_flood_from_one_address_is_capped_and_honest_nodes_still_
     node.shutdown().await;
     tracker.shutdown().await;
 }
+
+/// Every node measures its decode speed on its shard before it registers, and the tracker
+/// lists the figure for routers to plan with before they have timed the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_announce_the_decode_speed_they_measured() {
+    let model = TestModel::new(&ModelSpec::tiny());
+    let swarm = neuroshard_tests::Swarm::start(model.path(), &[(0, 1), (1, 4)])
+        .await
+        .unwrap();
+    let url = swarm.tracker.url();
+    let tracker = neuroshard_client::tracker_client(&url).unwrap();
+    let listed = neuroshard_client::list_peers(tracker, &url, None)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    for peer in &listed {
+        let ms = peer.decode_ms_per_layer;
+        assert!(ms.is_finite() && ms > 0.0, "{}: {ms}", peer.layers);
+    }
+    swarm.shutdown().await;
+}

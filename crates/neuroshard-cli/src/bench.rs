@@ -77,6 +77,8 @@ pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         "decode": decode,
         "longest_over_shortest_context": flatness,
+        // What a node serving these layers announces to routers (its start-up figure).
+        "decode_ms_per_layer": decode.first().map(|d| d.ms_per_token / layers.len().max(1) as f64),
         "hop": hop,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

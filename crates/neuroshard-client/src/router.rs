@@ -94,6 +94,12 @@ impl ScoreWeights {
     }
 }
 
+/// A peer's own figure for one token through `layers` of its layers, ms (0 where it announces
+/// none).
+fn announced_ms(record: &PeerRecord, layers: u32) -> f64 {
+    f64::from(record.decode_ms_per_layer) * f64::from(layers)
+}
+
 /// Cost added per hop, so that of two chains with equal scores the shorter wins.
 const HOP_COST: f64 = 0.01;
 
@@ -166,10 +172,14 @@ impl PeerHealth {
         window.iter().copied().reduce(f64::max)
     }
 
-    /// Expected compute for `tokens` new tokens, ms.
-    fn expected_compute_ms(&self, tokens: usize) -> f64 {
+    /// Expected compute for `tokens` new tokens, ms: from the calls this router timed, else
+    /// `announced_ms` per token (the peer's own figure for the layers asked of it; 0 where it
+    /// announces none).
+    fn expected_compute_ms(&self, tokens: usize, announced_ms: f64) -> f64 {
         let decode = Self::max(&self.decode_ms);
-        let per_token = Self::max(&self.per_token_ms).or(decode).unwrap_or(0.0);
+        let per_token = Self::max(&self.per_token_ms)
+            .or(decode)
+            .unwrap_or(announced_ms);
         decode.unwrap_or(per_token) + per_token * tokens.saturating_sub(1) as f64
     }
 
@@ -309,7 +319,8 @@ impl Router {
                 }
                 let end = record.layers.end.min(span.end);
                 let capability = (end - layer) as f64 / (span.end - layer) as f64;
-                let score = self.score(record, health, capability, tokens);
+                let call = (tokens, end - layer);
+                let score = self.score(record, health, capability, call);
                 let next = cost + (1.0 - score) + HOP_COST + rng.random::<f64>() * 0.001;
                 let slot = (end - span.start) as usize;
                 if next < best[slot] {
@@ -341,14 +352,16 @@ impl Router {
         Some(hops)
     }
 
-    /// Score in [0, 1] of a hop on `record` covering `capability` of the remaining layers:
-    /// the weighted mean of capability, 1 − load, latency and verified reliability.
+    /// Score in [0, 1] of a hop on `record` covering `capability` of the remaining layers
+    /// with a call of `tokens` tokens through `layers` layers: the weighted mean of
+    /// capability, 1 − load, latency and verified reliability. Until the router has timed the
+    /// peer, its latency counts the compute the peer announces (`decode_ms_per_layer`).
     pub fn score(
         &self,
         record: &PeerRecord,
         health: &PeerHealth,
         capability: f64,
-        tokens: usize,
+        (tokens, layers): (usize, u32),
     ) -> f64 {
         let c = &self.config;
         let w = &c.weights;
@@ -361,7 +374,7 @@ impl Router {
             1.0
         };
         let expected_ms = health.srtt_ms.unwrap_or(prior_ms)
-            + health.expected_compute_ms(tokens)
+            + health.expected_compute_ms(tokens, announced_ms(record, layers))
             + c.failure_penalty_ms * health.failures as f64 / calls;
         let latency = c.latency_reference_ms / (c.latency_reference_ms + expected_ms);
         let load = 1.0 - (record.load as f64 + c.session_load * health.sessions as f64).min(1.0);
@@ -412,7 +425,7 @@ impl Router {
         match health.srtt_ms {
             None => self.config.first_call_deadline,
             Some(srtt) => {
-                let ms = srtt + 4.0 * health.rttvar_ms + health.expected_compute_ms(tokens);
+                let ms = srtt + 4.0 * health.rttvar_ms + health.expected_compute_ms(tokens, 0.0);
                 self.config
                     .min_deadline
                     .max(Duration::from_secs_f64(ms / 1000.0))
@@ -470,6 +483,7 @@ mod tests {
             display_name: String::new(),
             relay: String::new(),
             precision: Default::default(),
+            decode_ms_per_layer: 0.0,
         }
     }
 
@@ -509,17 +523,56 @@ mod tests {
         assert!(relayed.is_relayed() && !direct.is_relayed());
         let fresh = PeerHealth::default();
         let (d, rl) = (
-            r.score(&direct, &fresh, 1.0, 1),
-            r.score(&relayed, &fresh, 1.0, 1),
+            r.score(&direct, &fresh, 1.0, (1, 4)),
+            r.score(&relayed, &fresh, 1.0, (1, 4)),
         );
         assert!(rl < d, "relayed {rl} vs direct {d}");
         // Once measured, the measurement stands for both.
         let mut measured = PeerHealth::default();
         measured.observe(40.0, 1.0, 1);
         assert_eq!(
-            r.score(&direct, &measured, 1.0, 1),
-            r.score(&relayed, &measured, 1.0, 1)
+            r.score(&direct, &measured, 1.0, (1, 4)),
+            r.score(&relayed, &measured, 1.0, (1, 4))
         );
+    }
+
+    /// Until a peer is timed, the router plans with the decode speed it announces; once timed,
+    /// with what it measured.
+    #[test]
+    fn an_unmeasured_peer_is_planned_with_its_announced_speed() {
+        let mut r = Router::new(RouterConfig::default());
+        let announcing = |addr, ms| PeerRecord {
+            decode_ms_per_layer: ms,
+            ..peer(addr, 0, 6)
+        };
+        r.set_peers(vec![announcing("fast", 2.0), announcing("slow", 40.0)]);
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..20 {
+            assert_eq!(r.plan(all(), 1, now, &mut rng).unwrap()[0].addr, "fast");
+        }
+        // The announced figure counts per layer asked: 2 ms over 6 layers is 12 ms.
+        let (fast, fresh) = (announcing("fast", 2.0), PeerHealth::default());
+        let by_layers = |layers| r.score(&fast, &fresh, 1.0, (1, layers));
+        assert!(by_layers(1) > by_layers(6));
+        // Timed, the peers are what they were measured to be.
+        for _ in 0..3 {
+            r.record_success(
+                "fast",
+                Duration::from_millis(300),
+                Duration::from_millis(290),
+                1,
+            );
+            r.record_success(
+                "slow",
+                Duration::from_millis(12),
+                Duration::from_millis(10),
+                1,
+            );
+        }
+        for _ in 0..20 {
+            assert_eq!(r.plan(all(), 1, now, &mut rng).unwrap()[0].addr, "slow");
+        }
     }
 
     #[test]
@@ -582,7 +635,7 @@ mod tests {
         }
         let good = r.peers["good"].clone();
         let cheat = r.peers["cheat"].clone();
-        assert!(r.score(&good.0, &good.1, 1.0, 1) > r.score(&cheat.0, &cheat.1, 1.0, 1));
+        assert!(r.score(&good.0, &good.1, 1.0, (1, 4)) > r.score(&cheat.0, &cheat.1, 1.0, (1, 4)));
         // With reliability weighted zero, the two are equal but for jitter.
         let mut config = RouterConfig::default();
         config.weights.reliability = 0.0;

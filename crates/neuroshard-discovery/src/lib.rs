@@ -511,6 +511,7 @@ mod tests {
             display_name: "Ada".into(),
             relay: String::new(),
             precision: Default::default(),
+            decode_ms_per_layer: 1.5,
         };
         let expires = neuroshard_net::now_ms() + 60_000;
         let sign = |k: RecordKey, value: Vec<u8>, signer: &NodeKey| {

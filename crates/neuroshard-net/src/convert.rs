@@ -55,6 +55,8 @@ pub struct PeerRecord {
     pub relay: String,
     /// How it holds its projection weights.
     pub precision: Precision,
+    /// Its decode compute per token per layer, ms, as it measures it; 0 where not measured.
+    pub decode_ms_per_layer: f32,
 }
 
 impl PeerRecord {
@@ -307,6 +309,11 @@ pub fn peer_from_proto(p: pb::PeerInfo) -> Result<PeerRecord, NodeError> {
         display_name: p.display_name,
         relay: p.relay,
         precision,
+        // A figure that is no number of milliseconds is no figure.
+        decode_ms_per_layer: match p.decode_ms_per_layer {
+            ms if ms.is_finite() && ms > 0.0 => ms,
+            _ => 0.0,
+        },
     })
 }
 
@@ -344,6 +351,7 @@ pub fn peer_to_proto(p: &PeerRecord) -> pb::PeerInfo {
         display_name: p.display_name.clone(),
         relay: p.relay.clone(),
         precision: precision_to_proto(p.precision),
+        decode_ms_per_layer: p.decode_ms_per_layer,
     }
 }
 

@@ -88,6 +88,58 @@ pub fn decode_speed(
     Ok(figures)
 }
 
+/// Positions held when a node measures its decode speed at start, and the steps timed: a
+/// short context, so the figure is the weights' cost, and a fraction of a second on a CPU.
+const STARTUP_CONTEXT: usize = 32;
+const STARTUP_STEPS: u32 = 4;
+
+/// Of the calls a node serves, the weight a new decode call's time gets in its figure.
+const SMOOTHING: f32 = 0.125;
+
+/// A node's decode compute per token per layer, ms: what it announces
+/// (`PeerInfo.decode_ms_per_layer`) for routers to plan with before they have timed it. It is
+/// measured on the served shard at start, as `neuroshard bench` measures, then follows the
+/// one-token calls the node serves. 0 until measured.
+#[derive(Debug, Default)]
+pub struct DecodeSpeed(std::sync::Mutex<f32>);
+
+impl DecodeSpeed {
+    /// Measures `layers` of `shard` on `threads`: a short decode, as [`decode_speed`] runs it.
+    pub fn measure(
+        &self,
+        shard: &Shard,
+        layers: Range<usize>,
+        threads: &ComputeThreads,
+    ) -> Result<f32, NodeError> {
+        let count = layers.len().max(1) as f64;
+        let figures = decode_speed(shard, layers, &[STARTUP_CONTEXT], STARTUP_STEPS, threads)?;
+        let ms = figures.first().map_or(0.0, |f| f.ms_per_token / count) as f32;
+        *self.lock() = ms;
+        Ok(ms)
+    }
+
+    /// Folds in a one-token call over `layers` layers that took `compute`.
+    pub fn observe(&self, compute: Duration, layers: usize) {
+        let ms = compute.as_secs_f32() * 1000.0 / layers.max(1) as f32;
+        let mut figure = self.lock();
+        *figure = match *figure {
+            0.0 => ms,
+            old => old + SMOOTHING * (ms - old),
+        };
+    }
+
+    /// The figure now, ms per token per layer (0: not measured).
+    pub fn ms_per_layer(&self) -> f32 {
+        *self.lock()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, f32> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Loads `layers` of the model in `dir` as a local run does, held at `precision`: on the
 /// default device, warmed up off the CPU.
 pub fn load(

@@ -158,6 +158,8 @@ pub struct NodeState {
     batcher: batch::Batcher,
     batching: Batching,
     threads: ComputeThreads,
+    /// What the node announces of its decode speed.
+    decode_speed: crate::bench::DecodeSpeed,
     key: Arc<NodeKey>,
     ledger: LedgerHandle,
     discovery: Discovery,
@@ -200,6 +202,7 @@ impl NodeState {
     pub fn record(&self) -> PeerRecord {
         PeerRecord {
             load: self.load(),
+            decode_ms_per_layer: self.decode_speed.ms_per_layer(),
             layers: self.served().range,
             display_name: self.display_name.read_or_recover().clone(),
             addr: self.advertised.read_or_recover().clone(),

@@ -247,6 +247,10 @@ impl NodeState {
             }))
         });
         let compute = started.elapsed();
+        if let ([job], Ok(Ok(_))) = (jobs.as_slice(), &ran) {
+            self.decode_speed
+                .observe(compute, job.call.layers.len() as usize);
+        }
         let failed = |why: String| -> Vec<Result<Computed, NodeError>> {
             jobs.iter()
                 .map(|_| Err(NodeError::Internal(why.clone())))

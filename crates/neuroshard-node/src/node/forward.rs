@@ -351,6 +351,9 @@ impl NodeState {
         self.busy.fetch_sub(1, Ordering::Relaxed);
         let result = match out {
             Ok(out) => {
+                if tokens == 1 && out.is_ok() {
+                    self.decode_speed.observe(compute, layers.len() as usize);
+                }
                 self.sessions.checkin(checkout, Instant::now());
                 let (out, chosen, weights_hash) = out?;
                 Ok(Computed {

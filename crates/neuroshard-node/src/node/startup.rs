@@ -45,6 +45,7 @@ pub async fn start_node(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         trainer,
     };
     let state = Arc::new(NodeState::new(&config, parts)?);
+    state.measure_decode_speed().await;
     tokio::spawn(sweep_sessions(
         state.clone(),
         config.session_idle / 4,
@@ -248,6 +249,7 @@ fn own_record(
         display_name: String::new(),
         relay,
         precision,
+        decode_ms_per_layer: 0.0,
     }
 }
 
@@ -312,6 +314,24 @@ fn serve(
 }
 
 impl NodeState {
+    /// Measures the served shard's decode speed, the figure the node announces; a failure is
+    /// logged and leaves it unmeasured (0) until calls are served.
+    async fn measure_decode_speed(self: &Arc<Self>) {
+        let state = self.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let served = state.served();
+            let shard = neuroshard_base::sync::LockExt::lock_or_recover(&served.shard);
+            let layers = served.range.to_range();
+            state.decode_speed.measure(&shard, layers, &state.threads)
+        })
+        .await;
+        match measured {
+            Ok(Ok(ms)) => tracing::info!("decode compute: {ms:.3} ms per token per layer"),
+            Ok(Err(e)) => tracing::warn!("measuring the decode speed failed: {e}"),
+            Err(e) => tracing::warn!("measuring the decode speed failed: {e}"),
+        }
+    }
+
     /// The state of a node about to serve.
     fn new(config: &NodeConfig, parts: Parts) -> Result<Self, NodeError> {
         let initial = match config.start_paused {
@@ -348,6 +368,7 @@ impl NodeState {
             batcher: Default::default(),
             batching: config.batching,
             threads: ComputeThreads::new(config.cpu_threads)?,
+            decode_speed: Default::default(),
             key: parts.key,
             ledger: parts.ledger,
             discovery: parts.discovery,

@@ -20,6 +20,7 @@ fn record(name: &str, start: u32, end: u32) -> PeerRecord {
         display_name: String::new(),
         relay: String::new(),
         precision: Default::default(),
+        decode_ms_per_layer: 0.0,
     }
 }
 
