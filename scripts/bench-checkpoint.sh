@@ -7,21 +7,23 @@
 # (a random Qwen2-0.5B-shaped checkpoint: scripts/make-bench-checkpoint.py; or
 # `neuroshard init-model DIR --size smol`). Both sides compute on THREADS threads (default: every
 # core): the local run on rayon's pool of that size, each node with --cpu-threads; only one
-# node of the chain computes at a time.
+# node of the chain computes at a time. PRECISION=bf16|f16|int8 holds the weights so on both
+# sides (default f32).
 set -euo pipefail
 bin="$1" model="$2" nodes="${3:-3}" rounds="${4:-3}"
 threads="${5:-$(nproc)}"
 export RAYON_NUM_THREADS="$threads"
-NODE_ARGS="--cpu-threads $threads ${NODE_ARGS:-}"
+precision="${PRECISION:-f32}"
+NODE_ARGS="--cpu-threads $threads --precision $precision ${NODE_ARGS:-}"
 source "$(dirname "$0")/loopback-swarm.sh"
-echo "compute threads: $threads for the local run and for each node"
+echo "compute threads: $threads for the local run and for each node; weights held as $precision"
 
 start_split_swarm "$model" "$nodes"
 
 prompt="$(python3 -c "print(','.join(str(100 + 7 * i) for i in range(32)))")"
 for round in $(seq "$rounds"); do
-  "$bin" generate --model "$model" --local --prompt-ids "$prompt" --max-new-tokens 32 \
-    --json >"$work/local-$round.json"
+  "$bin" generate --model "$model" --local --precision "$precision" --prompt-ids "$prompt" \
+    --max-new-tokens 32 --json >"$work/local-$round.json"
   "$bin" generate --tracker "$tracker" --model "$model" --prompt-ids "$prompt" \
     --max-new-tokens 32 --json >"$work/swarm-$round.json"
 done

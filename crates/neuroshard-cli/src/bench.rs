@@ -2,7 +2,7 @@
 //! long context, and a hop's overhead to a peer.
 
 use super::*;
-use neuroshard_node::bench::{decode_speed, hop_overhead, load};
+use neuroshard_node::bench::{batched_speed, decode_speed, hop_overhead, load};
 use neuroshard_node::threads::{ComputeThreads, resolve};
 
 #[derive(Args)]
@@ -28,6 +28,10 @@ pub(crate) struct BenchArgs {
     /// Decode calls timed to the peer.
     #[arg(long, default_value_t = 32)]
     calls: u32,
+    /// Sessions to step together, as a node batches them (e.g. 1,4,8), each at the shortest
+    /// of --contexts: the aggregate tokens/s this machine reaches with no network.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     /// How the layers' projection weights are held, as a node's --precision.
     #[arg(long, default_value = "f32")]
     precision: neuroshard_model::Precision,
@@ -38,16 +42,20 @@ pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let all = LayerRange::new(0, info.config.num_hidden_layers as u32)?;
     let layers = args.layers.unwrap_or(all).to_range();
     let threads = ComputeThreads::new(args.cpu_threads)?;
-    let (dir, range, contexts, steps, precision) = (
+    let (dir, range, contexts, steps, precision, batches) = (
         args.model.clone(),
         layers.clone(),
         args.contexts,
         args.steps,
         args.precision,
+        args.batch,
     );
-    let decode = tokio::task::spawn_blocking(move || {
+    let (decode, batched) = tokio::task::spawn_blocking(move || {
         let shard = load(&dir, range.clone(), precision)?;
-        decode_speed(&shard, range, &contexts, steps, &threads)
+        let decode = decode_speed(&shard, range.clone(), &contexts, steps, &threads)?;
+        let context = contexts.iter().copied().min().unwrap_or(0);
+        let batched = batched_speed(&shard, range, (context, &batches), steps, &threads)?;
+        Ok::<_, neuroshard_net::NodeError>((decode, batched))
     })
     .await??;
     let hop = match &args.peer {
@@ -80,6 +88,7 @@ pub(crate) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         // What a node serving these layers announces to routers (its start-up figure).
         "decode_ms_per_layer": decode.first().map(|d| d.ms_per_token / layers.len().max(1) as f64),
         "hop": hop,
+        "batched": batched,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -15,6 +15,9 @@ pub(crate) struct GenerateArgs {
     /// Run the whole model in this process (the reference).
     #[arg(long, requires = "model")]
     local: bool,
+    /// With --local: how the projection weights are held, as a node's --precision.
+    #[arg(long, requires = "local", default_value = "f32")]
+    precision: neuroshard_model::Precision,
     /// Prompt text, tokenized as the model's tokenizer does (with the BOS it adds).
     #[arg(long, conflicts_with_all = ["prompt_ids", "chat"], required_unless_present_any = ["prompt_ids", "chat"])]
     prompt: Option<String>,
@@ -95,7 +98,10 @@ pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut printer = Printer::new(&tokenizer, &args.stop, !args.json);
     let (mut report, hops) = if args.local {
         let dir = args.model.as_ref().context("--local needs --model")?;
-        let mut local = LocalPipeline::load(dir)?;
+        let info = neuroshard_model::ModelInfo::read(dir)?;
+        let layers = 0..info.config.num_hidden_layers;
+        let shard = LocalPipeline::load_layers(dir, layers, args.precision)?;
+        let mut local = LocalPipeline::new(std::sync::Arc::new(shard));
         let report = generate_with(&mut local, &prompt, &options, |_, steps| {
             printer.step(steps)
         })

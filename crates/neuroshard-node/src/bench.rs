@@ -58,11 +58,7 @@ pub fn decode_speed(
     steps: u32,
     threads: &ComputeThreads,
 ) -> Result<Vec<DecodeFigure>, NodeError> {
-    let hidden = shard.info().config.hidden_size;
-    let input = |tokens: usize| match layers.start {
-        0 => ShardInput::Tokens(vec![1; tokens]),
-        _ => ShardInput::Hidden(vec![0.01; tokens * hidden]),
-    };
+    let input = |tokens: usize| made_up_input(shard, &layers, tokens);
     let mut figures = Vec::with_capacity(contexts.len());
     for &context in contexts {
         let mut cache = KvCache::new();
@@ -86,6 +82,71 @@ pub fn decode_speed(
         });
     }
     Ok(figures)
+}
+
+/// Decode speed of several sessions stepped together.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BatchFigure {
+    /// Sessions in each step.
+    pub sessions: usize,
+    /// Mean time of one step of every session, ms.
+    pub ms_per_step: f64,
+    /// Tokens per second over all sessions.
+    pub tokens_per_s: f64,
+}
+
+/// Decode tokens per second over `layers` of `shard` with each of `batches` sessions stepped
+/// together (`Shard::forward_batch`, as a node batches the steps that meet), each session
+/// holding `context` positions, `steps` steps each, on `threads`: what a node could reach
+/// with no network and no clients, the bound of a swarm's aggregate.
+pub fn batched_speed(
+    shard: &Shard,
+    layers: Range<usize>,
+    (context, batches): (usize, &[usize]),
+    steps: u32,
+    threads: &ComputeThreads,
+) -> Result<Vec<BatchFigure>, NodeError> {
+    let input = |tokens: usize| made_up_input(shard, &layers, tokens);
+    let mut figures = Vec::with_capacity(batches.len());
+    for &sessions in batches {
+        let mut caches: Vec<KvCache> = (0..sessions.max(1)).map(|_| KvCache::new()).collect();
+        for cache in caches.iter_mut().filter(|_| context > 0) {
+            threads.install(|| shard.forward(cache, 0, layers.clone(), input(context)))?;
+        }
+        let step = |caches: &mut Vec<KvCache>| {
+            let items = caches.iter_mut().map(|cache| neuroshard_model::BatchItem {
+                cache,
+                start_pos: context,
+                input: input(1),
+            });
+            let items = items.collect();
+            threads
+                .install(|| shard.forward_batch(layers.clone(), items))
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        };
+        step(&mut caches)?;
+        let started = Instant::now();
+        for _ in 0..steps.max(1) {
+            step(&mut caches)?;
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(steps.max(1));
+        figures.push(BatchFigure {
+            sessions: caches.len(),
+            ms_per_step: ms,
+            tokens_per_s: 1000.0 * caches.len() as f64 / ms,
+        });
+    }
+    Ok(figures)
+}
+
+/// `tokens` made-up tokens into `layers`: ids into the first layer, hidden states into any
+/// other.
+fn made_up_input(shard: &Shard, layers: &Range<usize>, tokens: usize) -> ShardInput {
+    match layers.start {
+        0 => ShardInput::Tokens(vec![1; tokens]),
+        _ => ShardInput::Hidden(vec![0.01; tokens * shard.info().config.hidden_size]),
+    }
 }
 
 /// Positions held when a node measures its decode speed at start, and the steps timed: a

@@ -172,21 +172,62 @@ impl Packed {
         }
     }
 
+    /// Output `j`'s held values as f32 in `out` (`d_in` long): bf16 and f16 widened, int8
+    /// values without their scales, which [`Self::dot_unpacked`] applies per block as
+    /// [`Self::dot`] does, so that both give the same sums.
+    fn unpack_row(&self, j: usize, out: &mut [f32]) {
+        match &self.values {
+            Values::Half { .. } => self.widen_row(j, out),
+            Values::Int8 { q, .. } => {
+                let inputs = &q[j * self.d_in..(j + 1) * self.d_in];
+                for (o, &q) in out.iter_mut().zip(inputs) {
+                    *o = f32::from(q);
+                }
+            }
+        }
+    }
+
+    /// [`Self::dot`] of output `j` with the row `x`, its values unpacked in `w` by
+    /// [`Self::unpack_row`]: the same arithmetic in the same order, so the same value.
+    fn dot_unpacked(&self, j: usize, w: &[f32], x: &[f32]) -> f32 {
+        match &self.values {
+            Values::Half { .. } => lanes(x, w, |v| v),
+            Values::Int8 { scales, block, .. } => {
+                let blocks = j * self.d_in / block..(j + 1) * self.d_in / block;
+                let chunks = x.chunks(*block).zip(w.chunks(*block));
+                chunks
+                    .zip(&scales[blocks])
+                    .map(|((x, w), s)| s * lanes(x, w, |v| v))
+                    .sum()
+            }
+        }
+    }
+
     /// `rows` rows of `x` times the weights, output by output on the compute threads:
-    /// `[rows, d_out]`.
+    /// `[rows, d_out]`. With several rows, each output's weights are unpacked once and used
+    /// for every row (a batch of sessions shares the read); one row reads them as it goes.
     fn fused(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut by_output = vec![0.0f32; self.d_out * rows];
+        let row = |r: usize| &x[r * self.d_in..(r + 1) * self.d_in];
         by_output
             .par_chunks_mut(OUTPUTS_PER_TASK * rows.max(1))
             .enumerate()
-            .for_each(|(task, out)| {
-                for (k, out) in out.chunks_mut(rows.max(1)).enumerate() {
-                    let j = task * OUTPUTS_PER_TASK + k;
-                    for (r, o) in out.iter_mut().enumerate() {
-                        *o = self.dot(j, &x[r * self.d_in..(r + 1) * self.d_in]);
+            .for_each_init(
+                || vec![0.0f32; self.d_in],
+                |unpacked, (task, out)| {
+                    for (k, out) in out.chunks_mut(rows.max(1)).enumerate() {
+                        let j = task * OUTPUTS_PER_TASK + k;
+                        if rows == 1 {
+                            out[0] = self.dot(j, row(0));
+                            continue;
+                        }
+                        self.unpack_row(j, unpacked);
+                        for (r, o) in out.iter_mut().enumerate() {
+                            *o = self.dot_unpacked(j, unpacked, row(r));
+                        }
                     }
-                }
-            });
+                },
+            );
         let mut out = vec![0.0f32; rows * self.d_out];
         for (j, column) in by_output.chunks(rows.max(1)).enumerate() {
             for (r, &v) in column.iter().enumerate() {
@@ -228,18 +269,27 @@ fn lanes<T: Copy>(x: &[f32], w: &[T], widen: impl Fn(T) -> f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// Made-up weights `[d_out, d_in]` in [-0.5, 0.5).
+    fn weights(d_in: usize, d_out: usize) -> Vec<f32> {
+        (0..d_in * d_out)
+            .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
+            .collect()
+    }
+
+    /// Made-up input rows `[rows, d_in]` in [-1, 1).
+    fn inputs(rows: usize, d_in: usize) -> Vec<f32> {
+        (0..rows * d_in)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect()
+    }
+
     /// The fused product and the widened one agree with the held weights' f32 product, at
     /// decode and prefill row counts, with and without a bias.
     #[test]
     fn fused_and_widened_products_are_the_held_weights_product() {
         let device = burn::tensor::Device::default();
         for (d_in, d_out, rows) in [(64, 48, 1), (40, 70, 3), (64, 48, 20)] {
-            let w: Vec<f32> = (0..d_in * d_out)
-                .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
-                .collect();
-            let x: Vec<f32> = (0..rows * d_in)
-                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
-                .collect();
+            let (w, x) = (weights(d_in, d_out), inputs(rows, d_in));
             let bias: Vec<f32> = (0..d_out).map(|i| i as f32 / 10.0).collect();
             for p in [Precision::Bf16, Precision::F16, Precision::Int8] {
                 let packed = Packed::new(p, &w, d_in, d_out).unwrap();
@@ -275,6 +325,24 @@ mod tests {
             }
         }
         assert!(Packed::new(Precision::F32, &[1.0], 1, 1).is_none());
+    }
+
+    /// A row multiplied with others (a batch of sessions) gets exactly the bits it gets
+    /// alone: batched decode gives each session its own tokens.
+    #[test]
+    fn a_row_in_a_batch_gets_the_product_it_gets_alone() {
+        let (d_in, d_out, rows) = (100, 40, 7);
+        let (w, x) = (weights(d_in, d_out), inputs(rows, d_in));
+        for p in [Precision::Bf16, Precision::F16, Precision::Int8] {
+            let packed = Packed::new(p, &w, d_in, d_out).unwrap();
+            let together = packed.fused(&x, rows);
+            for r in 0..rows {
+                let alone = packed.fused(&x[r * d_in..(r + 1) * d_in], 1);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let batched = &together[r * d_out..(r + 1) * d_out];
+                assert_eq!(bits(batched), bits(&alone), "{p}, row {r}");
+            }
+        }
     }
 
     /// A shard on the CPU packs its projections and head below f32 and keeps no weights in
