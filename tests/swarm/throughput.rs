@@ -1,9 +1,9 @@
-//! What `neuroshard bench` measures: decode speed over a model's layers at two contexts, and a
-//! decode hop's overhead to a node.
+//! What `neuroshard bench` measures: decode speed over a model's layers at two contexts, with
+//! sessions stepped together, and a decode hop's overhead to a node.
 
 use neuroshard_model::init::ModelSpec;
 use neuroshard_net::pool::Target;
-use neuroshard_node::bench::{decode_speed, hop_overhead, load};
+use neuroshard_node::bench::{batched_speed, decode_speed, hop_overhead, load};
 use neuroshard_node::threads::ComputeThreads;
 use neuroshard_tests::{Swarm, TestModel};
 
@@ -26,6 +26,21 @@ async fn bench_measures_decode_at_each_context_and_a_hop_to_a_node() {
     }
     // Positions past the model's 256 are refused by name, not run.
     let err = decode_speed(&shard, 1..3, &[300], 1, &threads).unwrap_err();
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    // Sessions stepped together: one figure per batch size, tokens/s over all of them.
+    let batched = batched_speed(&shard, 1..3, (8, &[1, 3]), 2, &threads).unwrap();
+    assert_eq!(
+        batched.iter().map(|b| b.sessions).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for b in &batched {
+        let per_s = 1000.0 * b.sessions as f64 / b.ms_per_step;
+        assert!(
+            b.ms_per_step > 0.0 && (b.tokens_per_s - per_s).abs() < 1e-6,
+            "{b:?}"
+        );
+    }
+    let err = batched_speed(&shard, 1..3, (300, &[2]), 1, &threads).unwrap_err();
     assert!(err.to_string().contains("max_position_embeddings"), "{err}");
 
     let swarm = Swarm::start(model.path(), &[(0, 2), (2, 4)]).await.unwrap();
