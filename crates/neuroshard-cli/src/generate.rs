@@ -64,6 +64,11 @@ pub(crate) struct GenerateArgs {
     /// Re-execute a sample of hops with the weights in --model (spot checks).
     #[arg(long, requires = "model")]
     spot_check: bool,
+    /// Through the swarm: run this many generations of the prompt at once, each its own
+    /// session of one client, and print their decode speeds and the aggregate as JSON (a
+    /// benchmark of concurrent users, as an API server sees them).
+    #[arg(long, default_value_t = 1, conflicts_with = "local")]
+    sessions: usize,
 }
 
 pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -108,7 +113,11 @@ pub(crate) async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .await?;
         (report, Vec::new())
     } else {
-        on_swarm(&args, info.as_ref(), &prompt, &options, &mut printer).await?
+        match on_swarm(&args, info.as_ref(), &prompt, &options, &mut printer).await? {
+            Some(ran) => ran,
+            // --sessions printed its own report.
+            None => return Ok(()),
+        }
     };
     printer.finish(&mut report)?;
     if args.json {
@@ -152,14 +161,15 @@ fn prompt_ids(
     })
 }
 
-/// Generates through the swarm; the report and each hop's timings.
+/// Generates through the swarm; the report and each hop's timings (none with --sessions,
+/// which prints its own).
 async fn on_swarm(
     args: &GenerateArgs,
     info: Option<&neuroshard_model::ModelInfo>,
     prompt: &[u32],
     options: &GenerateOptions,
     printer: &mut Printer<'_>,
-) -> anyhow::Result<(GenerationReport, Vec<HopTiming>)> {
+) -> anyhow::Result<Option<(GenerationReport, Vec<HopTiming>)>> {
     let mut config = ClientConfig::with_bootstrap(args.swarm.bootstrap.clone());
     config.tracker = args.swarm.tracker.clone();
     config.discovery.lan = args.swarm.lan();
@@ -171,6 +181,10 @@ async fn on_swarm(
     }
     args.requester.apply(&mut config)?;
     let client = SwarmClient::connect(config).await?;
+    if args.sessions > 1 {
+        concurrent(&client, args.sessions, prompt, options).await?;
+        return Ok(None);
+    }
     let mut session = client.session();
     let report = generate_with(&mut session, prompt, options, |_, steps| {
         printer.step(steps)
@@ -193,7 +207,37 @@ async fn on_swarm(
             eprintln!("credit pass refused (the receipts count as unvouched): {why}");
         }
     }
-    Ok((report, hops))
+    Ok(Some((report, hops)))
+}
+
+/// Runs `sessions` generations of `prompt` at once through `client` and prints each one's
+/// decode tokens/s and their sum as JSON.
+async fn concurrent(
+    client: &SwarmClient,
+    sessions: usize,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> anyhow::Result<()> {
+    let runs = (0..sessions).map(|_| async {
+        let mut session = client.session();
+        let report = generate_with(&mut session, prompt, options, |_, _| true).await;
+        for event in session.events() {
+            eprintln!("failover: {event}");
+        }
+        session.close().await;
+        report
+    });
+    let reports = futures::future::try_join_all(runs).await?;
+    let speeds: Vec<f64> = reports.iter().map(|r| r.decode_tokens_per_s).collect();
+    let json = serde_json::json!({
+        "sessions": sessions,
+        "decode_tokens_per_s": speeds,
+        "aggregate_decode_tokens_per_s": speeds.iter().sum::<f64>(),
+        "generated_ids": reports.iter().map(|r| &r.generated_ids).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    client.flush_receipts().await;
+    Ok(())
 }
 
 /// The report as JSON: ids, each step's top-5 logits, speed and hops.

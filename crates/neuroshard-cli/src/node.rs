@@ -66,6 +66,11 @@ pub(crate) struct NodeArgs {
     /// Decode steps of concurrent sessions run in one pass at most (1: each alone).
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// How long a batch waits at most for as many decode steps as the last batch took, ms (at
+    /// most 100; 0: a batch is what arrived while the one before it computed). A lone
+    /// session's step never waits.
+    #[arg(long, default_value_t = 5)]
+    batch_window_ms: u64,
     /// How the shard holds its projection weights: f32, bf16 or f16 (half the memory), or
     /// int8 (a little over a quarter, an f32 scale per 32 weights); default the settings' or
     /// f32. On the CPU the held weights are multiplied as they are read, so a decode step also
@@ -111,6 +116,7 @@ pub(crate) async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.ledger_retention_days = args.ledger_retention_days;
     config.cpu_threads = args.cpu_threads;
     config.batching.max_batch = args.max_batch;
+    config.batching.window = std::time::Duration::from_millis(args.batch_window_ms);
     config.device = args.device.map(Device::compute_device);
     let data_dir = args
         .data_dir

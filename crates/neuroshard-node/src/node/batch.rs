@@ -25,10 +25,25 @@ const WORKER: PublicKey = PublicKey([0; 32]);
 pub struct Batching {
     /// Decode steps run in one pass at most; 1 runs each alone. Default 16.
     pub max_batch: usize,
-    /// How long the worker waits, once its turn comes, for more steps to arrive while fewer
-    /// than `max_batch` wait. Default zero: a batch is what arrived while the previous one
-    /// computed, and a lone step never waits.
+    /// How long a batch waits at most, once its turn comes, for a step of every session that
+    /// decoded here in the last [`DECODING_WITHIN`], while fewer are queued. Default 5 ms:
+    /// sessions decoding together reach a node a moment apart (each after its hop before
+    /// this one), and one batch of them all reads the weights once where a batch of the first
+    /// and another of the rest read them twice; a lone session never waits. Zero: a batch is
+    /// what arrived while the one before it computed.
     pub window: Duration,
+}
+
+/// A session that ran a decode step here this recently is expected to step again: a batch
+/// waits for it. A session that ended costs at most the window per batch for this long.
+pub(crate) const DECODING_WITHIN: Duration = Duration::from_secs(1);
+
+/// How many steps a batch waits for, with `queued` waiting and `decoding` sessions decoding
+/// here: one of each, at most `max_batch`; 0 when the steps queued already make it (a lone
+/// session's step never waits).
+pub(crate) fn steps_to_wait_for(queued: usize, decoding: usize, max_batch: usize) -> usize {
+    let expected = decoding.min(max_batch);
+    if queued >= expected { 0 } else { expected }
 }
 
 impl Batching {
@@ -54,7 +69,7 @@ impl Default for Batching {
     fn default() -> Self {
         Self {
             max_batch: 16,
-            window: Duration::ZERO,
+            window: Duration::from_millis(5),
         }
     }
 }
@@ -110,11 +125,26 @@ impl Drop for WorkerGuard {
 #[derive(Debug, Default)]
 pub(super) struct Batcher {
     queue: Mutex<Queue>,
+    /// Woken when a step is queued, for a batch waiting for its sessions.
+    arrived: tokio::sync::Notify,
+    /// When each session decoding here last ran a step (those within [`DECODING_WITHIN`]).
+    decoding: Mutex<std::collections::HashMap<String, Instant>>,
     batches: std::sync::atomic::AtomicU64,
     steps: std::sync::atomic::AtomicU64,
 }
 
 impl Batcher {
+    /// Notes the sessions of a batch about to run as decoding now, and forgets those that
+    /// have not stepped within [`DECODING_WITHIN`].
+    fn stepped(&self, jobs: &[Job]) {
+        let now = Instant::now();
+        let mut decoding = self.decoding.lock_or_recover();
+        decoding.retain(|_, at| now.duration_since(*at) < DECODING_WITHIN);
+        for job in jobs {
+            decoding.insert(job.call.session_id.clone(), now);
+        }
+    }
+
     /// Batches run and the steps they held.
     pub(super) fn counts(&self) -> (u64, u64) {
         (
@@ -159,6 +189,7 @@ impl NodeState {
             }
             !std::mem::replace(&mut q.running, true)
         };
+        self.batcher.arrived.notify_waiters();
         if start {
             tokio::spawn(self.clone().run_batches());
         }
@@ -170,12 +201,8 @@ impl NodeState {
     async fn run_batches(self: Arc<Self>) {
         let _guard = WorkerGuard(self.clone());
         loop {
-            // The window passes before the turn is asked for: no other call waits on it.
-            let window = self.batching.window;
-            let queued = self.batcher.queue.lock_or_recover().waiting.len();
-            if !window.is_zero() && queued < self.batching.max_batch {
-                tokio::time::sleep(window).await;
-            }
+            // The wait comes before the turn is asked for: no other call waits on it.
+            self.await_sessions().await;
             let turn = self.duty.turn(WORKER).await;
             let jobs = {
                 let mut q = self.batcher.queue.lock_or_recover();
@@ -186,6 +213,7 @@ impl NodeState {
                 }
                 jobs
             };
+            self.batcher.stepped(&jobs);
             let turn = match turn {
                 Ok(turn) => turn,
                 Err(e) => {
@@ -207,6 +235,25 @@ impl NodeState {
             let ran = tokio::task::spawn_blocking(move || state.compute_batch(checked, turn)).await;
             if let Err(e) = ran {
                 tracing::error!("a batch's compute task failed: {}", panic_message(e));
+            }
+        }
+    }
+
+    /// Waits, at most the batching window, until a step of every session decoding here is
+    /// queued ([`steps_to_wait_for`]).
+    async fn await_sessions(&self) {
+        let window = self.batching.window;
+        let last = self.batcher.decoding.lock_or_recover().len();
+        let deadline = Instant::now() + window;
+        loop {
+            // Registered before the count is read, so a step queued in between still wakes it.
+            let arrived = self.batcher.arrived.notified();
+            let queued = self.batcher.queue.lock_or_recover().waiting.len();
+            if window.is_zero() || steps_to_wait_for(queued, last, self.batching.max_batch) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return;
             }
         }
     }
@@ -348,5 +395,18 @@ mod tests {
         assert!(err.contains("batching.window"), "{err}");
         config.batching.window = Duration::from_millis(2);
         assert!(config.batching.validate().is_ok());
+    }
+
+    /// A batch waits for a step of each session decoding here, never past `max_batch`, and a
+    /// lone session's step never waits.
+    #[test]
+    fn a_batch_waits_for_the_sessions_of_the_last_one() {
+        assert_eq!(steps_to_wait_for(1, 0, 16), 0);
+        assert_eq!(steps_to_wait_for(1, 1, 16), 0);
+        assert_eq!(steps_to_wait_for(1, 8, 16), 8);
+        assert_eq!(steps_to_wait_for(7, 8, 16), 8);
+        assert_eq!(steps_to_wait_for(8, 8, 16), 0);
+        assert_eq!(steps_to_wait_for(3, 20, 16), 16);
+        assert_eq!(steps_to_wait_for(9, 8, 16), 0);
     }
 }
