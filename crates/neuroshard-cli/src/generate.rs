@@ -67,7 +67,8 @@ pub(crate) struct GenerateArgs {
     /// Through the swarm: run this many generations of the prompt at once, each its own
     /// session of one client, and print their decode speeds and the aggregate as JSON (a
     /// benchmark of concurrent users, as an API server sees them).
-    #[arg(long, default_value_t = 1, conflicts_with = "local")]
+    #[arg(long, default_value_t = 1, conflicts_with = "local",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     sessions: usize,
 }
 

@@ -243,13 +243,14 @@ impl NodeState {
     /// queued ([`steps_to_wait_for`]).
     async fn await_sessions(&self) {
         let window = self.batching.window;
-        let last = self.batcher.decoding.lock_or_recover().len();
+        let decoding = self.batcher.decoding.lock_or_recover().len();
         let deadline = Instant::now() + window;
         loop {
             // Registered before the count is read, so a step queued in between still wakes it.
             let arrived = self.batcher.arrived.notified();
             let queued = self.batcher.queue.lock_or_recover().waiting.len();
-            if window.is_zero() || steps_to_wait_for(queued, last, self.batching.max_batch) == 0 {
+            if window.is_zero() || steps_to_wait_for(queued, decoding, self.batching.max_batch) == 0
+            {
                 return;
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
@@ -400,7 +401,7 @@ mod tests {
     /// A batch waits for a step of each session decoding here, never past `max_batch`, and a
     /// lone session's step never waits.
     #[test]
-    fn a_batch_waits_for_the_sessions_of_the_last_one() {
+    fn a_batch_waits_for_a_step_of_each_session_decoding_here() {
         assert_eq!(steps_to_wait_for(1, 0, 16), 0);
         assert_eq!(steps_to_wait_for(1, 1, 16), 0);
         assert_eq!(steps_to_wait_for(1, 8, 16), 8);
