@@ -154,6 +154,10 @@ fn made_up_input(shard: &Shard, layers: &Range<usize>, tokens: usize) -> ShardIn
 const STARTUP_CONTEXT: usize = 32;
 const STARTUP_STEPS: u32 = 4;
 
+/// Layers a node times at start: its layers cost alike, so two give the figure per layer
+/// without making a node of many large layers wait on all of them before it serves.
+const STARTUP_LAYERS: usize = 2;
+
 /// Of the calls a node serves, the weight a new decode call's time gets in its figure.
 const SMOOTHING: f32 = 0.125;
 
@@ -165,13 +169,15 @@ const SMOOTHING: f32 = 0.125;
 pub struct DecodeSpeed(std::sync::Mutex<f32>);
 
 impl DecodeSpeed {
-    /// Measures `layers` of `shard` on `threads`: a short decode, as [`decode_speed`] runs it.
+    /// Measures the first of `layers` of `shard` (at most [`STARTUP_LAYERS`]) on `threads`: a
+    /// short decode, as [`decode_speed`] runs it.
     pub fn measure(
         &self,
         shard: &Shard,
         layers: Range<usize>,
         threads: &ComputeThreads,
     ) -> Result<f32, NodeError> {
+        let layers = layers.start..layers.end.min(layers.start + STARTUP_LAYERS);
         let count = layers.len().max(1) as f64;
         let figures = decode_speed(shard, layers, &[STARTUP_CONTEXT], STARTUP_STEPS, threads)?;
         let ms = figures.first().map_or(0.0, |f| f.ms_per_token / count) as f32;

@@ -99,24 +99,28 @@ impl Packed {
         })
     }
 
+    /// Where output `j`'s scales lie, for int8 blocks of `block` inputs.
+    fn blocks(&self, j: usize, block: usize) -> std::ops::Range<usize> {
+        j * self.d_in / block..(j + 1) * self.d_in / block
+    }
+
     /// Output `j`'s weights widened into `out` (`d_in` long).
     fn widen_row(&self, j: usize, out: &mut [f32]) {
         let inputs = j * self.d_in..(j + 1) * self.d_in;
         match &self.values {
             Values::Half { bits, bf16: true } => {
                 for (o, &b) in out.iter_mut().zip(&bits[inputs]) {
-                    *o = f32::from_bits(u32::from(b) << 16);
+                    *o = bf16_to_f32(b);
                 }
             }
             Values::Half { bits, bf16: false } => {
                 for (o, &b) in out.iter_mut().zip(&bits[inputs]) {
-                    *o = half::f16::from_bits(b).to_f32();
+                    *o = f16_to_f32(b);
                 }
             }
             Values::Int8 { q, scales, block } => {
-                let blocks = j * self.d_in / block..(j + 1) * self.d_in / block;
                 let chunks = out.chunks_mut(*block).zip(q[inputs].chunks(*block));
-                for ((o, q), &s) in chunks.zip(&scales[blocks]) {
+                for ((o, q), &s) in chunks.zip(&scales[self.blocks(j, *block)]) {
                     for (o, &q) in o.iter_mut().zip(q) {
                         *o = s * f32::from(q);
                     }
@@ -129,19 +133,11 @@ impl Packed {
     fn dot(&self, j: usize, x: &[f32]) -> f32 {
         let inputs = j * self.d_in..(j + 1) * self.d_in;
         match &self.values {
-            Values::Half { bits, bf16: true } => {
-                lanes(x, &bits[inputs], |b| f32::from_bits(u32::from(b) << 16))
-            }
-            Values::Half { bits, bf16: false } => {
-                lanes(x, &bits[inputs], |b| half::f16::from_bits(b).to_f32())
-            }
+            Values::Half { bits, bf16: true } => lanes(x, &bits[inputs], bf16_to_f32),
+            Values::Half { bits, bf16: false } => lanes(x, &bits[inputs], f16_to_f32),
             Values::Int8 { q, scales, block } => {
-                let blocks = j * self.d_in / block..(j + 1) * self.d_in / block;
-                let chunks = x.chunks(*block).zip(q[inputs].chunks(*block));
-                chunks
-                    .zip(&scales[blocks])
-                    .map(|((x, q), s)| s * lanes(x, q, f32::from))
-                    .sum()
+                let scales = &scales[self.blocks(j, *block)];
+                scaled_blocks(x, &q[inputs], scales, *block, f32::from)
             }
         }
     }
@@ -193,12 +189,8 @@ impl Packed {
         match &self.values {
             Values::Half { .. } => lanes(x, w, |v| v),
             Values::Int8 { scales, block, .. } => {
-                let blocks = j * self.d_in / block..(j + 1) * self.d_in / block;
-                let chunks = x.chunks(*block).zip(w.chunks(*block));
-                chunks
-                    .zip(&scales[blocks])
-                    .map(|((x, w), s)| s * lanes(x, w, |v| v))
-                    .sum()
+                let scales = &scales[self.blocks(j, *block)];
+                scaled_blocks(x, w, scales, *block, |v| v)
             }
         }
     }
@@ -245,6 +237,33 @@ impl Packed {
             .for_each(|(j, row)| self.widen_row(j, row));
         out
     }
+}
+
+/// A bf16 bit pattern's value.
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// An f16 bit pattern's value.
+fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// The dot product of `x` with int8 weights `w` (as held, or unpacked to f32) in blocks of
+/// `block` inputs, each block's sum times its scale.
+#[inline]
+fn scaled_blocks<T: Copy>(
+    x: &[f32],
+    w: &[T],
+    scales: &[f32],
+    block: usize,
+    widen: impl Fn(T) -> f32 + Copy,
+) -> f32 {
+    let chunks = x.chunks(block).zip(w.chunks(block));
+    chunks
+        .zip(scales)
+        .map(|((x, w), s)| s * lanes(x, w, widen))
+        .sum()
 }
 
 /// The dot product of `x` with `w` widened by `widen`, in eight independent sums so that the
