@@ -8,11 +8,12 @@
 
 use burn::nn::Linear;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use neuroshard_base::precision::int8_block;
 
 pub use neuroshard_base::precision::{INT8_BLOCK, Precision};
 
+mod dense;
 mod packed;
 pub(crate) use packed::Packed;
 
@@ -42,13 +43,39 @@ fn int8_scheme(d_in: usize) -> QuantScheme {
 /// (int8 weights are dequantized by burn's quantized matmul).
 pub(crate) fn project<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = linear.weight.val();
+    let bias = linear.bias.as_ref().map(|b| b.val());
     match weight.dtype() {
-        DType::BF16 | DType::F16 => burn::tensor::module::linear(
-            x,
-            weight.cast(FloatDType::F32),
-            linear.bias.as_ref().map(|b| b.val()),
-        ),
+        DType::BF16 | DType::F16 => {
+            burn::tensor::module::linear(x, weight.cast(FloatDType::F32), bias)
+        }
+        _ if crate::is_cpu(&weight.device()) => cpu_product(weight, x, bias),
         _ => linear.forward(x),
+    }
+}
+
+/// `x` times an f32 `weight` plus `bias` on the CPU: a few rows by [`dense::product`], more
+/// as one product of rows by the weight as held (burn's `linear` would first copy a
+/// transposed view whole).
+fn cpu_product<const D: usize>(
+    weight: Tensor<2>,
+    x: Tensor<D>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let [d_in, d_out] = weight.dims();
+    dims[D - 1] = d_out;
+    let device = x.device();
+    let few = (rows <= dense::DENSE_ROWS)
+        .then(|| dense::product(&weight, &crate::layout::to_vec(x.clone()), rows))
+        .flatten();
+    let out = match few {
+        Some(out) => Tensor::from_data(TensorData::new(out, dims), &device),
+        None => x.reshape([rows, d_in]).matmul(weight).reshape(dims),
+    };
+    match bias {
+        Some(b) => out + b.unsqueeze(),
+        None => out,
     }
 }
 

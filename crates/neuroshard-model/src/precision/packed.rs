@@ -10,13 +10,8 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::Precision;
+use super::dense::{DENSE_ROWS, OUTPUTS_PER_TASK};
 use neuroshard_base::precision::int8_block;
-
-/// Rows multiplied weight by weight; more widen the matrix once and use the backend's product.
-const FUSED_ROWS: usize = 16;
-
-/// Outputs one compute task takes.
-const OUTPUTS_PER_TASK: usize = 64;
 
 /// A projection's weights in Hugging Face's `[out, in]` order (each output's inputs together),
 /// held below f32.
@@ -151,7 +146,7 @@ impl Packed {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let device = x.device();
-        let out = if rows <= FUSED_ROWS {
+        let out = if rows <= DENSE_ROWS {
             dims[D - 1] = self.d_out;
             let x = crate::layout::to_vec(x);
             Tensor::from_data(TensorData::new(self.fused(&x, rows), dims), &device)
@@ -220,13 +215,7 @@ impl Packed {
                     }
                 },
             );
-        let mut out = vec![0.0f32; rows * self.d_out];
-        for (j, column) in by_output.chunks(rows.max(1)).enumerate() {
-            for (r, &v) in column.iter().enumerate() {
-                out[r * self.d_out + j] = v;
-            }
-        }
-        out
+        super::dense::by_rows(&by_output, rows, self.d_out)
     }
 
     /// Every weight widened to f32, `[d_out, d_in]`.

@@ -79,9 +79,10 @@ impl Loader<'_> {
     }
 
     /// A Hugging Face `[out, in]` projection with its `[out]` bias (f32) when the config says
-    /// the family has one: as a burn `[in, out]` linear layer held at the loader's precision,
-    /// or, where the shard packs its projections (below f32, on the CPU), as a `Linear` keeping
-    /// only the bias and the weights packed beside it.
+    /// the family has one: as a burn `[in, out]` linear layer held at the loader's precision
+    /// (on the CPU at f32, the transposed view of the weights as stored), or, where the shard
+    /// packs its projections (below f32, on the CPU), as a `Linear` keeping only the bias and
+    /// the weights packed beside it.
     pub(crate) fn projection(
         &self,
         prefix: &str,
@@ -100,6 +101,11 @@ impl Loader<'_> {
         };
         let weight = match packed {
             Some(_) => Tensor::zeros([1, 1], self.device),
+            // As stored, each output's inputs together, for the few-row product to stream;
+            // burn multiplies by the transposed view.
+            None if crate::is_cpu(self.device) && self.precision == crate::Precision::F32 => {
+                Tensor::from_data(TensorData::new(values, [d_out, d_in]), self.device).transpose()
+            }
             None => {
                 let weight = transpose(&values, d_out, d_in);
                 let weight = Tensor::from_data(TensorData::new(weight, [d_in, d_out]), self.device);
