@@ -14,6 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use sha2::{Digest, Sha256};
 
 mod batch;
+mod decode_attention;
 mod layers;
 mod loader;
 mod perplexity;

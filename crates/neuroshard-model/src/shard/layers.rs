@@ -160,6 +160,12 @@ impl DecoderLayer {
             Some((cache, block)) => cache.append(k, v, block),
             None => (k.swap_dims(2, 3), v),
         };
+        if n == 1
+            && mask.is_none()
+            && let Some(out) = super::decode_attention::attend(&q, &keys, &v, heads)
+        {
+            return out;
+        }
         let total = keys.dims()[3];
         // [1, kv, group * n, dim]
         let q = q.reshape([1, kv, group * n, dim]);
