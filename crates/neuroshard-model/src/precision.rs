@@ -8,7 +8,7 @@
 
 use burn::nn::Linear;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor};
 use neuroshard_base::precision::int8_block;
 
 pub use neuroshard_base::precision::{INT8_BLOCK, Precision};
@@ -61,17 +61,15 @@ fn cpu_product<const D: usize>(
     x: Tensor<D>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    let mut dims = x.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let [d_in, d_out] = weight.dims();
-    dims[D - 1] = d_out;
-    let device = x.device();
-    let few = (rows <= dense::DENSE_ROWS)
-        .then(|| dense::product(&weight, &crate::layout::to_vec(x.clone()), rows))
-        .flatten();
-    let out = match few {
-        Some(out) => Tensor::from_data(TensorData::new(out, dims), &device),
-        None => x.reshape([rows, d_in]).matmul(weight).reshape(dims),
+    let out = match dense::product(&weight, &x) {
+        Some(out) => out,
+        None => {
+            let mut dims = x.dims();
+            let rows = dims[..D - 1].iter().product::<usize>();
+            let [d_in, d_out] = weight.dims();
+            dims[D - 1] = d_out;
+            x.reshape([rows, d_in]).matmul(weight).reshape(dims)
+        }
     };
     match bias {
         Some(b) => out + b.unsqueeze(),

@@ -10,7 +10,7 @@
 //! (chosen at run time). Every output's sum is formed the same way whichever rows share the
 //! product, so a session gets the same bits alone as in a batch.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::Flex;
 use pulp::Simd;
 use rayon::prelude::*;
@@ -22,20 +22,26 @@ pub(crate) const DENSE_ROWS: usize = 16;
 /// Outputs one compute task takes.
 pub(super) const OUTPUTS_PER_TASK: usize = 64;
 
-/// `x` (`rows` rows of `d_in`) times `weight` (`[d_in, d_out]`, held as the transposed view
-/// of `[d_out, d_in]` in the CPU backend's memory): `[rows, d_out]`; none for a weight held
-/// otherwise.
-pub(crate) fn product(weight: &Tensor<2>, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+/// `x` (`[.., d_in]`, at most [`DENSE_ROWS`] rows) times `weight` (`[d_in, d_out]`, held as
+/// the transposed view of `[d_out, d_in]` in the CPU backend's memory): `[.., d_out]`; none for
+/// a weight held otherwise, before `x` is read.
+pub(crate) fn product<const D: usize>(weight: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<D>> {
     let [d_in, d_out] = weight.dims();
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
     let held = weight.clone().try_into_primitive::<Flex>().ok()?;
     let layout = held.layout();
     let by_output = layout.strides() == [1, d_in as isize] && layout.start_offset() == 0;
-    if held.dtype() != DType::F32 {
+    if held.dtype() != DType::F32 || !by_output || dims[D - 1] != d_in {
         return None;
     }
     let w = held.storage::<f32>();
-    (by_output && rows > 0 && w.len() == d_in * d_out && x.len() == rows * d_in)
-        .then(|| multiply(w, x, rows, d_in, d_out))
+    if !(1..=DENSE_ROWS).contains(&rows) || w.len() != d_in * d_out {
+        return None;
+    }
+    let out = multiply(w, &crate::layout::to_vec(x.clone()), rows, d_in, d_out);
+    dims[D - 1] = d_out;
+    Some(Tensor::from_data(TensorData::new(out, dims), &x.device()))
 }
 
 /// The product of `x` `[rows, d_in]` and the weights `w` `[d_out, d_in]`, blocks of outputs
@@ -177,7 +183,6 @@ impl Tile<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -197,7 +202,12 @@ mod tests {
             let weight = Tensor::<2>::from_data(TensorData::new(by_output, [d_out, d_in]), &device)
                 .transpose();
             let x = values(DENSE_ROWS * d_in, 2);
-            let together = product(&weight, &x, DENSE_ROWS).expect("a CPU f32 weight");
+            let rows_of = |r: usize, n: usize| {
+                let x = x[r * d_in..(r + n) * d_in].to_vec();
+                let x = Tensor::<2>::from_data(TensorData::new(x, [n, d_in]), &device);
+                product(&weight, &x).map(crate::layout::to_vec)
+            };
+            let together = rows_of(0, DENSE_ROWS).expect("a CPU f32 weight");
             for r in 0..DENSE_ROWS {
                 let row = &x[r * d_in..(r + 1) * d_in];
                 for j in 0..d_out {
@@ -210,7 +220,7 @@ mod tests {
                 }
                 // The row alone, and first of three: the same bits as among sixteen.
                 for rows in [1, 3].into_iter().filter(|n| r + n <= DENSE_ROWS) {
-                    let alone = product(&weight, &x[r * d_in..(r + rows) * d_in], rows).unwrap();
+                    let alone = rows_of(r, rows).unwrap();
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     let batched = &together[r * d_out..(r + 1) * d_out];
                     assert_eq!(bits(&alone[..d_out]), bits(batched), "row {r} of {rows}");
