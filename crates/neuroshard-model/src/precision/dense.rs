@@ -3,7 +3,7 @@
 //! burn's product of a few rows by a weight matrix runs on one thread and pads the rows to its
 //! tile: over SmolLM2-135M's 30 layers on 2 cores, one session's decode step took 86 ms and a
 //! batch of eight 161 ms, where reading the weights, the same for both, should be most of a
-//! step; here they take 53 and 102 ms. The CPU shard holds each f32 projection as
+//! step; here they take 40 and 97 ms. The CPU shard holds each f32 projection as
 //! the checkpoint stores it, each output's inputs together (burn sees the transposed view), so
 //! here each output's weights stream from memory once and serve every row from registers,
 //! blocks of outputs on the compute threads, with the vector instructions the machine has
@@ -21,6 +21,12 @@ pub(crate) const DENSE_ROWS: usize = 16;
 
 /// Outputs one compute task takes.
 pub(super) const OUTPUTS_PER_TASK: usize = 64;
+
+/// How many outputs ahead the first row asks memory for the weights it will read (and the
+/// packed projections' one row too). Each output's weights are a few KB, too short a run for
+/// the hardware's prefetcher to keep ahead of: asked two groups ahead, a decode step of one
+/// session took 23 % less at f32 (52.5 to 40.3 ms), 14 % less at bf16 and 9 % at int8.
+pub(super) const AHEAD: usize = 16;
 
 /// `x` (`[.., d_in]`, at most [`DENSE_ROWS`] rows) times `weight` (`[d_in, d_out]`, held as
 /// the transposed view of `[d_out, d_in]` in the CPU backend's memory): `[.., d_out]`; none for
@@ -158,6 +164,14 @@ impl Tile<'_> {
             let inputs: [&[f32]; R] = std::array::from_fn(|r| &self.x[r * d_in..][..d_in]);
             let mut acc = [[simd.splat_f32s(0.0); J]; R];
             for k in (0..whole).step_by(lanes) {
+                // The first row streams the weights from memory: ask for the outputs after
+                // these ahead, a cache line of each at a time.
+                if R == 1 && k % 16 == 0 {
+                    for o in 0..J {
+                        let ahead = (j + AHEAD + o) * d_in + k;
+                        super::prefetch(self.w.as_ptr().wrapping_add(ahead));
+                    }
+                }
                 let wv: [S::f32s; J] = std::array::from_fn(|o| load(&weights[o][k..k + lanes]));
                 for (acc, input) in acc.iter_mut().zip(&inputs) {
                     let xv = load(&input[k..k + lanes]);

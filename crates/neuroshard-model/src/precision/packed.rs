@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::Precision;
-use super::dense::{DENSE_ROWS, OUTPUTS_PER_TASK};
+use super::dense::{AHEAD, DENSE_ROWS, OUTPUTS_PER_TASK};
 use neuroshard_base::precision::int8_block;
 
 /// A projection's weights in Hugging Face's `[out, in]` order (each output's inputs together),
@@ -124,6 +124,21 @@ impl Packed {
         }
     }
 
+    /// Asks memory for output `j`'s held values (and none past the last output), so that a
+    /// row reading the weights as it goes does not wait on each output's.
+    fn prefetch_row(&self, j: usize) {
+        if j >= self.d_out {
+            return;
+        }
+        let (at, bytes) = match &self.values {
+            Values::Half { bits, .. } => (bits[j * self.d_in..].as_ptr().cast::<u8>(), 2),
+            Values::Int8 { q, .. } => (q[j * self.d_in..].as_ptr().cast::<u8>(), 1),
+        };
+        for line in (0..self.d_in * bytes).step_by(64) {
+            super::prefetch(at.wrapping_add(line));
+        }
+    }
+
     /// Output `j` for the input row `x`.
     fn dot(&self, j: usize, x: &[f32]) -> f32 {
         let inputs = j * self.d_in..(j + 1) * self.d_in;
@@ -205,6 +220,7 @@ impl Packed {
                     for (k, out) in out.chunks_mut(rows.max(1)).enumerate() {
                         let j = task * OUTPUTS_PER_TASK + k;
                         if rows == 1 {
+                            self.prefetch_row(j + AHEAD);
                             out[0] = self.dot(j, row(0));
                             continue;
                         }

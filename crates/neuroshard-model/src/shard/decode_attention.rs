@@ -195,17 +195,13 @@ impl pulp::WithSimd for Attention<'_> {
     }
 }
 
-/// Asks the memory for `run`, a cache line at a time, ahead of its reading. The cache's runs
-/// are short (a head's 64 dimensions, or a key dimension's 256 positions), too short for the
+/// Asks memory for `run`, a cache line at a time, ahead of its reading. The cache's runs are
+/// short (a head's 64 dimensions, or a key dimension's 256 positions), too short for the
 /// hardware to see a stream coming: asked ahead, a step at 2,048 positions took a fifth less.
 #[inline(always)]
 fn prefetch(run: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
     for line in run.chunks(16) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: SSE is part of x86-64, and a prefetch only hints: it reads nothing into the
-        // program and cannot fault, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        crate::precision::prefetch(line.as_ptr());
     }
 }
 
