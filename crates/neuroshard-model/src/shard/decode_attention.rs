@@ -162,8 +162,8 @@ impl pulp::WithSimd for Attention<'_> {
         let mut scores = vec![0.0f32; group * n];
         for d in 0..dim {
             let keys = key.run(head, d, from, n);
-            if d + 2 < dim {
-                prefetch(key.run(head, d + 2, from, n));
+            if d + 4 < dim {
+                prefetch(key.run(head, d + 4, from, n));
             }
             for (scores, q) in scores.chunks_exact_mut(n).zip(q.chunks_exact(dim)) {
                 let q = q[d];
@@ -181,8 +181,8 @@ impl pulp::WithSimd for Attention<'_> {
         let mut values = vec![0.0f32; group * dim];
         for t in 0..n {
             let row = value.run(head, from + t, 0, dim);
-            if t + 4 < n {
-                prefetch(value.run(head, from + t + 4, 0, dim));
+            if t + 16 < n {
+                prefetch(value.run(head, from + t + 16, 0, dim));
             }
             for (out, scores) in values.chunks_exact_mut(dim).zip(scores.chunks_exact(n)) {
                 let p = scores[t];
