@@ -92,6 +92,16 @@ pub(crate) fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
+/// Asks memory for all of `run`, a cache line at a time: runs a few KB long, too short for the
+/// hardware to see a stream coming (an output's weights, a cache head's positions).
+#[inline(always)]
+pub(crate) fn prefetch_run<T>(run: &[T]) {
+    let at = run.as_ptr().cast::<u8>();
+    for line in (0..std::mem::size_of_val(run)).step_by(64) {
+        prefetch(at.wrapping_add(line));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

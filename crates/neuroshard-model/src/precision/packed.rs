@@ -130,12 +130,10 @@ impl Packed {
         if j >= self.d_out {
             return;
         }
-        let (at, bytes) = match &self.values {
-            Values::Half { bits, .. } => (bits[j * self.d_in..].as_ptr().cast::<u8>(), 2),
-            Values::Int8 { q, .. } => (q[j * self.d_in..].as_ptr().cast::<u8>(), 1),
-        };
-        for line in (0..self.d_in * bytes).step_by(64) {
-            super::prefetch(at.wrapping_add(line));
+        let inputs = j * self.d_in..(j + 1) * self.d_in;
+        match &self.values {
+            Values::Half { bits, .. } => super::prefetch_run(&bits[inputs]),
+            Values::Int8 { q, .. } => super::prefetch_run(&q[inputs]),
         }
     }
 

@@ -19,6 +19,7 @@ use pulp::Simd;
 use rayon::prelude::*;
 
 use super::layers::Heads;
+use crate::precision::prefetch_run;
 
 /// The attention output `[1, 1, query * dim]` of the queries `q` (`[1, query, 1, dim]`, after
 /// RoPE) over `keys` (`[1, kv, dim, positions]`) and `values` (`[1, kv, positions, dim]`) as
@@ -163,7 +164,7 @@ impl pulp::WithSimd for Attention<'_> {
         for d in 0..dim {
             let keys = key.run(head, d, from, n);
             if d + 4 < dim {
-                prefetch(key.run(head, d + 4, from, n));
+                prefetch_run(key.run(head, d + 4, from, n));
             }
             for (scores, q) in scores.chunks_exact_mut(n).zip(q.chunks_exact(dim)) {
                 let q = q[d];
@@ -182,7 +183,7 @@ impl pulp::WithSimd for Attention<'_> {
         for t in 0..n {
             let row = value.run(head, from + t, 0, dim);
             if t + 16 < n {
-                prefetch(value.run(head, from + t + 16, 0, dim));
+                prefetch_run(value.run(head, from + t + 16, 0, dim));
             }
             for (out, scores) in values.chunks_exact_mut(dim).zip(scores.chunks_exact(n)) {
                 let p = scores[t];
@@ -192,16 +193,6 @@ impl pulp::WithSimd for Attention<'_> {
             }
         }
         Part { max, sum, values }
-    }
-}
-
-/// Asks memory for `run`, a cache line at a time, ahead of its reading. The cache's runs are
-/// short (a head's 64 dimensions, or a key dimension's 256 positions), too short for the
-/// hardware to see a stream coming: asked ahead, a step at 2,048 positions took a fifth less.
-#[inline(always)]
-fn prefetch(run: &[f32]) {
-    for line in run.chunks(16) {
-        crate::precision::prefetch(line.as_ptr());
     }
 }
 
@@ -282,8 +273,8 @@ mod tests {
     }
 
     /// Read in place from views of larger buffers, as the cache lends them, and in spans, the
-    /// attention is burn's product, softmax and product within rounding; a layout the cache does not
-    /// hold is left to burn.
+    /// attention is burn's product, softmax and product within rounding; a layout the cache
+    /// does not hold is left to burn.
     #[test]
     fn a_step_s_attention_over_the_cache_s_views_is_burn_s() {
         let heads = Heads {
