@@ -42,7 +42,10 @@ pub struct LayerPlan {
 pub fn estimate(c: &LlamaConfig, range: LayerRange, precision: Precision) -> MemoryEstimate {
     let layers = u64::from(range.len());
     let weights_bytes = shard_weight_bytes(c, range.to_range(), precision);
-    let cache_bytes = layers * KV_POSITIONS_PER_LAYER * c.kv_bytes_per_token_layer() as u64;
+    // Counted at f32, as a GPU holds it: on the CPU a shard below f32 holds half that, so
+    // the estimate is an upper bound wherever the node ends up computing.
+    let per_position = c.kv_bytes_per_token_layer(std::mem::size_of::<f32>()) as u64;
+    let cache_bytes = layers * KV_POSITIONS_PER_LAYER * per_position;
     MemoryEstimate {
         weights_bytes,
         cache_bytes,

@@ -332,21 +332,30 @@ async fn a_node_under_floods_keeps_serving_exact_tokens_within_its_memory_bound(
     // Bombs in parallel: sixteen 32 MiB bodies at once from one address, to a method whose
     // messages may be large (ExchangeGradient), would have the node hold half a GiB before
     // its checks; the request-byte budget sheds what passes the address's share.
+    // Whether the bodies overlap enough to pass the share depends on how the machine runs
+    // the sixteen calls, so up to three rounds are sent until one is shed; every bomb of every
+    // round is refused.
     let bomb = packed_shape_bomb(32 << 20);
-    let bombs = futures::stream::iter(0..16)
-        .map(|_| raw_call(bomber.clone(), RPCS[3].0, bomb.clone()))
-        .buffer_unordered(16)
-        .collect::<Vec<_>>();
-    let bombs = within("the parallel bombs", bombs).await;
-    let shed = (bombs.iter().filter_map(|b| b.as_ref().err()))
-        .filter(|s| s.code() == tonic::Code::ResourceExhausted)
-        .count();
-    assert!(
-        bombs
-            .iter()
-            .all(|b| b.as_ref().is_err_and(|s| is_refusal(s.code()))),
-        "{bombs:?}"
-    );
+    let mut shed = 0;
+    for _ in 0..3 {
+        let bombs = futures::stream::iter(0..16)
+            .map(|_| raw_call(bomber.clone(), RPCS[3].0, bomb.clone()))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>();
+        let bombs = within("the parallel bombs", bombs).await;
+        assert!(
+            bombs
+                .iter()
+                .all(|b| b.as_ref().is_err_and(|s| is_refusal(s.code()))),
+            "{bombs:?}"
+        );
+        shed = (bombs.iter().filter_map(|b| b.as_ref().err()))
+            .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+            .count();
+        if shed > 0 {
+            break;
+        }
+    }
     assert!(shed > 0, "bombs past the address's share are shed");
     let (_, peak_after_bombs) = memory_mib(pid);
 

@@ -343,9 +343,10 @@ impl LlamaConfig {
         }
     }
 
-    /// Bytes of f32 KV cache one token takes in one layer (keys and values).
-    pub fn kv_bytes_per_token_layer(&self) -> usize {
-        2 * self.kv_heads() * self.head_dim() * std::mem::size_of::<f32>()
+    /// Bytes of KV cache one token takes in one layer (keys and values), each value held in
+    /// `value_bytes` (4 for f32, 2 for bf16).
+    pub fn kv_bytes_per_token_layer(&self, value_bytes: usize) -> usize {
+        2 * self.kv_heads() * self.head_dim() * value_bytes
     }
 
     /// Floating-point operations of running `layers` on `tokens` new tokens after `start_pos`

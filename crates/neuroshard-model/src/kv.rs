@@ -8,11 +8,16 @@
 //! values are held `[1, kv_heads, capacity, head_dim]`. A buffer that fills is copied once into
 //! one a block larger. A session's memory (what the node's budget counts) is its capacity:
 //! whole blocks.
+//!
+//! A shard whose weights are held below f32 on the CPU holds its cache as bf16 (f16 for f16
+//! weights), as transformers does for a model loaded in that dtype: half the bytes, so twice
+//! the context or sessions in the same budget, and half the reading of a decode step's
+//! attention, which at 2,048 positions is bound by it.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor, TensorCreationOptions};
 
 use crate::ModelError;
 
@@ -25,6 +30,13 @@ pub const BLOCK_POSITIONS: usize = 64;
 pub fn whole_blocks(positions: usize, block: usize) -> usize {
     let block = block.max(1);
     positions.div_ceil(block).saturating_mul(block)
+}
+
+/// How a layer's cache grows and holds its values: by `block` positions, as `float`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Holding {
+    pub(crate) block: usize,
+    pub(crate) float: DType,
 }
 
 /// Keys and values of one layer: the buffers and how many of their positions are held.
@@ -45,41 +57,43 @@ impl LayerCache {
     }
 
     /// Writes the new keys and values `[1, kv_heads, n, head_dim]` after the positions held,
-    /// growing the buffers by whole blocks of `block` positions when they are full; returns
-    /// views of every position held, the new ones included: the keys transposed
-    /// (`[1, kv_heads, head_dim, positions]`) and the values.
+    /// as `holding.float`, growing the buffers by whole blocks of `holding.block` positions
+    /// when they are full; returns views of every position held, the new ones included: the
+    /// keys transposed (`[1, kv_heads, head_dim, positions]`) and the values, as held.
     pub(crate) fn append(
         &mut self,
         k: Tensor<4>,
         v: Tensor<4>,
-        block: usize,
+        holding: Holding,
     ) -> (Tensor<4>, Tensor<4>) {
         let [_, heads, n, dim] = k.dims();
         let (start, end) = (self.len, self.len + n);
         let capacity = self.capacity();
+        let float = holding.float;
         let (keys, values) = match self.kv.take() {
-            Some(buffers) if capacity >= end => buffers,
+            Some(buffers) if capacity >= end && buffers.0.dtype() == float => buffers,
             old => {
-                let capacity = whole_blocks(end, block);
-                let device = k.device();
+                let capacity = whole_blocks(end, holding.block);
+                let options = TensorCreationOptions::new(k.device()).with_dtype(float);
                 self.allocations += 1;
-                let keys = Tensor::zeros([1, heads, dim, capacity], &device);
-                let values = Tensor::zeros([1, heads, capacity, dim], &device);
+                let keys = Tensor::zeros([1, heads, dim, capacity], options.clone());
+                let values = Tensor::zeros([1, heads, capacity, dim], options);
                 match old {
                     Some((old_k, old_v)) if start > 0 => (
                         keys.slice_assign(
                             [0..1, 0..heads, 0..dim, 0..start],
-                            old_k.narrow(3, 0, start),
+                            old_k.narrow(3, 0, start).cast(float),
                         ),
                         values.slice_assign(
                             [0..1, 0..heads, 0..start, 0..dim],
-                            old_v.narrow(2, 0, start),
+                            old_v.narrow(2, 0, start).cast(float),
                         ),
                     ),
                     _ => (keys, values),
                 }
             }
         };
+        let (k, v) = (k.cast(float), v.cast(float));
         // The buffers are this cache's alone here, so the backend writes them in place.
         let keys = keys.slice_assign([0..1, 0..heads, 0..dim, start..end], k.swap_dims(2, 3));
         let values = values.slice_assign([0..1, 0..heads, start..end, 0..dim], v);
@@ -157,9 +171,14 @@ impl KvCache {
         Ok(())
     }
 
-    /// The cache of `layer`, for the layer to read and extend, with the block it grows by.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut LayerCache, usize) {
-        (self.layers.entry(layer).or_default(), self.block)
+    /// The cache of `layer`, for the layer to read and extend, with how it grows and holds
+    /// its values (as `float`).
+    pub(crate) fn layer_mut(&mut self, layer: usize, float: DType) -> (&mut LayerCache, Holding) {
+        let holding = Holding {
+            block: self.block,
+            float,
+        };
+        (self.layers.entry(layer).or_default(), holding)
     }
 
     /// Records that `layers` now hold `tokens` more positions without writing any: a test's
@@ -175,7 +194,7 @@ impl KvCache {
 mod tests {
     use super::*;
     use crate::init::{ModelSpec, write_model};
-    use crate::{Shard, ShardInput, ShardOutput};
+    use crate::{Precision, Shard, ShardInput, ShardOutput};
 
     fn logits(out: ShardOutput) -> Vec<f32> {
         match out {
@@ -250,5 +269,44 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(diff <= 1e-5, "{diff}");
         assert_eq!((cache.len(0), cache.token_layers()), (71, 128 * 4));
+    }
+
+    /// A shard holding its weights below f32 holds its cache in half precision, half the
+    /// bytes, and a decode step reading it in place gives the logits of a prefill of every
+    /// position through burn's products, within rounding.
+    #[test]
+    fn a_shard_below_f32_holds_its_cache_in_half_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &ModelSpec::tiny()).unwrap();
+        let device = Default::default();
+        let f32_bytes = Shard::load(dir.path(), 0..4, &device)
+            .unwrap()
+            .kv_bytes_per_token_layer();
+        for (precision, float) in [
+            (Precision::Bf16, DType::BF16),
+            (Precision::F16, DType::F16),
+            (Precision::Int8, DType::BF16),
+        ] {
+            let shard = Shard::load_at(dir.path(), 0..4, &device, precision).unwrap();
+            assert_eq!(shard.cache_float(), float);
+            assert_eq!(shard.kv_bytes_per_token_layer() * 2, f32_bytes);
+            let mut cache = KvCache::new();
+            let steps = decode(&shard, &mut cache, 40);
+            let (keys, values) = cache.layers[&2].kv.as_ref().unwrap();
+            assert_eq!((keys.dtype(), values.dtype()), (float, float));
+            // Every token of the last step, prefilled at once.
+            let tokens = [3, 14, 15, 92, 65]
+                .into_iter()
+                .chain((5..5 + 40).map(|pos| (pos * 7 % 250) as u32))
+                .collect::<Vec<_>>();
+            let input = ShardInput::Tokens(tokens);
+            let whole = logits(shard.forward(&mut KvCache::new(), 0, 0..4, input).unwrap());
+            let diff = whole
+                .iter()
+                .zip(steps.last().unwrap())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(diff <= 1e-4, "{precision}: {diff}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use sha2::{Digest, Sha256};
 
@@ -294,6 +294,25 @@ impl Shard {
         self.precision
     }
 
+    /// How a session's cache holds keys and values on this shard: as the weights' half
+    /// precision where they are held below f32 on the CPU (bf16 for int8 weights), and as f32
+    /// where they are f32 or on a GPU, whose products on a cache held otherwise would widen it
+    /// every step.
+    pub fn cache_float(&self) -> DType {
+        match self.precision {
+            _ if !crate::is_cpu(&self.device) => DType::F32,
+            Precision::F32 => DType::F32,
+            Precision::Bf16 | Precision::Int8 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Bytes of a session's cache one position takes in one layer on this shard.
+    pub fn kv_bytes_per_token_layer(&self) -> usize {
+        let value = self.cache_float().size();
+        self.info.config.kv_bytes_per_token_layer(value)
+    }
+
     /// The model this shard belongs to.
     pub fn info(&self) -> &ModelInfo {
         &self.info
@@ -369,7 +388,7 @@ impl Shard {
         let context = Positions::new(&self.info.config, start_pos, tokens, &self.device);
         for index in layers {
             let layer = &self.weights.layers[index - self.range.start];
-            let entry = cache.layer_mut(index);
+            let entry = cache.layer_mut(index, self.cache_float());
             hidden = layer.forward(hidden, Some(entry), &context, index, self.heads);
         }
         Ok(hidden)

@@ -12,7 +12,7 @@
 //! server, the session sweeper and the heartbeat run as tasks tied to the handle's cancellation
 //! token.
 
-use neuroshard_base::sync::RwLockExt;
+use neuroshard_base::sync::{LockExt, RwLockExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@
 use neuroshard_base::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use neuroshard_base::PublicKey;
@@ -22,7 +23,7 @@ pub struct SessionLimits {
     pub budget_bytes: u64,
     /// A session untouched this long is dropped.
     pub idle_timeout: Duration,
-    /// KV bytes one token takes in one layer (keys and values).
+    /// KV bytes one token takes in one layer (keys and values) on the shard served first.
     pub bytes_per_token_layer: u64,
     /// Positions a session's cache grows by (`neuroshard_model::BLOCK_POSITIONS`): a session
     /// holds, and the budget counts, whole blocks.
@@ -57,6 +58,9 @@ pub struct Checkout {
 #[derive(Debug)]
 pub struct SessionStore {
     limits: SessionLimits,
+    /// KV bytes one token takes in one layer on the shard served now: it holds its cache in
+    /// its own precision, and [`Self::clear`] changes it with the shard.
+    bytes_per_token_layer: AtomicU64,
     sessions: Mutex<HashMap<String, Entry>>,
     generations: std::sync::atomic::AtomicU64,
 }
@@ -66,6 +70,7 @@ impl SessionStore {
     pub fn new(limits: SessionLimits) -> Self {
         Self {
             limits,
+            bytes_per_token_layer: AtomicU64::new(limits.bytes_per_token_layer),
             sessions: Mutex::new(HashMap::new()),
             generations: std::sync::atomic::AtomicU64::new(0),
         }
@@ -104,7 +109,7 @@ impl SessionStore {
             make_fair_room(&mut sessions, caller, need, budget);
             let held = self.held(&sessions);
             if held + need > self.budget_token_layers() {
-                let mib = |t: u64| (t * self.limits.bytes_per_token_layer) as f64 / 1048576.0;
+                let mib = |t: u64| (t * self.token_layer_bytes()) as f64 / 1048576.0;
                 return Err(NodeError::Full(format!(
                     "KV cache budget of {:.1} MiB is full: {} sessions hold {:.1} MiB and this call needs {:.1} MiB more",
                     self.limits.budget_bytes as f64 / 1048576.0,
@@ -177,13 +182,21 @@ impl SessionStore {
         }
     }
 
-    /// Drops every session (the node now serves other layers); how many. Calls in flight
-    /// find theirs gone when they check in, and their caches are dropped.
-    pub fn clear(&self) -> usize {
+    /// Drops every session (the node now serves other layers, whose cache takes
+    /// `bytes_per_token_layer` a position in a layer); how many. Calls in flight find theirs
+    /// gone when they check in, and their caches are dropped.
+    pub fn clear(&self, bytes_per_token_layer: u64) -> usize {
         let mut sessions = self.sessions.lock_or_recover();
         let count = sessions.len();
         sessions.clear();
+        self.bytes_per_token_layer
+            .store(bytes_per_token_layer, Ordering::Relaxed);
         count
+    }
+
+    /// KV bytes one token takes in one layer now.
+    fn token_layer_bytes(&self) -> u64 {
+        self.bytes_per_token_layer.load(Ordering::Relaxed).max(1)
     }
 
     /// Drops sessions idle longer than the timeout; how many.
@@ -203,7 +216,7 @@ impl SessionStore {
         let sessions = self.sessions.lock_or_recover();
         (
             sessions.len() as u64,
-            self.held(&sessions) * self.limits.bytes_per_token_layer,
+            self.held(&sessions) * self.token_layer_bytes(),
         )
     }
 
@@ -212,7 +225,7 @@ impl SessionStore {
     }
 
     fn budget_token_layers(&self) -> u64 {
-        self.limits.budget_bytes / self.limits.bytes_per_token_layer.max(1)
+        self.limits.budget_bytes / self.token_layer_bytes()
     }
 }
 
@@ -325,6 +338,26 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         assert!(s.checkout("b", owner(), 0, 20, 1, later).is_ok());
         assert_eq!(s.usage().0, 1);
+    }
+
+    /// A shard whose cache takes half the bytes a position (bf16 beside f32) holds twice the
+    /// positions in the same budget once the store is cleared for it.
+    #[test]
+    fn a_shard_with_a_smaller_cache_holds_more_in_the_same_budget() {
+        let s = store();
+        let t0 = Instant::now();
+        let err = s.checkout("a", owner(), 0, 150, 1, t0).unwrap_err();
+        assert!(matches!(err, NodeError::Full(_)), "{err}");
+        assert_eq!(s.clear(4), 0);
+        let (c, _) = s.checkout("a", owner(), 0, 150, 1, t0).unwrap();
+        let mut cache = c.cache;
+        cache.advance(0..1, 150);
+        s.checkin(Checkout { cache, ..c }, t0);
+        assert_eq!(s.usage(), (1, 150 * 4));
+        assert!(
+            s.checkout("b", owner(), 0, 60, 1, t0).is_err(),
+            "200 is the budget"
+        );
     }
 
     #[test]

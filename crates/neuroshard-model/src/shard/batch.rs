@@ -115,7 +115,7 @@ impl Shard {
         for index in layers.clone() {
             let layer = &self.weights.layers[index - self.range.start];
             let caches = rows.iter_mut().zip(&positions).map(|(row, positions)| Row {
-                cache: Some(row.cache.layer_mut(index)),
+                cache: Some(row.cache.layer_mut(index, self.cache_float())),
                 positions,
             });
             hidden = layer.forward_rows(hidden, caches.collect(), index, self.heads);

@@ -8,7 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::LlamaConfig;
-use crate::kv::LayerCache;
+use crate::kv::{Holding, LayerCache};
 use crate::precision::{Packed, project};
 use std::sync::Arc;
 
@@ -51,10 +51,10 @@ pub(crate) struct Heads {
     pub(crate) dim: usize,
 }
 
-/// One session's row of a batched call through a layer: its cache (with the block it grows
-/// by), if any, and its positions.
+/// One session's row of a batched call through a layer: its cache (with how it grows and holds
+/// its values), if any, and its positions.
 pub(crate) struct Row<'a> {
-    pub(crate) cache: Option<(&'a mut LayerCache, usize)>,
+    pub(crate) cache: Option<(&'a mut LayerCache, Holding)>,
     pub(crate) positions: &'a Positions,
 }
 
@@ -68,11 +68,11 @@ impl DecoderLayer {
     }
 
     /// `[1, n, hidden]` → `[1, n, hidden]`, appending this call's keys and values to `cache`
-    /// (with the block it grows by), if any.
+    /// (with how it grows and holds them), if any.
     pub(crate) fn forward(
         &self,
         x: Tensor<3>,
-        cache: Option<(&mut LayerCache, usize)>,
+        cache: Option<(&mut LayerCache, Holding)>,
         positions: &Positions,
         index: usize,
         heads: Heads,
@@ -135,7 +135,7 @@ impl DecoderLayer {
     fn attend(
         &self,
         [q, k, v]: [Tensor<3>; 3],
-        cache: Option<(&mut LayerCache, usize)>,
+        cache: Option<(&mut LayerCache, Holding)>,
         rope: &Rope,
         mask: Option<&Tensor<2>>,
         heads: Heads,
@@ -157,7 +157,7 @@ impl DecoderLayer {
         let v = split(v, kv, None);
         // Keys transposed: [1, kv, dim, total].
         let (keys, v) = match cache {
-            Some((cache, block)) => cache.append(k, v, block),
+            Some((cache, holding)) => cache.append(k, v, holding),
             None => (k.swap_dims(2, 3), v),
         };
         if n == 1
@@ -166,6 +166,9 @@ impl DecoderLayer {
         {
             return out;
         }
+        // A cache held below f32 is widened for burn's products.
+        let float = burn::tensor::DType::F32;
+        let (keys, v) = (keys.cast(float), v.cast(float));
         let total = keys.dims()[3];
         // [1, kv, group * n, dim]
         let q = q.reshape([1, kv, group * n, dim]);

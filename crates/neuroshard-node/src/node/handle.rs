@@ -226,12 +226,13 @@ impl NodeHandle {
         })?;
         let held = (device, before.precision);
         let next = Served::load(source, layers, held, state.fault.as_ref()).await?;
+        let kv_bytes = next.shard.lock_or_recover().kv_bytes_per_token_layer() as u64;
         let dropped = {
             // Sessions go while the swap is held: a call that sees the new shard finds none of
             // the old caches.
             let mut served = state.served.write_or_recover();
             *served = Arc::new(next);
-            state.sessions.clear()
+            state.sessions.clear(kv_bytes)
         };
         tracing::info!(
             "now serving layers {layers} (was {}); {dropped} sessions dropped",

@@ -320,7 +320,7 @@ impl NodeState {
         let state = self.clone();
         let measured = tokio::task::spawn_blocking(move || {
             let served = state.served();
-            let shard = neuroshard_base::sync::LockExt::lock_or_recover(&served.shard);
+            let shard = served.shard.lock_or_recover();
             let layers = served.range.to_range();
             state.decode_speed.measure(&shard, layers, &state.threads)
         })
@@ -339,11 +339,16 @@ impl NodeState {
             false => RunState::Serving,
         };
         let testing = "Reachability is being tested.";
+        let kv_bytes = parts
+            .served
+            .shard
+            .lock_or_recover()
+            .kv_bytes_per_token_layer();
         Ok(NodeState {
             sessions: SessionStore::new(SessionLimits {
                 budget_bytes: config.kv_budget_bytes,
                 idle_timeout: config.session_idle,
-                bytes_per_token_layer: parts.model.config.kv_bytes_per_token_layer() as u64,
+                bytes_per_token_layer: kv_bytes as u64,
                 block_positions: neuroshard_model::BLOCK_POSITIONS,
             }),
             record: parts.record,
