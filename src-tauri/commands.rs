@@ -63,6 +63,31 @@ pub async fn plan_layers(core: Core<'_>, choice: LayerChoice) -> Reply<LayerPlan
     core.plan_layers(choice).await
 }
 
+/// What the settings page offers for the rules that hold the node: the programs running now,
+/// the common game launchers, and each preset's suggested temperature limits.
+#[tauri::command]
+pub fn program_choices(core: Core<'_>) -> ProgramChoices {
+    use neuroshard_settings::{Preset, care};
+    ProgramChoices {
+        running: core.running_programs(),
+        launchers: care::GAME_LAUNCHERS.iter().map(|l| l.to_string()).collect(),
+        suggested_limits: [Preset::Light, Preset::Medium, Preset::Full]
+            .map(|p| (p, care::suggested_limits(p)))
+            .to_vec(),
+    }
+}
+
+/// What an owner may pick from to hold the node.
+#[derive(Debug, serde::Serialize)]
+pub struct ProgramChoices {
+    /// Programs running now, sorted.
+    pub running: Vec<String>,
+    /// Game launchers, offered rather than set.
+    pub launchers: Vec<String>,
+    /// Each preset's suggested limits, °C (CPU, GPU).
+    pub suggested_limits: Vec<(neuroshard_settings::Preset, (u8, u8))>,
+}
+
 /// Pauses now or resumes.
 #[tauri::command]
 pub async fn set_paused(core: Core<'_>, paused: bool) -> Reply<DesktopStatus> {
@@ -144,6 +169,7 @@ pub fn handler<R: Runtime>() -> impl Fn(tauri::ipc::Invoke<R>) -> bool + Send + 
         update_settings,
         finish_first_run,
         plan_layers,
+        program_choices,
         set_paused,
         drain,
         snooze,

@@ -28,7 +28,7 @@ use crate::models::{demo_model, model_dir};
 pub use crate::receipts::{MAX_PAGE, PeriodTotals, ReceiptPage};
 use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rate, Rates};
 use neuroshard_node::owner::Owner;
-pub use neuroshard_settings::policy::{Decision, Machine, Snooze};
+pub use neuroshard_settings::policy::{Decision, Machine, Snooze, Temperatures};
 use neuroshard_settings::policy::{Holds, local_midnight};
 
 const MIB: u64 = 1024 * 1024;
@@ -71,7 +71,7 @@ impl Desktop {
     /// started by [`Desktop::start_node`]. A corrupt settings file is an error and is left as
     /// it is on disk.
     pub async fn open(launch: Launch) -> Result<Arc<Self>, CommandError> {
-        Self::open_on(launch, Arc::new(SystemMachine)).await
+        Self::open_on(launch, Arc::new(SystemMachine::default())).await
     }
 
     /// [`Desktop::open`] on a given machine (tests pass a fake one).
@@ -509,6 +509,7 @@ impl Desktop {
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock_or_recover().clone(),
+            temperatures: whole_degrees(self.machine.temperatures()),
             reachability: reach_path_name(reach.path).into(),
             reachability_advice: reach.advice,
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
@@ -520,6 +521,11 @@ impl Desktop {
         };
         drop(guard);
         self.publish(status)
+    }
+
+    /// Names of the programs running now, for the settings page's picker.
+    pub fn running_programs(&self) -> Vec<String> {
+        self.machine.programs()
     }
 
     /// The status while no node runs: starting, or the error that stopped it.
@@ -635,5 +641,14 @@ fn bandwidth_status(
         period_bytes: period.bytes,
         period_cap_bytes: period.cap_bytes,
         period_ends_ms: period.ends_ms,
+    }
+}
+
+/// `t` rounded to whole degrees, as the dashboard shows them (and so a status does not change
+/// with every tenth of a degree).
+fn whole_degrees(t: Temperatures) -> Temperatures {
+    Temperatures {
+        cpu_c: t.cpu_c.map(f32::round),
+        gpu_c: t.gpu_c.map(f32::round),
     }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use neuroshard_base::Invalid;
 use neuroshard_discovery::LanConfig;
+use neuroshard_node::sensors::SystemSensors;
 use neuroshard_settings::SettingsStore;
-use neuroshard_settings::policy::Machine;
+use neuroshard_settings::policy::{Machine, Temperatures};
 
 /// Where the app keeps things and how its node listens; from the environment, so tests and
 /// packagers can move every path.
@@ -67,12 +68,26 @@ impl Launch {
     }
 }
 
-/// The real machine: the X server's screen-saver idle time (user-idle) and the batteries the
-/// OS reports (starship-battery).
+/// The real machine: the X server's screen-saver idle time (user-idle), the batteries the OS
+/// reports (starship-battery), and the temperatures and programs a node reads anywhere.
 #[derive(Debug, Default)]
-pub struct SystemMachine;
+pub struct SystemMachine {
+    sensors: SystemSensors,
+}
 
 impl Machine for SystemMachine {
+    fn temperatures(&self) -> Temperatures {
+        self.sensors.temperatures()
+    }
+
+    fn running(&self, names: &[String]) -> Option<Vec<String>> {
+        Some(self.sensors.running(names))
+    }
+
+    fn programs(&self) -> Vec<String> {
+        self.sensors.programs()
+    }
+
     fn idle(&self) -> Option<Duration> {
         user_idle::UserIdle::get_time().ok().map(|t| t.duration())
     }

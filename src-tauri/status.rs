@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use neuroshard_base::LayerRange;
 use neuroshard_net::metrics::MetricsSnapshot;
-use neuroshard_settings::policy::Decision;
+use neuroshard_settings::policy::{Decision, Temperatures};
 use serde::Serialize;
 
 /// The app's state as a person thinks of it; several can map to a paused node.
@@ -24,7 +24,8 @@ pub enum AppState {
     Snoozed,
     /// Waiting for the first run: nothing is lent before the owner chooses how much.
     Setup,
-    /// Outside the weekly schedule, or the transfer cap for this period is used up.
+    /// Held by a rule: the transfer cap, a temperature, a program, the battery, idle time or
+    /// the weekly schedule; `detail` says which.
     Waiting,
     /// The node could not start; `detail` says why.
     Error,
@@ -96,6 +97,8 @@ pub struct DesktopStatus {
     pub device: Option<&'static str>,
     /// Why compute runs on the CPU though the settings ask for the GPU.
     pub device_note: Option<String>,
+    /// The CPU's and the GPU's temperatures in whole °C, where a sensor can be read.
+    pub temperatures: Temperatures,
     /// How peers reach this node: "untested" until a peer has dialled back, then "direct",
     /// "mapped" (UPnP), "relayed" or "unreachable".
     pub reachability: String,
@@ -147,6 +150,7 @@ impl DesktopStatus {
             address: None,
             device: None,
             device_note: None,
+            temperatures: Temperatures::default(),
             reachability: "untested".into(),
             reachability_advice: String::new(),
             receipts_today: 0,

@@ -16,13 +16,16 @@ use tauri::test::{
 use tauri::webview::InvokeRequest;
 use tauri::{App, WebviewWindow, WebviewWindowBuilder};
 
-use crate::desktop::{Desktop, Launch, Machine};
+use crate::desktop::{Desktop, Launch, Machine, Temperatures};
 
-/// A machine whose idle time and power the test sets.
+/// A machine whose idle time, power, CPU temperature and programs the test sets.
 #[derive(Debug, Default)]
 struct FakeMachine {
     idle_secs: std::sync::atomic::AtomicU64,
     on_battery: std::sync::atomic::AtomicBool,
+    /// Whole °C; 0 for a sensor that cannot be read.
+    cpu_c: std::sync::atomic::AtomicU32,
+    running: std::sync::Mutex<Vec<String>>,
 }
 
 impl Machine for FakeMachine {
@@ -32,6 +35,29 @@ impl Machine for FakeMachine {
 
     fn on_battery(&self) -> Option<bool> {
         Some(self.on_battery.load(Relaxed))
+    }
+
+    fn temperatures(&self) -> Temperatures {
+        let c = self.cpu_c.load(Relaxed);
+        Temperatures {
+            cpu_c: (c > 0).then_some(c as f32),
+            gpu_c: None,
+        }
+    }
+
+    fn running(&self, names: &[String]) -> Option<Vec<String>> {
+        let running = self.running.lock().unwrap();
+        Some(
+            names
+                .iter()
+                .filter(|n| running.contains(n))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn programs(&self) -> Vec<String> {
+        self.running.lock().unwrap().clone()
     }
 }
 
@@ -508,6 +534,72 @@ fn battery_and_idle_rules_hold_the_node_back_and_let_it_go() {
     f.machine.idle_secs.store(301, Relaxed);
     assert_eq!(f.state(), "serving", "away for 5 minutes: serve");
     assert_eq!(f.node().1, RunState::Serving);
+}
+
+/// Above its limit the node is paused (calls in flight finish, new ones fail over), the
+/// dashboard says why and shows the temperature, and it serves again only 5 °C below the
+/// limit; a listed program holds it the same way, and the picker offers what runs.
+#[test]
+fn a_temperature_limit_and_a_listed_program_hold_the_node_and_let_it_go() {
+    let f = fixture();
+    f.ok::<Settings>(
+        "finish_first_run",
+        json!({"displayName": "Ada", "anonymous": false, "preset": "medium"}),
+    );
+    f.machine.cpu_c.store(70, Relaxed);
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["state"], "serving");
+    assert_eq!(status["temperatures"]["cpu_c"], 70.0);
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"thermal": {"cpu_limit_c": 80, "min_hold_secs": 0}}}),
+    );
+    f.machine.cpu_c.store(86, Relaxed);
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["state"], "waiting", "{status}");
+    assert_eq!(status["detail"], "CPU at 86 °C, above its 80 °C limit");
+    assert_eq!(f.node().1, RunState::Paused);
+    // Under the limit but within the hysteresis: still held.
+    f.machine.cpu_c.store(78, Relaxed);
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(
+        status["detail"],
+        "cooling down: CPU at 78 °C, serves again below 75 °C"
+    );
+    assert_eq!(f.node().1, RunState::Paused);
+    f.machine.cpu_c.store(74, Relaxed);
+    assert_eq!(f.state(), "serving");
+    assert_eq!(f.node().1, RunState::Serving);
+
+    f.machine.running.lock().unwrap().push("Game.exe".into());
+    let choices: Value = f.ok("program_choices", json!({}));
+    assert_eq!(choices["running"], json!(["Game.exe"]));
+    assert!(
+        choices["launchers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("steam"))
+    );
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"gaming": {"programs": ["Game.exe"]}}}),
+    );
+    let status: Value = f.ok("get_status", json!({}));
+    assert_eq!(status["detail"], "Game.exe is running");
+    assert_eq!(f.node().1, RunState::Paused);
+    f.machine.running.lock().unwrap().clear();
+    assert_eq!(f.state(), "serving");
+    // A refused value names its field and changes nothing.
+    let err = f
+        .invoke::<Settings>(
+            "update_settings",
+            json!({"patch": {"thermal": {"gpu_limit_c": 200}}}),
+        )
+        .unwrap_err();
+    assert_eq!(err["field"], "thermal.gpu_limit_c", "{err}");
+    let settings: Settings = f.ok("get_settings", json!({}));
+    assert_eq!(settings.thermal.gpu_limit_c, None);
+    assert_eq!(settings.thermal.cpu_limit_c, Some(80));
 }
 
 #[test]

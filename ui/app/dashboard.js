@@ -46,6 +46,7 @@ export function render(status) {
   const where = { gpu: " on the GPU", cpu: " on the CPU" }[status.device] ?? "";
   setText("stat-device", `tokens per second${where}`);
   setText("stat-device-note", status.device_note ?? "");
+  setText("stat-temps", fmt.temperatures(status.temperatures));
   setText("stat-sessions", fmt.count(status.sessions));
   setText("stat-inflight", `${status.in_flight} request${status.in_flight === 1 ? "" : "s"} in flight`);
   setText("stat-latency", status.latency_ms > 0 ? `${status.latency_ms.toFixed(1)} ms` : "—");

@@ -70,3 +70,9 @@ export const STATE_LABELS = {
   error: "Error",
   offline: "Offline",
 };
+
+/** "CPU 61 °C · GPU 55 °C", naming a sensor that cannot be read. */
+export function temperatures(t) {
+  const one = (name, c) => (c == null ? `${name} temperature unreadable here` : `${name} ${Math.round(c)} °C`);
+  return `${one("CPU", t?.cpu_c)} · ${one("GPU", t?.gpu_c)}`;
+}

@@ -90,6 +90,11 @@ function fill(s) {
   $("f-idle-min").value = s.schedule.idle_minutes;
   $("f-battery").checked = s.schedule.pause_on_battery;
   $("windows").replaceChildren(...s.schedule.weekly.map(windowRow));
+  $("f-cpu-limit").value = s.thermal.cpu_limit_c ?? "";
+  $("f-gpu-limit").value = s.thermal.gpu_limit_c ?? "";
+  $("f-min-hold").value = s.thermal.min_hold_secs;
+  $("f-programs").value = s.gaming.programs.join("\n");
+  $("f-fullscreen").checked = s.gaming.hold_when_fullscreen;
   $("f-tracker").value = s.network.tracker ?? "";
   $("f-bootstrap").value = s.network.bootstrap.join("\n");
   for (const r of document.querySelectorAll('input[name="model-source"]')) r.checked = r.value === s.model.source;
@@ -219,6 +224,15 @@ export function patch() {
         end_minute: Math.max(minutes(li.querySelector(".w-end").value || "00:00"), 1) + (li.querySelector(".w-end").value === "23:59" ? 1 : 0),
       })),
     },
+    thermal: {
+      cpu_limit_c: number("f-cpu-limit"),
+      gpu_limit_c: number("f-gpu-limit"),
+      min_hold_secs: number("f-min-hold"),
+    },
+    gaming: {
+      programs: $("f-programs").value.split("\n").map((l) => l.trim()).filter(Boolean),
+      hold_when_fullscreen: $("f-fullscreen").checked,
+    },
     network: {
       tracker: $("f-tracker").value.trim() || null,
       bootstrap: $("f-bootstrap").value.split("\n").map((l) => l.trim()).filter(Boolean),
@@ -269,10 +283,41 @@ export function status(st) {
     : st.api_error
       ? `Not serving: ${st.api_error}`
       : "Off.";
+  $("thermal-now").textContent = thermalNow(st.temperatures);
   const bw = st.bandwidth;
   $("cap-usage").textContent = bw.period_cap_bytes
     ? `Used ${fmt.bytes(bw.period_bytes)} of ${fmt.bytes(bw.period_cap_bytes)} this period.`
     : `Used ${fmt.bytes(bw.period_bytes)} since the meter started.`;
+}
+
+/** The temperatures now, and a limit that holds nothing because its sensor cannot be read. */
+function thermalNow(t) {
+  const unread = [];
+  if (current?.thermal.cpu_limit_c != null && t?.cpu_c == null) unread.push("CPU");
+  if (current?.thermal.gpu_limit_c != null && t?.gpu_c == null) unread.push("GPU");
+  const note = unread.length ? ` No ${unread.join(" or ")} sensor can be read here, so that limit holds nothing.` : "";
+  return `Now: ${fmt.temperatures(t)}.${note}`;
+}
+
+function addPrograms(names) {
+  const have = $("f-programs").value.split("\n").map((l) => l.trim()).filter(Boolean);
+  const lower = new Set(have.map((n) => n.toLowerCase()));
+  $("f-programs").value = [...have, ...names.filter((n) => !lower.has(n.toLowerCase()))].join("\n");
+}
+
+let choices = null;
+
+async function loadProgramChoices() {
+  try {
+    choices = await call("program_choices");
+  } catch {
+    return;
+  }
+  const select = $("f-running");
+  select.replaceChildren(new Option("Add a running program…", ""), ...choices.running.map((n) => new Option(n, n)));
+  const hint = (i) => choices.suggested_limits.map(([preset, limits]) => `${limits[i]} ${preset}`).join(" · ");
+  $("f-cpu-limit").placeholder = hint(0);
+  $("f-gpu-limit").placeholder = hint(1);
 }
 
 export function init() {
@@ -281,6 +326,11 @@ export function init() {
   for (const id of ["f-layer-start", "f-layer-end", "f-layer-count", "f-vram"]) $(id).addEventListener("input", showLayerInputs);
   for (const r of document.querySelectorAll('input[name="model-source"]')) r.addEventListener("change", showModelInputs);
   $("models-refresh").addEventListener("click", loadSwarmModels);
+  $("f-running").addEventListener("change", (event) => {
+    if (event.target.value) addPrograms([event.target.value]);
+    event.target.value = "";
+  });
+  $("add-launchers").addEventListener("click", () => addPrograms(choices?.launchers ?? []));
   $("add-window").addEventListener("click", () => {
     $("windows").append(windowRow({ day: "mon", start_minute: 18 * 60, end_minute: 23 * 60 }));
   });
@@ -312,6 +362,7 @@ export function init() {
 export function opened() {
   if (current) fill(current);
   if (modelChoice().source === "swarm") loadSwarmModels();
+  loadProgramChoices();
   $("settings-message").textContent = "";
   clearFieldErrors($("settings-form"));
 }

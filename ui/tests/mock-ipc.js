@@ -39,6 +39,10 @@ export function installMock(seed) {
       if (next.compute.gpu_share_percent < 1 || next.compute.gpu_share_percent > 100) {
         return fail("compute.gpu_share_percent", "must be from 1 to 100");
       }
+      const limit = next.thermal.cpu_limit_c;
+      if (limit != null && (limit < 40 || limit > 105)) {
+        return fail("thermal.cpu_limit_c", "must be 40 to 105 °C, or none");
+      }
       state.settings = next;
       return next;
     },
@@ -52,6 +56,11 @@ export function installMock(seed) {
       if (choice.mode === "range" && choice.end > 6) return Promise.reject({ code: "invalid_setting", field: "layers", message: `layers ${choice.start}..${choice.end} go past the model's 6 layers` });
       return { range: { start: 0, end: 6 }, total_layers: 6, memory: { weights_bytes: 80e6, cache_bytes: 30e6, total_bytes: 110e6 } };
     },
+    program_choices: () => ({
+      running: state.running ?? ["bash", "Game.exe"],
+      launchers: ["steam", "gamescope", "lutris"],
+      suggested_limits: [["light", [75, 70]], ["medium", [85, 80]], ["full", [95, 87]]],
+    }),
     set_paused: ({ paused }) => {
       state.status.state = paused ? "paused" : "serving";
       return status();

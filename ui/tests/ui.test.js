@@ -165,6 +165,35 @@ test("a refused setting shows its message beside its field, and nothing is store
   assert.equal(saved.patch.bandwidth.upload_kbps, 512);
 });
 
+test("temperature limits and the programs that hold the node: picked, suggested, refused by field", async () => {
+  await open();
+  assert.equal(await page.textContent("#stat-temps"), "CPU 61 °C · GPU temperature unreadable here");
+  await page.click('.nav[data-screen="settings"]');
+  await page.waitForSelector('#f-running option[value="Game.exe"]', { state: "attached" });
+  assert.equal(await page.getAttribute("#f-cpu-limit", "placeholder"), "75 light · 85 medium · 95 full");
+  await page.selectOption("#f-running", "Game.exe");
+  await page.click("#add-launchers");
+  await page.click("#add-launchers");
+  assert.equal(await page.inputValue("#f-programs"), "Game.exe\nsteam\ngamescope\nlutris");
+  await page.fill("#f-gpu-limit", "80");
+  await page.fill("#f-cpu-limit", "20");
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForSelector('[data-field="thermal.cpu_limit_c"].invalid');
+  assert.match(await page.textContent('[data-field="thermal.cpu_limit_c"] .field-error'), /40 to 105/);
+  assert.equal(await page.evaluate(() => window.__mock.state.settings.thermal.cpu_limit_c), null);
+  await page.fill("#f-cpu-limit", "");
+  await page.check("#f-fullscreen");
+  await page.click("#settings-form button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#settings-message").classList.contains("ok"));
+  const saved = await page.evaluate(() => window.__mock.state.settings);
+  assert.deepEqual(saved.thermal, { cpu_limit_c: null, gpu_limit_c: 80, min_hold_secs: 120 });
+  assert.deepEqual(saved.gaming, { programs: ["Game.exe", "steam", "gamescope", "lutris"], hold_when_fullscreen: true });
+  // A GPU limit with no GPU sensor to read says it holds nothing.
+  await page.evaluate(() => window.__mock.emit("status", window.__mock.state.status));
+  assert.match(await page.textContent("#thermal-now"), /No GPU sensor can be read here/);
+  await page.screenshot({ path: join(shots, "settings-thermal.png"), fullPage: true });
+});
+
 test("the layer estimate shows before applying, and a range past the model is flagged", async () => {
   await open();
   await page.click('.nav[data-screen="settings"]');

@@ -192,7 +192,7 @@ async fn serve_until_ctrl_c(
             node.clone(),
             path,
             data_dir,
-            Box::new(neuroshard_settings::policy::NoSensors),
+            Box::new(neuroshard_node::sensors::SystemSensors::new()),
             neuroshard_node::owner::HEADLESS_TICK,
             owner.clone(),
         ))

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod node;
 pub mod owner;
 pub mod reach;
+pub mod sensors;
 pub mod sessions;
 pub mod swarm;
 pub mod threads;

@@ -19,12 +19,15 @@ use serde_json::Value;
 use neuroshard_base::LayerRange;
 pub use neuroshard_base::precision::Precision;
 
+pub mod care;
 pub mod meter;
 pub mod policy;
 
+pub use care::{GamingSettings, ThermalSettings};
+
 /// Version of the settings file this build writes. Files carry it so a later build can migrate
 /// them; see [`migrate`].
-pub const SETTINGS_VERSION: u32 = 1;
+pub const SETTINGS_VERSION: u32 = 2;
 
 /// File name of the settings inside the config directory.
 pub const SETTINGS_FILE: &str = "settings.json";
@@ -100,6 +103,10 @@ pub struct Settings {
     pub model: ModelChoice,
     /// The OpenAI-compatible API for tools on this machine.
     pub api: ApiSettings,
+    /// Temperature limits for the CPU and the GPU.
+    pub thermal: ThermalSettings,
+    /// Programs whose running holds the node (games).
+    pub gaming: GamingSettings,
 }
 
 /// Which model to help serve.
@@ -154,6 +161,8 @@ impl Default for Settings {
             network: NetworkSettings::default(),
             model: ModelChoice::default(),
             api: ApiSettings::default(),
+            thermal: ThermalSettings::default(),
+            gaming: GamingSettings::default(),
         }
     }
 }
@@ -394,6 +403,8 @@ impl Settings {
             }
         }
         self.schedule.validate()?;
+        self.thermal.validate()?;
+        self.gaming.validate()?;
         self.network.validate()?;
         match &self.model {
             ModelChoice::Swarm { id } if !is_model_id(id) => {
@@ -514,7 +525,8 @@ pub fn migrate(mut doc: Value) -> Result<Value, SettingsError> {
         );
         return Err(SettingsError::invalid("version", problem));
     }
-    // Version 0 -> 1: only the version field was added.
+    // Version 0 -> 1: only the version field was added. 1 -> 2: the `thermal` and `gaming`
+    // sections were added, whose defaults (no limits, no programs) fill a file without them.
     object.insert("version".into(), SETTINGS_VERSION.into());
     Ok(doc)
 }

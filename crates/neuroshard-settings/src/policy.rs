@@ -1,5 +1,6 @@
 //! The owner's rules as pure functions of (settings, holds, sensors, meter, now): whether the
-//! node may serve, snooze lengths, the weekly schedule and local-time arithmetic. The desktop
+//! node may serve (temperatures with hysteresis, programs that want the machine, battery, idle
+//! time), snooze lengths, the weekly schedule and local-time arithmetic. The desktop
 //! app and a headless node (`neuroshard node --settings FILE`) both decide through them.
 
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use chrono::{Datelike, Local, TimeZone, Timelike};
 use serde::{Deserialize, Serialize};
 
+use crate::care::{HYSTERESIS_C, ThermalSettings};
 use crate::meter::Period;
 use crate::{ScheduleWindow, Settings, Weekday};
 
@@ -21,6 +23,33 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     fn idle(&self) -> Option<Duration>;
     /// Whether the machine runs on a discharging battery; none where it cannot be read.
     fn on_battery(&self) -> Option<bool>;
+    /// The CPU's and the GPU's temperatures; none for a sensor that cannot be read.
+    fn temperatures(&self) -> Temperatures {
+        Temperatures::default()
+    }
+    /// Which of `names` (executable names, without regard to case) run now, as `names` spells
+    /// them; none where processes cannot be listed.
+    fn running(&self, names: &[String]) -> Option<Vec<String>> {
+        let _ = names;
+        None
+    }
+    /// Whether a program is full screen; none where the desktop cannot tell.
+    fn fullscreen(&self) -> Option<bool> {
+        None
+    }
+    /// Names of the programs running now, sorted, each once: what an owner picks from.
+    fn programs(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What the machine's sensors read, in °C: its hottest CPU sensor and its hottest GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Temperatures {
+    /// The hottest CPU sensor; none where none can be read.
+    pub cpu_c: Option<f32>,
+    /// The hottest GPU; none where none can be read.
+    pub gpu_c: Option<f32>,
 }
 
 /// A machine with no sensors (a server): its idle time and battery cannot be read.
@@ -46,7 +75,8 @@ pub enum Decision {
     Paused,
     /// Snoozed for a while.
     Snoozed,
-    /// Held back by a rule (transfer cap, battery, idle time, schedule).
+    /// Held back by a rule (transfer cap, temperature, a program, battery, idle time,
+    /// schedule).
     Waiting,
     /// May serve.
     Serving,
@@ -59,6 +89,8 @@ pub struct Holds {
     pub paused: bool,
     /// Snoozed until then, ms since the Unix epoch.
     pub snoozed_until_ms: Option<u64>,
+    /// Held for a temperature since then, ms since the Unix epoch ([`thermal`]).
+    pub thermal_since_ms: Option<u64>,
 }
 
 /// Snooze lengths the tray offers.
@@ -85,8 +117,9 @@ impl Snooze {
 }
 
 /// What the owner's holds and the settings want at `now`, before looking at the node: the
-/// first run, a pause, a snooze (cleared once it ends), a used-up transfer cap, the battery,
-/// idle time and the weekly schedule, in that order.
+/// first run, a pause, a snooze (cleared once it ends), a used-up transfer cap, a temperature,
+/// a listed or full-screen program, the battery, idle time and the weekly schedule, in that
+/// order.
 pub fn decide(
     settings: &Settings,
     holds: &mut Holds,
@@ -118,16 +151,72 @@ pub fn decide(
             Some(format!("transfer cap used up until {}", clock(ends, now))),
         );
     }
-    match machine_wait(settings, machine, now) {
+    let temperatures = machine.temperatures();
+    let (since, why) = thermal(&settings.thermal, temperatures, holds.thermal_since_ms, now);
+    holds.thermal_since_ms = since;
+    match why.or_else(|| machine_wait(settings, machine, now)) {
         Some(why) => (Decision::Waiting, Some(why)),
         None => (Decision::Serving, None),
     }
 }
 
-/// Why the machine's state or the clock keeps the node waiting: battery power, too little
-/// idle time, or outside the weekly schedule; none when it may serve.
+/// The temperature rule, from the hold before (since when, if held) and the sensors at `now`:
+/// a sensor above its limit holds the node; a held node serves again once every limited
+/// sensor has fallen [`HYSTERESIS_C`] below its limit and it has held `min_hold_secs`. A
+/// sensor that cannot be read holds nothing. The hold (since when) and why.
+pub fn thermal(
+    limits: &ThermalSettings,
+    temperatures: Temperatures,
+    since: Option<u64>,
+    now: u64,
+) -> (Option<u64>, Option<String>) {
+    let sensors = [
+        ("CPU", limits.cpu_limit_c, temperatures.cpu_c),
+        ("GPU", limits.gpu_limit_c, temperatures.gpu_c),
+    ];
+    let read = sensors
+        .iter()
+        .filter_map(|&(name, limit, reading)| Some((name, f32::from(limit?), reading?)));
+    if let Some((name, limit, c)) = read.clone().find(|&(_, limit, c)| c > limit) {
+        let why = format!("{name} at {c:.0} °C, above its {limit:.0} °C limit");
+        return (Some(since.unwrap_or(now)), Some(why));
+    }
+    let Some(since) = since else {
+        return (None, None);
+    };
+    if let Some((name, limit, c)) = read.clone().find(|&(_, limit, c)| c > limit - HYSTERESIS_C) {
+        let resume = limit - HYSTERESIS_C;
+        let why = format!("cooling down: {name} at {c:.0} °C, serves again below {resume:.0} °C");
+        return (Some(since), Some(why));
+    }
+    let held_ms = now.saturating_sub(since);
+    let min_ms = u64::from(limits.min_hold_secs) * 1000;
+    if held_ms < min_ms {
+        let left = (min_ms - held_ms).div_ceil(1000);
+        return (
+            Some(since),
+            Some(format!("cooling down: serves again in {left} s")),
+        );
+    }
+    (None, None)
+}
+
+/// Why the machine's state or the clock keeps the node waiting: a listed program running, a
+/// full-screen program, battery power, too little idle time, or outside the weekly schedule;
+/// none when it may serve.
 fn machine_wait(settings: &Settings, machine: &dyn Machine, now: u64) -> Option<String> {
     let schedule = &settings.schedule;
+    let gaming = &settings.gaming;
+    if !gaming.programs.is_empty()
+        && let Some(first) = machine
+            .running(&gaming.programs)
+            .and_then(|r| r.first().cloned())
+    {
+        return Some(format!("{first} is running"));
+    }
+    if gaming.hold_when_fullscreen && machine.fullscreen() == Some(true) {
+        return Some("a program is full screen".into());
+    }
     if schedule.pause_on_battery && machine.on_battery() == Some(true) {
         return Some("on battery power".into());
     }
@@ -301,5 +390,158 @@ mod tests {
         let tomorrow = Snooze::Tomorrow.until(now);
         assert!(tomorrow > now && tomorrow - now <= 2 * MS_PER_DAY);
         assert!(in_schedule(&[], Weekday::Mon, 0), "no windows: any time");
+    }
+
+    /// The temperature rule over a sequence of readings: it holds above a limit, keeps holding
+    /// until every limited sensor is 5 °C under its limit and the minimum hold has passed,
+    /// and ignores a sensor it cannot read or has no limit for.
+    #[test]
+    fn a_temperature_hold_lasts_until_the_hysteresis_and_the_minimum_hold_pass() {
+        let limits = ThermalSettings {
+            cpu_limit_c: Some(85),
+            gpu_limit_c: Some(80),
+            min_hold_secs: 120,
+        };
+        let read = |cpu, gpu| Temperatures {
+            cpu_c: Some(cpu),
+            gpu_c: Some(gpu),
+        };
+        // (ms, CPU, GPU, held since, the reason begins with)
+        let steps = [
+            (0, 70.0, 60.0, None, None),
+            (
+                1_000,
+                86.0,
+                60.0,
+                Some(1_000),
+                Some("CPU at 86 °C, above its 85 °C limit"),
+            ),
+            (
+                2_000,
+                84.0,
+                60.0,
+                Some(1_000),
+                Some("cooling down: CPU at 84 °C, serves again below 80 °C"),
+            ),
+            (
+                3_000,
+                79.0,
+                81.0,
+                Some(1_000),
+                Some("GPU at 81 °C, above its 80 °C limit"),
+            ),
+            (
+                4_000,
+                79.0,
+                70.0,
+                Some(1_000),
+                Some("cooling down: serves again in 117 s"),
+            ),
+            (
+                120_999,
+                79.0,
+                70.0,
+                Some(1_000),
+                Some("cooling down: serves again in 1 s"),
+            ),
+            (121_000, 79.9, 74.9, None, None),
+            (122_000, 84.9, 79.9, None, None),
+        ];
+        let mut since = None;
+        for (now, cpu, gpu, held, why) in steps {
+            let (next, reason) = thermal(&limits, read(cpu, gpu), since, now);
+            assert_eq!(next, held, "at {now} ms");
+            assert_eq!(reason.as_deref(), why, "at {now} ms");
+            since = next;
+        }
+        // A sensor that cannot be read holds nothing, nor does one without a limit.
+        let unread = Temperatures {
+            cpu_c: None,
+            gpu_c: Some(120.0),
+        };
+        let cpu_only = ThermalSettings {
+            gpu_limit_c: None,
+            ..limits.clone()
+        };
+        assert_eq!(thermal(&cpu_only, unread, None, 0), (None, None));
+        // A limit taken away while held releases after the minimum hold.
+        let none = ThermalSettings::default();
+        assert!(thermal(&none, read(99.0, 99.0), Some(0), 1_000).0.is_some());
+        assert_eq!(
+            thermal(&none, read(99.0, 99.0), Some(0), 120_000),
+            (None, None)
+        );
+    }
+
+    /// A machine whose temperatures, processes and full-screen state the test sets.
+    #[derive(Debug, Default)]
+    struct Desk {
+        temperatures: Temperatures,
+        running: Vec<String>,
+        fullscreen: Option<bool>,
+    }
+
+    impl Machine for Desk {
+        fn idle(&self) -> Option<Duration> {
+            None
+        }
+
+        fn on_battery(&self) -> Option<bool> {
+            None
+        }
+
+        fn temperatures(&self) -> Temperatures {
+            self.temperatures
+        }
+
+        fn running(&self, names: &[String]) -> Option<Vec<String>> {
+            let running = |n: &String| self.running.iter().any(|r| r.eq_ignore_ascii_case(n));
+            Some(names.iter().filter(|n| running(n)).cloned().collect())
+        }
+
+        fn fullscreen(&self) -> Option<bool> {
+            self.fullscreen
+        }
+    }
+
+    /// A listed program or a full-screen one holds the node, a temperature before either; the
+    /// hold's start is kept in the holds between decisions.
+    #[test]
+    fn programs_and_temperatures_hold_the_node_in_order() {
+        let now = 1_800_000_000_000;
+        let mut settings = Settings::default();
+        settings.profile.onboarded = true;
+        settings.gaming.programs = vec!["Game.exe".into(), "steam".into()];
+        let mut holds = Holds::default();
+        let quiet = Period::default();
+        let mut desk = Desk {
+            running: vec!["bash".into(), "STEAM".into()],
+            ..Desk::default()
+        };
+        let (decision, why) = decide(&settings, &mut holds, &desk, &quiet, now);
+        assert_eq!(decision, Decision::Waiting);
+        assert_eq!(why.as_deref(), Some("steam is running"));
+        desk.running.clear();
+        desk.fullscreen = Some(true);
+        assert_eq!(
+            decide(&settings, &mut holds, &desk, &quiet, now).0,
+            Decision::Serving
+        );
+        settings.gaming.hold_when_fullscreen = true;
+        let (_, why) = decide(&settings, &mut holds, &desk, &quiet, now);
+        assert_eq!(why.as_deref(), Some("a program is full screen"));
+        settings.thermal.cpu_limit_c = Some(80);
+        desk.temperatures.cpu_c = Some(90.0);
+        let (_, why) = decide(&settings, &mut holds, &desk, &quiet, now);
+        assert_eq!(why.as_deref(), Some("CPU at 90 °C, above its 80 °C limit"));
+        assert_eq!(holds.thermal_since_ms, Some(now));
+        desk.fullscreen = Some(false);
+        desk.temperatures.cpu_c = Some(60.0);
+        let later = now + 120_000;
+        assert_eq!(
+            decide(&settings, &mut holds, &desk, &quiet, later).0,
+            Decision::Serving
+        );
+        assert_eq!(holds.thermal_since_ms, None);
     }
 }

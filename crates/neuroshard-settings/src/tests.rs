@@ -102,6 +102,34 @@ fn bad_values_name_their_field_and_change_nothing() {
         ),
         (json!({"model": {"source": "cloud"}}), "model.source"),
         (json!({"api": {"port": 0}}), "api.port"),
+        (
+            json!({"thermal": {"cpu_limit_c": 30}}),
+            "thermal.cpu_limit_c",
+        ),
+        (
+            json!({"thermal": {"gpu_limit_c": 120}}),
+            "thermal.gpu_limit_c",
+        ),
+        (
+            json!({"thermal": {"gpu_limit_c": "hot"}}),
+            "thermal.gpu_limit_c",
+        ),
+        (
+            json!({"thermal": {"min_hold_secs": 7200}}),
+            "thermal.min_hold_secs",
+        ),
+        (
+            json!({"gaming": {"programs": ["steam", " "]}}),
+            "gaming.programs[1]",
+        ),
+        (
+            json!({"gaming": {"programs": ["/usr/bin/steam"]}}),
+            "gaming.programs[0]",
+        ),
+        (
+            json!({"gaming": {"programs": vec!["x"; 101]}}),
+            "gaming.programs",
+        ),
         (json!({"compute": {"turbo": true}}), "compute.turbo"),
         (json!([1, 2]), "settings"),
     ];
@@ -156,6 +184,21 @@ fn older_files_migrate_and_newer_or_corrupt_ones_are_left_alone() {
         json!(SETTINGS_VERSION),
         "written back migrated"
     );
+
+    // Version 1, before the temperature limits and the programs list: theirs are the defaults,
+    // and what the file set stays.
+    std::fs::write(
+        &path,
+        r#"{"version": 1, "schedule": {"pause_on_battery": false}}"#,
+    )
+    .unwrap();
+    let store = SettingsStore::open(&path).unwrap();
+    assert!(!store.get().schedule.pause_on_battery);
+    assert_eq!(store.get().thermal, ThermalSettings::default());
+    assert_eq!(store.get().gaming, GamingSettings::default());
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(written["version"], json!(2));
+    assert_eq!(written["thermal"]["min_hold_secs"], json!(120));
 
     for text in [
         r#"{"version": 99}"#,
