@@ -68,14 +68,20 @@ impl Launch {
     }
 }
 
-/// The real machine: the X server's screen-saver idle time (user-idle), the batteries the OS
-/// reports (starship-battery), and the temperatures and programs a node reads anywhere.
+/// The real machine: the X server's screen-saver idle time (user-idle) and active window
+/// (x11rb), the batteries the OS reports (starship-battery), and the temperatures and programs
+/// a node reads anywhere.
 #[derive(Debug, Default)]
 pub struct SystemMachine {
     sensors: SystemSensors,
+    full_screen: crate::fullscreen::FullScreen,
 }
 
 impl Machine for SystemMachine {
+    fn fullscreen(&self) -> Option<bool> {
+        self.full_screen.now()
+    }
+
     fn temperatures(&self) -> Temperatures {
         self.sensors.temperatures()
     }

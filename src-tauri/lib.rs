@@ -10,6 +10,7 @@ pub mod chat;
 pub mod commands;
 pub mod desktop;
 pub mod error;
+pub mod fullscreen;
 pub mod launch;
 pub mod layers;
 pub mod models;
