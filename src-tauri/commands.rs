@@ -63,6 +63,12 @@ pub async fn plan_layers(core: Core<'_>, choice: LayerChoice) -> Reply<LayerPlan
     core.plan_layers(choice).await
 }
 
+/// The disk the app keeps (fetched models, the ledger) against the owner's cap.
+#[tauri::command]
+pub fn storage_usage(core: Core<'_>) -> crate::storage::Usage {
+    core.storage_usage()
+}
+
 /// What the settings page offers for the rules that hold the node: the programs running now,
 /// the common game launchers, and each preset's suggested temperature limits.
 #[tauri::command]
@@ -170,6 +176,7 @@ pub fn handler<R: Runtime>() -> impl Fn(tauri::ipc::Invoke<R>) -> bool + Send + 
         finish_first_run,
         plan_layers,
         program_choices,
+        storage_usage,
         set_paused,
         drain,
         snooze,

@@ -25,9 +25,11 @@ pub use crate::error::CommandError;
 pub use crate::launch::{DEFAULT_PORT, Launch, SystemMachine};
 use crate::layers::{self, LayerPlan};
 use crate::models::{demo_model, model_dir};
+use crate::notices::Notice;
 pub use crate::receipts::{MAX_PAGE, PeriodTotals, ReceiptPage};
 use crate::status::{AppState, BandwidthStatus, DesktopStatus, FetchStatus, Rate, Rates};
 use neuroshard_node::owner::Owner;
+use neuroshard_proof::StatusCounts;
 pub use neuroshard_settings::policy::{Decision, Machine, Snooze, Temperatures};
 use neuroshard_settings::policy::{Holds, local_midnight};
 
@@ -35,6 +37,9 @@ const MIB: u64 = 1024 * 1024;
 
 /// How long a restart waits for calls in flight before stopping the node anyway.
 const RESTART_DRAIN: Duration = Duration::from_secs(10);
+
+/// Notices kept for a slow listener; older ones are dropped.
+const NOTICES_KEPT: usize = 16;
 
 /// Marks that the close-to-tray notice has been shown.
 const CLOSE_NOTICE_FILE: &str = "close-notice-shown";
@@ -62,6 +67,8 @@ pub struct Desktop {
     bound: Mutex<Option<SocketAddr>>,
     holds: Mutex<Holds>,
     rates: Mutex<Rates>,
+    /// Desktop notifications the owner wants, for the shell to show.
+    notices: tokio::sync::broadcast::Sender<Notice>,
     owner: Mutex<Owner>,
     pub(crate) status: watch::Sender<DesktopStatus>,
 }
@@ -108,6 +115,7 @@ impl Desktop {
             bound: Mutex::new(None),
             holds: Mutex::new(Holds::default()),
             rates: Mutex::new(Rates::default()),
+            notices: tokio::sync::broadcast::Sender::new(NOTICES_KEPT),
             owner: Mutex::new(owner),
             status: watch::Sender::new(DesktopStatus::starting()),
         }))
@@ -116,6 +124,19 @@ impl Desktop {
     /// The status, as it changes.
     pub fn watch(&self) -> watch::Receiver<DesktopStatus> {
         self.status.subscribe()
+    }
+
+    /// The desktop notifications the owner wants, as they come.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    /// Sends `notice` to whoever shows notifications, unless the owner turned its kind off.
+    pub(crate) fn notify(&self, notice: Notice) {
+        if notice.wanted(&self.settings().notifications) {
+            // None listening (no window yet, a test without a shell): nothing to show it.
+            let _ = self.notices.send(notice);
+        }
     }
 
     /// The settings in force.
@@ -491,7 +512,7 @@ impl Desktop {
             _ => AppState::from(verdict.decision),
         };
         let (detail, period) = (verdict.detail, verdict.period);
-        let (today_totals, pending) = receipts_today(node, now).await;
+        let (today_totals, counts) = receipts_today(node, now).await;
         let reach = node.reachability().borrow().clone();
         let status = DesktopStatus {
             state,
@@ -510,11 +531,13 @@ impl Desktop {
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock_or_recover().clone(),
             temperatures: whole_degrees(self.machine.temperatures()),
+            thermal_hold: self.holds.lock_or_recover().thermal_since_ms.is_some(),
             reachability: reach_path_name(reach.path).into(),
             reachability_advice: reach.advice,
             receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
             credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
-            receipts_pending: pending,
+            receipts_pending: counts.pending,
+            receipts_verified: counts.verified,
             fetch: self.fetch.lock_or_recover().clone(),
             api_url: self.chats.api_url(),
             api_error: self.chats.api_error(),
@@ -543,6 +566,10 @@ impl Desktop {
     }
 
     fn publish(&self, status: DesktopStatus) -> DesktopStatus {
+        let before = self.status.borrow().clone();
+        for notice in crate::notices::from_status(&before, &status) {
+            self.notify(notice);
+        }
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             if changed {
@@ -615,13 +642,16 @@ fn reach_path_name(path: neuroshard_node::reach::ReachPath) -> &'static str {
 
 /// Today's verified totals per model (since local midnight) and the receipts still pending;
 /// none when the ledger cannot be read.
-async fn receipts_today(node: &NodeHandle, now: u64) -> (Vec<neuroshard_proof::ModelTotals>, u64) {
+async fn receipts_today(
+    node: &NodeHandle,
+    now: u64,
+) -> (Vec<neuroshard_proof::ModelTotals>, StatusCounts) {
     let today = local_midnight(now);
     node.ledger()
         .read(move |l| {
             let totals = l.totals(now, today)?;
             let counts = l.status_counts()?;
-            Ok((totals, counts.pending))
+            Ok((totals, counts))
         })
         .await
         .unwrap_or_default()

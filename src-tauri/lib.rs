@@ -14,9 +14,11 @@ pub mod fullscreen;
 pub mod launch;
 pub mod layers;
 pub mod models;
+pub mod notices;
 pub mod receipts;
 mod shell;
 pub mod status;
+pub mod storage;
 pub mod tray;
 
 pub use shell::{NAVIGATE_EVENT, STATUS_EVENT, run};

@@ -187,6 +187,7 @@ impl Desktop {
                 .find(|p| !p.is_relayed())
                 .or(peers.first())
                 .ok_or_else(|| model_error(format!("no peer serves model {id} now")))?;
+            self.make_room(settings, id, 0)?;
             self.set_fetch(Some(FetchStatus {
                 model_id: id.clone(),
                 layers: None,
@@ -203,6 +204,9 @@ impl Desktop {
         })?;
         let switched = model.id != self.model().id;
         *self.model.lock_or_recover() = model.clone();
+        if swarm_id.is_some() {
+            crate::storage::mark_used(&dir, neuroshard_net::now_ms());
+        }
         if switched {
             self.chats.model_changed().await;
         }
@@ -237,6 +241,7 @@ impl Desktop {
                 range.to_range(),
             ) as u64,
         };
+        self.make_room(&self.settings(), &model.id, status.total_bytes)?;
         self.set_fetch(Some(status.clone()));
         let fetched = checkpoint::fetch_layers(&sources, model, |p| {
             status.done_bytes = p.done;
@@ -264,7 +269,40 @@ impl Desktop {
         })
         .await
         .map_err(|e| model_error(e.to_string()))?
-        .map_err(|e| model_error(format!("keeping the fetched layers: {e}")))
+        .map_err(|e| model_error(format!("keeping the fetched layers: {e}")))?;
+        self.notify(crate::notices::Notice::layers_fetched(&model.id, range));
+        Ok(())
+    }
+
+    /// Makes room under the disk cap for `need` more bytes of model `fetching`, removing the
+    /// models used longest ago but never it nor the one served now; refused, naming the cap,
+    /// where that cannot make room.
+    fn make_room(
+        &self,
+        settings: &Settings,
+        fetching: &str,
+        need: u64,
+    ) -> Result<(), CommandError> {
+        let served = self.model().id;
+        let keep = [served.as_str(), fetching];
+        let cap = settings.storage.cap_mib.map(|m| m.saturating_mul(1 << 20));
+        crate::storage::make_room(&self.launch.data_dir, &keep, need, cap)
+            .map(drop)
+            .map_err(|message| CommandError {
+                code: "invalid_setting",
+                message,
+                field: Some("storage.cap_mib".into()),
+            })
+    }
+
+    /// What the app keeps on disk against the cap.
+    pub fn storage_usage(&self) -> crate::storage::Usage {
+        let cap = self
+            .settings()
+            .storage
+            .cap_mib
+            .map(|m| m.saturating_mul(1 << 20));
+        crate::storage::usage(&self.launch.data_dir, cap)
     }
 
     /// Shows a fetch's progress at once, between the status refreshes.

@@ -162,6 +162,33 @@ fn forward_status<R: Runtime>(app: AppHandle<R>, desktop: &Desktop, mut items: T
     });
 }
 
+/// Shows the notices the owner wants as desktop notifications, as they come.
+fn show_notices<R: Runtime>(app: AppHandle<R>, desktop: &Desktop) {
+    use tauri_plugin_notification::NotificationExt;
+    let mut notices = desktop.notices();
+    tauri::async_runtime::spawn(async move {
+        loop {
+            match notices.recv().await {
+                Ok(notice) => {
+                    let shown = app
+                        .notification()
+                        .builder()
+                        .title(&notice.title)
+                        .body(&notice.body)
+                        .show();
+                    if let Err(e) = shown {
+                        tracing::warn!("a notification could not be shown: {e}");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!("{missed} notifications were dropped");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 /// Runs the desktop app until the owner quits.
 pub fn run() {
     init_logging();
@@ -232,6 +259,7 @@ fn set_up(app: &AppHandle, desktop: &Arc<Desktop>) -> Result<(), Box<dyn std::er
     let handle = app.clone();
     let items = build_tray(&handle)?;
     forward_status(handle.clone(), desktop, items);
+    show_notices(handle.clone(), desktop);
     apply_launch_at_login(&handle, desktop.settings().profile.launch_at_login);
     desktop.spawn_ticker();
     let starting = desktop.clone();

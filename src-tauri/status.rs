@@ -99,6 +99,8 @@ pub struct DesktopStatus {
     pub device_note: Option<String>,
     /// The CPU's and the GPU's temperatures in whole °C, where a sensor can be read.
     pub temperatures: Temperatures,
+    /// Whether the node is held because a sensor is over its limit (`detail` says which).
+    pub thermal_hold: bool,
     /// How peers reach this node: "untested" until a peer has dialled back, then "direct",
     /// "mapped" (UPnP), "relayed" or "unreachable".
     pub reachability: String,
@@ -110,6 +112,8 @@ pub struct DesktopStatus {
     pub credit_today: f64,
     /// Receipts awaiting the requester's countersignature.
     pub receipts_pending: u64,
+    /// Receipts requesters have verified, ever.
+    pub receipts_verified: u64,
     /// A model's files or layers on their way from peers; none when nothing is fetched.
     pub fetch: Option<FetchStatus>,
     /// Where the OpenAI-compatible API answers (`http://127.0.0.1:8000/v1`), when it is on.
@@ -151,6 +155,7 @@ impl DesktopStatus {
             device: None,
             device_note: None,
             temperatures: Temperatures::default(),
+            thermal_hold: false,
             reachability: "untested".into(),
             reachability_advice: String::new(),
             receipts_today: 0,
@@ -159,6 +164,7 @@ impl DesktopStatus {
             api_error: None,
             credit_today: 0.0,
             receipts_pending: 0,
+            receipts_verified: 0,
         }
     }
 }

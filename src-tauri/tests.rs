@@ -554,11 +554,17 @@ fn a_temperature_limit_and_a_listed_program_hold_the_node_and_let_it_go() {
         "update_settings",
         json!({"patch": {"thermal": {"cpu_limit_c": 80, "min_hold_secs": 0}}}),
     );
+    let mut notices = f.desktop.notices();
     f.machine.cpu_c.store(86, Relaxed);
     let status: Value = f.ok("get_status", json!({}));
     assert_eq!(status["state"], "waiting", "{status}");
     assert_eq!(status["detail"], "CPU at 86 °C, above its 80 °C limit");
+    assert_eq!(status["thermal_hold"], true);
     assert_eq!(f.node().1, RunState::Paused);
+    let notice = notices
+        .try_recv()
+        .expect("a notice that the node cools down");
+    assert_eq!(notice.body, "CPU at 86 °C, above its 80 °C limit");
     // Under the limit but within the hysteresis: still held.
     f.machine.cpu_c.store(78, Relaxed);
     let status: Value = f.ok("get_status", json!({}));
@@ -570,6 +576,16 @@ fn a_temperature_limit_and_a_listed_program_hold_the_node_and_let_it_go() {
     f.machine.cpu_c.store(74, Relaxed);
     assert_eq!(f.state(), "serving");
     assert_eq!(f.node().1, RunState::Serving);
+    // Turned off, the next hold brings no notice.
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"notifications": {"temperature": false}}}),
+    );
+    f.machine.cpu_c.store(90, Relaxed);
+    assert_eq!(f.state(), "waiting");
+    f.machine.cpu_c.store(60, Relaxed);
+    assert_eq!(f.state(), "serving");
+    assert!(notices.try_recv().is_err(), "no notice once turned off");
 
     f.machine.running.lock().unwrap().push("Game.exe".into());
     let choices: Value = f.ok("program_choices", json!({}));

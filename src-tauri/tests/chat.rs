@@ -114,6 +114,20 @@ fn a_swarm_model_is_listed_fetched_from_a_peer_with_progress_kept_and_served() {
     assert_eq!(theirs["about"]["hidden_size"], 256);
     assert_eq!(listed(&own)["coverage"], json!([1, 1, 1, 1]));
 
+    // An older fetched model, unused for long, of 310 MB (a sparse file), under a disk cap of
+    // 300 MiB: the fetch removes it to make room.
+    let unused = f.dir.path().join("data/models/0123456789abcdef");
+    std::fs::create_dir_all(&unused).unwrap();
+    std::fs::File::create(unused.join("layers-0-6.f32"))
+        .unwrap()
+        .set_len(310_000_000)
+        .unwrap();
+    crate::storage::mark_used(&unused, 1);
+    f.ok::<Settings>(
+        "update_settings",
+        json!({"patch": {"storage": {"cap_mib": 300}}}),
+    );
+
     // Choosing it: the node goes on serving the old model while the files and then the layers
     // come, with progress in the status, then serves the new one.
     let mut watch = f.desktop.watch();
@@ -160,6 +174,10 @@ fn a_swarm_model_is_listed_fetched_from_a_peer_with_progress_kept_and_served() {
     assert!(status["fetch"].is_null());
     let kept = f.dir.path().join("data/models").join(&other);
     assert!(kept.join("config.json").exists() && kept.join("layers-2-6.f32").exists());
+    assert!(!unused.exists(), "the model used longest ago made room");
+    let usage: Value = f.ok("storage_usage", json!({}));
+    assert_eq!(usage["models"][0]["id"], json!(other), "{usage}");
+    assert!(usage["used_bytes"].as_u64().unwrap() <= 300 << 20);
     // Layer choice and its memory estimate follow the chosen model.
     let plan: Value = f.ok(
         "plan_layers",

@@ -235,8 +235,30 @@ fn argmax(logits: &[f32]) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     use neuroshard_node::owner::{follow_settings_file, read_settings};
-    use neuroshard_settings::policy::NoSensors;
+    use neuroshard_settings::policy::{Machine, Temperatures};
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
     use std::time::Duration;
+
+    /// A server's sensors as the test sets them: no idle time or battery, a CPU temperature.
+    #[derive(Debug)]
+    struct Sensors(std::sync::Arc<AtomicU32>);
+
+    impl Machine for Sensors {
+        fn idle(&self) -> Option<Duration> {
+            None
+        }
+
+        fn on_battery(&self) -> Option<bool> {
+            None
+        }
+
+        fn temperatures(&self) -> Temperatures {
+            Temperatures {
+                cpu_c: Some(self.0.load(Relaxed) as f32),
+                gpu_c: None,
+            }
+        }
+    }
 
     let model = TestModel::new(&ModelSpec::tiny());
     let dir = tempfile::tempdir().unwrap();
@@ -257,11 +279,12 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     let node = std::sync::Arc::new(node);
     let status = node.status();
     let cancel = tokio_util::sync::CancellationToken::new();
+    let cpu_c = std::sync::Arc::new(AtomicU32::new(60));
     let follow = tokio::spawn(follow_settings_file(
         node.clone(),
         path.clone(),
         dir.path().to_path_buf(),
-        Box::new(NoSensors),
+        Box::new(Sensors(cpu_c.clone())),
         Duration::from_millis(50),
         cancel.clone(),
     ));
@@ -278,6 +301,17 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     let err = read_settings(&path).unwrap_err().to_string();
     assert!(err.contains("bandwidth.upload_kbps"), "{err}");
     assert!(read_settings(&dir.path().join("missing.json")).is_err());
+
+    // Over its temperature limit the node holds; 5 °C under it, it serves again.
+    write(serde_json::json!({
+        "version": 2,
+        "bandwidth": {"upload_kbps": 128},
+        "thermal": {"cpu_limit_c": 80, "min_hold_secs": 0},
+    }));
+    cpu_c.store(90, Relaxed);
+    wait_for_state(status.clone(), RunState::Paused).await;
+    cpu_c.store(70, Relaxed);
+    wait_for_state(status.clone(), RunState::Serving).await;
 
     cancel.cancel();
     follow.await.unwrap();

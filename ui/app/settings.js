@@ -5,6 +5,8 @@ import * as fmt from "./format.js";
 const $ = (id) => document.getElementById(id);
 const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const DAY_NAMES = { mon: "Monday", tue: "Tuesday", wed: "Wednesday", thu: "Thursday", fri: "Friday", sat: "Saturday", sun: "Sunday" };
+/** Each notification's checkbox and its settings key. */
+const NOTICES = [["f-note-temperature", "temperature"], ["f-note-layers", "layers_fetched"], ["f-note-receipt", "first_receipt"], ["f-note-reach", "reachability"]];
 let current = null;
 let estimateTimer = null;
 let swarmModels = [];
@@ -95,6 +97,8 @@ function fill(s) {
   $("f-min-hold").value = s.thermal.min_hold_secs;
   $("f-programs").value = s.gaming.programs.join("\n");
   $("f-fullscreen").checked = s.gaming.hold_when_fullscreen;
+  for (const [id, key] of NOTICES) $(id).checked = s.notifications[key];
+  $("f-disk-cap").value = s.storage.cap_mib ?? "";
   $("f-tracker").value = s.network.tracker ?? "";
   $("f-bootstrap").value = s.network.bootstrap.join("\n");
   for (const r of document.querySelectorAll('input[name="model-source"]')) r.checked = r.value === s.model.source;
@@ -233,6 +237,8 @@ export function patch() {
       programs: $("f-programs").value.split("\n").map((l) => l.trim()).filter(Boolean),
       hold_when_fullscreen: $("f-fullscreen").checked,
     },
+    notifications: Object.fromEntries(NOTICES.map(([id, key]) => [key, $(id).checked])),
+    storage: { cap_mib: number("f-disk-cap") },
     network: {
       tracker: $("f-tracker").value.trim() || null,
       bootstrap: $("f-bootstrap").value.split("\n").map((l) => l.trim()).filter(Boolean),
@@ -305,6 +311,17 @@ function addPrograms(names) {
   $("f-programs").value = [...have, ...names.filter((n) => !lower.has(n.toLowerCase()))].join("\n");
 }
 
+async function loadDiskUsage() {
+  try {
+    const usage = await call("storage_usage");
+    const cap = usage.cap_bytes == null ? "no cap" : `of ${fmt.bytes(usage.cap_bytes)}`;
+    const models = usage.models.length === 1 ? "1 fetched model" : `${usage.models.length} fetched models`;
+    $("disk-usage").textContent = `Using ${fmt.bytes(usage.used_bytes)} ${cap}: ${models} and the receipts.`;
+  } catch (e) {
+    $("disk-usage").textContent = e.message;
+  }
+}
+
 let choices = null;
 
 async function loadProgramChoices() {
@@ -349,6 +366,7 @@ export function init() {
     message.textContent = "Saving…";
     try {
       fill(await call("update_settings", { patch: patch() }));
+      loadDiskUsage();
       message.textContent = "Saved. The node follows the new settings.";
       message.classList.add("ok");
     } catch (e) {
@@ -363,6 +381,7 @@ export function opened() {
   if (current) fill(current);
   if (modelChoice().source === "swarm") loadSwarmModels();
   loadProgramChoices();
+  loadDiskUsage();
   $("settings-message").textContent = "";
   clearFieldErrors($("settings-form"));
 }

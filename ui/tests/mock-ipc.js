@@ -56,6 +56,11 @@ export function installMock(seed) {
       if (choice.mode === "range" && choice.end > 6) return Promise.reject({ code: "invalid_setting", field: "layers", message: `layers ${choice.start}..${choice.end} go past the model's 6 layers` });
       return { range: { start: 0, end: 6 }, total_layers: 6, memory: { weights_bytes: 80e6, cache_bytes: 30e6, total_bytes: 110e6 } };
     },
+    storage_usage: () => ({
+      used_bytes: 1_500_000_000,
+      cap_bytes: state.settings.storage.cap_mib == null ? null : state.settings.storage.cap_mib * 1048576,
+      models: [{ id: "9e2f4a61c0b3d875", bytes: 1_400_000_000, last_used_ms: 0 }],
+    }),
     program_choices: () => ({
       running: state.running ?? ["bash", "Game.exe"],
       launchers: ["steam", "gamescope", "lutris"],

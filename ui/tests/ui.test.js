@@ -183,11 +183,17 @@ test("temperature limits and the programs that hold the node: picked, suggested,
   assert.equal(await page.evaluate(() => window.__mock.state.settings.thermal.cpu_limit_c), null);
   await page.fill("#f-cpu-limit", "");
   await page.check("#f-fullscreen");
+  await page.uncheck("#f-note-reach");
+  await page.fill("#f-disk-cap", "4096");
   await page.click("#settings-form button[type=submit]");
   await page.waitForFunction(() => document.querySelector("#settings-message").classList.contains("ok"));
   const saved = await page.evaluate(() => window.__mock.state.settings);
   assert.deepEqual(saved.thermal, { cpu_limit_c: null, gpu_limit_c: 80, min_hold_secs: 120 });
   assert.deepEqual(saved.gaming, { programs: ["Game.exe", "steam", "gamescope", "lutris"], hold_when_fullscreen: true });
+  assert.deepEqual(saved.notifications, { temperature: true, layers_fetched: true, first_receipt: true, reachability: false });
+  assert.deepEqual(saved.storage, { cap_mib: 4096 });
+  await page.waitForFunction(() => document.querySelector("#disk-usage").textContent.includes("of 4.3 GB"));
+  assert.equal(await page.textContent("#disk-usage"), "Using 1.5 GB of 4.3 GB: 1 fetched model and the receipts.");
   // A GPU limit with no GPU sensor to read says it holds nothing.
   await page.evaluate(() => window.__mock.emit("status", window.__mock.state.status));
   assert.match(await page.textContent("#thermal-now"), /No GPU sensor can be read here/);

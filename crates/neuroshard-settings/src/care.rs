@@ -1,6 +1,7 @@
 //! Settings that put the machine and its owner first: a temperature limit for the CPU and the
-//! GPU, and holding the node while listed programs (games, their launchers) or any full-screen
-//! program run. The rules over them are in [`crate::policy`].
+//! GPU, holding the node while listed programs (games, their launchers) or any full-screen
+//! program run, and which desktop notifications to show. The rules over them are in
+//! [`crate::policy`].
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,55 @@ pub struct GamingSettings {
     pub programs: Vec<String>,
     /// Hold while any program is full screen, where the desktop can tell. Default false.
     pub hold_when_fullscreen: bool,
+}
+
+/// Disk the app may keep for models fetched from peers and the receipt ledger.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Most MiB to keep; none for no cap. Default none. Over it, the models used longest ago
+    /// go first, never the one being served.
+    pub cap_mib: Option<u64>,
+}
+
+/// Smallest disk cap, in MiB: the ledger and a small model's files.
+pub const MIN_DISK_CAP_MIB: u64 = 256;
+
+impl StorageSettings {
+    pub(crate) fn validate(&self) -> Result<(), SettingsError> {
+        match self.cap_mib {
+            Some(cap) if cap < MIN_DISK_CAP_MIB => Err(SettingsError::invalid(
+                "storage.cap_mib",
+                format!("must be at least {MIN_DISK_CAP_MIB} MiB, or none"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Desktop notifications, each of which the owner can turn off. All on by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationSettings {
+    /// When the node is held because a sensor is over its limit.
+    pub temperature: bool,
+    /// When a model's layers have finished downloading from peers.
+    pub layers_fetched: bool,
+    /// When a requester verifies this node's first receipt.
+    pub first_receipt: bool,
+    /// When the way peers reach this node changes.
+    pub reachability: bool,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        Self {
+            temperature: true,
+            layers_fetched: true,
+            first_receipt: true,
+            reachability: true,
+        }
+    }
 }
 
 impl ThermalSettings {

@@ -23,7 +23,7 @@ pub mod care;
 pub mod meter;
 pub mod policy;
 
-pub use care::{GamingSettings, ThermalSettings};
+pub use care::{GamingSettings, NotificationSettings, StorageSettings, ThermalSettings};
 
 /// Version of the settings file this build writes. Files carry it so a later build can migrate
 /// them; see [`migrate`].
@@ -107,6 +107,10 @@ pub struct Settings {
     pub thermal: ThermalSettings,
     /// Programs whose running holds the node (games).
     pub gaming: GamingSettings,
+    /// Which desktop notifications to show.
+    pub notifications: NotificationSettings,
+    /// Disk kept for fetched models and the ledger.
+    pub storage: StorageSettings,
 }
 
 /// Which model to help serve.
@@ -163,6 +167,8 @@ impl Default for Settings {
             api: ApiSettings::default(),
             thermal: ThermalSettings::default(),
             gaming: GamingSettings::default(),
+            notifications: NotificationSettings::default(),
+            storage: StorageSettings::default(),
         }
     }
 }
@@ -405,6 +411,7 @@ impl Settings {
         self.schedule.validate()?;
         self.thermal.validate()?;
         self.gaming.validate()?;
+        self.storage.validate()?;
         self.network.validate()?;
         match &self.model {
             ModelChoice::Swarm { id } if !is_model_id(id) => {
@@ -525,8 +532,9 @@ pub fn migrate(mut doc: Value) -> Result<Value, SettingsError> {
         );
         return Err(SettingsError::invalid("version", problem));
     }
-    // Version 0 -> 1: only the version field was added. 1 -> 2: the `thermal` and `gaming`
-    // sections were added, whose defaults (no limits, no programs) fill a file without them.
+    // Version 0 -> 1: only the version field was added. 1 -> 2: the `thermal`, `gaming`,
+    // `notifications` and `storage` sections were added, whose defaults (no limits, no
+    // programs, every notification, no disk cap) fill a file without them.
     object.insert("version".into(), SETTINGS_VERSION.into());
     Ok(doc)
 }

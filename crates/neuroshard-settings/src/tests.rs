@@ -196,6 +196,8 @@ fn older_files_migrate_and_newer_or_corrupt_ones_are_left_alone() {
     assert!(!store.get().schedule.pause_on_battery);
     assert_eq!(store.get().thermal, ThermalSettings::default());
     assert_eq!(store.get().gaming, GamingSettings::default());
+    assert_eq!(store.get().notifications, NotificationSettings::default());
+    assert_eq!(store.get().storage.cap_mib, None);
     let written: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(written["version"], json!(2));
     assert_eq!(written["thermal"]["min_hold_secs"], json!(120));
