@@ -498,13 +498,21 @@ impl Desktop {
         let node_layers_total = self.model().config.num_hidden_layers as u32;
         let metrics = node.metrics();
         let rate = self.rates.lock_or_recover().sample(now, metrics.clone());
-        let verdict = self.owner.lock_or_recover().tick(
-            node,
-            &settings,
-            &mut self.holds.lock_or_recover(),
-            self.machine.as_ref(),
-            now,
-        );
+        let (verdict, thermal_hold, temperatures) = {
+            let mut holds = self.holds.lock_or_recover();
+            let verdict = self.owner.lock_or_recover().tick(
+                node,
+                &settings,
+                &mut holds,
+                self.machine.as_ref(),
+                now,
+            );
+            (
+                verdict,
+                holds.thermal_since_ms.is_some(),
+                holds.temperatures,
+            )
+        };
         let running = node.status().borrow().to_owned();
         let state = match running.state {
             RunState::Draining => AppState::Draining,
@@ -512,7 +520,22 @@ impl Desktop {
             _ => AppState::from(verdict.decision),
         };
         let (detail, period) = (verdict.detail, verdict.period);
-        let (today_totals, counts) = receipts_today(node, now).await;
+        // A ledger that cannot be read this tick keeps the figures shown before, rather than
+        // showing none (and telling of a "first" receipt when it reads again).
+        let before = self.status.borrow().clone();
+        let receipts = receipts_today(node, now).await.map_or(
+            (
+                before.receipts_today,
+                before.credit_today,
+                before.receipts_pending,
+                before.receipts_verified,
+            ),
+            |(totals, counts)| {
+                let today: u64 = totals.iter().map(|m| m.today.receipts).sum();
+                let credit: f64 = totals.iter().map(|m| m.today.credit).sum();
+                (today, credit, counts.pending, counts.verified)
+            },
+        );
         let reach = node.reachability().borrow().clone();
         let status = DesktopStatus {
             state,
@@ -530,14 +553,14 @@ impl Desktop {
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock_or_recover().clone(),
-            temperatures: whole_degrees(self.machine.temperatures()),
-            thermal_hold: self.holds.lock_or_recover().thermal_since_ms.is_some(),
+            temperatures: whole_degrees(temperatures),
+            thermal_hold,
             reachability: reach_path_name(reach.path).into(),
             reachability_advice: reach.advice,
-            receipts_today: today_totals.iter().map(|m| m.today.receipts).sum(),
-            credit_today: today_totals.iter().map(|m| m.today.credit).sum(),
-            receipts_pending: counts.pending,
-            receipts_verified: counts.verified,
+            receipts_today: receipts.0,
+            credit_today: receipts.1,
+            receipts_pending: receipts.2,
+            receipts_verified: receipts.3,
             fetch: self.fetch.lock_or_recover().clone(),
             api_url: self.chats.api_url(),
             api_error: self.chats.api_error(),
@@ -566,17 +589,20 @@ impl Desktop {
     }
 
     fn publish(&self, status: DesktopStatus) -> DesktopStatus {
-        let before = self.status.borrow().clone();
-        for notice in crate::notices::from_status(&before, &status) {
-            self.notify(notice);
-        }
+        // Against the status it replaces, under the watch's lock: two refreshes at once cannot
+        // both tell of one change.
+        let mut notices = Vec::new();
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             if changed {
+                notices = crate::notices::from_status(current, &status);
                 *current = status.clone();
             }
             changed
         });
+        for notice in notices {
+            self.notify(notice);
+        }
         status
     }
 
@@ -645,16 +671,18 @@ fn reach_path_name(path: neuroshard_node::reach::ReachPath) -> &'static str {
 async fn receipts_today(
     node: &NodeHandle,
     now: u64,
-) -> (Vec<neuroshard_proof::ModelTotals>, StatusCounts) {
+) -> Option<(Vec<neuroshard_proof::ModelTotals>, StatusCounts)> {
     let today = local_midnight(now);
-    node.ledger()
+    let read = node
+        .ledger()
         .read(move |l| {
             let totals = l.totals(now, today)?;
             let counts = l.status_counts()?;
             Ok((totals, counts))
         })
-        .await
-        .unwrap_or_default()
+        .await;
+    read.map_err(|e| tracing::warn!("the ledger could not be read: {e}"))
+        .ok()
 }
 
 /// The dashboard's bandwidth: the rates now, the owner's caps, and the transfer period.

@@ -187,7 +187,7 @@ impl Desktop {
                 .find(|p| !p.is_relayed())
                 .or(peers.first())
                 .ok_or_else(|| model_error(format!("no peer serves model {id} now")))?;
-            self.make_room(settings, id, 0)?;
+            self.make_room(settings, id, 0).await?;
             self.set_fetch(Some(FetchStatus {
                 model_id: id.clone(),
                 layers: None,
@@ -241,7 +241,8 @@ impl Desktop {
                 range.to_range(),
             ) as u64,
         };
-        self.make_room(&self.settings(), &model.id, status.total_bytes)?;
+        self.make_room(&self.settings(), &model.id, status.total_bytes)
+            .await?;
         self.set_fetch(Some(status.clone()));
         let fetched = checkpoint::fetch_layers(&sources, model, |p| {
             status.done_bytes = p.done;
@@ -275,16 +276,24 @@ impl Desktop {
     }
 
     /// Makes room under the disk cap for `need` more bytes of model `fetching`, removing the
-    /// models used longest ago but never it nor the one served now; refused, naming the cap,
+    /// models used longest ago but never it, the model chosen, nor the one the running node
+    /// still serves (it goes on serving while a new model comes); refused, naming the cap,
     /// where that cannot make room.
-    fn make_room(
+    async fn make_room(
         &self,
         settings: &Settings,
         fetching: &str,
         need: u64,
     ) -> Result<(), CommandError> {
-        let served = self.model().id;
-        let keep = [served.as_str(), fetching];
+        let chosen = self.model().id;
+        let running = self
+            .node
+            .read()
+            .await
+            .as_ref()
+            .map(|n| n.model_id().to_string());
+        let mut keep = vec![chosen.as_str(), fetching];
+        keep.extend(running.as_deref());
         let cap = settings.storage.cap_mib.map(|m| m.saturating_mul(1 << 20));
         crate::storage::make_room(&self.launch.data_dir, &keep, need, cap)
             .map(drop)

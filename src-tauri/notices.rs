@@ -54,7 +54,8 @@ impl Notice {
 }
 
 /// The notices that going from `before` to `after` brings: a hold for a temperature that
-/// begins, the first verified receipt, and a change of reachability once it has been tested.
+/// begins, the first verified receipt, and a change from one tested reachability to another,
+/// the last two only while the same node runs.
 pub fn from_status(before: &DesktopStatus, after: &DesktopStatus) -> Vec<Notice> {
     let mut notices = Vec::new();
     if after.thermal_hold && !before.thermal_hold {
@@ -64,7 +65,10 @@ pub fn from_status(before: &DesktopStatus, after: &DesktopStatus) -> Vec<Notice>
             body: after.detail.clone().unwrap_or_default(),
         });
     }
-    if before.receipts_verified == 0 && after.receipts_verified > 0 && before.node_id.is_some() {
+    // Only between two statuses of one running node: a start, a restart or a shutdown
+    // publishes a status without one, which tells nothing new.
+    let same_node = before.node_id.is_some() && before.node_id == after.node_id;
+    if same_node && before.receipts_verified == 0 && after.receipts_verified > 0 {
         notices.push(Notice {
             kind: NoticeKind::FirstReceipt,
             title: "Your first verified receipt".into(),
@@ -72,7 +76,8 @@ pub fn from_status(before: &DesktopStatus, after: &DesktopStatus) -> Vec<Notice>
                 .into(),
         });
     }
-    if before.reachability != after.reachability && before.reachability != "untested" {
+    let tested = |s: &DesktopStatus| s.reachability != "untested";
+    if same_node && before.reachability != after.reachability && tested(before) && tested(after) {
         notices.push(Notice {
             kind: NoticeKind::Reachability,
             title: "Reachability changed".into(),
@@ -125,9 +130,16 @@ mod tests {
             ..paid.clone()
         };
         assert_eq!(from_status(&paid, &more), vec![], "only the first receipt");
-        // A node starting up (no id yet, reachability untested) tells of neither.
+        // A node starting up (no id yet, reachability untested) tells of neither, nor does
+        // one shutting down or testing its reachability again.
         let starting = DesktopStatus::starting();
         assert_eq!(from_status(&starting, &paid), vec![]);
+        assert_eq!(from_status(&paid, &starting), vec![]);
+        let retesting = DesktopStatus {
+            reachability: "untested".into(),
+            ..paid.clone()
+        };
+        assert_eq!(from_status(&paid, &retesting), vec![]);
         let mut off = NotificationSettings::default();
         let notice = &from_status(&before, &hot)[0];
         assert!(notice.wanted(&off));

@@ -137,16 +137,15 @@ impl SystemSensors {
         })
     }
 
-    /// The executable names of the programs running now, sorted, each once.
+    /// The executable names of the programs running now, sorted, each once: processes with
+    /// an executable (not kernel threads, nor the threads of a process).
     pub fn programs(&self) -> Vec<String> {
         let names = self.with_processes(|processes| {
-            let name = |p: &sysinfo::Process| match p.exe().and_then(Path::file_name) {
-                Some(file) => file.to_string_lossy().into_owned(),
-                None => p.name().to_string_lossy().into_owned(),
-            };
             processes
                 .values()
-                .map(name)
+                .filter(|p| p.thread_kind().is_none())
+                .filter_map(|p| p.exe()?.file_name())
+                .map(|f| f.to_string_lossy().into_owned())
                 .collect::<std::collections::BTreeSet<_>>()
         });
         names.into_iter().filter(|n| !n.is_empty()).collect()

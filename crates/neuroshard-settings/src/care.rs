@@ -81,8 +81,8 @@ pub struct GamingSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
-    /// Most MiB to keep; none for no cap. Default none. Over it, the models used longest ago
-    /// go first, never the one being served.
+    /// Most MiB to keep; none for no cap. Default none. A fetch that needs room removes the
+    /// models used longest ago first, never one in use.
     pub cap_mib: Option<u64>,
 }
 

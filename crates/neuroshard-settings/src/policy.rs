@@ -91,6 +91,8 @@ pub struct Holds {
     pub snoozed_until_ms: Option<u64>,
     /// Held for a temperature since then, ms since the Unix epoch ([`thermal`]).
     pub thermal_since_ms: Option<u64>,
+    /// What the sensors read at the last decision, for the dashboard.
+    pub temperatures: Temperatures,
 }
 
 /// Snooze lengths the tray offers.
@@ -151,8 +153,13 @@ pub fn decide(
             Some(format!("transfer cap used up until {}", clock(ends, now))),
         );
     }
-    let temperatures = machine.temperatures();
-    let (since, why) = thermal(&settings.thermal, temperatures, holds.thermal_since_ms, now);
+    holds.temperatures = machine.temperatures();
+    let (since, why) = thermal(
+        &settings.thermal,
+        holds.temperatures,
+        holds.thermal_since_ms,
+        now,
+    );
     holds.thermal_since_ms = since;
     match why.or_else(|| machine_wait(settings, machine, now)) {
         Some(why) => (Decision::Waiting, Some(why)),
@@ -162,8 +169,9 @@ pub fn decide(
 
 /// The temperature rule, from the hold before (since when, if held) and the sensors at `now`:
 /// a sensor above its limit holds the node; a held node serves again once every limited
-/// sensor has fallen [`HYSTERESIS_C`] below its limit and it has held `min_hold_secs`. A
-/// sensor that cannot be read holds nothing. The hold (since when) and why.
+/// sensor has fallen [`HYSTERESIS_C`] below its limit and it has held `min_hold_secs`, or at
+/// once when no limit is left. A sensor that cannot be read holds nothing. The hold (since
+/// when) and why.
 pub fn thermal(
     limits: &ThermalSettings,
     temperatures: Temperatures,
@@ -174,9 +182,14 @@ pub fn thermal(
         ("CPU", limits.cpu_limit_c, temperatures.cpu_c),
         ("GPU", limits.gpu_limit_c, temperatures.gpu_c),
     ];
+    if limits.cpu_limit_c.is_none() && limits.gpu_limit_c.is_none() {
+        // No limit left: nothing to cool down for.
+        return (None, None);
+    }
+    // Whole degrees, as they are shown: 85.4 °C is not over a limit of 85.
     let read = sensors
         .iter()
-        .filter_map(|&(name, limit, reading)| Some((name, f32::from(limit?), reading?)));
+        .filter_map(|&(name, limit, reading)| Some((name, f32::from(limit?), reading?.round())));
     if let Some((name, limit, c)) = read.clone().find(|&(_, limit, c)| c > limit) {
         let why = format!("{name} at {c:.0} °C, above its {limit:.0} °C limit");
         return (Some(since.unwrap_or(now)), Some(why));
@@ -464,13 +477,15 @@ mod tests {
             ..limits.clone()
         };
         assert_eq!(thermal(&cpu_only, unread, None, 0), (None, None));
-        // A limit taken away while held releases after the minimum hold.
+        // Every limit taken away while held releases at once; a reading is taken in whole
+        // degrees.
         let none = ThermalSettings::default();
-        assert!(thermal(&none, read(99.0, 99.0), Some(0), 1_000).0.is_some());
         assert_eq!(
-            thermal(&none, read(99.0, 99.0), Some(0), 120_000),
+            thermal(&none, read(99.0, 99.0), Some(0), 1_000),
             (None, None)
         );
+        assert_eq!(thermal(&limits, read(85.4, 60.0), None, 0), (None, None));
+        assert_eq!(thermal(&limits, read(85.5, 60.0), None, 0).0, Some(0));
     }
 
     /// A machine whose temperatures, processes and full-screen state the test sets.
