@@ -522,14 +522,16 @@ impl Desktop {
         let (detail, period) = (verdict.detail, verdict.period);
         // A ledger that cannot be read this tick keeps the figures shown before, rather than
         // showing none (and telling of a "first" receipt when it reads again).
-        let before = self.status.borrow().clone();
-        let receipts = receipts_today(node, now).await.map_or(
-            (
-                before.receipts_today,
-                before.credit_today,
-                before.receipts_pending,
-                before.receipts_verified,
-            ),
+        let receipts = receipts_today(node, now).await.map_or_else(
+            || {
+                let before = self.status.borrow();
+                (
+                    before.receipts_today,
+                    before.credit_today,
+                    before.receipts_pending,
+                    before.receipts_verified,
+                )
+            },
             |(totals, counts)| {
                 let today: u64 = totals.iter().map(|m| m.today.receipts).sum();
                 let credit: f64 = totals.iter().map(|m| m.today.credit).sum();
@@ -553,7 +555,7 @@ impl Desktop {
             address: Some(node.advertised()),
             device: Some(if node.on_gpu() { "gpu" } else { "cpu" }),
             device_note: self.device_note.lock_or_recover().clone(),
-            temperatures: whole_degrees(temperatures),
+            temperatures: temperatures.rounded(),
             thermal_hold,
             reachability: reach_path_name(reach.path).into(),
             reachability_advice: reach.advice,
@@ -699,14 +701,5 @@ fn bandwidth_status(
         period_bytes: period.bytes,
         period_cap_bytes: period.cap_bytes,
         period_ends_ms: period.ends_ms,
-    }
-}
-
-/// `t` rounded to whole degrees, as the dashboard shows them (and so a status does not change
-/// with every tenth of a degree).
-fn whole_degrees(t: Temperatures) -> Temperatures {
-    Temperatures {
-        cpu_c: t.cpu_c.map(f32::round),
-        gpu_c: t.gpu_c.map(f32::round),
     }
 }

@@ -294,7 +294,7 @@ impl Desktop {
             .map(|n| n.model_id().to_string());
         let mut keep = vec![chosen.as_str(), fetching];
         keep.extend(running.as_deref());
-        let cap = settings.storage.cap_mib.map(|m| m.saturating_mul(1 << 20));
+        let cap = settings.storage.cap_bytes();
         crate::storage::make_room(&self.launch.data_dir, &keep, need, cap)
             .map(drop)
             .map_err(|message| CommandError {
@@ -306,11 +306,7 @@ impl Desktop {
 
     /// What the app keeps on disk against the cap.
     pub fn storage_usage(&self) -> crate::storage::Usage {
-        let cap = self
-            .settings()
-            .storage
-            .cap_mib
-            .map(|m| m.saturating_mul(1 << 20));
+        let cap = self.settings().storage.cap_bytes();
         crate::storage::usage(&self.launch.data_dir, cap)
     }
 

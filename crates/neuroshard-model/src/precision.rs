@@ -15,7 +15,7 @@ pub use neuroshard_base::precision::{INT8_BLOCK, Precision};
 
 mod dense;
 mod packed;
-pub(crate) use packed::Packed;
+pub(crate) use packed::{Packed, bf16_to_f32, f16_to_f32};
 
 /// A projection's `[in, out]` weight as `precision` holds it.
 pub(crate) fn hold(precision: Precision, weight: Tensor<2>) -> Tensor<2> {

@@ -90,6 +90,11 @@ pub struct StorageSettings {
 pub const MIN_DISK_CAP_MIB: u64 = 256;
 
 impl StorageSettings {
+    /// The cap in bytes; none for no cap.
+    pub fn cap_bytes(&self) -> Option<u64> {
+        self.cap_mib.map(|mib| mib.saturating_mul(1 << 20))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), SettingsError> {
         match self.cap_mib {
             Some(cap) if cap < MIN_DISK_CAP_MIB => Err(SettingsError::invalid(

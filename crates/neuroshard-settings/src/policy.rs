@@ -52,6 +52,17 @@ pub struct Temperatures {
     pub gpu_c: Option<f32>,
 }
 
+impl Temperatures {
+    /// In whole degrees, as they are shown and as the limits compare them: 85.4 °C is not over
+    /// a limit of 85.
+    pub fn rounded(self) -> Self {
+        Self {
+            cpu_c: self.cpu_c.map(f32::round),
+            gpu_c: self.gpu_c.map(f32::round),
+        }
+    }
+}
+
 /// A machine with no sensors (a server): its idle time and battery cannot be read.
 #[derive(Debug, Default)]
 pub struct NoSensors;
@@ -178,6 +189,7 @@ pub fn thermal(
     since: Option<u64>,
     now: u64,
 ) -> (Option<u64>, Option<String>) {
+    let temperatures = temperatures.rounded();
     let sensors = [
         ("CPU", limits.cpu_limit_c, temperatures.cpu_c),
         ("GPU", limits.gpu_limit_c, temperatures.gpu_c),
@@ -186,10 +198,9 @@ pub fn thermal(
         // No limit left: nothing to cool down for.
         return (None, None);
     }
-    // Whole degrees, as they are shown: 85.4 °C is not over a limit of 85.
     let read = sensors
         .iter()
-        .filter_map(|&(name, limit, reading)| Some((name, f32::from(limit?), reading?.round())));
+        .filter_map(|&(name, limit, reading)| Some((name, f32::from(limit?), reading?)));
     if let Some((name, limit, c)) = read.clone().find(|&(_, limit, c)| c > limit) {
         let why = format!("{name} at {c:.0} °C, above its {limit:.0} °C limit");
         return (Some(since.unwrap_or(now)), Some(why));

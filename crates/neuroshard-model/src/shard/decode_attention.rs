@@ -70,17 +70,16 @@ impl Held for f32 {
 }
 
 impl Held for half::bf16 {
-    /// The bits moved up: what the compiler puts in vector instructions.
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        crate::precision::bf16_to_f32(self.to_bits())
     }
 }
 
 impl Held for half::f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        self.to_f32()
+        crate::precision::f16_to_f32(self.to_bits())
     }
 }
 
