@@ -17,15 +17,17 @@ find "$CARGO_TARGET_DIR"/*/deps -maxdepth 1 -type f -perm -u+x ! -name "*.*" -mt
 
 # Debian packages: a C toolchain for -sys crates; the webview, tray and image libraries the
 # desktop app links; Xvfb, WebKitWebDriver and D-Bus for the real-app test; Chromium for the
-# page tests; for the NAT lab, nftables, a UPnP IGD (miniupnpd), its client and coturn.
+# page tests; GLib's Python bindings for the installed-app test's tray host; for the NAT lab,
+# nftables, a UPnP IGD (miniupnpd), its client and coturn.
 deb_packages=(build-essential pkg-config libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
-  librsvg2-dev libxdo-dev libxss-dev xvfb webkit2gtk-driver dbus chromium
+  librsvg2-dev libxdo-dev libxss-dev xvfb webkit2gtk-driver dbus chromium python3-gi
   iproute2 nftables miniupnpd-nftables miniupnpc coturn)
 missing=()
 for tool in cc pkg-config Xvfb WebKitWebDriver dbus-run-session chromium ip nft miniupnpd upnpc turnserver; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 pkg-config --exists webkit2gtk-4.1 ayatana-appindicator3-0.1 librsvg-2.0 xscrnsaver 2>/dev/null || missing+=(libs)
+/usr/bin/python3 -c "import gi" 2>/dev/null || missing+=(python3-gi)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages (missing: ${missing[*]})"
   sudo_cmd=()
@@ -96,6 +98,8 @@ echo "== the app's pages in Chromium (IPC mocked)"
 (cd ui && NEUROSHARD_BIN="$CARGO_TARGET_DIR/debug/neuroshard" npm test) 2>&1 | tee -a "$log" || status=$?
 echo "== the real app under Xvfb through WebKitWebDriver"
 ./scripts/test-app.sh "$CARGO_TARGET_DIR/debug/neuroshard" "$CARGO_TARGET_DIR/debug/neuroshard-desktop" 2>&1 | tee -a "$log" || status=$?
+echo "== the .deb installed with apt in a throwaway root, started from its menu entry, removed"
+./scripts/test-installed.sh "$deb" "$CARGO_TARGET_DIR/debug/neuroshard" 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one line per test binary, node one per file).
 awk '/^test result:/ { p += $4; f += $6 } /^# pass / { p += $3 } /^# fail / { f += $3 }
   END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"

@@ -7,31 +7,21 @@ import { spawn, execFileSync } from "node:child_process";
 import { cp, mkdir, writeFile } from "node:fs/promises";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { Builder, By, until } from "selenium-webdriver";
-import { awaitLine } from "./processes.js";
+import { By, until } from "selenium-webdriver";
+import { awaitLine, startTracker } from "./processes.js";
+import { WAIT, openApp, page, chatMatchesGenerate, trackerStats as statsOf } from "./webdriver.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const shots = join(here, "..", "test-results");
 const bin = process.env.NEUROSHARD_BIN;
-const driverUrl = process.env.TAURI_DRIVER_URL ?? "http://127.0.0.1:4444/";
-const WAIT = 60_000;
 
 let tracker;
 let trackerUrl;
 let peer;
 let driver;
+let text, waitText, shot;
 
-const text = (css) => driver.executeScript("return document.querySelector(arguments[0])?.textContent ?? null", css);
-const waitText = (css, predicate, what) =>
-  driver.wait(async () => predicate(await text(css)), WAIT, `${css}: ${what}`);
-
-async function shot(name) {
-  await writeFile(join(shots, name), await driver.takeScreenshot(), "base64");
-}
-
-function trackerStats() {
-  return JSON.parse(execFileSync(bin, ["status", "--tracker", trackerUrl], { encoding: "utf8" }));
-}
+const trackerStats = () => statsOf(bin, trackerUrl);
 
 before(async () => {
   assert.ok(bin && process.env.NEUROSHARD_APP, "NEUROSHARD_BIN and NEUROSHARD_APP are set");
@@ -42,21 +32,14 @@ before(async () => {
   assert.ok(config && model, "NEUROSHARD_CONFIG and NEUROSHARD_MODEL_DIR are set");
   // The shipped trained demo model, so the chat shows the text it learned.
   await cp(join(here, "..", "..", "models", "demo"), model, { recursive: true });
-  tracker = spawn(bin, ["tracker", "--listen", "127.0.0.1:0"], { stdio: ["ignore", "ignore", "pipe"] });
-  const [, addr] = await awaitLine(tracker, /tracker listening on ([0-9.:]+)/);
-  trackerUrl = `http://${addr}`;
+  ({ child: tracker, url: trackerUrl } = await startTracker(bin));
   await mkdir(config, { recursive: true });
   await writeFile(
     join(config, "settings.json"),
     JSON.stringify({ version: 1, profile: { display_name: "CI", onboarded: true }, compute: { gpu_share_percent: 100 }, network: { tracker: trackerUrl } }),
   );
-  driver = await new Builder()
-    .usingServer(driverUrl)
-    .withCapabilities({
-      browserName: "wry",
-      "tauri:options": { application: process.env.NEUROSHARD_APP },
-    })
-    .build();
+  driver = await openApp(process.env.NEUROSHARD_APP);
+  ({ text, waitText, shot } = page(driver, shots));
 });
 
 after(async () => {
@@ -80,32 +63,7 @@ test("the dashboard shows the embedded node's live state and the receipts it ear
 });
 
 test("the chat page streams an answer from the app's swarm, the same as generate", async () => {
-  await driver.findElement(By.css('.nav[data-screen="chat"]')).click();
-  await driver.wait(async () => (await driver.executeScript("return document.querySelector('#chat-model').value")) !== "", WAIT, "a model served end to end is offered");
-  const model = process.env.NEUROSHARD_MODEL_DIR;
-  const expected = JSON.parse(
-    execFileSync(bin, ["generate", "--tracker", trackerUrl, "--model", model, "--prompt", "Four score and seven years ago", "--max-new-tokens", "24", "--json"], { encoding: "utf8" }),
-  );
-  for (const [id, value] of [["chat-temp", "0"], ["chat-max", "24"]]) {
-    const input = await driver.findElement(By.id(id));
-    await input.clear();
-    await input.sendKeys(value);
-  }
-  // Count the answer's visible states: it streams in pieces, not at once.
-  await driver.executeScript(`
-    window.__shown = new Set();
-    new MutationObserver(() => {
-      const t = document.querySelector(".msg.assistant .text");
-      if (t) window.__shown.add(t.textContent);
-    }).observe(document.querySelector("#chat-log"), { subtree: true, childList: true, characterData: true });
-  `);
-  await driver.findElement(By.id("chat-input")).sendKeys("Four score and seven years ago");
-  await driver.findElement(By.id("chat-send")).click();
-  await waitText("#chat-usage", (t) => t && t.includes("tokens"), "the answer ends");
-  assert.equal(await text(".msg.assistant .text"), expected.text);
-  assert.match(await text("#chat-usage"), /\+ 24 tokens · stopped at the token limit · no chat template/);
-  const shown = await driver.executeScript("return window.__shown.size");
-  assert.ok(shown > 2, `the answer showed in ${shown} states`);
+  await chatMatchesGenerate(driver, { bin, trackerUrl, model: process.env.NEUROSHARD_MODEL_DIR });
   await shot("app-chat.png");
 });
 

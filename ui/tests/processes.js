@@ -1,4 +1,5 @@
 // Helpers for tests that run the `neuroshard` binary as child processes.
+import { spawn } from "node:child_process";
 
 /** Resolves with the first match of `pattern` in the child's stderr, in whole lines only (a
  * line may arrive in pieces, and a pattern must not match half an address). */
@@ -12,4 +13,11 @@ export function awaitLine(child, pattern) {
     });
     child.on("exit", (code) => reject(new Error(`exited ${code} before ${pattern}: ${seen}`)));
   });
+}
+
+/** Starts `neuroshard tracker` on a free loopback port; resolves with the child and its URL. */
+export async function startTracker(bin) {
+  const child = spawn(bin, ["tracker", "--listen", "127.0.0.1:0"], { stdio: ["ignore", "ignore", "pipe"] });
+  const [, addr] = await awaitLine(child, /tracker listening on ([0-9.:]+)/);
+  return { child, url: `http://${addr}` };
 }

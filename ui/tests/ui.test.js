@@ -9,7 +9,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { serve } from "./serve.js";
-import { awaitLine } from "./processes.js";
+import { awaitLine, startTracker } from "./processes.js";
 import { installMock } from "./mock-ipc.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -408,8 +408,8 @@ test("the chat page streams an answer from a loopback swarm, the same as generat
     const demo = join(work, "demo");
     await cp(join(here, "..", "..", "models", "demo"), demo, { recursive: true });
     await writeFile(join(demo, "chat_template.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}");
-    const [, addr] = await awaitLine(start(["tracker", "--listen", "127.0.0.1:0"]), /tracker listening on ([0-9.:]+)/);
-    const tracker = `http://${addr}`;
+    const { child: trackerChild, url: tracker } = await startTracker(bin);
+    children.push(trackerChild);
     for (const layers of ["0..3", "3..6"]) {
       const node = start(["node", "--model", demo, "--layers", layers, "--tracker", tracker, "--host", "127.0.0.1", "--no-lan", "--data-dir", join(work, `data-${layers}`)]);
       await awaitLine(node, /serving layers/);
