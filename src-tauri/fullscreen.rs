@@ -8,27 +8,51 @@ use std::sync::Mutex;
 
 use neuroshard_base::sync::LockExt;
 use x11rb::connection::Connection;
-use x11rb::protocol::xproto::{Atom, AtomEnum, ConnectionExt as _, Window};
+use x11rb::protocol::xproto::{AtomEnum, ConnectionExt as _, Window};
 use x11rb::rust_connection::RustConnection;
+
+x11rb::atom_manager! {
+    /// The EWMH atoms read, interned once per connection.
+    pub Atoms: AtomsCookie {
+        _NET_ACTIVE_WINDOW,
+        _NET_WM_STATE,
+        _NET_WM_STATE_FULLSCREEN,
+    }
+}
+
+/// An open connection: the server, its root window and the atoms interned on it.
+#[derive(Debug)]
+struct Display {
+    conn: RustConnection,
+    root: Window,
+    atoms: Atoms,
+}
+
+impl Display {
+    fn open() -> Option<Self> {
+        let (conn, screen) = x11rb::connect(None).ok()?;
+        let root = conn.setup().roots.get(screen)?.root;
+        let atoms = Atoms::new(&conn).ok()?.reply().ok()?;
+        Some(Display { conn, root, atoms })
+    }
+}
 
 /// A connection to the X server, kept between ticks and opened again after an error.
 #[derive(Debug, Default)]
 pub struct FullScreen {
-    connection: Mutex<Option<(RustConnection, Window)>>,
+    display: Mutex<Option<Display>>,
 }
 
 impl FullScreen {
     /// Whether the active window is full screen on the display `$DISPLAY` names; none where
     /// that cannot be told.
     pub fn now(&self) -> Option<bool> {
-        let mut held = self.connection.lock_or_recover();
+        let mut held = self.display.lock_or_recover();
         if held.is_none() {
-            let (conn, screen) = x11rb::connect(None).ok()?;
-            let root = conn.setup().roots.get(screen)?.root;
-            *held = Some((conn, root));
+            *held = Display::open();
         }
-        let (conn, root) = held.as_ref()?;
-        let answer = active_is_full_screen(conn, *root);
+        let display = held.as_ref()?;
+        let answer = active_is_full_screen(&display.conn, display.root, &display.atoms);
         if answer.is_err() {
             *held = None;
         }
@@ -37,19 +61,17 @@ impl FullScreen {
 }
 
 /// Whether the active window under `root` is full screen; none where the window manager keeps
-/// no active window; an error where the connection failed.
+/// no active window; an error where the connection failed. Two round trips.
 pub fn active_is_full_screen(
     conn: &impl Connection,
     root: Window,
+    atoms: &Atoms,
 ) -> Result<Option<bool>, x11rb::errors::ReplyError> {
-    let atom = |name: &[u8]| -> Result<Atom, x11rb::errors::ReplyError> {
-        Ok(conn.intern_atom(false, name)?.reply()?.atom)
-    };
     let active = conn
         .get_property(
             false,
             root,
-            atom(b"_NET_ACTIVE_WINDOW")?,
+            atoms._NET_ACTIVE_WINDOW,
             AtomEnum::WINDOW,
             0,
             1,
@@ -61,20 +83,12 @@ pub fn active_is_full_screen(
     if window == x11rb::NONE {
         return Ok(Some(false));
     }
-    let full = atom(b"_NET_WM_STATE_FULLSCREEN")?;
     let state = conn
-        .get_property(
-            false,
-            window,
-            atom(b"_NET_WM_STATE")?,
-            AtomEnum::ATOM,
-            0,
-            64,
-        )?
+        .get_property(false, window, atoms._NET_WM_STATE, AtomEnum::ATOM, 0, 64)?
         .reply()?;
-    Ok(Some(
-        state.value32().is_some_and(|mut s| s.any(|a| a == full)),
-    ))
+    Ok(Some(state.value32().is_some_and(|mut s| {
+        s.any(|a| a == atoms._NET_WM_STATE_FULLSCREEN)
+    })))
 }
 
 #[cfg(test)]
@@ -135,17 +149,23 @@ mod tests {
             &CreateWindowAux::new(),
         )
         .unwrap();
-        let atom = |name: &[u8]| conn.intern_atom(false, name).unwrap().reply().unwrap().atom;
-        let (active, state) = (atom(b"_NET_ACTIVE_WINDOW"), atom(b"_NET_WM_STATE"));
-        let full = atom(b"_NET_WM_STATE_FULLSCREEN");
-        assert_eq!(active_is_full_screen(&conn, root).unwrap(), None);
+        let atoms = Atoms::new(&conn).unwrap().reply().unwrap();
+        let (active, state) = (atoms._NET_ACTIVE_WINDOW, atoms._NET_WM_STATE);
+        let full = atoms._NET_WM_STATE_FULLSCREEN;
+        assert_eq!(active_is_full_screen(&conn, root, &atoms).unwrap(), None);
         conn.change_property32(PropMode::REPLACE, root, active, AtomEnum::WINDOW, &[window])
             .unwrap();
         conn.change_property32(PropMode::REPLACE, window, state, AtomEnum::ATOM, &[full])
             .unwrap();
-        assert_eq!(active_is_full_screen(&conn, root).unwrap(), Some(true));
+        assert_eq!(
+            active_is_full_screen(&conn, root, &atoms).unwrap(),
+            Some(true)
+        );
         conn.change_property32(PropMode::REPLACE, window, state, AtomEnum::ATOM, &[])
             .unwrap();
-        assert_eq!(active_is_full_screen(&conn, root).unwrap(), Some(false));
+        assert_eq!(
+            active_is_full_screen(&conn, root, &atoms).unwrap(),
+            Some(false)
+        );
     }
 }
