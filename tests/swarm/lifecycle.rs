@@ -239,9 +239,13 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
     use std::time::Duration;
 
-    /// A server's sensors as the test sets them: no idle time or battery, a CPU temperature.
+    /// A server's sensors as the test sets them (no idle time or battery, a CPU temperature),
+    /// and the programs that really run.
     #[derive(Debug)]
-    struct Sensors(std::sync::Arc<AtomicU32>);
+    struct Sensors(
+        std::sync::Arc<AtomicU32>,
+        neuroshard_node::sensors::SystemSensors,
+    );
 
     impl Machine for Sensors {
         fn idle(&self) -> Option<Duration> {
@@ -257,6 +261,10 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
                 cpu_c: Some(self.0.load(Relaxed) as f32),
                 gpu_c: None,
             }
+        }
+
+        fn running(&self, names: &[String]) -> Option<Vec<String>> {
+            Some(self.1.running(names))
         }
     }
 
@@ -284,7 +292,7 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
         node.clone(),
         path.clone(),
         dir.path().to_path_buf(),
-        Box::new(Sensors(cpu_c.clone())),
+        Box::new(Sensors(cpu_c.clone(), Default::default())),
         Duration::from_millis(50),
         cancel.clone(),
     ));
@@ -311,6 +319,20 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     cpu_c.store(90, Relaxed);
     wait_for_state(status.clone(), RunState::Paused).await;
     cpu_c.store(70, Relaxed);
+    wait_for_state(status.clone(), RunState::Serving).await;
+
+    // A listed program holds the node while it runs: a real process, found by its name.
+    let game = dir.path().join("ns-swarm-game");
+    std::fs::copy("/bin/sleep", &game).unwrap();
+    write(serde_json::json!({
+        "version": 2,
+        "bandwidth": {"upload_kbps": 128},
+        "gaming": {"programs": ["NS-Swarm-Game"]},
+    }));
+    let mut child = std::process::Command::new(&game).arg("60").spawn().unwrap();
+    wait_for_state(status.clone(), RunState::Paused).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
     wait_for_state(status.clone(), RunState::Serving).await;
 
     cancel.cancel();
