@@ -321,18 +321,18 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     cpu_c.store(70, Relaxed);
     wait_for_state(status.clone(), RunState::Serving).await;
 
-    // A listed program holds the node while it runs: a real process, found by its name.
+    // A listed program holds the node while it runs: a real process, found by its name (a link,
+    // not a copy, which another test's fork could keep open for writing as it starts).
     let game = dir.path().join("ns-swarm-game");
-    std::fs::copy("/bin/sleep", &game).unwrap();
+    std::os::unix::fs::symlink("/bin/sleep", &game).unwrap();
     write(serde_json::json!({
         "version": 2,
         "bandwidth": {"upload_kbps": 128},
         "gaming": {"programs": ["NS-Swarm-Game"]},
     }));
-    let mut child = std::process::Command::new(&game).arg("60").spawn().unwrap();
+    let child = KillOnDrop(std::process::Command::new(&game).arg("60").spawn().unwrap());
     wait_for_state(status.clone(), RunState::Paused).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     wait_for_state(status.clone(), RunState::Serving).await;
 
     cancel.cancel();
@@ -343,6 +343,16 @@ async fn a_headless_node_keeps_to_its_settings_file_and_follows_its_changes() {
     );
     assert_eq!(node.limits().upload_kbps, 128);
     std::sync::Arc::try_unwrap(node).unwrap().shutdown().await;
+}
+
+/// A child process killed and reaped when dropped, also when a test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits until the node's status reads `state`, for at most 20 s.

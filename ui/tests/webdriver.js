@@ -29,7 +29,7 @@ export function page(driver, shots) {
 
 /** The tracker's view of the swarm, through the CLI. */
 export function trackerStats(bin, trackerUrl) {
-  return JSON.parse(execFileSync(bin, ["status", "--tracker", trackerUrl], { encoding: "utf8" }));
+  return JSON.parse(execFileSync(bin, ["status", "--tracker", trackerUrl], { encoding: "utf8", timeout: WAIT }));
 }
 
 /** Asks the chat page for a greedy answer of 24 tokens and checks it streams, token for token
@@ -39,7 +39,7 @@ export async function chatMatchesGenerate(driver, { bin, trackerUrl, model }) {
   await nav("chat");
   await driver.wait(async () => (await driver.executeScript("return document.querySelector('#chat-model').value")) !== "", WAIT, "a model served end to end is offered");
   const expected = JSON.parse(
-    execFileSync(bin, ["generate", "--tracker", trackerUrl, "--model", model, "--prompt", "Four score and seven years ago", "--max-new-tokens", "24", "--json"], { encoding: "utf8" }),
+    execFileSync(bin, ["generate", "--tracker", trackerUrl, "--model", model, "--prompt", "Four score and seven years ago", "--max-new-tokens", "24", "--json"], { encoding: "utf8", timeout: WAIT }),
   );
   for (const [id, value] of [["chat-temp", "0"], ["chat-max", "24"]]) {
     const input = await driver.findElement(By.id(id));
