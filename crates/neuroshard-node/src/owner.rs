@@ -68,7 +68,8 @@ impl Owner {
             self.usage.save(&self.data_dir);
         }
         node.set_transfer_budget(period.budget(moved));
-        let (decision, detail) = policy::decide(settings, holds, machine, &period, now);
+        let (decision, detail) =
+            off_the_workers(|| policy::decide(settings, holds, machine, &period, now));
         let want = decision == Decision::Serving;
         // Read, then act: the watch's lock is not held while pausing writes to it.
         let state = node.status().borrow().state;
@@ -82,6 +83,20 @@ impl Owner {
             detail,
             period,
         }
+    }
+}
+
+/// Runs `f`, which reads the machine (sensor files, the process list, an X server's replies),
+/// after telling a multi-threaded tokio runtime to hand this worker's other tasks to another,
+/// so a slow read holds up no one else's task. Elsewhere (a current-thread runtime, a blocking
+/// thread, no runtime) it runs `f` as it is.
+fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
