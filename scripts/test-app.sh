@@ -20,11 +20,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A display of our own: the first free number from 90.
-display=90
-while [ -e "/tmp/.X11-unix/X$display" ] || [ -e "/tmp/.X$display-lock" ]; do display=$((display + 1)); done
-Xvfb ":$display" -screen 0 1280x900x24 -nolisten tcp >"$work/xvfb.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do [ -e "/tmp/.X11-unix/X$display" ] && break; sleep 0.1; done
+source scripts/webdriver-env.sh
+start_xvfb "$work/xvfb.log"
+pids+=("$xvfb_pid")
 export DISPLAY=":$display"
 
 # The app's every path, passed down through tauri-driver and WebKitWebDriver to the app.
@@ -33,14 +31,12 @@ export NEUROSHARD_CONFIG="$work/config" NEUROSHARD_HOME="$work/data"
 export NEUROSHARD_MODEL_DIR="$work/model" NEUROSHARD_LISTEN="127.0.0.1:0" NEUROSHARD_LAN=off
 export HOME="$work/home" XDG_CONFIG_HOME="$work/home/.config" XDG_DATA_HOME="$work/home/.local/share"
 mkdir -p "$HOME"
-# WebKit's GPU paths are not there under Xvfb.
-export WEBKIT_DISABLE_COMPOSITING_MODE=1 WEBKIT_DISABLE_DMABUF_RENDERER=1 LIBGL_ALWAYS_SOFTWARE=1
+export "${webkit_env[@]}"
 
 port=4444
 while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 2)); done
 dbus-run-session -- "$driver" --port "$port" --native-port "$((port + 1))" >"$work/driver.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-export TAURI_DRIVER_URL="http://127.0.0.1:$port/"
+await_driver "$port"
 
 status=0
 (cd ui && node --test --test-concurrency=1 tests/app.test.js) || status=$?

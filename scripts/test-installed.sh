@@ -17,6 +17,7 @@ volunteer=volunteer
 # Inside the throwaway root: the repository, read-only; the screenshots' folder.
 inside=/srv/neuroshard
 results=/srv/results
+source "$repo/scripts/webdriver-env.sh"
 
 case "${NEUROSHARD_INSTALLED_STAGE:-}" in
 "")
@@ -28,7 +29,7 @@ case "${NEUROSHARD_INSTALLED_STAGE:-}" in
   [ -f "$deb" ] && [ -x "$bin" ] && [ -x "$driver" ] || usage
   cd "$repo"
   # The volunteer reads the repository's tests and their packages through a read-only bind.
-  [ -z "$(find ui/tests ui/node_modules scripts/tray_host.py models/demo \( -type d ! -perm -o+rx \) -o ! -perm -o+r -print -quit)" ] ||
+  [ -z "$(find ui/tests ui/node_modules scripts models/demo \( \( -type d ! -perm -o+rx \) -o ! -perm -o+r \) -print -quit)" ] ||
     { echo "the repository must be readable by other users (umask 022)"; exit 2; }
   sudo_cmd=()
   [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
@@ -91,12 +92,8 @@ root)
   useradd --create-home --shell /bin/bash "$volunteer"
   runtime="/run/user/$(id -u "$volunteer")"
   install -d -m 700 -o "$volunteer" -g "$volunteer" "$runtime"
-  # A display of our own: the first number from 90 that the machine's /tmp shows free.
-  display=90
-  while [ -e "/tmp/.X11-unix/X$display" ] || [ -e "/tmp/.X$display-lock" ]; do display=$((display + 1)); done
-  Xvfb ":$display" -screen 0 1280x900x24 -nolisten tcp >/tmp/xvfb.log 2>&1 &
-  xvfb=$!
-  for _ in $(seq 100); do [ -e "/tmp/.X11-unix/X$display" ] && break; sleep 0.1; done
+  # (The machine's /tmp shows through the overlay, so its displays count as taken.)
+  start_xvfb /tmp/xvfb.log
   status=0
   # A bound on the whole session: a hang fails the test, and the package is still removed.
   timeout -k 10 900 runuser -u "$volunteer" -- env -i PATH="$PATH" HOME="/home/$volunteer" USER="$volunteer" \
@@ -105,7 +102,7 @@ root)
     dbus-run-session -- "$inside/scripts/test-installed.sh" 2>/tmp/session.log || status=$?
   # The session's own chatter (bus activations, portals) is shown only when something failed.
   [ "$status" -eq 0 ] || { echo "--- session bus, tauri-driver and app log"; tail -60 /tmp/session.log; }
-  kill "$xvfb" 2>/dev/null || true
+  kill "$xvfb_pid" 2>/dev/null || true
   for shot in "/home/$volunteer"/shots/*.png; do
     [ -e "$shot" ] && cp "$shot" "$results/" && chown --reference="$results" "$results/${shot##*/}"
   done
@@ -119,12 +116,10 @@ session)
   # The volunteer's session bus: tauri-driver, the app it starts and the tray host share it.
   export NEUROSHARD_BIN=/usr/local/bin/neuroshard NEUROSHARD_MODEL="$inside/models/demo"
   export TRAY_HOST="$inside/scripts/tray_host.py" NEUROSHARD_SHOTS="$HOME/shots"
-  # WebKit's GPU paths are not there under Xvfb.
-  export WEBKIT_DISABLE_COMPOSITING_MODE=1 WEBKIT_DISABLE_DMABUF_RENDERER=1 LIBGL_ALWAYS_SOFTWARE=1
+  export "${webkit_env[@]}"
   tauri-driver --port 4444 --native-port 4445 >&2 &
   driver=$!
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/4444) 2>/dev/null && break; sleep 0.1; done
-  export TAURI_DRIVER_URL="http://127.0.0.1:4444/"
+  await_driver 4444
   status=0
   (cd "$inside/ui" && node --test --test-concurrency=1 --test-timeout=300000 tests/installed.test.js) || status=$?
   kill "$driver" 2>/dev/null || true

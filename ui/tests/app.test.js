@@ -19,7 +19,7 @@ let tracker;
 let trackerUrl;
 let peer;
 let driver;
-let text, waitText, shot;
+let text, waitText, shot, nav;
 
 const trackerStats = () => statsOf(bin, trackerUrl);
 
@@ -39,7 +39,7 @@ before(async () => {
     JSON.stringify({ version: 1, profile: { display_name: "CI", onboarded: true }, compute: { gpu_share_percent: 100 }, network: { tracker: trackerUrl } }),
   );
   driver = await openApp(process.env.NEUROSHARD_APP);
-  ({ text, waitText, shot } = page(driver, shots));
+  ({ text, waitText, shot, nav } = page(driver, shots));
 });
 
 after(async () => {
@@ -57,7 +57,7 @@ test("the dashboard shows the embedded node's live state and the receipts it ear
   execFileSync(bin, ["generate", "--tracker", trackerUrl, "--model", process.env.NEUROSHARD_MODEL_DIR, "--prompt", "hello app", "--max-new-tokens", "8", "--json"]);
   await waitText("#stat-receipts", (t) => Number(t) >= 8, "a verified receipt per generated token");
   await shot("app-dashboard.png");
-  await driver.findElement(By.css('.nav[data-screen="receipts"]')).click();
+  await nav("receipts");
   await waitText("#receipt-count", (t) => /^\d+ receipts$/.test(t) && parseInt(t, 10) >= 8, "the receipts table lists them");
   await shot("app-receipts.png");
 });
@@ -68,7 +68,7 @@ test("the chat page streams an answer from the app's swarm, the same as generate
 });
 
 test("a settings change reaches the node", async () => {
-  await driver.findElement(By.css('.nav[data-screen="settings"]')).click();
+  await nav("settings");
   await driver.findElement(By.css('input[name="layer-mode"][value="range"]')).click();
   const start = await driver.findElement(By.id("f-layer-start"));
   await start.clear();
@@ -80,7 +80,7 @@ test("a settings change reaches the node", async () => {
   await driver.findElement(By.css("#settings-form button[type=submit]")).click();
   await waitText("#settings-message", (t) => t.startsWith("Saved"), "saved");
   await shot("app-settings.png");
-  await driver.findElement(By.css('.nav[data-screen="dashboard"]')).click();
+  await nav("dashboard");
   await waitText("#stat-layers", (t) => t === "0–2", "the node restarted on layers 0..3");
   await waitText("#state-pill", (t) => t === "Serving", "and serves again");
   await driver.wait(() => trackerStats().layers_covered && Object.values(trackerStats().layers_covered)[0] === 3, WAIT, "the tracker sees the new range");
@@ -95,7 +95,7 @@ test("picking a swarm model fetches its layers from a peer with progress, then s
   execFileSync(bin, ["init-model", other, "--size", "demo"]);
   peer = spawn(bin, ["node", "--model", other, "--layers", "0..6", "--tracker", trackerUrl, "--host", "127.0.0.1", "--no-lan", "--data-dir", join(other, "..", "peer-data")], { stdio: ["ignore", "ignore", "pipe"] });
   const [, otherId] = await awaitLine(peer, /model ([0-9a-f]{16})/);
-  await driver.findElement(By.css('.nav[data-screen="settings"]')).click();
+  await nav("settings");
   await driver.findElement(By.css('input[name="model-source"][value="swarm"]')).click();
   const row = By.css(`#model-rows tr[data-model="${otherId}"]`);
   await driver.wait(async () => {
@@ -112,7 +112,7 @@ test("picking a swarm model fetches its layers from a peer with progress, then s
   await driver.findElement(By.css(`#model-rows tr[data-model="${otherId}"] input`)).click();
   await driver.findElement(By.css("#settings-form button[type=submit]")).click();
   await waitText("#settings-message", (t) => t.startsWith("Saved"), "saved");
-  await driver.findElement(By.css('.nav[data-screen="dashboard"]')).click();
+  await nav("dashboard");
   await waitText("#stat-model", (t) => t.includes(otherId), "the node serves the swarm's model");
   await waitText("#state-pill", (t) => t === "Serving", "and serves");
   assert.equal(await text("#stat-layers"), "0–2", "the layers chosen before");

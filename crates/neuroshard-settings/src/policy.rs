@@ -321,10 +321,15 @@ fn clock(at_ms: u64, now_ms: u64) -> String {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
+    /// A machine whose idle time, power, temperatures, processes and full-screen state the
+    /// test sets.
+    #[derive(Debug, Clone, Default)]
     struct Sensors {
         idle: Option<Duration>,
         battery: Option<bool>,
+        temperatures: Temperatures,
+        running: Vec<String>,
+        fullscreen: Option<bool>,
     }
 
     impl Machine for Sensors {
@@ -334,6 +339,19 @@ mod tests {
 
         fn on_battery(&self) -> Option<bool> {
             self.battery
+        }
+
+        fn temperatures(&self) -> Temperatures {
+            self.temperatures
+        }
+
+        fn running(&self, names: &[String]) -> Option<Vec<String>> {
+            let running = |n: &String| self.running.iter().any(|r| r.eq_ignore_ascii_case(n));
+            Some(names.iter().filter(|n| running(n)).cloned().collect())
+        }
+
+        fn fullscreen(&self) -> Option<bool> {
+            self.fullscreen
         }
     }
 
@@ -345,6 +363,7 @@ mod tests {
         let plugged = Sensors {
             idle: Some(Duration::from_secs(3600)),
             battery: Some(false),
+            ..Sensors::default()
         };
         let quiet = Period::default();
         let state =
@@ -383,7 +402,7 @@ mod tests {
         };
         let on_battery = Sensors {
             battery: Some(true),
-            ..plugged
+            ..plugged.clone()
         };
         let (waiting, why) = decide(&settings, &mut holds, &on_battery, &used_up, now);
         assert_eq!(waiting, Decision::Waiting);
@@ -395,13 +414,11 @@ mod tests {
         let busy = Sensors {
             idle: Some(Duration::from_secs(10)),
             battery: None,
+            ..Sensors::default()
         };
         let (_, why) = decide(&settings, &mut holds, &busy, &quiet, now);
         assert!(why.unwrap().contains("without input"));
-        let unreadable = Sensors {
-            idle: None,
-            battery: None,
-        };
+        let unreadable = Sensors::default();
         let (_, why) = decide(&settings, &mut holds, &unreadable, &quiet, now);
         assert_eq!(why.as_deref(), Some("idle time cannot be read here"));
     }
@@ -499,37 +516,6 @@ mod tests {
         assert_eq!(thermal(&limits, read(85.5, 60.0), None, 0).0, Some(0));
     }
 
-    /// A machine whose temperatures, processes and full-screen state the test sets.
-    #[derive(Debug, Default)]
-    struct Desk {
-        temperatures: Temperatures,
-        running: Vec<String>,
-        fullscreen: Option<bool>,
-    }
-
-    impl Machine for Desk {
-        fn idle(&self) -> Option<Duration> {
-            None
-        }
-
-        fn on_battery(&self) -> Option<bool> {
-            None
-        }
-
-        fn temperatures(&self) -> Temperatures {
-            self.temperatures
-        }
-
-        fn running(&self, names: &[String]) -> Option<Vec<String>> {
-            let running = |n: &String| self.running.iter().any(|r| r.eq_ignore_ascii_case(n));
-            Some(names.iter().filter(|n| running(n)).cloned().collect())
-        }
-
-        fn fullscreen(&self) -> Option<bool> {
-            self.fullscreen
-        }
-    }
-
     /// A listed program or a full-screen one holds the node, a temperature before either; the
     /// hold's start is kept in the holds between decisions.
     #[test]
@@ -540,9 +526,9 @@ mod tests {
         settings.gaming.programs = vec!["Game.exe".into(), "steam".into()];
         let mut holds = Holds::default();
         let quiet = Period::default();
-        let mut desk = Desk {
+        let mut desk = Sensors {
             running: vec!["bash".into(), "STEAM".into()],
-            ..Desk::default()
+            ..Sensors::default()
         };
         let (decision, why) = decide(&settings, &mut holds, &desk, &quiet, now);
         assert_eq!(decision, Decision::Waiting);
